@@ -1,0 +1,63 @@
+"""The lmx exception hierarchy.
+
+Every error lmx raises on purpose is an :class:`LmxError`. Errors about a value the
+caller passed (an option, a prompt) also subclass :class:`ValueError`, so code that
+already catches ``ValueError`` keeps working. Messages name the bad value and what
+was allowed.
+"""
+
+from __future__ import annotations
+
+
+class LmxError(Exception):
+    """Base class of every error raised by lmx."""
+
+
+class ModelNotFoundError(LmxError, FileNotFoundError):
+    """The named model (path, file or directory) does not exist or holds no model."""
+
+
+class UnsupportedModelError(LmxError):
+    """The model's architecture (``model_type``) or a feature of it is not supported."""
+
+
+class ConfigError(LmxError, ValueError):
+    """A model configuration is missing a required key or holds a value of the wrong type."""
+
+
+class WeightsError(LmxError):
+    """Weights are missing, unexpected, mis-shaped, of an unknown dtype, or corrupt."""
+
+
+class TokenizerError(LmxError):
+    """The tokenizer files are missing or malformed, or text could not be (de)tokenized."""
+
+
+class ContextLengthError(LmxError, ValueError):
+    """The prompt (plus the requested tokens) does not fit the model's context."""
+
+
+class InvalidOptionError(LmxError, ValueError):
+    """A generation or engine option has a bad value: the message names it and the allowed range."""
+
+
+class OutOfMemoryError(LmxError, MemoryError):
+    """An allocation would exceed the memory limit set with :func:`lmx.memory.set_limit`."""
+
+
+class EngineClosedError(LmxError):
+    """The engine was used after :meth:`lmx.Engine.close`."""
+
+
+__all__ = [
+    "ConfigError",
+    "ContextLengthError",
+    "EngineClosedError",
+    "InvalidOptionError",
+    "LmxError",
+    "ModelNotFoundError",
+    "OutOfMemoryError",
+    "TokenizerError",
+    "UnsupportedModelError",
+    "WeightsError",
+]

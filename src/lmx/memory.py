@@ -1,0 +1,89 @@
+"""Memory statistics, limits and cache clearing (``lmx.memory``).
+
+Thin, typed wrappers over MLX's allocator counters. Numbers are bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from lmx.errors import InvalidOptionError, OutOfMemoryError
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """A snapshot of MLX's allocator.
+
+    Attributes:
+        active: bytes held by live arrays.
+        peak: the highest ``active`` since the last :func:`reset_peak`.
+        cache: bytes kept by the allocator for reuse (freed arrays).
+        limit: the memory limit in force.
+    """
+
+    active: int
+    peak: int
+    cache: int
+    limit: int
+
+
+def stats() -> MemoryStats:
+    """Return the current :class:`MemoryStats`."""
+    limit = mx.set_memory_limit(0)
+    mx.set_memory_limit(limit)
+    return MemoryStats(mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory(), limit)
+
+
+def active() -> int:
+    """Bytes held by live MLX arrays."""
+    return mx.get_active_memory()
+
+
+def peak() -> int:
+    """Peak active bytes since the last :func:`reset_peak`."""
+    return mx.get_peak_memory()
+
+
+def reset_peak() -> None:
+    """Start measuring the peak afresh."""
+    mx.reset_peak_memory()
+
+
+def clear_cache() -> None:
+    """Return the allocator's cached (freed) buffers to the system."""
+    mx.clear_cache()
+
+
+def set_limit(nbytes: int) -> int:
+    """Limit MLX's memory; an allocation beyond it raises :class:`OutOfMemoryError` in lmx.
+
+    Args:
+        nbytes: the limit in bytes (> 0).
+
+    Returns:
+        The previous limit.
+
+    Raises:
+        InvalidOptionError: nbytes is not a positive integer.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise InvalidOptionError(f"memory limit must be a positive number of bytes, got {nbytes!r}")
+    return mx.set_memory_limit(nbytes)
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """Raise :class:`OutOfMemoryError` if allocating ``nbytes`` more would pass the limit.
+
+    Args:
+        nbytes: bytes about to be allocated.
+        what: what the bytes are for, for the message.
+    """
+    limit = stats().limit
+    have = mx.get_active_memory()
+    if have + nbytes > limit:
+        raise OutOfMemoryError(
+            f"{what} needs {nbytes / 2**20:.1f} MiB but only {(limit - have) / 2**20:.1f} MiB "
+            f"of the {limit / 2**20:.1f} MiB limit is free"
+        )

@@ -1,8 +1,36 @@
-"""lmx: run, serve and fine-tune Gemma 3 and Qwen 3 on MLX."""
+"""lmx: run, serve and fine-tune Gemma 3 and Qwen 3 on MLX.
+
+>>> import lmx
+>>> engine = lmx.load()            # the bundled Gemma 3 270M
+>>> engine.generate("The capital of France is", max_tokens=8).text
+"""
 
 from __future__ import annotations
 
 # Must come first: on Linux it loads OpenBLAS globally before anything imports mlx.core.
-from lmx import runtime  # noqa: I001
+from lmx import runtime as runtime  # isort: skip
+
+from lmx import errors, memory
+from lmx.backend import Backend
+from lmx.engine import Engine, TokenStream, load
+from lmx.errors import LmxError
+from lmx.generate.options import GenerationOptions
+from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Completion",
+    "Engine",
+    "GenerationMetrics",
+    "GenerationOptions",
+    "LmxError",
+    "ModelInfo",
+    "Token",
+    "TokenStream",
+    "__version__",
+    "errors",
+    "load",
+    "memory",
+]

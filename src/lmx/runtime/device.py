@@ -45,7 +45,7 @@ def choose_device(name: str | None = None) -> mx.Device:
 def device_name(device: mx.Device | None = None) -> str:
     """Return ``"cpu"`` or ``"gpu"`` for a device (default: MLX's current default)."""
     device = device or mx.default_device()
-    return "gpu" if device.type == mx.gpu.type else "cpu"
+    return "gpu" if device.type == mx.gpu else "cpu"
 
 
 def backend_name() -> str:

@@ -1,0 +1,64 @@
+"""``lmx info``: versions, device, BLAS in use, memory; with --model, the model too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show versions, device, BLAS and memory (and a model's details)")
+    p.add_argument("--model", "-m", default=None, help="also load and describe this model")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def collect(model: str | None = None, device: str | None = None) -> dict[str, Any]:
+    import mlx.core as mx
+
+    import lmx
+    from lmx.runtime import BLAS
+    from lmx.runtime.blas import mapped_blas_libraries
+    from lmx.runtime.device import backend_name, choose_device, gpu_available
+
+    choose_device(device)
+    stats = lmx.memory.stats()
+    blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "reason": BLAS.reason}
+    if sys.platform.startswith("linux"):
+        blas["mapped"] = mapped_blas_libraries()
+    out: dict[str, Any] = {
+        "lmx": lmx.__version__,
+        "mlx": mx.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": backend_name(),
+        "gpu_available": gpu_available(),
+        "blas": blas,
+        "memory": {"active": stats.active, "peak": stats.peak, "cache": stats.cache, "limit": stats.limit},
+    }
+    if model is not None:
+        with lmx.load(model, device=device) as engine:
+            out["model"] = engine.info().as_dict()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect(args.model, args.device)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    blas = info["blas"]
+    blas_line = f"{blas['in_use']}" + (f" ({blas['core']}, {blas['path']})" if blas["path"] else f" ({blas['reason']})")
+    print(f"lmx {info['lmx']}  mlx {info['mlx']}  python {info['python']}")
+    print(f"platform: {info['platform']}")
+    print(f"device:   {info['device']} (GPU available: {info['gpu_available']})")
+    print(f"BLAS:     {blas_line}")
+    mem = info["memory"]
+    print(f"memory:   active {mem['active'] / 2**20:.1f} MiB, limit {mem['limit'] / 2**30:.1f} GiB")
+    for key, value in info.get("model", {}).items():
+        print(f"model.{key}: {value}")
+    return 0

@@ -1,0 +1,1 @@
+"""Generation: options, sampling, stopping and the step loop."""

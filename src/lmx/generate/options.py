@@ -1,0 +1,250 @@
+"""Generation options: one frozen, validated record of how to sample and when to stop.
+
+Every value is type- and range-checked when a :class:`GenerationOptions` is built (directly,
+with :func:`dataclasses.replace`, or with :meth:`GenerationOptions.from_kwargs`), so a bad
+value fails at the call that passed it, with a message naming the option and what it allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+import re
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from lmx.errors import InvalidOptionError
+
+MAX_LOGPROBS = 20
+"""The most top alternatives ``logprobs`` may ask for (OpenAI's limit)."""
+
+MAX_LOGIT_BIAS = 100
+"""``logit_bias`` values lie in ``[-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]`` (OpenAI's range)."""
+
+_MAX_SEED = 2**64 - 1  # MLX random keys are built from a uint64 seed
+_TOKEN_ID_STR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate: sampling, penalties, stop conditions and what to return.
+
+    Attributes:
+        max_tokens: the most tokens to generate (>= 1).
+        temperature: softmax temperature (>= 0); 0 means greedy decoding.
+        top_k: keep only the ``top_k`` most likely tokens (0 = off).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches
+            ``top_p``, in (0, 1] (1 = off).
+        min_p: keep tokens at least ``min_p`` times as likely as the most likely one, in
+            [0, 1) (0 = off).
+        repetition_penalty: HF/CTRL penalty (> 0, 1 = off) on tokens among the last
+            ``repetition_context_size`` tokens, prompt included: a positive logit is divided
+            by it, a negative one multiplied.
+        repetition_context_size: how many trailing tokens the repetition penalty looks at (>= 1).
+        presence_penalty: OpenAI presence penalty in [-2, 2], subtracted once from the logit
+            of every token that was already generated.
+        frequency_penalty: OpenAI frequency penalty in [-2, 2], subtracted from a token's
+            logit once per time it was already generated.
+        logit_bias: token id -> bias in [-100, 100] added to its logit. Keys may be strings
+            of digits (as JSON gives them); they are stored as ints in a read-only mapping.
+        seed: random seed (an int >= 0) for reproducible sampling; None draws a fresh one.
+        stop: stop strings and/or stop token ids. Generation ends at the first one hit; a
+            stop string is not part of the returned text.
+        logprobs: None = off; 0..20 = return the chosen token's logprob plus this many most
+            likely alternatives per step.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # A mapping cannot be hashed; leaving it out of the hash keeps the options hashable.
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
+    seed: int | None = None
+    stop: tuple[str | int, ...] = ()
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            # Frozen: normalised values (float(1), ("x",), int keys) go in through object.__setattr__.
+            object.__setattr__(self, name, check(name, getattr(self, name)))
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every option again and, given the vocabulary size, the token ids they name.
+
+        Args:
+            vocab_size: the model's vocabulary size; when given, every ``logit_bias`` key and
+                stop token id must be below it.
+
+        Raises:
+            InvalidOptionError: an option (or ``vocab_size``) is out of range or of the wrong type.
+        """
+        for name, check in _CHECKS.items():
+            check(name, getattr(self, name))
+        if vocab_size is None:
+            return
+        vocab_size = _check_int("vocab_size", vocab_size, lo=1)
+        allowed = f"the vocabulary has {vocab_size} tokens (ids 0..{vocab_size - 1})"
+        for tid in self.logit_bias or {}:
+            if tid >= vocab_size:
+                raise InvalidOptionError(f"logit_bias token id {tid} is out of range: {allowed}")
+        for stop in self.stop:
+            if isinstance(stop, int) and stop >= vocab_size:
+                raise InvalidOptionError(f"stop token id {stop} is out of range: {allowed}")
+
+    @classmethod
+    def from_kwargs(cls, base: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
+        """Build options from keyword arguments, on top of ``base`` (or the defaults).
+
+        Values are normalised: a single stop string or id becomes a 1-tuple, a list a tuple,
+        ``logit_bias`` string keys become ints, ints become floats where a float is expected.
+
+        Args:
+            base: options whose values are kept where ``kwargs`` does not override them.
+            **kwargs: option names and values.
+
+        Returns:
+            The new options.
+
+        Raises:
+            InvalidOptionError: an unknown option name, or a value of the wrong type or out of range.
+        """
+        for name in kwargs:
+            if name not in _CHECKS:
+                close = difflib.get_close_matches(name, list(_CHECKS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InvalidOptionError(f"unknown option {name!r}{hint}; allowed: {', '.join(_CHECKS)}")
+        return dataclasses.replace(base if base is not None else cls(), **kwargs)
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _show(value: float) -> str:
+    # "got -1", not "got -1.0", when the caller passed -1.
+    return repr(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _check_range(
+    name: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (below or above):
+        return
+    if lo is not None and hi is not None:
+        allowed = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        allowed = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        allowed = f"{'<' if hi_open else '<='} {hi}"
+    raise InvalidOptionError(f"{name} must be {allowed}, got {_show(value)}")
+
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    # bool is an int subclass, but True as a token count is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidOptionError(f"{name} must be an integer, got {_describe(value)}")
+    value = int(value)
+    _check_range(name, value, lo, hi)
+    return value
+
+
+def _check_optional_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int | None:
+    return None if value is None else _check_int(name, value, lo, hi)
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidOptionError(f"{name} must be a number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
+    _check_range(name, value, lo, hi, lo_open, hi_open)
+    return value
+
+
+def _check_token_id(name: str, value: Any) -> int:
+    if isinstance(value, str) and _TOKEN_ID_STR.fullmatch(value):
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise InvalidOptionError(f"{name} must be token ids (an int >= 0, or a string of one), got {_describe(value)}")
+
+
+def _check_logit_bias(name: str, value: Any) -> Mapping[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidOptionError(f"{name} must be a mapping of token id to bias, got {_describe(value)}")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        tid = _check_token_id(f"{name} keys", key)
+        if tid in out:
+            raise InvalidOptionError(f"{name} names token id {tid} more than once")
+        out[tid] = _check_float(f"{name}[{tid}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+    return types.MappingProxyType(out)
+
+
+def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
+    if isinstance(value, (str, numbers.Integral)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise InvalidOptionError(f"{name} must be a string, a token id or a list of them, got {_describe(value)}")
+    out: list[str | int] = []
+    for item in value:
+        if isinstance(item, str):
+            if not item:
+                raise InvalidOptionError(f"{name} strings must not be empty")
+            out.append(item)
+        elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            out.append(_check_int(f"{name} token ids", item, lo=0))
+        else:
+            raise InvalidOptionError(f"{name} entries must be strings or token ids, got {_describe(item)}")
+    return tuple(out)
+
+
+# Read-only: one checker per field, in field order; each returns the normalised value.
+_CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
+    {
+        "max_tokens": partial(_check_int, lo=1),
+        "temperature": partial(_check_float, lo=0),
+        "top_k": partial(_check_int, lo=0),
+        "top_p": partial(_check_float, lo=0, hi=1, lo_open=True),
+        "min_p": partial(_check_float, lo=0, hi=1, hi_open=True),
+        "repetition_penalty": partial(_check_float, lo=0, lo_open=True),
+        "repetition_context_size": partial(_check_int, lo=1),
+        "presence_penalty": partial(_check_float, lo=-2, hi=2),
+        "frequency_penalty": partial(_check_float, lo=-2, hi=2),
+        "logit_bias": _check_logit_bias,
+        "seed": partial(_check_optional_int, lo=0, hi=_MAX_SEED),
+        "stop": _check_stop,
+        "logprobs": partial(_check_optional_int, lo=0, hi=MAX_LOGPROBS),
+    }
+)
+assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"
+
+__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "GenerationOptions"]

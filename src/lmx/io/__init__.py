@@ -1,0 +1,1 @@
+"""Model file formats: Hugging Face safetensors directories and GGUF files."""

@@ -1,0 +1,110 @@
+"""Find a model (HF directory, GGUF file, or the bundled default) and load it, all or nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from lmx.errors import InvalidOptionError, ModelNotFoundError
+from lmx.io import hf
+from lmx.models import build_model, text_config
+from lmx.runtime.device import device_name
+from lmx.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to run it."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    name: str = ""
+    quantization: dict[str, int] | None = None
+
+
+def resolve_dtype(dtype: str | None) -> mx.Dtype:
+    """``"auto"`` picks float32 on the CPU (MLX's fastest CPU path, measured) and bfloat16 on a GPU.
+
+    Raises:
+        InvalidOptionError: an unknown dtype name.
+    """
+    name = dtype or "auto"
+    if name == "auto":
+        name = "float32" if device_name() == "cpu" else "bfloat16"
+    if name not in DTYPES:
+        raise InvalidOptionError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[name]
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype: str | None = "auto") -> LoadedModel:
+    """Load a model from an HF directory or a ``.gguf`` file (None: the bundled default).
+
+    Raises:
+        ModelNotFoundError: nothing loadable at ``path``.
+        UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
+    """
+    target = mx_dtype = None
+    mx_dtype = resolve_dtype(dtype)
+    if path is None:
+        from lmx.io.default_model import default_model_path
+
+        target = default_model_path()
+    else:
+        target = Path(path).expanduser()
+    if target.is_dir():
+        return _load_hf_dir(target, mx_dtype)
+    if target.is_file() and target.suffix.lower() == ".gguf":
+        return _load_gguf(target, mx_dtype)
+    if target.is_file():
+        raise ModelNotFoundError(f"{target} is a file but not a .gguf; give an HF model directory or a .gguf file")
+    raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
+
+
+def _load_hf_dir(model_dir: Path, dtype: mx.Dtype) -> LoadedModel:
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    config = hf.read_json(config_path)
+    generation_config = hf.read_json(model_dir / "generation_config.json", required=False)
+    model = build_model(config, str(config_path))
+    weights = model.sanitize(hf.read_safetensors(hf.weight_files(model_dir)))
+    quant = hf.quantization_of(config)
+    if quant:
+        hf.quantize_like(model, weights, quant)
+    hf.apply_weights(model, weights, str(model_dir), dtype)
+    tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant)
+
+
+def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
+    from lmx.io.gguf import read_gguf
+
+    gguf = read_gguf(path)
+    model = build_model(gguf.config, str(path))
+    hf.apply_weights(model, model.sanitize(gguf.weights), str(path), dtype)
+    spec = gguf.tokenizer_spec
+    tokenizer = Tokenizer(
+        spec.backend,
+        bos_token=spec.bos_token,
+        eos_tokens=spec.eos_tokens,
+        pad_token=spec.pad_token,
+        add_bos_token=spec.add_bos_token,
+        chat_template=spec.chat_template,
+        name=path.name,
+    )
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, gguf.config, {}, str(path), path.stem)

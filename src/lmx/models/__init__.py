@@ -1,0 +1,47 @@
+"""Model architectures, one module per HF ``model_type``, listed explicitly below."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from lmx.errors import UnsupportedModelError
+from lmx.models import gemma3_text, qwen3
+
+# model_type -> module exporting ModelArgs and Model. "gemma3" is the multimodal
+# checkpoint whose text half gemma3_text runs.
+ARCHITECTURES: dict[str, ModuleType] = {
+    "gemma3_text": gemma3_text,
+    "gemma3": gemma3_text,
+    "qwen3": qwen3,
+}
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Return the text-model config (a multimodal Gemma 3 config yields its text part)."""
+    model_type = config.get("model_type")
+    if model_type == "gemma3":
+        return gemma3_text.from_config(config)
+    return config
+
+
+def get_architecture(config: dict[str, Any], source: str = "config.json") -> ModuleType:
+    """Return the module for ``config['model_type']``.
+
+    Raises:
+        UnsupportedModelError: the model_type is missing or not supported.
+    """
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def build_model(config: dict[str, Any], source: str = "config.json") -> Any:
+    """Build an uninitialised model (random weights) from an HF config dict."""
+    config = text_config(config)
+    arch = get_architecture(config, source)
+    args = arch.ModelArgs.from_dict(config, source)
+    return arch.Model(args)

@@ -1,0 +1,163 @@
+"""Qwen 3 (dense): transformers' ``Qwen3ForCausalLM`` semantics on MLX."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from lmx.models.base import BaseModelArgs, RoPE, attention, layer_types_from, rope_settings
+from lmx.models.cache import KVCache, RotatingKVCache
+
+
+@dataclasses.dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 32_768
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
+    layer_types: list | None = None
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        first_sliding = self.max_window_layers if self.max_window_layers is not None else self.num_hidden_layers
+        default = [
+            "sliding_attention"
+            if self.use_sliding_window and self.sliding_window and i >= first_sliding
+            else "full_attention"
+            for i in range(self.num_hidden_layers)
+        ]
+        self.layer_types = layer_types_from(self.layer_types, self.num_hidden_layers, default)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        dim, self.n_heads, self.n_kv_heads = (
+            args.hidden_size,
+            args.num_attention_heads,
+            args.num_key_value_heads,
+        )
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        # Qwen 3's addition over Qwen 2: RMSNorm on each head's queries and keys.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        layer_type = args.layer_types[layer_idx]
+        settings = rope_settings(args.rope_parameters, args.rope_scaling, args.rope_theta, layer_type)
+        self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
+
+    def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1)  # (B, L, n_heads, head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)  # (B, L, n_kv, head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1)
+        q = self.q_norm(q).transpose(0, 2, 1, 3)  # (B, n_heads, L, head_dim)
+        k = self.k_norm(k).transpose(0, 2, 1, 3)  # (B, n_kv, L, head_dim)
+        v = v.transpose(0, 2, 1, 3)
+        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, self.scale, cache.make_mask(length, pad))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))  # (B, L, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, pad)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, layer_cache, pad)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Qwen 3 causal LM: ``hidden`` -> ``head``; ``__call__`` does both."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = TextModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def hidden(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
+        """Final-norm hidden states (B, L, hidden_size)."""
+        return self.model(inputs, cache, pad)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, vocab) from hidden states."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
+        return self.head(self.hidden(inputs, cache or self.make_cache(), pad))
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        """One cache per layer: rotating for sliding layers (if any), growing otherwise."""
+        return [
+            RotatingKVCache(self.args.sliding_window) if t == "sliding_attention" else KVCache()
+            for t in self.args.layer_types
+        ]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop buffers that are not parameters; a tied head is the embedding itself."""
+        out = {k: v for k, v in weights.items() if "rotary_emb" not in k}
+        if self.args.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out

@@ -1,0 +1,12 @@
+"""Tokenization for lmx: encode/decode, chat templates and streaming detokenization.
+
+Pure Python over the Hugging Face ``tokenizers`` library and ``jinja2``; nothing here
+imports ``mlx``.
+"""
+
+from __future__ import annotations
+
+from lmx.tokenizer.detokenizer import StreamingDetokenizer
+from lmx.tokenizer.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["StreamingDetokenizer", "Tokenizer", "load_tokenizer"]

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints written by transformers (the reference)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lmx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One HF directory per architecture: config, safetensors, tokenizer, chat template."""
+    from tiny_models import save_tiny
+
+    out = {}
+    for arch in ("gemma3", "qwen3"):
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        save_tiny(arch, d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def references(tiny_dirs: dict[str, Path]) -> dict:
+    """The transformers models of ``tiny_dirs``, loaded back from disk in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return {arch: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for arch, d in tiny_dirs.items()}
+
+
+@pytest.fixture(params=["gemma3", "qwen3"])
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param

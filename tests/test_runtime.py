@@ -1,0 +1,93 @@
+"""runtime/: OpenBLAS really routes MLX's BLAS; device choice; memory limits; error types."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import lmx  # isort: skip
+
+from lmx import errors, memory
+from lmx.runtime.device import choose_device
+
+PROBE = r"""
+import ctypes, json
+import lmx
+import mlx.core as mx
+from lmx.runtime import BLAS
+from lmx.runtime.blas import mapped_blas_libraries
+a = mx.ones((256, 256)); mx.eval(a @ a)
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+source = None
+try:  # which library the process-global cblas_sgemm (the one MLX binds to) comes from
+    addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p)
+    info = DlInfo()
+    ctypes.CDLL("libc.so.6").dladdr(addr, ctypes.byref(info))
+    source = info.fname.decode()
+except AttributeError:
+    pass
+print(json.dumps({"blas": BLAS.name, "mapped": mapped_blas_libraries(), "sgemm_from": source}))
+"""
+
+
+def _probe(**env: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS fix is Linux-only")
+def test_mlx_matmul_resolves_to_openblas():
+    result = _probe()
+    assert result["blas"] == "openblas"
+    assert any("openblas" in path for path in result["mapped"])
+    # The global symbol MLX binds to is OpenBLAS's, not the bundled reference BLAS's.
+    assert "openblas" in result["sgemm_from"], result
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS fix is Linux-only")
+def test_bundled_blas_when_asked():
+    result = _probe(LMX_BLAS="bundled")
+    assert result["blas"] == "bundled"
+    assert not any("openblas" in path for path in result["mapped"])
+    assert result["sgemm_from"] is None
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setenv("LMX_DEVICE", "cpu")
+    assert choose_device().type == lmx.runtime.device.mx.cpu
+    with pytest.raises(errors.InvalidOptionError, match="device must be one of cpu, gpu, got 'tpu'"):
+        choose_device("tpu")
+    if not lmx.runtime.device.gpu_available():
+        with pytest.raises(errors.InvalidOptionError, match="no GPU backend"):
+            choose_device("gpu")
+
+
+def test_memory_limit_and_typed_out_of_memory():
+    with pytest.raises(errors.InvalidOptionError, match="positive number of bytes"):
+        memory.set_limit(-5)
+    previous = memory.set_limit(2**30)
+    try:
+        assert memory.stats().limit == 2**30
+        with pytest.raises(errors.OutOfMemoryError, match="KV cache needs"):
+            memory.check_allocation(2**31, "KV cache")
+        memory.check_allocation(1024, "a little")
+    finally:
+        memory.set_limit(previous)
+
+
+def test_error_hierarchy():
+    for cls in (errors.InvalidOptionError, errors.ContextLengthError, errors.ConfigError):
+        assert issubclass(cls, errors.LmxError) and issubclass(cls, ValueError)
+    for cls in (errors.ModelNotFoundError, errors.WeightsError, errors.TokenizerError, errors.OutOfMemoryError):
+        assert issubclass(cls, errors.LmxError)

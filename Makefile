@@ -6,7 +6,7 @@ PYTHON ?= python3
 UNAME  := $(shell uname -s)
 # Which MLX build: plain mlx on macOS, CUDA where an NVIDIA driver is present, else the CPU build.
 EXTRA  ?= $(if $(filter Darwin,$(UNAME)),,$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu))
-PROMPT ?= Write a short poem about the sea.
+PROMPT ?= The three most important inventions in human history are
 ARGS   ?=
 STAMP_RUN  := $(VENV)/.lmx-run-$(EXTRA)
 STAMP_TEST := $(VENV)/.lmx-test-$(EXTRA)
@@ -31,7 +31,7 @@ setup: $(STAMP_RUN)
 setup-test: $(STAMP_TEST)
 
 run: $(STAMP_RUN)
-	$(VENV)/bin/lmx chat --once "$(PROMPT)" $(ARGS)
+	$(VENV)/bin/lmx generate "$(PROMPT)" --max-tokens 96 $(ARGS)
 
 test: $(STAMP_TEST)
 	$(PY) -m pytest $(ARGS)

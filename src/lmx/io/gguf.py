@@ -1,0 +1,509 @@
+"""Read GGUF files (llama.cpp's format): metadata -> HF config, tensors -> HF-named float arrays, vocab -> tokenizer.
+
+The header is parsed here rather than by ``gguf.GGUFReader`` so that every inconsistency (truncation,
+counts larger than the file, offsets past its end, unknown types, repeated names) is reported as a
+:class:`~lmx.errors.WeightsError` naming the problem, and so that the 262k-token vocabulary of a
+Gemma file parses in a fraction of a second. Tensor bytes are memory-mapped and dequantized by
+:mod:`lmx.io.gguf_quants`.
+
+Layout (little-endian): magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value count,
+the key/values, then per tensor its name, u32 n_dims, u64 dims (fastest-varying first), u32 GGML type
+and u64 offset into the data section, which starts at the next multiple of ``general.alignment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from lmx.errors import ModelNotFoundError, UnsupportedModelError, WeightsError
+from lmx.io import gguf_quants
+from lmx.tokenizer.gguf import GGUFTokenizerSpec, tokenizer_from_gguf
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS
+SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen3")
+
+# GGUF metadata value types -> struct format (scalars); 7 is bool, 8 string, 9 array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d", 7: "?"}
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor's entry in the header."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order: the GGUF dims reversed, so a Linear weight is (out, in)
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFHeader:
+    """A parsed GGUF header: every metadata key/value and every tensor's location."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+    alignment: int
+    data_offset: int
+
+
+@dataclass
+class GGUFModel:
+    """Everything a GGUF file holds, in Hugging Face terms."""
+
+    config: dict[str, Any]
+    weights: dict[str, mx.array]
+    tokenizer_spec: GGUFTokenizerSpec
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the memory-mapped file."""
+
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise WeightsError(
+                f"{self.path}: truncated or corrupt GGUF: {what} needs {n} bytes at offset {self.pos}, "
+                f"but the file has {self.size} bytes"
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize("<" + fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        return self.strings(1, what)[0]
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """``n`` length-prefixed UTF-8 strings (the vocabulary's hot loop, hence the inlined bounds checks)."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out: list[str] = []
+        for i in range(n):
+            label = what if n == 1 else f"{what}[{i}]"
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, label)
+            (length,) = unpack(buf, pos)
+            if pos + 8 + length > size:
+                self.pos = pos + 8
+                self.need(length, label)
+            try:
+                out.append(buf[pos + 8 : pos + 8 + length].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise WeightsError(f"{self.path}: {label} is not valid UTF-8 ({e})") from e
+            pos += 8 + length
+        self.pos = pos
+        return out
+
+    def count(self, per_item: int, what: str) -> int:
+        """A u64 count of items that each take at least ``per_item`` bytes: must fit in the rest of the file."""
+        n = self.scalar("Q", what)
+        if n * per_item > self.size - self.pos:
+            raise WeightsError(
+                f"{self.path}: corrupt GGUF: header claims {n} {what}, more than the "
+                f"{self.size - self.pos} remaining bytes can hold"
+            )
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        """One metadata value; an array's elements are untagged values of its element type."""
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype != _ARRAY:
+            raise WeightsError(f"{self.path}: corrupt GGUF: {what} has unknown value type {vtype}")
+        if depth >= 4:
+            raise WeightsError(f"{self.path}: corrupt GGUF: {what} nests arrays more than 4 deep")
+        etype = self.scalar("I", f"the element type of {what}")
+        if etype in _SCALARS:
+            fmt = "<" + _SCALARS[etype]
+            size = struct.calcsize(fmt)
+            n = self.count(size, f"elements in {what}")
+            raw = self.buf[self.pos : self.pos + n * size]  # bytes, a copy: no view pins the map
+            self.pos += n * size
+            return np.frombuffer(raw, dtype=np.dtype(fmt)).tolist()
+        if etype == _STRING:
+            return self.strings(self.count(8, f"elements in {what}"), what)
+        if etype == _ARRAY:
+            n = self.count(12, f"elements in {what}")
+            return [self.value(_ARRAY, f"{what}[{i}]", depth + 1) for i in range(n)]
+        raise WeightsError(f"{self.path}: corrupt GGUF: {what} has unknown element type {etype}")
+
+
+def _open_map(path: Path) -> mmap.mmap:
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {path} not found")
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise WeightsError(f"{path} is empty, not a GGUF file")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e}") from e
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse and validate a GGUF file's header (no tensor data is read).
+
+    Raises:
+        ModelNotFoundError: no such file.
+        WeightsError: the file is not GGUF, is truncated, or its header is inconsistent.
+    """
+    path = Path(path)
+    buf = _open_map(path)
+    try:
+        return _parse(_Cursor(buf, path))
+    finally:
+        buf.close()
+
+
+def _parse(cur: _Cursor) -> GGUFHeader:
+    path = cur.path
+    cur.need(4, "the magic number")
+    if cur.buf[:4] != MAGIC:
+        raise WeightsError(f"{path} is not a GGUF file: magic is {cur.buf[:4]!r}, expected {MAGIC!r}")
+    cur.pos = 4
+    version = cur.scalar("I", "the version")
+    if version not in (2, 3):
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        hint = " (a big-endian file, which is not supported)" if swapped in (2, 3) else ""
+        raise WeightsError(f"{path}: unsupported GGUF version {version}{hint}; supported: 2, 3")
+    n_tensors = cur.count(24, "tensors")  # name length, n_dims, type and offset at least
+    n_kv = cur.count(13, "metadata keys")  # key length, value type and a 1-byte value at least
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        if key in metadata:
+            raise WeightsError(f"{path}: corrupt GGUF: metadata key {key!r} appears twice")
+        metadata[key] = cur.value(cur.scalar("I", f"the type of {key}"), key)
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise WeightsError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"the name of tensor #{i}")
+        n_dims = cur.scalar("I", f"the dimension count of {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise WeightsError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
+        dims = [cur.scalar("Q", f"the shape of {name}") for _ in range(n_dims)]
+        infos.append((name, dims, cur.scalar("I", f"the type of {name}"), cur.scalar("Q", f"the offset of {name}")))
+    data_offset = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, dims, ggml_type, offset in infos:
+        if name in tensors:
+            raise WeightsError(f"{path}: corrupt GGUF: tensor {name!r} appears twice")
+        tensors[name] = _tensor_info(path, name, dims, ggml_type, offset, data_offset, cur.size, alignment)
+    return GGUFHeader(path, version, metadata, tensors, alignment, data_offset)
+
+
+def _tensor_info(
+    path: Path, name: str, dims: list[int], ggml_type: int, offset: int, data_offset: int, size: int, alignment: int
+) -> GGUFTensorInfo:
+    try:
+        block, type_size = gguf_quants.block_geometry(ggml_type)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: tensor {name!r}: {e}") from None
+    if dims[0] % block:
+        raise WeightsError(
+            f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of the "
+            f"{gguf_quants.type_name(ggml_type)} block size {block}"
+        )
+    n = math.prod(dims)
+    nbytes = n // block * type_size
+    start = data_offset + offset
+    if offset % alignment or start + nbytes > size:
+        raise WeightsError(
+            f"{path}: tensor {name!r} ({nbytes} bytes at data offset {offset}) lies outside the file "
+            f"({size} bytes, data from {data_offset}) or is not {alignment}-byte aligned"
+        )
+    return GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), ggml_type, start, nbytes)
+
+
+def info_metadata(header: GGUFHeader) -> dict[str, Any]:
+    """The scalar metadata (arrays such as the vocabulary left out), plus the format version and tensor count."""
+    scalars = {k: v for k, v in header.metadata.items() if not isinstance(v, list)}
+    return {**scalars, "GGUF.version": header.version, "GGUF.tensor_count": len(header.tensors)}
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A GGUF file's scalar metadata, for ``lmx info`` (see :func:`info_metadata`); no tensor is read.
+
+    Raises:
+        ModelNotFoundError, WeightsError: as :func:`read_header`.
+    """
+    return info_metadata(read_header(path))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _meta(md: dict[str, Any], arch: str, key: str, default: Any = None, *, required: bool = False) -> Any:
+    full = f"{arch}.{key}"
+    if full in md:
+        return md[full]
+    if required:
+        raise WeightsError(f"GGUF metadata lacks {full!r}, which a {arch} model needs")
+    return default
+
+
+def _positive(md: dict[str, Any], arch: str, key: str, default: Any = None, *, integer: bool = True) -> Any:
+    """A required (when ``default`` is None) positive int, or positive finite float, metadata value."""
+    value = _meta(md, arch, key, default, required=default is None)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or isinstance(value, bool) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise WeightsError(f"GGUF metadata {arch}.{key} must be {kind}, got {value!r}")
+    return value if integer else float(value)
+
+
+def _rope_scaling(md: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = _meta(md, arch, "rope.scaling.type")
+    factor = _meta(md, arch, "rope.scaling.factor")
+    if kind in (None, "none") or factor in (None, 1.0):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": _positive(md, arch, "rope.scaling.factor", integer=False)}
+    if _meta(md, arch, "rope.scaling.original_context_length") is not None:
+        scaling["original_max_position_embeddings"] = _positive(md, arch, "rope.scaling.original_context_length")
+    return scaling
+
+
+def gguf_config(header: GGUFHeader) -> dict[str, Any]:
+    """The HF ``config.json`` dict a GGUF file's metadata describes.
+
+    Raises:
+        UnsupportedModelError: the architecture is not one lmx reads.
+        WeightsError: a required key is missing or has a bad value.
+    """
+    md = header.metadata
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{header.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    hidden = _positive(md, arch, "embedding_length")
+    heads = _positive(md, arch, "attention.head_count")
+    head_dim = _meta(md, arch, "attention.key_length") or _meta(md, arch, "rope.dimension_count") or hidden // heads
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise WeightsError(f"GGUF metadata {arch}.attention.key_length must be a positive integer, got {head_dim!r}")
+    embed = header.tensors.get("token_embd.weight")
+    tokens = md.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
+    config: dict[str, Any] = {
+        "model_type": {"gemma3": "gemma3_text"}.get(arch, arch),
+        "vocab_size": embed.shape[0] if embed is not None else _positive(md, arch, "vocab_size", len(tokens)),
+        "hidden_size": hidden,
+        "intermediate_size": _positive(md, arch, "feed_forward_length"),
+        "num_hidden_layers": _positive(md, arch, "block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _positive(md, arch, "attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _positive(md, arch, "attention.layer_norm_rms_epsilon", 1e-6, integer=False),
+        "max_position_embeddings": _positive(md, arch, "context_length"),
+        # llama.cpp writes the output projection only when it is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+        "rope_theta": _positive(md, arch, "rope.freq_base", 1e6 if arch == "gemma3" else 1e4, integer=False),
+        "attention_bias": "blk.0.attn_q.bias" in header.tensors,
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
+    }
+    if (scaling := _rope_scaling(md, arch)) is not None:
+        config["rope_scaling"] = scaling
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if _meta(md, arch, key) is not None:
+            config[key] = _positive(md, arch, key, integer=False)
+    if arch == "gemma3":
+        config.update(_gemma3_config(md, config))
+    else:
+        config["hidden_act"] = "silu"
+    return config
+
+
+def _gemma3_config(md: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+    # llama.cpp's Gemma 3 pattern: five sliding layers, then one global; a file may state it per layer
+    pattern = _meta(md, "gemma3", "attention.sliding_window_pattern", 6)
+    period = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else 6
+    if isinstance(pattern, list) and len(pattern) == layers:
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % period != 0 for i in range(layers)]
+    if _meta(md, "gemma3", "attention.scale") is not None:
+        query_pre_attn_scalar = 1.0 / _positive(md, "gemma3", "attention.scale", integer=False) ** 2
+    elif layers == 62:
+        # Gemma 3 27B scales queries by hidden_size / heads, the others by head_dim (as llama.cpp does)
+        query_pre_attn_scalar = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        query_pre_attn_scalar = head_dim
+    return {
+        "sliding_window": _positive(md, "gemma3", "attention.sliding_window", 4096),
+        "sliding_window_pattern": period,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_local_base_freq": _positive(md, "gemma3", "rope.freq_base_swa", 10_000.0, integer=False),
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma has four norms per layer; the others call the pre-MLP norm post_attention_layernorm.
+_ARCH_LAYER_NAMES = {
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "qwen3": {"ffn_norm": "post_attention_layernorm"},
+    "llama": {"ffn_norm": "post_attention_layernorm"},
+}
+_SKIPPED = {"llama": {"rope_freqs.weight"}}  # precomputed RoPE factors: derived from the config instead
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str, arch: str) -> str | None:
+    """The HF tensor name for a GGUF one (``blk.0.attn_q.weight`` -> ``model.layers.0.self_attn.q_proj.weight``)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m is None:
+        return None
+    part = _LAYER_NAMES.get(m[2]) or _ARCH_LAYER_NAMES[arch].get(m[2])
+    return f"model.layers.{m[1]}.{part}.{m[3]}" if part else None
+
+
+def _unpermute(w: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's Q/K row order for llama (it interleaves each head's two rotary halves)."""
+    rows, rest = w.shape[0], w.shape[1:]
+    if rows % (2 * n_heads):
+        raise WeightsError(f"a llama Q/K projection of {rows} rows does not split into {n_heads} heads")
+    w = w.reshape(n_heads, rows // n_heads // 2, 2, *rest)  # (heads, head_dim/2, 2, ...)
+    return w.swapaxes(1, 2).reshape(rows, *rest)  # (heads * 2 * head_dim/2, ...)
+
+
+def _fix(w: mx.array, gguf_name: str, arch: str, config: dict[str, Any]) -> mx.array:
+    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+        return w - 1.0  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+    if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return _unpermute(w, config["num_attention_heads"])
+    if arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return _unpermute(w, config["num_key_value_heads"])
+    return w
+
+
+def load_weights(
+    header: GGUFHeader, config: dict[str, Any], *, dtype: mx.Dtype = mx.float32, threads: int | None = None
+) -> dict[str, mx.array]:
+    """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
+
+    Raises:
+        WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
+    """
+    arch = header.metadata["general.architecture"]
+    names = {}
+    for info in header.tensors.values():
+        if info.name in _SKIPPED.get(arch, ()):
+            logger.warning("%s: ignoring %s (Llama 3 RoPE scaling is not recovered from it)", header.path, info.name)
+            continue
+        name = hf_name(info.name, arch)
+        if name is None:
+            raise WeightsError(f"{header.path}: GGUF tensor {info.name!r} has no {arch} counterpart")
+        names[info.name] = name
+    weights: dict[str, mx.array] = {}
+    data = np.memmap(header.path, dtype=np.uint8, mode="r")
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for gguf_name, name in names.items():
+            info = header.tensors[gguf_name]
+            raw = data[info.offset : info.offset + info.nbytes]
+            array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape, executor=pool)
+            array = _fix(array, gguf_name, arch, config)
+            weights[name] = array if dtype == mx.float32 else array.astype(dtype)
+            mx.eval(weights[name])  # materialize now, so an intermediate float32 copy can go
+    del data
+    return weights
+
+
+def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32) -> GGUFModel:
+    """Read a GGUF model: its config, dequantized weights, tokenizer and metadata.
+
+    Args:
+        path: the ``.gguf`` file.
+        dtype: the weights' dtype (dequantization is done in float32, then cast).
+
+    Returns:
+        A :class:`GGUFModel` in Hugging Face terms.
+
+    Raises:
+        ModelNotFoundError: no such file.
+        UnsupportedModelError: the architecture is not gemma3, qwen3 or llama.
+        WeightsError: the file is corrupt or a tensor cannot be read.
+        TokenizerError: the vocabulary is missing or malformed.
+    """
+    header = read_header(path)
+    config = gguf_config(header)
+    spec = tokenizer_from_gguf(header.metadata)
+    weights = load_weights(header, config, dtype=dtype)
+    return GGUFModel(config=config, weights=weights, tokenizer_spec=spec, metadata=info_metadata(header))
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFHeader",
+    "GGUFModel",
+    "GGUFTensorInfo",
+    "gguf_config",
+    "hf_name",
+    "info_metadata",
+    "load_weights",
+    "read_gguf",
+    "read_gguf_metadata",
+    "read_header",
+]

@@ -19,6 +19,15 @@ from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # RemoteBackend pulls in httpx; import it only when asked for.
+    if name == "RemoteBackend":
+        from lmx.remote import RemoteBackend
+
+        return RemoteBackend
+    raise AttributeError(f"module 'lmx' has no attribute {name!r}")
+
 __all__ = [
     "Backend",
     "Completion",
@@ -27,6 +36,7 @@ __all__ = [
     "GenerationOptions",
     "LmxError",
     "ModelInfo",
+    "RemoteBackend",
     "Token",
     "TokenStream",
     "__version__",

@@ -11,7 +11,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.errors import InvalidOptionError, ModelNotFoundError
+from lmx import memory
+from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io import hf
 from lmx.models import build_model, text_config
 from lmx.runtime.device import device_name
@@ -56,7 +57,6 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | None = "au
         ModelNotFoundError: nothing loadable at ``path``.
         UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
     """
-    target = mx_dtype = None
     mx_dtype = resolve_dtype(dtype)
     if path is None:
         from lmx.io.default_model import default_model_path
@@ -78,10 +78,13 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype) -> LoadedModel:
     if not config_path.is_file():
         raise ModelNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
     config = hf.read_json(config_path)
+    _check_config_shape(config, config_path)
     generation_config = hf.read_json(model_dir / "generation_config.json", required=False)
-    model = build_model(config, str(config_path))
-    weights = model.sanitize(hf.read_safetensors(hf.weight_files(model_dir)))
-    quant = hf.quantization_of(config)
+    model = _build(config, str(config_path))
+    files = hf.weight_files(model_dir)
+    memory.check_allocation(hf.safetensors_nbytes(files, dtype), f"loading the weights of {model_dir}")
+    weights = model.sanitize(hf.read_safetensors(files))
+    quant = hf.quantization_of(config, str(config_path))
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
@@ -90,11 +93,33 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant)
 
 
+def _build(config: dict[str, Any], source: str) -> nn.Module:
+    """:func:`build_model`, with the config's file named in every config error."""
+    try:
+        return build_model(config, source)
+    except (ConfigError, UnsupportedModelError) as e:
+        if source in str(e):
+            raise
+        raise type(e)(f"{source}: {e}") from e
+
+
+def _check_config_shape(config: dict[str, Any], path: Path) -> None:
+    """The keys that pick the architecture must have the right JSON type before anything uses them."""
+    if "model_type" not in config:
+        raise ConfigError(f"{path} is missing the required key 'model_type' (the architecture)")
+    model_type = config["model_type"]
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{path}: 'model_type' must be a string naming the architecture, got {model_type!r:.80}")
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ConfigError(f"{path}: 'text_config' must be a JSON object, got {text!r:.80}")
+
+
 def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
     from lmx.io.gguf import read_gguf
 
-    gguf = read_gguf(path)
-    model = build_model(gguf.config, str(path))
+    gguf = read_gguf(path, dtype=dtype)
+    model = _build(gguf.config, str(path))
     hf.apply_weights(model, model.sanitize(gguf.weights), str(path), dtype)
     spec = gguf.tokenizer_spec
     tokenizer = Tokenizer(

@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from lmx.cli import chat, convert, generate, info
+from lmx.cli import chat, convert, generate, info, serve
 
 # Explicit list of commands: name -> module with register(subparsers).
-COMMANDS = {"generate": generate, "chat": chat, "info": info, "convert": convert}
+COMMANDS = {"generate": generate, "chat": chat, "info": info, "convert": convert, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

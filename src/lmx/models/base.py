@@ -39,16 +39,62 @@ class BaseModelArgs:
                     raise ConfigError(f"{source} is missing the required key {name!r}")
                 continue
             kwargs[name] = _checked(name, config[name], hints[name], source)
+            _check_range(name, kwargs[name], source)
         unknown = sorted(set(config) - set(fields))
         if unknown:
             logger.debug("%s: keys not used by %s: %s", source, cls.__module__, ", ".join(unknown))
         return cls(**kwargs)
 
 
+# HF size keys that must be > 0: zero or a negative value fails deep inside MLX otherwise
+# (division by zero, negative shapes), far from the config key that caused it.
+_POSITIVE = frozenset(
+    {
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "sliding_window",
+        "sliding_window_pattern",
+        "rms_norm_eps",
+        "query_pre_attn_scalar",
+        "rope_theta",
+        "rope_local_base_freq",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+    }
+)
+_MAX_INT = 2**31 - 1  # MLX array dimensions are int32
+# A model is built layer by layer in Python before its weights are checked; the largest
+# published models have under 200 layers, so a bigger count is a corrupt config, not a model.
+MAX_LAYERS = 1024
+
+
+def _check_range(name: str, value: Any, source: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{source}: {name!r} must be > 0, got {value!r}")
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT:
+        raise ConfigError(f"{source}: {name!r} must be in [0, {_MAX_INT}], got {value!r}")
+    if name == "num_hidden_layers" and value > MAX_LAYERS:
+        raise ConfigError(f"{source}: 'num_hidden_layers' must be at most {MAX_LAYERS}, got {value!r}")
+
+
 def _checked(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Check a scalar config value against its annotation (ints accepted for floats)."""
+    """Check a config value against its annotation (ints accepted for floats; lists and dicts by JSON type)."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
+        return value
+    containers = tuple(t for t in allowed if t in (list, dict))
+    if containers:
+        if not isinstance(value, containers):
+            want = " or ".join("a JSON array" if t is list else "a JSON object" for t in containers)
+            raise ConfigError(f"{source}: {name!r} must be {want}, got {value!r:.80}")
         return value
     scalars = [t for t in allowed if t in _CHECKED_TYPES]
     if not scalars or len(scalars) != len([t for t in allowed if t is not type(None)]):
@@ -86,7 +132,10 @@ def rope_settings(
     params: dict[str, Any] = {}
     if rope_parameters:
         if layer_type is not None and layer_type in rope_parameters:
-            params = dict(rope_parameters[layer_type] or {})
+            per_type = rope_parameters[layer_type] or {}
+            if not isinstance(per_type, dict):
+                raise ConfigError(f"rope_parameters[{layer_type!r}] must be an object, got {per_type!r:.80}")
+            params = dict(per_type)
         elif "rope_type" in rope_parameters or "rope_theta" in rope_parameters:
             params = dict(rope_parameters)
     if not params:
@@ -103,25 +152,33 @@ class RoPE(nn.Module):
         super().__init__()
         self.dims = dims
         kind = settings["rope_type"]
-        base = float(settings["rope_theta"])
-        self.scale = 1.0
-        self.mscale = 1.0
-        self.base: float | None = base
-        self._freqs: mx.array | None = None
-        exponents = mx.arange(0, dims, 2, dtype=mx.float32) / dims
-        if kind == "default":
-            pass
-        elif kind == "linear":
-            self.scale = 1.0 / float(settings["factor"])
-        elif kind == "llama3":
-            self._freqs, self.base = _llama3_periods(base**exponents, settings, max_position_embeddings), None
-        elif kind == "yarn":
-            self._freqs, self.mscale = _yarn_periods(base, dims, settings, max_position_embeddings)
-            self.base = None
-        else:
+        if kind not in ("default", "linear", "llama3", "yarn"):
             raise UnsupportedModelError(
                 f"rope_type {kind!r} is not supported; supported: default, linear, llama3, yarn"
             )
+        self.scale = 1.0
+        self.mscale = 1.0
+        freqs = None
+        try:  # the settings come straight from config.json: a missing or non-numeric value is a ConfigError
+            base = float(settings["rope_theta"])
+            self.base: float | None = base
+            exponents = mx.arange(0, dims, 2, dtype=mx.float32) / dims
+            if kind == "linear":
+                self.scale = 1.0 / float(settings["factor"])
+            elif kind == "llama3":
+                freqs, self.base = _llama3_periods(base**exponents, settings, max_position_embeddings), None
+            elif kind == "yarn":
+                freqs, self.mscale = _yarn_periods(base, dims, settings, max_position_embeddings)
+                self.base = None
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+            raise ConfigError(f"RoPE settings {settings!r:.200} are invalid: {type(e).__name__}: {e}") from e
+        # Held outside the module's parameter dict (MLX modules drop None-valued entries from
+        # attribute lookup), and evaluated now: MLX streams are per thread, and a lazy array
+        # first evaluated on another thread (a server worker) fails there.
+        self._has_freqs = freqs is not None
+        if freqs is not None:
+            mx.eval(freqs)
+            self._freqs = freqs
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         out = mx.fast.rope(
@@ -131,7 +188,7 @@ class RoPE(nn.Module):
             base=self.base,
             scale=self.scale,
             offset=offset,
-            freqs=self._freqs,
+            freqs=self._freqs if self._has_freqs else None,
         )
         return out * self.mscale if self.mscale != 1.0 else out
 
@@ -181,12 +238,19 @@ def attention(
     keys: mx.array,
     values: mx.array,
     scale: float,
-    mask: mx.array | None,
+    mask: mx.array | str | None,
     softcap: float | None = None,
 ) -> mx.array:
-    """Scaled dot-product attention over (B, heads, L, D) inputs, grouped-query aware."""
+    """Scaled dot-product attention over (B, heads, L, D) inputs, grouped-query aware.
+
+    ``mask`` is a boolean array, None (every query sees every key) or ``"causal"``: query
+    ``i`` of ``Lq`` sees keys up to ``Lk - Lq + i`` (MLX's fused kernels skip the rest).
+    """
     if softcap is None:
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    if isinstance(mask, str):
+        n_q, n_k = queries.shape[2], keys.shape[2]
+        mask = mx.arange(n_k - n_q, n_k)[:, None] >= mx.arange(n_k)[None]  # (Lq, Lk)
     n_rep = queries.shape[1] // keys.shape[1]
     if n_rep > 1:
         keys, values = mx.repeat(keys, n_rep, axis=1), mx.repeat(values, n_rep, axis=1)

@@ -1,0 +1,68 @@
+"""``lmx serve``: the OpenAI- and Ollama-compatible API and the Lab chat page (default
+http://127.0.0.1:8090)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lmx.cli.common import add_model_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI/Ollama-compatible API with the Lab chat page")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", "-p", type=int, default=8090)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LMX_API_KEY"),
+        help="require this key on every route but /health (default: $LMX_API_KEY; none)",
+    )
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once (1: no batching yet)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens of requests that give none (default: context)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable)",
+    )
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmx.server import ServerSettings, serve
+
+    settings = ServerSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_default=args.max_tokens,
+        cors_origins=tuple(args.cors_origin),
+        keep_alive_timeout=args.keep_alive_timeout,
+        lab=not args.no_lab,
+    )
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"lmx: loading the model, then serving on http://{host}:{settings.port}", file=sys.stderr)
+    try:
+        serve(settings, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
+        print("lmx: server stopped", file=sys.stderr)
+    return 0

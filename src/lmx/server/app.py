@@ -1,0 +1,225 @@
+"""The app factory: ``create_app(settings, engine=None)`` builds a Starlette app serving the
+OpenAI and Ollama APIs and the Lab chat page; :func:`serve` runs it with uvicorn."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lmx.server import routes_ollama, routes_openai
+from lmx.server.common import ServerState, error_response, server_state
+from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.scheduler import Scheduler
+from lmx.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+OPEN_PATHS = frozenset({"/health"})
+PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
+
+
+class ApiKeyMiddleware:
+    """Require the API key on every route but ``/health``, compared in constant time.
+
+    Accepted: ``Authorization: Bearer <key>`` (API clients) or HTTP Basic auth with the key
+    as the password (browsers: the Lab page's 401 makes the browser ask for it once, then it
+    sends it with every request to this server).
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, value = header.partition(b" ")
+        candidate = b""
+        if scheme.lower() == b"bearer":
+            candidate = value.strip()
+        elif scheme.lower() == b"basic":
+            try:
+                candidate = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                candidate = b""
+        return hmac.compare_digest(candidate, self._key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        has_key = any(k == b"authorization" for k, _ in scope["headers"])
+        message = "invalid API key" if has_key else "missing API key: send 'Authorization: Bearer <key>'"
+        response = error_response(AuthenticationError(message), ollama=path.startswith("/api/"))
+        is_page = path == "/" or path.startswith(PAGE_PATHS[1])
+        response.headers["WWW-Authenticate"] = 'Basic realm="lmx", charset="UTF-8"' if is_page else "Bearer"
+        await response(scope, receive, send)
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: liveness and load; never needs the key."""
+    state = server_state(request)
+    stats = state.scheduler.stats()
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": state.model_id,
+            "queue": {"running": stats.running, "waiting": stats.waiting, "max_queue": state.settings.max_queue},
+            "requests": {
+                "completed": stats.completed,
+                "cancelled": stats.cancelled,
+                "failed": stats.failed,
+                "rejected": stats.rejected,
+            },
+        }
+    )
+
+
+async def lab_page(request: Request) -> Response:
+    """``GET /``: the Lab chat page."""
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    path = request.url.path
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        error: Exception = MethodNotAllowedError(f"method {request.method} is not allowed on {path}")
+    else:
+        error = RouteNotFoundError(f"no route {request.method} {path}")
+    return error_response(error, ollama=path.startswith("/api/"))
+
+
+def _warm_up(engine: Any) -> None:
+    """Generate one token on this (the loading) thread before the worker thread does.
+
+    MLX streams are per thread (mlx >= 0.31.2): an array left unevaluated at load on this
+    thread cannot be evaluated on the worker ("There is no Stream(cpu, 0) in current
+    thread"). One forward pass here evaluates them, and the first request is not slowed
+    by one-time setup.
+    """
+    engine.generate([0], max_tokens=1)
+
+
+def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Starlette:
+    """Build the server app.
+
+    Args:
+        settings: how to serve; default :class:`ServerSettings()`.
+        engine: an already-loaded :class:`lmx.Engine` to serve (the app leaves it open when
+            it shuts down); None loads ``settings.model`` (and closes it at shutdown).
+
+    Returns:
+        A Starlette (ASGI) app; its state is on ``app.state.lmx`` (a :class:`ServerState`).
+
+    Raises:
+        the errors of :func:`lmx.load` when it loads the model.
+    """
+    import lmx
+
+    settings = settings or ServerSettings()
+    owns = engine is None
+    if engine is None:
+        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
+    info = engine.info()
+    if settings.warm_up:
+        _warm_up(engine)
+    scheduler = Scheduler(settings.max_queue)
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        scheduler=scheduler,
+        info=info,
+        model_id=settings.model_name or info.name,
+        owns_engine=owns,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            scheduler.close()
+            if owns:
+                engine.close()
+
+    routes: list[Any] = [Route("/health", health, methods=["GET"])]
+    routes += routes_openai.routes() + routes_ollama.routes()
+    if settings.lab:
+        routes += [
+            Route("/", lab_page, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ]
+    middleware = []
+    if settings.cors_origins:  # outermost, so preflight requests and 401s carry CORS headers
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                max_age=600,
+            )
+        )
+    if settings.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: _not_found, 405: _not_found},
+        lifespan=lifespan,
+    )
+    app.state.lmx = state
+    return app
+
+
+def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -> Any:
+    """The uvicorn configuration serving ``app`` as ``settings`` say (idle keep-alive timeout,
+    graceful-shutdown limit, no access log unless asked)."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "timeout_graceful_shutdown": 5,
+        "access_log": False,
+        "log_level": "warning",
+        "lifespan": "on",
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def serve(settings: ServerSettings, engine: Any = None, **uvicorn_overrides: Any) -> None:
+    """Load the model (unless given) and serve until interrupted.
+
+    Args:
+        settings: how to serve.
+        engine: an already-loaded engine, or None to load ``settings.model``.
+        **uvicorn_overrides: extra :class:`uvicorn.Config` arguments (``log_level``...).
+    """
+    import uvicorn
+
+    if not settings.is_loopback:
+        logger.warning("serving on %s: other machines can reach this server", settings.host)
+        if not settings.api_key:
+            logger.warning("no API key set: anyone who can reach %s:%d can use the model", settings.host, settings.port)
+    app = create_app(settings, engine)
+    uvicorn.Server(uvicorn_config(app, settings, **uvicorn_overrides)).run()

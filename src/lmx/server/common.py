@@ -1,0 +1,218 @@
+"""What every route needs: the server's state, the request body, the model check, and
+waiting on a job while watching for the client going away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from lmx.generate.options import GenerationOptions
+from lmx.results import ModelInfo, Token
+from lmx.server.errors import ApiRequestError, BodyTooLargeError, UnknownModelError, error_body
+from lmx.server.scheduler import Event, Job, Scheduler
+from lmx.server.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    """The objects one app serves with (kept on ``app.state.lmx``; nothing is global)."""
+
+    settings: ServerSettings
+    engine: Any
+    scheduler: Scheduler
+    info: ModelInfo
+    model_id: str
+    owns_engine: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def default_max_tokens(self) -> int:
+        return self.settings.max_tokens_default or int(self.engine.context_length)
+
+    def check_model(self, name: str, param: str = "model") -> None:
+        """Raise :class:`UnknownModelError` unless ``name`` is the served model (Ollama's
+        ``name:latest`` form included)."""
+        names = {self.model_id, f"{self.model_id}:latest", self.info.name}
+        if name not in names:
+            raise UnknownModelError(f"model {name!r} is not served here; available: {self.model_id!r}", param=param)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.lmx
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past ``limit`` bytes (declared or actually sent).
+
+    Raises:
+        BodyTooLargeError: the body is larger than ``limit``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"request body of {int(declared)} bytes is larger than the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_options(options: dict[str, Any], params: dict[str, str], vocab_size: int) -> None:
+    """Validate engine options, naming the request field at fault.
+
+    Raises:
+        ApiRequestError: an option is out of range; ``param`` is the request field it came from.
+    """
+    from lmx.errors import InvalidOptionError
+
+    try:
+        GenerationOptions.from_kwargs(**options).validate(vocab_size)
+    except InvalidOptionError as e:
+        param = None
+        for name, value in options.items():
+            try:
+                GenerationOptions.from_kwargs(**{name: value}).validate(vocab_size)
+            except InvalidOptionError:
+                param = params.get(name, name)
+                break
+        raise ApiRequestError(str(e), param=param) from None
+
+
+async def start_job(state: ServerState, make_stream: Callable[[], Any]) -> Job:
+    """Build the token stream (tokenizing off the event loop) and queue it.
+
+    Raises:
+        whatever ``make_stream`` raises (bad options, context length...), QueueFullError.
+    """
+    stream = await run_in_threadpool(make_stream)
+    try:
+        return state.scheduler.submit(stream)
+    except BaseException:
+        stream.close()
+        raise
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def wait_event(job: Job, request: Request) -> Event | None:
+    """The job's next event, or None (and the job cancelled) if the client left first."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    nxt = asyncio.ensure_future(job.next_event())
+    try:
+        done, _ = await asyncio.wait({gone, nxt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gone, nxt):
+            if not task.done():
+                task.cancel()
+    if nxt in done:
+        return nxt.result()
+    job.cancel()
+    return None
+
+
+async def collect(job: Job, request: Request) -> list[Token] | None:
+    """Every token of a job, or None if the client left first.
+
+    Raises:
+        the error the job ended with.
+    """
+    tokens: list[Token] = []
+    while True:
+        event = await wait_event(job, request)
+        if event is None:
+            return None
+        if event.kind == "error":
+            assert event.error is not None
+            raise event.error
+        if event.kind == "end":
+            return tokens
+        assert event.token is not None
+        tokens.append(event.token)
+
+
+async def events_after(job: Job, first: Event) -> AsyncIterator[Event]:
+    """``first`` and the job's later events up to its end; the job is cancelled if the
+    consumer stops early (the response task is cancelled when the client disconnects)."""
+    try:
+        event = first
+        while True:
+            yield event
+            if event.kind != "token":
+                return
+            event = await job.next_event()
+    finally:
+        job.cancel()
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def ndjson(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A streaming response that cancels its job however it ends (finished, failed, or the
+    client disconnected), so the engine never generates for nobody."""
+
+    def __init__(self, content: AsyncIterator[bytes], job: Job, media_type: str) -> None:
+        super().__init__(
+            content, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+def error_response(exc: BaseException, *, ollama: bool = False) -> JSONResponse:
+    """The JSON error answering ``exc`` (status from its type; 503s say when to retry)."""
+    status, body = error_body(exc, ollama=ollama)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def endpoint(
+    handler: Callable[[Request], Awaitable[Response]], *, ollama: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a route so any error it raises is answered in the API's error shape."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as e:
+            return error_response(e, ollama=ollama)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": logged only, nobody reads it

@@ -1,0 +1,197 @@
+"""Ollama-compatible endpoints: ``/api/chat``, ``/api/generate`` (NDJSON streaming by
+default, as Ollama does), ``/api/tags`` and ``/api/version``. Errors are Ollama's
+``{"error": "<message>"}`` with the same statuses as the OpenAI endpoints."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import lmx
+from lmx.server.common import (
+    CLIENT_GONE,
+    JobStreamingResponse,
+    ServerState,
+    check_options,
+    collect,
+    endpoint,
+    events_after,
+    ndjson,
+    read_body,
+    server_state,
+    start_job,
+    wait_event,
+)
+from lmx.server.errors import error_body
+from lmx.server.scheduler import Job
+from lmx.server.schemas import (
+    OLLAMA_PARAMS,
+    OllamaChatRequest,
+    OllamaGenerateRequest,
+    UnsupportedParameterError,
+    chat_messages,
+    ollama_options,
+    parse_body,
+)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _final(stream: Any) -> dict[str, Any]:
+    """Ollama's closing statistics (durations in nanoseconds)."""
+    m = stream.metrics
+    ns = 1_000_000_000
+    return {
+        "done": True,
+        "done_reason": stream.finish_reason or "length",
+        "total_duration": int(m.total_time * ns),
+        "load_duration": 0,
+        "prompt_eval_count": m.prompt_tokens,
+        "prompt_eval_duration": int(m.time_to_first_token * ns),
+        "eval_count": len(stream.tokens),
+        "eval_duration": int(max(m.total_time - m.time_to_first_token, 0.0) * ns),
+    }
+
+
+async def _respond(
+    request: Request, state: ServerState, job: Job, stream: bool, piece: Callable[[str], dict[str, Any]]
+) -> Response:
+    head = {"model": state.model_id}
+    if not stream:
+        tokens = await collect(job, request)
+        if tokens is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse({**head, "created_at": _now(), **piece(job.stream.text), **_final(job.stream)})
+    first = await wait_event(job, request)
+    if first is None:
+        return Response(status_code=CLIENT_GONE)
+    if first.kind == "error":
+        assert first.error is not None
+        raise first.error
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in events_after(job, first):
+            if event.kind == "token":
+                assert event.token is not None
+                if event.token.text:
+                    yield ndjson({**head, "created_at": _now(), **piece(event.token.text), "done": False})
+            elif event.kind == "end":
+                yield ndjson({**head, "created_at": _now(), **piece(""), **_final(job.stream)})
+            else:
+                assert event.error is not None
+                yield ndjson(error_body(event.error, ollama=True)[1])
+
+    return JobStreamingResponse(body(), job, "application/x-ndjson")
+
+
+async def chat(request: Request) -> Response:
+    """``POST /api/chat``."""
+    state = server_state(request)
+    req = parse_body(OllamaChatRequest, await read_body(request, state.settings.max_body_bytes))
+    state.check_model(req.model)
+    messages = chat_messages(req.messages)
+    options = ollama_options(req, state.default_max_tokens)
+    check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    if not messages:  # Ollama answers an empty chat by loading the model and returning at once
+        return JSONResponse(
+            {
+                "model": state.model_id,
+                "created_at": _now(),
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "done_reason": "load",
+            }
+        )
+    kwargs: dict[str, Any] = {}
+    if isinstance(req.think, bool):
+        kwargs["enable_thinking"] = req.think
+    job = await start_job(state, lambda: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, **options))
+    return await _respond(
+        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
+    )
+
+
+async def generate(request: Request) -> Response:
+    """``POST /api/generate``: ``raw`` sends the prompt as it is, otherwise it goes through
+    the chat template as a user message (after ``system``, if given)."""
+    state = server_state(request)
+    req = parse_body(OllamaGenerateRequest, await read_body(request, state.settings.max_body_bytes))
+    state.check_model(req.model)
+    for name in ("images", "template", "context", "suffix"):
+        if getattr(req, name):
+            raise UnsupportedParameterError(f"{name} is not supported", param=name)
+    options = ollama_options(req, state.default_max_tokens)
+    check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    if not req.prompt:
+        return JSONResponse(
+            {"model": state.model_id, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+        )
+    engine = state.engine
+    if req.raw:
+        prompt = req.prompt
+
+        def make() -> Any:
+            return engine.stream(prompt, **options)
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}
+        ]
+        kwargs = {"enable_thinking": req.think} if isinstance(req.think, bool) else {}
+
+        def make() -> Any:
+            return engine.stream_chat(messages, chat_template_kwargs=kwargs, **options)
+
+    job = await start_job(state, make)
+    return await _respond(request, state, job, req.stream, lambda text: {"response": text})
+
+
+def _size_label(n: int) -> str:
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+async def tags(request: Request) -> Response:
+    """``GET /api/tags``: the one served model, described as Ollama does."""
+    state = server_state(request)
+    info = state.info
+    quant = info.quantization or {}
+    details = {
+        "format": "gguf" if info.source.endswith(".gguf") else "safetensors",
+        "family": info.model_type,
+        "families": [info.model_type],
+        "parameter_size": _size_label(info.num_parameters),
+        "quantization_level": f"Q{quant['bits']}" if quant.get("bits") else info.dtype.upper(),
+    }
+    modified = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc).isoformat()
+    model = {
+        "name": state.model_id,
+        "model": state.model_id,
+        "modified_at": modified,
+        "size": info.weights_bytes,
+        "digest": "",
+        "details": details,
+    }
+    return JSONResponse({"models": [model]})
+
+
+async def version(request: Request) -> Response:
+    """``GET /api/version``."""
+    return JSONResponse({"version": lmx.__version__})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/api/chat", endpoint(chat, ollama=True), methods=["POST"]),
+        Route("/api/generate", endpoint(generate, ollama=True), methods=["POST"]),
+        Route("/api/tags", endpoint(tags, ollama=True), methods=["GET"]),
+        Route("/api/version", endpoint(version, ollama=True), methods=["GET"]),
+    ]

@@ -1,0 +1,259 @@
+"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+Both completion endpoints answer with one JSON object, or (``stream: true``) with
+server-sent events, one chunk per generated token, ending with ``data: [DONE]``; with
+``stream_options.include_usage`` a last chunk with empty ``choices`` carries ``usage``.
+
+Extensions a plain OpenAI client ignores: ``top_k``, ``min_p``, ``repetition_penalty`` and
+``chat_template_kwargs`` in requests; ``return_token_ids: true`` adds ``token_ids`` to each
+choice (and ``id`` to each chat logprob entry, ``top_logprobs_by_id`` to text logprobs); usage chunks and full replies carry the engine's
+``metrics`` (tokens/s, time to first token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmx.results import Token
+from lmx.server.common import (
+    CLIENT_GONE,
+    JobStreamingResponse,
+    ServerState,
+    check_options,
+    collect,
+    endpoint,
+    events_after,
+    read_body,
+    request_id,
+    server_state,
+    sse,
+    start_job,
+    wait_event,
+)
+from lmx.server.errors import error_body
+from lmx.server.scheduler import Job
+from lmx.server.schemas import (
+    OPENAI_PARAMS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+    completion_prompt,
+    openai_options,
+    parse_body,
+)
+
+Kind = Literal["chat", "text"]
+FLOOR_LOGPROB = -9999.0  # JSON has no -Infinity: a token ruled out by top_k/top_p/min_p gets this, as OpenAI does
+
+
+def _lp(value: float) -> float:
+    return value if math.isfinite(value) else FLOOR_LOGPROB
+
+
+class _Format:
+    """Turns engine tokens into OpenAI chat or text-completion objects for one request."""
+
+    def __init__(self, state: ServerState, kind: Kind, logprobs: int | None, token_ids: bool) -> None:
+        self.state, self.kind, self.logprobs, self.token_ids = state, kind, logprobs, token_ids
+        self.id = request_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = int(time.time())
+        self.offset = 0  # text offset of the next token (text completions' logprobs)
+        self.sent_role = False
+
+    def _piece(self, tid: int) -> str:
+        return self.state.engine.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def _chat_logprob(self, token: Token) -> dict[str, Any]:
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            piece = self._piece(tid)
+            out: dict[str, Any] = {"token": piece, "logprob": _lp(lp), "bytes": list(piece.encode())}
+            if self.token_ids:
+                out["id"] = tid
+            return out
+
+        top = [entry(t, lp) for t, lp in token.top_logprobs or ()]
+        return {**entry(token.id, token.logprob), "top_logprobs": top}
+
+    def _text_logprobs(self, tokens: list[Token]) -> dict[str, Any]:
+        pieces, offsets = [], []
+        for token in tokens:
+            pieces.append(self._piece(token.id))
+            offsets.append(self.offset)
+            self.offset += len(token.text)
+        tops = None
+        if self.logprobs:
+            tops = [{self._piece(t): _lp(lp) for t, lp in token.top_logprobs or ()} for token in tokens]
+        out = {
+            "tokens": pieces,
+            "token_logprobs": [_lp(t.logprob) for t in tokens],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+        if self.token_ids and self.logprobs:  # pieces can collide as dict keys; ids cannot
+            out["top_logprobs_by_id"] = [[[i, _lp(lp)] for i, lp in t.top_logprobs or ()] for t in tokens]
+        return out
+
+    def _logprobs(self, tokens: list[Token]) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [self._chat_logprob(t) for t in tokens], "refusal": None}
+        return self._text_logprobs(tokens)
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_id, "choices": choices}
+
+    def chunk(self, token: Token) -> dict[str, Any] | None:
+        """The streamed chunk of one token (None when it carries nothing)."""
+        if not token.text and token.finish_reason is None and self.logprobs is None and not self.token_ids:
+            return None
+        choice: dict[str, Any] = {"index": 0}
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"content": token.text}
+            if not self.sent_role:
+                delta = {"role": "assistant", **delta}
+                self.sent_role = True
+            choice["delta"] = delta
+        else:
+            choice["text"] = token.text
+        choice["logprobs"] = self._logprobs([token])
+        choice["finish_reason"] = token.finish_reason
+        if self.token_ids:
+            choice["token_ids"] = [token.id]
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._envelope(obj, [choice])
+
+    def usage(self, stream: Any) -> dict[str, Any]:
+        m = stream.metrics
+        completion = len(stream.tokens)
+        return {
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": m.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": m.cached_tokens},
+        }
+
+    def usage_chunk(self, stream: Any) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(obj, []), "usage": self.usage(stream), "metrics": stream.metrics.as_dict()}
+
+    def completion(self, tokens: list[Token], stream: Any) -> dict[str, Any]:
+        """The whole reply of a non-streaming request."""
+        choice: dict[str, Any] = {"index": 0}
+        text = "".join(t.text for t in tokens)
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self._logprobs(tokens)
+        choice["finish_reason"] = stream.finish_reason or "length"
+        if self.token_ids:
+            choice["token_ids"] = [t.id for t in tokens]
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(obj, [choice]), "usage": self.usage(stream), "metrics": stream.metrics.as_dict()}
+
+
+async def _respond(request: Request, job: Job, fmt: _Format, stream: bool, include_usage: bool) -> Response:
+    if not stream:
+        tokens = await collect(job, request)
+        if tokens is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(fmt.completion(tokens, job.stream))
+    # Wait for the first token before answering, so an error at the start still gets its status.
+    first = await wait_event(job, request)
+    if first is None:
+        return Response(status_code=CLIENT_GONE)
+    if first.kind == "error":
+        assert first.error is not None
+        raise first.error
+
+    async def body() -> AsyncIterator[bytes]:
+        async for event in events_after(job, first):
+            if event.kind == "token":
+                assert event.token is not None
+                chunk = fmt.chunk(event.token)
+                if chunk is not None:
+                    yield sse(chunk)
+            elif event.kind == "end":
+                if include_usage:
+                    yield sse(fmt.usage_chunk(job.stream))
+                yield sse("[DONE]")
+            else:
+                assert event.error is not None
+                yield sse(error_body(event.error)[1])
+                yield sse("[DONE]")
+
+    return JobStreamingResponse(body(), job, "text/event-stream")
+
+
+async def chat_completions(request: Request) -> Response:
+    """``POST /v1/chat/completions``."""
+    state = server_state(request)
+    req = parse_body(ChatCompletionRequest, await read_body(request, state.settings.max_body_bytes))
+    state.check_model(req.model)
+    messages = chat_messages(req.messages)
+    options = openai_options(req, state.default_max_tokens)
+    params = {**OPENAI_PARAMS, "logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        params["max_tokens"] = "max_completion_tokens"
+    check_options(options, params, state.info.vocab_size)
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    job = await start_job(
+        state, lambda: state.engine.stream_chat(messages, chat_template_kwargs=template_kwargs, **options)
+    )
+    fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(request, job, fmt, req.stream, include_usage)
+
+
+async def completions(request: Request) -> Response:
+    """``POST /v1/completions``."""
+    state = server_state(request)
+    req = parse_body(CompletionRequest, await read_body(request, state.settings.max_body_bytes))
+    state.check_model(req.model)
+    prompt = completion_prompt(req)
+    options = openai_options(req, state.default_max_tokens)
+    check_options(options, OPENAI_PARAMS, state.info.vocab_size)
+    job = await start_job(state, lambda: state.engine.stream(prompt, **options))
+    fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(request, job, fmt, req.stream, include_usage)
+
+
+def model_card(state: ServerState) -> dict[str, Any]:
+    """The ``/v1/models`` entry of the served model (with lmx's model info under ``lmx``)."""
+    return {
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "lmx",
+        "lmx": state.info.as_dict(),
+    }
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models``."""
+    return JSONResponse({"object": "list", "data": [model_card(server_state(request))]})
+
+
+async def get_model(request: Request) -> Response:
+    """``GET /v1/models/{model}``."""
+    state = server_state(request)
+    state.check_model(request.path_params["model"])
+    return JSONResponse(model_card(state))
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/models", endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
+    ]

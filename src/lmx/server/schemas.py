@@ -1,0 +1,312 @@
+"""Request bodies of the OpenAI and Ollama endpoints, and their translation to engine options.
+
+Validation is strict about types (``"0.5"`` is not a number) and about names: an OpenAI
+request with a field this server does not know is refused with a 400 naming it, except for
+a few bookkeeping fields that change nothing about the reply (``user``, ``store``...). Ollama
+requests are lenient about unknown fields and options, as Ollama itself is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmx.server.errors import ApiRequestError, MalformedBodyError, UnsupportedParameterError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _OpenAISampling(BaseModel):
+    """Sampling fields shared by chat and text completions (OpenAI names, plus a few common extensions)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_context_size: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None
+    stop: str | list[str | int] | None = None  # token ids: an lmx extension
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False
+    # Bookkeeping fields: accepted and ignored, they do not change the reply.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class OllamaChatRequest(BaseModel):
+    """``POST /api/chat``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: Any = None
+    tools: list[Any] | None = None
+    think: bool | str | None = None
+    keep_alive: Any = None
+
+
+class OllamaGenerateRequest(BaseModel):
+    """``POST /api/generate``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: Any = None
+    images: list[Any] | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    suffix: str | None = None
+    think: bool | str | None = None
+    keep_alive: Any = None
+
+
+def parse_body(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON request body against ``model``.
+
+    Raises:
+        MalformedBodyError: the body is not a JSON object.
+        ApiRequestError: a field is missing, unknown, or of the wrong type (``param`` names it).
+    """
+    try:
+        return model.model_validate_json(body or b"")
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = first.get("loc", ())
+        if first["type"] == "json_invalid" or (not loc and first["type"] in ("model_type", "model_attributes_type")):
+            raise MalformedBodyError(f"the request body must be a JSON object: {first['msg']}") from None
+        param = _param_name(loc)
+        if first["type"] == "extra_forbidden":
+            raise ApiRequestError(f"unrecognized request argument {param!r}", param=param) from None
+        if first["type"] == "missing":
+            raise ApiRequestError(f"missing required parameter {param!r}", param=param) from None
+        got = first.get("input")
+        raise ApiRequestError(f"invalid value for {param!r}: {first['msg']} (got {got!r:.80})", param=param) from None
+
+
+def _param_name(loc: tuple[Any, ...]) -> str:
+    # pydantic adds the union member tried ("str", "list[int]") to the location: drop those.
+    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+# ---------------------------------------------------------------- messages
+def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> list[dict[str, Any]]:
+    """OpenAI/Ollama messages -> engine messages (``{"role", "content"}`` with text content).
+
+    ``developer`` becomes ``system``; content parts of type ``text`` are joined.
+
+    Raises:
+        ApiRequestError: a message is malformed.
+        UnsupportedParameterError: a content part is not text (images, audio...).
+    """
+    out = []
+    for i, message in enumerate(messages):
+        where = f"{param}[{i}]"
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiRequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}", param=where)
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise UnsupportedParameterError(
+                        f"{where}.content[{j}]: only text content parts are supported, got type {kind!r:.40}",
+                        param=f"{where}.content",
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ApiRequestError(
+                f"{where}.content must be a string or a list of text parts, got {type(content).__name__}",
+                param=f"{where}.content",
+            )
+        if message.get("images"):
+            raise UnsupportedParameterError(f"{where}.images: images are not supported", param=f"{where}.images")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+# ---------------------------------------------------------------- options
+# Engine option name -> the OpenAI request field it comes from.
+OPENAI_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "repetition_context_size": "repetition_context_size",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "max_tokens": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "logit_bias": "logit_bias",
+    "logprobs": "logprobs",
+}
+
+
+def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int) -> dict[str, Any]:
+    """Engine options of an OpenAI request (only the fields it set).
+
+    Raises:
+        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``, or a
+            ``response_format`` other than text.
+    """
+    if req.n not in (None, 1):
+        raise UnsupportedParameterError(f"n must be 1 (one choice per request), got {req.n}", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
+    opts: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size",
+                 "presence_penalty", "frequency_penalty", "seed", "logit_bias"):  # fmt: skip
+        value = getattr(req, name)
+        if value is not None:
+            opts[name] = value
+    if req.stop is not None:
+        opts["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatCompletionRequest):
+        for name in ("tools", "functions"):
+            if getattr(req, name):
+                raise UnsupportedParameterError(f"{name} (function calling) is not supported", param=name)
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise UnsupportedParameterError(
+                f"response_format type must be 'text' (structured output is not supported), got {fmt!r:.40}",
+                param="response_format",
+            )
+        if req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if req.logprobs:
+            opts["logprobs"] = req.top_logprobs or 0
+    else:
+        if req.echo:
+            raise UnsupportedParameterError("echo=true is not supported", param="echo")
+        if req.suffix:
+            raise UnsupportedParameterError("suffix (fill-in-the-middle) is not supported", param="suffix")
+        if req.best_of not in (None, 1):
+            raise UnsupportedParameterError(f"best_of must be 1, got {req.best_of}", param="best_of")
+        if req.logprobs is not None:
+            opts["logprobs"] = req.logprobs
+    opts["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    return opts
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a text-completion request (text, or token ids).
+
+    Raises:
+        UnsupportedParameterError: several prompts in one request.
+    """
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise UnsupportedParameterError(
+                f"prompt must be one string or one list of token ids, got a batch of {len(prompt)}", param="prompt"
+            )
+        prompt = prompt[0]
+    return prompt  # type: ignore[return-value]
+
+
+# Ollama option name -> engine option name. Other Ollama options (num_ctx, num_thread, mirostat...)
+# tune Ollama's runtime and are ignored here, as Ollama ignores options it does not know.
+OLLAMA_OPTIONS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repetition_context_size",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_tokens: int) -> dict[str, Any]:
+    """Engine options of an Ollama request.
+
+    ``num_predict`` < 0 (Ollama's "no limit") means up to the end of the context.
+
+    Raises:
+        UnsupportedParameterError: ``format`` (structured output) or tools were asked for.
+    """
+    if req.format:
+        raise UnsupportedParameterError("format (structured output) is not supported", param="format")
+    if getattr(req, "tools", None):
+        raise UnsupportedParameterError("tools (function calling) is not supported", param="tools")
+    opts: dict[str, Any] = {"max_tokens": default_max_tokens}
+    for name, value in (req.options or {}).items():
+        engine_name = OLLAMA_OPTIONS.get(name)
+        if engine_name is None or value is None:
+            continue
+        if engine_name == "max_tokens" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            continue
+        opts[engine_name] = [value] if engine_name == "stop" and isinstance(value, str) else value
+    return opts
+
+
+OLLAMA_PARAMS = {engine: f"options.{name}" for name, engine in OLLAMA_OPTIONS.items()}

@@ -1,0 +1,100 @@
+"""``ServerSettings``: everything ``lmx serve`` can be told, validated when built."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from lmx.errors import InvalidOptionError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8090
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the API server runs.
+
+    Attributes:
+        model: the model to load when :func:`lmx.server.create_app` gets no engine: an HF
+            directory, a ``.gguf`` file, or None for the bundled default.
+        device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
+        dtype: weight dtype for loading (see :func:`lmx.load`).
+        model_name: the id clients name the model by; default: the loaded model's name.
+        host: address to bind; loopback unless told otherwise.
+        port: TCP port.
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``
+            (or HTTP Basic auth with the key as password, which browsers can send).
+        max_concurrency: requests generating at once. The engine runs one request at a time
+            (batched decoding is not implemented), so 1 is the only value allowed today.
+        max_queue: requests allowed to wait behind the running ones; one more is answered 503.
+        max_body_bytes: the largest request body accepted; a larger one is answered 413.
+        max_tokens_default: ``max_tokens`` of a request that gives none; None: until the end
+            of the context.
+        cors_origins: origins allowed to call the API from a browser (``"*"`` for any);
+            empty (the default) sends no CORS headers, so other sites cannot.
+        keep_alive_timeout: seconds an idle keep-alive connection stays open.
+        lab: serve the Lab chat page at ``/``.
+        warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    model_name: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    max_concurrency: int = 1
+    max_queue: int = 16
+    max_body_bytes: int = 4 * 2**20
+    max_tokens_default: int | None = None
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    keep_alive_timeout: float = 5.0
+    lab: bool = True
+    warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if not self.host:
+            raise InvalidOptionError("host must be an address or a host name, got ''")
+        _check_int("port", self.port, 0, 65535)
+        if self.max_concurrency != 1:
+            _check_int("max_concurrency", self.max_concurrency, 1, None)
+            raise InvalidOptionError(
+                f"max_concurrency must be 1: the engine runs one request at a time and batched decoding "
+                f"is not implemented yet, got {self.max_concurrency}"
+            )
+        _check_int("max_queue", self.max_queue, 0, None)
+        _check_int("max_body_bytes", self.max_body_bytes, 1024, None)
+        if self.max_tokens_default is not None:
+            _check_int("max_tokens_default", self.max_tokens_default, 1, None)
+        if self.api_key is not None and not self.api_key.strip():
+            raise InvalidOptionError("api_key must not be empty or blank; leave it unset for no key")
+        if not isinstance(self.keep_alive_timeout, (int, float)) or self.keep_alive_timeout <= 0:
+            raise InvalidOptionError(
+                f"keep_alive_timeout must be a number of seconds > 0, got {self.keep_alive_timeout!r}"
+            )
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise InvalidOptionError(
+                    f"cors_origins entries must be '*' or start with http:// or https://, got {origin!r}"
+                )
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _check_int(name: str, value: object, lo: int | None, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidOptionError(f"{name} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        allowed = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidOptionError(f"{name} must be {allowed}, got {value}")

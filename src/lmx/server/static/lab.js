@@ -1,0 +1,343 @@
+// lmx Lab: a chat page over the server's OpenAI-compatible API. No dependencies, works offline.
+// Conversations and settings live in this browser's localStorage.
+"use strict";
+
+const KEYS = { chats: "lmx.lab.chats", current: "lmx.lab.current", settings: "lmx.lab.settings" };
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  messages: $("messages"), empty: $("empty"), input: $("input"), send: $("send"), stop: $("stop"),
+  form: $("composer"), newChat: $("new-chat"), chatList: $("chat-list"), stats: $("stats"),
+  modelName: $("model-name"), modelInfo: $("model-info"), system: $("system-prompt"),
+  temperature: $("temperature"), temperatureValue: $("temperature-value"),
+  topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
+};
+
+let model = null;          // the served model id
+let controller = null;     // AbortController of the reply being streamed
+let chats = load(KEYS.chats, {});
+let currentId = localStorage.getItem(KEYS.current);
+
+function load(key, fallback) {
+  try { return JSON.parse(localStorage.getItem(key)) ?? fallback; } catch { return fallback; }
+}
+function save() {
+  // Empty chats are not worth keeping.
+  const kept = Object.fromEntries(Object.entries(chats).filter(([, c]) => c.messages.length > 0));
+  localStorage.setItem(KEYS.chats, JSON.stringify(kept));
+  if (currentId) localStorage.setItem(KEYS.current, currentId);
+}
+function newId() { return Date.now().toString(36) + Math.random().toString(36).slice(2, 7); }
+function current() {
+  if (!currentId || !chats[currentId]) {
+    currentId = newId();
+    chats[currentId] = { id: currentId, title: "New chat", messages: [], updated: Date.now() };
+  }
+  return chats[currentId];
+}
+
+// ---------------------------------------------------------------- markdown (small and safe)
+function escapeHtml(s) {
+  return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+function inline(text) {
+  if (!text.trim()) return "";
+  return text.split(/\n{2,}/).filter((p) => p.trim()).map((para) => {
+    let html = escapeHtml(para);
+    html = html.replace(/`([^`\n]+)`/g, "<code>$1</code>");
+    html = html.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
+    return `<p>${html}</p>`;
+  }).join("");
+}
+function codeBlock(lang, code) {
+  return `<div class="codeblock"><div class="codehead"><span>${escapeHtml(lang || "code")}</span>` +
+    `<button class="copy" type="button">Copy</button></div><pre><code>${escapeHtml(code.replace(/\n$/, ""))}</code></pre></div>`;
+}
+function renderMarkdown(src) {
+  // A fence still open while streaming renders as code up to the end.
+  const fence = /```([\w+#.-]*)[^\n]*\n([\s\S]*?)(?:```|$)/g;
+  let html = "", last = 0, m;
+  while ((m = fence.exec(src)) !== null) {
+    html += inline(src.slice(last, m.index)) + codeBlock(m[1], m[2]);
+    last = fence.lastIndex;
+    if (last >= src.length) break;
+  }
+  return html + inline(src.slice(last));
+}
+
+// ---------------------------------------------------------------- rendering
+function messageElement(msg) {
+  const row = document.createElement("div");
+  row.className = `msg ${msg.error ? "error" : msg.role}`;
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  if (msg.role === "assistant") {
+    bubble.innerHTML = '<div class="role">assistant</div><div class="content"></div><div class="meta"></div>';
+  } else {
+    bubble.innerHTML = '<div class="content"></div>';
+  }
+  row.appendChild(bubble);
+  updateMessage(row, msg);
+  return row;
+}
+function updateMessage(row, msg) {
+  const content = row.querySelector(".content");
+  if (msg.error) {
+    row.className = "msg error";
+    content.textContent = msg.content ? msg.content + "\n\n" : "";
+    content.textContent += "Error: " + msg.error;
+  } else if (msg.role === "assistant") {
+    content.innerHTML = renderMarkdown(msg.content);
+  } else {
+    content.textContent = msg.content;
+  }
+  const meta = row.querySelector(".meta");
+  if (meta) {
+    const m = msg.meta || {};
+    const parts = [];
+    if (m.tokens) parts.push(`${m.tokens} tokens`);
+    if (m.tps) parts.push(`${m.tps.toFixed(1)} tok/s`);
+    meta.innerHTML = parts.map(escapeHtml).join(" · ") + (m.stopped ? ' <span class="stopped">· stopped</span>' : "");
+  }
+}
+function renderChat() {
+  const chat = current();
+  ui.messages.querySelectorAll(".msg").forEach((el) => el.remove());
+  ui.empty.hidden = chat.messages.length > 0;
+  for (const msg of chat.messages) ui.messages.appendChild(messageElement(msg));
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  const lastReply = [...chat.messages].reverse().find((m) => m.role === "assistant" && !m.error);
+  showStats(lastReply || {});
+  renderChatList();
+}
+function renderChatList() {
+  const items = Object.values(chats).filter((c) => c.messages.length > 0).sort((a, b) => b.updated - a.updated);
+  ui.chatList.innerHTML = "";
+  if (items.length === 0) {
+    ui.chatList.innerHTML = '<li class="none">No chats yet</li>';
+    return;
+  }
+  for (const chat of items) {
+    const li = document.createElement("li");
+    li.className = chat.id === currentId ? "active" : "";
+    li.dataset.id = chat.id;
+    li.innerHTML = `<span class="title"></span><button class="delete" type="button" title="Delete chat">×</button>`;
+    li.querySelector(".title").textContent = chat.title;
+    ui.chatList.appendChild(li);
+  }
+}
+function setBusy(busy) {
+  document.body.dataset.state = busy ? "streaming" : "idle";
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+}
+function autoGrow() {
+  ui.input.style.height = "auto";
+  ui.input.style.height = Math.min(ui.input.scrollHeight, 200) + "px";
+}
+
+// ---------------------------------------------------------------- settings
+const defaults = { system: "", temperature: 0, topP: 1, topK: 0, maxTokens: 512, seed: "" };
+function readSettings() {
+  return {
+    system: ui.system.value, temperature: Number(ui.temperature.value), topP: Number(ui.topP.value),
+    topK: Number(ui.topK.value) || 0, maxTokens: Number(ui.maxTokens.value) || 512, seed: ui.seed.value,
+  };
+}
+function applySettings(s) {
+  ui.system.value = s.system; ui.temperature.value = s.temperature; ui.topP.value = s.topP;
+  ui.topK.value = s.topK; ui.maxTokens.value = s.maxTokens; ui.seed.value = s.seed;
+  ui.temperatureValue.textContent = s.temperature; ui.topPValue.textContent = s.topP;
+}
+function settingsChanged() {
+  const s = readSettings();
+  ui.temperatureValue.textContent = s.temperature;
+  ui.topPValue.textContent = s.topP;
+  localStorage.setItem(KEYS.settings, JSON.stringify(s));
+}
+
+// ---------------------------------------------------------------- talking to the server
+function requestBody(chat) {
+  const s = readSettings();
+  const history = chat.messages.filter((m) => !m.error && (m.role === "user" || m.content))
+    .map((m) => ({ role: m.role, content: m.content }));
+  const body = {
+    model, messages: s.system.trim() ? [{ role: "system", content: s.system }, ...history] : history,
+    stream: true, stream_options: { include_usage: true },
+    temperature: s.temperature, top_p: s.topP, max_tokens: s.maxTokens,
+  };
+  if (s.topK > 0) body.top_k = s.topK;
+  if (s.seed !== "") body.seed = Number(s.seed);
+  return body;
+}
+
+async function send(text) {
+  const chat = current();
+  if (chat.messages.length === 0) chat.title = text.slice(0, 48);
+  chat.messages.push({ role: "user", content: text });
+  const body = requestBody(chat);
+  const msg = { role: "assistant", content: "", meta: {} };
+  chat.messages.push(msg);
+  chat.updated = Date.now();
+  save();
+  renderChat();
+  const row = ui.messages.lastElementChild;
+  row.classList.add("streaming");
+  controller = new AbortController();
+  setBusy(true);
+
+  let chunks = 0, tFirst = 0, pending = false;
+  const redraw = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      updateMessage(row, msg);
+      ui.messages.scrollTop = ui.messages.scrollHeight;
+    });
+  };
+  const handle = (data) => {
+    const event = JSON.parse(data);
+    if (event.error) throw new Error(event.error.message || JSON.stringify(event.error));
+    for (const choice of event.choices || []) {
+      const piece = choice.delta?.content || "";
+      chunks += 1;
+      if (!tFirst) tFirst = performance.now();
+      msg.content += piece;
+    }
+    if (event.usage) msg.meta.tokens = event.usage.completion_tokens;
+    if (event.metrics?.decode_tokens_per_s) msg.meta.tps = event.metrics.decode_tokens_per_s;
+    redraw();
+  };
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!res.ok) {
+      const err = await res.json().catch(() => null);
+      throw new Error(err?.error?.message || `${res.status} ${res.statusText}`);
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of block.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data !== "[DONE]") handle(data);
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") msg.meta.stopped = true;
+    else msg.error = e.message;
+  } finally {
+    controller = null;
+    if (!msg.meta.tokens) msg.meta.tokens = chunks;
+    if (!msg.meta.tps && chunks > 1 && tFirst) msg.meta.tps = (chunks - 1) / ((performance.now() - tFirst) / 1000);
+    row.classList.remove("streaming");
+    updateMessage(row, msg);
+    chat.updated = Date.now();
+    save();
+    renderChatList();
+    showStats(msg);
+    setBusy(false);
+    ui.input.focus();
+  }
+}
+
+function showStats(msg) {
+  const m = msg.meta || {};
+  ui.stats.textContent = m.tps ? `last reply: ${m.tokens} tokens · ${m.tps.toFixed(1)} tok/s` : "";
+}
+
+async function loadModel() {
+  try {
+    const res = await fetch("/v1/models");
+    const data = await res.json();
+    if (!res.ok) throw new Error(data?.error?.message || res.statusText);
+    const card = data.data[0];
+    model = card.id;
+    ui.modelName.textContent = model;
+    const info = card.lmx || {};
+    const rows = [
+      ["type", info.model_type], ["parameters", info.num_parameters && fmtCount(info.num_parameters)],
+      ["layers", info.num_layers], ["context", info.context_length && `${info.context_length} tokens`],
+      ["dtype", info.dtype], ["quantization", info.quantization ? `${info.quantization.bits}-bit` : "none"],
+      ["device", info.device], ["weights", info.weights_bytes && fmtBytes(info.weights_bytes)],
+    ].filter(([, v]) => v !== undefined && v !== null && v !== "");
+    ui.modelInfo.innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(String(v))}</dd>`).join("");
+  } catch (e) {
+    ui.modelName.textContent = "model unavailable";
+    ui.modelInfo.innerHTML = `<dt>error</dt><dd>${escapeHtml(e.message)}</dd>`;
+  }
+}
+function fmtCount(n) {
+  for (const [unit, scale] of [["B", 1e9], ["M", 1e6], ["K", 1e3]]) if (n >= scale) return (n / scale).toFixed(n >= 10 * scale ? 0 : 1) + unit;
+  return String(n);
+}
+function fmtBytes(n) {
+  for (const [unit, scale] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) if (n >= scale) return (n / scale).toFixed(1) + " " + unit;
+  return n + " B";
+}
+
+// ---------------------------------------------------------------- events
+ui.form.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = ui.input.value.trim();
+  if (!text || controller || !model) return;
+  ui.input.value = "";
+  autoGrow();
+  send(text);
+});
+ui.input.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    ui.form.requestSubmit();
+  }
+});
+ui.input.addEventListener("input", autoGrow);
+ui.stop.addEventListener("click", () => controller?.abort());
+ui.newChat.addEventListener("click", () => {
+  controller?.abort();
+  currentId = null;
+  current();
+  save();
+  renderChat();
+  ui.stats.textContent = "";
+  ui.input.focus();
+});
+ui.chatList.addEventListener("click", (e) => {
+  const li = e.target.closest("li[data-id]");
+  if (!li || controller) return;
+  if (e.target.classList.contains("delete")) {
+    delete chats[li.dataset.id];
+    if (li.dataset.id === currentId) currentId = null;
+  } else {
+    currentId = li.dataset.id;
+  }
+  save();
+  renderChat();
+});
+ui.messages.addEventListener("click", (e) => {
+  if (!e.target.classList.contains("copy")) return;
+  const code = e.target.closest(".codeblock").querySelector("code").textContent;
+  navigator.clipboard?.writeText(code).then(() => {
+    e.target.textContent = "Copied";
+    setTimeout(() => { e.target.textContent = "Copy"; }, 1200);
+  });
+});
+for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed]) el.addEventListener("input", settingsChanged);
+
+applySettings({ ...defaults, ...load(KEYS.settings, {}) });
+setBusy(false);
+renderChat();
+loadModel();

@@ -1,0 +1,178 @@
+"""The Lab chat page in a real browser (Playwright driving Debian's chromium, headless):
+streaming replies, Stop, conversations kept in localStorage, New chat, code blocks."""
+
+from __future__ import annotations
+
+import lmx  # isort: skip
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lmx.server import BackgroundServer, ServerSettings
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="no browser: /usr/bin/chromium is missing (apt-get install chromium)"
+)
+
+WATCH = """() => {
+  window.lengths = [];
+  new MutationObserver(() => {
+    const all = document.querySelectorAll('.msg.assistant .content');
+    if (all.length) window.lengths.push(all[all.length - 1].textContent.length);
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
+    with lmx.load(tiny_dirs["gemma3"]) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(ServerSettings(port=0, model_name="tiny-lab"), engine) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def page(server: BackgroundServer) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        page.errors = []  # type: ignore[attr-defined]
+        page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-lab'")
+        yield page
+        context.close()
+        browser.close()
+
+
+REPLY = 200  # tokens: about a second of streaming, so the page gets many frames to render in
+CANDIDATES = ["Hello, who are you?", "Tell me a story", "The quick brown fox", "Numbers 12345", "hello world"]
+
+
+def streaming_prompt(engine: lmx.Engine) -> str:
+    """A prompt whose greedy reply releases text on many tokens. A random model often makes
+    byte tokens that are not valid UTF-8, which the detokenizer holds back until the end."""
+    for prompt in CANDIDATES:
+        tokens = list(engine.stream_chat([{"role": "user", "content": prompt}], max_tokens=REPLY))
+        if sum(1 for t in tokens[:-1] if t.text) >= 30:
+            return prompt
+    pytest.fail(f"none of {CANDIDATES} streams text with this random model")
+
+
+def stored_messages(page: Any) -> list[dict[str, Any]]:
+    chats = json.loads(page.evaluate("localStorage.getItem('lmx.lab.chats')"))
+    current = page.evaluate("localStorage.getItem('lmx.lab.current')")
+    return chats[current]["messages"]
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_page_shows_the_model(page: Any, engine: lmx.Engine) -> None:
+    info = page.inner_text("#model-info")
+    assert "gemma3_text" in info and "512 tokens" in info and "cpu" in info
+    assert page.is_visible("#empty") and page.is_hidden("#stop")
+
+
+def test_reply_streams_in_and_is_kept(page: Any, engine: lmx.Engine, server: BackgroundServer) -> None:
+    prompt = streaming_prompt(engine)
+    page.fill("#max-tokens", str(REPLY))
+    page.evaluate(WATCH)
+    send(page, prompt)
+    page.wait_for_function(
+        "document.body.dataset.state === 'idle' && document.querySelectorAll('.msg.assistant').length === 1 "
+        "&& !document.querySelector('.msg.streaming')",
+        timeout=60_000,
+    )
+    lengths = page.evaluate("window.lengths")
+    final = lengths[-1]
+    growing = sorted({n for n in lengths if 0 < n < final})
+    assert final > 0 and len(growing) >= 3, f"the reply did not render incrementally: {lengths}"
+    messages = stored_messages(page)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    expected = engine.chat([{"role": "user", "content": prompt}], max_tokens=REPLY, temperature=0)
+    assert messages[1]["content"] == expected.text
+    assert messages[1]["meta"]["tokens"] == REPLY and messages[1]["meta"]["tps"] > 0
+    assert f"{REPLY} tokens" in page.inner_text(".msg.assistant .meta")
+    assert "tok/s" in page.inner_text("#stats")
+    assert page.errors == []
+
+
+def running(server: BackgroundServer) -> dict[str, Any]:
+    return httpx.get(server.url + "/health").json()
+
+
+def wait_for_server(server: BackgroundServer, busy: bool) -> dict[str, Any]:
+    pause = threading.Event()
+    for _ in range(1500):
+        health = running(server)
+        if (health["queue"]["running"] == 1) == busy:
+            return health
+        pause.wait(0.02)
+    raise AssertionError(f"the server never became {'busy' if busy else 'idle'}: {health}")
+
+
+def test_stop_ends_the_reply_and_frees_the_server(page: Any, server: BackgroundServer) -> None:
+    cancelled = running(server)["requests"]["cancelled"]
+    page.click("#new-chat")
+    page.fill("#max-tokens", "480")
+    send(page, "Tell me a long story")
+    wait_for_server(server, busy=True)
+    assert page.is_visible("#stop") and page.is_hidden("#send")
+    page.click("#stop")
+    page.wait_for_function("document.body.dataset.state === 'idle' && !document.querySelector('.msg.streaming')")
+    assert page.is_visible("#send")
+    last = stored_messages(page)[-1]
+    assert last["role"] == "assistant" and last["meta"]["stopped"] is True and last["meta"]["tokens"] < 480
+    assert "stopped" in page.inner_text(".msg.assistant .meta")
+    assert wait_for_server(server, busy=False)["requests"]["cancelled"] == cancelled + 1
+
+
+def test_conversations_survive_reload_then_new_chat(page: Any) -> None:
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-lab'")
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
+    assert "stopped" in page.inner_text(".msg.assistant .meta")
+    assert page.input_value("#max-tokens") == "480"  # settings are kept too
+    titles = page.locator("#chat-list li .title").all_inner_texts()
+    assert len(titles) == 2 and titles[0] == "Tell me a long story"  # newest first
+    page.click("#chat-list li:nth-child(2) .title")  # the first chat: its full reply is there
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant .meta").inner_text().startswith(
+        f"{REPLY} tokens"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "lab.png"))
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
+    assert page.locator("#chat-list li .title").count() == 2  # an empty chat is not listed
+    page.click("#chat-list li:nth-child(1) .delete")
+    assert page.locator("#chat-list li .title").all_inner_texts() == [titles[1]]
+
+
+def test_code_blocks_render_and_html_is_escaped(page: Any) -> None:
+    html = page.evaluate("renderMarkdown('Use `x`:\\n\\n```python\\nprint(1 < 2)\\n```\\n<script>alert(1)</script>')")
+    assert '<div class="codeblock">' in html and "<pre><code>print(1 &lt; 2)</code></pre>" in html
+    assert "<span>python</span>" in html and "<code>x</code>" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    streaming = page.evaluate("renderMarkdown('```js\\nlet a = 1')")  # an open fence while streaming
+    assert "<pre><code>let a = 1</code></pre>" in streaming

@@ -1,0 +1,179 @@
+"""Several clients at once: the fair FIFO queue, the bounded queue (503 when full), and
+clients that go away (their generation stops, or their place in the queue is freed)."""
+
+from __future__ import annotations
+
+import lmx  # isort: skip
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from lmx.server import BackgroundServer, ServerSettings
+
+LONG = 480  # tokens: seconds of work for the tiny model, far longer than any step of these tests
+PROMPTS = ["Hello there", "The quick brown fox", "def add(a, b):", "Numbers 12345"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
+    with lmx.load(tiny_dirs["gemma3"]) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(ServerSettings(port=0, model_name="tiny", max_queue=3), engine) as server:
+        yield server
+
+
+def health(server: BackgroundServer) -> dict[str, Any]:
+    return httpx.get(server.url + "/health").json()
+
+
+def wait_until(server: BackgroundServer, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    """Poll /health until ``predicate`` holds (a failure bound, not a timing assertion)."""
+    stop = threading.Event()
+    for _ in range(3000):
+        state = health(server)
+        if predicate(state):
+            return state
+        stop.wait(0.01)
+    raise AssertionError(f"the server never reached: {what}; last /health: {state}")
+
+
+def raw_request(server: BackgroundServer, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send a request on a bare socket, so the test decides exactly when the client goes away."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def long_chat(stream: bool = True) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": LONG, "stream": stream}
+
+
+def stream_text(server: BackgroundServer, prompt: str, max_tokens: int = 8) -> tuple[str, str | None]:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True
+            )
+        )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].choices[0].finish_reason
+
+
+def test_simultaneous_streams_all_complete_correctly(server: BackgroundServer, engine: lmx.Engine) -> None:
+    expected = [engine.chat([{"role": "user", "content": p}], max_tokens=8).text for p in PROMPTS]
+    before = health(server)["requests"]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: stream_text(server, p), PROMPTS))
+    assert [text for text, _ in results] == expected
+    assert all(finish == "length" for _, finish in results)
+    after = wait_until(server, lambda h: h["queue"]["running"] == 0, "idle")["requests"]
+    assert after["completed"] == before["completed"] + len(PROMPTS)
+    assert after["rejected"] == before["rejected"]
+
+
+def test_queue_is_first_come_first_served(server: BackgroundServer) -> None:
+    blocker = raw_request(server, "/v1/chat/completions", long_chat())
+    wait_until(server, lambda h: h["queue"]["running"] == 1, "the long request running")
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def run(prompt: str) -> None:
+        stream_text(server, prompt, max_tokens=3)
+        with lock:
+            finished.append(prompt)
+
+    def arrived(h: dict[str, Any]) -> int:  # requests the scheduler has seen, in any state
+        return sum(h["requests"][k] for k in ("completed", "cancelled", "failed")) + sum(
+            h["queue"][k] for k in ("running", "waiting")
+        )
+
+    base = arrived(health(server))
+    threads = []
+    for i, prompt in enumerate(PROMPTS[:3]):
+        threads.append(threading.Thread(target=run, args=(prompt,)))
+        threads[-1].start()
+        # Start the next client only once this one is queued (or, on a very slow machine, done).
+        wait_until(server, lambda h, n=i + 1: arrived(h) >= base + n, f"request {i + 1} queued")
+    blocker.close()
+    for t in threads:
+        t.join(60)
+    assert finished == PROMPTS[:3]
+
+
+def test_full_queue_answers_503(server: BackgroundServer) -> None:
+    socks = [raw_request(server, "/v1/chat/completions", long_chat())]
+    wait_until(server, lambda h: h["queue"]["running"] == 1, "the long request running")
+    for n in range(1, 4):
+        socks.append(raw_request(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}))
+        wait_until(server, lambda h, n=n: h["queue"]["waiting"] == n, f"{n} waiting")
+    rejected_before = health(server)["requests"]["rejected"]
+    try:
+        r = httpx.post(server.url + "/v1/chat/completions", json=long_chat(stream=False))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert error["code"] == "queue_full" and error["type"] == "server_overloaded"
+        assert "max_queue=3" in error["message"]
+        ollama = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": "x"})
+        assert ollama.status_code == 503 and "retry later" in ollama.json()["error"]
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as client:
+            with pytest.raises(openai.InternalServerError) as e:
+                client.completions.create(model="tiny", prompt="x", max_tokens=1)
+            assert e.value.status_code == 503
+        assert health(server)["requests"]["rejected"] == rejected_before + 3
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(server, lambda h: h["queue"] == {"running": 0, "waiting": 0, "max_queue": 3}, "an empty queue")
+
+
+def test_disconnected_stream_frees_its_slot(server: BackgroundServer, engine: lmx.Engine) -> None:
+    expected = engine.chat([{"role": "user", "content": "Hi"}], max_tokens=5).text
+    before = health(server)["requests"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=long_chat()) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            result: dict[str, Any] = {}
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+            waiter = threading.Thread(
+                target=lambda: result.update(
+                    httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+                )
+            )
+            waiter.start()
+            wait_until(server, lambda h: h["queue"]["waiting"] == 1, "the second request waiting")
+        # Leaving the block closes the connection mid-stream: the server stops that generation.
+        waiter.join(60)
+    assert result["choices"][0]["message"]["content"] == expected
+    after = wait_until(server, lambda h: h["queue"]["running"] == 0, "idle")["requests"]
+    assert after["cancelled"] == before["cancelled"] + 1  # stopped early: not counted as completed
+    assert after["completed"] == before["completed"] + 1
+
+
+def test_client_leaving_a_non_streaming_request_or_the_queue(server: BackgroundServer) -> None:
+    before = health(server)["requests"]
+    running = raw_request(server, "/v1/chat/completions", long_chat(stream=False))
+    wait_until(server, lambda h: h["queue"]["running"] == 1, "the request running")
+    waiting = raw_request(server, "/api/chat", {**long_chat(), "options": {"num_predict": LONG}})
+    wait_until(server, lambda h: h["queue"]["waiting"] == 1, "a request waiting")
+    waiting.close()
+    wait_until(server, lambda h: h["queue"]["waiting"] == 0, "the waiting request dropped")
+    running.close()
+    after = wait_until(server, lambda h: h["queue"]["running"] == 0, "the running request stopped")["requests"]
+    assert after["cancelled"] == before["cancelled"] + 2
+    assert after["completed"] == before["completed"]

@@ -156,6 +156,22 @@ class Engine:
             weights_bytes=int(sum(v.nbytes for v in params.values())),
         )
 
+    def load_adapter(self, path: str | os.PathLike) -> Any:
+        """Apply the LoRA adapter in directory ``path``, replacing any loaded one."""
+        from lmx.train.lora import load_adapter
+
+        with self._busy():
+            self._cache, self._cache_tokens = None, []  # cached keys/values came from other weights
+            return load_adapter(self.model, path)
+
+    def unload_adapter(self) -> bool:
+        """Remove the LoRA adapter; return whether one was loaded."""
+        from lmx.train.lora import unload_adapter
+
+        with self._busy():
+            self._cache, self._cache_tokens = None, []
+            return unload_adapter(self.model)
+
     def close(self) -> None:
         """Free the model, its caches and MLX's cached buffers. Idempotent."""
         with self._lock:
@@ -346,6 +362,7 @@ def load(
     device: str | None = None,
     dtype: str = "auto",
     prompt_cache: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -356,10 +373,17 @@ def load(
         dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. Quantized layers stay quantized.
         prompt_cache: reuse the KV cache of the previous request's common prefix.
+        adapter: a LoRA adapter directory (``adapters.safetensors`` + ``adapter_config.json``)
+            to apply on top of the weights.
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
         TokenizerError, InvalidOptionError.
     """
     choose_device(device)
-    return Engine(load_model(model, dtype=dtype), prompt_cache=prompt_cache)
+    loaded = load_model(model, dtype=dtype)
+    if adapter is not None:
+        from lmx.train.lora import load_adapter
+
+        load_adapter(loaded.model, adapter)
+    return Engine(loaded, prompt_cache=prompt_cache)

@@ -11,6 +11,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="HF model dir or .gguf file (default: bundled Gemma 3 270M)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply (from lmx train)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
@@ -44,7 +45,7 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_engine(args: argparse.Namespace) -> Any:
     import lmx
 
-    return lmx.load(args.model, device=args.device, dtype=args.dtype)
+    return lmx.load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
 
 
 def print_stats(metrics: Any) -> None:

@@ -6,10 +6,20 @@ import argparse
 import logging
 import sys
 
-from lmx.cli import chat, convert, generate, info, serve
+from lmx.cli import chat, convert, fuse, generate, info, serve, train
+from lmx.cli import eval as eval_cmd
 
 # Explicit list of commands: name -> module with register(subparsers).
-COMMANDS = {"generate": generate, "chat": chat, "info": info, "convert": convert, "serve": serve}
+COMMANDS = {
+    "generate": generate,
+    "chat": chat,
+    "info": info,
+    "convert": convert,
+    "serve": serve,
+    "train": train,
+    "fuse": fuse,
+    "eval": eval_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from lmx import runtime as runtime  # isort: skip
 
 from lmx import errors, memory
 from lmx.backend import Backend
+from lmx.classify import Classification
 from lmx.engine import Engine, TokenStream, load
 from lmx.errors import LmxError
 from lmx.generate.options import GenerationOptions
@@ -28,8 +29,10 @@ def __getattr__(name: str) -> object:
         return RemoteBackend
     raise AttributeError(f"module 'lmx' has no attribute {name!r}")
 
+
 __all__ = [
     "Backend",
+    "Classification",
     "Completion",
     "Engine",
     "GenerationMetrics",

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 
 from lmx import memory
+from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError, LmxError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
@@ -128,6 +129,16 @@ class Engine:
         with self._busy():
             self._cache, self._cache_tokens = None, []
             return batch_generate(self, encoded, opts)
+
+    def classify(self, texts: Sequence[str], labels: Sequence[str], **options: Any) -> list[Classification]:
+        """Sort each text into one of ``labels``; see :func:`lmx.classify.classify`.
+
+        A label's score is the model's probability of the label's whole token sequence as
+        the answer, normalised over the labels.
+        """
+        from lmx.classify import classify
+
+        return classify(self, texts, labels, **options)
 
     def info(self) -> ModelInfo:
         """Describe the loaded model."""

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from lmx.cli import chat, convert, fuse, generate, info, serve, train
+from lmx.cli import chat, classify, convert, fuse, generate, info, serve, train
 from lmx.cli import eval as eval_cmd
 
 # Explicit list of commands: name -> module with register(subparsers).
@@ -19,6 +19,7 @@ COMMANDS = {
     "train": train,
     "fuse": fuse,
     "eval": eval_cmd,
+    "classify": classify,
 }
 
 

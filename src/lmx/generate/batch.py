@@ -9,7 +9,7 @@ import mlx.core as mx
 
 from lmx import memory
 from lmx.generate.options import GenerationOptions
-from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
+from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
 from lmx.generate.step import generate_step
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Completion, GenerationMetrics
@@ -22,7 +22,9 @@ def batch_generate(engine: Engine, prompts: list[list[int]], opts: GenerationOpt
     """Generate for every prompt in one batch; rows that finish early are masked out of the output.
 
     Rows are left-padded; padded key positions are masked in every layer, so a row's
-    result does not depend on the others (up to float rounding).
+    result does not depend on the others (up to float rounding). Each row stops on its
+    own: at a stop id or string, at ``max_tokens``, or where its prompt plus its output
+    reach the context length.
     """
     if not prompts:
         return []
@@ -32,8 +34,11 @@ def batch_generate(engine: Engine, prompts: list[list[int]], opts: GenerationOpt
     pads = [longest - len(p) for p in prompts]
     tokens = mx.array([[pad_id] * n + p for n, p in zip(pads, prompts)])  # (B, L)
     processors = make_logits_processors(opts, prompt_len=longest)
+    # The processors see each row's first token where the padding is: the repetition
+    # penalty counts a token once, so that changes nothing, where pad ids would be penalised.
+    history = mx.array([[p[0]] * n + p for n, p in zip(pads, prompts)]) if processors else None
     stop_ids = engine._eos | {s for s in opts.stop if isinstance(s, int)}
-    max_tokens = min(opts.max_tokens, engine.context_length - longest)
+    limits = [min(opts.max_tokens, engine.context_length - len(p)) for p in prompts]
     rows = [
         _Row(tokenizer.detokenizer(), StopStringMatcher(s for s in opts.stop if isinstance(s, str))) for _ in prompts
     ]
@@ -45,6 +50,7 @@ def batch_generate(engine: Engine, prompts: list[list[int]], opts: GenerationOpt
         model.make_cache(),
         make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p),
         KeySequence(opts.seed).next,
+        history=history,
         processors=processors,
         pad=mx.array(pads) if any(pads) else None,
         prefill_step_size=engine.prefill_step_size,
@@ -54,11 +60,15 @@ def batch_generate(engine: Engine, prompts: list[list[int]], opts: GenerationOpt
         for step, (token, logprobs) in enumerate(steps):
             ids = token.tolist()
             chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0].tolist()
+            tops: list = [None] * len(rows)
+            if opts.logprobs:
+                top_ids, top_vals = top_logprobs(logprobs, opts.logprobs)
+                tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())]
             if step == 0:
                 t_first = time.perf_counter()
-            for row, tid, lp in zip(rows, ids, chosen):
+            for row, tid, lp, top, limit in zip(rows, ids, chosen, tops, limits):
                 if row.finish is None:
-                    row.add(tid, lp, tid in stop_ids, step + 1 >= max_tokens)
+                    row.add(tid, lp, top, tid in stop_ids, step + 1 >= limit)
             if all(r.finish is not None for r in rows):
                 break
     finally:
@@ -77,7 +87,8 @@ def batch_generate(engine: Engine, prompts: list[list[int]], opts: GenerationOpt
             peak_memory=memory.peak(),
             active_memory=memory.active(),
         )
-        out.append(Completion(row.text, row.tokens, row.finish or "length", metrics, row.logprobs))
+        top = row.top_logprobs if opts.logprobs else None
+        out.append(Completion(row.text, row.tokens, row.finish or "length", metrics, row.logprobs, top))
     return out
 
 
@@ -87,11 +98,13 @@ class _Row:
         self.text = ""
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list = []
         self.finish: str | None = None
 
-    def add(self, tid: int, logprob: float, is_stop_id: bool, at_limit: bool) -> None:
+    def add(self, tid: int, logprob: float, top: tuple | None, is_stop_id: bool, at_limit: bool) -> None:
         self.tokens.append(tid)
         self.logprobs.append(logprob)
+        self.top_logprobs.append(top)
         if is_stop_id:
             self.text += self.matcher.feed(self.detok.finalize()) + self.matcher.flush()
             self.finish = "stop"

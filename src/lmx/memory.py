@@ -5,6 +5,7 @@ Thin, typed wrappers over MLX's allocator counters. Numbers are bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -84,6 +85,47 @@ def check_allocation(nbytes: int, what: str) -> None:
     have = mx.get_active_memory()
     if have + nbytes > limit:
         raise OutOfMemoryError(
-            f"{what} needs {nbytes / 2**20:.1f} MiB but only {(limit - have) / 2**20:.1f} MiB "
-            f"of the {limit / 2**20:.1f} MiB limit is free"
+            f"{what} needs {_size(nbytes)} but only {_size(max(0, limit - have))} of the {_size(limit)} limit is free"
         )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def kv_cache_bytes(
+    windows: Sequence[int | None],
+    n_kv_heads: int,
+    head_dim: int,
+    n_tokens: int,
+    itemsize: int,
+    *,
+    batch: int = 1,
+    step: int = 256,
+) -> int:
+    """Bytes the keys and values of ``n_tokens`` positions take in a KV cache.
+
+    Mirrors the caches of :mod:`lmx.models.cache`: a global layer's storage grows in
+    blocks of ``step`` positions; a sliding-window layer allocates ``window + step``
+    positions at its first token and keeps that size.
+
+    Args:
+        windows: one entry per layer: its sliding window, or None for a global layer.
+        n_kv_heads: key/value heads per layer.
+        head_dim: size of one head.
+        n_tokens: positions to hold (prompt plus generated tokens).
+        itemsize: bytes per element (4 for float32, 2 for bfloat16).
+        batch: rows in the batch.
+        step: the caches' allocation block.
+
+    Returns:
+        The bytes, keys and values of every layer together.
+    """
+    blocks = -(-n_tokens // step) * step
+    if n_tokens <= 0:
+        return 0
+    positions = sum(blocks if w is None else w + step for w in windows)
+    return 2 * batch * n_kv_heads * head_dim * itemsize * positions

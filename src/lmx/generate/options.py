@@ -27,6 +27,7 @@ MAX_LOGIT_BIAS = 100
 """``logit_bias`` values lie in ``[-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]`` (OpenAI's range)."""
 
 _MAX_SEED = 2**64 - 1  # MLX random keys are built from a uint64 seed
+_MAX_INT32 = 2**31 - 1  # MLX slice indices are 32-bit: a larger window fails inside MLX
 _TOKEN_ID_STR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
 
 
@@ -45,7 +46,8 @@ class GenerationOptions:
         repetition_penalty: HF/CTRL penalty (> 0, 1 = off) on tokens among the last
             ``repetition_context_size`` tokens, prompt included: a positive logit is divided
             by it, a negative one multiplied.
-        repetition_context_size: how many trailing tokens the repetition penalty looks at (>= 1).
+        repetition_context_size: how many trailing tokens the repetition penalty looks at
+            (1 to 2**31 - 1).
         presence_penalty: OpenAI presence penalty in [-2, 2], subtracted once from the logit
             of every token that was already generated.
         frequency_penalty: OpenAI frequency penalty in [-2, 2], subtracted from a token's
@@ -236,7 +238,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
         "top_p": partial(_check_float, lo=0, hi=1, lo_open=True),
         "min_p": partial(_check_float, lo=0, hi=1, hi_open=True),
         "repetition_penalty": partial(_check_float, lo=0, lo_open=True),
-        "repetition_context_size": partial(_check_int, lo=1),
+        "repetition_context_size": partial(_check_int, lo=1, hi=_MAX_INT32),
         "presence_penalty": partial(_check_float, lo=-2, hi=2),
         "frequency_penalty": partial(_check_float, lo=-2, hi=2),
         "logit_bias": _check_logit_bias,

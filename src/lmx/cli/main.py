@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from lmx.cli import chat, classify, convert, fuse, generate, info, serve, train
+from lmx.cli import bench, chat, classify, convert, fuse, generate, info, serve, train
 from lmx.cli import eval as eval_cmd
 
 # Explicit list of commands: name -> module with register(subparsers).
@@ -20,6 +20,7 @@ COMMANDS = {
     "fuse": fuse,
     "eval": eval_cmd,
     "classify": classify,
+    "bench": bench,
 }
 
 

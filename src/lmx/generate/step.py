@@ -6,12 +6,13 @@ Everything else (text streaming, stop strings, metrics, batching, chat) wraps
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.cache import KVCache
+from lmx.models.cache import DecodeSlot, KVCache
 
 Processor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array, mx.array], mx.array]
@@ -37,6 +38,80 @@ def prefill(
     return model.head(h[:, -1:, :])[:, 0, :]
 
 
+class CompiledDecode:
+    """One decode step (all layers and the LM head) as a compiled MLX graph.
+
+    Building a step's graph op by op from Python costs more than running it for small
+    models on a GPU; compiled, the graph is traced once and replayed, and MLX fuses its
+    element-wise ops. Shapes must not change between steps, so the caches take part
+    through :class:`DecodeSlot`: their storage goes in and comes out whole, and the write
+    slot and the position are int32 arrays. A cache's storage grows (or a sliding one
+    wraps) in :meth:`KVCache.reserve`, outside the graph; a new storage size traces anew.
+
+    The model's arrays are inputs of the graph (not constants), so weights updated in place
+    (``model.update``, LoRA layers swapped in) are used; one instance serves every request
+    on a model (see :func:`compiled_decode`).
+
+    Args:
+        model: a model with ``hidden`` and ``head`` (held weakly).
+        windows: each layer's sliding window (None for global layers).
+        padded: whether calls pass a ``pad`` array.
+    """
+
+    def __init__(self, model: nn.Module, windows: tuple[int | None, ...], padded: bool) -> None:
+        ref = weakref.ref(model)  # the model holds this object: no reference cycle
+        self.padded = padded
+
+        def step(
+            token: mx.array, keys: list[mx.array], values: list[mx.array], index: mx.array, position: mx.array, *pad
+        ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+            m = ref()
+            assert m is not None
+            slots = [DecodeSlot(k, v, index[i], position, w) for i, (k, v, w) in enumerate(zip(keys, values, windows))]
+            h = m.hidden(token[:, None], slots, pad[0] if pad else None)
+            return m.head(h)[:, -1, :], [s.keys for s in slots], [s.values for s in slots]
+
+        # The children, not the model: the model holds this object, and a graph input that
+        # held the model would make a reference cycle (memory freed only by the GC).
+        self._step = mx.compile(step, inputs=model.children())
+
+    def __call__(self, token: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
+        """Logits (B, V) for ``token`` (B,); every cache advances by one position."""
+        assert (pad is not None) == self.padded
+        index = mx.array([c.reserve(1) for c in cache], dtype=mx.int32)
+        position = mx.array(cache[0].offset, dtype=mx.int32)
+        extra = (pad,) if pad is not None else ()
+        logits, keys, values = self._step(
+            token, [c.keys for c in cache], [c.values for c in cache], index, position, *extra
+        )
+        for c, k, v in zip(cache, keys, values):
+            c.advance(k, v, 1)
+        return logits
+
+
+class _Decoders:
+    """The compiled decode steps of one model, keyed by cache layout (kept on the model)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[tuple[tuple[int | None, ...], bool], CompiledDecode] = {}
+
+
+def compiled_decode(model: nn.Module, cache: list[KVCache], padded: bool) -> CompiledDecode:
+    """The model's :class:`CompiledDecode` for this cache layout, made on first use.
+
+    Kept on the model object, so every request after the first replays the traced graph
+    instead of tracing again, and it goes away with the model.
+    """
+    decoders = getattr(model, "_lmx_decoders", None)
+    if not isinstance(decoders, _Decoders):
+        decoders = _Decoders()
+        object.__setattr__(model, "_lmx_decoders", decoders)
+    key = (tuple(c.window for c in cache), padded)
+    if key not in decoders.steps:
+        decoders.steps[key] = CompiledDecode(model, *key)
+    return decoders.steps[key]
+
+
 def generate_step(
     model: nn.Module,
     prompt: mx.array,
@@ -48,6 +123,7 @@ def generate_step(
     processors: Sequence[Processor] = (),
     pad: mx.array | None = None,
     prefill_step_size: int = 512,
+    compile: bool = False,
 ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens (B,), logprobs (B, V))`` forever; the caller decides when to stop.
 
@@ -61,6 +137,11 @@ def generate_step(
         processors: ``(history, logits) -> logits`` callables.
         pad: (B,) left-padding counts for a padded batch.
         prefill_step_size: prompt chunk size.
+        compile: run each decode step as one compiled graph (:class:`CompiledDecode`). Off by
+            default, as measured (benchmarks/RESULTS.md): on a CUDA GPU the whole-storage
+            attention mask sends attention to MLX's unfused path, which costs Qwen 3 more
+            than compiling saves; on the CPU it gains ~3% after a first call that waits for
+            the C++ compiler.
     """
     history = prompt if history is None else history
 
@@ -75,13 +156,22 @@ def generate_step(
             history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
         return token, logprobs
 
+    def forward(token: mx.array) -> mx.array:
+        return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
+
     token, logprobs = sample(prefill(model, prompt, cache, pad, prefill_step_size))
+    if compile:
+        step = compiled_decode(model, cache, pad is not None)
+
+        def decode(token: mx.array) -> mx.array:
+            return step(token, cache, pad)
+    else:
+        decode = forward
     mx.async_eval(token, logprobs)
     while True:
         # Queue the next step before handing this one over: the device works on it
         # while the caller detokenizes and checks stop conditions.
-        h = model.hidden(token[:, None], cache, pad)
-        next_token, next_logprobs = sample(model.head(h)[:, -1, :])
+        next_token, next_logprobs = sample(decode(token))
         mx.async_eval(next_token, next_logprobs)
         yield token, logprobs
         token, logprobs = next_token, next_logprobs

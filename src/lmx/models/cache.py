@@ -59,6 +59,19 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def reserve(self, n_new: int) -> int:
+        """Make room for ``n_new`` more positions (the cache must hold some); return the
+        storage index the first of them will take. Used by :class:`DecodeSlot`."""
+        assert self.keys is not None and self.values is not None, "reserve() needs a filled cache"
+        if self.offset + n_new > self.keys.shape[2]:
+            self._grow(self.keys, self.values, n_new)
+        return self.offset
+
+    def advance(self, keys: mx.array, values: mx.array, n_new: int) -> None:
+        """Take the storage a :class:`DecodeSlot` wrote ``n_new`` positions into."""
+        self.keys, self.values = keys, values
+        self.offset += n_new
+
     def _grow(self, keys: mx.array, values: mx.array, n_new: int) -> None:
         batch, n_kv, _, k_dim = keys.shape
         size = ((n_new + self.step - 1) // self.step) * self.step
@@ -71,8 +84,11 @@ class KVCache:
         self.keys = mx.concatenate([kept_k, new_k], axis=2)
         self.values = mx.concatenate([kept_v, new_v], axis=2)
 
-    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | None:
-        """Mask for the queries just added (call after :meth:`update_and_fetch`)."""
+    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
+        """Mask for the queries just added (call after :meth:`update_and_fetch`); ``"causal"``
+        where a plain causal mask is exact (MLX's attention kernels then build none)."""
+        if pad is None and n_queries > 1:
+            return "causal"
         return build_mask(n_queries, self.offset, self.offset, None, pad)
 
     def can_trim(self, n: int) -> bool:
@@ -120,6 +136,17 @@ class RotatingKVCache(KVCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values; return those the new queries can see, oldest first."""
         n_new = keys.shape[2]
+        self._make_room(keys, values, n_new)
+        start = self._used
+        self._used += n_new
+        self.offset += n_new
+        self.keys[..., start : self._used, :] = keys
+        self.values[..., start : self._used, :] = values
+        # The first new query needs the window - 1 positions before it.
+        first = max(0, self._used - n_new - (self.window - 1))
+        return self.keys[..., first : self._used, :], self.values[..., first : self._used, :]
+
+    def _make_room(self, keys: mx.array, values: mx.array, n_new: int) -> None:
         capacity = 0 if self.keys is None else self.keys.shape[2]
         if self._used + n_new > capacity:
             keep = min(self._used, self.window - 1 + self.slack // 2)
@@ -131,18 +158,24 @@ class RotatingKVCache(KVCache):
                 new_k[..., :keep, :] = self.keys[..., self._used - keep : self._used, :]
                 new_v[..., :keep, :] = self.values[..., self._used - keep : self._used, :]
             self.keys, self.values, self._used = new_k, new_v, keep
-        start = self._used
+
+    def reserve(self, n_new: int) -> int:
+        """Make room for ``n_new`` more positions; return the storage index of the first."""
+        assert self.keys is not None and self.values is not None, "reserve() needs a filled cache"
+        self._make_room(self.keys, self.values, n_new)
+        return self._used
+
+    def advance(self, keys: mx.array, values: mx.array, n_new: int) -> None:
+        """Take the storage a :class:`DecodeSlot` wrote ``n_new`` positions into."""
+        self.keys, self.values = keys, values
         self._used += n_new
         self.offset += n_new
-        self.keys[..., start : self._used, :] = keys
-        self.values[..., start : self._used, :] = values
-        # The first new query needs the window - 1 positions before it.
-        first = max(0, self._used - n_new - (self.window - 1))
-        return self.keys[..., first : self._used, :], self.values[..., first : self._used, :]
 
-    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | None:
+    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
         """Mask for the queries just added (call after :meth:`update_and_fetch`)."""
         n_keys = min(self._used, n_queries + self.window - 1)
+        if pad is None and n_queries > 1 and n_keys <= self.window:
+            return "causal"  # the last query sees every key: the window cuts nothing
         return build_mask(n_queries, n_keys, self.offset, self.window, pad)
 
     def can_trim(self, n: int) -> bool:
@@ -166,6 +199,51 @@ class RotatingKVCache(KVCache):
         if self.keys is None or self._used == 0:
             return ()
         return self.keys[..., : self._used, :], self.values[..., : self._used, :]
+
+
+class DecodeSlot:
+    """A cache's stand-in inside a compiled one-token decode step.
+
+    Every shape is fixed from step to step: the new keys/values are written at a traced
+    storage ``index`` and attention runs over the cache's whole storage, with a mask that
+    hides the slots not (or no longer) in use. The step's graph can then be compiled once
+    and replayed, instead of being rebuilt op by op for every token. Masked slots add
+    exactly nothing to the attention (their softmax weight is 0).
+
+    Args:
+        keys, values: the cache's whole storage (B, n_kv, S, D).
+        index: () int32, the storage slot of the new position (from ``reserve``).
+        position: () int32, the new position's absolute index (the RoPE offset).
+        window: the sliding window, or None.
+    """
+
+    def __init__(
+        self, keys: mx.array, values: mx.array, index: mx.array, position: mx.array, window: int | None
+    ) -> None:
+        self.keys, self.values = keys, values
+        self.index = index
+        self.offset = position
+        self.window = window
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write (B, n_kv, 1, D) keys/values at ``index``; return the whole storage."""
+        start = self.index.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
+        """(1 or B, 1, 1, S) mask: slots up to ``index``, within the window, past the padding."""
+        assert n_queries == 1, "DecodeSlot serves one-token steps"
+        slots = mx.arange(self.keys.shape[2])
+        mask = slots <= self.index
+        if self.window is not None:
+            mask = mask & (self.index - slots < self.window)
+        mask = mask[None, None, None]  # (1, 1, 1, S)
+        if pad is not None:
+            position = slots + (self.offset - self.index)  # absolute position held in each slot
+            mask = mask & (position[None, None, None] >= pad[:, None, None, None])  # (B, 1, 1, S)
+        return mask
 
 
 def trim_caches(caches: list[KVCache], n: int) -> bool:

@@ -1,0 +1,385 @@
+"""Benchmarks: load time, prefill and decode speed, time to first token, peak memory.
+
+The numbers come from the same step loop the engine runs (:func:`lmx.generate.step.generate_step`,
+greedy, one host read of the tokens per step as the engine does), over a random prompt of a
+fixed length, so they can be compared across models, devices and dtypes. Models come from a
+checkpoint (``model=``) or from a named published config with random weights (``config=``),
+which needs no download: a GPU host can benchmark an 8B shape with nothing but the code.
+
+Nothing here prints: :func:`run_benchmark` returns a :class:`BenchResult`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from lmx.errors import InvalidOptionError
+from lmx.generate.sampling import KeySequence, make_sampler
+from lmx.generate.step import generate_step
+
+logger = logging.getLogger(__name__)
+
+
+def _gemma3(**kw: Any) -> dict[str, Any]:
+    config = {
+        "model_type": "gemma3_text",
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "num_key_value_heads": 1,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+    }
+    config.update(kw)
+    return config
+
+
+def _qwen3(hidden: int, inter: int, layers: int, heads: int, tied: bool, **kw: Any) -> dict[str, Any]:
+    config = {
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1_000_000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tied,
+    }
+    config.update(kw)
+    return config
+
+
+# Architecture keys of the published config.json files (Gemma 3 270M: the bundled model's
+# own config). "tiny-*" are small shapes for smoke tests.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3-270m": _gemma3(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4),
+    "gemma3-1b": _gemma3(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4),
+    "gemma3-4b": _gemma3(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        vocab_size=262208,
+    ),
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
+    "tiny-gemma3": _gemma3(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=16,
+        sliding_window_pattern=2,
+        vocab_size=512,
+    ),
+    "tiny-qwen3": _qwen3(64, 128, 3, 4, False, num_key_value_heads=2, head_dim=16, vocab_size=512),
+}
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """One timed generation.
+
+    Attributes:
+        time_to_first_token: seconds from the call to the first token on the host (the prefill).
+        prefill_tokens_per_s: prompt tokens (all rows) over ``time_to_first_token``.
+        decode_tokens_per_s: tokens after the first (all rows) over the time from the first
+            token to the last.
+        peak_memory: MLX's peak active bytes during the generation (weights included).
+        kv_cache_bytes: bytes the KV caches hold at the end (allocated storage).
+    """
+
+    time_to_first_token: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory: int
+    kv_cache_bytes: int
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_benchmark` measured; the medians over ``runs`` are the headline numbers.
+
+    Attributes:
+        model: the checkpoint path or the config name.
+        device: ``cpu`` or ``gpu``.
+        dtype: the weights' floating dtype(s).
+        quantization: bits of quantized weights, or None.
+        batch, prompt_tokens, gen_tokens: the shape of each run.
+        load_time: seconds to load the checkpoint (or build and initialise a config).
+        weights_bytes: bytes held by the model's parameters.
+        runs: the timed runs (warm-up excluded).
+    """
+
+    model: str
+    device: str
+    dtype: str
+    quantization: int | None
+    batch: int
+    prompt_tokens: int
+    gen_tokens: int
+    load_time: float
+    weights_bytes: int
+    runs: list[RunStats] = field(default_factory=list)
+
+    def _median(self, name: str) -> float:
+        return statistics.median(getattr(r, name) for r in self.runs) if self.runs else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self._median("prefill_tokens_per_s")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self._median("decode_tokens_per_s")
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self._median("time_to_first_token")
+
+    @property
+    def peak_memory(self) -> int:
+        return max((r.peak_memory for r in self.runs), default=0)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return max((r.kv_cache_bytes for r in self.runs), default=0)
+
+    @property
+    def memory_overhead(self) -> float:
+        """Peak over (weights + KV cache), minus 1: 0.10 means 10% above what must be held."""
+        need = self.weights_bytes + self.kv_cache_bytes
+        return self.peak_memory / need - 1.0 if need else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as plain JSON-ready data: medians first, every run after."""
+        return {
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "batch": self.batch,
+            "prompt_tokens": self.prompt_tokens,
+            "gen_tokens": self.gen_tokens,
+            "repeat": len(self.runs),
+            "load_time_s": self.load_time,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "time_to_first_token_s": self.time_to_first_token,
+            "peak_memory_bytes": self.peak_memory,
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "memory_overhead": self.memory_overhead,
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+def config_for(name: str, num_layers: int | None = None) -> dict[str, Any]:
+    """Return a copy of the named config, optionally cut to ``num_layers`` layers.
+
+    Raises:
+        InvalidOptionError: an unknown name or a layer count < 1.
+    """
+    if name not in CONFIGS:
+        raise InvalidOptionError(f"config must be one of {', '.join(CONFIGS)}, got {name!r}")
+    config = copy.deepcopy(CONFIGS[name])
+    if num_layers is not None:
+        if num_layers < 1:
+            raise InvalidOptionError(f"num_layers must be >= 1, got {num_layers}")
+        config["num_hidden_layers"] = num_layers
+    return config
+
+
+def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int = 0) -> None:
+    """Give ``model`` random weights of ``dtype`` quickly.
+
+    Each parameter is 64 random rows tiled to its full shape: the shapes, dtypes and bytes
+    moved are those of the real model, at seconds instead of minutes for an 8B model.
+    Norm weights are drawn near their neutral value so activations stay finite.
+    """
+    keys = mx.random.split(mx.random.key(seed), len(tree_flatten(model.parameters())))
+    params = []
+    for i, (name, p) in enumerate(tree_flatten(model.parameters())):
+        rows = p.shape[0]
+        base = mx.random.normal((min(rows, 64), *p.shape[1:]), dtype=mx.float32, key=keys[i])
+        base = (base * 0.02).astype(dtype)
+        if "norm" in name and getattr(model, "args", None) is not None and model.args.model_type == "qwen3":
+            base = base + 1  # Qwen's RMSNorm scales by weight; Gemma's by 1 + weight
+        tiled = mx.tile(base, (math.ceil(rows / base.shape[0]),) + (1,) * (p.ndim - 1))[:rows]
+        params.append((name, tiled))
+        mx.eval(tiled)  # one parameter at a time: peak memory stays near the model's size
+    model.update(tree_unflatten(params))
+
+
+@dataclass
+class _Loaded:
+    model: nn.Module
+    name: str
+    load_time: float
+    vocab_size: int
+
+
+def _load(
+    model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
+) -> _Loaded:
+    from lmx.loader import load_model, resolve_dtype
+    from lmx.models import build_model
+
+    if (model is None) == (config is None):
+        raise InvalidOptionError("give exactly one of a model (path) or a config name")
+    t0 = time.perf_counter()
+    if config is not None:
+        cfg = config_for(config, num_layers)
+        built = build_model(cfg, f"config {config}")
+        random_weights(built, resolve_dtype(dtype))
+        name, vocab = config, int(cfg["vocab_size"])
+    else:
+        loaded = load_model(model, dtype=dtype)
+        built, name, vocab = loaded.model, str(model), int(loaded.config["vocab_size"])
+    if quantize is not None:
+        if quantize not in (4, 8):
+            raise InvalidOptionError(f"quantize must be 4 or 8 bits, got {quantize}")
+        nn.quantize(built, group_size=64, bits=quantize)
+    mx.eval(built.parameters())
+    return _Loaded(built, name, time.perf_counter() - t0, vocab)
+
+
+def _one_run(model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool) -> RunStats:
+    cache = model.make_cache()
+    sampler = make_sampler(0.0)
+    keys = KeySequence(0)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    batch, length = prompt.shape
+    t0 = time.perf_counter()
+    steps = generate_step(
+        model, prompt, cache, sampler, keys.next, prefill_step_size=prefill_step_size, compile=compile
+    )
+    stamps: list[float] = []
+    try:
+        for token, _ in steps:
+            token.tolist()  # the host read the engine makes each step (stop checks, detokenizing)
+            stamps.append(time.perf_counter())
+            if len(stamps) == gen_tokens:
+                break
+    finally:
+        steps.close()
+    ttft = stamps[0] - t0
+    decode_time = stamps[-1] - stamps[0]
+    decode = batch * (len(stamps) - 1) / decode_time if len(stamps) > 1 and decode_time > 0 else 0.0
+    mx.synchronize()
+    return RunStats(
+        time_to_first_token=ttft,
+        prefill_tokens_per_s=batch * length / ttft,
+        decode_tokens_per_s=decode,
+        peak_memory=mx.get_peak_memory(),
+        kv_cache_bytes=sum(c.nbytes for c in cache),
+    )
+
+
+def run_benchmark(
+    model: str | os.PathLike | None = None,
+    *,
+    config: str | None = None,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    batch: int = 1,
+    repeat: int = 3,
+    device: str | None = None,
+    dtype: str = "auto",
+    num_layers: int | None = None,
+    quantize: int | None = None,
+    prefill_step_size: int = 512,
+    compile: bool = False,
+    seed: int = 0,
+    on_run: Callable[[RunStats], None] | None = None,
+) -> BenchResult:
+    """Load a model, warm it up, then time ``repeat`` generations of a random prompt.
+
+    Args:
+        model: an HF model dir or a ``.gguf`` file (exclusive with ``config``).
+        config: a name from :data:`CONFIGS`: random weights of that published shape.
+        prompt_tokens: prompt length (random ids) per row.
+        gen_tokens: tokens generated per row (greedy; no stop token ends it early).
+        batch: rows generated together (decode tok/s counts all rows).
+        repeat: timed runs; the result reports their medians.
+        device: ``cpu`` or ``gpu`` (default as :func:`lmx.load`).
+        dtype: weight dtype as in :func:`lmx.load` (``auto``: float32 on CPU, bfloat16 on GPU).
+        num_layers: with ``config``, cut the model to this many layers.
+        quantize: with 4 or 8, quantize the linear and embedding layers (group size 64).
+        prefill_step_size: prompt chunk size of the step loop.
+        compile: decode with the compiled step (see :func:`lmx.generate.step.generate_step`).
+        seed: seed of the random prompt.
+        on_run: called with each timed run as it finishes (progress reports).
+
+    Returns:
+        A :class:`BenchResult`.
+
+    Raises:
+        InvalidOptionError: a bad option or config name.
+        ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError: from loading.
+    """
+    from lmx.runtime.device import choose_device, device_name
+
+    for opt, value, low in (("prompt_tokens", prompt_tokens, 1), ("gen_tokens", gen_tokens, 2)):
+        if value < low:
+            raise InvalidOptionError(f"{opt} must be >= {low}, got {value}")
+    for opt, value in (("batch", batch), ("repeat", repeat), ("prefill_step_size", prefill_step_size)):
+        if value < 1:
+            raise InvalidOptionError(f"{opt} must be >= 1, got {value}")
+    choose_device(device)
+    loaded = _load(model, config, dtype, num_layers, quantize)
+    params = tree_flatten(loaded.model.parameters())
+    dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in params if mx.issubdtype(v.dtype, mx.floating)})
+    result = BenchResult(
+        model=loaded.name,
+        device=device_name(),
+        dtype=",".join(dtypes),
+        quantization=quantize,
+        batch=batch,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        load_time=loaded.load_time,
+        weights_bytes=sum(v.nbytes for _, v in params),
+    )
+    prompt = mx.random.randint(0, loaded.vocab_size, (batch, prompt_tokens), key=mx.random.key(seed))
+    # Warm-up: the first call pays for kernel compilation and allocations.
+    _one_run(loaded.model, prompt[:, : min(prompt_tokens, 16)], min(gen_tokens, 8), prefill_step_size, compile)
+    for _ in range(repeat):
+        stats = _one_run(loaded.model, prompt, gen_tokens, prefill_step_size, compile)
+        result.runs.append(stats)
+        logger.debug("run: %s", stats)
+        if on_run is not None:
+            on_run(stats)
+    return result

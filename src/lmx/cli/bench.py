@@ -1,0 +1,79 @@
+"""``lmx bench``: load time, prefill and decode tok/s, time to first token and peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lmx.bench import CONFIGS
+
+    p = sub.add_parser("bench", help="measure load time, prefill/decode speed, first-token latency and memory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", "-m", default=None, help="HF model dir or .gguf file (default: bundled Gemma 3 270M)")
+    src.add_argument("--config", default=None, choices=list(CONFIGS), help="random weights of a published shape")
+    p.add_argument("--layers", type=int, default=None, help="with --config: cut the model to this many layers")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up); medians are reported")
+    p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--compile", action="store_true", help="decode with the compiled step (off by default, as measured)")
+    p.add_argument("--quantize", type=int, default=None, choices=[4, 8], help="quantize weights to this many bits")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmx.bench import run_benchmark
+
+    model = args.model
+    if model is None and args.config is None:
+        from lmx.io.default_model import default_model_path
+
+        model = default_model_path()
+
+    def progress(stats: object) -> None:
+        if not args.json:
+            print(f"  run: {stats}", file=sys.stderr)
+
+    result = run_benchmark(
+        model,
+        config=args.config,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        batch=args.batch,
+        repeat=args.repeat,
+        device=args.device,
+        dtype=args.dtype,
+        num_layers=args.layers,
+        quantize=args.quantize,
+        prefill_step_size=args.prefill_step_size,
+        compile=args.compile,
+        on_run=progress,
+    )
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    mib = 2**20
+    quant = f", q{data['quantization']}" if data["quantization"] else ""
+    print(f"model:      {data['model']} ({data['device']}, {data['dtype']}{quant})")
+    print(
+        f"shape:      batch {data['batch']}, {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated,"
+        f" {data['repeat']} runs (medians)"
+    )
+    print(f"load:       {data['load_time_s']:.2f} s")
+    print(
+        f"prefill:    {data['prefill_tokens_per_s']:.1f} tok/s (first token {data['time_to_first_token_s'] * 1e3:.0f} ms)"
+    )
+    print(f"decode:     {data['decode_tokens_per_s']:.1f} tok/s")
+    print(
+        f"memory:     peak {data['peak_memory_bytes'] / mib:.0f} MiB = weights {data['weights_bytes'] / mib:.0f}"
+        f" + KV {data['kv_cache_bytes'] / mib:.0f} MiB {data['memory_overhead']:+.1%}"
+    )
+    return 0

@@ -1,0 +1,149 @@
+"""``lmx bench`` and :mod:`lmx.bench`: they run and report sane numbers (speed itself lives in benchmarks/).
+
+No timing is asserted here: only that the benchmark runs end to end on tiny random models,
+reports every key with a positive value, and rejects bad options with typed errors. The
+compiled decode step, a speed change, must give the same tokens as the eager one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+import lmx  # noqa: F401  # isort: skip
+import mlx.core as mx
+
+from lmx import bench
+from lmx.cli import bench as bench_cli
+from lmx.errors import InvalidOptionError
+from lmx.generate.sampling import KeySequence, make_sampler
+from lmx.generate.step import generate_step
+from lmx.models import build_model
+
+KEYS = {
+    "load_time_s",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "time_to_first_token_s",
+    "peak_memory_bytes",
+    "weights_bytes",
+    "kv_cache_bytes",
+}
+
+
+def run_cli(*argv: str) -> tuple[int, argparse.Namespace]:
+    parser = argparse.ArgumentParser()
+    bench_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args), args
+
+
+@pytest.mark.parametrize(("config", "dtype"), [("tiny-gemma3", "float32"), ("tiny-qwen3", "bfloat16")])
+def test_bench_json_reports_positive_numbers(config, dtype, capsys):
+    code, _ = run_cli(
+        "--config", config, "--prompt-tokens", "40", "--gen-tokens", "6", "--repeat", "2", "--dtype", dtype, "--json"
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= KEYS
+    assert all(data[k] > 0 for k in KEYS)
+    assert data["model"] == config and data["dtype"] == dtype
+    assert data["repeat"] == 2 and len(data["runs"]) == 2
+    assert data["prompt_tokens"] == 40 and data["gen_tokens"] == 6
+    # Peak memory holds at least the weights and the cache the run filled.
+    assert data["peak_memory_bytes"] >= data["weights_bytes"] + data["kv_cache_bytes"] * 0.5
+
+
+def test_bench_batch_and_compiled_step(capsys):
+    code, _ = run_cli(
+        "--config", "tiny-qwen3", "--batch", "2", "--prompt-tokens", "20", "--gen-tokens", "5", "--repeat", "1"
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "decode:" in text and "tok/s" in text and "batch 2" in text
+    result = bench.run_benchmark(config="tiny-gemma3", prompt_tokens=20, gen_tokens=5, repeat=1, compile=True)
+    assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0
+
+
+def test_bench_on_a_checkpoint(tiny_dirs):
+    result = bench.run_benchmark(tiny_dirs["gemma3"], prompt_tokens=16, gen_tokens=4, repeat=1)
+    data = result.as_dict()
+    assert data["model"] == str(tiny_dirs["gemma3"])
+    assert data["load_time_s"] > 0 and data["decode_tokens_per_s"] > 0
+
+
+def test_bench_quantized_config():
+    result = bench.run_benchmark(config="tiny-qwen3", prompt_tokens=16, gen_tokens=4, repeat=1, quantize=8)
+    assert result.quantization == 8 and result.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"config": "no-such-model"}, "config"),
+        ({"config": "tiny-qwen3", "gen_tokens": 1}, "gen_tokens"),
+        ({"config": "tiny-qwen3", "repeat": 0}, "repeat"),
+        ({"config": "tiny-qwen3", "batch": 0}, "batch"),
+        ({"config": "tiny-qwen3", "quantize": 3}, "quantize"),
+        ({"config": "tiny-qwen3", "num_layers": 0}, "num_layers"),
+        ({}, "exactly one"),
+    ],
+)
+def test_bad_options_are_typed_errors(kwargs, name):
+    with pytest.raises(InvalidOptionError, match=name):
+        bench.run_benchmark(**{"prompt_tokens": 8, "gen_tokens": 2, "repeat": 1, **kwargs})
+
+
+def test_named_configs_are_the_published_shapes():
+    gemma = bench.config_for("gemma3-270m")
+    assert (gemma["hidden_size"], gemma["num_hidden_layers"], gemma["vocab_size"]) == (640, 18, 262144)
+    qwen = bench.config_for("qwen3-8b", num_layers=2)
+    assert (qwen["hidden_size"], qwen["num_hidden_layers"], qwen["tie_word_embeddings"]) == (4096, 2, False)
+    assert bench.CONFIGS["qwen3-8b"]["num_hidden_layers"] == 36  # a copy was cut, not the table
+
+
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_decode_equals_eager_decode(config, padded):
+    # 300 steps: past the first KV-cache growth (256) and several sliding-window wraps.
+    model = build_model(bench.config_for(config))
+    bench.random_weights(model, mx.float32, seed=1)
+    prompt = mx.random.randint(0, 512, (2, 24), key=mx.random.key(3))
+    pad = mx.array([0, 5]) if padded else None
+
+    def run(compile: bool) -> tuple[list[list[int]], np.ndarray]:
+        steps = generate_step(
+            model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next, pad=pad, compile=compile
+        )
+        tokens, logprobs = [], []
+        for i, (token, lp) in enumerate(steps):
+            tokens.append(token.tolist())
+            logprobs.append(np.array(lp))
+            if i == 299:
+                break
+        steps.close()
+        return tokens, np.stack(logprobs)
+
+    eager, compiled = run(False), run(True)
+    assert eager[0] == compiled[0]
+    np.testing.assert_allclose(compiled[1], eager[1], atol=1e-4)
+
+
+def test_compiled_decode_sees_updated_weights():
+    model = build_model(bench.config_for("tiny-qwen3"))
+    bench.random_weights(model, mx.float32, seed=2)
+    prompt = mx.array([[5, 6, 7, 8]])
+
+    def first_logprobs() -> np.ndarray:
+        steps = generate_step(model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next, compile=True)
+        next(steps)
+        _, lp = next(steps)  # the second token comes from the compiled step
+        steps.close()
+        return np.array(lp)
+
+    before = first_logprobs()
+    model.update({"lm_head": {"weight": model.lm_head.weight * 2}})
+    assert not np.allclose(first_logprobs(), before)

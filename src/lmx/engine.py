@@ -203,6 +203,11 @@ class Engine:
         return opts
 
     def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, (bytes, bytearray)):  # a Sequence of ints, but surely not token ids
+            hint = "; decode bytes first (prompt.decode('utf-8'))" if isinstance(prompt, bytes) else ""
+            raise InvalidOptionError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}{hint}"
+            )
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

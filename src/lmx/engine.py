@@ -80,6 +80,8 @@ class Engine:
         self.context_length = int(loaded.config.get("max_position_embeddings") or 8192)
         self.default_options = GenerationOptions()
         self._eos = frozenset(loaded.tokenizer.eos_token_ids) | _ids(gen_cfg.get("eos_token_id"))
+        floats = (v for _, v in _flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+        self._kv_itemsize = next(floats).dtype.size  # activations, and so the KV cache, take this dtype
 
     # ----------------------------------------------------------------- properties
     @property
@@ -244,6 +246,21 @@ class Engine:
         self._cache, self._cache_tokens = self.model.make_cache(), []
         return self._cache, 0
 
+    def _check_kv_memory(self, cache: list[KVCache], positions: int) -> None:
+        """Raise :class:`OutOfMemoryError` before the KV cache grows past the memory limit.
+
+        Checked before prefill and again as generation reaches each new cache block, so a
+        long request fails typed when the memory runs out instead of crashing the process.
+        """
+        args = self.model.args
+        need = memory.kv_cache_bytes(
+            [c.window for c in cache], args.num_key_value_heads, args.head_dim, positions, self._kv_itemsize
+        ) - sum(c.nbytes for c in cache)
+        if need > 0:
+            memory.check_allocation(
+                need, f"the KV cache for {positions} positions (use a shorter prompt or a lower max_tokens)"
+            )
+
     def _run(self, ids: list[int], opts: GenerationOptions, metrics: GenerationMetrics) -> Iterator[Token]:
         busy = self._busy()
         busy.__enter__()
@@ -260,6 +277,7 @@ class Engine:
             processors = make_logits_processors(opts, prompt_len=len(ids))
             keys = KeySequence(opts.seed)
             metrics.prompt_tokens, metrics.cached_tokens = len(ids), start
+            self._check_kv_memory(cache, len(ids) + 1)
             memory.reset_peak()
             t0 = time.perf_counter()
             t_first = t0
@@ -299,6 +317,8 @@ class Engine:
                     yield Token(tid, text, float(logprobs[0, tid].item()), top, finish)
                     if finish:
                         break
+                    # the step loop runs one token ahead: look two positions on
+                    self._check_kv_memory(cache, len(ids) + len(generated) + 2)
             finally:
                 steps.close()
                 t_end = time.perf_counter()

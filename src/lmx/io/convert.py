@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -78,17 +80,50 @@ def convert(
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         write_hf_dir(loaded, tmp, quant or loaded.quantization, progress)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out``, replacing an existing ``out`` atomically.
+
+    Two renames (``out`` aside, ``tmp`` in) leave a moment with no ``out`` at all; a process
+    killed then loses the old directory. Linux (``renameat2(RENAME_EXCHANGE)``) and macOS
+    (``renamex_np(RENAME_SWAP)``) swap two directories in one step; elsewhere, or on a file
+    system that cannot, the two renames are the fallback. ``tmp`` is gone afterwards.
+    """
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if _swap(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap(a: Path, b: Path) -> bool:
+    """Exchange two paths atomically; False when the platform or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            at_fdcwd, rename_exchange = -100, 2
+            fn = libc.renameat2
+            args: tuple = (at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        elif sys.platform == "darwin":
+            rename_swap = 2
+            fn = libc.renamex_np
+            args = (os.fsencode(a), os.fsencode(b), rename_swap)
+        else:
+            return False
+    except (OSError, AttributeError):  # no such C function in this libc
+        return False
+    return fn(*args) == 0
 
 
 def write_hf_dir(

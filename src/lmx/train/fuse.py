@@ -87,7 +87,7 @@ def fuse(
             if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
         ]
         loaded.model.update(tree_unflatten(cast))
-    from lmx.io.convert import write_hf_dir
+    from lmx.io.convert import replace_dir, write_hf_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -102,13 +102,7 @@ def fuse(
                     shutil.copy2(source / name, tmp / name)
             if (source / "additional_chat_templates").is_dir():
                 shutil.copytree(source / "additional_chat_templates", tmp / "additional_chat_templates")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import lmx  # isort: skip
 
 import base64
+import json
+import socket
+import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import httpx
@@ -198,3 +202,50 @@ def test_settings_defaults_are_safe() -> None:
     s = ServerSettings()
     assert (s.host, s.port, s.api_key, s.cors_origins) == ("127.0.0.1", 8090, None, ())
     assert s.is_loopback and not ServerSettings(host="0.0.0.0").is_loopback
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the peer closed ``sock`` (recv returned b''), or None if it stayed open."""
+    sock.settimeout(seconds)
+    t0 = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass  # the rest of a response
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_idle_connections_time_out(engine: lmx.Engine) -> None:
+    settings = ServerSettings(port=0, model_name="tiny", keep_alive_timeout=1.0, warm_up=False)
+    with BackgroundServer(settings, engine) as server:
+        # A keep-alive connection that goes quiet after a response is closed after the timeout...
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            closed = _closed_within(sock, 10.0)
+        assert closed is not None and closed < 5.0, closed
+        # ...and so is one that connects and never sends a request.
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            closed = _closed_within(sock, 10.0)
+        assert closed is not None and closed < 5.0, closed
+        # ...and so is one that sends its request head too slowly (a byte every 0.3 s).
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            t0 = time.monotonic()
+            with pytest.raises(OSError):
+                for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 4:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+                    if _closed_within(sock, 0.001) is not None:
+                        raise ConnectionResetError("closed")
+            assert time.monotonic() - t0 < 5.0
+        # A client that keeps talking is not cut off: three requests 0.6 s apart on one connection.
+        connection = HTTPConnection("127.0.0.1", server.port)
+        for _ in range(3):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+            time.sleep(0.6)
+        connection.close()

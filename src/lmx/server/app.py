@@ -190,13 +190,16 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
 
 
 def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -> Any:
-    """The uvicorn configuration serving ``app`` as ``settings`` say (idle keep-alive timeout,
-    graceful-shutdown limit, no access log unless asked)."""
+    """The uvicorn configuration serving ``app`` as ``settings`` say (idle timeout before every
+    request, graceful-shutdown limit, no access log unless asked)."""
     import uvicorn
+
+    from lmx.server.protocol import IdleTimeoutProtocol
 
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
+        "http": IdleTimeoutProtocol,
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": 5,
         "access_log": False,

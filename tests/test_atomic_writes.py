@@ -123,13 +123,17 @@ elif kind == "checkpoint":
 
 
 def run_child(tmp_path: Path, kind: str, kill: str, *args: str | Path) -> int:
-    """Run one save in a child process; return its exit status (negative: killed by that signal)."""
+    """Run one save in a child process; return its exit status (negative: killed by that signal).
+
+    The child's stderr is left in ``tmp_path / "child.stderr"``.
+    """
     script = tmp_path / "child.py"
     if not script.exists():
         script.write_text(CHILD)
     done = subprocess.run(
         [sys.executable, str(script), kind, kill, *map(str, args)], capture_output=True, text=True, timeout=300
     )
+    (tmp_path / "child.stderr").write_text(done.stderr)
     if done.returncode not in (0, -signal.SIGKILL, -signal.SIGXFSZ, -signal.SIGINT, 1):
         pytest.fail(f"child {kind} {kill} ended with {done.returncode}: {done.stderr[-2000:]}")
     if done.returncode == 1 and kill.partition(":")[0] != "diskfull":
@@ -207,6 +211,9 @@ def test_convert_on_a_full_disk_keeps_the_old_dir(
 ) -> None:
     out = fresh_out(tiny_dirs, tmp_path)
     assert run_child(tmp_path, "convert", "diskfull:65536", tiny_dirs["qwen3"], out, "bfloat16") == 1
+    # A typed error naming the output and saying it is unchanged, not MLX's RuntimeError.
+    last = (tmp_path / "child.stderr").read_text().strip().splitlines()[-1]
+    assert last.startswith("lmx.errors.SaveError: writing ") and "is unchanged" in last, last
     assert assert_whole(out, converted) == "old"
     assert strays(out.parent, {"out"}) == [] and hidden(out.parent) == []
 

@@ -45,6 +45,11 @@ class OutOfMemoryError(LmxError, MemoryError):
     """An allocation would exceed the memory limit set with :func:`lmx.memory.set_limit`."""
 
 
+class SaveError(LmxError, OSError):
+    """Writing a model, adapter or checkpoint failed (disk full, no permission...); what was
+    there before is left as it was."""
+
+
 class EngineClosedError(LmxError):
     """The engine was used after :meth:`lmx.Engine.close`."""
 
@@ -57,6 +62,7 @@ __all__ = [
     "LmxError",
     "ModelNotFoundError",
     "OutOfMemoryError",
+    "SaveError",
     "TokenizerError",
     "UnsupportedModelError",
     "WeightsError",

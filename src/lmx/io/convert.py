@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import processors
 
-from lmx.errors import InvalidOptionError
+from lmx.errors import InvalidOptionError, LmxError, SaveError
 from lmx.loader import DTYPES, LoadedModel, load_model
 from lmx.tokenizer import Tokenizer
 
@@ -73,18 +74,38 @@ def convert(
     if q_bits is not None:
         quant = {"group_size": q_group_size, "bits": q_bits}
         nn.quantize(loaded.model, group_size=q_group_size, bits=q_bits)
+    with staged_dir(out) as tmp:
+        write_hf_dir(loaded, tmp, quant or loaded.quantization, progress)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Write a directory so that ``out`` is either untouched or wholly replaced.
+
+    Yields a hidden temporary directory beside ``out``; when the block ends without an
+    error it replaces ``out`` (:func:`replace_dir`), otherwise it is removed. A process
+    killed inside the block leaves ``out`` as it was (and a hidden ``.out.tmp-*`` beside it).
+
+    Raises:
+        SaveError: writing failed (a full disk, no permission...); ``out`` is unchanged.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
-        write_hf_dir(loaded, tmp, quant or loaded.quantization, progress)
-        replace_dir(tmp, out)
+        try:
+            yield tmp
+            replace_dir(tmp, out)
+        except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
+            if isinstance(e, LmxError):
+                raise
+            raise SaveError(f"writing {out} failed ({e}); {out} is unchanged") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -87,14 +86,9 @@ def fuse(
             if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
         ]
         loaded.model.update(tree_unflatten(cast))
-    from lmx.io.convert import replace_dir, write_hf_dir
+    from lmx.io.convert import staged_dir, write_hf_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with staged_dir(out) as tmp:
         write_hf_dir(loaded, tmp, quant)
         if source.is_dir():
             for name in _TOKENIZER_FILES:
@@ -102,10 +96,6 @@ def fuse(
                     shutil.copy2(source / name, tmp / name)
             if (source / "additional_chat_templates").is_dir():
                 shutil.copytree(source / "additional_chat_templates", tmp / "additional_chat_templates")
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

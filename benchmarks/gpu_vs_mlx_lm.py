@@ -110,6 +110,20 @@ def time_lmx_norm_add(model: nn.Module, prompt: list[int], n: int) -> tuple[floa
         gemma3_text.RMSNorm.__call__ = saved  # type: ignore[method-assign]
 
 
+def time_lmx_unfused_act(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    """lmx before the MLP's gated activation became one compiled kernel: ``act(gate)`` and the
+    product ``* up`` as two kernels per layer."""
+    from lmx.models import gemma3_text, qwen3
+
+    saved = gemma3_text.geglu_tanh, qwen3.swiglu
+    gemma3_text.geglu_tanh = lambda gate, up: nn.gelu_approx(gate) * up
+    qwen3.swiglu = lambda gate, up: nn.silu(gate) * up
+    try:
+        return time_lmx(model, prompt, n, False)
+    finally:
+        gemma3_text.geglu_tanh, qwen3.swiglu = saved
+
+
 def time_lmx_where(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
     """Fallback of the compiled step for a backend without dynamic ``slice_update``: the
     new key/value is written with an element-wise ``where`` over the whole storage."""
@@ -176,6 +190,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-norm-add": lambda pr, n: time_lmx_norm_add(model, pr, n),
         "lmx-boolmask": lambda pr, n: time_lmx_boolmask(model, pr, n),
         "lmx-where": lambda pr, n: time_lmx_where(model, pr, n),
+        "lmx-unfused-act": lambda pr, n: time_lmx_unfused_act(model, pr, n),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -236,7 +251,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-compiled, lmx-eager, lmx-norm-add, lmx-boolmask, lmx-where, mlx-lm",
+        help="lmx (its default), lmx-compiled, lmx-eager, lmx-norm-add, lmx-boolmask, lmx-where, lmx-unfused-act, mlx-lm",
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=512)

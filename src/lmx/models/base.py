@@ -7,6 +7,7 @@ import logging
 import math
 import types
 import typing
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -231,6 +232,18 @@ def _yarn_periods(base: float, dims: int, s: dict[str, Any], max_pos: int) -> tu
     inv_freq = 1.0 / base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
     return 1.0 / inv_freq, float(attention_factor)
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up`` as one fused kernel (Qwen 3's MLP)."""
+    return nn.silu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def geglu_tanh(gate: mx.array, up: mx.array) -> mx.array:
+    """``gelu_pytorch_tanh(gate) * up`` as one fused kernel (Gemma 3's MLP)."""
+    return nn.gelu_approx(gate) * up
 
 
 def attention(

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RoPE, attention, layer_types_from, rope_settings
+from lmx.models.base import BaseModelArgs, RoPE, attention, geglu_tanh, layer_types_from, rope_settings
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -136,7 +136,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))  # gelu_pytorch_tanh
+        return self.down_proj(geglu_tanh(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -7,7 +7,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RoPE, attention, layer_types_from, rope_settings
+from lmx.models.base import BaseModelArgs, RoPE, attention, layer_types_from, rope_settings, swiglu
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -91,7 +91,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -18,6 +18,7 @@ beside it. The steps are counted, not timed.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -201,9 +202,27 @@ def test_convert_killed_mid_write_keeps_the_old_dir(
     assert strays(out.parent, {"out"}) == []
     if kill.startswith("sigint"):
         assert hidden(out.parent) == []  # an interrupt (not a kill) cleans its temporary directory up
-    # The next conversion goes through over whatever the killed one left.
+    # The next conversion goes through over whatever the killed one left, and sweeps it away.
     convert(tiny_dirs["qwen3"], out, dtype="bfloat16", overwrite=True)
     assert assert_whole(out, converted) == "new"
+    assert hidden(out.parent) == []
+
+
+def test_convert_keeps_the_temporaries_of_a_running_save(
+    tiny_dirs: dict[str, Path], tmp_path: Path, converted: dict[str, dict[str, str]]
+) -> None:
+    out = fresh_out(tiny_dirs, tmp_path)
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
+        gone.wait()
+    dead = out.parent / f".out.tmp-{gone.pid}-abc"
+    live = out.parent / f".out.tmp-{os.getpid()}-abc"  # this process: "a save in progress"
+    other = out.parent / f".other.tmp-{gone.pid}-abc"  # another output's: not ours to remove
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    convert(tiny_dirs["qwen3"], out, dtype="bfloat16", overwrite=True)
+    assert assert_whole(out, converted) == "new"
+    assert hidden(out.parent) == sorted([live.name, other.name])
 
 
 def test_convert_on_a_full_disk_keeps_the_old_dir(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import shutil
@@ -91,7 +92,8 @@ def staged_dir(out: Path) -> Iterator[Path]:
         SaveError: writing failed (a full disk, no permission...); ``out`` is unchanged.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
@@ -106,6 +108,30 @@ def staged_dir(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove the hidden temporaries a killed save of ``out`` left beside it.
+
+    Temporaries are named ``.<out>.tmp-<pid>-*`` (and ``.<out>.old-<pid>``); those of a
+    process that no longer runs are removed, those of a running one (a save in progress) kept.
+    """
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        kind, _, rest = stale.name[len(out.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        stale_dir = stale.is_dir() and not stale.is_symlink()
+        if kind in ("tmp", "old") and pid.isdigit() and stale_dir and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

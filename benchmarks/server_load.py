@@ -148,6 +148,17 @@ async def load(args: argparse.Namespace, url: str, key: str) -> Run:
     return run
 
 
+def wait_idle(url: str, timeout: float = 30.0) -> dict:
+    """``/health`` once nothing runs or waits (a cut request takes a moment to wind down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(url + "/health").json()
+        queue = health.get("queue", {})
+        if (queue.get("running"), queue.get("waiting")) == (0, 0) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
@@ -170,7 +181,7 @@ def main() -> None:
     try:
         unauthorized = httpx.get(url + "/v1/models").status_code
         run = asyncio.run(load(args, url, key))
-        health = httpx.get(url + "/health").json()
+        health = wait_idle(url)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -263,10 +263,7 @@ def test_closed_engine(tiny_dirs: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_real_model_scores_equal_plain_forward_passes() -> None:
-    try:
-        engine = lmx.load()
-    except (ImportError, LmxError) as e:
-        pytest.skip(f"lmx.load() cannot load the bundled Gemma 3 270M yet: {e}")
+    engine = lmx.load()
     labels = ["technical", "creative", "ethical", "casual"]
     texts = [
         "The kernel scheduler keeps runnable tasks in a red-black tree keyed by virtual runtime.",

@@ -1,7 +1,7 @@
 """Load test of `lmx serve`: N concurrent streaming clients for a fixed time, loopback only.
 
     python benchmarks/server_load.py [--model PATH] [--clients 32] [--duration 60]
-        [--max-tokens 16] [--device cpu|gpu] [--json out.json]
+        [--max-tokens 16] [--max-concurrency 1] [--device cpu|gpu] [--json out.json]
 
 Starts `lmx serve` in a child process on 127.0.0.1 (a free port, a random API key, a wait
 queue deep enough for every client), then runs ``--clients`` clients, each on its own
@@ -12,8 +12,9 @@ that the server is idle and healthy, stops it and prints one table.
 
 An error is any request that does not end in HTTP 200 with a complete SSE stream
 (``finish_reason`` and ``[DONE]``), or a connection failure. Time to first token is from
-sending the request to the first chunk with text; it includes the wait in the queue (the
-server runs one request at a time). Tokens/s is the sum of generated tokens over the wall
+sending the request to the first chunk with text; it includes the wait in the queue (with
+``--max-concurrency 1`` the server runs one request at a time; above 1, requests waiting
+together run as one batch). Tokens/s is the sum of generated tokens over the wall
 time from the first request to the last response.
 """
 
@@ -64,7 +65,8 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, port: int, key: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lmx.cli.main", "serve", "--port", str(port), "--model-name", "bench"]
-    cmd += ["--max-queue", str(args.clients), "--log-level", "warning", "--no-lab"]
+    cmd += ["--max-queue", str(args.clients), "--max-concurrency", str(args.max_concurrency)]
+    cmd += ["--log-level", "warning", "--no-lab"]
     if args.model:
         cmd += ["--model", args.model]
     if args.device:
@@ -172,6 +174,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds during which clients send requests")
     p.add_argument("--drain", type=float, default=600.0, help="seconds to let running requests finish afterwards")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=1, help="the server's --max-concurrency (batch size)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -197,6 +200,7 @@ def main() -> None:
         "clients": args.clients,
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
+        "max_concurrency": args.max_concurrency,
         "requests": len(run.outcomes),
         "completed": len(ok),
         "errors": len(errors),

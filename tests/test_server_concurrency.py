@@ -138,7 +138,11 @@ def test_full_queue_answers_503(server: BackgroundServer) -> None:
     finally:
         for sock in socks:
             sock.close()
-    wait_until(server, lambda h: h["queue"] == {"running": 0, "waiting": 0, "max_queue": 3}, "an empty queue")
+    wait_until(
+        server,
+        lambda h: h["queue"] == {"running": 0, "waiting": 0, "max_queue": 3, "max_concurrency": 1},
+        "an empty queue",
+    )
 
 
 def test_disconnected_stream_frees_its_slot(server: BackgroundServer, engine: lmx.Engine) -> None:
@@ -177,3 +181,98 @@ def test_client_leaving_a_non_streaming_request_or_the_queue(server: BackgroundS
     after = wait_until(server, lambda h: h["queue"]["running"] == 0, "the running request stopped")["requests"]
     assert after["cancelled"] == before["cancelled"] + 2
     assert after["completed"] == before["completed"]
+
+
+# ------------------------------------------------------------------ batching (max_concurrency > 1)
+
+
+@pytest.fixture(scope="module")
+def batch_server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
+    settings = ServerSettings(port=0, model_name="tiny", max_queue=8, max_concurrency=4)
+    with BackgroundServer(settings, engine) as server:
+        yield server
+
+
+def queue_behind_a_blocker(server: BackgroundServer, bodies: list[dict[str, Any]], run: Callable) -> list[Any]:
+    """Hold the worker with a long request, queue ``bodies`` (``run(body)`` each on its own
+    thread), then release the worker: the queued requests start together."""
+    blocker = raw_request(server, "/v1/chat/completions", long_chat())
+    wait_until(server, lambda h: h["queue"]["running"] == 1, "the long request running")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = []
+        for i, body in enumerate(bodies):
+            futures.append(pool.submit(run, body))
+            wait_until(server, lambda h, n=i + 1: h["queue"]["waiting"] == n, f"{i + 1} waiting")
+        blocker.close()
+        return [f.result(timeout=120) for f in futures]
+
+
+def completion_stream(server: BackgroundServer, body: dict[str, Any]) -> dict[str, Any]:
+    """Stream a /v1/completions request; its text, finish reason and usage."""
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as client:
+        chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    return {
+        "text": "".join(c.choices[0].text for c in chunks if c.choices),
+        "finish": next(c.choices[0].finish_reason for c in reversed(chunks) if c.choices),
+        "usage": chunks[-1].usage.completion_tokens,
+    }
+
+
+def test_waiting_requests_run_as_one_batch_with_their_own_results(
+    batch_server: BackgroundServer, engine: lmx.Engine
+) -> None:
+    bodies = [
+        {"model": "tiny", "prompt": "Hello there", "max_tokens": 9},
+        {"model": "tiny", "prompt": "The quick brown fox jumps", "max_tokens": 4},
+        {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 12},
+        {"model": "tiny", "prompt": "Numbers 12345", "max_tokens": 6},
+    ]
+    alone = [engine.generate(b["prompt"], max_tokens=b["max_tokens"]) for b in bodies]
+    before = health(batch_server)["requests"]
+    results = queue_behind_a_blocker(batch_server, bodies, lambda b: completion_stream(batch_server, b))
+    assert [r["text"] for r in results] == [c.text for c in alone]
+    assert [r["usage"] for r in results] == [len(c.tokens) for c in alone]
+    assert [r["finish"] for r in results] == [c.finish_reason for c in alone]
+    after = wait_until(batch_server, lambda h: h["queue"]["running"] == 0, "idle")["requests"]
+    assert after["batches"] == before["batches"] + 1  # the four ran together
+    assert after["completed"] == before["completed"] + 4 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_stop_strings_and_a_client_leaving_a_batch(batch_server: BackgroundServer, engine: lmx.Engine) -> None:
+    first = engine.generate("Hello there", max_tokens=12).text
+    stop = first[len(first) // 2 :][:3] or first  # a stop string the reply reaches
+    bodies = [
+        {"model": "tiny", "prompt": "Hello there", "max_tokens": 12, "stop": [stop]},
+        {"model": "tiny", "prompt": "leaves", "max_tokens": LONG},
+        {"model": "tiny", "prompt": "Numbers 12345", "max_tokens": 10},
+    ]
+    alone = [
+        engine.generate(b["prompt"], max_tokens=b["max_tokens"], stop=b.get("stop", [])) for b in [bodies[0], bodies[2]]
+    ]
+    before = health(batch_server)["requests"]
+
+    def run(body: dict[str, Any]) -> Any:
+        if body["prompt"] != "leaves":
+            return completion_stream(batch_server, body)
+        sock = raw_request(batch_server, "/v1/completions", {**body, "stream": True})
+        assert sock.recv(4096)  # headers or a first chunk: it runs
+        sock.close()  # ...and goes away mid-batch
+        return None
+
+    results = queue_behind_a_blocker(batch_server, bodies, run)
+    assert [results[0]["text"], results[2]["text"]] == [c.text for c in alone]
+    assert results[0]["finish"] == "stop" and stop not in results[0]["text"]
+    after = wait_until(batch_server, lambda h: h["queue"]["running"] == 0, "idle")["requests"]
+    assert after["batches"] == before["batches"] + 1
+    assert after["cancelled"] == before["cancelled"] + 2  # the blocker and the client that left
+    assert after["completed"] == before["completed"] + 2
+
+
+def test_seeded_sampling_runs_alone(batch_server: BackgroundServer, engine: lmx.Engine) -> None:
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 8, "temperature": 0.9, "seed": 7}
+    expected = engine.generate("Hello there", max_tokens=8, temperature=0.9, seed=7).text
+    before = health(batch_server)["requests"]
+    results = queue_behind_a_blocker(batch_server, [body, body], lambda b: completion_stream(batch_server, b))
+    assert [r["text"] for r in results] == [expected, expected]  # as if each ran alone: it did
+    after = wait_until(batch_server, lambda h: h["queue"]["running"] == 0, "idle")["requests"]
+    assert after["batches"] == before["batches"]

@@ -183,8 +183,9 @@ def test_cors_closed_unless_configured(server: BackgroundServer, engine: lmx.Eng
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"max_concurrency": 2}, "max_concurrency"),
         ({"max_concurrency": 0}, "max_concurrency"),
+        ({"max_concurrency": 1000}, "max_concurrency"),
+        ({"max_concurrency": 2.5}, "max_concurrency"),
         ({"max_queue": -1}, "max_queue"),
         ({"port": 70000}, "port"),
         ({"max_body_bytes": 10}, "max_body_bytes"),

@@ -30,9 +30,15 @@ class TokenStream:
     """An iterator of :class:`Token`; after it ends, ``metrics``, ``finish_reason``, ``text``
     and ``tokens`` describe the whole generation. ``close()`` stops it early."""
 
-    def __init__(self, tokens: Iterator[Token], metrics: GenerationMetrics) -> None:
+    def __init__(
+        self,
+        tokens: Iterator[Token],
+        metrics: GenerationMetrics,
+        request: tuple[list[int], GenerationOptions] | None = None,
+    ) -> None:
         self._it = tokens
         self.metrics = metrics
+        self.request = request  # (prompt ids, options): lets a scheduler batch it with others
         self.finish_reason: str | None = None
         self.text = ""
         self.tokens: list[int] = []
@@ -41,7 +47,9 @@ class TokenStream:
         return self
 
     def __next__(self) -> Token:
-        token = next(self._it)
+        return self._record(next(self._it))
+
+    def _record(self, token: Token) -> Token:
         self.text += token.text
         self.tokens.append(token.id)
         if token.finish_reason is not None:
@@ -108,7 +116,7 @@ class Engine:
         opts = self._options(options)
         ids = self._encode(prompt)
         metrics = GenerationMetrics()
-        return TokenStream(self._run(ids, opts, metrics), metrics)
+        return TokenStream(self._run(ids, opts, metrics), metrics, (ids, opts))
 
     def chat(self, messages: list[Message], *, chat_template_kwargs: dict | None = None, **options: Any) -> Completion:
         """Reply to a conversation (a list of ``{"role", "content"}`` dicts)."""

@@ -21,7 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="require this key on every route but /health (default: $LMX_API_KEY; none)",
     )
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
-    p.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once (1: no batching yet)")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1,
+        help="requests run together as one batch when they wait at the same time (default 1: one at a time)",
+    )
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(
         "--max-tokens", type=int, default=None, help="max_tokens of requests that give none (default: context)"

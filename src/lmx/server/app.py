@@ -81,12 +81,18 @@ async def health(request: Request) -> Response:
         {
             "status": "ok",
             "model": state.model_id,
-            "queue": {"running": stats.running, "waiting": stats.waiting, "max_queue": state.settings.max_queue},
+            "queue": {
+                "running": stats.running,
+                "waiting": stats.waiting,
+                "max_queue": state.settings.max_queue,
+                "max_concurrency": state.settings.max_concurrency,
+            },
             "requests": {
                 "completed": stats.completed,
                 "cancelled": stats.cancelled,
                 "failed": stats.failed,
                 "rejected": stats.rejected,
+                "batches": stats.batches,
             },
         }
     )
@@ -140,7 +146,12 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     info = engine.info()
     if settings.warm_up:
         _warm_up(engine)
-    scheduler = Scheduler(settings.max_queue)
+    from lmx.generate.batch import stream_batch
+
+    def run_batch(streams: list[Any], cancelled: Any) -> Any:
+        return stream_batch(engine, streams, cancelled)
+
+    scheduler = Scheduler(settings.max_queue, settings.max_concurrency, run_batch)
     state = ServerState(
         settings=settings,
         engine=engine,

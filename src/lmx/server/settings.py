@@ -25,8 +25,9 @@ class ServerSettings:
         port: TCP port.
         api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``
             (or HTTP Basic auth with the key as password, which browsers can send).
-        max_concurrency: requests generating at once. The engine runs one request at a time
-            (batched decoding is not implemented), so 1 is the only value allowed today.
+        max_concurrency: requests generating at once. Above 1, requests waiting together
+            with the same sampling options run as one padded batch (up to this many); each
+            client still streams its own tokens. 1: one request at a time.
         max_queue: requests allowed to wait behind the running ones; one more is answered 503.
         max_body_bytes: the largest request body accepted; a larger one is answered 413.
         max_tokens_default: ``max_tokens`` of a request that gives none; None: until the end
@@ -59,12 +60,7 @@ class ServerSettings:
         if not self.host:
             raise InvalidOptionError("host must be an address or a host name, got ''")
         _check_int("port", self.port, 0, 65535)
-        if self.max_concurrency != 1:
-            _check_int("max_concurrency", self.max_concurrency, 1, None)
-            raise InvalidOptionError(
-                f"max_concurrency must be 1: the engine runs one request at a time and batched decoding "
-                f"is not implemented yet, got {self.max_concurrency}"
-            )
+        _check_int("max_concurrency", self.max_concurrency, 1, 256)
         _check_int("max_queue", self.max_queue, 0, None)
         _check_int("max_body_bytes", self.max_body_bytes, 1024, None)
         if self.max_tokens_default is not None:

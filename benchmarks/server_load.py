@@ -1,7 +1,7 @@
 """Load test of `lmx serve`: N concurrent streaming clients for a fixed time, loopback only.
 
     python benchmarks/server_load.py [--model PATH] [--clients 32] [--duration 60]
-        [--max-tokens 16] [--max-concurrency 1] [--device cpu|gpu] [--json out.json]
+        [--max-tokens 16] [--max-concurrency 8] [--device cpu|gpu] [--json out.json]
 
 Starts `lmx serve` in a child process on 127.0.0.1 (a free port, a random API key, a wait
 queue deep enough for every client), then runs ``--clients`` clients, each on its own
@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds during which clients send requests")
     p.add_argument("--drain", type=float, default=600.0, help="seconds to let running requests finish afterwards")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-concurrency", type=int, default=1, help="the server's --max-concurrency (batch size)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="the server's --max-concurrency (batch size)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 

@@ -763,6 +763,25 @@ def test_kv_cache_beyond_the_memory_limit_is_typed(
     usable()
 
 
+def test_batch_kv_cache_beyond_the_memory_limit_is_typed(
+    tiny_dirs: dict[str, Path], limit: Callable[[int], None], usable: Callable
+) -> None:
+    with lmx.load(tiny_dirs["gemma3"]) as fresh:
+        args = fresh.model.args
+        windows = [args.sliding_window if t == "sliding_attention" else None for t in args.layer_types]
+        n = len(fresh.tokenizer.encode(PROMPT))
+        one = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 1, 4)
+        four = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 1, 4, batch=4)
+        assert four == 4 * one
+        limit((one + four) // 2)  # one row's cache fits, four rows' do not
+        with pytest.raises(OutOfMemoryError, match=rf"KV cache for {n + 1} positions .*lower max_tokens"):
+            fresh.batch_generate([PROMPT] * 4, max_tokens=8)
+        assert len(fresh.batch_generate([PROMPT], max_tokens=8)[0].tokens) == 8  # a batch that fits runs
+        limit(10 * four)
+        assert [len(c.tokens) for c in fresh.batch_generate([PROMPT] * 4, max_tokens=8)] == [8] * 4
+    usable()
+
+
 def test_set_limit_rejects_bad_values() -> None:
     for bad in (0, -1, 1.5, "1GB", True, None):
         with pytest.raises(InvalidOptionError, match=r"memory limit must be a positive number of bytes"):

@@ -31,7 +31,8 @@ def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
 
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(ServerSettings(port=0, model_name="tiny", max_queue=3), engine) as server:
+    settings = ServerSettings(port=0, model_name="tiny", max_queue=3, max_concurrency=1)  # one at a time
+    with BackgroundServer(settings, engine) as server:
         yield server
 
 

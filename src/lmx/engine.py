@@ -254,7 +254,7 @@ class Engine:
         self._cache, self._cache_tokens = self.model.make_cache(), []
         return self._cache, 0
 
-    def _check_kv_memory(self, cache: list[KVCache], positions: int) -> None:
+    def _check_kv_memory(self, cache: list[KVCache], positions: int, batch: int = 1) -> None:
         """Raise :class:`OutOfMemoryError` before the KV cache grows past the memory limit.
 
         Checked before prefill and again as generation reaches each new cache block, so a
@@ -262,7 +262,12 @@ class Engine:
         """
         args = self.model.args
         need = memory.kv_cache_bytes(
-            [c.window for c in cache], args.num_key_value_heads, args.head_dim, positions, self._kv_itemsize
+            [c.window for c in cache],
+            args.num_key_value_heads,
+            args.head_dim,
+            positions,
+            self._kv_itemsize,
+            batch=batch,
         ) - sum(c.nbytes for c in cache)
         if need > 0:
             memory.check_allocation(

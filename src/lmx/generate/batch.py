@@ -125,12 +125,14 @@ class _Batch:
         # The processors see each row's first token where the padding is: the repetition
         # penalty counts a token once, so that changes nothing, where pad ids would be penalised.
         history = mx.array([[p[0]] * n + p for n, p in zip(pads, prompts)]) if processors else None
+        cache = engine.model.make_cache()
+        engine._check_kv_memory(cache, longest + 1, len(prompts))
         memory.reset_peak()
         self.t0 = time.perf_counter()
         self._steps = generate_step(
             engine.model,
             tokens,
-            engine.model.make_cache(),
+            cache,
             make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p),
             KeySequence(opts.seed).next,
             history=history,
@@ -154,6 +156,8 @@ class _Batch:
                         yield i, row.add(tid, lp, top, step + 1 >= row.limit)
                 if all(r.done for r in self.rows):
                     break
+                # the step loop runs one token ahead: look two positions on
+                engine._check_kv_memory(cache, longest + step + 3, len(prompts))
         finally:
             self.close()
 

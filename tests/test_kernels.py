@@ -76,6 +76,19 @@ def test_qmatmul_matches_numpy(K, qtype, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch(K, qtype):
+    """Decode (1 row) may take another code path than a batch; a row's result must not change."""
+    rng = np.random.default_rng(5)
+    blocks = mx.array(random_blocks(qtype, 70, 512, rng))
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    alone = np.array(K.qmatmul(mx.array(x), blocks, int(qtype), 512))
+    batch = np.array(K.qmatmul(mx.array(np.concatenate([x, -x, x])), blocks, int(qtype), 512))
+    np.testing.assert_array_equal(alone[0], batch[0])
+    np.testing.assert_array_equal(alone[0], batch[2])
+
+
+@needs_kernels
 def test_qmatmul_batched_shape_and_bfloat16_input(K):
     rng = np.random.default_rng(1)
     blocks = random_blocks(T.Q4_K, 96, 512, rng)
@@ -222,14 +235,15 @@ def test_real_model_logits_and_greedy_tokens(gemma_gguf: Path):
 
 
 @needs_kernels
-def test_lora_gradients_on_kernels_equal_float32(tiny_gguf: dict[str, Path]):
+@pytest.mark.parametrize("length", [5, 21])  # 4 rows: the GEMV primitive's VJP; 20: dequantize + matmul
+def test_lora_gradients_on_kernels_equal_float32(tiny_gguf: dict[str, Path], length: int):
     """LoRA over GGUF-block layers: the adapters' gradients equal those over the float32 model."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from lmx.train.lora import apply_lora, fuse_lora
 
-    ids = mx.array([[5, 9, 11, 20, 31]])
+    ids = mx.array([[5 + 3 * i for i in range(length)]])
 
     def loss(m: nn.Module) -> mx.array:
         logits = m(ids[:, :-1])
@@ -249,3 +263,14 @@ def test_lora_gradients_on_kernels_equal_float32(tiny_gguf: dict[str, Path]):
     assert fast.keys() == plain.keys() and any(k.endswith("lora_b") for k in fast)
     for name in fast:
         close(np.array(fast[name]), np.array(plain[name]).astype(np.float64), rtol=1e-3)
+
+
+def test_info_reports_the_kernels(tiny_gguf: dict[str, Path]):
+    from lmx.cli.info import collect
+
+    info = collect(str(tiny_gguf["qwen3"]), "cpu")
+    kernels = info["cpu_kernels"]
+    assert kernels["available"] == kernel_status.available
+    assert kernels["in_use"] == kernel_status.available  # a GGUF of the kernels' types uses them when built
+    if not kernel_status.available:
+        assert kernels["reason"]

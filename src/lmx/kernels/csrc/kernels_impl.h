@@ -143,20 +143,53 @@ LMX_INLINE __m256i bits_to_bytes(uint32_t x) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-LMX_INLINE void decode_q8_0_avx2(const uint8_t* b, float* y) {
-  const float d = half_to_float(b);
-  store_i8x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, d, y);
+// The 32 signed quants of a Q8_0 / Q5_0 block (the scale is applied by the caller).
+LMX_INLINE __m256i quants_q8_0(const uint8_t* b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
 }
 
-LMX_INLINE void decode_q5_0_avx2(const uint8_t* b, float* y) {
-  const float d = half_to_float(b);
+LMX_INLINE __m256i quants_q5_0(const uint8_t* b) {
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
   const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
   const __m128i m4 = _mm_set1_epi8(0x0F);
   const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
   const __m256i high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-  store_i8x32(_mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(16)), d, d, y);
+  return _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(16));
+}
+
+LMX_INLINE void decode_q8_0_avx2(const uint8_t* b, float* y) {
+  const float d = half_to_float(b);
+  store_i8x32(quants_q8_0(b), d, d, y);
+}
+
+LMX_INLINE void decode_q5_0_avx2(const uint8_t* b, float* y) {
+  const float d = half_to_float(b);
+  store_i8x32(quants_q5_0(b), d, d, y);
+}
+
+// One row of Q8_0 / Q5_0 blocks dotted with x, the weights never leaving registers: each weight is
+// the decoders' value (float(q) * d) and the four accumulators add in dot()'s order, so the result
+// is the same as decode_row + dot, bit for bit.
+template <int T>
+LMX_INLINE float dot_row_fused(const uint8_t* row, const float* x, int64_t k) {
+  constexpr int64_t bytes = T == Q8_0 ? 34 : 22;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < k; i += 32, row += bytes) {
+    const __m256 d = _mm256_set1_ps(half_to_float(row));
+    const __m256i q = T == Q8_0 ? quants_q8_0(row) : quants_q5_0(row);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])), d);
+      acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i + 8 * j), acc[j]);
+    }
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
 }
 
 LMX_INLINE void decode_q4_k_avx2(const uint8_t* b, float* y) {
@@ -257,6 +290,14 @@ LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
 
 template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
+#if LMX_IMPL_AVX2
+  if constexpr (T == Q8_0 || T == Q5_0) {
+    if (g.m == 1) {  // decode: no row buffer
+      for (int64_t r = r0; r < r1; ++r) g.y[r] = dot_row_fused<T>(g.w + r * g.row_bytes, g.x, g.k);
+      return;
+    }
+  }
+#endif
   alignas(64) float buf[kMaxK];
   for (int64_t r = r0; r < r1; ++r) {
     decode_row<T>(g.w + r * g.row_bytes, g.k, buf);

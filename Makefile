@@ -8,10 +8,13 @@ UNAME  := $(shell uname -s)
 EXTRA  ?= $(if $(filter Darwin,$(UNAME)),,$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu))
 PROMPT ?= The three most important inventions in human history are
 ARGS   ?=
+# lmx's CPU kernels (C++ MLX extension, Linux x86_64 CPU builds): built, or rebuilt when their sources or
+# MLX changed, before every run/test; a failed build only prints a note (lmx then uses MLX's float32 path).
+KERNELS := $(if $(and $(filter cpu,$(EXTRA)),$(filter x86_64,$(shell uname -m))),$(PY) -m lmx.kernels.build --if-needed,@true)
 STAMP_RUN  := $(VENV)/.lmx-run-$(EXTRA)
 STAMP_TEST := $(VENV)/.lmx-test-$(EXTRA)
 
-.PHONY: run test setup setup-test lint format clean
+.PHONY: run test setup setup-test kernels lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +33,15 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 setup: $(STAMP_RUN)
 setup-test: $(STAMP_TEST)
 
+kernels: $(STAMP_RUN)
+	$(KERNELS)
+
 run: $(STAMP_RUN)
+	$(KERNELS)
 	$(VENV)/bin/lmx generate "$(PROMPT)" --max-tokens 96 $(ARGS)
 
 test: $(STAMP_TEST)
+	$(KERNELS)
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP_TEST)
@@ -45,4 +53,4 @@ format: $(STAMP_TEST)
 	$(VENV)/bin/ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache src/lmx/kernels/_lmx_kernels*

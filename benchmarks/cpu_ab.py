@@ -69,7 +69,7 @@ def mlx_lm_runner(model: Any) -> Any:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model dir (default: the bundled Gemma 3 270M)")
-    p.add_argument("--variants", default="lmx-eager,lmx-compiled,mlx-lm")
+    p.add_argument("--variants", default="lmx-eager,lmx-compiled,mlx-lm", help="also: lmx-kernels")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
@@ -80,14 +80,19 @@ def main() -> int:
     variants = [v.strip() for v in args.variants.split(",")]
     runners: dict[str, Any] = {}
     if any(v.startswith("lmx") for v in variants):
-        model = load_model(path, dtype=args.dtype).model
+        model = load_model(path, dtype=args.dtype, cpu_kernels=False).model
         runners["lmx-eager"] = lmx_runner(model, False)
         runners["lmx-compiled"] = lmx_runner(model, True)
+    if "lmx-kernels" in variants:  # the GGUF itself on lmx's CPU kernels (lmx.kernels)
+        from lmx.io.default_model import default_gguf_path
+
+        kmodel = load_model(default_gguf_path(), dtype=args.dtype, cpu_kernels=True).model
+        runners["lmx-kernels"] = lmx_runner(kmodel, False)
     if "mlx-lm" in variants:
         from mlx_lm import load
 
         runners["mlx-lm"] = mlx_lm_runner(load(path)[0])
-    vocab = 262144 if "lmx-eager" not in runners else int(model.args.vocab_size)
+    vocab = 262144  # Gemma 3's; every variant runs the same model
     prompt = prompt_ids(args.prompt_tokens, vocab)
     for v in variants:  # warm-up (compiled kernels, allocations)
         runners[v](prompt[:16], 4)

@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 
 # name -> worker arguments (besides the model and the shape).
 ENGINES = {
-    "lmx": ["lmx"],
+    "lmx": ["lmx"],  # the float32 HF directory (MLX + OpenBLAS)
+    "lmx-kernels": ["lmx", "--kernels", "on"],  # the GGUF on lmx's CPU kernels (lmx.kernels)
+    "lmx-kernels-1thread": ["lmx", "--kernels", "on"],  # LMX_CPU_THREADS=1 (see ENV)
     "lmx-1thread": ["lmx"],  # OPENBLAS_NUM_THREADS=1 (see ENV)
     "lmx-compiled": ["lmx", "--compile", "on"],
     "lmx-eager": ["lmx", "--compile", "off"],
@@ -39,7 +41,7 @@ ENGINES = {
     "transformers": ["transformers"],
 }
 # name -> extra environment of its worker process.
-ENV = {"lmx-1thread": {"OPENBLAS_NUM_THREADS": "1"}}
+ENV = {"lmx-1thread": {"OPENBLAS_NUM_THREADS": "1"}, "lmx-kernels-1thread": {"LMX_CPU_THREADS": "1"}}
 DEFAULT = "lmx,lmx-1thread,mlx-lm-default,mlx-lm-openblas,llama.cpp,transformers"
 
 

@@ -55,7 +55,10 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
     from lmx.loader import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype)
+    if args.kernels == "on":  # the GGUF itself, its quantized matrices on lmx's CPU kernels
+        loaded = load_model(args.gguf, dtype=args.dtype, cpu_kernels=True)
+    else:  # the float32 HF directory lmx converted from it (MLX's float32 path)
+        loaded = load_model(args.model, dtype=args.dtype, cpu_kernels=False)
     load_time = time.perf_counter() - t0
     model = loaded.model
     ids = prompt_ids(args.prompt_tokens, int(loaded.config["vocab_size"]))
@@ -82,7 +85,12 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
         start,
         stamps,
         len(ids),
-        {"load_time_s": load_time, "peak_memory_bytes": mx.get_peak_memory(), "blas": lmx.runtime.BLAS.name},
+        {
+            "load_time_s": load_time,
+            "peak_memory_bytes": mx.get_peak_memory(),
+            "blas": lmx.runtime.BLAS.name,
+            "cpu_kernels": loaded.cpu_kernels,
+        },
     )
 
 
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="auto", help="lmx weight dtype")
+    p.add_argument("--kernels", default="off", choices=["on", "off"], help="lmx: the GGUF on lmx's CPU kernels")
     p.add_argument("--openblas", action="store_true", help="mlx-lm: load OpenBLAS first, as lmx does")
     p.add_argument(
         "--compile", default="off", choices=["on", "off"], help="lmx: compiled decode step (lmx's default: off)"

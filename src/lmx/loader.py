@@ -34,6 +34,7 @@ class LoadedModel:
     source: str = ""
     name: str = ""
     quantization: dict[str, int] | None = None
+    cpu_kernels: bool = False  # some weights run as GGUF blocks on lmx's CPU kernels (lmx.kernels)
 
 
 def resolve_dtype(dtype: str | None) -> mx.Dtype:
@@ -50,24 +51,36 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[name]
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype: str | None = "auto") -> LoadedModel:
+def load_model(
+    path: str | os.PathLike | None = None, *, dtype: str | None = "auto", cpu_kernels: bool | None = None
+) -> LoadedModel:
     """Load a model from an HF directory or a ``.gguf`` file (None: the bundled default).
+
+    Args:
+        path: the model; None for the bundled default.
+        dtype: see :func:`resolve_dtype`.
+        cpu_kernels: keep a GGUF model's quantized matrices as they are and run them on lmx's CPU
+            kernels (:mod:`lmx.kernels`). None (default): on the CPU when the kernels are built and
+            ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required. The bundled
+            default model is then read from its GGUF file instead of the converted float32 directory.
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
+        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run.
         UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
     """
     mx_dtype = resolve_dtype(dtype)
+    kernel_types = _kernel_types(cpu_kernels)
     if path is None:
-        from lmx.io.default_model import default_model_path
+        from lmx.io.default_model import default_gguf_path, default_model_path
 
-        target = default_model_path()
+        target = default_gguf_path() if kernel_types else default_model_path()
     else:
         target = Path(path).expanduser()
     if target.is_dir():
         return _load_hf_dir(target, mx_dtype)
     if target.is_file() and target.suffix.lower() == ".gguf":
-        return _load_gguf(target, mx_dtype)
+        return _load_gguf(target, mx_dtype, kernel_types)
     if target.is_file():
         raise ModelNotFoundError(f"{target} is a file but not a .gguf; give an HF model directory or a .gguf file")
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
@@ -115,12 +128,39 @@ def _check_config_shape(config: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: 'text_config' must be a JSON object, got {text!r:.80}")
 
 
-def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
-    from lmx.io.gguf import read_gguf
+def _kernel_types(cpu_kernels: bool | None) -> frozenset[int]:
+    """The GGML types to keep as blocks: those the CPU kernels read, when they are to be used."""
+    if cpu_kernels is False:
+        return frozenset()
+    from lmx.kernels import GGML_TYPES, _load, enabled_by_env
 
-    gguf = read_gguf(path, dtype=dtype)
+    if device_name() != "cpu":
+        if cpu_kernels:
+            raise InvalidOptionError("cpu_kernels=True needs the CPU device; on a GPU lmx runs MLX's own kernels")
+        return frozenset()
+    if cpu_kernels is None and not enabled_by_env():
+        return frozenset()
+    module, reason = _load()
+    if module is None:
+        if cpu_kernels:
+            raise InvalidOptionError(f"cpu_kernels=True, but lmx's CPU kernels are unavailable: {reason}")
+        logger.info("CPU kernels unavailable (%s); using MLX's float32 path", reason)
+        return frozenset()
+    return frozenset(GGML_TYPES.values())
+
+
+def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:
+    from lmx.io.gguf import read_gguf
+    from lmx.models.gguf_layers import use_gguf_blocks
+
+    gguf = read_gguf(path, dtype=dtype, keep_blocks=kernel_types)
     model = _build(gguf.config, str(path))
-    hf.apply_weights(model, model.sanitize(gguf.weights), str(path), dtype)
+    weights = model.sanitize(gguf.weights)
+    blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
+    use_gguf_blocks(model, blocks, dtype, str(path))
+    if blocks:
+        logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
+    hf.apply_weights(model, weights, str(path), dtype)
     spec = gguf.tokenizer_spec
     tokenizer = Tokenizer(
         spec.backend,
@@ -132,4 +172,4 @@ def _load_gguf(path: Path, dtype: mx.Dtype) -> LoadedModel:
         name=path.name,
     )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, gguf.config, {}, str(path), path.stem)
+    return LoadedModel(model, tokenizer, gguf.config, {}, str(path), path.stem, cpu_kernels=bool(blocks))

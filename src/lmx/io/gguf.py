@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class GGUFModel:
     weights: dict[str, mx.array]
     tokenizer_spec: GGUFTokenizerSpec
     metadata: dict[str, Any] = field(default_factory=dict)
+    block_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights kept as blocks
 
 
 class _Cursor:
@@ -438,15 +440,40 @@ def _fix(w: mx.array, gguf_name: str, arch: str, config: dict[str, Any]) -> mx.a
     return w
 
 
+def kept_blocks(header: GGUFHeader, keep: Collection[int]) -> dict[str, int]:
+    """HF name -> GGML type of the matrices whose quantized blocks are to be kept as they are.
+
+    Those are the 2-D weights (Linear layers, the embedding) whose type is in ``keep``; norms and
+    1-D tensors are always dequantized.
+    """
+    arch = header.metadata.get("general.architecture")
+    out = {}
+    for info in header.tensors.values():
+        name = hf_name(info.name, arch) if arch in _ARCH_LAYER_NAMES else None
+        if name and info.ggml_type in keep and len(info.shape) == 2 and not info.name.endswith("norm.weight"):
+            out[name] = info.ggml_type
+    return out
+
+
 def load_weights(
-    header: GGUFHeader, config: dict[str, Any], *, dtype: mx.Dtype = mx.float32, threads: int | None = None
+    header: GGUFHeader,
+    config: dict[str, Any],
+    *,
+    dtype: mx.Dtype = mx.float32,
+    threads: int | None = None,
+    keep_blocks: Collection[int] = (),
 ) -> dict[str, mx.array]:
     """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
+
+    Args:
+        keep_blocks: GGML types to keep quantized: such matrices (see :func:`kept_blocks`) come back
+            as their raw bytes, uint8 of shape (rows, bytes per row), for :mod:`lmx.kernels`.
 
     Raises:
         WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
     """
     arch = header.metadata["general.architecture"]
+    raw_names = set(kept_blocks(header, keep_blocks))
     names = {}
     for info in header.tensors.values():
         if info.name in _SKIPPED.get(arch, ()):
@@ -463,20 +490,27 @@ def load_weights(
         for gguf_name, name in names.items():
             info = header.tensors[gguf_name]
             raw = data[info.offset : info.offset + info.nbytes]
-            array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape, executor=pool)
+            if name in raw_names:
+                # the file's rows as they are (a copy: no view pins the map); a row permutation
+                # (llama's Q/K order) applies to whole rows, so _fix works on them unchanged
+                array = mx.array(np.array(raw).reshape(info.shape[0], -1))
+            else:
+                array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape, executor=pool)
             array = _fix(array, gguf_name, arch, config)
-            weights[name] = array if dtype == mx.float32 else array.astype(dtype)
+            weights[name] = array if dtype == mx.float32 or name in raw_names else array.astype(dtype)
             mx.eval(weights[name])  # materialize now, so an intermediate float32 copy can go
     del data
     return weights
 
 
-def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32) -> GGUFModel:
+def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32, keep_blocks: Collection[int] = ()) -> GGUFModel:
     """Read a GGUF model: its config, dequantized weights, tokenizer and metadata.
 
     Args:
         path: the ``.gguf`` file.
         dtype: the weights' dtype (dequantization is done in float32, then cast).
+        keep_blocks: GGML types whose matrices stay as raw blocks (see :func:`load_weights`); the
+            model's ``block_types`` names them.
 
     Returns:
         A :class:`GGUFModel` in Hugging Face terms.
@@ -490,8 +524,14 @@ def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32) -> GGUFM
     header = read_header(path)
     config = gguf_config(header)
     spec = tokenizer_from_gguf(header.metadata)
-    weights = load_weights(header, config, dtype=dtype)
-    return GGUFModel(config=config, weights=weights, tokenizer_spec=spec, metadata=info_metadata(header))
+    weights = load_weights(header, config, dtype=dtype, keep_blocks=keep_blocks)
+    return GGUFModel(
+        config=config,
+        weights=weights,
+        tokenizer_spec=spec,
+        metadata=info_metadata(header),
+        block_types=kept_blocks(header, keep_blocks),
+    )
 
 
 __all__ = [
@@ -502,6 +542,7 @@ __all__ = [
     "gguf_config",
     "hf_name",
     "info_metadata",
+    "kept_blocks",
     "load_weights",
     "read_gguf",
     "read_gguf_metadata",

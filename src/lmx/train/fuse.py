@@ -68,7 +68,7 @@ def fuse(
     if dtype is not None and dtype not in DTYPES:
         raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out).expanduser()
-    loaded = load_model(model, dtype="float32")
+    loaded = load_model(model, dtype="float32", cpu_kernels=False)  # merges into float weights
     source = Path(loaded.source)
     if source.is_dir() and out.resolve() == source.resolve():
         raise InvalidOptionError(f"out must not be the base model's directory ({out})")

@@ -24,12 +24,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError, ModelNotFoundError, WeightsError
+from lmx.models.gguf_layers import GGUFEmbedding, GGUFLinear
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "lmx-lora"
+# Layers LoRA adapts: float, MLX-quantized, and GGUF blocks on lmx's CPU kernels (frozen; the
+# kernels give the gradient with respect to the input, which is all LoRA needs).
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, GGUFLinear)
 
 
 class LoRALinear(nn.Module):
@@ -47,8 +51,10 @@ class LoRALinear(nn.Module):
         self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, key: mx.array | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise InvalidOptionError(f"LoRA wraps nn.Linear or nn.QuantizedLinear, got {type(base).__name__}")
+        if not isinstance(base, LINEAR_TYPES):
+            raise InvalidOptionError(
+                f"LoRA wraps nn.Linear, nn.QuantizedLinear or GGUFLinear, got {type(base).__name__}"
+            )
         out_dims, in_dims = linear_shape(base)
         base.freeze()
         self.base = base
@@ -90,6 +96,9 @@ class LoRALinear(nn.Module):
                 if has_bias:
                     q.bias = base.bias
                 return q
+        elif isinstance(base, GGUFLinear):  # GGUF blocks are not re-encoded: the merge is a float layer
+            weight = base.dequantized_weight()
+            merged = weight + self.delta().astype(weight.dtype)
         else:
             merged = base.weight + self.delta().astype(base.weight.dtype)
         linear = nn.Linear(in_dims, out_dims, bias=has_bias)
@@ -100,7 +109,9 @@ class LoRALinear(nn.Module):
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out, in) dimensions of a Linear or QuantizedLinear."""
+    """(out, in) dimensions of a Linear, QuantizedLinear or GGUFLinear."""
+    if isinstance(layer, GGUFLinear):
+        return layer.out_features, layer.in_features
     out_dims, cols = layer.weight.shape
     if isinstance(layer, nn.QuantizedLinear):
         return out_dims, cols * 32 // layer.bits
@@ -108,6 +119,8 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def _dequantized(layer: nn.Module) -> mx.array:
+    if isinstance(layer, (GGUFLinear, GGUFEmbedding)):
+        return layer.dequantized_weight()
     return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode)
 
 
@@ -164,7 +177,7 @@ def target_paths(model: nn.Module, targets: Iterable[str], num_layers: int = -1)
     layer_path = {id(m): p for p, m in model.named_modules() if id(m) in chosen}
     for layer in layers[len(layers) - n :]:
         for sub, module in layer.named_modules():
-            if sub.rsplit(".", 1)[-1] in wanted and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            if sub.rsplit(".", 1)[-1] in wanted and isinstance(module, LINEAR_TYPES):
                 paths.append(f"{layer_path[id(layer)]}.{sub}")
     if not paths:
         raise InvalidOptionError(f"targets {sorted(wanted)} matched no Linear layer in the model")
@@ -217,7 +230,7 @@ def apply_lora(
     named = dict(model.named_modules())
     for i, path in enumerate(paths):
         base = named.get(path)
-        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+        if not isinstance(base, LINEAR_TYPES):
             found = "nothing" if base is None else type(base).__name__
             raise WeightsError(f"adapter module {path!r}: expected a Linear layer in the model, found {found}")
         key = None if keys is None else keys[i]
@@ -287,14 +300,14 @@ def fuse_lora(model: nn.Module, *, dequantize: bool = False) -> int:
     if dequantize:
         plain = []
         for path, module in model.named_modules():
-            if isinstance(module, nn.QuantizedLinear):
+            if isinstance(module, (nn.QuantizedLinear, GGUFLinear)):
                 out_dims, in_dims = linear_shape(module)
                 linear = nn.Linear(in_dims, out_dims, bias="bias" in module)
                 linear.weight = _dequantized(module)
                 if "bias" in module:
                     linear.bias = module.bias
                 plain.append((path, linear))
-            elif isinstance(module, nn.QuantizedEmbedding):
+            elif isinstance(module, (nn.QuantizedEmbedding, GGUFEmbedding)):
                 embedding = nn.Embedding(module.num_embeddings, module.dims)
                 embedding.weight = _dequantized(module)
                 plain.append((path, embedding))

@@ -1,0 +1,137 @@
+"""CPU kernels (C++ MLX extension): matmul against GGUF-quantized weights, decoded in registers.
+
+On the CPU, MLX's float32 matrix-vector product is bound by memory: Gemma 3 270M reads 1.07 GB of
+float32 weights a token. These kernels keep a GGUF file's Q8_0/Q5_0/Q4_0/Q4_K/Q6_K blocks as they are
+(about a quarter of the bytes) and decode each weight to exactly the float32 value the dequantized
+model holds, so logits match the float32 path up to summation order. See benchmarks/RESULTS.md.
+
+The module is built by ``python -m lmx.kernels.build`` (``make setup`` runs it). Set
+``LMX_CPU_KERNELS=0`` to keep MLX's float32 path, ``LMX_CPU_THREADS=n`` to pick the thread count
+(default: the physical cores this process may run on).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+# GGML type ids the kernels read (ggml.h).
+GGML_TYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+ENV_SWITCH = "LMX_CPU_KERNELS"
+ENV_THREADS = "LMX_CPU_THREADS"
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the CPU kernels can be used, and if not, why.
+
+    Attributes:
+        available: the module is built for this MLX and imports.
+        reason: why not, when not.
+        threads: threads the kernels run on.
+        simd: ``"avx2"`` or ``"scalar"``.
+    """
+
+    available: bool
+    reason: str | None = None
+    threads: int = 0
+    simd: str = ""
+
+
+def enabled_by_env() -> bool:
+    """False when ``LMX_CPU_KERNELS`` is 0/false/off/no."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads share a core's memory path)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(), topo.joinpath("core_id").read_text()))
+        except OSError:
+            cores.add(("", str(cpu)))
+    return max(1, len(cores))
+
+
+def _threads() -> int:
+    value = os.environ.get(ENV_THREADS)
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            logger.warning("%s=%r is not an integer; using the physical core count", ENV_THREADS, value)
+    return physical_cores()
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ModuleType | None, str | None]:
+    """Import the built module once, if it was built for this MLX and these sources."""
+    from lmx.kernels import build
+
+    if (why := build.supported_platform()) is not None:
+        return None, why
+    if not build.module_path().is_file():
+        return None, "not built (run `python -m lmx.kernels.build` or `make setup`)"
+    try:
+        stamp = json.loads(build.STAMP.read_text())
+    except (OSError, ValueError):
+        stamp = None
+    expected = build.expected_stamp()
+    if stamp != expected:
+        return None, f"built for {stamp}, need {expected}: rebuild with `python -m lmx.kernels.build`"
+    try:
+        from lmx.kernels import _lmx_kernels as module
+    except ImportError as e:
+        return None, f"the built module does not import: {e}"
+    if (why := _self_test(module)) is not None:
+        return None, why
+    module.set_num_threads(_threads())
+    return module, None
+
+
+def _self_test(module: ModuleType) -> str | None:
+    """One tiny product: the module must take and return MLX arrays (same nanobind ABI as mlx.core)."""
+    import mlx.core as mx
+    import numpy as np
+
+    block = np.zeros((1, 34), dtype=np.uint8)
+    block[0, :2] = np.array([1.0], dtype="<f2").view(np.uint8)  # scale 1.0
+    block[0, 2:] = np.arange(32, dtype=np.int8).view(np.uint8)
+    try:
+        y = module.qmatmul(mx.ones((1, 32), dtype=mx.float32), mx.array(block), GGML_TYPES["Q8_0"], 32, stream=mx.cpu)
+        value = y.item()
+    except (TypeError, RuntimeError, ValueError) as e:
+        return f"the built module does not work with this MLX ({type(e).__name__}: {e}); rebuild it"
+    if value != float(sum(range(32))):
+        return f"the built module computes wrong values (self-test gave {value}, expected {sum(range(32))})"
+    return None
+
+
+def kernels() -> ModuleType | None:
+    """The kernel module, or None when unavailable or switched off (``LMX_CPU_KERNELS=0``)."""
+    if not enabled_by_env():
+        return None
+    return _load()[0]
+
+
+def status() -> KernelStatus:
+    """What :func:`kernels` gives, and why (for ``lmx info``)."""
+    if not enabled_by_env():
+        return KernelStatus(False, f"{ENV_SWITCH}=0")
+    module, reason = _load()
+    if module is None:
+        return KernelStatus(False, reason)
+    return KernelStatus(True, None, module.num_threads(), "avx2" if module.has_avx2() else "scalar")
+
+
+__all__ = ["ENV_SWITCH", "ENV_THREADS", "GGML_TYPES", "KernelStatus", "enabled_by_env", "kernels", "status"]

@@ -1,0 +1,23 @@
+// Python bindings of the lmx CPU kernels (module lmx.kernels._lmx_kernels).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "qmatmul.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_lmx_kernels, m) {
+  m.doc() = "lmx CPU kernels: matmul against GGUF-quantized weights";
+  m.def("qmatmul", &lmx::qmatmul, "x"_a, "w"_a, "type"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ W^T for W stored as GGUF blocks: x (..., k) float, w (n, row_bytes) uint8 -> (..., n).");
+  m.def("dequantize_rows", &lmx::dequantize_rows, "w"_a, "type"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "GGUF block rows (..., row_bytes) uint8 -> their float32 values (..., k).");
+  m.def("block_geometry", [](int type) {
+    auto g = lmx::block_geometry(type);
+    return nb::make_tuple(g.values, g.bytes);
+  }, "type"_a, "(values per block, bytes per block) of a GGML type; (0, 0) if unsupported.");
+  m.def("set_num_threads", &lmx::set_num_threads, "n"_a, "Threads the kernels use (the caller included).");
+  m.def("num_threads", &lmx::num_threads);
+  m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");
+}

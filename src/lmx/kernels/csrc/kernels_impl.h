@@ -1,0 +1,338 @@
+// The kernels' portable body, included twice by qmatmul.cpp: once as namespace lmx::generic, once as
+// lmx::avx2 under `#pragma GCC target("avx2,fma")` (then the decoders auto-vectorise and dot() uses FMA).
+// Block layouts and the float operation order of every decoder follow ggml's dequantize_row_*
+// (ggml-quants.c), so a decoded weight is bit-identical to gguf-py's numpy dequantize.
+// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, Gemv, kMaxK and the GgmlType ids.
+
+namespace lmx::LMX_IMPL_NS {
+
+#define LMX_INLINE inline __attribute__((always_inline))
+
+// IEEE half -> float, exactly (normals, subnormals, inf, nan).
+LMX_INLINE float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    float f = static_cast<float>(mant) * 5.9604644775390625e-08f;  // mant * 2^-24, exact
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// ---- block decoders: one block of bytes -> its float32 values ----
+
+LMX_INLINE void decode_q8_0(const uint8_t* b, float* y) {  // d f16, qs[32] int8
+  const float d = half_to_float(b);
+  const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+  for (int i = 0; i < 32; ++i) {
+    y[i] = static_cast<float>(q[i]) * d;
+  }
+}
+
+LMX_INLINE void decode_q4_0(const uint8_t* b, float* y) {  // d f16, qs[16]
+  const float d = half_to_float(b);
+  const uint8_t* qs = b + 2;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = static_cast<float>((qs[j] & 0x0F) - 8) * d;
+    y[j + 16] = static_cast<float>((qs[j] >> 4) - 8) * d;
+  }
+}
+
+LMX_INLINE void decode_q5_0(const uint8_t* b, float* y) {  // d f16, qh u32, qs[16]
+  const float d = half_to_float(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int xh0 = ((qh >> j) << 4) & 0x10;
+    const int xh1 = (qh >> (j + 12)) & 0x10;
+    y[j] = static_cast<float>(((qs[j] & 0x0F) | xh0) - 16) * d;
+    y[j + 16] = static_cast<float>(((qs[j] >> 4) | xh1) - 16) * d;
+  }
+}
+
+LMX_INLINE void scale_min_k4(int j, const uint8_t* q, int* d, int* m) {
+  if (j < 4) {
+    *d = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+LMX_INLINE void decode_q4_k(const uint8_t* b, float* y) {  // d f16, dmin f16, scales[12], qs[128]
+  const float d = half_to_float(b);
+  const float dmin = half_to_float(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* q = b + 16;
+  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, y += 64) {
+    int sc, m;
+    scale_min_k4(is, scales, &sc, &m);
+    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    scale_min_k4(is + 1, scales, &sc, &m);
+    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+    for (int l = 0; l < 32; ++l) {
+      y[l] = d1 * static_cast<float>(q[l] & 0xF) - m1;
+      y[l + 32] = d2 * static_cast<float>(q[l] >> 4) - m2;
+    }
+  }
+}
+
+LMX_INLINE void decode_q6_k(const uint8_t* b, float* y) {  // ql[128], qh[64], scales[16] int8, d f16
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_to_float(b + 208);
+  for (int n = 0; n < 256; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * static_cast<float>(sc[is]) * static_cast<float>(q1);
+      y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q2);
+      y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q3);
+      y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q4);
+    }
+  }
+}
+
+#if LMX_IMPL_AVX2
+// AVX2 decoders: the same values as the portable ones above (one multiply per weight, or a multiply
+// then a subtract for Q4_K, never fused), 32 at a time.
+
+// 32 int8 -> float, the first 16 times s0 and the last 16 times s1, stored at y[0..31].
+LMX_INLINE void store_i8x32(__m256i q, float s0, float s1, float* y) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m256 a = _mm256_set1_ps(s0), b = _mm256_set1_ps(s1);
+  _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), a));
+  _mm256_storeu_ps(y + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), a));
+  _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), b));
+  _mm256_storeu_ps(y + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), b));
+}
+
+// 32 values 0..15 (uint8) -> d * q - m, at y[0..31].
+LMX_INLINE void store_u4x32_affine(__m256i q, float d, float m, float* y) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+    _mm256_storeu_ps(y + 8 * i, _mm256_sub_ps(_mm256_mul_ps(dv, f), mv));
+  }
+}
+
+// Byte i of the result is 0xFF where bit i of x is set, else 0.
+LMX_INLINE __m256i bits_to_bytes(uint32_t x) {
+  const __m256i shuffle = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                           3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), shuffle);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+// The 32 signed quants of a Q8_0 / Q5_0 block (the scale is applied by the caller).
+LMX_INLINE __m256i quants_q8_0(const uint8_t* b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+}
+
+LMX_INLINE __m256i quants_q5_0(const uint8_t* b) {
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+  const __m256i high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+  return _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(16));
+}
+
+LMX_INLINE void decode_q8_0_avx2(const uint8_t* b, float* y) {
+  const float d = half_to_float(b);
+  store_i8x32(quants_q8_0(b), d, d, y);
+}
+
+LMX_INLINE void decode_q5_0_avx2(const uint8_t* b, float* y) {
+  const float d = half_to_float(b);
+  store_i8x32(quants_q5_0(b), d, d, y);
+}
+
+// One row of Q8_0 / Q5_0 blocks dotted with x, the weights never leaving registers: each weight is
+// the decoders' value (float(q) * d) and the four accumulators add in dot()'s order, so the result
+// is the same as decode_row + dot, bit for bit.
+template <int T>
+LMX_INLINE float dot_row_fused(const uint8_t* row, const float* x, int64_t k) {
+  constexpr int64_t bytes = T == Q8_0 ? 34 : 22;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < k; i += 32, row += bytes) {
+    const __m256 d = _mm256_set1_ps(half_to_float(row));
+    const __m256i q = T == Q8_0 ? quants_q8_0(row) : quants_q5_0(row);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])), d);
+      acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i + 8 * j), acc[j]);
+    }
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+LMX_INLINE void decode_q4_k_avx2(const uint8_t* b, float* y) {
+  const float d = half_to_float(b);
+  const float dmin = half_to_float(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* q = b + 16;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, y += 64) {
+    int sc, m;
+    scale_min_k4(is, scales, &sc, &m);
+    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    scale_min_k4(is + 1, scales, &sc, &m);
+    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    store_u4x32_affine(_mm256_and_si256(v, m4), d1, m1, y);
+    store_u4x32_affine(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), d2, m2, y + 32);
+  }
+}
+
+LMX_INLINE void decode_q6_k_avx2(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = half_to_float(b + 208);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+  for (int n = 0; n < 256; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+    // 16-bit shifts: the 0x30 mask keeps only bits that stayed inside their byte
+    const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2));
+    const __m256i q2 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2));
+    const __m256i q3 =
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m2));
+    const __m256i q4 = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2));
+    const float s[8] = {d * static_cast<float>(sc[0]), d * static_cast<float>(sc[1]), d * static_cast<float>(sc[2]),
+                        d * static_cast<float>(sc[3]), d * static_cast<float>(sc[4]), d * static_cast<float>(sc[5]),
+                        d * static_cast<float>(sc[6]), d * static_cast<float>(sc[7])};
+    store_i8x32(_mm256_sub_epi8(q1, bias), s[0], s[1], y);
+    store_i8x32(_mm256_sub_epi8(q2, bias), s[2], s[3], y + 32);
+    store_i8x32(_mm256_sub_epi8(q3, bias), s[4], s[5], y + 64);
+    store_i8x32(_mm256_sub_epi8(q4, bias), s[6], s[7], y + 96);
+  }
+}
+#define LMX_DECODE(name) name##_avx2
+#else
+#define LMX_DECODE(name) name
+#endif
+
+
+template <int T>
+LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
+  if constexpr (T == Q8_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 34) LMX_DECODE(decode_q8_0)(row, y + i);
+  } else if constexpr (T == Q4_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 18) decode_q4_0(row, y + i);
+  } else if constexpr (T == Q5_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 22) LMX_DECODE(decode_q5_0)(row, y + i);
+  } else if constexpr (T == Q4_K) {
+    for (int64_t i = 0; i < k; i += 256, row += 144) LMX_DECODE(decode_q4_k)(row, y + i);
+  } else {
+    static_assert(T == Q6_K);
+    for (int64_t i = 0; i < k; i += 256, row += 210) LMX_DECODE(decode_q6_k)(row, y + i);
+  }
+}
+
+// ---- dot products (k is a multiple of 32) ----
+
+#if LMX_IMPL_AVX2
+LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#else
+LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < k; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+#endif
+
+// ---- row-range workers: rows [r0, r1) of W against m rows of x ----
+
+
+template <int T>
+LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
+#if LMX_IMPL_AVX2
+  if constexpr (T == Q8_0 || T == Q5_0) {
+    if (g.m == 1) {  // decode: no row buffer
+      for (int64_t r = r0; r < r1; ++r) g.y[r] = dot_row_fused<T>(g.w + r * g.row_bytes, g.x, g.k);
+      return;
+    }
+  }
+#endif
+  alignas(64) float buf[kMaxK];
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_row<T>(g.w + r * g.row_bytes, g.k, buf);
+    for (int64_t i = 0; i < g.m; ++i) {
+      g.y[i * g.n + r] = dot(buf, g.x + i * g.k, g.k);
+    }
+  }
+}
+
+void gemv(int type, const Gemv& g, int64_t r0, int64_t r1) {
+  switch (type) {
+    case Q8_0: return gemv_rows<Q8_0>(g, r0, r1);
+    case Q4_0: return gemv_rows<Q4_0>(g, r0, r1);
+    case Q5_0: return gemv_rows<Q5_0>(g, r0, r1);
+    case Q4_K: return gemv_rows<Q4_K>(g, r0, r1);
+    case Q6_K: return gemv_rows<Q6_K>(g, r0, r1);
+  }
+}
+
+template <int T>
+LMX_INLINE void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) decode_row<T>(w + r * row_bytes, k, y + r * k);
+}
+
+void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int64_t r0, int64_t r1) {
+  switch (type) {
+    case Q8_0: return dequant_rows<Q8_0>(w, rb, k, y, r0, r1);
+    case Q4_0: return dequant_rows<Q4_0>(w, rb, k, y, r0, r1);
+    case Q5_0: return dequant_rows<Q5_0>(w, rb, k, y, r0, r1);
+    case Q4_K: return dequant_rows<Q4_K>(w, rb, k, y, r0, r1);
+    case Q6_K: return dequant_rows<Q6_K>(w, rb, k, y, r0, r1);
+  }
+}
+
+#undef LMX_INLINE
+#undef LMX_DECODE
+
+}  // namespace lmx::LMX_IMPL_NS

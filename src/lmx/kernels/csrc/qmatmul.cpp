@@ -1,0 +1,221 @@
+// The kernels behind qmatmul.h: MLX primitives, the thread pool split, and the two compiled copies
+// (portable and AVX2/FMA, chosen at run time) of kernels_impl.h.
+#include "qmatmul.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "thread_pool.h"
+
+namespace lmx {
+namespace {
+
+// Below this many weights per product, waking the pool costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 16;
+// Rows of x above which qmatmul dequantizes W once and hands the product to BLAS.
+constexpr int kGemvMaxRows = 8;
+// Largest k handled with a row buffer on the stack (floats).
+constexpr int64_t kMaxK = 1 << 15;
+
+ThreadPool& pool() {
+  static ThreadPool p(1);
+  return p;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+struct Gemv {
+  const uint8_t* w;
+  int64_t row_bytes;
+  const float* x;
+  int64_t m, k, n;
+  float* y;
+};
+
+}  // namespace
+
+}  // namespace lmx
+
+#define LMX_IMPL_NS generic
+#define LMX_IMPL_AVX2 0
+#include "kernels_impl.h"
+#undef LMX_IMPL_NS
+#undef LMX_IMPL_AVX2
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define LMX_IMPL_NS avx2
+#define LMX_IMPL_AVX2 1
+#include "kernels_impl.h"
+#undef LMX_IMPL_NS
+#undef LMX_IMPL_AVX2
+#pragma GCC pop_options
+
+namespace lmx {
+namespace {
+
+// Split rows [0, n) into chunks of whole 8-row groups, about 4 per thread so that a thread that gets
+// no core for a while costs little; small jobs run on the calling thread alone.
+template <class F>
+void parallel_rows(int64_t n, int64_t work, F&& f) {
+  const int threads = pool().size();
+  if (work < kParallelMin || threads == 1) {
+    f(0, n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(8, (n + 4 * threads - 1) / (4 * threads) + 7) / 8 * 8;
+  pool().run((n + chunk - 1) / chunk, [&](int64_t i) { f(i * chunk, std::min(n, (i + 1) * chunk)); });
+}
+
+void check_args(const mx::array& w, int type, int k, const char* what) {
+  BlockGeometry g = block_geometry(type);
+  std::ostringstream msg;
+  if (g.values == 0) {
+    msg << what << ": unsupported GGML type " << type << " (supported: Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)";
+  } else if (k <= 0 || k % g.values || k > kMaxK) {
+    msg << what << ": k must be a positive multiple of " << g.values << " up to " << kMaxK << ", got " << k;
+  } else if (w.dtype() != mx::uint8 || w.ndim() < 1 || w.shape(-1) != k / g.values * g.bytes) {
+    msg << what << ": w must be uint8 rows of " << k / g.values * g.bytes << " bytes (k=" << k << "), got dtype "
+        << w.dtype() << " shape (";
+    for (auto s : w.shape()) msg << s << ",";
+    msg << ")";
+  } else {
+    return;
+  }
+  throw std::invalid_argument(msg.str());
+}
+
+}  // namespace
+
+BlockGeometry block_geometry(int type) {
+  switch (type) {
+    case Q4_0: return {32, 18};
+    case Q5_0: return {32, 22};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+void set_num_threads(int n) {
+  pool().resize(std::max(1, n));
+}
+int num_threads() {
+  return pool().size();
+}
+bool has_avx2() {
+  return cpu_has_avx2();
+}
+
+mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevice s) {
+  check_args(w, type, k, "dequantize_rows");
+  mx::Shape shape = w.shape();
+  shape.back() = k;
+  auto wc = mx::contiguous(w, false, s);
+  return mx::array(shape, mx::float32, std::make_shared<DequantizeRows>(mx::to_stream(s), type, k), {wc});
+}
+
+mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, mx::StreamOrDevice s) {
+  check_args(w, type, k, "qmatmul");
+  if (w.ndim() != 2) {
+    throw std::invalid_argument("qmatmul: w must be 2-D (n, row_bytes)");
+  }
+  if (x.ndim() < 1 || x.shape(-1) != k || !mx::issubdtype(x.dtype(), mx::floating)) {
+    std::ostringstream msg;
+    msg << "qmatmul: x must be floating with last dimension " << k << ", got dtype " << x.dtype();
+    throw std::invalid_argument(msg.str());
+  }
+  auto xf = mx::astype(x, mx::float32, s);
+  int64_t rows = x.size() / k;
+  if (rows > kGemvMaxRows) {
+    // Prefill: decode W once, then BLAS (OpenBLAS when lmx loaded it) does the many-row product.
+    auto out = mx::matmul(xf, mx::transpose(dequantize_rows(w, type, k, s), s), s);
+    return mx::astype(out, x.dtype(), s);
+  }
+  mx::Shape shape = x.shape();
+  shape.back() = w.shape(0);
+  auto out = mx::array(
+      shape, mx::float32, std::make_shared<QMatmul>(mx::to_stream(s), type, k),
+      {mx::contiguous(xf, false, s), mx::contiguous(w, false, s)});
+  return mx::astype(out, x.dtype(), s);
+}
+
+void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(w);
+  encoder.set_output_array(out);
+  Gemv g{w.data<uint8_t>(), w.shape(1), x.data<float>(), static_cast<int64_t>(x.size() / k_), k_, w.shape(0),
+         out.data<float>()};
+  encoder.dispatch([g, type = type_]() {
+    const bool avx = cpu_has_avx2();
+    parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
+      avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
+    });
+  });
+}
+
+void QMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("lmx qmatmul has no GPU implementation; lmx uses MLX's own ops on the GPU");
+}
+
+std::vector<mx::array> QMatmul::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg != 0) {
+      throw std::invalid_argument("qmatmul: quantized weights are frozen; there is no gradient with respect to them");
+    }
+    // dL/dx = dL/dy @ W, with W decoded to float32 (the values the forward used).
+    grads.push_back(mx::matmul(cotangents[0], dequantize_rows(primals[1], type_, k_, stream()), stream()));
+  }
+  return grads;
+}
+
+bool QMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QMatmul&>(other);
+  return type_ == o.type_ && k_ == o.k_;
+}
+
+void DequantizeRows::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& w = inputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(w);
+  encoder.set_output_array(out);
+  int64_t k = k_, rows = out.size() / k_, row_bytes = w.shape(-1);
+  encoder.dispatch([wp = w.data<uint8_t>(), y = out.data<float>(), k, rows, row_bytes, type = type_]() {
+    const bool avx = cpu_has_avx2();
+    parallel_rows(rows, rows * k, [&](int64_t r0, int64_t r1) {
+      avx ? avx2::dequantize(type, wp, row_bytes, k, y, r0, r1)
+          : generic::dequantize(type, wp, row_bytes, k, y, r0, r1);
+    });
+  });
+}
+
+void DequantizeRows::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("lmx dequantize_rows has no GPU implementation; lmx uses MLX's own ops on the GPU");
+}
+
+bool DequantizeRows::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DequantizeRows&>(other);
+  return type_ == o.type_ && k_ == o.k_;
+}
+
+}  // namespace lmx

@@ -1,0 +1,76 @@
+// lmx CPU kernels: y = x @ W^T with W kept in its GGUF block encoding (Q8_0, Q5_0, Q4_0, Q4_K, Q6_K).
+//
+// Each weight is decoded to exactly the float32 value ggml's dequantize_row_* (and gguf-py's numpy
+// dequantize) gives, then multiplied with the float32 activation and accumulated in float32: the
+// product equals the dequantized-float32 matmul up to summation order.
+#pragma once
+
+#include <cstdint>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace lmx {
+
+namespace mx = mlx::core;
+
+// GGML type ids (ggml.h) of the supported block encodings.
+enum GgmlType : int { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+// Values per block and bytes per block; {0, 0} for an unsupported type.
+struct BlockGeometry {
+  int64_t values;
+  int64_t bytes;
+};
+BlockGeometry block_geometry(int type);
+
+// y = x @ W^T. x: (..., k) floating; w: (n, k / values * bytes) uint8, rows in `type`'s blocks.
+// Returns (..., n) in x's dtype. Many rows of x (prefill) go through dequantize + matmul (BLAS).
+mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, mx::StreamOrDevice s = {});
+
+// The float32 values of quantized rows: w (..., k / values * bytes) uint8 -> (..., k) float32.
+mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevice s = {});
+
+// Threads the kernels use (the calling thread counts as one); n < 1 means 1.
+void set_num_threads(int n);
+int num_threads();
+
+// Whether the AVX2/FMA/F16C code path is in use (else portable scalar code).
+bool has_avx2();
+
+class QMatmul : public mx::UnaryPrimitive {
+ public:
+  QMatmul(mx::Stream stream, int type, int k) : mx::UnaryPrimitive(stream), type_(type), k_(k) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "LmxQMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int type_;
+  int k_;
+};
+
+class DequantizeRows : public mx::UnaryPrimitive {
+ public:
+  DequantizeRows(mx::Stream stream, int type, int k) : mx::UnaryPrimitive(stream), type_(type), k_(k) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "LmxDequantizeRows";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int type_;
+  int k_;
+};
+
+}  // namespace lmx

@@ -1,0 +1,123 @@
+"""Linear and Embedding layers whose weights stay in a GGUF file's quantized blocks (CPU kernels).
+
+Each weight is a uint8 array of shape (rows, bytes per row) holding the file's blocks as they are;
+:mod:`lmx.kernels` decodes them to the exact float32 values of the dequantized model inside the
+matrix product, so these layers compute what ``nn.Linear``/``nn.Embedding`` over the dequantized
+weights compute, up to summation order, while reading about a quarter of the bytes. The loader
+puts them in (see :func:`use_gguf_blocks`) only on the CPU, for a GGUF model, when the kernels
+import and ``cpu_kernels`` is not switched off. The weights are frozen: LoRA trains adapters on top
+(the gradient with respect to the input is ``dL/dy @ W``); they have no gradient themselves.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from lmx.errors import WeightsError
+
+
+def _kernels() -> ModuleType:
+    from lmx.kernels import _load
+
+    module, reason = _load()
+    if module is None:
+        raise WeightsError(f"this layer needs lmx's CPU kernels, which are unavailable: {reason}")
+    return module
+
+
+class GGUFLinear(nn.Module):
+    """``y = x @ W.T (+ bias)`` with ``W`` as GGUF blocks: ``weight`` is uint8 (out_features, bytes per row)."""
+
+    def __init__(self, in_features: int, out_features: int, ggml_type: int, bias: bool = False) -> None:
+        super().__init__()
+        values, nbytes = _kernels().block_geometry(ggml_type)
+        if not values or in_features % values:
+            raise WeightsError(f"GGML type {ggml_type} cannot hold rows of {in_features} values")
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
+        self.weight = mx.zeros((out_features, in_features // values * nbytes), dtype=mx.uint8)
+        if bias:
+            self.bias = mx.zeros((out_features,))
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _kernels().qmatmul(x, self.weight, self.ggml_type, self.in_features)
+        return y + self.bias.astype(y.dtype) if "bias" in self else y
+
+    def dequantized_weight(self) -> mx.array:
+        """The float32 weight (out_features, in_features), exactly as the dequantized model holds it."""
+        return _kernels().dequantize_rows(self.weight, self.ggml_type, self.in_features)
+
+
+class GGUFEmbedding(nn.Module):
+    """An embedding table in GGUF blocks; ``as_linear`` is the tied LM head."""
+
+    def __init__(self, num_embeddings: int, dims: int, ggml_type: int, dtype: mx.Dtype = mx.float32) -> None:
+        super().__init__()
+        values, nbytes = _kernels().block_geometry(ggml_type)
+        if not values or dims % values:
+            raise WeightsError(f"GGML type {ggml_type} cannot hold rows of {dims} values")
+        self.num_embeddings, self.dims, self.ggml_type = num_embeddings, dims, ggml_type
+        self.out_dtype = dtype  # the model's activation dtype (decoding gives float32)
+        self.weight = mx.zeros((num_embeddings, dims // values * nbytes), dtype=mx.uint8)
+        self.freeze()
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        rows = self.weight[ids]  # (..., bytes per row): only the looked-up rows are decoded
+        return _kernels().dequantize_rows(rows, self.ggml_type, self.dims).astype(self.out_dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _kernels().qmatmul(x, self.weight, self.ggml_type, self.dims)
+
+    def dequantized_weight(self) -> mx.array:
+        """The float32 table (num_embeddings, dims)."""
+        return _kernels().dequantize_rows(self.weight, self.ggml_type, self.dims)
+
+
+def use_gguf_blocks(model: nn.Module, block_types: dict[str, int], dtype: mx.Dtype, source: str) -> None:
+    """Replace the layers whose ``<path>.weight`` is in ``block_types`` by GGUF-block layers (in place).
+
+    The new layers hold zero placeholders of the blocks' shape; load the weights afterwards
+    (:func:`lmx.io.hf.apply_weights` checks every shape and dtype strictly).
+
+    Raises:
+        WeightsError: a name is not the weight of a Linear or Embedding layer of ``model``.
+    """
+    modules = dict(model.named_modules())
+    replacements = []
+    for name, ggml_type in block_types.items():
+        path = name.removesuffix(".weight")
+        layer = modules.get(path)
+        if isinstance(layer, nn.Linear):
+            out_features, in_features = layer.weight.shape
+            replacements.append((path, GGUFLinear(in_features, out_features, ggml_type, bias="bias" in layer)))
+        elif isinstance(layer, nn.Embedding):
+            num, dims = layer.weight.shape
+            replacements.append((path, GGUFEmbedding(num, dims, ggml_type, dtype)))
+        else:
+            found = type(layer).__name__ if layer is not None else "nothing"
+            raise WeightsError(f"{source}: {name} is not a Linear or Embedding weight of the model (found {found})")
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+
+
+def gguf_block_values(model: nn.Module) -> int:
+    """Values held in GGUF blocks minus their byte count: add to a parameter count made of array sizes."""
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, GGUFLinear):
+            total += m.in_features * m.out_features - m.weight.size
+        elif isinstance(m, GGUFEmbedding):
+            total += m.num_embeddings * m.dims - m.weight.size
+    return total
+
+
+def uses_gguf_blocks(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` runs on the CPU kernels."""
+    return any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for _, m in model.named_modules())
+
+
+__all__ = ["GGUFEmbedding", "GGUFLinear", "gguf_block_values", "use_gguf_blocks", "uses_gguf_blocks"]

@@ -1,0 +1,276 @@
+"""lmx's CPU kernels (lmx.kernels): products against GGUF blocks equal gguf-py's dequantize + numpy.
+
+Every expected value comes from gguf-py's numpy dequantization and a float64 numpy product, never
+from the code under test. The kernels' tests skip (saying why) where the module is not built.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as T
+
+import lmx  # isort: skip  (loads OpenBLAS before mlx.core)
+import mlx.core as mx
+
+from conftest_gguf import random_blocks
+from lmx.errors import InvalidOptionError
+from lmx.kernels import GGML_TYPES, status
+
+pytest_plugins = ["conftest_gguf"]
+
+TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K]
+assert sorted(int(t) for t in TYPES) == sorted(GGML_TYPES.values())
+# float32 accumulation in another order than float64 numpy: errors ~1e-7 of the largest output
+RTOL = 2e-5
+
+kernel_status = status()
+needs_kernels = pytest.mark.skipif(not kernel_status.available, reason=f"CPU kernels: {kernel_status.reason}")
+
+
+@pytest.fixture(scope="module")
+def K():
+    from lmx.kernels import _load
+
+    module, _ = _load()
+    return module
+
+
+def reference(blocks: np.ndarray, qtype: T, k: int) -> np.ndarray:
+    """gguf-py's float32 values of ``blocks`` (rows, bytes per row) as (rows, k)."""
+    return quants.dequantize(blocks, qtype).reshape(blocks.shape[0], k)
+
+
+def close(got: np.ndarray, want: np.ndarray, rtol: float = RTOL) -> None:
+    scale = max(float(np.abs(want).max()), 1e-30)
+    err = float(np.abs(got.astype(np.float64) - want).max()) / scale
+    assert err < rtol, f"max error {err:.2e} of the largest value"
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_rows_bit_exact(K, qtype):
+    rng = np.random.default_rng(int(qtype))
+    block = GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, 13, 3 * block, rng)
+    got = np.array(K.dequantize_rows(mx.array(blocks), int(qtype), 3 * block))
+    np.testing.assert_array_equal(got, reference(blocks, qtype, 3 * block))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])  # 37: above the GEMV limit (dequantize + BLAS)
+def test_qmatmul_matches_numpy(K, qtype, rows):
+    rng = np.random.default_rng(rows * 100 + int(qtype))
+    block = GGML_QUANT_SIZES[qtype][0]
+    for n, k in ((1, block), (67, 2 * block), (301, 5 * block)):  # odd row counts, several blocks a row
+        blocks = random_blocks(qtype, n, k, rng)
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        got = np.array(K.qmatmul(mx.array(x), mx.array(blocks), int(qtype), k))
+        assert got.shape == (rows, n)
+        close(got, x.astype(np.float64) @ reference(blocks, qtype, k).astype(np.float64).T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch(K, qtype):
+    """Decode (1 row) may take another code path than a batch; a row's result must not change."""
+    rng = np.random.default_rng(5)
+    blocks = mx.array(random_blocks(qtype, 70, 512, rng))
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    alone = np.array(K.qmatmul(mx.array(x), blocks, int(qtype), 512))
+    batch = np.array(K.qmatmul(mx.array(np.concatenate([x, -x, x])), blocks, int(qtype), 512))
+    np.testing.assert_array_equal(alone[0], batch[0])
+    np.testing.assert_array_equal(alone[0], batch[2])
+
+
+@needs_kernels
+def test_qmatmul_batched_shape_and_bfloat16_input(K):
+    rng = np.random.default_rng(1)
+    blocks = random_blocks(T.Q4_K, 96, 512, rng)
+    x = rng.standard_normal((2, 3, 512)).astype(np.float32)
+    got = K.qmatmul(mx.array(x), mx.array(blocks), int(T.Q4_K), 512)
+    assert got.shape == (2, 3, 96) and got.dtype == mx.float32
+    close(np.array(got), x.astype(np.float64) @ reference(blocks, T.Q4_K, 512).astype(np.float64).T)
+    got16 = K.qmatmul(mx.array(x).astype(mx.bfloat16), mx.array(blocks), int(T.Q4_K), 512)
+    assert got16.dtype == mx.bfloat16
+
+
+@needs_kernels
+def test_multithreaded_rows_equal_single_thread(K):
+    rng = np.random.default_rng(2)
+    blocks = mx.array(random_blocks(T.Q8_0, 4099, 640, rng))  # large enough to be split over the pool
+    x = mx.array(rng.standard_normal((1, 640)).astype(np.float32))
+    before = K.num_threads()
+    try:
+        K.set_num_threads(1)
+        one = np.array(K.qmatmul(x, blocks, int(T.Q8_0), 640))
+        K.set_num_threads(3)
+        assert K.num_threads() == 3
+        three = np.array(K.qmatmul(x, blocks, int(T.Q8_0), 640))
+    finally:
+        K.set_num_threads(before)
+    np.testing.assert_array_equal(one, three)  # each row is computed whole by one thread
+
+
+@needs_kernels
+def test_pool_shared_by_several_python_threads(K):
+    """Several threads calling at once take turns on the pool: all finish, all results are right."""
+    rng = np.random.default_rng(3)
+    raw = random_blocks(T.Q5_0, 2048, 640, rng)
+    blocks = mx.array(raw)
+    want = reference(raw, T.Q5_0, 640).astype(np.float64)
+    xs = [rng.standard_normal((1, 640)).astype(np.float32) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def work(x: np.ndarray) -> None:
+        try:
+            stream = mx.new_stream(mx.cpu)
+            for _ in range(20):
+                got = K.qmatmul(mx.array(x), blocks, int(T.Q5_0), 640, stream=stream)
+                close(np.array(got), x.astype(np.float64) @ want.T)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: the pool deadlocked"
+    assert not errors, errors
+
+
+@needs_kernels
+def test_gradient_with_respect_to_x(K):
+    rng = np.random.default_rng(4)
+    raw = random_blocks(T.Q6_K, 24, 256, rng)
+    blocks = mx.array(raw)
+    x = mx.array(rng.standard_normal((2, 256)).astype(np.float32))
+    grad = mx.grad(lambda x: K.qmatmul(x, blocks, int(T.Q6_K), 256).sum())(x)
+    want = np.ones((2, 24)) @ reference(raw, T.Q6_K, 256).astype(np.float64)
+    close(np.array(grad), want)
+
+
+@needs_kernels
+def test_bad_arguments_are_errors(K):
+    blocks = mx.zeros((4, 34), dtype=mx.uint8)
+    with pytest.raises(ValueError, match="unsupported GGML type"):
+        K.qmatmul(mx.zeros((1, 32)), blocks, 1, 32)
+    with pytest.raises(ValueError, match="rows of 34 bytes"):
+        K.qmatmul(mx.zeros((1, 64)), mx.zeros((4, 35), dtype=mx.uint8), int(T.Q8_0), 32)
+    with pytest.raises(ValueError, match="last dimension 32"):
+        K.qmatmul(mx.zeros((1, 64)), blocks, int(T.Q8_0), 32)
+
+
+# ------------------------------------------------------------------------------- models on the kernels
+
+
+def _last_logits(engine, ids: list[int]) -> np.ndarray:
+    return np.array(engine.loaded.model(mx.array([ids]))[0, -1])
+
+
+@needs_kernels
+def test_tiny_gguf_on_kernels_equals_float32(tiny_gguf: dict[str, Path]):
+    """Mixed block types (the kernels' and others) and an untied Q6_K head."""
+    fast = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
+    plain = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False)
+    assert fast.loaded.cpu_kernels and not plain.loaded.cpu_kernels
+    for ids in ([5], [5, 9, 11], list(range(3, 40))):  # one token, a few (GEMV), many (dequantize + BLAS)
+        want = _last_logits(plain, ids)
+        # whole models: the summation-order differences of every layer add up (float32 throughout)
+        close(_last_logits(fast, ids), want.astype(np.float64), rtol=1e-4)
+
+
+def test_switched_off_by_argument_and_environment(tiny_gguf: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    from lmx.models.gguf_layers import uses_gguf_blocks
+
+    engine = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False)
+    assert not engine.loaded.cpu_kernels and not uses_gguf_blocks(engine.loaded.model)
+    monkeypatch.setenv("LMX_CPU_KERNELS", "0")
+    engine = lmx.load(tiny_gguf["qwen3"], device="cpu")
+    assert not engine.loaded.cpu_kernels and not uses_gguf_blocks(engine.loaded.model)
+    assert not status().available and status().reason == "LMX_CPU_KERNELS=0"
+
+
+def test_required_but_unavailable_is_a_typed_error(tiny_gguf: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    from lmx.kernels import _load
+
+    monkeypatch.setattr("lmx.kernels._load", lambda: (None, "not built (test)"))
+    try:
+        with pytest.raises(InvalidOptionError, match="not built"):
+            lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
+        engine = lmx.load(tiny_gguf["qwen3"], device="cpu")  # auto: falls back to float32
+        assert not engine.loaded.cpu_kernels
+    finally:
+        _load.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_real_model_logits_and_greedy_tokens(gemma_gguf: Path):
+    """Gemma 3 270M: the bundled GGUF on the kernels against the same file dequantized to float32."""
+    from test_real_model import PROMPTS
+
+    fast = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True)
+    plain = lmx.load(gemma_gguf, device="cpu", cpu_kernels=False)
+    assert fast.loaded.cpu_kernels
+    for prompt in PROMPTS[:4]:
+        ids = fast.tokenizer.encode(prompt)
+        # decode-shaped call (1 row: the GEMV kernels, the Q8_0 tied head included)
+        cache_f, cache_p = fast.loaded.model.make_cache(), plain.loaded.model.make_cache()
+        fast.loaded.model(mx.array([ids[:-1]]), cache_f)
+        plain.loaded.model(mx.array([ids[:-1]]), cache_p)
+        got = np.array(fast.loaded.model(mx.array([ids[-1:]]), cache_f)[0, -1])
+        want = np.array(plain.loaded.model(mx.array([ids[-1:]]), cache_p)[0, -1]).astype(np.float64)
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert err < 1e-4, f"{prompt!r}: logits differ by {err:.2e} of the largest"
+        a = fast.generate(prompt, max_tokens=32, temperature=0).tokens
+        b = plain.generate(prompt, max_tokens=32, temperature=0).tokens
+        assert a == b, prompt
+
+
+@needs_kernels
+@pytest.mark.parametrize("length", [5, 21])  # 4 rows: the GEMV primitive's VJP; 20: dequantize + matmul
+def test_lora_gradients_on_kernels_equal_float32(tiny_gguf: dict[str, Path], length: int):
+    """LoRA over GGUF-block layers: the adapters' gradients equal those over the float32 model."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from lmx.train.lora import apply_lora, fuse_lora
+
+    ids = mx.array([[5 + 3 * i for i in range(length)]])
+
+    def loss(m: nn.Module) -> mx.array:
+        logits = m(ids[:, :-1])
+        return nn.losses.cross_entropy(logits, ids[:, 1:]).mean()
+
+    grads = []
+    for kernels_on in (True, False):
+        engine = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=kernels_on)
+        model = engine.loaded.model
+        apply_lora(model, rank=4, alpha=8.0, seed=0)
+
+        _, g = nn.value_and_grad(model, loss)(model)
+        grads.append(dict(tree_flatten(g)))
+        if kernels_on:
+            assert fuse_lora(model, dequantize=True) > 0  # merges into float layers
+    fast, plain = grads
+    assert fast.keys() == plain.keys() and any(k.endswith("lora_b") for k in fast)
+    for name in fast:
+        close(np.array(fast[name]), np.array(plain[name]).astype(np.float64), rtol=1e-3)
+
+
+def test_info_reports_the_kernels(tiny_gguf: dict[str, Path]):
+    from lmx.cli.info import collect
+
+    info = collect(str(tiny_gguf["qwen3"]), "cpu")
+    kernels = info["cpu_kernels"]
+    assert kernels["available"] == kernel_status.available
+    assert kernels["in_use"] == kernel_status.available  # a GGUF of the kernels' types uses them when built
+    if not kernel_status.available:
+        assert kernels["reason"]

@@ -5,7 +5,7 @@ float32 weights a token. These kernels keep a GGUF file's Q8_0/Q5_0/Q4_0/Q4_K/Q6
 (about a quarter of the bytes) and decode each weight to exactly the float32 value the dequantized
 model holds, so logits match the float32 path up to summation order. See benchmarks/RESULTS.md.
 
-The module is built by ``python -m lmx.kernels.build`` (``make setup`` runs it). Set
+The module is built by ``python -m lmx.kernels.build`` (``make run``, ``make test`` and ``make kernels`` run it). Set
 ``LMX_CPU_KERNELS=0`` to keep MLX's float32 path, ``LMX_CPU_THREADS=n`` to pick the thread count
 (default: the physical cores this process may run on).
 """
@@ -81,7 +81,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
     if (why := build.supported_platform()) is not None:
         return None, why
     if not build.module_path().is_file():
-        return None, "not built (run `python -m lmx.kernels.build` or `make setup`)"
+        return None, "not built (run `python -m lmx.kernels.build` or `make kernels`)"
     try:
         stamp = json.loads(build.STAMP.read_text())
     except (OSError, ValueError):

@@ -1,6 +1,6 @@
 """Build the CPU kernels (``lmx.kernels._lmx_kernels``) against the installed MLX: ``python -m lmx.kernels.build``.
 
-`make setup`/`make test` run this after installing lmx. It needs cmake, a C++20 compiler and the
+`make run`/`make test`/`make kernels` run this after installing lmx. It needs cmake, a C++20 compiler and the
 ``nanobind`` package (the version MLX's own bindings were built with); without them it says what is
 missing and exits 0: lmx then runs on the float32 path. The module lands next to this file with a
 stamp (MLX version, source hash) that :mod:`lmx.kernels` checks before importing it, so a module built

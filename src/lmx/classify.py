@@ -35,6 +35,7 @@ import numpy as np
 from lmx import memory
 from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
 from lmx.results import GenerationMetrics
+from lmx.tokenizer import common_prefix
 
 if TYPE_CHECKING:
     from lmx.engine import Engine
@@ -326,7 +327,7 @@ class _Plan:
         rows, truncated = [], []
         for text in texts:
             ids = self.tokenizer.encode_chat(self._messages(text), add_generation_prompt=True, **self.kwargs)
-            shared = _common_prefix(ids, self.prefix)
+            shared = common_prefix(ids, self.prefix)
             tail = len(self.suffix) if self.suffix and ids[-len(self.suffix) :] == self.suffix else 0
             n_text = len(ids) - shared - tail
             keep, why = n_text, None
@@ -363,15 +364,6 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
         else:
             batch.append(i)
     return batches
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _result(labels: list[str], logprobs: np.ndarray, truncated: bool) -> Classification:

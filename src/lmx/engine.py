@@ -21,6 +21,7 @@ from lmx.loader import LoadedModel, load_model
 from lmx.models.cache import KVCache, trim_caches
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime.device import choose_device, device_name
+from lmx.tokenizer import common_prefix
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -246,12 +247,7 @@ class Engine:
     def _reuse_cache(self, ids: list[int]) -> tuple[list[KVCache], int]:
         """The cache to use and how many leading prompt tokens it already holds."""
         if self.prompt_cache and self._cache is not None:
-            common = 0
-            for a, b in zip(self._cache_tokens, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)  # at least one token must run for logits
+            common = min(common_prefix(self._cache_tokens, ids), len(ids) - 1)  # one token must run for logits
             if trim_caches(self._cache, len(self._cache_tokens) - common):
                 self._cache_tokens = self._cache_tokens[:common]
                 return self._cache, common

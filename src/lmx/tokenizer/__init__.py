@@ -7,6 +7,6 @@ imports ``mlx``.
 from __future__ import annotations
 
 from lmx.tokenizer.detokenizer import StreamingDetokenizer
-from lmx.tokenizer.tokenizer import Tokenizer, load_tokenizer
+from lmx.tokenizer.tokenizer import Tokenizer, common_prefix, load_tokenizer
 
-__all__ = ["StreamingDetokenizer", "Tokenizer", "load_tokenizer"]
+__all__ = ["StreamingDetokenizer", "Tokenizer", "common_prefix", "load_tokenizer"]

@@ -406,3 +406,13 @@ def load_tokenizer(
         chat_templates=load_chat_templates(root, tk_config),
         name=root.name or str(root),
     )
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

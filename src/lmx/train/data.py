@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from lmx.errors import LmxError, TokenizerError
+from lmx.tokenizer import common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +88,6 @@ def _record_format(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _Encoder:
     def __init__(self, tokenizer: Any, mask_prompt: bool, template_kwargs: dict[str, Any]) -> None:
         self.tok = tokenizer
@@ -158,8 +150,8 @@ class _Encoder:
             for i in turns:
                 # A template may rewrite earlier turns (Qwen 3 drops old reasoning): only the
                 # tokens that the full rendering shares with the turn's own rendering count.
-                start = _common_prefix(ids, render(messages[:i], True))
-                end = _common_prefix(ids, render(messages[: i + 1], False))
+                start = common_prefix(ids, render(messages[:i], True))
+                end = common_prefix(ids, render(messages[: i + 1], False))
                 for j in range(max(start, 1), end):
                     targets[j] = True
         except TokenizerError as e:

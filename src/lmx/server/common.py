@@ -147,6 +147,20 @@ async def collect(job: Job, request: Request) -> list[Token] | None:
         tokens.append(event.token)
 
 
+async def first_event(job: Job, request: Request) -> Event | None:
+    """The job's first event, waited for before a streaming response starts, so an error at
+    the start is answered with its own status; None if the client left first.
+
+    Raises:
+        the error the job started with.
+    """
+    first = await wait_event(job, request)
+    if first is not None and first.kind == "error":
+        assert first.error is not None
+        raise first.error
+    return first
+
+
 async def events_after(job: Job, first: Event) -> AsyncIterator[Event]:
     """``first`` and the job's later events up to its end; the job is cancelled if the
     consumer stops early (the response task is cancelled when the client disconnects)."""

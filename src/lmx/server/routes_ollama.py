@@ -21,11 +21,11 @@ from lmx.server.common import (
     collect,
     endpoint,
     events_after,
+    first_event,
     ndjson,
     read_body,
     server_state,
     start_job,
-    wait_event,
 )
 from lmx.server.errors import error_body
 from lmx.server.scheduler import Job
@@ -69,12 +69,9 @@ async def _respond(
         if tokens is None:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse({**head, "created_at": _now(), **piece(job.stream.text), **_final(job.stream)})
-    first = await wait_event(job, request)
+    first = await first_event(job, request)
     if first is None:
         return Response(status_code=CLIENT_GONE)
-    if first.kind == "error":
-        assert first.error is not None
-        raise first.error
 
     async def body() -> AsyncIterator[bytes]:
         async for event in events_after(job, first):

@@ -30,12 +30,12 @@ from lmx.server.common import (
     collect,
     endpoint,
     events_after,
+    first_event,
     read_body,
     request_id,
     server_state,
     sse,
     start_job,
-    wait_event,
 )
 from lmx.server.errors import error_body
 from lmx.server.scheduler import Job
@@ -166,13 +166,9 @@ async def _respond(request: Request, job: Job, fmt: _Format, stream: bool, inclu
         if tokens is None:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(fmt.completion(tokens, job.stream))
-    # Wait for the first token before answering, so an error at the start still gets its status.
-    first = await wait_event(job, request)
+    first = await first_event(job, request)
     if first is None:
         return Response(status_code=CLIENT_GONE)
-    if first.kind == "error":
-        assert first.error is not None
-        raise first.error
 
     async def body() -> AsyncIterator[bytes]:
         async for event in events_after(job, first):

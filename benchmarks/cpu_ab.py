@@ -30,25 +30,14 @@ import lmx.runtime  # noqa: E402, F401  # isort: skip  (first: loads OpenBLAS be
 import mlx.core as mx  # noqa: E402
 from workers import prompt_ids, summarize  # noqa: E402
 
-from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
-from lmx.generate.step import generate_step  # noqa: E402
+from lmx.bench import greedy_stamps  # noqa: E402
 from lmx.io.default_model import default_model_path  # noqa: E402
 from lmx.loader import load_model  # noqa: E402
 
 
 def lmx_runner(model: Any, compile: bool) -> Any:
     def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
-        cache = model.make_cache()
-        start = time.perf_counter()
-        steps = generate_step(model, mx.array([prompt]), cache, make_sampler(0.0), KeySequence(0).next, compile=compile)
-        stamps: list[float] = []
-        for token, _ in steps:
-            token.item()
-            stamps.append(time.perf_counter())
-            if len(stamps) == n:
-                break
-        steps.close()
-        return start, stamps
+        return greedy_stamps(model, mx.array([prompt]), n, compile=compile)
 
     return run
 

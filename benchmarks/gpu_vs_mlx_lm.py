@@ -39,9 +39,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from lmx.bench import config_for, random_weights  # noqa: E402
-from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
-from lmx.generate.step import generate_step  # noqa: E402
+from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
 from lmx.loader import resolve_dtype  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -64,17 +62,7 @@ def mlx_lm_twin(config: dict[str, Any], model: nn.Module) -> nn.Module:
 
 
 def time_lmx(model: nn.Module, prompt: list[int], n: int, compile: bool) -> tuple[float, list[float]]:
-    cache = model.make_cache()
-    start = time.perf_counter()
-    steps = generate_step(model, mx.array([prompt]), cache, make_sampler(0.0), KeySequence(0).next, compile=compile)
-    stamps: list[float] = []
-    for token, _ in steps:
-        token.item()
-        stamps.append(time.perf_counter())
-        if len(stamps) == n:
-            break
-    steps.close()
-    return start, stamps
+    return greedy_stamps(model, mx.array([prompt]), n, compile=compile)
 
 
 def time_lmx_boolmask(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:

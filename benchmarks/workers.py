@@ -50,8 +50,7 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
     import lmx  # isort: skip  # first: loads OpenBLAS before mlx.core
     import mlx.core as mx
 
-    from lmx.generate.sampling import KeySequence, make_sampler
-    from lmx.generate.step import generate_step
+    from lmx.bench import greedy_stamps
     from lmx.loader import load_model
 
     t0 = time.perf_counter()
@@ -64,19 +63,7 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
     ids = prompt_ids(args.prompt_tokens, int(loaded.config["vocab_size"]))
 
     def once(prompt: list[int], n: int) -> tuple[float, list[float]]:
-        cache = model.make_cache()
-        start = time.perf_counter()
-        steps = generate_step(
-            model, mx.array([prompt]), cache, make_sampler(0.0), KeySequence(0).next, compile=args.compile
-        )
-        stamps = []
-        for token, _ in steps:
-            token.item()
-            stamps.append(time.perf_counter())
-            if len(stamps) == n:
-                break
-        steps.close()
-        return start, stamps
+        return greedy_stamps(model, mx.array([prompt]), n, compile=args.compile)
 
     once(ids[:16], 4)  # warm-up
     mx.reset_peak_memory()

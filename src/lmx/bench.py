@@ -275,26 +275,48 @@ def _load(
     return _Loaded(built, name, time.perf_counter() - t0, vocab)
 
 
-def _one_run(model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool) -> RunStats:
-    cache = model.make_cache()
-    sampler = make_sampler(0.0)
-    keys = KeySequence(0)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    batch, length = prompt.shape
+def greedy_stamps(
+    model: nn.Module,
+    prompt: mx.array,
+    n: int,
+    *,
+    cache: list | None = None,
+    prefill_step_size: int = 512,
+    compile: bool = False,
+) -> tuple[float, list[float]]:
+    """Greedy-decode ``n`` tokens after ``prompt`` (B, L); the start time and when each token
+    was readable on the host (``t_k`` of the definitions in benchmarks/RESULTS.md)."""
+    cache = model.make_cache() if cache is None else cache
     t0 = time.perf_counter()
     steps = generate_step(
-        model, prompt, cache, sampler, keys.next, prefill_step_size=prefill_step_size, compile=compile
+        model,
+        prompt,
+        cache,
+        make_sampler(0.0),
+        KeySequence(0).next,
+        prefill_step_size=prefill_step_size,
+        compile=compile,
     )
     stamps: list[float] = []
     try:
         for token, _ in steps:
             token.tolist()  # the host read the engine makes each step (stop checks, detokenizing)
             stamps.append(time.perf_counter())
-            if len(stamps) == gen_tokens:
+            if len(stamps) == n:
                 break
     finally:
         steps.close()
+    return t0, stamps
+
+
+def _one_run(model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool) -> RunStats:
+    cache = model.make_cache()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    batch, length = prompt.shape
+    t0, stamps = greedy_stamps(
+        model, prompt, gen_tokens, cache=cache, prefill_step_size=prefill_step_size, compile=compile
+    )
     ttft = stamps[0] - t0
     decode_time = stamps[-1] - stamps[0]
     decode = batch * (len(stamps) - 1) / decode_time if len(stamps) > 1 and decode_time > 0 else 0.0

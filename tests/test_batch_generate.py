@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lmx  # isort: skip
 import numpy as np
-import pytest
 
 from lmx.results import Completion
 
@@ -16,14 +13,6 @@ PROMPTS = [
     "def add(a, b):\n    return",
     "Numbers 12345 and 67890, dates like 2026-11-27. Cafe, naive, emoji and CJK text. How are you today?",
 ]
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_dirs: dict[str, Path]) -> dict[str, lmx.Engine]:
-    out = {arch: lmx.load(d) for arch, d in tiny_dirs.items()}
-    yield out
-    for engine in out.values():
-        engine.close()
 
 
 def assert_same(batch: list[Completion], alone: list[Completion]) -> None:

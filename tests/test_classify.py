@@ -35,14 +35,6 @@ TEMPLATE = {
 }
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_dirs: dict[str, Path]) -> dict[str, lmx.Engine]:
-    out = {arch: lmx.load(d) for arch, d in tiny_dirs.items()}
-    yield out
-    for engine in out.values():
-        engine.close()
-
-
 def prompt_ids(engine: lmx.Engine, arch: str, turns: list[tuple[str, str | None]]) -> list[int]:
     """Token ids of a chat written out by hand: (user text, assistant answer or None for the last)."""
     template, end = TEMPLATE[arch]

@@ -16,14 +16,6 @@ from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 PROMPT = "Hello world! How are you"
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_dirs):
-    out = {arch: lmx.load(path) for arch, path in tiny_dirs.items()}
-    yield out
-    for engine in out.values():
-        engine.close()
-
-
 def test_greedy_32_tokens_equal_transformers_generate(arch, engines, references):
     engine = engines[arch]
     ids = engine.tokenizer.encode(PROMPT)

@@ -35,12 +35,6 @@ WATCH = """() => {
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
-    with lmx.load(tiny_dirs["gemma3"]) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
     with BackgroundServer(ServerSettings(port=0, model_name="tiny-lab"), engine) as server:
         yield server

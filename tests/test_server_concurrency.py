@@ -10,7 +10,6 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,12 +20,6 @@ from lmx.server import BackgroundServer, ServerSettings
 
 LONG = 480  # tokens: seconds of work for the tiny model, far longer than any step of these tests
 PROMPTS = ["Hello there", "The quick brown fox", "def add(a, b):", "Numbers 12345"]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
-    with lmx.load(tiny_dirs["gemma3"]) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import socket
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,12 +20,6 @@ from lmx.server import BackgroundServer, ServerSettings
 
 KEY = "sk-test-0123456789"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
-    with lmx.load(tiny_dirs["gemma3"]) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

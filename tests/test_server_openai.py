@@ -8,7 +8,6 @@ import lmx  # isort: skip
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,12 +16,6 @@ import pytest
 from lmx.server import BackgroundServer, ServerSettings
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
-    with lmx.load(tiny_dirs["gemma3"]) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,6 @@ def stream_batch(
                 if token.finish_reason is not None:  # metrics are read as soon as a stream ends
                     _set_metrics(streams[i].metrics, batch.metrics(i))
                 yield i, token
-                for j in range(len(streams)):
-                    if cancelled(j):
-                        batch.drop(j)
         finally:
             batch.close()
             for i, s in enumerate(streams):

@@ -55,6 +55,7 @@ class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     t_start: float = 0.0
     t_end: float = 0.0
+    cut: int = 0  # clients still running at the drain limit
 
 
 def free_port() -> int:
@@ -146,7 +147,7 @@ async def load(args: argparse.Namespace, url: str, key: str) -> Run:
     for task in pending:  # past the drain limit: cut (reported, not counted as server errors)
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    run.cut = len(pending)  # type: ignore[attr-defined]
+    run.cut = len(pending)
     return run
 
 
@@ -205,7 +206,7 @@ def main() -> None:
         "completed": len(ok),
         "errors": len(errors),
         "error_samples": sorted({o.error for o in errors if o.error})[:5],
-        "cut_at_drain_limit": run.cut,  # type: ignore[attr-defined]
+        "cut_at_drain_limit": run.cut,
         "clients_served": len({o.client for o in ok}),
         "ttft_p50_s": statistics.median(ttft) if ttft else None,
         "ttft_p99_s": percentile(ttft, 99) if ttft else None,

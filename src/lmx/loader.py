@@ -60,8 +60,9 @@ def load_model(
         path: the model; None for the bundled default.
         dtype: see :func:`resolve_dtype`.
         cpu_kernels: keep a GGUF model's quantized matrices as they are and run them on lmx's CPU
-            kernels (:mod:`lmx.kernels`). None (default): on the CPU when the kernels are built and
-            ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required. The bundled
+            kernels (:mod:`lmx.kernels`), and run every model's RMSNorms, RoPE and decode attention
+            as one kernel op each. None (default): on the CPU when the kernels are built and
+            ``LMX_CPU_KERNELS`` is not 0; False: MLX's own ops only; True: required. The bundled
             default model is then read from its GGUF file instead of the converted float32 directory.
 
     Raises:
@@ -78,7 +79,7 @@ def load_model(
     else:
         target = Path(path).expanduser()
     if target.is_dir():
-        return _load_hf_dir(target, mx_dtype)
+        return _load_hf_dir(target, mx_dtype, layer_ops=bool(kernel_types))
     if target.is_file() and target.suffix.lower() == ".gguf":
         return _load_gguf(target, mx_dtype, kernel_types)
     if target.is_file():
@@ -86,7 +87,7 @@ def load_model(
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
 
 
-def _load_hf_dir(model_dir: Path, dtype: mx.Dtype) -> LoadedModel:
+def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, layer_ops: bool = False) -> LoadedModel:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
@@ -101,6 +102,8 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype) -> LoadedModel:
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
+    if layer_ops:
+        _use_cpu_layer_ops(model)
     tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant)
@@ -149,6 +152,14 @@ def _kernel_types(cpu_kernels: bool | None) -> frozenset[int]:
     return frozenset(GGML_TYPES.values())
 
 
+def _use_cpu_layer_ops(model: nn.Module) -> None:
+    """Norms, RoPE and decode attention as one op each on the CPU kernels (:func:`lmx.models.base.use_cpu_ops`)."""
+    from lmx.kernels import _load
+    from lmx.models.base import use_cpu_ops
+
+    use_cpu_ops(model, _load()[0])
+
+
 def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:
     from lmx.io.gguf import read_gguf
     from lmx.models.gguf_layers import use_gguf_blocks
@@ -158,6 +169,8 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path))
+    if kernel_types:
+        _use_cpu_layer_ops(model)
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
     hf.apply_weights(model, weights, str(path), dtype)

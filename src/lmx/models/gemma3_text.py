@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RoPE, attention, geglu_tanh, layer_types_from, rope_settings
+from lmx.models.base import BaseModelArgs, RoPE, attention, cpu_ops, geglu_tanh, layer_types_from, rope_settings
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -71,7 +71,12 @@ class RMSNorm(nn.Module):
         self.weight = mx.zeros((dims,))
         self.eps = eps
 
+    uses_cpu_ops = True  # see lmx.models.base.use_cpu_ops
+
     def __call__(self, x: mx.array) -> mx.array:
+        ops = cpu_ops(self)
+        if ops is not None:
+            return ops.rms_norm(x, self._scale(), self.eps)
         return mx.fast.rms_norm(x, self._scale(), self.eps)
 
     def _scale(self) -> mx.array:
@@ -86,6 +91,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    uses_cpu_ops = True  # see lmx.models.base.use_cpu_ops
+
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         dim, self.n_heads, self.n_kv_heads = (
@@ -124,7 +131,7 @@ class Attention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, cache.make_mask(length, pad), self.softcap)
+        out = attention(q, k, v, self.scale, cache.make_mask(length, pad), self.softcap, cpu_ops(self))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))  # (B, L, dim)
 
 

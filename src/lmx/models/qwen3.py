@@ -7,7 +7,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RoPE, attention, layer_types_from, rope_settings, swiglu
+from lmx.models.base import BaseModelArgs, RMSNorm, RoPE, attention, cpu_ops, layer_types_from, rope_settings, swiglu
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -48,6 +48,8 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(nn.Module):
+    uses_cpu_ops = True  # see lmx.models.base.use_cpu_ops
+
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         dim, self.n_heads, self.n_kv_heads = (
@@ -63,8 +65,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
         # Qwen 3's addition over Qwen 2: RMSNorm on each head's queries and keys.
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         layer_type = args.layer_types[layer_idx]
         settings = rope_settings(args.rope_parameters, args.rope_scaling, args.rope_theta, layer_type)
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, cache.make_mask(length, pad))
+        out = attention(q, k, v, self.scale, cache.make_mask(length, pad), ops=cpu_ops(self))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))  # (B, L, dim)
 
 
@@ -99,8 +101,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args, layer_idx)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache, pad)
@@ -112,7 +114,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
         h = self.embed_tokens(inputs)

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
 
+#include "layer_ops.h"
 #include "qmatmul.h"
 
 namespace nb = nanobind;
@@ -17,6 +18,14 @@ NB_MODULE(_lmx_kernels, m) {
     auto g = lmx::block_geometry(type);
     return nb::make_tuple(g.values, g.bytes);
   }, "type"_a, "(values per block, bytes per block) of a GGML type; (0, 0) if unsupported.");
+  m.def("rms_norm", &lmx::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "mx.fast.rms_norm as one CPU op (float32; other inputs go to mx.fast.rms_norm).");
+  m.def("rope", &lmx::rope, "x"_a, "dims"_a, "periods"_a, "scale"_a, "offset"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "mx.fast.rope (non-traditional, freqs=periods) as one CPU op (float32; other inputs go to mx.fast.rope).");
+  m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for up to 8 float32 queries.");
   m.def("set_num_threads", &lmx::set_num_threads, "n"_a, "Threads the kernels use (the caller included).");
   m.def("num_threads", &lmx::num_threads);
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");

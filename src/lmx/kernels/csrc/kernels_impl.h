@@ -1,5 +1,5 @@
 // The kernels' portable body, included twice by qmatmul.cpp: once as namespace lmx::generic, once as
-// lmx::avx2 under `#pragma GCC target("avx2,fma")` (then the decoders auto-vectorise and dot() uses FMA).
+// lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots).
 // Block layouts and the float operation order of every decoder follow ggml's dequantize_row_*
 // (ggml-quants.c), so a decoded weight is bit-identical to gguf-py's numpy dequantize.
 // No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, Gemv, kMaxK and the GgmlType ids.
@@ -111,26 +111,75 @@ LMX_INLINE void decode_q6_k(const uint8_t* b, float* y) {  // ql[128], qh[64], s
 
 #if LMX_IMPL_AVX2
 // AVX2 decoders: the same values as the portable ones above (one multiply per weight, or a multiply
-// then a subtract for Q4_K, never fused), 32 at a time.
+// then a subtract for Q4_K, never fused), 8 at a time. Each decoder hands every group of 8 weights to
+// a sink: RowStore writes them to a row buffer, RowDot multiplies them straight into a dot product with
+// x (decode: the weights never leave registers). `at` is the group's first index in the row, and
+// `lane` = (at / 8) % 4, a constant at every call once inlined.
 
-// 32 int8 -> float, the first 16 times s0 and the last 16 times s1, stored at y[0..31].
-LMX_INLINE void store_i8x32(__m256i q, float s0, float s1, float* y) {
-  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m256 a = _mm256_set1_ps(s0), b = _mm256_set1_ps(s1);
-  _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), a));
-  _mm256_storeu_ps(y + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), a));
-  _mm256_storeu_ps(y + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), b));
-  _mm256_storeu_ps(y + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), b));
+// The half scale, converted by the F16C instruction (exact for every finite half).
+LMX_INLINE float half_f16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
 }
 
-// 32 values 0..15 (uint8) -> d * q - m, at y[0..31].
-LMX_INLINE void store_u4x32_affine(__m256i q, float d, float m, float* y) {
+LMX_INLINE float hsum4(const __m256 (&acc)[4]) {
+  __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+struct RowStore {
+  float* y;
+  LMX_INLINE void put(int64_t at, int, __m256 w) {
+    _mm256_storeu_ps(y + at, w);
+  }
+};
+
+// w . x with the four accumulators of dot() below, lane for lane: the sum is dot(decoded row, x), bit for bit.
+struct RowDot {
+  const float* x;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  LMX_INLINE void put(int64_t at, int lane, __m256 w) {
+    acc[lane] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + at), acc[lane]);
+  }
+  LMX_INLINE float sum() const {
+    return hsum4(acc);
+  }
+};
+
+LMX_INLINE __m256 i8x8_times(__m128i q, __m256 s) {  // the low 8 int8 of q, as floats, times s
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s);
+}
+
+// 32 int8 quants at values [at, at + 32): float(q) * s0 for the first 16, * s1 for the last 16.
+template <class Out>
+LMX_INLINE void emit_i8x32(__m256i q, __m256 s0, __m256 s1, int64_t at, Out& out) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+  out.put(at, 0, i8x8_times(lo, s0));
+  out.put(at + 8, 1, i8x8_times(_mm_srli_si128(lo, 8), s0));
+  out.put(at + 16, 2, i8x8_times(hi, s1));
+  out.put(at + 24, 3, i8x8_times(_mm_srli_si128(hi, 8), s1));
+}
+
+// The same for 32 int8 quants read from memory (Q8_0), all times s.
+template <class Out>
+LMX_INLINE void emit_i8x32_mem(const uint8_t* q, __m256 s, int64_t at, Out& out) {
+  for (int g = 0; g < 4; ++g) {
+    out.put(at + 8 * g, g, i8x8_times(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * g)), s));
+  }
+}
+
+// 32 values 0..15 (uint8) at [at, at + 32): d * q - m.
+template <class Out>
+LMX_INLINE void emit_u4x32_affine(__m256i q, __m256 d, __m256 m, int64_t at, Out& out) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int i = 0; i < 4; ++i) {
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
-    _mm256_storeu_ps(y + 8 * i, _mm256_sub_ps(_mm256_mul_ps(dv, f), mv));
+  for (int g = 0; g < 4; ++g) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[g]));
+    out.put(at + 8 * g, g, _mm256_sub_ps(_mm256_mul_ps(d, f), m));
   }
 }
 
@@ -143,80 +192,61 @@ LMX_INLINE __m256i bits_to_bytes(uint32_t x) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-// The 32 signed quants of a Q8_0 / Q5_0 block (the scale is applied by the caller).
-LMX_INLINE __m256i quants_q8_0(const uint8_t* b) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+// The 16 bytes at qs as 32 nibbles: the low nibbles first, then the high ones (ggml's order).
+LMX_INLINE __m256i nibbles_32(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
 }
 
-LMX_INLINE __m256i quants_q5_0(const uint8_t* b) {
+template <class Out>
+LMX_INLINE void block_q8_0(const uint8_t* b, int64_t at, Out& out) {  // d f16, qs[32] int8
+  emit_i8x32_mem(b + 2, _mm256_set1_ps(half_f16c(b)), at, out);
+}
+
+template <class Out>
+LMX_INLINE void block_q4_0(const uint8_t* b, int64_t at, Out& out) {  // d f16, qs[16]
+  const __m256 d = _mm256_set1_ps(half_f16c(b));
+  emit_i8x32(_mm256_sub_epi8(nibbles_32(b + 2), _mm256_set1_epi8(8)), d, d, at, out);
+}
+
+template <class Out>
+LMX_INLINE void block_q5_0(const uint8_t* b, int64_t at, Out& out) {  // d f16, qh u32, qs[16]
+  const __m256 d = _mm256_set1_ps(half_f16c(b));
   uint32_t qh;
   std::memcpy(&qh, b + 2, 4);
-  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
   const __m256i high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-  return _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(16));
+  emit_i8x32(_mm256_sub_epi8(_mm256_or_si256(nibbles_32(b + 6), high), _mm256_set1_epi8(16)), d, d, at, out);
 }
 
-LMX_INLINE void decode_q8_0_avx2(const uint8_t* b, float* y) {
-  const float d = half_to_float(b);
-  store_i8x32(quants_q8_0(b), d, d, y);
-}
-
-LMX_INLINE void decode_q5_0_avx2(const uint8_t* b, float* y) {
-  const float d = half_to_float(b);
-  store_i8x32(quants_q5_0(b), d, d, y);
-}
-
-// One row of Q8_0 / Q5_0 blocks dotted with x, the weights never leaving registers: each weight is
-// the decoders' value (float(q) * d) and the four accumulators add in dot()'s order, so the result
-// is the same as decode_row + dot, bit for bit.
-template <int T>
-LMX_INLINE float dot_row_fused(const uint8_t* row, const float* x, int64_t k) {
-  constexpr int64_t bytes = T == Q8_0 ? 34 : 22;
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < k; i += 32, row += bytes) {
-    const __m256 d = _mm256_set1_ps(half_to_float(row));
-    const __m256i q = T == Q8_0 ? quants_q8_0(row) : quants_q5_0(row);
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int j = 0; j < 4; ++j) {
-      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[j])), d);
-      acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i + 8 * j), acc[j]);
-    }
-  }
-  __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
-LMX_INLINE void decode_q4_k_avx2(const uint8_t* b, float* y) {
-  const float d = half_to_float(b);
-  const float dmin = half_to_float(b + 2);
+template <class Out>
+LMX_INLINE void block_q4_k(const uint8_t* b, int64_t at, Out& out) {  // d f16, dmin f16, scales[12], qs[128]
+  const float d = half_f16c(b);
+  const float dmin = half_f16c(b + 2);
   const uint8_t* scales = b + 4;
   const uint8_t* q = b + 16;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, y += 64) {
+  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
     int sc, m;
     scale_min_k4(is, scales, &sc, &m);
     const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
     scale_min_k4(is + 1, scales, &sc, &m);
     const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    store_u4x32_affine(_mm256_and_si256(v, m4), d1, m1, y);
-    store_u4x32_affine(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), d2, m2, y + 32);
+    emit_u4x32_affine(_mm256_and_si256(v, m4), _mm256_set1_ps(d1), _mm256_set1_ps(m1), at + j, out);
+    emit_u4x32_affine(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), _mm256_set1_ps(d2), _mm256_set1_ps(m2),
+                      at + j + 32, out);
   }
 }
 
-LMX_INLINE void decode_q6_k_avx2(const uint8_t* b, float* y) {
+template <class Out>
+LMX_INLINE void block_q6_k(const uint8_t* b, int64_t at, Out& out) {  // ql[128], qh[64], scales[16] int8, d f16
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = half_to_float(b + 208);
+  const float d = half_f16c(b + 208);
   const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
-  for (int n = 0; n < 256; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+  for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
     const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
     const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
@@ -227,53 +257,66 @@ LMX_INLINE void decode_q6_k_avx2(const uint8_t* b, float* y) {
         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m2));
     const __m256i q4 = _mm256_or_si256(
         _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(h, 2), m2));
-    const float s[8] = {d * static_cast<float>(sc[0]), d * static_cast<float>(sc[1]), d * static_cast<float>(sc[2]),
-                        d * static_cast<float>(sc[3]), d * static_cast<float>(sc[4]), d * static_cast<float>(sc[5]),
-                        d * static_cast<float>(sc[6]), d * static_cast<float>(sc[7])};
-    store_i8x32(_mm256_sub_epi8(q1, bias), s[0], s[1], y);
-    store_i8x32(_mm256_sub_epi8(q2, bias), s[2], s[3], y + 32);
-    store_i8x32(_mm256_sub_epi8(q3, bias), s[4], s[5], y + 64);
-    store_i8x32(_mm256_sub_epi8(q4, bias), s[6], s[7], y + 96);
+    __m256 s[8];
+    for (int i = 0; i < 8; ++i) s[i] = _mm256_set1_ps(d * static_cast<float>(sc[i]));
+    emit_i8x32(_mm256_sub_epi8(q1, bias), s[0], s[1], at + n, out);
+    emit_i8x32(_mm256_sub_epi8(q2, bias), s[2], s[3], at + n + 32, out);
+    emit_i8x32(_mm256_sub_epi8(q3, bias), s[4], s[5], at + n + 64, out);
+    emit_i8x32(_mm256_sub_epi8(q4, bias), s[6], s[7], at + n + 96, out);
   }
 }
-#define LMX_DECODE(name) name##_avx2
-#else
-#define LMX_DECODE(name) name
-#endif
 
+// A row of blocks, every group of 8 weights to `out`.
+template <int T, class Out>
+LMX_INLINE void decode_row_to(const uint8_t* row, int64_t k, Out& out) {
+  if constexpr (T == Q8_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 34) block_q8_0(row, i, out);
+  } else if constexpr (T == Q4_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 18) block_q4_0(row, i, out);
+  } else if constexpr (T == Q5_0) {
+    for (int64_t i = 0; i < k; i += 32, row += 22) block_q5_0(row, i, out);
+  } else if constexpr (T == Q4_K) {
+    for (int64_t i = 0; i < k; i += 256, row += 144) block_q4_k(row, i, out);
+  } else {
+    static_assert(T == Q6_K);
+    for (int64_t i = 0; i < k; i += 256, row += 210) block_q6_k(row, i, out);
+  }
+}
 
 template <int T>
 LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
+  RowStore out{y};
+  decode_row_to<T>(row, k, out);
+}
+#else
+template <int T>
+LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
   if constexpr (T == Q8_0) {
-    for (int64_t i = 0; i < k; i += 32, row += 34) LMX_DECODE(decode_q8_0)(row, y + i);
+    for (int64_t i = 0; i < k; i += 32, row += 34) decode_q8_0(row, y + i);
   } else if constexpr (T == Q4_0) {
     for (int64_t i = 0; i < k; i += 32, row += 18) decode_q4_0(row, y + i);
   } else if constexpr (T == Q5_0) {
-    for (int64_t i = 0; i < k; i += 32, row += 22) LMX_DECODE(decode_q5_0)(row, y + i);
+    for (int64_t i = 0; i < k; i += 32, row += 22) decode_q5_0(row, y + i);
   } else if constexpr (T == Q4_K) {
-    for (int64_t i = 0; i < k; i += 256, row += 144) LMX_DECODE(decode_q4_k)(row, y + i);
+    for (int64_t i = 0; i < k; i += 256, row += 144) decode_q4_k(row, y + i);
   } else {
     static_assert(T == Q6_K);
-    for (int64_t i = 0; i < k; i += 256, row += 210) LMX_DECODE(decode_q6_k)(row, y + i);
+    for (int64_t i = 0; i < k; i += 256, row += 210) decode_q6_k(row, y + i);
   }
 }
+#endif
 
 // ---- dot products (k is a multiple of 32) ----
 
 #if LMX_IMPL_AVX2
 LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < k; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    for (int g = 0; g < 4; ++g) {
+      acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * g), _mm256_loadu_ps(b + i + 8 * g), acc[g]);
+    }
   }
-  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum4(acc);
 }
 #else
 LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
@@ -291,11 +334,13 @@ LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
 template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_AVX2
-  if constexpr (T == Q8_0 || T == Q5_0) {
-    if (g.m == 1) {  // decode: no row buffer
-      for (int64_t r = r0; r < r1; ++r) g.y[r] = dot_row_fused<T>(g.w + r * g.row_bytes, g.x, g.k);
-      return;
+  if (g.m == 1) {  // decode: no row buffer
+    for (int64_t r = r0; r < r1; ++r) {
+      RowDot out{g.x};
+      decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);
+      g.y[r] = out.sum();
     }
+    return;
   }
 #endif
   alignas(64) float buf[kMaxK];
@@ -333,6 +378,5 @@ void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int
 }
 
 #undef LMX_INLINE
-#undef LMX_DECODE
 
 }  // namespace lmx::LMX_IMPL_NS

@@ -1,5 +1,5 @@
 // The kernels behind qmatmul.h: MLX primitives, the thread pool split, and the two compiled copies
-// (portable and AVX2/FMA, chosen at run time) of kernels_impl.h.
+// (portable and AVX2/FMA/F16C, chosen at run time) of kernels_impl.h.
 #include "qmatmul.h"
 
 #include <immintrin.h>
@@ -29,7 +29,8 @@ ThreadPool& pool() {
 }
 
 bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
 
@@ -52,7 +53,7 @@ struct Gemv {
 #undef LMX_IMPL_AVX2
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define LMX_IMPL_NS avx2
 #define LMX_IMPL_AVX2 1
 #include "kernels_impl.h"

@@ -1,0 +1,264 @@
+// The ops of layer_ops.h: plain loops over float32 rows (a decode token is one row a head).
+#include "layer_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
+#include "mlx/transforms.h"
+
+namespace lmx {
+namespace {
+
+// The element offset of flat (row-major) index i of `a`, whatever its strides.
+int64_t strided_offset(const mx::array& a, int64_t i) {
+  int64_t at = 0;
+  for (int d = a.ndim() - 1; d >= 0 && i > 0; --d) {
+    at += (i % a.shape(d)) * a.strides()[d];
+    i /= a.shape(d);
+  }
+  return at;
+}
+
+// x as row-major float32 values: its own buffer when already row-contiguous, else a copy in `tmp`.
+const float* row_major(const mx::array& x, std::vector<float>& tmp) {
+  if (x.flags().row_contiguous) {
+    return x.data<float>();
+  }
+  tmp.resize(x.size());
+  const float* p = x.data<float>();
+  for (int64_t i = 0; i < static_cast<int64_t>(x.size()); ++i) {
+    tmp[i] = p[strided_offset(x, i)];
+  }
+  return tmp.data();
+}
+
+// A 4-D float32 array's element (b, h, j, 0) and its last axis contiguous: the array's own memory
+// when its last stride is 1 (cache slices are such views), else a row-major copy held in `tmp`.
+struct Rows4 {
+  const float* p;
+  int64_t s0, s1, s2;
+  Rows4(const mx::array& a, std::vector<float>& tmp) {
+    if (a.strides()[3] == 1) {
+      p = a.data<float>();
+      s0 = a.strides()[0], s1 = a.strides()[1], s2 = a.strides()[2];
+    } else {
+      p = row_major(a, tmp);
+      s2 = a.shape(3), s1 = s2 * a.shape(2), s0 = s1 * a.shape(1);
+    }
+  }
+  const float* at(int64_t b, int64_t h, int64_t j) const {
+    return p + b * s0 + h * s1 + j * s2;
+  }
+};
+
+// The attention's two inner loops, also compiled for AVX2 (picked at load time where the CPU has it).
+#define LMX_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+
+// Eight partial sums, so the compiler vectorises the loop without reassociating it.
+LMX_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+LMX_SIMD_CLONES void add_scaled(float* y, const float* x, float w, int64_t n) {  // y += w * x
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+bool float_vector(const mx::array& a, int64_t n) {
+  return a.dtype() == mx::float32 && a.ndim() == 1 && a.shape(0) == n;
+}
+
+}  // namespace
+
+void CpuOp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation; lmx uses MLX's own ops on the GPU");
+}
+
+std::vector<mx::array> CpuOp::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  auto grads = mx::vjp(fallback_, primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || !float_vector(w, x.shape(-1))) {
+    return mx::fast::rms_norm(x, w, eps, s);
+  }
+  auto fallback = [eps, s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps, s)};
+  };
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::to_stream(s), fallback, eps), {x, w});
+}
+
+void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(w);
+  encoder.set_output_array(out);
+  encoder.dispatch([x, w, y = out.data<float>(), eps = eps_]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const float* wp = w.data<float>();  // 1-D: contiguous unless a strided view, handled below
+    const int64_t n = x.shape(-1), rows = x.size() / n, ws = w.strides()[0];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xp + r * n;
+      float* yr = y + r * n;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+      for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] * inv) * wp[i * ws];
+    }
+  });
+}
+
+bool RmsNorm::is_equivalent(const mx::Primitive& other) const {
+  return eps_ == static_cast<const RmsNorm&>(other).eps_;
+}
+
+mx::array rope(const mx::array& x, int dims, const mx::array& periods, float scale, int offset,
+               mx::StreamOrDevice s) {
+  auto mlx_rope = [dims, scale, offset, s](const mx::array& a, const mx::array& p) {
+    return mx::fast::rope(a, dims, false, std::nullopt, scale, offset, p, s);
+  };
+  if (x.dtype() != mx::float32 || x.ndim() < 2 || dims % 2 || dims > x.shape(-1) ||
+      !float_vector(periods, dims / 2)) {
+    return mlx_rope(x, periods);
+  }
+  auto fallback = [mlx_rope](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mlx_rope(in[0], in[1])};
+  };
+  return mx::array(
+      x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(s), fallback, dims, scale, offset), {x, periods});
+}
+
+void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& periods = inputs[1];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(periods);
+  encoder.set_output_array(out);
+  encoder.dispatch([x, periods, y = out.data<float>(), dims = dims_, scale = scale_, offset = offset_]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const int64_t d = x.shape(-1), len = x.shape(-2), rows = x.size() / d, half = dims / 2;
+    const int64_t ps = periods.strides()[0];
+    std::vector<float> cosv(len * half), sinv(len * half);  // one table a call: positions x pairs
+    for (int64_t l = 0; l < len; ++l) {
+      const float pos = scale * static_cast<float>(offset + l);
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = pos * (1.0f / periods.data<float>()[i * ps]);
+        cosv[l * half + i] = std::cos(theta);
+        sinv[l * half + i] = std::sin(theta);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xp + r * d;
+      float* yr = y + r * d;
+      const float* c = cosv.data() + (r % len) * half;
+      const float* sn = sinv.data() + (r % len) * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xr[i], b = xr[i + half];
+        yr[i] = a * c[i] - b * sn[i];
+        yr[i + half] = a * sn[i] + b * c[i];
+      }
+      for (int64_t i = dims; i < d; ++i) yr[i] = xr[i];
+    }
+  });
+}
+
+bool Rope::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Rope&>(other);
+  return dims_ == o.dims_ && scale_ == o.scale_ && offset_ == o.offset_;
+}
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s) {
+  auto mlx_attention = [scale, causal, s](const mx::array& q, const mx::array& k, const mx::array& v) {
+    return mx::fast::scaled_dot_product_attention(q, k, v, scale, causal ? "causal" : "", {}, {}, false, s);
+  };
+  const bool here = q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 &&
+                    q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) <= 8 && q.shape(0) == k.shape(0) &&
+                    v.shape(0) == k.shape(0) && k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 &&
+                    v.shape(1) == k.shape(1) && q.shape(3) == k.shape(3) && v.shape(2) == k.shape(2) &&
+                    k.shape(2) >= q.shape(2);
+  if (!here) {
+    return mlx_attention(q, k, v);
+  }
+  auto fallback = [mlx_attention](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mlx_attention(in[0], in[1], in[2])};
+  };
+  mx::Shape shape = q.shape();
+  shape.back() = v.shape(3);
+  return mx::array(shape, mx::float32, std::make_shared<Attention>(mx::to_stream(s), fallback, scale, causal), {q, k, v});
+}
+
+void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& q = inputs[0];
+  const auto& k = inputs[1];
+  const auto& v = inputs[2];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  encoder.dispatch([q, k, v, y = out.data<float>(), scale = scale_, causal = causal_]() {
+    std::vector<float> tq, tk, tv;
+    const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
+    const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
+    const int64_t groups = heads / k.shape(1), lk = k.shape(2), dv = v.shape(3);
+    std::vector<float> p(lk);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t i = 0; i < lq; ++i) {
+          const int64_t keys = causal ? lk - lq + i + 1 : lk;
+          const float* qi = qr.at(b, h, i);
+          float top = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < keys; ++j) {
+            p[j] = dot(qi, kr.at(b, h / groups, j), d) * scale;
+            top = std::max(top, p[j]);
+          }
+          float total = 0.0f;
+          for (int64_t j = 0; j < keys; ++j) {
+            p[j] = std::exp(p[j] - top);
+            total += p[j];
+          }
+          float* yi = y + ((b * heads + h) * lq + i) * dv;
+          std::fill(yi, yi + dv, 0.0f);
+          for (int64_t j = 0; j < keys; ++j) {
+            add_scaled(yi, vr.at(b, h / groups, j), p[j], dv);
+          }
+          const float inv = 1.0f / total;
+          for (int64_t c = 0; c < dv; ++c) yi[c] *= inv;
+        }
+      }
+    }
+  });
+}
+
+bool Attention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Attention&>(other);
+  return scale_ == o.scale_ && causal_ == o.causal_;
+}
+
+}  // namespace lmx

@@ -1,0 +1,180 @@
+"""lmx's CPU layer ops (lmx.kernels: rms_norm, rope, attention) against float64 numpy and MLX.
+
+The expected values are float64 numpy written here from the definitions (RMSNorm, rotary
+embedding with HF's half-split layout, softmax attention), never from the code under test; the
+gradients are MLX's own ops' gradients. Models loaded on the CPU kernels must use these ops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmx  # isort: skip  (loads OpenBLAS before mlx.core)
+import mlx.core as mx
+
+from lmx.kernels.build import supported_platform
+from lmx.models.base import cpu_ops
+
+pytest_plugins = ["conftest_gguf"]
+
+needs_kernels = pytest.mark.skipif(supported_platform() is not None, reason=f"CPU kernels: {supported_platform()}")
+
+
+@pytest.fixture(scope="module")
+def K():
+    from lmx.kernels import _load
+
+    module, reason = _load()
+    assert module is not None, reason
+    return module
+
+
+def np_rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def np_rope(x: np.ndarray, dims: int, periods: np.ndarray, scale: float, offset: int) -> np.ndarray:
+    x = x.astype(np.float64)
+    half = dims // 2
+    pos = scale * (offset + np.arange(x.shape[-2], dtype=np.float64))
+    theta = pos[:, None] / periods.astype(np.float64)[None, :]  # (L, half)
+    c, s = np.cos(theta), np.sin(theta)
+    a, b = x[..., :half], x[..., half:dims]
+    return np.concatenate([a * c - b * s, a * s + b * c, x[..., dims:]], axis=-1)
+
+
+def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    scores = q @ k.swapaxes(-1, -2) * scale  # (B, H, Lq, Lk)
+    if causal:
+        lq, lk = scores.shape[-2:]
+        scores = np.where(np.arange(lk)[None] <= (lk - lq + np.arange(lq))[:, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def close(got: mx.array, want: np.ndarray, tol: float) -> None:
+    got = np.array(got).astype(np.float64)
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 640), (2, 4, 3, 256), (5, 32)])
+def test_rms_norm(K, shape):
+    rng = np.random.default_rng(len(shape))
+    x, w = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    got = K.rms_norm(mx.array(x), mx.array(w), 1e-6)
+    close(got, np_rms_norm(x, w, 1e-6), 1e-6)
+    # bit for bit what MLX's own op gives (the model's float32 path)
+    np.testing.assert_array_equal(np.array(got), np.array(mx.fast.rms_norm(mx.array(x), mx.array(w), 1e-6)))
+
+
+@needs_kernels
+def test_rms_norm_of_a_strided_view_and_other_dtypes(K):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    view = mx.array(x).transpose(0, 2, 1, 3)  # not row-contiguous
+    close(K.rms_norm(view, mx.array(w), 1e-5), np_rms_norm(x.transpose(0, 2, 1, 3), w, 1e-5), 1e-6)
+    xb, wb = mx.array(x).astype(mx.bfloat16), mx.array(w).astype(mx.bfloat16)
+    got = K.rms_norm(xb, wb, 1e-5)  # not float32: MLX's op
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(mx.fast.rms_norm(xb, wb, 1e-5).astype(mx.float32)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("offset", [0, 7, 1000])
+@pytest.mark.parametrize(("dims", "scale"), [(256, 1.0), (64, 1.0), (128, 0.125)])
+def test_rope(K, offset, dims, scale):
+    rng = np.random.default_rng(offset + dims)
+    x = rng.standard_normal((2, 4, 3, 128 if dims <= 128 else 256)).astype(np.float32)
+    periods = (10000.0 ** (np.arange(0, dims, 2, dtype=np.float32) / dims)).astype(np.float32)
+    got = K.rope(mx.array(x), dims, mx.array(periods), scale, offset)
+    # float32 angles: the error grows with the position (as in every float32 RoPE)
+    close(got, np_rope(x, dims, periods, scale, offset), 2e-6 * max(1, offset))
+    want_mlx = mx.fast.rope(mx.array(x), dims, traditional=False, base=None, scale=scale, offset=offset, freqs=mx.array(periods))
+    close(got, np.array(want_mlx).astype(np.float64), 2e-6)
+
+
+@needs_kernels
+def test_rope_of_a_strided_view(K):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 5, 2, 64)).astype(np.float32)  # (B, L, H, D) -> (B, H, L, D) view
+    periods = (500.0 ** (np.arange(0, 64, 2, dtype=np.float32) / 64)).astype(np.float32)
+    got = K.rope(mx.array(x).transpose(0, 2, 1, 3), 64, mx.array(periods), 1.0, 3)
+    close(got, np_rope(x.transpose(0, 2, 1, 3), 64, periods, 1.0, 3), 1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "lq", "lk", "d"),
+    [(1, 4, 1, 1, 200, 256), (2, 8, 2, 3, 17, 64), (1, 16, 8, 8, 8, 128), (3, 2, 2, 1, 1, 32)],
+)
+def test_attention(K, causal, batch, heads, kv_heads, lq, lk, d):
+    rng = np.random.default_rng(lq * 100 + lk)
+    q = rng.standard_normal((batch, heads, lq, d)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    got = K.attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5, causal)
+    close(got, np_attention(q, k, v, d**-0.5, causal), 1e-5)
+
+
+@needs_kernels
+def test_attention_over_cache_slices(K):
+    """Keys and values as a KV cache hands them: a prefix of a larger buffer (a strided view)."""
+    rng = np.random.default_rng(4)
+    k_buf = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
+    v_buf = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 2, 64)).astype(np.float32)
+    got = K.attention(mx.array(q), mx.array(k_buf)[:, :, :120], mx.array(v_buf)[:, :, :120], 0.125, True)
+    close(got, np_attention(q, k_buf[:, :, :120], v_buf[:, :, :120], 0.125, True), 1e-5)
+
+
+@needs_kernels
+def test_attention_of_many_queries_goes_to_mlx(K):
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 20, 32)).astype(np.float32) for _ in range(3))
+    got = K.attention(mx.array(q), mx.array(k), mx.array(v), 0.2, True)
+    close(got, np_attention(q, k, v, 0.2, True), 1e-5)
+
+
+@needs_kernels
+def test_gradients_are_mlx_ops_gradients(K):
+    rng = np.random.default_rng(6)
+    x = mx.array(rng.standard_normal((1, 4, 2, 64)).astype(np.float32))
+    w = mx.array(rng.standard_normal(64).astype(np.float32))
+    k = mx.array(rng.standard_normal((1, 2, 9, 64)).astype(np.float32))
+    periods = mx.array((10000.0 ** (np.arange(0, 64, 2, dtype=np.float32) / 64)).astype(np.float32))
+
+    def ours(x, w):
+        h = K.rope(K.rms_norm(x, w, 1e-6), 64, periods, 1.0, 5)
+        return (K.attention(h, k, k, 0.125, True) ** 2).sum()
+
+    def mlx_ops(x, w):
+        h = mx.fast.rope(mx.fast.rms_norm(x, w, 1e-6), 64, traditional=False, base=None, scale=1.0, offset=5, freqs=periods)
+        return (mx.fast.scaled_dot_product_attention(h, k, k, scale=0.125, mask="causal") ** 2).sum()
+
+    got = mx.grad(ours, argnums=(0, 1))(x, w)
+    want = mx.grad(mlx_ops, argnums=(0, 1))(x, w)
+    for g, e in zip(got, want):
+        close(g, np.array(e).astype(np.float64), 1e-5)
+
+
+@needs_kernels
+def test_models_on_the_kernels_use_the_layer_ops(tiny_gguf: dict[str, Path]):
+    fast = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True).loaded.model
+    plain = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False).loaded.model
+    layer, plain_layer = fast.layers[0], plain.layers[0]
+    for module in (layer.self_attn, layer.self_attn.rope, layer.self_attn.q_norm, layer.input_layernorm):
+        assert cpu_ops(module) is not None, type(module).__name__
+    for module in (plain_layer.self_attn, plain_layer.self_attn.rope, plain_layer.input_layernorm):
+        assert cpu_ops(module) is None, type(module).__name__

@@ -87,7 +87,9 @@ def test_rms_norm_of_a_strided_view_and_other_dtypes(K):
     xb, wb = mx.array(x).astype(mx.bfloat16), mx.array(w).astype(mx.bfloat16)
     got = K.rms_norm(xb, wb, 1e-5)  # not float32: MLX's op
     assert got.dtype == mx.bfloat16
-    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(mx.fast.rms_norm(xb, wb, 1e-5).astype(mx.float32)))
+    np.testing.assert_array_equal(
+        np.array(got.astype(mx.float32)), np.array(mx.fast.rms_norm(xb, wb, 1e-5).astype(mx.float32))
+    )
 
 
 @needs_kernels
@@ -100,7 +102,9 @@ def test_rope(K, offset, dims, scale):
     got = K.rope(mx.array(x), dims, mx.array(periods), scale, offset)
     # float32 angles: the error grows with the position (as in every float32 RoPE)
     close(got, np_rope(x, dims, periods, scale, offset), 2e-6 * max(1, offset))
-    want_mlx = mx.fast.rope(mx.array(x), dims, traditional=False, base=None, scale=scale, offset=offset, freqs=mx.array(periods))
+    want_mlx = mx.fast.rope(
+        mx.array(x), dims, traditional=False, base=None, scale=scale, offset=offset, freqs=mx.array(periods)
+    )
     close(got, np.array(want_mlx).astype(np.float64), 2e-6)
 
 
@@ -160,7 +164,9 @@ def test_gradients_are_mlx_ops_gradients(K):
         return (K.attention(h, k, k, 0.125, True) ** 2).sum()
 
     def mlx_ops(x, w):
-        h = mx.fast.rope(mx.fast.rms_norm(x, w, 1e-6), 64, traditional=False, base=None, scale=1.0, offset=5, freqs=periods)
+        h = mx.fast.rope(
+            mx.fast.rms_norm(x, w, 1e-6), 64, traditional=False, base=None, scale=1.0, offset=5, freqs=periods
+        )
         return (mx.fast.scaled_dot_product_attention(h, k, k, scale=0.125, mask="causal") ** 2).sum()
 
     got = mx.grad(ours, argnums=(0, 1))(x, w)

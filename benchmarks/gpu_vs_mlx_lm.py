@@ -7,6 +7,15 @@ random prompt: lmx as it runs by default, lmx with/without its compiled decode s
 lmx with one of the speed changes undone (to measure it), and mlx-lm's ``generate_step``. Timing is identical for all (see ``workers.py``): the token of
 each step is read on the host, decode tok/s = (n - 1) / (t_n - t_1).
 
+Decode steps: ``lmx-plain`` is the eager step as it was before the segmented step (a new
+``weight.T`` op per linear layer and call, heads split by reshape + transpose),
+``lmx-eager`` today's eager step, ``lmx-seg`` the segmented one
+(:mod:`lmx.generate.segments`; lmx's default on a GPU). ``--check-steps N`` first checks
+that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
+``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
+it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
+memory above the weights after prefill and during decode.
+
 Usage (GPU host)::
 
     PYTHONPATH=src python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-0.6b,qwen3-8b \\
@@ -20,12 +29,16 @@ Smoke test here (CPU, tiny shapes)::
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime
 import gc
 import json
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +53,9 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
+from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
+from lmx.generate.segments import segmented_decode  # noqa: E402
+from lmx.generate.step import generate_step, prefill  # noqa: E402
 from lmx.loader import resolve_dtype  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -61,8 +77,172 @@ def mlx_lm_twin(config: dict[str, Any], model: nn.Module) -> nn.Module:
     return twin
 
 
-def time_lmx(model: nn.Module, prompt: list[int], n: int, compile: bool) -> tuple[float, list[float]]:
-    return greedy_stamps(model, mx.array([prompt]), n, compile=compile)
+def time_lmx(
+    model: nn.Module, prompt: list[int], n: int, compile: bool, segments: bool | None = None
+) -> tuple[float, list[float]]:
+    return greedy_stamps(model, mx.array([prompt]), n, compile=compile, segments=segments)
+
+
+@contextlib.contextmanager
+def plain_lmx() -> Any:
+    """lmx's eager step before the segmented step landed: ``nn.Linear``'s ``weight.T`` op on
+    every call, and heads split/merged by reshape + transpose even for one position."""
+    from lmx.models import base, gemma3_text, qwen3
+
+    def split_heads(x: mx.array, n_heads: int, norm: nn.Module | None = None) -> mx.array:
+        batch, length, _ = x.shape
+        x = x.reshape(batch, length, n_heads, -1)  # (B, L, n_heads, D)
+        return (x if norm is None else norm(x)).transpose(0, 2, 1, 3)  # (B, n_heads, L, D)
+
+    def merge_heads(x: mx.array, ndim: int = 3) -> mx.array:
+        assert ndim == 3, "the eager step runs on (B, L, dim)"
+        batch, _, length, _ = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)  # (B, L, n_heads * D)
+
+    saved = base.Linear.__call__, [(m, m.split_heads, m.merge_heads) for m in (gemma3_text, qwen3)]
+    base.Linear.__call__ = nn.Linear.__call__  # type: ignore[method-assign]
+    for m in (gemma3_text, qwen3):
+        m.split_heads, m.merge_heads = split_heads, merge_heads  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        base.Linear.__call__ = saved[0]  # type: ignore[method-assign]
+        for m, split, merge in saved[1]:
+            m.split_heads, m.merge_heads = split, merge  # type: ignore[attr-defined]
+
+
+def time_lmx_plain(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    with plain_lmx():
+        return time_lmx(model, prompt, n, False, segments=False)
+
+
+LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profile
+    "lmx-plain": (True, False),
+    "lmx-eager": (False, False),
+    "lmx-seg": (False, True),
+    "lmx": (False, None),
+}
+
+
+def greedy_run(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[list[int], mx.array]:
+    """``n`` greedy tokens and their log-probabilities (n, V) from one lmx decode variant."""
+    plain, segments = LMX_STEPS[variant]
+    with plain_lmx() if plain else contextlib.nullcontext():
+        steps = generate_step(
+            model, mx.array([prompt]), model.make_cache(), make_sampler(0.0), KeySequence(0).next, segments=segments
+        )
+        tokens, logprobs = [], []
+        for token, lp in steps:
+            tokens.append(token.item())
+            logprobs.append(lp[0])
+            if len(tokens) == n:
+                break
+        steps.close()
+        return tokens, mx.stack(logprobs)
+
+
+def check_tokens(model: nn.Module, prompt: list[int], n: int, variants: list[str]) -> dict[str, Any]:
+    """Each lmx variant's first divergence from ``lmx-plain``'s greedy tokens (None: none in n)."""
+    ref_tokens, ref_lp = greedy_run(model, prompt, n, "lmx-plain")
+    out: dict[str, Any] = {}
+    for v in variants:
+        if v not in LMX_STEPS or v == "lmx-plain":
+            continue
+        tokens, lp = greedy_run(model, prompt, n, v)
+        diverge = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+        upto = n if diverge is None else diverge + 1
+        a, b = lp[:upto], ref_lp[:upto]
+        max_diff = mx.max(mx.where(a == b, 0.0, mx.abs(a - b))).item()  # equal infinities: 0
+        out[v] = {"steps": n, "first_divergence": diverge, "max_logprob_diff_until_then": max_diff}
+    return out
+
+
+def count_ops(arrays: list[mx.array]) -> dict[str, int]:
+    """The primitives of the unevaluated graph behind ``arrays``, by name."""
+    with tempfile.NamedTemporaryFile(suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        text = Path(f.name).read_text()
+    return dict(collections.Counter(re.findall(r'label ?= ?"([A-Za-z_]+)', text)))
+
+
+def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> dict[str, Any]:
+    """Median host times of a decode step as generate_step runs it: build the graph (Python),
+    queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step."""
+    plain, segments = LMX_STEPS[variant]
+    with plain_lmx() if plain else contextlib.nullcontext():
+        cache = model.make_cache()
+        token = mx.argmax(prefill(model, mx.array([prompt]), cache), axis=-1)
+        mx.eval(token)
+        step = segmented_decode(model) if segments else None
+
+        def decode(tok: mx.array) -> tuple[mx.array, mx.array]:
+            if step is not None:
+                logits = step(tok, cache)
+            else:
+                logits = model.head(model.hidden(tok[:, None], cache))[:, -1, :]
+            logits = logits.astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return mx.argmax(logprobs, axis=-1), logprobs
+
+        nxt, lp = decode(token)
+        ops = count_ops([nxt, lp])
+        mx.eval(nxt, lp)
+        token = nxt
+        times: dict[str, list[float]] = {"build": [], "queue": [], "wait": [], "step": []}
+        for _ in range(n):
+            t0 = time.perf_counter()
+            nxt, lp = decode(token)
+            t1 = time.perf_counter()
+            mx.async_eval(nxt, lp)
+            t2 = time.perf_counter()
+            token.item()
+            t3 = time.perf_counter()
+            token = nxt
+            for k, dt in (("build", t1 - t0), ("queue", t2 - t1), ("wait", t3 - t2), ("step", t3 - t0)):
+                times[k].append(dt * 1e6)
+        mx.eval(token)
+    return {
+        "median_us": {k: statistics.median(x) for k, x in times.items()},
+        "ops_per_step": sum(ops.values()),
+        "ops": ops,
+    }
+
+
+def memory_probe(model: nn.Module, prompt: list[int], n: int) -> dict[str, float]:
+    """MiB above the weights (as allocated) after prefill (by prefill chunk size, with the
+    prefill's median time of 3) and during decode, default step."""
+    gc.collect()
+    mx.clear_cache()
+    mib = 2**20
+    out: dict[str, float] = {"active_at_rest_mib": mx.get_active_memory() / mib}
+    for step_size in (512, 256, 128):
+        times = []
+        for _ in range(3):
+            cache = model.make_cache()
+            base_active = mx.get_active_memory()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            logits = prefill(model, mx.array([prompt]), cache, step_size=step_size)
+            token = mx.argmax(logits, axis=-1)
+            mx.eval(token, [c.state for c in cache])
+            times.append(time.perf_counter() - t0)
+        out[f"prefill{step_size}_ms"] = statistics.median(times) * 1e3
+        out[f"prefill{step_size}_peak_over_rest_mib"] = (mx.get_peak_memory() - base_active) / mib
+        out[f"prefill{step_size}_kv_mib"] = sum(c.nbytes for c in cache) / mib
+        if step_size == 512:
+            mx.reset_peak_memory()
+            after_prefill = mx.get_active_memory()
+            steps = generate_step(model, token[:, None], cache, make_sampler(0.0), KeySequence(0).next)
+            for i, (tok, _) in enumerate(steps):
+                tok.item()
+                if i == n:
+                    break
+            steps.close()
+            out["decode_peak_over_prefill_end_mib"] = (mx.get_peak_memory() - after_prefill) / mib
+        del cache, logits, token
+        gc.collect()
+        mx.clear_cache()
+    return out
 
 
 def time_lmx_boolmask(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
@@ -169,12 +349,30 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
     init_s = time.perf_counter() - t0
     twin = mlx_lm_twin(config, model) if "mlx-lm" in variants else None
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    rng = mx.random.randint(1000, config["vocab_size"], (args.prompt_tokens,), key=mx.random.key(0)).tolist()
+    rng = mx.random.randint(
+        min(1000, config["vocab_size"] // 2), config["vocab_size"], (args.prompt_tokens,), key=mx.random.key(0)
+    ).tolist()
     prompt = [2, *rng[1:]]
+    extra: dict[str, Any] = {}
+    if args.check_steps:
+        extra["check"] = check_tokens(model, prompt, args.check_steps, variants)
+        print(f"{name} token check vs lmx-plain: {json.dumps(extra['check'])}", flush=True)
+    if args.profile_steps:
+        extra["profile"] = {
+            v: profile_steps(model, prompt, args.profile_steps, v) for v in LMX_STEPS if v in variants and v != "lmx"
+        }
+        for v, p in extra["profile"].items():
+            us = "  ".join(f"{k} {x:.0f}" for k, x in p["median_us"].items())
+            print(f"{name} profile {v}: {us} us/step, {p['ops_per_step']} ops/step", flush=True)
+    if args.memory_probe:
+        extra["memory"] = memory_probe(model, prompt, args.gen_tokens) | {"weights_mib": weights_bytes / 2**20}
+        print(f"{name} memory: {json.dumps(extra['memory'])}", flush=True)
     fns = {
         "lmx": lambda pr, n: time_lmx(model, pr, n, False),
         "lmx-compiled": lambda pr, n: time_lmx(model, pr, n, True),
-        "lmx-eager": lambda pr, n: time_lmx(model, pr, n, False),
+        "lmx-eager": lambda pr, n: time_lmx(model, pr, n, False, segments=False),
+        "lmx-seg": lambda pr, n: time_lmx(model, pr, n, False, segments=True),
+        "lmx-plain": lambda pr, n: time_lmx_plain(model, pr, n),
         "lmx-norm-add": lambda pr, n: time_lmx_norm_add(model, pr, n),
         "lmx-boolmask": lambda pr, n: time_lmx_boolmask(model, pr, n),
         "lmx-where": lambda pr, n: time_lmx_where(model, pr, n),
@@ -208,7 +406,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         for v in ok
     )
     print(f"{name} (weights {weights_bytes / 2**30:.2f} GiB): {line}", flush=True)
-    return {"weights_bytes": weights_bytes, "init_s": init_s, "median": med, "runs": runs, "errors": errors}
+    return {"weights_bytes": weights_bytes, "init_s": init_s, "median": med, "runs": runs, "errors": errors} | extra
 
 
 def report(results: dict[str, Any]) -> None:
@@ -239,8 +437,12 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-compiled, lmx-eager, lmx-norm-add, lmx-boolmask, lmx-where, lmx-unfused-act, mlx-lm",
+        help="lmx (its default), lmx-compiled, lmx-eager, lmx-seg, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
+        "lmx-unfused-act, mlx-lm",
     )
+    p.add_argument("--check-steps", type=int, default=0, help="check greedy tokens against lmx-plain first")
+    p.add_argument("--profile-steps", type=int, default=0, help="split a decode step's host time")
+    p.add_argument("--memory-probe", action="store_true", help="peak memory over the weights, prefill vs decode")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)

@@ -283,9 +283,11 @@ def greedy_stamps(
     cache: list | None = None,
     prefill_step_size: int = 512,
     compile: bool = False,
+    segments: bool | None = None,
 ) -> tuple[float, list[float]]:
     """Greedy-decode ``n`` tokens after ``prompt`` (B, L); the start time and when each token
-    was readable on the host (``t_k`` of the definitions in benchmarks/RESULTS.md)."""
+    was readable on the host (``t_k`` of the definitions in benchmarks/RESULTS.md).
+    ``compile`` and ``segments`` choose the decode step (see :func:`generate_step`)."""
     cache = model.make_cache() if cache is None else cache
     t0 = time.perf_counter()
     steps = generate_step(
@@ -296,6 +298,7 @@ def greedy_stamps(
         KeySequence(0).next,
         prefill_step_size=prefill_step_size,
         compile=compile,
+        segments=segments,
     )
     stamps: list[float] = []
     try:

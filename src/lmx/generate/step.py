@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from lmx.generate.segments import segmented_decode
 from lmx.models.cache import DecodeSlot, KVCache
+from lmx.runtime.device import device_name
 
 Processor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array, mx.array], mx.array]
@@ -124,6 +126,7 @@ def generate_step(
     pad: mx.array | None = None,
     prefill_step_size: int = 512,
     compile: bool = False,
+    segments: bool | None = None,
 ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens (B,), logprobs (B, V))`` forever; the caller decides when to stop.
 
@@ -142,6 +145,10 @@ def generate_step(
             attention mask sends attention to MLX's unfused path, which costs Qwen 3 more
             than compiling saves; on the CPU it gains ~3% after a first call that waits for
             the C++ compiler.
+        segments: run each decode step as compiled segments around eager attention
+            (:class:`lmx.generate.segments.SegmentedDecode`); None (the default) does so on a
+            GPU, where a step is bound by per-operation host cost, and not on the CPU. Used
+            only for rows without padding, and not with ``compile``.
     """
     history = prompt if history is None else history
 
@@ -160,14 +167,20 @@ def generate_step(
         return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
 
     token, logprobs = sample(prefill(model, prompt, cache, pad, prefill_step_size))
+    mx.async_eval(token, logprobs)  # the device runs the prefill while the decode step is set up
+    if segments is None:
+        segments = device_name() == "gpu"
     if compile:
         step = compiled_decode(model, cache, pad is not None)
 
         def decode(token: mx.array) -> mx.array:
             return step(token, cache, pad)
+    elif segments and pad is None and (segmented := segmented_decode(model)) is not None:
+
+        def decode(token: mx.array) -> mx.array:
+            return segmented(token, cache)
     else:
         decode = forward
-    mx.async_eval(token, logprobs)
     while True:
         # Queue the next step before handing this one over: the device works on it
         # while the caller detokenizes and checks stop conditions.

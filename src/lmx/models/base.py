@@ -281,6 +281,56 @@ def geglu_tanh(gate: mx.array, up: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * up
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that keeps its weight's transpose from call to call.
+
+    ``weight.T`` is a view (no copy) but a new graph op on every call: 7 of the ~38 ops a
+    layer costs per decode step, and on a GPU every op is host-side work. The view is kept
+    once per weight array (keyed on its identity, so an updated weight is picked up), as
+    Gemma's norms keep ``1 + weight``; it shares the weight's memory.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self["bias"], x, self._weight_t())
+        return x @ self._weight_t()
+
+    def constants(self) -> list[mx.array]:
+        """Arrays derived from the weights and kept between calls (compiled steps read them)."""
+        return [self._weight_t()]
+
+    def _weight_t(self) -> mx.array:
+        weight = self["weight"]
+        cached = self.__dict__.get("_weight_t_of")
+        if cached is None or cached[0] is not weight:
+            cached = (weight, weight.T)
+            object.__setattr__(self, "_weight_t_of", cached)  # an attribute, not a parameter
+        return cached[1]
+
+
+def split_heads(x: mx.array, n_heads: int, norm: nn.Module | None = None) -> mx.array:
+    """(B, L, n_heads * D) -> (B, n_heads, L, D), each head normed by ``norm`` (if given).
+
+    One position, (B, 1, n_heads * D) or (B, n_heads * D) as the segmented decode step
+    passes it, is already laid out as (B, n_heads, 1, D): a reshape, no transpose op.
+    """
+    batch, length = x.shape[0], 1 if x.ndim == 2 else x.shape[1]
+    if length == 1:
+        x = x.reshape(batch, n_heads, 1, -1)  # (B, n_heads, 1, D)
+        return x if norm is None else norm(x)
+    x = x.reshape(batch, length, n_heads, -1)  # (B, L, n_heads, D)
+    return (x if norm is None else norm(x)).transpose(0, 2, 1, 3)  # (B, n_heads, L, D)
+
+
+def merge_heads(x: mx.array, ndim: int = 3) -> mx.array:
+    """(B, n_heads, L, D) -> (B, L, n_heads * D), the inverse of :func:`split_heads`; with
+    ``ndim=2`` one position becomes (B, n_heads * D)."""
+    batch, _, length, _ = x.shape
+    if length == 1:
+        return x.reshape(batch, -1) if ndim == 2 else x.reshape(batch, 1, -1)  # (B, [1,] n_heads * D)
+    return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)  # (B, L, n_heads * D)
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,

@@ -12,7 +12,18 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RoPE, attention, cpu_ops, geglu_tanh, layer_types_from, rope_settings
+from lmx.models.base import (
+    BaseModelArgs,
+    Linear,
+    RoPE,
+    attention,
+    cpu_ops,
+    geglu_tanh,
+    layer_types_from,
+    merge_heads,
+    rope_settings,
+    split_heads,
+)
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -79,6 +90,10 @@ class RMSNorm(nn.Module):
             return ops.rms_norm(x, self._scale(), self.eps)
         return mx.fast.rms_norm(x, self._scale(), self.eps)
 
+    def constants(self) -> list[mx.array]:
+        """Arrays derived from the weights and kept between calls (compiled steps read them)."""
+        return [self._scale()]
+
     def _scale(self) -> mx.array:
         # 1 + weight once per weight array, not once per call: on a GPU every op is a kernel
         # launch, and a decode step of Gemma 3 270M would spend 109 of them on this add.
@@ -104,10 +119,10 @@ class Attention(nn.Module):
         self.scale = args.query_pre_attn_scalar**-0.5  # not head_dim**-0.5
         self.softcap = args.attn_logit_softcapping
         bias = args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         layer_type = args.layer_types[layer_idx]
@@ -122,25 +137,32 @@ class Attention(nn.Module):
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1)  # (B, L, n_heads, head_dim)
-        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)  # (B, L, n_kv, head_dim)
-        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1)
-        q = self.q_norm(q).transpose(0, 2, 1, 3)  # (B, n_heads, L, head_dim)
-        k = self.k_norm(k).transpose(0, 2, 1, 3)  # (B, n_kv, L, head_dim)
-        v = v.transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+        return self.output(self.attend(*self.project(x, cache.offset), cache, pad), x.ndim)
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
+        q = split_heads(self.q_proj(x), self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
+        k = split_heads(self.k_proj(x), self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
+        """Store ``k``/``v`` in ``cache``; attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, cache.make_mask(length, pad), self.softcap, cpu_ops(self))
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))  # (B, L, dim)
+        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, cpu_ops(self))
+
+    def output(self, out: mx.array, ndim: int = 3) -> mx.array:
+        """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
+        or (B, dim) with ``ndim=2`` (one position)."""
+        return self.o_proj(merge_heads(out, ndim))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(geglu_tanh(self.gate_proj(x), self.up_proj(x)))
@@ -158,7 +180,17 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
     def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache, pad))
+        q, k, v = self.begin(x, cache.offset)
+        return self.end(x, self.self_attn.attend(q, k, v, cache, pad))
+
+    def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The layer up to attention: queries, keys and values of the residual stream ``x``
+        (B, L, dim), or (B, dim) for one position (see :mod:`lmx.generate.segments`)."""
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def end(self, x: mx.array, out: mx.array) -> mx.array:
+        """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""
+        h = x + self.post_attention_layernorm(self.self_attn.output(out, x.ndim))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -171,12 +203,16 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        # The reference rounds sqrt(hidden_size) to the weights' dtype before scaling.
-        h = h * mx.array(self.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
+        h = self.embed(inputs)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache, pad)
         return self.norm(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """The residual stream (B, L, hidden_size) the first layer reads."""
+        h = self.embed_tokens(inputs)
+        # The reference rounds sqrt(hidden_size) to the weights' dtype before scaling.
+        return h * mx.array(self.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
 
 
 class Model(nn.Module):
@@ -187,7 +223,7 @@ class Model(nn.Module):
         self.args = args
         self.model = TextModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def hidden(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
         """Final-norm hidden states (B, L, hidden_size)."""

@@ -7,7 +7,19 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.models.base import BaseModelArgs, RMSNorm, RoPE, attention, cpu_ops, layer_types_from, rope_settings, swiglu
+from lmx.models.base import (
+    BaseModelArgs,
+    Linear,
+    RMSNorm,
+    RoPE,
+    attention,
+    cpu_ops,
+    layer_types_from,
+    merge_heads,
+    rope_settings,
+    split_heads,
+    swiglu,
+)
 from lmx.models.cache import KVCache, RotatingKVCache
 
 
@@ -60,10 +72,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = self.head_dim**-0.5
         bias = args.attention_bias
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_proj = Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
         # Qwen 3's addition over Qwen 2: RMSNorm on each head's queries and keys.
         self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
@@ -72,25 +84,32 @@ class Attention(nn.Module):
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1)  # (B, L, n_heads, head_dim)
-        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)  # (B, L, n_kv, head_dim)
-        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1)
-        q = self.q_norm(q).transpose(0, 2, 1, 3)  # (B, n_heads, L, head_dim)
-        k = self.k_norm(k).transpose(0, 2, 1, 3)  # (B, n_kv, L, head_dim)
-        v = v.transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+        return self.output(self.attend(*self.project(x, cache.offset), cache, pad), x.ndim)
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
+        q = split_heads(self.q_proj(x), self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
+        k = split_heads(self.k_proj(x), self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
+        """Store ``k``/``v`` in ``cache``; attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, cache.make_mask(length, pad), ops=cpu_ops(self))
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))  # (B, L, dim)
+        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), ops=cpu_ops(self))
+
+    def output(self, out: mx.array, ndim: int = 3) -> mx.array:
+        """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
+        or (B, dim) with ``ndim=2`` (one position)."""
+        return self.o_proj(merge_heads(out, ndim))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -105,7 +124,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache, pad)
+        q, k, v = self.begin(x, cache.offset)
+        return self.end(x, self.self_attn.attend(q, k, v, cache, pad))
+
+    def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The layer up to attention: queries, keys and values of the residual stream ``x``
+        (B, L, dim), or (B, dim) for one position (see :mod:`lmx.generate.segments`)."""
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def end(self, x: mx.array, out: mx.array) -> mx.array:
+        """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""
+        h = x + self.self_attn.output(out, x.ndim)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -117,10 +146,14 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        h = self.embed_tokens(inputs)
+        h = self.embed(inputs)
         for layer, layer_cache in zip(self.layers, cache):
             h = layer(h, layer_cache, pad)
         return self.norm(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """The residual stream (B, L, hidden_size) the first layer reads."""
+        return self.embed_tokens(inputs)
 
 
 class Model(nn.Module):
@@ -131,7 +164,7 @@ class Model(nn.Module):
         self.args = args
         self.model = TextModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def hidden(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
         """Final-norm hidden states (B, L, hidden_size)."""

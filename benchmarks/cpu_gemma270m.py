@@ -31,6 +31,7 @@ ENGINES = {
     "lmx": ["lmx"],  # the float32 HF directory (MLX + OpenBLAS)
     "lmx-kernels": ["lmx", "--kernels", "on"],  # the GGUF on lmx's CPU kernels (lmx.kernels)
     "lmx-kernels-1thread": ["lmx", "--kernels", "on"],  # LMX_CPU_THREADS=1 (see ENV)
+    "lmx-kernels-int8": ["lmx", "--kernels", "on"],  # LMX_CPU_INT8=1 (see ENV)
     "lmx-1thread": ["lmx"],  # OPENBLAS_NUM_THREADS=1 (see ENV)
     "lmx-compiled": ["lmx", "--compile", "on"],
     "lmx-eager": ["lmx", "--compile", "off"],
@@ -41,7 +42,11 @@ ENGINES = {
     "transformers": ["transformers"],
 }
 # name -> extra environment of its worker process.
-ENV = {"lmx-1thread": {"OPENBLAS_NUM_THREADS": "1"}, "lmx-kernels-1thread": {"LMX_CPU_THREADS": "1"}}
+ENV = {
+    "lmx-1thread": {"OPENBLAS_NUM_THREADS": "1"},
+    "lmx-kernels-1thread": {"LMX_CPU_THREADS": "1"},
+    "lmx-kernels-int8": {"LMX_CPU_INT8": "1"},
+}
 DEFAULT = "lmx,lmx-1thread,mlx-lm-default,mlx-lm-openblas,llama.cpp,transformers"
 
 

@@ -283,3 +283,81 @@ def test_info_reports_the_kernels(tiny_gguf: dict[str, Path]):
     assert kernels["in_use"] == kernel_status.available  # a GGUF of the kernels' types uses them when built
     if not kernel_status.available:
         assert kernels["reason"]
+
+
+def simulated_int8(x: np.ndarray) -> np.ndarray:
+    """x with each run of 32 values rounded to int8 times |max| / 127 (llama.cpp's Q8 activations), float64."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    return (np.rint(blocks * inv) * d.astype(np.float64)).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])  # 9: above the GEMV limit, where the product stays exact
+def test_int8_activations_are_llama_cpp_arithmetic(K, qtype, rows):
+    rng = np.random.default_rng(rows * 10 + int(qtype))
+    k = 2 * GGML_QUANT_SIZES[qtype][0] if qtype in (T.Q4_K, T.Q6_K) else 320
+    blocks = random_blocks(qtype, 67, k, rng)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block (scale 0)
+    w = reference(blocks, qtype, k).astype(np.float64)
+    got = np.array(K.qmatmul(mx.array(x), mx.array(blocks), int(qtype), k, int8_activations=True))
+    exact = x.astype(np.float64) @ w.T
+    if rows > 8:
+        close(got, exact)
+        return
+    close(got, simulated_int8(x) @ w.T)  # the same arithmetic, to float32 summation order
+    close(got, exact, rtol=2e-2)  # and an approximation of the exact product (activation rounding)
+    assert not np.array_equal(got, np.array(K.qmatmul(mx.array(x), mx.array(blocks), int(qtype), k)))
+
+
+@needs_kernels
+def test_int8_activations_switched_on_by_environment(tiny_gguf: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    """LMX_CPU_INT8=1: every GGUF-block layer quantizes its input; the model equals one whose layers
+    get inputs rounded to int8 by MLX ops written here and then multiply exactly."""
+    from lmx.models.gguf_layers import GGUFEmbedding, GGUFLinear
+
+    def layers(engine) -> list:
+        return [m for _, m in engine.loaded.model.named_modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+
+    exact = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
+    assert layers(exact) and not any(m.int8_activations for m in layers(exact))
+    monkeypatch.setenv("LMX_CPU_INT8", "1")
+    int8 = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
+    assert all(m.int8_activations for m in layers(int8)) and status().int8_activations
+    ids = [5, 9, 11]
+    got = _last_logits(int8, ids)
+
+    def rounded(x: mx.array) -> mx.array:  # int8 per 32 values, as simulated_int8
+        blocks = x.reshape(-1, 32)
+        d = mx.abs(blocks).max(-1, keepdims=True) / 127
+        return (mx.round(blocks * mx.where(d > 0, 1 / mx.where(d > 0, d, 1), 0)) * d).reshape(x.shape)
+
+    linear, head = GGUFLinear.__call__, GGUFEmbedding.as_linear
+    monkeypatch.setattr(GGUFLinear, "__call__", lambda self, x: linear(self, rounded(x)))
+    monkeypatch.setattr(GGUFEmbedding, "as_linear", lambda self, x: head(self, rounded(x)))
+    close(got, _last_logits(exact, ids).astype(np.float64), rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_real_model_int8_activations_close_to_exact(gemma_gguf: Path, monkeypatch: pytest.MonkeyPatch):
+    """Gemma 3 270M with LMX_CPU_INT8=1: the next token and logits within a few percent of the exact kernels."""
+    from test_real_model import PROMPTS
+
+    exact = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True)
+    monkeypatch.setenv("LMX_CPU_INT8", "1")
+    int8 = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True)
+    for prompt in PROMPTS[:4]:
+        ids = int8.tokenizer.encode(prompt)
+        logits = []
+        for engine in (exact, int8):
+            cache = engine.loaded.model.make_cache()
+            engine.loaded.model(mx.array([ids[:-1]]), cache)
+            logits.append(np.array(engine.loaded.model(mx.array([ids[-1:]]), cache)[0, -1]).astype(np.float64))
+        want, got = logits
+        assert got.argmax() == want.argmax(), prompt
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert 0 < err < 5e-2, f"{prompt!r}: int8 logits differ by {err:.2e} of the largest"

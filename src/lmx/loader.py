@@ -64,6 +64,8 @@ def load_model(
             as one kernel op each. None (default): on the CPU when the kernels are built and
             ``LMX_CPU_KERNELS`` is not 0; False: MLX's own ops only; True: required. The bundled
             default model is then read from its GGUF file instead of the converted float32 directory.
+            ``LMX_CPU_INT8=1`` (opt-in) quantizes the activations of one-token products to int8, as
+            llama.cpp does: faster decoding, logits no longer those of the dequantized model.
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
@@ -162,13 +164,14 @@ def _use_cpu_layer_ops(model: nn.Module) -> None:
 
 def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:
     from lmx.io.gguf import read_gguf
+    from lmx.kernels import int8_by_env
     from lmx.models.gguf_layers import use_gguf_blocks
 
     gguf = read_gguf(path, dtype=dtype, keep_blocks=kernel_types)
     model = _build(gguf.config, str(path))
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
-    use_gguf_blocks(model, blocks, dtype, str(path))
+    use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
     if kernel_types:
         _use_cpu_layer_ops(model)
     if blocks:

@@ -53,7 +53,13 @@ def _kernels(device: str, status: Any) -> dict[str, Any]:
     """lmx's CPU kernels: whether they can run here (and whether the model given uses them)."""
     if device != "cpu":
         return {"available": False, "reason": f"not used on the {device} backend", "in_use": False}
-    return {"available": status.available, "reason": status.reason, "threads": status.threads, "simd": status.simd}
+    return {
+        "available": status.available,
+        "reason": status.reason,
+        "threads": status.threads,
+        "simd": status.simd,
+        "int8_activations": status.int8_activations,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
             True: ", in use by this model",
             False: ", not used by this model (not a GGUF of Q4_0/Q5_0/Q8_0/Q4_K/Q6_K)",
         }
-        print(f"CPU kernels: available ({k['simd']}, {k['threads']} threads){used.get(k.get('in_use'), '')}")
+        int8 = ", int8 activations (LMX_CPU_INT8)" if k["int8_activations"] else ""
+        print(f"CPU kernels: available ({k['simd']}, {k['threads']} threads{int8}){used.get(k.get('in_use'), '')}")
     else:
         print(f"CPU kernels: not in use ({k['reason']}); MLX's float32 path")
     mem = info["memory"]

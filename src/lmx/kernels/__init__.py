@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 GGML_TYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 ENV_SWITCH = "LMX_CPU_KERNELS"
 ENV_THREADS = "LMX_CPU_THREADS"
+# Opt-in: one-token products with int8-quantized activations (llama.cpp's arithmetic; changes logits).
+ENV_INT8 = "LMX_CPU_INT8"
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,25 @@ class KernelStatus:
         reason: why not, when not.
         threads: threads the kernels run on.
         simd: ``"avx2"`` or ``"scalar"``.
+        int8_activations: ``LMX_CPU_INT8=1``: products of up to 8 rows quantize the activations
+            to int8 (AVX2 only).
     """
 
     available: bool
     reason: str | None = None
     threads: int = 0
     simd: str = ""
+    int8_activations: bool = False
 
 
 def enabled_by_env() -> bool:
     """False when ``LMX_CPU_KERNELS`` is 0/false/off/no."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def int8_by_env() -> bool:
+    """True when ``LMX_CPU_INT8`` is 1/true/on/yes (default off: exact float32 products)."""
+    return os.environ.get(ENV_INT8, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def physical_cores() -> int:
@@ -131,7 +141,18 @@ def status() -> KernelStatus:
     module, reason = _load()
     if module is None:
         return KernelStatus(False, reason)
-    return KernelStatus(True, None, module.num_threads(), "avx2" if module.has_avx2() else "scalar")
+    avx2 = module.has_avx2()
+    return KernelStatus(True, None, module.num_threads(), "avx2" if avx2 else "scalar", avx2 and int8_by_env())
 
 
-__all__ = ["ENV_SWITCH", "ENV_THREADS", "GGML_TYPES", "KernelStatus", "enabled_by_env", "kernels", "status"]
+__all__ = [
+    "ENV_INT8",
+    "ENV_SWITCH",
+    "ENV_THREADS",
+    "GGML_TYPES",
+    "KernelStatus",
+    "enabled_by_env",
+    "int8_by_env",
+    "kernels",
+    "status",
+]

@@ -38,13 +38,14 @@ class GGUFLinear(nn.Module):
         if not values or in_features % values:
             raise WeightsError(f"GGML type {ggml_type} cannot hold rows of {in_features} values")
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
+        self.int8_activations = False  # see lmx.kernels.qmatmul
         self.weight = mx.zeros((out_features, in_features // values * nbytes), dtype=mx.uint8)
         if bias:
             self.bias = mx.zeros((out_features,))
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _kernels().qmatmul(x, self.weight, self.ggml_type, self.in_features)
+        y = _kernels().qmatmul(x, self.weight, self.ggml_type, self.in_features, int8_activations=self.int8_activations)
         return y + self.bias.astype(y.dtype) if "bias" in self else y
 
     def dequantized_weight(self) -> mx.array:
@@ -61,6 +62,7 @@ class GGUFEmbedding(nn.Module):
         if not values or dims % values:
             raise WeightsError(f"GGML type {ggml_type} cannot hold rows of {dims} values")
         self.num_embeddings, self.dims, self.ggml_type = num_embeddings, dims, ggml_type
+        self.int8_activations = False
         self.out_dtype = dtype  # the model's activation dtype (decoding gives float32)
         self.weight = mx.zeros((num_embeddings, dims // values * nbytes), dtype=mx.uint8)
         self.freeze()
@@ -70,15 +72,20 @@ class GGUFEmbedding(nn.Module):
         return _kernels().dequantize_rows(rows, self.ggml_type, self.dims).astype(self.out_dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _kernels().qmatmul(x, self.weight, self.ggml_type, self.dims)
+        return _kernels().qmatmul(x, self.weight, self.ggml_type, self.dims, int8_activations=self.int8_activations)
 
     def dequantized_weight(self) -> mx.array:
         """The float32 table (num_embeddings, dims)."""
         return _kernels().dequantize_rows(self.weight, self.ggml_type, self.dims)
 
 
-def use_gguf_blocks(model: nn.Module, block_types: dict[str, int], dtype: mx.Dtype, source: str) -> None:
+def use_gguf_blocks(
+    model: nn.Module, block_types: dict[str, int], dtype: mx.Dtype, source: str, int8_activations: bool = False
+) -> None:
     """Replace the layers whose ``<path>.weight`` is in ``block_types`` by GGUF-block layers (in place).
+
+    ``int8_activations``: their one-token products quantize the activations to int8 per 32 values
+    (llama.cpp's arithmetic: faster, logits differ from the exact product by that rounding).
 
     The new layers hold zero placeholders of the blocks' shape; load the weights afterwards
     (:func:`lmx.io.hf.apply_weights` checks every shape and dtype strictly).
@@ -100,6 +107,8 @@ def use_gguf_blocks(model: nn.Module, block_types: dict[str, int], dtype: mx.Dty
         else:
             found = type(layer).__name__ if layer is not None else "nothing"
             raise WeightsError(f"{source}: {name} is not a Linear or Embedding weight of the model (found {found})")
+    for _, layer in replacements:
+        layer.int8_activations = int8_activations
     if replacements:
         model.update_modules(tree_unflatten(replacements))
 

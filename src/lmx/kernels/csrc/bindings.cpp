@@ -10,8 +10,10 @@ using namespace nb::literals;
 
 NB_MODULE(_lmx_kernels, m) {
   m.doc() = "lmx CPU kernels: matmul against GGUF-quantized weights";
-  m.def("qmatmul", &lmx::qmatmul, "x"_a, "w"_a, "type"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "x @ W^T for W stored as GGUF blocks: x (..., k) float, w (n, row_bytes) uint8 -> (..., n).");
+  m.def("qmatmul", &lmx::qmatmul, "x"_a, "w"_a, "type"_a, "k"_a, nb::kw_only(), "int8_activations"_a = false,
+        "stream"_a = nb::none(),
+        "x @ W^T for W stored as GGUF blocks: x (..., k) float, w (n, row_bytes) uint8 -> (..., n); "
+        "int8_activations: x quantized to int8 per 32 values (llama.cpp's arithmetic, opt-in).");
   m.def("dequantize_rows", &lmx::dequantize_rows, "w"_a, "type"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
         "GGUF block rows (..., row_bytes) uint8 -> their float32 values (..., k).");
   m.def("block_geometry", [](int type) {

@@ -288,6 +288,122 @@ LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
   RowStore out{y};
   decode_row_to<T>(row, k, out);
 }
+
+// ---- int8 activations (opt-in, llama.cpp's arithmetic): x quantized per block of 32 values ----
+
+// x[0..k) -> int8 q (round to nearest) with one float scale per 32 values (|x| max / 127) and the
+// blocks' sums of q (for Q4_K's minimums).
+LMX_INLINE void quantize_x(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const float* xb = x + 32 * b;
+    __m256 amax = _mm256_setzero_ps();
+    for (int g = 0; g < 4; ++g) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * g)));
+    alignas(32) float m[8];
+    _mm256_store_ps(m, amax);
+    float top = 0.0f;
+    for (float v : m) top = v > top ? v : top;
+    const float d = top / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    scale[b] = d;
+    int32_t total = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * id));
+      q[32 * b + i] = static_cast<int8_t>(v);
+      total += v;
+    }
+    sum[b] = total;
+  }
+}
+
+// Sum over 8 int32 lanes of a * b (32 signed int8 pairs), via the unsigned x signed maddubs.
+LMX_INLINE __m256i dot_i8x32(__m256i a, __m256i b) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+struct XQ {  // a quantized row of x
+  const int8_t* q;
+  const float* scale;
+  const int32_t* sum;
+};
+
+template <int T>
+LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
+  __m256 acc = _mm256_setzero_ps();
+  if constexpr (T == Q8_0 || T == Q5_0 || T == Q4_0) {
+    constexpr int64_t bytes = T == Q8_0 ? 34 : T == Q5_0 ? 22 : 18;
+    for (int64_t b = 0; b < k / 32; ++b, row += bytes) {
+      __m256i qw;
+      if constexpr (T == Q8_0) {
+        qw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2));
+      } else if constexpr (T == Q5_0) {
+        uint32_t qh;
+        std::memcpy(&qh, row + 2, 4);
+        const __m256i high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+        qw = _mm256_sub_epi8(_mm256_or_si256(nibbles_32(row + 6), high), _mm256_set1_epi8(16));
+      } else {
+        qw = _mm256_sub_epi8(nibbles_32(row + 2), _mm256_set1_epi8(8));
+      }
+      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+      const __m256 s = _mm256_set1_ps(half_f16c(row) * x.scale[b]);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8x32(qw, qx)), s, acc);
+    }
+    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+  } else if constexpr (T == Q4_K) {
+    float mins = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < k; i += 256, row += 144) {
+      const float d = half_f16c(row), dmin = half_f16c(row + 2);
+      const uint8_t* q = row + 16;
+      for (int j = 0; j < 4; ++j, q += 32) {
+        const int64_t b = (i + 64 * j) / 32;  // x block of the low nibbles; b + 1: the high ones
+        int sc1, m1, sc2, m2;
+        scale_min_k4(2 * j, row + 4, &sc1, &m1);
+        scale_min_k4(2 * j + 1, row + 4, &sc2, &m2);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b + 32));
+        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);  // lo is unsigned
+        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc1 * x.scale[b]), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc2 * x.scale[b + 1]), acc);
+        mins += dmin * m1 * x.scale[b] * x.sum[b] + dmin * m2 * x.scale[b + 1] * x.sum[b + 1];
+      }
+    }
+    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}) - mins;
+  } else {
+    static_assert(T == Q6_K);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+    for (int64_t i = 0; i < k; i += 256, row += 210) {
+      const uint8_t* ql = row;
+      const uint8_t* qh = row + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(row + 192);
+      const float d = half_f16c(row + 208);
+      for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8) {
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2)),
+            _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(h, 2), m2))};
+        for (int g = 0; g < 4; ++g) {
+          const int64_t b = (i + n + 32 * g) / 32;
+          const __m256i qw = _mm256_sub_epi8(q[g], bias);
+          const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+          // 16-bit lanes 0-7 hold values 0-15 (scale sc[2g]), lanes 8-15 values 16-31 (sc[2g + 1])
+          const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, scales)), _mm256_set1_ps(d * x.scale[b]), acc);
+        }
+      }
+    }
+    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+  }
+}
 #else
 template <int T>
 LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
@@ -351,6 +467,36 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
     }
   }
 }
+
+#if LMX_IMPL_AVX2
+// Rows [r0, r1) of W against the m quantized rows of x (int8 activations).
+template <int T>
+LMX_INLINE void gemv_rows_int8(const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
+                               int64_t r1) {
+  const int64_t nb = g.k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t i = 0; i < g.m; ++i) {
+      const XQ x{xq + i * g.k, xs + i * nb, xsum + i * nb};
+      g.y[i * g.n + r] = dot_row_int8<T>(g.w + r * g.row_bytes, x, g.k);
+    }
+  }
+}
+
+void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
+               int64_t r1) {
+  switch (type) {
+    case Q8_0: return gemv_rows_int8<Q8_0>(g, xq, xs, xsum, r0, r1);
+    case Q4_0: return gemv_rows_int8<Q4_0>(g, xq, xs, xsum, r0, r1);
+    case Q5_0: return gemv_rows_int8<Q5_0>(g, xq, xs, xsum, r0, r1);
+    case Q4_K: return gemv_rows_int8<Q4_K>(g, xq, xs, xsum, r0, r1);
+    case Q6_K: return gemv_rows_int8<Q6_K>(g, xq, xs, xsum, r0, r1);
+  }
+}
+
+void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+  for (int64_t i = 0; i < m; ++i) quantize_x(x + i * k, k, q + i * k, scale + i * (k / 32), sum + i * (k / 32));
+}
+#endif
 
 void gemv(int type, const Gemv& g, int64_t r0, int64_t r1) {
   switch (type) {

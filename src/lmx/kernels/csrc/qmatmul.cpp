@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -126,7 +127,8 @@ mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevic
   return mx::array(shape, mx::float32, std::make_shared<DequantizeRows>(mx::to_stream(s), type, k), {wc});
 }
 
-mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, mx::StreamOrDevice s) {
+mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool int8_activations,
+                  mx::StreamOrDevice s) {
   check_args(w, type, k, "qmatmul");
   if (w.ndim() != 2) {
     throw std::invalid_argument("qmatmul: w must be 2-D (n, row_bytes)");
@@ -146,7 +148,7 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, mx::S
   mx::Shape shape = x.shape();
   shape.back() = w.shape(0);
   auto out = mx::array(
-      shape, mx::float32, std::make_shared<QMatmul>(mx::to_stream(s), type, k),
+      shape, mx::float32, std::make_shared<QMatmul>(mx::to_stream(s), type, k, int8_activations),
       {mx::contiguous(xf, false, s), mx::contiguous(w, false, s)});
   return mx::astype(out, x.dtype(), s);
 }
@@ -161,8 +163,19 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_output_array(out);
   Gemv g{w.data<uint8_t>(), w.shape(1), x.data<float>(), static_cast<int64_t>(x.size() / k_), k_, w.shape(0),
          out.data<float>()};
-  encoder.dispatch([g, type = type_]() {
+  encoder.dispatch([g, type = type_, int8 = int8_]() {
     const bool avx = cpu_has_avx2();
+    if (int8 && avx) {  // llama.cpp's arithmetic: x to int8 per 32 values, integer dot products
+      const int64_t blocks = g.m * (g.k / 32);
+      std::vector<int8_t> xq(g.m * g.k);
+      std::vector<float> xs(blocks);
+      std::vector<int32_t> xsum(blocks);
+      avx2::quantize_rows(g.x, g.m, g.k, xq.data(), xs.data(), xsum.data());
+      parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
+        avx2::gemv_int8(type, g, xq.data(), xs.data(), xsum.data(), r0, r1);
+      });
+      return;
+    }
     parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
       avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
     });
@@ -191,7 +204,7 @@ std::vector<mx::array> QMatmul::vjp(
 
 bool QMatmul::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QMatmul&>(other);
-  return type_ == o.type_ && k_ == o.k_;
+  return type_ == o.type_ && k_ == o.k_ && int8_ == o.int8_;
 }
 
 void DequantizeRows::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {

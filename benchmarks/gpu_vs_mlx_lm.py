@@ -8,9 +8,11 @@ lmx with one of the speed changes undone (to measure it), and mlx-lm's ``generat
 each step is read on the host, decode tok/s = (n - 1) / (t_n - t_1).
 
 Decode steps: ``lmx-plain`` is the eager step as it was before the segmented step (a new
-``weight.T`` op per linear layer and call, heads split by reshape + transpose),
+``weight.T`` op per linear layer and call, heads split by reshape + transpose) and before lmx's
+CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 ``lmx-eager`` today's eager step, ``lmx-seg`` the segmented one
-(:mod:`lmx.generate.segments`; lmx's default on a GPU). ``--check-steps N`` first checks
+(:mod:`lmx.generate.segments`; lmx's default on a GPU), ``lmx-seg-noattn`` the segmented one
+with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
 it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
@@ -34,6 +36,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -56,6 +59,7 @@ from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
 from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
 from lmx.generate.segments import segmented_decode  # noqa: E402
 from lmx.generate.step import generate_step, prefill  # noqa: E402
+from lmx.kernels import cuda_attention  # noqa: E402
 from lmx.loader import resolve_dtype  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -111,23 +115,72 @@ def plain_lmx() -> Any:
             m.split_heads, m.merge_heads = split, merge  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def no_cuda_attention() -> Any:
+    """lmx with ``LMX_CUDA_ATTENTION=0``: MLX's attention (unfused for head_dim 256) on a CUDA GPU."""
+    saved = os.environ.get(cuda_attention.ENV_SWITCH)
+    os.environ[cuda_attention.ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[cuda_attention.ENV_SWITCH]
+        else:
+            os.environ[cuda_attention.ENV_SWITCH] = saved
+
+
 def time_lmx_plain(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
-    with plain_lmx():
+    with plain_lmx(), no_cuda_attention():
         return time_lmx(model, prompt, n, False, segments=False)
+
+
+@contextlib.contextmanager
+def raw_cuda_attention() -> Any:
+    """lmx's CUDA attention without its gradient wrapper (mx.custom_function) wherever it is called.
+    Measured what the wrapper costs (RESULTS.md); since then the segmented step runs the kernel bare
+    (``cuda_attention.inference``), so this variant times the same code as ``lmx-seg``."""
+    saved = cuda_attention.decode_attention
+    cuda_attention.decode_attention = cuda_attention._run  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cuda_attention.decode_attention = saved  # type: ignore[assignment]
+
+
+def time_lmx_seg_rawattn(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    with raw_cuda_attention():
+        return time_lmx(model, prompt, n, False, segments=True)
+
+
+def time_lmx_seg_noattn(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    with no_cuda_attention():
+        return time_lmx(model, prompt, n, False, segments=True)
 
 
 LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profile
     "lmx-plain": (True, False),
     "lmx-eager": (False, False),
     "lmx-seg": (False, True),
+    "lmx-seg-noattn": (False, True),
     "lmx": (False, None),
 }
+NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
+
+
+def step_context(variant: str) -> contextlib.ExitStack:
+    """The patches an lmx decode variant runs under (see LMX_STEPS)."""
+    stack = contextlib.ExitStack()
+    if LMX_STEPS[variant][0]:
+        stack.enter_context(plain_lmx())
+    if variant in NO_CUDA_ATTENTION:
+        stack.enter_context(no_cuda_attention())
+    return stack
 
 
 def greedy_run(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[list[int], mx.array]:
     """``n`` greedy tokens and their log-probabilities (n, V) from one lmx decode variant."""
-    plain, segments = LMX_STEPS[variant]
-    with plain_lmx() if plain else contextlib.nullcontext():
+    _, segments = LMX_STEPS[variant]
+    with step_context(variant):
         steps = generate_step(
             model, mx.array([prompt]), model.make_cache(), make_sampler(0.0), KeySequence(0).next, segments=segments
         )
@@ -168,8 +221,8 @@ def count_ops(arrays: list[mx.array]) -> dict[str, int]:
 def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> dict[str, Any]:
     """Median host times of a decode step as generate_step runs it: build the graph (Python),
     queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step."""
-    plain, segments = LMX_STEPS[variant]
-    with plain_lmx() if plain else contextlib.nullcontext():
+    _, segments = LMX_STEPS[variant]
+    with step_context(variant):
         cache = model.make_cache()
         token = mx.argmax(prefill(model, mx.array([prompt]), cache), axis=-1)
         mx.eval(token)
@@ -372,6 +425,8 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-compiled": lambda pr, n: time_lmx(model, pr, n, True),
         "lmx-eager": lambda pr, n: time_lmx(model, pr, n, False, segments=False),
         "lmx-seg": lambda pr, n: time_lmx(model, pr, n, False, segments=True),
+        "lmx-seg-noattn": lambda pr, n: time_lmx_seg_noattn(model, pr, n),
+        "lmx-seg-rawattn": lambda pr, n: time_lmx_seg_rawattn(model, pr, n),
         "lmx-plain": lambda pr, n: time_lmx_plain(model, pr, n),
         "lmx-norm-add": lambda pr, n: time_lmx_norm_add(model, pr, n),
         "lmx-boolmask": lambda pr, n: time_lmx_boolmask(model, pr, n),
@@ -411,7 +466,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
 
 def report(results: dict[str, Any]) -> None:
     print(
-        f"\n{'config':13} {'variant':12} {'decode':>8} {'prefill':>9} {'TTFT ms':>8} {'peak GiB':>8}  vs mlx-lm: decode prefill"
+        f"\n{'config':13} {'variant':14} {'decode':>8} {'prefill':>9} {'TTFT ms':>8} {'peak GiB':>8}  vs mlx-lm: decode prefill"
     )
     for name, res in results["configs"].items():
         if "median" not in res:
@@ -426,7 +481,7 @@ def report(results: dict[str, Any]) -> None:
                     f" {m['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:6.2f}x"
                 )
             print(
-                f"{name:13} {v:12} {m['decode_tokens_per_s']:8.1f} {m['prefill_tokens_per_s']:9.0f}"
+                f"{name:13} {v:14} {m['decode_tokens_per_s']:8.1f} {m['prefill_tokens_per_s']:9.0f}"
                 f" {m['time_to_first_token_s'] * 1e3:8.1f} {m['peak_memory_bytes'] / 2**30:8.2f}  {ratio}"
             )
 
@@ -437,7 +492,8 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-compiled, lmx-eager, lmx-seg, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
+        help="lmx (its default), lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, "
+        "lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )
     p.add_argument("--check-steps", type=int, default=0, help="check greedy tokens against lmx-plain first")

@@ -24,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from lmx.kernels import cuda_attention
 from lmx.models.cache import KVCache
 
 Segment = Callable[..., Any]
@@ -133,10 +134,11 @@ class SegmentedDecode:
         offset = mx.array(cache[0].offset, dtype=mx.int32)  # the RoPE position, as an array: one trace
         h, q, k, v = self._first(token, offset)
         layers, n = model.layers, len(cache)
-        for i, c in enumerate(cache):
-            out = layers[i].self_attn.attend(q, k, v, c, None)  # (B, n_heads, 1, head_dim)
-            if i + 1 < n:
-                h, q, k, v = self._middle[i](h, out, offset)
+        with cuda_attention.inference():  # a decode step is never differentiated
+            for i, c in enumerate(cache):
+                out = layers[i].self_attn.attend(q, k, v, c, None)  # (B, n_heads, 1, head_dim)
+                if i + 1 < n:
+                    h, q, k, v = self._middle[i](h, out, offset)
         return self._last(h, out)
 
 

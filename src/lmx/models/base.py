@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.errors import ConfigError, UnsupportedModelError
+from lmx.kernels import cuda_attention
 
 logger = logging.getLogger(__name__)
 
@@ -345,11 +346,15 @@ def attention(
     ``mask`` is a boolean array, None (every query sees every key) or ``"causal"``: query
     ``i`` of ``Lq`` sees keys up to ``Lk - Lq + i`` (MLX's fused kernels skip the rest).
     ``ops``: lmx's CPU kernels module (see :func:`use_cpu_ops`), which runs a few float32
-    queries without a mask array as one op.
+    queries without a mask array as one op. On a CUDA GPU, one query without a mask whose head
+    dim MLX does not fuse (Gemma 3's 256) runs as one op of lmx's
+    (:mod:`lmx.kernels.cuda_attention`) instead of MLX's 12 fallback ops.
     """
     if softcap is None:
         if ops is not None and not isinstance(mask, mx.array):
             return ops.attention(queries, keys, values, scale, mask == "causal")
+        if mask is None and cuda_attention.wanted(queries, keys, values, scale):
+            return cuda_attention.decode_attention(queries, keys, values, scale)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     if isinstance(mask, str):
         n_q, n_k = queries.shape[2], keys.shape[2]

@@ -1,0 +1,279 @@
+"""One-query (decode) attention as one CUDA kernel, where MLX's CUDA backend has no fused one.
+
+On MLX 0.32.4's CUDA backend ``mx.fast.scaled_dot_product_attention`` is one op only for a head
+dim its kernels take: the vector kernel (``sdpa_vector``: head_dim 64, 96 or 128, fewer than 4
+queries, no mask array) or cuDNN (float16/bfloat16, head_dim a multiple of 8 up to 128; for one
+query only over 256+ keys sliced from a cache whose storage is a multiple of 256). Any other head
+dim falls back to separate ops built with the graph: the scale, the grouped-query reshapes and
+broadcasts, matmul, softmax, matmul, reshape (12 ops, counted). Gemma 3 (head_dim 256) pays them
+in every layer and step, and a GPU decode step is bound by host work per op
+(benchmarks/RESULTS.md): 198 of the 714 ops of a Gemma 3 270M step, 286 of 1024 for the 1B.
+
+:func:`decode_attention` computes the same thing as one op: a flash-decoding kernel with one
+thread block per (batch row, query head), its warps taking every ``WARPS``-th key and its lanes
+``head_dim / 32`` elements each, an online softmax in float32 (base 2), and the warps' partial
+results combined in shared memory. Keys and values are read through their strides, so the
+cache views ``update_and_fetch`` returns (prefixes of the storage, the rotating window) are not
+copied. Scores, softmax and sums stay in float32 (the fallback rounds the scores and the
+probabilities to the inputs' dtype), so in bf16 the results differ from the fallback by bf16
+rounding.
+
+The kernel is built on first use (it needs a CUDA build of MLX; importing this module does not).
+``LMX_CUDA_ATTENTION=0`` keeps MLX's own path. The GPU check is
+``benchmarks/cuda_attention_check.py`` (this machine's tests cannot run CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+
+ENV_SWITCH = "LMX_CUDA_ATTENTION"
+# Head dims MLX 0.32.4's CUDA attention fuses for one query (sdpa_vector; cuDNN covers a subset).
+FUSED_HEAD_DIMS = frozenset({64, 96, 128})
+DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay at 32 KiB of shared memory
+
+_HEADER = """
+__device__ inline float lmx_f32(float x) { return x; }
+__device__ inline float lmx_f32(__half x) { return __half2float(x); }
+__device__ inline float lmx_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ inline void lmx_store(float* p, float x) { *p = x; }
+__device__ inline void lmx_store(__half* p, float x) { *p = __float2half(x); }
+__device__ inline void lmx_store(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
+"""
+
+# Template constants: D (head dim, a multiple of 32), WARPS (warps per block), SCALE_BITS (the
+# softmax scale's float32 bits: a compile-time constant, one kernel per distinct scale).
+_SOURCE = """
+    constexpr int PER_LANE = D / 32;
+    const float neg_inf = __uint_as_float(0xff800000u);
+    const float qscale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;  // scores in base 2
+
+    const int head = blockIdx.x;
+    const int batch = blockIdx.y;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int n_heads = q_shape[1];
+    const int n_keys = k_shape[2];
+    const int kv_head = head / (n_heads / k_shape[1]);
+
+    const auto* qh = q + batch * q_strides[0] + head * q_strides[1];
+    const auto* kh = k + batch * k_strides[0] + kv_head * k_strides[1];
+    const auto* vh = v + batch * v_strides[0] + kv_head * v_strides[1];
+    const int64_t q_d = q_strides[3];
+    const int64_t k_t = k_strides[2], k_d = k_strides[3];
+    const int64_t v_t = v_strides[2], v_d = v_strides[3];
+
+    // Lane l holds elements l, l + 32, ...: a warp reads 32 consecutive elements per load.
+    float qr[PER_LANE];
+    float acc[PER_LANE];
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        qr[j] = qscale * lmx_f32(qh[(lane + 32 * j) * q_d]);
+        acc[j] = 0.0f;
+    }
+
+    float m = neg_inf;  // running max of this warp's scores
+    float l = 0.0f;     // running sum of exp2(score - m)
+    for (int i = warp; i < n_keys; i += WARPS) {
+        const auto* kr = kh + i * k_t;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            s += qr[j] * lmx_f32(kr[(lane + 32 * j) * k_d]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, off);
+        }
+        const float m_new = fmaxf(m, s);
+        const float corr = exp2f(m - m_new);  // 0 for the first key (m = -inf)
+        const float p = exp2f(s - m_new);
+        l = l * corr + p;
+        const auto* vr = vh + i * v_t;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            acc[j] = acc[j] * corr + p * lmx_f32(vr[(lane + 32 * j) * v_d]);
+        }
+        m = m_new;
+    }
+
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum[WARPS];
+    __shared__ float part[WARPS][D];
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum[warp] = l;
+    }
+    __syncthreads();
+    float top = neg_inf;
+    for (int w = 0; w < WARPS; ++w) {
+        top = fmaxf(top, warp_max[w]);
+    }
+    const float mine = m == neg_inf ? 0.0f : exp2f(m - top);  // a warp without keys adds nothing
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        part[warp][lane + 32 * j] = acc[j] * mine;
+    }
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < WARPS; ++w) {
+        total += warp_max[w] == neg_inf ? 0.0f : warp_sum[w] * exp2f(warp_max[w] - top);
+    }
+    const float inv = 1.0f / total;
+    auto* o = out + (static_cast<int64_t>(batch) * n_heads + head) * D;
+    for (int d = threadIdx.x; d < D; d += WARPS * 32) {
+        float sum = 0.0f;
+        for (int w = 0; w < WARPS; ++w) {
+            sum += part[w][d];
+        }
+        lmx_store(o + d, sum * inv);
+    }
+"""
+
+
+def enabled_by_env() -> bool:
+    """False when ``LMX_CUDA_ATTENTION`` is 0/false/off/no."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """Whether this MLX was built with its CUDA backend and sees a device."""
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda is not None and cuda.is_available())
+
+
+def supported(queries: mx.array, keys: mx.array, values: mx.array) -> bool:
+    """Whether :func:`decode_attention` takes these inputs: one query, (B, H, 1, D) / (B, H_kv, L, D),
+    H a multiple of H_kv, D a multiple of 32 up to 1024, one float dtype for all three."""
+    qs, ks, vs = queries.shape, keys.shape, values.shape
+    dtype = queries.dtype
+    return (
+        len(qs) == 4
+        and len(ks) == 4
+        and qs[2] == 1
+        and qs[3] % 32 == 0
+        and qs[3] <= MAX_HEAD_DIM
+        and ks[3] == qs[3]
+        and vs == ks
+        and ks[2] >= 1
+        and ks[0] == qs[0]
+        and qs[1] % ks[1] == 0
+        and dtype in DTYPES
+        and keys.dtype == dtype
+        and values.dtype == dtype
+    )
+
+
+def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> bool:
+    """Whether attention of these inputs (no mask, no softcap) should run as :func:`decode_attention`:
+    on a CUDA GPU, for a head dim MLX does not fuse, unless ``LMX_CUDA_ATTENTION=0``."""
+    return (
+        queries.shape[-1] not in FUSED_HEAD_DIMS  # first: rejects Qwen 3 (and most models) at once
+        and scale > 0
+        and mx.default_device() == mx.gpu
+        and cuda_available()
+        and supported(queries, keys, values)
+        and enabled_by_env()
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> Any:
+    return mx.fast.cuda_kernel(
+        name="lmx_decode_attention",
+        input_names=["q", "k", "v"],
+        output_names=["out"],
+        source=_SOURCE,
+        header=_HEADER,
+        ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _float_bits(scale: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", scale))[0]
+
+
+def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """``softmax(scale * q @ k.T) @ v`` for one query per row and head, every key visible.
+
+    Args:
+        queries: (B, H, 1, D).
+        keys, values: (B, H_kv, L, D), any strides; H a multiple of H_kv (grouped-query).
+        scale: the score scale, > 0.
+
+    Returns:
+        (B, H, 1, D) in the queries' dtype.
+
+    Raises:
+        ValueError: the inputs are not ones :func:`supported` accepts, or ``scale`` <= 0.
+    """
+    if not supported(queries, keys, values) or not scale > 0:
+        raise ValueError(
+            f"decode_attention takes q (B, H, 1, D), k/v (B, H_kv, L>=1, D) with D a multiple of 32 up to "
+            f"{MAX_HEAD_DIM}, one of {[str(t) for t in DTYPES]}, scale > 0; got q {queries.shape} {queries.dtype}, "
+            f"k {keys.shape} {keys.dtype}, v {values.shape} {values.dtype}, scale {scale}"
+        )
+    if getattr(_inference, "active", False):
+        return _run(queries, keys, values, scale)
+    return _differentiable(scale)(queries, keys, values)
+
+
+_inference = threading.local()
+
+
+@contextlib.contextmanager
+def inference() -> Iterator[None]:
+    """Graphs built inside need no gradient through the kernel (a decode step): it then runs
+    without the ``mx.custom_function`` that gives it MLX's gradient, an extra op and a call back into
+    Python per layer (measured on an H200: decode 5% faster for Gemma 3 270M, 14% for the 1B)."""
+    before = getattr(_inference, "active", False)
+    _inference.active = True
+    try:
+        yield
+    finally:
+        _inference.active = before
+
+
+@functools.lru_cache(maxsize=64)
+def _differentiable(scale: float) -> Any:
+    """The kernel, with the gradient of MLX's own attention (the kernel has no backward pass), so a
+    gradient through a one-token step (LoRA on a one-token sequence) works as it does without it."""
+
+    @mx.custom_function
+    def attend(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        return _run(queries, keys, values, scale)
+
+    @attend.vjp
+    def attend_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        def mlx_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        return tuple(mx.vjp(mlx_attention, list(primals), [cotangent])[1])
+
+    return attend
+
+
+def _run(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    batch, n_heads, _, d = queries.shape
+    warps = min(32, 8192 // d)
+    return _kernel()(
+        inputs=[queries, keys, values],
+        # T is unused by the source but names the kernel: MLX caches a compiled kernel by its name
+        # and template values, and the signature it generates depends on the inputs' dtype.
+        template=[("T", queries.dtype), ("D", d), ("WARPS", warps), ("SCALE_BITS", _float_bits(scale))],
+        grid=(warps * 32 * n_heads, batch, 1),
+        threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(batch, n_heads, 1, d)],
+        output_dtypes=[queries.dtype],
+    )[0]

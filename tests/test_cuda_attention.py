@@ -1,0 +1,133 @@
+"""lmx's one-query CUDA attention (lmx.kernels.cuda_attention): when it is used, and its input rules.
+
+The kernel itself needs a CUDA GPU; its values are checked there by
+``benchmarks/cuda_attention_check.py`` (against a float32 reference and MLX's own path). Here:
+the module imports and stays off without CUDA, ``attention()`` hands it exactly the cases it is
+meant for, and unsupported inputs are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import lmx  # noqa: F401  # isort: skip  (loads OpenBLAS before mlx.core)
+import mlx.core as mx
+
+from lmx.kernels import cuda_attention
+from lmx.models import base
+
+
+def qkv(d: int = 256, heads: int = 4, kv_heads: int = 1, keys: int = 9, dtype: mx.Dtype = mx.bfloat16):
+    q = mx.zeros((1, heads, 1, d), dtype=dtype)  # (B, H, 1, D)
+    k = mx.zeros((1, kv_heads, keys, d), dtype=dtype)  # (B, H_kv, L, D)
+    return q, k, k
+
+
+def test_off_without_cuda() -> None:
+    if cuda_attention.cuda_available() and mx.default_device() == mx.gpu:
+        pytest.skip("a CUDA GPU is the default device here")
+    assert not cuda_attention.wanted(*qkv(), 0.0625)
+
+
+def test_supported_shapes_and_dtypes() -> None:
+    assert cuda_attention.supported(*qkv())
+    assert cuda_attention.supported(*qkv(d=128, heads=8, kv_heads=2, dtype=mx.float32))
+    assert not cuda_attention.supported(*qkv(d=80))  # not a multiple of 32
+    assert not cuda_attention.supported(*qkv(d=2048))  # above MAX_HEAD_DIM
+    assert not cuda_attention.supported(*qkv(heads=4, kv_heads=3))  # H not a multiple of H_kv
+    assert not cuda_attention.supported(*qkv(keys=0))
+    q, k, v = qkv()
+    assert not cuda_attention.supported(mx.zeros((1, 4, 2, 256), dtype=mx.bfloat16), k, v)  # two queries
+    assert not cuda_attention.supported(q, k.astype(mx.float32), v)  # mixed dtypes
+    assert not cuda_attention.supported(q.astype(mx.int32), k.astype(mx.int32), v.astype(mx.int32))
+
+
+def test_decode_attention_refuses_unsupported_inputs() -> None:
+    with pytest.raises(ValueError, match="decode_attention takes"):
+        cuda_attention.decode_attention(*qkv(d=80), 0.1)
+    with pytest.raises(ValueError, match="scale > 0"):
+        cuda_attention.decode_attention(*qkv(), 0.0)
+
+
+def test_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, on in (("0", False), ("off", False), ("no", False), ("1", True), ("", True)):
+        monkeypatch.setenv(cuda_attention.ENV_SWITCH, value)
+        assert cuda_attention.enabled_by_env() is on
+    monkeypatch.delenv(cuda_attention.ENV_SWITCH)
+    assert cuda_attention.enabled_by_env()
+
+
+def test_wanted_only_where_mlx_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (pretended) CUDA GPU: head dims MLX fuses and the switch keep MLX's path."""
+    monkeypatch.setattr(cuda_attention, "cuda_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert cuda_attention.wanted(*qkv(d=256), 0.0625)
+    assert cuda_attention.wanted(*qkv(d=512, dtype=mx.float32), 0.0625)
+    for d in sorted(cuda_attention.FUSED_HEAD_DIMS):
+        assert not cuda_attention.wanted(*qkv(d=d), d**-0.5)
+    assert not cuda_attention.wanted(*qkv(), -1.0)
+    monkeypatch.setenv(cuda_attention.ENV_SWITCH, "0")
+    assert not cuda_attention.wanted(*qkv(), 0.0625)
+
+
+def test_attention_routes_one_unmasked_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attention() calls the kernel for one query without a mask or softcap, and only then."""
+    calls = []
+
+    def fake(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        calls.append(scale)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    monkeypatch.setattr(cuda_attention, "cuda_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(cuda_attention, "decode_attention", fake)
+    q, k, v = (x.astype(mx.float32) + 0.5 for x in qkv())
+    base.attention(q, k, v, 0.0625, None)
+    assert calls == [0.0625]
+    base.attention(q, k, v, 0.0625, mx.ones((1, 1, 1, k.shape[2]), dtype=mx.bool_))  # a mask array
+    base.attention(q, k, v, 0.0625, None, softcap=50.0)
+    long_q = mx.zeros((1, 4, 3, 256))
+    base.attention(long_q, k, v, 0.0625, "causal")  # prefill
+    assert calls == [0.0625]
+
+
+def test_gradient_is_that_of_mlx_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel has no backward pass: decode_attention differentiates as MLX's attention does.
+    (Here the kernel is replaced by MLX's attention behind stop_gradient, which the CPU can run.)"""
+
+    def forward_only(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:  # no gradient, as the kernel
+        return mx.stop_gradient(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+
+    monkeypatch.setattr(cuda_attention, "_run", forward_only)
+    cuda_attention._differentiable.cache_clear()
+    try:
+        q = mx.random.normal((1, 4, 1, 256), key=mx.random.key(0))
+        k = mx.random.normal((1, 2, 7, 256), key=mx.random.key(1))
+        v = mx.random.normal((1, 2, 7, 256), key=mx.random.key(2))
+
+        def loss(f):
+            return lambda q, k, v: (f(q, k, v) ** 2).sum()
+
+        ours = mx.grad(loss(lambda q, k, v: cuda_attention.decode_attention(q, k, v, 0.0625)), argnums=(0, 1, 2))(
+            q, k, v
+        )
+        mlx = mx.grad(
+            loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.0625)), argnums=(0, 1, 2)
+        )(q, k, v)
+        for a, b in zip(ours, mlx):
+            assert mx.allclose(a, b, atol=1e-6).item()
+            assert mx.abs(a).max().item() > 0
+    finally:
+        cuda_attention._differentiable.cache_clear()
+
+
+def test_inference_skips_the_gradient_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside inference() (the segmented decode step) the kernel runs bare; outside it is wrapped."""
+    calls = []
+    monkeypatch.setattr(cuda_attention, "_run", lambda q, k, v, s: calls.append(s) or q)
+    monkeypatch.setattr(cuda_attention, "_differentiable", lambda s: lambda q, k, v: calls.append(("wrapped", s)) or q)
+    q, k, v = qkv()
+    with cuda_attention.inference():
+        cuda_attention.decode_attention(q, k, v, 0.5)
+    cuda_attention.decode_attention(q, k, v, 0.25)
+    assert calls == [0.5, ("wrapped", 0.25)]

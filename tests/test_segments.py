@@ -112,3 +112,22 @@ def test_split_and_merge_heads_match_reshape_and_transpose(length):
     assert heads.shape == (2, 3, length, 4)
     assert mx.array_equal(heads, expected).item()
     assert mx.array_equal(merge_heads(split_heads(x, 3)), x).item()
+
+
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+def test_layerwise_prefill_equals_whole_prefill(config):
+    """The GPU's default prefill hands each layer to the device as it is built: same logits and caches."""
+    from lmx.generate.step import prefill
+
+    model = build_model(bench.config_for(config))
+    bench.random_weights(model, mx.float32, seed=4)
+    prompt = mx.random.randint(0, 512, (2, 40), key=mx.random.key(5))  # 3 chunks of 16
+    results = []
+    for layerwise in (False, True):
+        cache = model.make_cache()
+        logits = prefill(model, prompt, cache, step_size=16, layerwise=layerwise)
+        results.append((np.array(logits), [np.array(a) for c in cache for a in c.state]))
+    (whole, whole_cache), (layered, layered_cache) = results
+    np.testing.assert_array_equal(layered, whole)
+    for a, b in zip(layered_cache, whole_cache, strict=True):
+        np.testing.assert_array_equal(a, b)

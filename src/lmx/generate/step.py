@@ -26,18 +26,40 @@ def prefill(
     cache: list[KVCache],
     pad: mx.array | None = None,
     step_size: int = 512,
+    layerwise: bool | None = None,
 ) -> mx.array:
     """Run all of ``tokens`` (B, L) through the model; return the last position's logits (B, V).
 
     The prompt goes in chunks of ``step_size`` so activations stay bounded; only the last
     position goes through the LM head (the largest matmul for a 262k vocabulary).
+    ``layerwise`` (None: on a GPU) hands each layer's work to the device as soon as it is
+    built (``mx.async_eval``): MLX's CUDA backend keeps an op's inputs until the batch of work
+    holding it completes, so a chunk built whole keeps every layer's intermediates alive at
+    once (Gemma 3 270M: 80 MiB above the weights for 512 tokens, against a 13 MiB KV cache).
     """
+    if layerwise is None:
+        layerwise = device_name() == "gpu"
+    hidden = _layerwise_hidden if layerwise and hasattr(model.model, "embed") else _hidden
     while tokens.shape[1] > step_size:
-        model.hidden(tokens[:, :step_size], cache, pad)
+        hidden(model, tokens[:, :step_size], cache, pad)
         mx.eval([c.state for c in cache])
         tokens = tokens[:, step_size:]
-    h = model.hidden(tokens, cache, pad)
+    h = hidden(model, tokens, cache, pad)
     return model.head(h[:, -1:, :])[:, 0, :]
+
+
+def _hidden(model: nn.Module, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
+    return model.hidden(tokens, cache, pad)
+
+
+def _layerwise_hidden(model: nn.Module, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
+    """``model.hidden``, each layer's output queued on the device as soon as it is built."""
+    text = model.model
+    h = text.embed(tokens)
+    for layer, layer_cache in zip(model.layers, cache):
+        h = layer(h, layer_cache, pad)
+        mx.async_eval(h)
+    return text.norm(h)
 
 
 class CompiledDecode:

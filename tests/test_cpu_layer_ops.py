@@ -152,6 +152,37 @@ def test_attention_of_many_queries_goes_to_mlx(K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_logsumexp(K, scale):
+    rng = np.random.default_rng(int(scale))
+    x = (rng.standard_normal((3, 262147)) * scale).astype(np.float32)  # a vocabulary-sized row, odd length
+    xd = x.astype(np.float64)
+    top = xd.max(-1, keepdims=True)
+    got = K.logsumexp(mx.array(x))
+    assert got.shape == (3, 1)
+    close(got, top + np.log(np.exp(xd - top).sum(-1, keepdims=True)), 1e-6)
+    # every exponent of the float32 range that matters: pairs (a, 0) give log(1 + e^a)
+    a = np.linspace(-90, 0, 200001, dtype=np.float32)
+    pairs = K.logsumexp(mx.array(np.stack([a, np.zeros_like(a)], -1)))
+    assert float(np.abs(np.array(pairs)[:, 0] - np.log1p(np.exp(a.astype(np.float64)))).max()) < 2e-7
+
+
+@needs_kernels
+def test_logsumexp_special_values_and_other_dtypes(K):
+    inf, nan = np.inf, np.nan
+    rows = {(-inf, -inf): -inf, (inf, 1.0): inf, (-inf, 2.0): 2.0, (3.0,): 3.0}
+    for row, want in rows.items():
+        assert np.array(K.logsumexp(mx.array(np.array([row], np.float32))))[0, 0] == want, row
+    assert np.isnan(np.array(K.logsumexp(mx.array(np.array([[1.0] * 7 + [nan] + [1.0] * 9], np.float32))))[0, 0])
+    xb = mx.array(np.linspace(-3, 3, 40, dtype=np.float32)).astype(mx.bfloat16)[None]
+    got = K.logsumexp(xb)  # not float32: MLX's op
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_array_equal(
+        np.array(got.astype(mx.float32)), np.array(mx.logsumexp(xb, -1, keepdims=True).astype(mx.float32))
+    )
+
+
+@needs_kernels
 def test_gradients_are_mlx_ops_gradients(K):
     rng = np.random.default_rng(6)
     x = mx.array(rng.standard_normal((1, 4, 2, 64)).astype(np.float32))
@@ -161,13 +192,14 @@ def test_gradients_are_mlx_ops_gradients(K):
 
     def ours(x, w):
         h = K.rope(K.rms_norm(x, w, 1e-6), 64, periods, 1.0, 5)
-        return (K.attention(h, k, k, 0.125, True) ** 2).sum()
+        return (K.attention(h, k, k, 0.125, True) ** 2).sum() + K.logsumexp(h).sum()
 
     def mlx_ops(x, w):
         h = mx.fast.rope(
             mx.fast.rms_norm(x, w, 1e-6), 64, traditional=False, base=None, scale=1.0, offset=5, freqs=periods
         )
-        return (mx.fast.scaled_dot_product_attention(h, k, k, scale=0.125, mask="causal") ** 2).sum()
+        attended = mx.fast.scaled_dot_product_attention(h, k, k, scale=0.125, mask="causal")
+        return (attended**2).sum() + mx.logsumexp(h, axis=-1, keepdims=True).sum()
 
     got = mx.grad(ours, argnums=(0, 1))(x, w)
     want = mx.grad(mlx_ops, argnums=(0, 1))(x, w)
@@ -180,6 +212,7 @@ def test_models_on_the_kernels_use_the_layer_ops(tiny_gguf: dict[str, Path]):
     fast = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True).loaded.model
     plain = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False).loaded.model
     layer, plain_layer = fast.layers[0], plain.layers[0]
+    assert cpu_ops(fast) is not None and cpu_ops(plain) is None  # the model: generate_step's logsumexp
     for module in (layer.self_attn, layer.self_attn.rope, layer.self_attn.q_norm, layer.input_layernorm):
         assert cpu_ops(module) is not None, type(module).__name__
     for module in (plain_layer.self_attn, plain_layer.self_attn.rope, plain_layer.input_layernorm):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.generate.segments import segmented_decode
+from lmx.models.base import cpu_ops
 from lmx.models.cache import DecodeSlot, KVCache
 from lmx.runtime.device import device_name
 
@@ -173,13 +175,17 @@ def generate_step(
             only for rows without padding, and not with ``compile``.
     """
     history = prompt if history is None else history
+    # On lmx's CPU kernels one vectorised op: MLX's CPU exp took 7 ms of a decode step for a
+    # 262k vocabulary (benchmarks/RESULTS.md, change 11).
+    ops = cpu_ops(model)
+    logsumexp = ops.logsumexp if ops is not None else partial(mx.logsumexp, axis=-1, keepdims=True)
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
         logits = logits.astype(mx.float32)
         for proc in processors:
             logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - logsumexp(logits)
         token = sampler(logprobs, keys())
         if processors:
             history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)

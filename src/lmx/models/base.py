@@ -153,15 +153,16 @@ def cpu_ops(module: nn.Module) -> types.ModuleType | None:
 
 
 def use_cpu_ops(model: nn.Module, ops: types.ModuleType) -> None:
-    """Run ``model``'s RMSNorms, RoPEs and decode attention as one op each with ``ops`` (lmx's CPU kernels).
+    """Run ``model``'s RMSNorms, RoPEs and decode attention as one op each with ``ops`` (lmx's CPU kernels);
+    the model itself gets ``ops`` too, for the log-softmax of :func:`lmx.generate.step.generate_step`.
 
     On the CPU MLX computes ``mx.fast.rms_norm``, ``mx.fast.rope`` and attention as several small
     ops each (a decode step of Gemma 3 270M spent about a third of its time there); the kernels
     compute the same float32 values in one op each (RMSNorm bit for bit, the others within float32
     rounding), with MLX's own gradients. Other dtypes, array offsets and mask arrays still go to MLX.
     """
-    for _, m in model.named_modules():
-        if isinstance(m, (RoPE, RMSNorm)) or getattr(m, "uses_cpu_ops", False):
+    for name, m in model.named_modules():
+        if not name or isinstance(m, (RoPE, RMSNorm)) or getattr(m, "uses_cpu_ops", False):
             object.__setattr__(m, "_cpu_ops", ops)  # an attribute, not a parameter
 
 

@@ -25,6 +25,8 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("rope", &lmx::rope, "x"_a, "dims"_a, "periods"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.rope (non-traditional, freqs=periods) as one CPU op (float32; other inputs go to mx.fast.rope).");
+  m.def("logsumexp", &lmx::logsumexp, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "mx.logsumexp(x, axis=-1, keepdims=True) as one vectorised CPU op (float32; else MLX's).");
   m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for up to 8 float32 queries.");

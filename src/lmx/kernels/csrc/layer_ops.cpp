@@ -1,8 +1,11 @@
 // The ops of layer_ops.h: plain loops over float32 rows (a decode token is one row a head).
 #include "layer_ops.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 
@@ -72,6 +75,77 @@ LMX_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
 
 LMX_SIMD_CLONES void add_scaled(float* y, const float* x, float w, int64_t n) {  // y += w * x
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r,
+// times 2^n built in the exponent bits); below -87.3 it gives ~1e-38 instead of 0 (no denormals).
+inline float exp_nonpositive(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;  // ln2 in two parts, so r is exact
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// sum(exp(x[i] - top)): the same arithmetic as exp_nonpositive, eight values at a time with AVX2
+// where the CPU has it, else one at a time.
+__attribute__((target("avx2"))) float sum_exp_avx2(const float* x, int64_t n, float top) {
+  const __m256 t = _mm256_set1_ps(top), lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 half = _mm256_set1_ps(0.5f), c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const float coef[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(x + i), t));  // a NaN stays (2nd operand)
+    const __m256 k = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(v, log2e), half));
+    __m256 r = _mm256_sub_ps(v, _mm256_mul_ps(k, c1));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(k, c2));
+    __m256 p = _mm256_set1_ps(coef[0]);
+    for (int c = 1; c < 6; ++c) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(coef[c]));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), one);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, acc);
+  float total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) total += exp_nonpositive(x[i] - top);
+  return total;
+}
+
+float sum_exp(const float* x, int64_t n, float top) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    return sum_exp_avx2(x, n, top);
+  }
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += exp_nonpositive(x[i] - top);
+  return total;
+}
+
+LMX_SIMD_CLONES float max_of(const float* x, int64_t n) {
+  float acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  }
+  for (; i < n; ++i) acc[0] = x[i] > acc[0] ? x[i] : acc[0];
+  float top = acc[0];
+  for (int j = 1; j < 8; ++j) top = acc[j] > top ? acc[j] : top;
+  return top;
 }
 
 bool float_vector(const mx::array& a, int64_t n) {
@@ -191,6 +265,37 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 bool Rope::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const Rope&>(other);
   return dims_ == o.dims_ && scale_ == o.scale_ && offset_ == o.offset_;
+}
+
+mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) == 0) {
+    return mx::logsumexp(x, -1, true, s);
+  }
+  auto fallback = [s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::logsumexp(in[0], -1, true, s)};
+  };
+  mx::Shape shape = x.shape();
+  shape.back() = 1;
+  return mx::array(shape, mx::float32, std::make_shared<LogSumExp>(mx::to_stream(s), fallback), {x});
+}
+
+void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  encoder.dispatch([x, y = out.data<float>()]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const int64_t n = x.shape(-1), rows = x.size() / n;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xp + r * n;
+      const float top = max_of(xr, n);
+      // +inf anywhere: inf; all -inf: -inf (as MLX); a NaN makes the sum NaN
+      y[r] = std::isinf(top) ? top : top + std::log(sum_exp(xr, n, top));
+    }
+  });
 }
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,

@@ -34,6 +34,11 @@ mx::array rope(const mx::array& x, int dims, const mx::array& periods, float sca
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 
+// log(sum(exp(x))) over the last axis, keeping it (size 1). MLX's CPU exp costs ~29 ns a value here
+// (7.4 ms for Gemma 3's 262144 logits, every decode step); this one is vectorised (a Cephes-style
+// exp, within 2 ulp) and takes ~0.3 ms. Float32 runs here; anything else goes to mx.logsumexp.
+mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s = {});
+
 // An op computed here on the CPU whose gradient is that of `fallback` (MLX's own op).
 class CpuOp : public mx::UnaryPrimitive {
  public:
@@ -77,6 +82,18 @@ class Rope : public CpuOp {
   int dims_;
   float scale_;
   int offset_;
+};
+
+class LogSumExp : public CpuOp {
+ public:
+  using CpuOp::CpuOp;
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "LmxLogSumExp";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
 };
 
 class Attention : public CpuOp {

@@ -333,6 +333,38 @@ def merge_heads(x: mx.array, ndim: int = 3) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)  # (B, L, n_heads * D)
 
 
+class QKNormAttention(nn.Module):
+    """Grouped-query attention whose heads' queries and keys are RMS-normed (Gemma 3, Qwen 3).
+
+    A subclass builds ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``, ``k_norm`` and
+    ``rope`` and sets ``n_heads``, ``n_kv_heads``, ``scale`` (and ``softcap``). The call is split
+    in three so that :mod:`lmx.generate.segments` can compile around the cache write and attention.
+    """
+
+    uses_cpu_ops = True  # see use_cpu_ops
+    softcap: float | None = None
+
+    def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
+        return self.output(self.attend(*self.project(x, cache.offset), cache, pad), x.ndim)
+
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
+        q = split_heads(self.q_proj(x), self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
+        k = split_heads(self.k_proj(x), self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
+        """Store ``k``/``v`` in ``cache`` (a KV cache); attention of ``q`` over it (B, n_heads, L, head_dim)."""
+        k, v = cache.update_and_fetch(k, v)
+        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, cpu_ops(self))
+
+    def output(self, out: mx.array, ndim: int = 3) -> mx.array:
+        """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
+        or (B, dim) with ``ndim=2`` (one position)."""
+        return self.o_proj(merge_heads(out, ndim))
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,

@@ -15,14 +15,12 @@ import mlx.nn as nn
 from lmx.models.base import (
     BaseModelArgs,
     Linear,
+    QKNormAttention,
     RoPE,
-    attention,
     cpu_ops,
     geglu_tanh,
     layer_types_from,
-    merge_heads,
     rope_settings,
-    split_heads,
 )
 from lmx.models.cache import KVCache, RotatingKVCache
 
@@ -105,9 +103,7 @@ class RMSNorm(nn.Module):
         return cached[1]
 
 
-class Attention(nn.Module):
-    uses_cpu_ops = True  # see lmx.models.base.use_cpu_ops
-
+class Attention(QKNormAttention):
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         dim, self.n_heads, self.n_kv_heads = (
@@ -135,26 +131,6 @@ class Attention(nn.Module):
             layer_type,
         )
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        return self.output(self.attend(*self.project(x, cache.offset), cache, pad), x.ndim)
-
-    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
-        q = split_heads(self.q_proj(x), self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
-        k = split_heads(self.k_proj(x), self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
-        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        """Store ``k``/``v`` in ``cache``; attention of ``q`` over it (B, n_heads, L, head_dim)."""
-        k, v = cache.update_and_fetch(k, v)
-        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, cpu_ops(self))
-
-    def output(self, out: mx.array, ndim: int = 3) -> mx.array:
-        """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
-        or (B, dim) with ``ndim=2`` (one position)."""
-        return self.o_proj(merge_heads(out, ndim))
 
 
 class MLP(nn.Module):

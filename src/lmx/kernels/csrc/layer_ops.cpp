@@ -9,8 +9,7 @@
 #include <limits>
 #include <stdexcept>
 
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_eval.h"
 #include "mlx/fast.h"
 #include "mlx/transforms.h"
 
@@ -184,11 +183,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
 void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   const auto& w = inputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([x, w, y = out.data<float>(), eps = eps_]() {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
@@ -228,11 +223,7 @@ mx::array rope(const mx::array& x, int dims, const mx::array& periods, float sca
 void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   const auto& periods = inputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(periods);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([x, periods, y = out.data<float>(), dims = dims_, scale = scale_, offset = offset_]() {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
@@ -281,10 +272,7 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s) {
 
 void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([x, y = out.data<float>()]() {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
@@ -323,10 +311,7 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& q = inputs[0];
   const auto& k = inputs[1];
   const auto& v = inputs[2];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& a : inputs) encoder.set_input_array(a);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([q, k, v, y = out.data<float>(), scale = scale_, causal = causal_]() {
     std::vector<float> tq, tk, tv;
     const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);

@@ -10,8 +10,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
+#include "cpu_eval.h"
 #include "thread_pool.h"
 
 namespace lmx {
@@ -156,11 +155,7 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool 
 void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   const auto& w = inputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(w);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   Gemv g{w.data<uint8_t>(), w.shape(1), x.data<float>(), static_cast<int64_t>(x.size() / k_), k_, w.shape(0),
          out.data<float>()};
   encoder.dispatch([g, type = type_, int8 = int8_]() {
@@ -209,10 +204,7 @@ bool QMatmul::is_equivalent(const mx::Primitive& other) const {
 
 void DequantizeRows::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& w = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(w);
-  encoder.set_output_array(out);
+  auto& encoder = begin_eval(stream(), inputs, out);
   int64_t k = k_, rows = out.size() / k_, row_bytes = w.shape(-1);
   encoder.dispatch([wp = w.data<uint8_t>(), y = out.data<float>(), k, rows, row_bytes, type = type_]() {
     const bool avx = cpu_has_avx2();

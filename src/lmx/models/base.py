@@ -365,6 +365,25 @@ class QKNormAttention(nn.Module):
         return self.o_proj(merge_heads(out, ndim))
 
 
+class AttentionLayer(nn.Module):
+    """A decoder layer split around attention (see :mod:`lmx.generate.segments`): ``begin`` runs
+    up to the queries, keys and values, the cache write and attention follow, ``end`` the rest.
+    A subclass builds ``self_attn`` (a :class:`QKNormAttention`), ``input_layernorm`` and ``end``."""
+
+    def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
+        q, k, v = self.begin(x, cache.offset)
+        return self.end(x, self.self_attn.attend(q, k, v, cache, pad))
+
+    def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The layer up to attention: queries, keys and values of the residual stream ``x``
+        (B, L, dim), or (B, dim) for one position."""
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def end(self, x: mx.array, out: mx.array) -> mx.array:
+        """The layer after attention: the residual stream ``x`` plus attention ``out`` and the rest."""
+        raise NotImplementedError
+
+
 def attention(
     queries: mx.array,
     keys: mx.array,

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.models.base import (
+    AttentionLayer,
     BaseModelArgs,
     Linear,
     QKNormAttention,
@@ -90,22 +91,13 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(AttentionLayer):
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer_idx)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: KVCache, pad: mx.array | None) -> mx.array:
-        q, k, v = self.begin(x, cache.offset)
-        return self.end(x, self.self_attn.attend(q, k, v, cache, pad))
-
-    def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """The layer up to attention: queries, keys and values of the residual stream ``x``
-        (B, L, dim), or (B, dim) for one position (see :mod:`lmx.generate.segments`)."""
-        return self.self_attn.project(self.input_layernorm(x), offset)
 
     def end(self, x: mx.array, out: mx.array) -> mx.array:
         """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""

@@ -65,6 +65,10 @@ def arm():
         if mode == "fsize":
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(n), int(n)))
+    elif mode == "sigint":
+        # Ctrl-C raises KeyboardInterrupt only where SIGINT is not ignored; a test runner started in
+        # the background (a CI job, `make test &`) passes SIG_IGN on to its children.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     elif mode == "event":
         seen = [0]
 

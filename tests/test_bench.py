@@ -89,7 +89,7 @@ def test_bench_quantized_config():
         ({"config": "tiny-qwen3", "batch": 0}, "batch"),
         ({"config": "tiny-qwen3", "quantize": 3}, "quantize"),
         ({"config": "tiny-qwen3", "num_layers": 0}, "num_layers"),
-        ({}, "exactly one"),
+        ({"model": "some/dir", "config": "tiny-qwen3"}, "not both"),
     ],
 )
 def test_bad_options_are_typed_errors(kwargs, name):
@@ -147,3 +147,16 @@ def test_compiled_decode_sees_updated_weights():
     before = first_logprobs()
     model.update({"lm_head": {"weight": model.lm_head.weight * 2}})
     assert not np.allclose(first_logprobs(), before)
+
+
+@pytest.mark.slow
+def test_bench_without_a_model_times_the_default_as_lmx_loads_it():
+    """`lmx bench` with no model benchmarks what `lmx run` runs: on the CPU with the kernels, the GGUF file."""
+    from lmx.kernels import status
+
+    result = bench.run_benchmark(prompt_tokens=8, gen_tokens=2, repeat=1, device="cpu")
+    assert result.decode_tokens_per_s > 0
+    if status().available:
+        assert result.model.endswith(".gguf"), result.model
+    else:
+        assert not result.model.endswith(".gguf"), result.model

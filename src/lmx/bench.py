@@ -256,8 +256,8 @@ def _load(
     from lmx.loader import load_model, resolve_dtype
     from lmx.models import build_model
 
-    if (model is None) == (config is None):
-        raise InvalidOptionError("give exactly one of a model (path) or a config name")
+    if model is not None and config is not None:
+        raise InvalidOptionError("give a model (path) or a config name, not both")
     t0 = time.perf_counter()
     if config is not None:
         cfg = config_for(config, num_layers)
@@ -265,8 +265,8 @@ def _load(
         random_weights(built, resolve_dtype(dtype))
         name, vocab = config, int(cfg["vocab_size"])
     else:
-        loaded = load_model(model, dtype=dtype)
-        built, name, vocab = loaded.model, str(model), int(loaded.config["vocab_size"])
+        loaded = load_model(model, dtype=dtype)  # None: the bundled default, as lmx.load(None) loads it
+        built, name, vocab = loaded.model, loaded.source, int(loaded.config["vocab_size"])
     if quantize is not None:
         if quantize not in (4, 8):
             raise InvalidOptionError(f"quantize must be 4 or 8 bits, got {quantize}")
@@ -353,7 +353,8 @@ def run_benchmark(
     """Load a model, warm it up, then time ``repeat`` generations of a random prompt.
 
     Args:
-        model: an HF model dir or a ``.gguf`` file (exclusive with ``config``).
+        model: an HF model dir or a ``.gguf`` file (exclusive with ``config``); neither: the bundled
+            default model, as :func:`lmx.load` loads it (on the CPU with the kernels, its GGUF file).
         config: a name from :data:`CONFIGS`: random weights of that published shape.
         prompt_tokens: prompt length (random ids) per row.
         gen_tokens: tokens generated per row (greedy; no stop token ends it early).

@@ -31,11 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmx.bench import run_benchmark
 
-    model = args.model
-    if model is None and args.config is None:
-        from lmx.io.default_model import default_model_path
-
-        model = default_model_path()
+    model = args.model  # neither a model nor a config: the bundled default, as `lmx run` loads it
 
     def progress(stats: object) -> None:
         if not args.json:

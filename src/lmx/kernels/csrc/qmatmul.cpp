@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,6 +35,17 @@ bool cpu_has_avx2() {
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
+
+// cblas_sgemm of the BLAS in the process's global symbol scope (OpenBLAS, which lmx loads with
+// RTLD_GLOBAL before MLX), or null: then many-row products go through MLX's matmul instead.
+using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
+Sgemm global_sgemm() {
+  static const Sgemm f = reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
+  return f;
+}
+// W rows decoded per BLAS call in a many-row product: the float32 copy alive at once stays at
+// kRowBlock x k floats (2 MiB for k = 2048) instead of all of W.
+constexpr int64_t kRowBlock = 256;
 
 struct Gemv {
   const uint8_t* w;
@@ -139,8 +152,8 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool 
   }
   auto xf = mx::astype(x, mx::float32, s);
   int64_t rows = x.size() / k;
-  if (rows > kGemvMaxRows) {
-    // Prefill: decode W once, then BLAS (OpenBLAS when lmx loaded it) does the many-row product.
+  if (rows > kGemvMaxRows && global_sgemm() == nullptr) {
+    // Prefill without a BLAS of our own to call: decode W whole, then MLX's matmul.
     auto out = mx::matmul(xf, mx::transpose(dequantize_rows(w, type, k, s), s), s);
     return mx::astype(out, x.dtype(), s);
   }
@@ -160,6 +173,23 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
          out.data<float>()};
   encoder.dispatch([g, type = type_, int8 = int8_]() {
     const bool avx = cpu_has_avx2();
+    if (g.m > kGemvMaxRows) {  // prefill: W decoded a block of rows at a time, each block one sgemm
+      std::vector<float> block(std::min<int64_t>(kRowBlock, g.n) * g.k);
+      const int64_t rb = g.row_bytes;
+      for (int64_t r0 = 0; r0 < g.n; r0 += kRowBlock) {
+        const int64_t r1 = std::min<int64_t>(g.n, r0 + kRowBlock);
+        const uint8_t* w = g.w + r0 * rb;  // rows r0.. of W, decoded to block rows 0..
+        parallel_rows(r1 - r0, (r1 - r0) * g.k, [&](int64_t a, int64_t b) {
+          avx ? avx2::dequantize(type, w, rb, g.k, block.data(), a, b)
+              : generic::dequantize(type, w, rb, g.k, block.data(), a, b);
+        });
+        // y[:, r0:r1] = x @ block.T  (row-major: 101, no transpose: 111, transpose: 112)
+        global_sgemm()(101, 111, 112, static_cast<int>(g.m), static_cast<int>(r1 - r0), static_cast<int>(g.k), 1.0f,
+                       g.x, static_cast<int>(g.k), block.data(), static_cast<int>(g.k), 0.0f, g.y + r0,
+                       static_cast<int>(g.n));
+      }
+      return;
+    }
     if (int8 && avx) {  // llama.cpp's arithmetic: x to int8 per 32 values, integer dot products
       const int64_t blocks = g.m * (g.k / 32);
       std::vector<int8_t> xq(g.m * g.k);

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError
 from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.step import generate_step
+from lmx.generate.step import default_prefill_step_size, generate_step
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def greedy_stamps(
     n: int,
     *,
     cache: list | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     compile: bool = False,
     segments: bool | None = None,
 ) -> tuple[float, list[float]]:
@@ -345,7 +345,7 @@ def run_benchmark(
     dtype: str = "auto",
     num_layers: int | None = None,
     quantize: int | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     compile: bool = False,
     seed: int = 0,
     on_run: Callable[[RunStats], None] | None = None,
@@ -364,7 +364,7 @@ def run_benchmark(
         dtype: weight dtype as in :func:`lmx.load` (``auto``: float32 on CPU, bfloat16 on GPU).
         num_layers: with ``config``, cut the model to this many layers.
         quantize: with 4 or 8, quantize the linear and embedding layers (group size 64).
-        prefill_step_size: prompt chunk size of the step loop.
+        prefill_step_size: prompt chunk size of the step loop (None: 512 on a GPU, 128 on the CPU).
         compile: decode with the compiled step (see :func:`lmx.generate.step.generate_step`).
         seed: seed of the random prompt.
         on_run: called with each timed run as it finishes (progress reports).
@@ -382,9 +382,10 @@ def run_benchmark(
         if value < low:
             raise InvalidOptionError(f"{opt} must be >= {low}, got {value}")
     for opt, value in (("batch", batch), ("repeat", repeat), ("prefill_step_size", prefill_step_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise InvalidOptionError(f"{opt} must be >= 1, got {value}")
     choose_device(device)
+    prefill_step_size = prefill_step_size or default_prefill_step_size()
     loaded = _load(model, config, dtype, num_layers, quantize)
     params = tree_flatten(loaded.model.parameters())
     dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in params if mx.issubdtype(v.dtype, mx.floating)})

@@ -15,7 +15,7 @@ from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError, LmxError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
-from lmx.generate.step import generate_step
+from lmx.generate.step import default_prefill_step_size, generate_step
 from lmx.generate.stopping import StopStringMatcher
 from lmx.loader import LoadedModel, load_model
 from lmx.models.cache import KVCache, trim_caches
@@ -76,10 +76,11 @@ class Engine:
     repetition/presence/frequency penalties, logit_bias, seed, stop, logprobs).
     """
 
-    def __init__(self, loaded: LoadedModel, *, prompt_cache: bool = True, prefill_step_size: int = 512) -> None:
+    def __init__(self, loaded: LoadedModel, *, prompt_cache: bool = True, prefill_step_size: int | None = None) -> None:
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
-        self.prefill_step_size = prefill_step_size
+        # None: 512 tokens on a GPU, 128 on the CPU (lmx.generate.step.default_prefill_step_size)
+        self.prefill_step_size = prefill_step_size or default_prefill_step_size()
         self.metrics = GenerationMetrics()
         self._lock = threading.Lock()
         self._owner: int | None = None

@@ -22,6 +22,13 @@ Processor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array, mx.array], mx.array]
 
 
+def default_prefill_step_size() -> int:
+    """The prompt chunk of a prefill: 512 tokens on a GPU, 128 on the CPU. On the CPU a chunk's
+    speed is the same at 128 and 512 tokens, and its transient memory a quarter (GGUF on the
+    kernels: 13 MiB above weights + KV instead of 38-50 for a 512-token prompt; RESULTS.md change 12)."""
+    return 512 if device_name() == "gpu" else 128
+
+
 def prefill(
     model: nn.Module,
     tokens: mx.array,
@@ -148,7 +155,7 @@ def generate_step(
     history: mx.array | None = None,
     processors: Sequence[Processor] = (),
     pad: mx.array | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     compile: bool = False,
     segments: bool | None = None,
 ) -> Iterator[tuple[mx.array, mx.array]]:
@@ -163,7 +170,7 @@ def generate_step(
         history: (B, T) every token so far (cached prefix + prompt), for the processors.
         processors: ``(history, logits) -> logits`` callables.
         pad: (B,) left-padding counts for a padded batch.
-        prefill_step_size: prompt chunk size.
+        prefill_step_size: prompt chunk size (None: :func:`default_prefill_step_size`).
         compile: run each decode step as one compiled graph (:class:`CompiledDecode`). Off by
             default, as measured (benchmarks/RESULTS.md): on a CUDA GPU the whole-storage
             attention mask sends attention to MLX's unfused path, which costs Qwen 3 more
@@ -194,7 +201,8 @@ def generate_step(
     def forward(token: mx.array) -> mx.array:
         return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
 
-    token, logprobs = sample(prefill(model, prompt, cache, pad, prefill_step_size))
+    step_size = prefill_step_size or default_prefill_step_size()
+    token, logprobs = sample(prefill(model, prompt, cache, pad, step_size))
     mx.async_eval(token, logprobs)  # the device runs the prefill while the decode step is set up
     if segments is None:
         segments = device_name() == "gpu"

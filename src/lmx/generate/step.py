@@ -34,18 +34,20 @@ def prefill(
     tokens: mx.array,
     cache: list[KVCache],
     pad: mx.array | None = None,
-    step_size: int = 512,
+    step_size: int | None = None,
     layerwise: bool | None = None,
 ) -> mx.array:
     """Run all of ``tokens`` (B, L) through the model; return the last position's logits (B, V).
 
-    The prompt goes in chunks of ``step_size`` so activations stay bounded; only the last
+    The prompt goes in chunks of ``step_size`` (None: :func:`default_prefill_step_size`) so
+    activations stay bounded; only the last
     position goes through the LM head (the largest matmul for a 262k vocabulary).
     ``layerwise`` (None: on a GPU) hands each layer's work to the device as soon as it is
     built (``mx.async_eval``): MLX's CUDA backend keeps an op's inputs until the batch of work
     holding it completes, so a chunk built whole keeps every layer's intermediates alive at
     once (Gemma 3 270M: 80 MiB above the weights for 512 tokens, against a 13 MiB KV cache).
     """
+    step_size = step_size or default_prefill_step_size()
     if layerwise is None:
         layerwise = device_name() == "gpu"
     hidden = _layerwise_hidden if layerwise and hasattr(model.model, "embed") else _hidden
@@ -201,8 +203,7 @@ def generate_step(
     def forward(token: mx.array) -> mx.array:
         return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
 
-    step_size = prefill_step_size or default_prefill_step_size()
-    token, logprobs = sample(prefill(model, prompt, cache, pad, step_size))
+    token, logprobs = sample(prefill(model, prompt, cache, pad, prefill_step_size))
     mx.async_eval(token, logprobs)  # the device runs the prefill while the decode step is set up
     if segments is None:
         segments = device_name() == "gpu"

@@ -307,7 +307,7 @@ def time_lmx_boolmask(model: nn.Module, prompt: list[int], n: int) -> tuple[floa
         return build_mask(n_queries, self.offset, self.offset, None, pad)
 
     def rotating(self: RotatingKVCache, n_queries: int, pad: mx.array | None = None) -> mx.array | None:
-        return build_mask(n_queries, min(self._used, n_queries + self.window - 1), self.offset, self.window, pad)
+        return build_mask(n_queries, min(self.used, n_queries + self.window - 1), self.offset, self.window, pad)
 
     saved = KVCache.make_mask, RotatingKVCache.make_mask
     KVCache.make_mask, RotatingKVCache.make_mask = plain, rotating  # type: ignore[method-assign]

@@ -81,42 +81,27 @@ def test_a_short_prompt_is_not_cut_by_a_long_one_near_the_context_length(engines
     assert_same(batch, alone)
 
 
-def test_stream_batch_streams_each_row_as_if_alone(engines: dict[str, lmx.Engine], arch: str) -> None:
-    from lmx.generate.batch import batch_key, stream_batch
-
+def test_streams_submitted_together_run_as_one_batch_each_as_if_alone(
+    engines: dict[str, lmx.Engine], arch: str
+) -> None:
     engine = engines[arch]
     requests = [(PROMPTS[0], {"max_tokens": 10}), (PROMPTS[1], {"max_tokens": 3}), (PROMPTS[2], {"max_tokens": 7})]
     alone = [engine.generate(p, **o) for p, o in requests]
+    before = engine.stats().batched_steps
     streams = [engine.stream(p, **o) for p, o in requests]
-    assert len({batch_key(s.request[1]) for s in streams}) == 1  # max_tokens is a row option
-    pieces: dict[int, list[lmx.Token]] = {0: [], 1: [], 2: []}
-    order = []
-    for i, token in stream_batch(engine, streams):
-        pieces[i].append(token)
-        order.append(i)
+    pieces = [list(s) for s in streams]
+    assert engine.stats().batched_steps > before  # the rows ran together
     for i, (stream, a) in enumerate(zip(streams, alone)):
         assert (stream.text, stream.tokens, stream.finish_reason) == (a.text, a.tokens, a.finish_reason), i
         assert "".join(t.text for t in pieces[i]) == a.text and [t.id for t in pieces[i]] == a.tokens
         assert [t.finish_reason for t in pieces[i]] == [None] * (len(a.tokens) - 1) + [a.finish_reason]
         assert stream.metrics.generated_tokens == len(a.tokens) and stream.metrics.prompt_tokens > 0
-    assert order[:3] == [0, 1, 2]  # rows interleave step by step, not one after the other
-    # A row cancelled after its second token gets no more; the others are unaffected.
-    streams = [engine.stream(p, **o) for p, o in requests]
-    seen = {0: 0, 1: 0, 2: 0}
-    for i, _ in stream_batch(engine, streams, cancelled=lambda i: i == 0 and seen[0] >= 2):
-        seen[i] += 1
-    assert seen == {0: 2, 1: len(alone[1].tokens), 2: len(alone[2].tokens)}
-    assert streams[2].text == alone[2].text
-    assert engine.generate(PROMPTS[0], max_tokens=10).text == alone[0].text  # the engine is free and unchanged
 
 
-def test_batch_key_separates_what_a_batch_cannot_share() -> None:
-    from lmx.generate.batch import batch_key
-    from lmx.generate.options import GenerationOptions
+def test_a_bare_string_is_not_a_list_of_prompts(engines: dict[str, lmx.Engine]) -> None:
+    import pytest
 
-    base = GenerationOptions()
-    assert batch_key(base) == batch_key(GenerationOptions(max_tokens=5, stop=("x",)))
-    assert batch_key(base) != batch_key(GenerationOptions(temperature=0.5))
-    assert batch_key(base) != batch_key(GenerationOptions(logprobs=2))
-    assert batch_key(GenerationOptions(seed=3)) == batch_key(base)  # greedy: the seed changes nothing
-    assert batch_key(GenerationOptions(temperature=0.5, seed=3)) is None  # seeded sampling runs alone
+    from lmx.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="prompts must be a list of prompts.*got str"):
+        engines["gemma3"].batch_generate("abc", max_tokens=2)

@@ -738,24 +738,24 @@ def test_kv_cache_beyond_the_memory_limit_is_typed(
         args = fresh.model.args
         windows = [args.sliding_window if t == "sliding_attention" else None for t in args.layer_types]
         n = len(fresh.tokenizer.encode(PROMPT))
-        first = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 1, 4)
-        second = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, 257, 4)
+        first = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 8, 4)
+        second = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 500, 4)
         # k and v, 2 heads of 16 float32: 2 global layers of 256 positions (512 past the first
         # block) and 2 sliding ones of window 8 + one 256 block, allocated at the first token
-        assert (first, second) == (2 * 2 * 16 * 4 * (2 * 256 + 2 * 264), 2 * 2 * 16 * 4 * (2 * 512 + 2 * 264))
+        blocks = -(-(n + 500) // 256) * 256
+        assert (first, second) == (2 * 2 * 16 * 4 * (2 * 256 + 2 * 264), 2 * 2 * 16 * 4 * (2 * blocks + 2 * 264))
 
-        limit(first // 2)  # not even the prompt's cache fits: refused before the first token
-        with pytest.raises(OutOfMemoryError, match=rf"KV cache for {n + 1} positions .*lower max_tokens"):
-            fresh.generate(PROMPT, max_tokens=500)
+        limit(first // 2)  # not even a short request's cache fits: refused before the first token
+        with pytest.raises(OutOfMemoryError, match=rf"KV cache for {n + 8} positions .*lower max_tokens"):
+            fresh.generate(PROMPT, max_tokens=8)
 
-        limit((first + second) // 2)  # the first block fits, the second does not
-        tokens = []
+        # The first block fits, the whole request does not: refused at once, not mid-stream.
+        limit((first + second) // 2)
         with pytest.raises(
-            OutOfMemoryError, match=r"KV cache for 25\d positions .* needs 128.0 KiB but only [\d.]+ KiB of the"
+            OutOfMemoryError,
+            match=rf"KV cache for {n + 500} positions needs {memory.format_bytes(second)} but only [\d.]+ KiB of the",
         ):
-            for token in fresh.stream(PROMPT, max_tokens=500, logit_bias={1: -100.0}):
-                tokens.append(token.id)
-        assert 256 - n - 3 <= len(tokens) < 256 - n  # stopped as generation reached the second block
+            fresh.stream(PROMPT, max_tokens=500, logit_bias={1: -100.0})
         assert len(fresh.generate(PROMPT, max_tokens=8).tokens) == 8  # a request that fits still runs
 
         limit(10 * second)
@@ -763,22 +763,23 @@ def test_kv_cache_beyond_the_memory_limit_is_typed(
     usable()
 
 
-def test_batch_kv_cache_beyond_the_memory_limit_is_typed(
+def test_batch_kv_cache_beyond_the_memory_limit_waits(
     tiny_dirs: dict[str, Path], limit: Callable[[int], None], usable: Callable
 ) -> None:
-    with lmx.load(tiny_dirs["gemma3"]) as fresh:
+    with lmx.load(tiny_dirs["gemma3"], prompt_cache=False) as fresh:
         args = fresh.model.args
         windows = [args.sliding_window if t == "sliding_attention" else None for t in args.layer_types]
         n = len(fresh.tokenizer.encode(PROMPT))
-        one = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 1, 4)
-        four = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 1, 4, batch=4)
+        one = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 8, 4)
+        four = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 8, 4, batch=4)
         assert four == 4 * one
-        limit((one + four) // 2)  # one row's cache fits, four rows' do not
-        with pytest.raises(OutOfMemoryError, match=rf"KV cache for {n + 1} positions .*lower max_tokens"):
-            fresh.batch_generate([PROMPT] * 4, max_tokens=8)
-        assert len(fresh.batch_generate([PROMPT], max_tokens=8)[0].tokens) == 8  # a batch that fits runs
+        alone = fresh.generate(PROMPT, max_tokens=8).tokens
+        limit((one + four) // 2)  # one row's cache fits, four rows' do not: they wait their turn
+        assert [c.tokens for c in fresh.batch_generate([PROMPT] * 4, max_tokens=8)] == [alone] * 4
+        assert fresh.stats().max_batch_seen < 4
         limit(10 * four)
-        assert [len(c.tokens) for c in fresh.batch_generate([PROMPT] * 4, max_tokens=8)] == [8] * 4
+        assert [c.tokens for c in fresh.batch_generate([PROMPT] * 4, max_tokens=8)] == [alone] * 4
+        assert fresh.stats().max_batch_seen == 4
     usable()
 
 

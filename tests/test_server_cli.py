@@ -45,7 +45,7 @@ def free_port() -> int:
 
 def test_defaults_bind_loopback_8090() -> None:
     args = parse()
-    assert (args.host, args.port, args.max_concurrency, args.max_queue) == ("127.0.0.1", 8090, 8, 16)
+    assert (args.host, args.port, args.max_concurrency, args.max_queue) == ("127.0.0.1", 8090, 32, 16)
     assert args.cors_origin == [] and not args.no_lab
 
 

@@ -38,7 +38,7 @@ def test_models_and_health(server: BackgroundServer, client: openai.OpenAI, engi
     assert client.models.retrieve("tiny").id == "tiny"
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
-    assert health["queue"] == {"running": 0, "waiting": 0, "max_queue": 16, "max_concurrency": 8}
+    assert health["queue"] == {"running": 0, "waiting": 0, "max_queue": 16, "max_concurrency": 32}
 
 
 def test_chat_streaming_equals_non_streaming_and_engine(client: openai.OpenAI, engine: lmx.Engine) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -37,8 +37,19 @@ from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
 from lmx.results import GenerationMetrics
 from lmx.tokenizer import common_prefix
 
-if TYPE_CHECKING:
-    from lmx.engine import Engine
+
+class ClassifyEngine(Protocol):
+    """What :func:`classify` needs of an engine (:class:`lmx.Engine` is one)."""
+
+    model: Any
+    tokenizer: Any
+    context_length: int
+    prefill_step_size: int
+    metrics: GenerationMetrics
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` with the model to itself; return its result."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +116,7 @@ def build_messages(
 
 
 def classify(
-    engine: Engine,
+    engine: ClassifyEngine,
     texts: Sequence[str],
     labels: Sequence[str],
     *,
@@ -165,7 +176,7 @@ def classify(
         return []
     template_kwargs = {"enable_thinking": False, **(chat_template_kwargs or {})}
 
-    with engine._busy():
+    def work() -> tuple[np.ndarray, list]:
         t0 = time.perf_counter()
         memory.reset_peak()
         model, tokenizer = engine.model, engine.tokenizer
@@ -186,6 +197,10 @@ def classify(
             peak_memory=memory.peak(),
             active_memory=memory.active(),
         )
+        return logprobs, truncated
+
+    # The scheduler runs it between two decode steps, with the model to itself.
+    logprobs, truncated = engine.run_exclusive(work)
 
     cut = [i for i, t in enumerate(truncated) if t == "context"]
     if cut:

@@ -1,65 +1,108 @@
-"""The engine: load a model once, then generate, stream, chat and batch over it."""
+"""The engine: a thin facade over the scheduler that owns the model.
+
+Every call (generate, stream, chat, batch_generate, classify) becomes requests of the
+:class:`lmx.scheduler.Scheduler`, which runs them all, alone or batched, on one worker thread.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
 from lmx import memory
 from lmx.classify import Classification
-from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError, LmxError
+from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.options import GenerationOptions
-from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
-from lmx.generate.step import default_prefill_step_size, generate_step
-from lmx.generate.stopping import StopStringMatcher
+from lmx.generate.step import Decoder, default_prefill_step_size
 from lmx.loader import LoadedModel, load_model
-from lmx.models.cache import KVCache, trim_caches
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime.device import choose_device, device_name
-from lmx.tokenizer import common_prefix
+from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
+T = TypeVar("T")
+
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+"""The prefix cache's default bound (1 GiB); ``lmx.load(prefix_cache_bytes=...)`` changes it."""
 
 
 class TokenStream:
     """An iterator of :class:`Token`; after it ends, ``metrics``, ``finish_reason``, ``text``
-    and ``tokens`` describe the whole generation. ``close()`` stops it early."""
+    and ``tokens`` describe the whole generation. ``close()`` stops it early (its
+    ``finish_reason`` is then ``"cancelled"``).
 
-    def __init__(
-        self,
-        tokens: Iterator[Token],
-        metrics: GenerationMetrics,
-        request: tuple[list[int], GenerationOptions] | None = None,
-    ) -> None:
-        self._it = tokens
-        self.metrics = metrics
-        self.request = request  # (prompt ids, options): lets a scheduler batch it with others
+    The request runs on the engine's scheduler whether or not the stream is read; tokens
+    wait for the reader. A stream made with a sink of the caller's (the server's) is not
+    iterated: the caller reports the tokens it reads with :meth:`record` and :meth:`ended`.
+    """
+
+    def __init__(self, engine: Engine, request: Request, sink: Any) -> None:
+        self._engine = engine
+        self.request = request
+        self._sink = sink
+        self.metrics = request.metrics
         self.finish_reason: str | None = None
         self.text = ""
         self.tokens: list[int] = []
+        self._ended = False
 
     def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> Token:
-        return self._record(next(self._it))
+        if self._ended:
+            raise StopIteration
+        try:
+            token = self._sink.get()
+        except BaseException:
+            self.ended()
+            raise
+        if token is None:
+            self.ended()
+            raise StopIteration
+        return self.record(token)
 
-    def _record(self, token: Token) -> Token:
+    def record(self, token: Token) -> Token:
+        """Add a token read from the request to the stream's text, ids and finish reason."""
         self.text += token.text
         self.tokens.append(token.id)
         if token.finish_reason is not None:
             self.finish_reason = token.finish_reason
         return token
 
+    def ended(self) -> None:
+        """The request ended: settle the finish reason and the engine's last metrics."""
+        self._ended = True
+        if self.finish_reason is None:
+            self.finish_reason = self.request.finish_reason or "cancelled"
+        self._engine.metrics = self.metrics
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop the request, without waiting for it."""
+        if not self._ended:
+            self._engine.scheduler.cancel(self.request)
+
     def close(self) -> None:
-        """Stop generating; the engine is free again."""
-        self._it.close()  # type: ignore[attr-defined]
+        """Stop generating; the request ends as ``cancelled`` unless it had already finished."""
+        if self._ended:
+            return
+        self.cancel()
+        if not isinstance(self._sink, QueueSink):
+            return
+        while not self._ended:  # wait for its end: its metrics are then final
+            try:
+                next(self)
+            except StopIteration:
+                break
+            except Exception:  # its error is of no interest to a caller who stopped reading
+                break
+        if self.request.finish_reason in (None, "cancelled"):
+            self.finish_reason = "cancelled"
 
     def __enter__(self) -> TokenStream:
         return self
@@ -69,29 +112,53 @@ class TokenStream:
 
 
 class Engine:
-    """A loaded model and its tokenizer; one request runs at a time.
+    """A loaded model and its tokenizer, serving any number of requests at once.
 
-    Use :func:`lmx.load` to make one. Options of every generating method: see
+    Use :func:`lmx.load` to make one. Requests from any thread run together as rows of one
+    continuously batched decode loop (:mod:`lmx.scheduler`), each with its own options: see
     :class:`lmx.GenerationOptions` (max_tokens, temperature, top_k, top_p, min_p,
     repetition/presence/frequency penalties, logit_bias, seed, stop, logprobs).
+
+    Args:
+        loaded: the loaded model.
+        prompt_cache: keep the keys/values of earlier prompts and reuse their common prefix.
+        prefill_step_size: prompt tokens per prefill chunk (None: 512 on a GPU, 128 on the CPU).
+        max_batch: the most requests decoded together.
+        max_queue: the most requests waiting to start (more: :class:`lmx.errors.QueueFullError`).
+        prefix_cache_bytes: the prefix cache's bound.
     """
 
-    def __init__(self, loaded: LoadedModel, *, prompt_cache: bool = True, prefill_step_size: int | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        prompt_cache: bool = True,
+        prefill_step_size: int | None = None,
+        max_batch: int = 32,
+        max_queue: int = 1024,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
-        # None: 512 tokens on a GPU, 128 on the CPU (lmx.generate.step.default_prefill_step_size)
         self.prefill_step_size = prefill_step_size or default_prefill_step_size()
         self.metrics = GenerationMetrics()
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-        self._cache: list[KVCache] | None = None
-        self._cache_tokens: list[int] = []
         gen_cfg = loaded.generation_config
         self.context_length = int(loaded.config.get("max_position_embeddings") or 8192)
         self.default_options = GenerationOptions()
-        self._eos = frozenset(loaded.tokenizer.eos_token_ids) | _ids(gen_cfg.get("eos_token_id"))
-        floats = (v for _, v in _flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
-        self._kv_itemsize = next(floats).dtype.size  # activations, and so the KV cache, take this dtype
+        self.eos = frozenset(loaded.tokenizer.eos_token_ids) | _ids(gen_cfg.get("eos_token_id"))
+        params = _flatten(loaded.model.parameters())
+        mx.eval([v for _, v in params])  # made on this thread; the scheduler's worker uses them
+        floats = (v for _, v in params if mx.issubdtype(v.dtype, mx.floating))
+        itemsize = next(floats).dtype.size  # activations, and so the KV cache, take this dtype
+        config = SchedulerConfig(
+            max_batch=max_batch,
+            max_queue=max_queue,
+            prefill_step_size=self.prefill_step_size,
+            prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
+            kv_itemsize=itemsize,
+        )
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, Decoder(loaded.model))
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -113,34 +180,44 @@ class Engine:
         """Generate a completion of ``prompt`` (text, or token ids used as they are)."""
         return _collect(self.stream(prompt, **options))
 
-    def stream(self, prompt: Prompt, **options: Any) -> TokenStream:
-        """Like :meth:`generate`, yielding :class:`Token` objects as they are made."""
-        opts = self._options(options)
-        ids = self._encode(prompt)
-        metrics = GenerationMetrics()
-        return TokenStream(self._run(ids, opts, metrics), metrics, (ids, opts))
+    def stream(self, prompt: Prompt, *, sink: Any = None, **options: Any) -> TokenStream:
+        """Like :meth:`generate`, yielding :class:`Token` objects as they are made.
+
+        ``sink`` (a :class:`lmx.scheduler.Sink`): deliver the tokens there instead (the server
+        does, to its event loop); the stream is then not iterated.
+        """
+        return self._submit(self.encode_prompt(prompt), self.options(options), sink)
 
     def chat(self, messages: list[Message], *, chat_template_kwargs: dict | None = None, **options: Any) -> Completion:
         """Reply to a conversation (a list of ``{"role", "content"}`` dicts)."""
         return _collect(self.stream_chat(messages, chat_template_kwargs=chat_template_kwargs, **options))
 
     def stream_chat(
-        self, messages: list[Message], *, chat_template_kwargs: dict | None = None, **options: Any
+        self, messages: list[Message], *, chat_template_kwargs: dict | None = None, sink: Any = None, **options: Any
     ) -> TokenStream:
         """Like :meth:`chat`, streaming. A follow-up turn only prefills its new tokens."""
+        opts = self.options(options)
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
-        return self.stream(ids, **options)
+        return self._submit(self.encode_prompt(ids), opts, sink)
 
     def batch_generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:
-        """Generate for several prompts at once (left-padded batch); greedy results equal
-        generating each prompt alone."""
-        from lmx.generate.batch import batch_generate
-
-        opts = self._options(options)
-        encoded = [self._encode(p) for p in prompts]
-        with self._busy():
-            self._cache, self._cache_tokens = None, []
-            return batch_generate(self, encoded, opts)
+        """Generate for several prompts at once (rows of one batch); each result equals
+        generating its prompt alone (greedy: token for token)."""
+        if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+            raise InvalidOptionError(
+                f"prompts must be a list of prompts (strings or token-id lists), got {type(prompts).__name__}; "
+                "for one prompt use generate()"
+            )
+        opts = self.options(options)
+        encoded = [self.encode_prompt(p) for p in prompts]
+        streams: list[TokenStream] = []
+        try:
+            for ids in encoded:
+                streams.append(self._submit(ids, opts))
+            return [_collect(s) for s in streams]
+        finally:
+            for s in streams:
+                s.close()
 
     def classify(self, texts: Sequence[str], labels: Sequence[str], **options: Any) -> list[Classification]:
         """Sort each text into one of ``labels``; see :func:`lmx.classify.classify`.
@@ -150,7 +227,18 @@ class Engine:
         """
         from lmx.classify import classify
 
+        _check_keywords("classify", options, _CLASSIFY_OPTIONS)
         return classify(self, texts, labels, **options)
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` with the model to itself, between two decode steps of the running
+        requests (which pause meanwhile); return its result."""
+        self.loaded  # noqa: B018 - raises EngineClosedError when closed
+        return self.scheduler.run_exclusive(fn)
+
+    def stats(self) -> SchedulerStats:
+        """The scheduler's counts and load: running and waiting requests, steps, KV bytes, prefix cache."""
+        return self.scheduler.stats()
 
     def info(self) -> ModelInfo:
         """Describe the loaded model."""
@@ -184,26 +272,36 @@ class Engine:
         )
 
     def load_adapter(self, path: str | os.PathLike) -> Any:
-        """Apply the LoRA adapter in directory ``path``, replacing any loaded one."""
+        """Apply the LoRA adapter in directory ``path``, replacing any loaded one. Requests
+        running meanwhile go on with the new weights; cached prefixes are dropped."""
         from lmx.train.lora import load_adapter
 
-        with self._busy():
-            self._cache, self._cache_tokens = None, []  # cached keys/values came from other weights
-            return load_adapter(self.model, path)
+        def work() -> Any:
+            self.scheduler.prefix_cache.clear()  # cached keys/values came from other weights
+            result = load_adapter(self.model, path)
+            self.scheduler.decoder.refresh()
+            return result
+
+        return self.run_exclusive(work)
 
     def unload_adapter(self) -> bool:
         """Remove the LoRA adapter; return whether one was loaded."""
         from lmx.train.lora import unload_adapter
 
-        with self._busy():
-            self._cache, self._cache_tokens = None, []
-            return unload_adapter(self.model)
+        def work() -> bool:
+            self.scheduler.prefix_cache.clear()
+            result = unload_adapter(self.model)
+            self.scheduler.decoder.refresh()
+            return result
+
+        return self.run_exclusive(work)
 
     def close(self) -> None:
-        """Free the model, its caches and MLX's cached buffers. Idempotent."""
+        """End every running request (they finish ``cancelled``), then free the model, its
+        caches and MLX's cached buffers. Idempotent; safe with streams still open."""
         with self._lock:
+            self.scheduler.close()
             self._loaded = None
-            self._cache, self._cache_tokens = None, []
         memory.clear_cache()
 
     def __enter__(self) -> Engine:
@@ -212,13 +310,24 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ----------------------------------------------------------------- internals
-    def _options(self, options: dict[str, Any]) -> GenerationOptions:
+    # ----------------------------------------------------------------- requests
+    def options(self, options: dict[str, Any]) -> GenerationOptions:
+        """Check generation options (keyword arguments) and merge them over the defaults.
+
+        Raises:
+            InvalidOptionError: an unknown option (with the nearest known name) or a bad value.
+        """
         opts = GenerationOptions.from_kwargs(base=self.default_options, **options)
         opts.validate(vocab_size=int(self.loaded.config.get("vocab_size", 0)) or None)
         return opts
 
-    def _encode(self, prompt: Prompt) -> list[int]:
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt`` (text, or ids checked against the vocabulary).
+
+        Raises:
+            InvalidOptionError: an empty prompt, ids out of range, or another type.
+            ContextLengthError: the prompt does not fit the context.
+        """
         if isinstance(prompt, (bytes, bytearray)):  # a Sequence of ints, but surely not token ids
             hint = "; decode bytes first (prompt.decode('utf-8'))" if isinstance(prompt, bytes) else ""
             raise InvalidOptionError(
@@ -242,136 +351,40 @@ class Engine:
             )
         return ids
 
-    def _busy(self) -> _Busy:
-        return _Busy(self)
+    def submit(self, ids: list[int], options: GenerationOptions, sink: Any) -> Request:
+        """Queue a request of checked ``ids`` and ``options`` (see :meth:`encode_prompt`,
+        :meth:`options`) whose tokens go to ``sink`` (a :class:`lmx.scheduler.Sink`).
 
-    def _reuse_cache(self, ids: list[int]) -> tuple[list[KVCache], int]:
-        """The cache to use and how many leading prompt tokens it already holds."""
-        if self.prompt_cache and self._cache is not None:
-            common = min(common_prefix(self._cache_tokens, ids), len(ids) - 1)  # one token must run for logits
-            if trim_caches(self._cache, len(self._cache_tokens) - common):
-                self._cache_tokens = self._cache_tokens[:common]
-                return self._cache, common
-        self._cache, self._cache_tokens = self.model.make_cache(), []
-        return self._cache, 0
-
-    def _check_kv_memory(self, cache: list[KVCache], positions: int, batch: int = 1) -> None:
-        """Raise :class:`OutOfMemoryError` before the KV cache grows past the memory limit.
-
-        Checked before prefill and again as generation reaches each new cache block, so a
-        long request fails typed when the memory runs out instead of crashing the process.
+        Raises:
+            QueueFullError, OutOfMemoryError, EngineClosedError.
         """
-        args = self.model.args
-        need = memory.kv_cache_bytes(
-            [c.window for c in cache],
-            args.num_key_value_heads,
-            args.head_dim,
-            positions,
-            self._kv_itemsize,
-            batch=batch,
-        ) - sum(c.nbytes for c in cache)
-        if need > 0:
-            memory.check_allocation(
-                need, f"the KV cache for {positions} positions (use a shorter prompt or a lower max_tokens)"
-            )
+        self.loaded  # noqa: B018 - raises EngineClosedError when closed
+        return self.scheduler.submit(make_request(ids, options, sink, self.context_length))
 
-    def _run(self, ids: list[int], opts: GenerationOptions, metrics: GenerationMetrics) -> Iterator[Token]:
-        busy = self._busy()
-        busy.__enter__()
-        generated: list[int] = []
-        cache: list[KVCache] = []
-        ok = False
-        try:
-            model, tokenizer = self.model, self.tokenizer
-            cache, start = self._reuse_cache(ids)
-            max_tokens = min(opts.max_tokens, self.context_length - len(ids))
-            stop_ids = self._eos | {s for s in opts.stop if isinstance(s, int)}
-            matcher = StopStringMatcher(s for s in opts.stop if isinstance(s, str))
-            detok = tokenizer.detokenizer()
-            processors = make_logits_processors(opts, prompt_len=len(ids))
-            keys = KeySequence(opts.seed)
-            metrics.prompt_tokens, metrics.cached_tokens = len(ids), start
-            self._check_kv_memory(cache, len(ids) + 1)
-            memory.reset_peak()
-            t0 = time.perf_counter()
-            t_first = t0
-            steps = generate_step(
-                model,
-                mx.array([ids[start:]]),
-                cache,
-                make_sampler(opts.temperature, opts.top_k, opts.top_p, opts.min_p),
-                keys.next,
-                history=mx.array([ids]) if processors else None,
-                processors=processors,
-                prefill_step_size=self.prefill_step_size,
-            )
-            try:
-                for token, logprobs in steps:
-                    tid = int(token.item())
-                    if not generated:
-                        t_first = time.perf_counter()
-                        metrics.time_to_first_token = t_first - t0
-                    generated.append(tid)
-                    top = None
-                    if opts.logprobs:
-                        top_ids, top_vals = top_logprobs(logprobs, opts.logprobs)
-                        top = tuple(zip(top_ids[0].tolist(), top_vals[0].tolist()))
-                    finish = None
-                    if tid in stop_ids:
-                        finish, text = "stop", matcher.feed(detok.finalize()) + matcher.flush()
-                    else:
-                        text = matcher.feed(detok.add_token(tid))
-                        if matcher.stopped:
-                            finish = "stop"
-                        elif len(generated) >= max_tokens:
-                            text += matcher.feed(detok.finalize())
-                            finish = "stop" if matcher.stopped else "length"
-                            text += matcher.flush()
-                    metrics.generated_tokens = len(generated)
-                    yield Token(tid, text, float(logprobs[0, tid].item()), top, finish)
-                    if finish:
-                        break
-                    # the step loop runs one token ahead: look two positions on
-                    self._check_kv_memory(cache, len(ids) + len(generated) + 2)
-            finally:
-                steps.close()
-                t_end = time.perf_counter()
-                metrics.total_time = t_end - t0
-                if metrics.time_to_first_token > 0:
-                    metrics.prefill_tokens_per_s = (len(ids) - start) / metrics.time_to_first_token
-                if len(generated) > 1 and t_end > t_first:
-                    metrics.decode_tokens_per_s = (len(generated) - 1) / (t_end - t_first)
-                metrics.peak_memory, metrics.active_memory = memory.peak(), memory.active()
-                self.metrics = metrics
-            ok = True
-        finally:
-            if ok and cache:
-                self._cache_tokens = (ids + generated)[: cache[0].offset]
-            else:  # an error mid-way may leave the cache half-updated
-                self._cache, self._cache_tokens = None, []
-            busy.__exit__(None, None, None)
+    def _submit(self, ids: list[int], opts: GenerationOptions, sink: Any = None) -> TokenStream:
+        sink = QueueSink() if sink is None else sink
+        return TokenStream(self, self.submit(ids, opts, sink), sink)
 
 
-class _Busy:
-    """Serialises requests; a nested request from the same thread is an error, not a deadlock."""
+_CLASSIFY_OPTIONS = (
+    "instruction",
+    "examples",
+    "batch_size",
+    "max_text_tokens",
+    "padding_side",
+    "chat_template_kwargs",
+)
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
 
-    def __enter__(self) -> None:
-        engine = self.engine
-        if engine._owner == threading.get_ident():
-            raise LmxError("this thread already has a generation running on the engine; finish or close it first")
-        engine._lock.acquire()
-        engine._owner = threading.get_ident()
-        if engine._loaded is None:
-            engine._owner = None
-            engine._lock.release()
-            raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
+def _check_keywords(method: str, given: dict[str, Any], allowed: Sequence[str]) -> None:
+    """An unknown keyword is an :class:`InvalidOptionError` naming it and the nearest allowed one."""
+    import difflib
 
-    def __exit__(self, *exc: object) -> None:
-        self.engine._owner = None
-        self.engine._lock.release()
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InvalidOptionError(f"{method}() got an unknown option {name!r}{hint} (allowed: {', '.join(allowed)})")
 
 
 def _collect(stream: TokenStream) -> Completion:
@@ -414,6 +427,8 @@ def load(
     prompt_cache: bool = True,
     adapter: str | os.PathLike | None = None,
     cpu_kernels: bool | None = None,
+    max_batch: int = 32,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -423,12 +438,15 @@ def load(
         device: ``"cpu"`` or ``"gpu"``; default: ``LMX_DEVICE``, else the GPU if MLX has one.
         dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU), ``"float32"``, ``"bfloat16"``,
             ``"float16"``. Quantized layers stay quantized.
-        prompt_cache: reuse the KV cache of the previous request's common prefix.
+        prompt_cache: keep earlier prompts' keys/values (up to ``prefix_cache_bytes``) and
+            reuse the longest prefix a new request shares with one of them.
         adapter: a LoRA adapter directory (``adapters.safetensors`` + ``adapter_config.json``)
             to apply on top of the weights.
         cpu_kernels: run a GGUF model's quantized matrices on lmx's CPU kernels (about 4x fewer
             bytes a token than float32, same logits up to summation order). None: on the CPU
             when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
+        max_batch: the most requests decoded together (continuous batching).
+        prefix_cache_bytes: the prefix cache's bound in bytes.
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
@@ -440,4 +458,4 @@ def load(
         from lmx.train.lora import load_adapter
 
         load_adapter(loaded.model, adapter)
-    return Engine(loaded, prompt_cache=prompt_cache)
+    return Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)

@@ -50,6 +50,10 @@ class SaveError(LmxError, OSError):
     there before is left as it was."""
 
 
+class QueueFullError(LmxError):
+    """Every batch slot is busy and the wait queue is full (retry later)."""
+
+
 class EngineClosedError(LmxError):
     """The engine was used after :meth:`lmx.Engine.close`."""
 
@@ -62,6 +66,7 @@ __all__ = [
     "LmxError",
     "ModelNotFoundError",
     "OutOfMemoryError",
+    "QueueFullError",
     "SaveError",
     "TokenizerError",
     "UnsupportedModelError",

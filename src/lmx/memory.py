@@ -89,6 +89,11 @@ def check_allocation(nbytes: int, what: str) -> None:
         )
 
 
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` for a message: "1.5 GiB", "12.0 KiB", "300 bytes"."""
+    return _size(nbytes)
+
+
 def _size(nbytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:

@@ -21,13 +21,47 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from lmx.engine import TokenStream
 from lmx.errors import ContextLengthError, InvalidOptionError, LmxError, ModelNotFoundError, OutOfMemoryError
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
+
+
+class RemoteStream:
+    """The tokens of a streamed remote request, as :class:`lmx.engine.TokenStream` gives them:
+    after it ends, ``metrics``, ``finish_reason``, ``text`` and ``tokens`` describe it;
+    ``close()`` stops it early (``finish_reason`` ``"cancelled"``)."""
+
+    def __init__(self, tokens: Iterator[Token], metrics: GenerationMetrics) -> None:
+        self._it = tokens
+        self.metrics = metrics
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.tokens: list[int] = []
+
+    def __iter__(self) -> RemoteStream:
+        return self
+
+    def __next__(self) -> Token:
+        token = next(self._it)
+        self.text += token.text
+        self.tokens.append(token.id)
+        if token.finish_reason is not None:
+            self.finish_reason = token.finish_reason
+        return token
+
+    def close(self) -> None:
+        self._it.close()  # type: ignore[attr-defined]
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def __enter__(self) -> RemoteStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RemoteError(LmxError):
@@ -230,7 +264,7 @@ class RemoteBackend:
             top_logprobs=[t.top_logprobs for t in tokens] if want_top else None,  # type: ignore[misc]
         )
 
-    def _stream(self, path: str, body: dict[str, Any], chat: bool) -> TokenStream:
+    def _stream(self, path: str, body: dict[str, Any], chat: bool) -> RemoteStream:
         metrics = GenerationMetrics()
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         events = self._stream_events(path, body)  # nothing is sent until the first token is asked for
@@ -250,7 +284,7 @@ class RemoteBackend:
             finally:
                 events.close()
 
-        return TokenStream(tokens(), metrics)
+        return RemoteStream(tokens(), metrics)
 
     # ------------------------------------------------------------------ Backend
     def generate(self, prompt: Prompt, **options: Any) -> Completion:
@@ -259,7 +293,7 @@ class RemoteBackend:
             "/completions", {**self._body(options, chat=False), "prompt": _prompt(prompt)}, chat=False
         )
 
-    def stream(self, prompt: Prompt, **options: Any) -> TokenStream:
+    def stream(self, prompt: Prompt, **options: Any) -> RemoteStream:
         """Like :meth:`generate`, streaming; ``close()`` the stream to stop the server generating."""
         return self._stream("/completions", {**self._body(options, chat=False), "prompt": _prompt(prompt)}, chat=False)
 
@@ -269,7 +303,7 @@ class RemoteBackend:
 
     def stream_chat(
         self, messages: list[Message], *, chat_template_kwargs: dict | None = None, **options: Any
-    ) -> TokenStream:
+    ) -> RemoteStream:
         """Like :meth:`chat`, streaming."""
         return self._stream("/chat/completions", self._chat_body(messages, chat_template_kwargs, options), chat=True)
 

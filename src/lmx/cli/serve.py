@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrency",
         type=int,
-        default=8,
-        help="requests that wait at the same time run together as one batch, up to this many (default 8; 1: one at a time)",
+        default=32,
+        help="requests decoded together (continuous batching: requests join and leave between steps; "
+        "default 32; 1: one at a time)",
     )
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(

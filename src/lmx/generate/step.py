@@ -13,7 +13,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.generate.segments import segmented_decode
+from lmx.generate.segments import SegmentedDecode, segmented_decode
 from lmx.models.base import cpu_ops
 from lmx.models.cache import DecodeSlot, KVCache
 from lmx.runtime.device import device_name
@@ -145,6 +145,37 @@ def compiled_decode(model: nn.Module, cache: list[KVCache], padded: bool) -> Com
     if key not in decoders.steps:
         decoders.steps[key] = CompiledDecode(model, *key)
     return decoders.steps[key]
+
+
+class Decoder:
+    """One-token decode steps for a batch of rows: ``(tokens (B,), cache, pad) -> logits (B, V)``.
+
+    Rows without padding run as compiled segments where that pays (a GPU: see
+    :mod:`lmx.generate.segments`), others eagerly. ``logsumexp`` is the log-softmax's
+    normaliser for these logits (one op on lmx's CPU kernels).
+
+    Args:
+        model: a model with ``hidden`` and ``head``.
+        segments: use the segmented step for unpadded rows; None: on a GPU.
+    """
+
+    def __init__(self, model: nn.Module, segments: bool | None = None) -> None:
+        self.model = model
+        self.segments = device_name() == "gpu" if segments is None else segments
+        ops = cpu_ops(model)
+        self.logsumexp = ops.logsumexp if ops is not None else partial(mx.logsumexp, axis=-1, keepdims=True)
+        self._segmented: SegmentedDecode | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Check the segmented step against the model's current weights (after an adapter
+        was loaded or removed, say); called when a batch starts."""
+        self._segmented = segmented_decode(self.model) if self.segments else None
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
+        if pad is None and self._segmented is not None:
+            return self._segmented(tokens, cache)
+        return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
 
 
 def generate_step(

@@ -310,6 +310,13 @@ class Linear(nn.Linear):
         return cached[1]
 
 
+def rope_offset(offset: int | mx.array, pad: mx.array | None) -> int | mx.array:
+    """Each row's RoPE position for the storage index ``offset``: a row left-padded by
+    ``pad[b]`` index positions starts at position 0, as it would alone (rows of a batch then
+    differ from running alone only by float rounding, wherever they sit in the storage)."""
+    return offset if pad is None else offset - pad  # (B,) when padded
+
+
 def split_heads(x: mx.array, n_heads: int, norm: nn.Module | None = None) -> mx.array:
     """(B, L, n_heads * D) -> (B, n_heads, L, D), each head normed by ``norm`` (if given).
 
@@ -345,7 +352,7 @@ class QKNormAttention(nn.Module):
     softcap: float | None = None
 
     def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
-        return self.output(self.attend(*self.project(x, cache.offset), cache, pad), x.ndim)
+        return self.output(self.attend(*self.project(x, rope_offset(cache.offset, pad)), cache, pad), x.ndim)
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
@@ -371,7 +378,7 @@ class AttentionLayer(nn.Module):
     A subclass builds ``self_attn`` (a :class:`QKNormAttention`), ``input_layernorm`` and ``end``."""
 
     def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
-        q, k, v = self.begin(x, cache.offset)
+        q, k, v = self.begin(x, rope_offset(cache.offset, pad))
         return self.end(x, self.self_attn.attend(q, k, v, cache, pad))
 
     def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:

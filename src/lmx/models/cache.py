@@ -131,49 +131,49 @@ class RotatingKVCache(KVCache):
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.slack = slack
-        self._used = 0  # positions held in storage; the oldest is offset - _used
+        self.used = 0  # positions held in storage; the oldest is offset - used
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append keys/values; return those the new queries can see, oldest first."""
         n_new = keys.shape[2]
         self._make_room(keys, values, n_new)
-        start = self._used
-        self._used += n_new
+        start = self.used
+        self.used += n_new
         self.offset += n_new
-        self.keys[..., start : self._used, :] = keys
-        self.values[..., start : self._used, :] = values
+        self.keys[..., start : self.used, :] = keys
+        self.values[..., start : self.used, :] = values
         # The first new query needs the window - 1 positions before it.
-        first = max(0, self._used - n_new - (self.window - 1))
-        return self.keys[..., first : self._used, :], self.values[..., first : self._used, :]
+        first = max(0, self.used - n_new - (self.window - 1))
+        return self.keys[..., first : self.used, :], self.values[..., first : self.used, :]
 
     def _make_room(self, keys: mx.array, values: mx.array, n_new: int) -> None:
         capacity = 0 if self.keys is None else self.keys.shape[2]
-        if self._used + n_new > capacity:
-            keep = min(self._used, self.window - 1 + self.slack // 2)
+        if self.used + n_new > capacity:
+            keep = min(self.used, self.window - 1 + self.slack // 2)
             size = max(self.window + self.slack, keep + n_new)
             batch, n_kv, _, k_dim = keys.shape
             new_k = mx.zeros((batch, n_kv, size, k_dim), keys.dtype)  # (B, n_kv, size, D)
             new_v = mx.zeros((batch, n_kv, size, values.shape[3]), values.dtype)
             if keep:
-                new_k[..., :keep, :] = self.keys[..., self._used - keep : self._used, :]
-                new_v[..., :keep, :] = self.values[..., self._used - keep : self._used, :]
-            self.keys, self.values, self._used = new_k, new_v, keep
+                new_k[..., :keep, :] = self.keys[..., self.used - keep : self.used, :]
+                new_v[..., :keep, :] = self.values[..., self.used - keep : self.used, :]
+            self.keys, self.values, self.used = new_k, new_v, keep
 
     def reserve(self, n_new: int) -> int:
         """Make room for ``n_new`` more positions; return the storage index of the first."""
         assert self.keys is not None and self.values is not None, "reserve() needs a filled cache"
         self._make_room(self.keys, self.values, n_new)
-        return self._used
+        return self.used
 
     def advance(self, keys: mx.array, values: mx.array, n_new: int) -> None:
         """Take the storage a :class:`DecodeSlot` wrote ``n_new`` positions into."""
         self.keys, self.values = keys, values
-        self._used += n_new
+        self.used += n_new
         self.offset += n_new
 
     def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
         """Mask for the queries just added (call after :meth:`update_and_fetch`)."""
-        n_keys = min(self._used, n_queries + self.window - 1)
+        n_keys = min(self.used, n_queries + self.window - 1)
         if pad is None and n_queries > 1 and n_keys <= self.window:
             return "causal"  # the last query sees every key: the window cuts nothing
         return build_mask(n_queries, n_keys, self.offset, self.window, pad)
@@ -182,23 +182,23 @@ class RotatingKVCache(KVCache):
         """Exact only while the window before the new end is still held."""
         if not 0 <= n <= self.offset:
             return False
-        held_from = self.offset - self._used
-        return held_from == 0 or n <= self._used - (self.window - 1)
+        held_from = self.offset - self.used
+        return held_from == 0 or n <= self.used - (self.window - 1)
 
     def trim(self, n: int) -> int:
         """Drop the last ``n`` positions (see :meth:`can_trim`); return how many."""
         if not self.can_trim(n):
             raise ValueError(f"cannot trim {n} positions: the window before them is no longer held")
         self.offset -= n
-        self._used -= n
+        self.used -= n
         return n
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
         """The held (keys, values), oldest first; ``()`` when empty."""
-        if self.keys is None or self._used == 0:
+        if self.keys is None or self.used == 0:
             return ()
-        return self.keys[..., : self._used, :], self.values[..., : self._used, :]
+        return self.keys[..., : self.used, :], self.values[..., : self.used, :]
 
 
 class DecodeSlot:

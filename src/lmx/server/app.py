@@ -25,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmx.server import routes_ollama, routes_openai
 from lmx.server.common import ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
-from lmx.server.scheduler import Scheduler
 from lmx.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class ApiKeyMiddleware:
 async def health(request: Request) -> Response:
     """``GET /health``: liveness and load; never needs the key."""
     state = server_state(request)
-    stats = state.scheduler.stats()
+    stats = state.engine.stats()
     return JSONResponse(
         {
             "status": "ok",
@@ -92,7 +91,7 @@ async def health(request: Request) -> Response:
                 "cancelled": stats.cancelled,
                 "failed": stats.failed,
                 "rejected": stats.rejected,
-                "batches": stats.batches,
+                "batches": stats.batched_steps,
             },
         }
     )
@@ -113,13 +112,8 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 def _warm_up(engine: Any) -> None:
-    """Generate one token on this (the loading) thread before the worker thread does.
-
-    MLX streams are per thread (mlx >= 0.31.2): an array left unevaluated at load on this
-    thread cannot be evaluated on the worker ("There is no Stream(cpu, 0) in current
-    thread"). One forward pass here evaluates them, and the first request is not slowed
-    by one-time setup.
-    """
+    """Generate one token before serving, so the first request is not slowed by one-time
+    setup on the scheduler's worker (its first graphs, compiled steps, the allocator)."""
     engine.generate([0], max_tokens=1)
 
 
@@ -143,19 +137,15 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     owns = engine is None
     if engine is None:
         engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
+    # The server's limits are the scheduler's: rows decoded together, requests waiting.
+    engine.scheduler.config.max_batch = settings.max_concurrency
+    engine.scheduler.config.max_queue = settings.max_queue
     info = engine.info()
     if settings.warm_up:
         _warm_up(engine)
-    from lmx.generate.batch import stream_batch
-
-    def run_batch(streams: list[Any], cancelled: Any) -> Any:
-        return stream_batch(engine, streams, cancelled)
-
-    scheduler = Scheduler(settings.max_queue, settings.max_concurrency, run_batch)
     state = ServerState(
         settings=settings,
         engine=engine,
-        scheduler=scheduler,
         info=info,
         model_id=settings.model_name or info.name,
         owns_engine=owns,
@@ -166,7 +156,6 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         try:
             yield
         finally:
-            scheduler.close()
             if owns:
                 engine.close()
 

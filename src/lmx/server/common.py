@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from lmx.generate.options import GenerationOptions
 from lmx.results import ModelInfo, Token
 from lmx.server.errors import ApiRequestError, BodyTooLargeError, UnknownModelError, error_body
-from lmx.server.scheduler import Event, Job, Scheduler
+from lmx.server.jobs import Event, Job, LoopSink, submit
 from lmx.server.settings import ServerSettings
 
 
@@ -28,7 +28,6 @@ class ServerState:
 
     settings: ServerSettings
     engine: Any
-    scheduler: Scheduler
     info: ModelInfo
     model_id: str
     owns_engine: bool
@@ -89,18 +88,16 @@ def check_options(options: dict[str, Any], params: dict[str, str], vocab_size: i
         raise ApiRequestError(str(e), param=param) from None
 
 
-async def start_job(state: ServerState, make_stream: Callable[[], Any]) -> Job:
-    """Build the token stream (tokenizing off the event loop) and queue it.
+async def start_job(state: ServerState, make_stream: Callable[[LoopSink], Any]) -> Job:
+    """Build the token stream with a sink on this event loop (tokenizing off the loop); making
+    it submits the request to the engine's scheduler.
 
     Raises:
-        whatever ``make_stream`` raises (bad options, context length...), QueueFullError.
+        whatever ``make_stream`` raises (bad options, context length...), QueueFullError,
+        OutOfMemoryError.
     """
-    stream = await run_in_threadpool(make_stream)
-    try:
-        return state.scheduler.submit(stream)
-    except BaseException:
-        stream.close()
-        raise
+    loop = asyncio.get_running_loop()
+    return await run_in_threadpool(submit, make_stream, loop)
 
 
 async def _disconnected(request: Request) -> None:

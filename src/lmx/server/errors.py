@@ -14,6 +14,7 @@ from lmx.errors import (
     LmxError,
     ModelNotFoundError,
     OutOfMemoryError,
+    QueueFullError,
     TokenizerError,
 )
 
@@ -62,10 +63,6 @@ class MethodNotAllowedError(LmxError):
 
 class BodyTooLargeError(LmxError):
     """The request body is larger than ``max_body_bytes`` (413)."""
-
-
-class QueueFullError(LmxError):
-    """Every slot is busy and the wait queue is full (503, retry later)."""
 
 
 @dataclass(frozen=True)

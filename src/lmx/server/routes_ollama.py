@@ -28,7 +28,7 @@ from lmx.server.common import (
     start_job,
 )
 from lmx.server.errors import error_body
-from lmx.server.scheduler import Job
+from lmx.server.jobs import Job
 from lmx.server.schemas import (
     OLLAMA_PARAMS,
     OllamaChatRequest,
@@ -109,7 +109,9 @@ async def chat(request: Request) -> Response:
     kwargs: dict[str, Any] = {}
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
-    job = await start_job(state, lambda: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, **options))
+    job = await start_job(
+        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+    )
     return await _respond(
         request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
     )
@@ -134,16 +136,16 @@ async def generate(request: Request) -> Response:
     if req.raw:
         prompt = req.prompt
 
-        def make() -> Any:
-            return engine.stream(prompt, **options)
+        def make(sink: Any) -> Any:
+            return engine.stream(prompt, sink=sink, **options)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             {"role": "user", "content": req.prompt}
         ]
         kwargs = {"enable_thinking": req.think} if isinstance(req.think, bool) else {}
 
-        def make() -> Any:
-            return engine.stream_chat(messages, chat_template_kwargs=kwargs, **options)
+        def make(sink: Any) -> Any:
+            return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
     job = await start_job(state, make)
     return await _respond(request, state, job, req.stream, lambda text: {"response": text})

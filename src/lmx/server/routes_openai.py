@@ -38,7 +38,7 @@ from lmx.server.common import (
     start_job,
 )
 from lmx.server.errors import error_body
-from lmx.server.scheduler import Job
+from lmx.server.jobs import Job
 from lmx.server.schemas import (
     OPENAI_PARAMS,
     ChatCompletionRequest,
@@ -202,7 +202,8 @@ async def chat_completions(request: Request) -> Response:
     check_options(options, params, state.info.vocab_size)
     template_kwargs = dict(req.chat_template_kwargs or {})
     job = await start_job(
-        state, lambda: state.engine.stream_chat(messages, chat_template_kwargs=template_kwargs, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=template_kwargs, sink=sink, **options),
     )
     fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -217,7 +218,7 @@ async def completions(request: Request) -> Response:
     prompt = completion_prompt(req)
     options = openai_options(req, state.default_max_tokens)
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
-    job = await start_job(state, lambda: state.engine.stream(prompt, **options))
+    job = await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options))
     fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)

@@ -25,9 +25,9 @@ class ServerSettings:
         port: TCP port.
         api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``
             (or HTTP Basic auth with the key as password, which browsers can send).
-        max_concurrency: requests generating at once. Above 1, requests waiting together
-            with the same sampling options run as one padded batch (up to this many); each
-            client still streams its own tokens. 1: one request at a time. Default 8.
+        max_concurrency: requests decoded together (rows of the engine's continuously
+            batched loop; each has its own options and joins or leaves between steps). 1: one
+            request at a time. Default 32.
         max_queue: requests allowed to wait behind the running ones; one more is answered 503.
         max_body_bytes: the largest request body accepted; a larger one is answered 413.
         max_tokens_default: ``max_tokens`` of a request that gives none; None: until the end
@@ -46,7 +46,7 @@ class ServerSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = None
-    max_concurrency: int = 8
+    max_concurrency: int = 32
     max_queue: int = 16
     max_body_bytes: int = 4 * 2**20
     max_tokens_default: int | None = None

@@ -1,0 +1,119 @@
+"""One request's row in a batch: how its next token is chosen, and what its tokens release.
+
+:class:`RowSampler` holds what a row's options ask of sampling (temperature and filters,
+logits processors over its own history, its own random keys); :func:`sample_rows` applies
+every row's sampler to one step's logits. :class:`RowOutput` turns the row's tokens into
+:class:`lmx.Token` objects: streamed text, stop ids and strings, ``max_tokens``, the finish
+reason. The scheduler runs every request, alone or batched, through these two, so stop
+handling and detokenizing exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import mlx.core as mx
+
+from lmx.generate.options import GenerationOptions
+from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
+from lmx.generate.stopping import StopStringMatcher
+from lmx.results import Token
+
+LogSumExp = Callable[[mx.array], mx.array]
+
+
+class RowSampler:
+    """The sampling state of one row: sampler, processors, history and random keys.
+
+    Args:
+        options: the request's options.
+        prompt: every prompt token (cached prefix included): the processors' history.
+    """
+
+    def __init__(self, options: GenerationOptions, prompt: Sequence[int]) -> None:
+        self.greedy = options.temperature == 0
+        self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
+        self.processors = make_logits_processors(options, prompt_len=len(prompt))
+        self.keys = KeySequence(options.seed)
+        self.history = mx.array([list(prompt)]) if self.processors else None  # (1, T)
+
+    def process(self, logits: mx.array) -> mx.array:
+        """Apply the row's logits processors to its (1, V) logits."""
+        for proc in self.processors:
+            logits = proc(self.history, logits)
+        return logits
+
+    def take(self, token: mx.array) -> None:
+        """Record the row's chosen (1,) token in its history."""
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, token[:, None].astype(self.history.dtype)], axis=1)
+
+
+def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumExp) -> tuple[mx.array, mx.array]:
+    """Choose every row's next token from one step's ``logits`` (B, V).
+
+    Each row is processed and sampled on its own slice, with its own key, exactly as it
+    would be alone; greedy rows without processors share one argmax.
+
+    Returns:
+        ``(tokens (B,), logprobs (B, V))``; the log-probabilities are of the processed logits.
+    """
+    logits = logits.astype(mx.float32)
+    if any(r.processors for r in rows):
+        logits = mx.concatenate([r.process(logits[i : i + 1]) for i, r in enumerate(rows)], axis=0)
+    logprobs = logits - logsumexp(logits)
+    if all(r.greedy for r in rows):
+        tokens = mx.argmax(logprobs, axis=-1)
+    else:
+        greedy = mx.argmax(logprobs, axis=-1)
+        tokens = mx.concatenate(
+            [
+                greedy[i : i + 1] if r.greedy else r.sampler(logprobs[i : i + 1], r.keys.next())
+                for i, r in enumerate(rows)
+            ]
+        )
+    for i, r in enumerate(rows):
+        if r.history is not None:
+            r.take(tokens[i : i + 1])
+    return tokens, logprobs
+
+
+class RowOutput:
+    """Turns a row's tokens into :class:`Token` objects with the text they release.
+
+    Args:
+        detokenizer: the tokenizer's streaming detokenizer for this row.
+        stops: stop strings and stop token ids.
+        eos: the model's end-of-sequence ids.
+        limit: the most tokens to generate (``max_tokens`` within the context).
+    """
+
+    def __init__(self, detokenizer: object, stops: Iterable[str | int], eos: Iterable[int], limit: int) -> None:
+        stops = tuple(stops)
+        self.detok = detokenizer
+        self.matcher = StopStringMatcher(s for s in stops if isinstance(s, str))
+        self.stop_ids = frozenset(eos) | {s for s in stops if isinstance(s, int)}
+        self.limit = limit
+        self.count = 0
+        self.finish: str | None = None
+
+    def add(self, tid: int, logprob: float, top: tuple | None) -> Token:
+        """Take the row's next token; return it with the text it releases (and, on the
+        row's last token, its finish reason)."""
+        self.count += 1
+        detok, matcher = self.detok, self.matcher
+        if tid in self.stop_ids:
+            text = matcher.feed(detok.finalize()) + matcher.flush()  # type: ignore[attr-defined]
+            self.finish = "stop"
+        else:
+            text = matcher.feed(detok.add_token(tid))  # type: ignore[attr-defined]
+            if matcher.stopped:
+                self.finish = "stop"
+            elif self.count >= self.limit:
+                text += matcher.feed(detok.finalize())  # type: ignore[attr-defined]
+                self.finish = "stop" if matcher.stopped else "length"
+                text += matcher.flush()
+        return Token(tid, text, logprob, top, self.finish)  # type: ignore[arg-type]
+
+
+__all__ = ["RowOutput", "RowSampler", "sample_rows"]

@@ -1,0 +1,576 @@
+"""The scheduler: every request runs here, as a row of one continuously batched decode loop.
+
+One worker thread owns the model. Each turn of its loop:
+
+1. runs any exclusive job (classify, embeddings: whole-model work between two steps);
+2. queues the next decode step of every live row as one batch (the device starts on it);
+3. prefills waiting requests, at most ``prefill_step_size`` tokens a turn, so running streams
+   never stall behind a long prompt; a prefilled request joins the batch at the next step;
+4. hands the previous step's tokens to their requests, and lets finished or cancelled rows
+   leave at once (their KV memory goes back).
+
+Each row has its own options (sampler, penalties, seed and random keys, stop strings,
+``max_tokens``, ``logprobs``), so a request gets, token for token, what it gets alone; rows
+differ from running alone only by float rounding. Requests sharing a prefix with an earlier
+one take its keys/values from the :class:`PrefixCache`. A request is admitted when the KV
+memory the batch would need with it, to the end of every row, fits the memory limit; until
+then it waits, and one that could never fit is refused at once with
+:class:`lmx.errors.OutOfMemoryError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import mlx.core as mx
+
+from lmx import memory
+from lmx.errors import EngineClosedError, OutOfMemoryError, QueueFullError
+from lmx.generate.options import GenerationOptions
+from lmx.generate.row import RowOutput, RowSampler, sample_rows
+from lmx.generate.sampling import top_logprobs
+from lmx.generate.step import Decoder, prefill
+from lmx.models import batch_cache
+from lmx.models.cache import KVCache
+from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
+from lmx.scheduler.request import Request, Sink
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class SchedulerStats:
+    """Counts since the scheduler started, and its load now."""
+
+    running: int = 0
+    waiting: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0
+    steps: int = 0
+    batched_steps: int = 0  # decode steps that ran more than one row
+    max_batch_seen: int = 0
+    kv_bytes: int = 0
+    prefix: PrefixStats = field(default_factory=PrefixStats)
+
+
+@dataclass
+class SchedulerConfig:
+    """How the scheduler runs.
+
+    Attributes:
+        max_batch: the most rows decoded together.
+        max_queue: the most requests waiting to start; beyond it :meth:`Scheduler.submit`
+            raises :class:`QueueFullError`.
+        prefill_step_size: prompt tokens prefilled per turn of the loop (one chunk).
+        prefix_cache_bytes: the prefix cache's bound (0: off).
+        kv_itemsize: bytes per element of the keys and values.
+    """
+
+    max_batch: int = 32
+    max_queue: int = 1024
+    prefill_step_size: int = 512
+    prefix_cache_bytes: int = 1 << 30
+    kv_itemsize: int = 4
+
+
+class _Row:
+    """A request in the decode batch."""
+
+    def __init__(self, request: Request, sampler: RowSampler, output: RowOutput, start: int) -> None:
+        self.request, self.sampler, self.output, self.start = request, sampler, output, start
+        self.done: str | None = None  # finish reason once ended
+
+
+@dataclass
+class _Prefill:
+    """Requests being prefilled together (one, or several short fresh prompts left-padded)."""
+
+    rows: list[_Row]
+    caches: list[KVCache]
+    tokens: mx.array  # (G, L) not yet run
+    pad: mx.array | None
+    started: float = field(default_factory=time.perf_counter)
+    first: tuple[mx.array, mx.array] | None = None  # sampled first tokens and logprobs once done
+
+
+class _Batch:
+    """The live rows, their caches and their last step's (lazy) tokens."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.caches: list[KVCache] = []
+        self.tokens: mx.array | None = None  # (B,)
+        self.logprobs: mx.array | None = None  # (B, V)
+
+    def pad(self) -> mx.array | None:
+        starts = [r.start for r in self.rows]
+        return mx.array(starts, dtype=mx.int32) if any(starts) else None
+
+
+class _Exclusive:
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Scheduler:
+    """Runs requests on one model with continuous batching and a prefix cache.
+
+    Args:
+        model: the model (``hidden``, ``head``, ``make_cache``, ``args``).
+        tokenizer: its tokenizer (for each row's detokenizer).
+        eos: the model's end-of-sequence ids.
+        config: see :class:`SchedulerConfig`.
+        decoder: runs one-token decode steps (see :class:`lmx.generate.step.Decoder`).
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, eos: frozenset[int], config: SchedulerConfig, decoder: Decoder
+    ) -> None:
+        self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        args = model.args
+        self._windows = [c.window for c in model.make_cache()]
+        self._kv_shape = (args.num_key_value_heads, args.head_dim)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._exclusive: collections.deque[_Exclusive] = collections.deque()
+        self._prefill: _Prefill | None = None
+        self._joiners: list[_Prefill] = []
+        self._batch = _Batch()
+        self._stats = SchedulerStats()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ callers' side
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; its tokens go to its sink as they are made.
+
+        Raises:
+            QueueFullError: ``max_queue`` requests already wait.
+            OutOfMemoryError: the request's KV cache could never fit, even alone.
+            EngineClosedError: the scheduler is closed.
+        """
+        self._check_fits_alone(request)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
+            if len(self._waiting) >= self.config.max_queue:
+                self._stats.rejected += 1
+                raise QueueFullError(
+                    f"server busy: {len(self._waiting)} requests already wait (max_queue={self.config.max_queue}); "
+                    "retry later"
+                )
+            self._waiting.append(request)
+            self._start_worker()
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request``: it ends (finish reason ``cancelled``) at the next step."""
+        request.cancel()
+        with self._lock:
+            self._wake.notify()
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the worker between two decode steps, with the model to itself;
+        return its result or raise its error. Other requests pause meanwhile."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        job = _Exclusive(fn)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
+            self._exclusive.append(job)
+            self._start_worker()
+            self._wake.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def stats(self) -> SchedulerStats:
+        """A snapshot of the counts and the load."""
+        with self._lock:
+            s = self._stats
+            prefill = len(self._prefill.rows) if self._prefill else 0
+            return SchedulerStats(
+                running=len(self._batch.rows) + prefill + sum(len(j.rows) for j in self._joiners),
+                waiting=len(self._waiting),
+                completed=s.completed,
+                cancelled=s.cancelled,
+                failed=s.failed,
+                rejected=s.rejected,
+                steps=s.steps,
+                batched_steps=s.batched_steps,
+                max_batch_seen=s.max_batch_seen,
+                kv_bytes=batch_cache.nbytes(self._batch.caches),
+                prefix=self.prefix_cache.stats(),
+            )
+
+    def close(self, timeout: float = 30.0) -> None:
+        """End every request (they finish ``cancelled``) and stop the worker. Idempotent."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            self._wake.notify()
+        if thread is None:
+            self._stopped.set()
+        elif thread is not threading.current_thread():
+            self._stopped.wait(timeout)
+
+    # ------------------------------------------------------------------ the worker
+    def _start_worker(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="lmx-scheduler", daemon=True)
+            self._thread.start()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._exclusive or self._prefill or self._joiners or self._batch.rows)
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._has_work() and not self._closed:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    exclusive = list(self._exclusive)
+                    self._exclusive.clear()
+                for job in exclusive:
+                    self._run_exclusive_job(job)
+                self._turn()
+        finally:
+            self._shutdown()
+            self._stopped.set()
+        # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
+        # the GIL when the thread ends; during interpreter shutdown that aborts the process
+        # (mlx 0.32). A parked daemon thread never runs it.
+        threading.Event().wait()
+
+    def _run_exclusive_job(self, job: _Exclusive) -> None:
+        try:
+            job.result = job.fn()
+        except BaseException as e:  # handed to the caller, who raises it
+            job.error = e
+        finally:
+            job.done.set()
+
+    def _turn(self) -> None:
+        """One turn of the loop: queue a decode step, prefill a chunk, emit, let rows join."""
+        batch = self._batch
+        queued: tuple[mx.array, mx.array] | None = None
+        if batch.rows:
+            try:
+                queued = self._queue_decode(batch)
+            except Exception as e:  # the error goes to every running request, not the worker
+                self._fail_batch(e)
+        self._prefill_turn()
+        if batch.rows and queued is not None:
+            try:
+                self._emit(batch)
+            except Exception as e:
+                self._fail_batch(e)
+                queued = None
+            else:
+                batch.tokens, batch.logprobs = queued
+                self._leave(batch)
+        self._join()
+
+    # ------------------------------------------------------------------ decode
+    def _queue_decode(self, batch: _Batch) -> tuple[mx.array, mx.array]:
+        assert batch.tokens is not None
+        logits = self.decoder(batch.tokens, batch.caches, batch.pad())
+        tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
+        mx.async_eval(tokens, logprobs)
+        s = self._stats
+        s.steps += 1
+        s.batched_steps += len(batch.rows) > 1
+        s.max_batch_seen = max(s.max_batch_seen, len(batch.rows))
+        return tokens, logprobs
+
+    def _emit(self, batch: _Batch) -> None:
+        """Hand every row its token of the last step; mark the rows that end."""
+        assert batch.tokens is not None and batch.logprobs is not None
+        ids = batch.tokens.tolist()
+        chosen = mx.take_along_axis(batch.logprobs, batch.tokens[:, None], axis=-1)[:, 0].tolist()
+        now = time.perf_counter()
+        for i, row in enumerate(batch.rows):
+            request = row.request
+            if request.cancelled or self._closed:
+                row.done = "cancelled"
+                continue
+            top = None
+            if request.options.logprobs:
+                top_ids, top_vals = top_logprobs(batch.logprobs[i : i + 1], request.options.logprobs)
+                top = tuple(zip(top_ids[0].tolist(), top_vals[0].tolist()))
+            token = row.output.add(ids[i], chosen[i], top)
+            if not request.generated:
+                request.first_token_at = now
+            request.generated.append(ids[i])
+            request.sink.token(token)
+            if token.finish_reason is not None:
+                row.done = token.finish_reason
+
+    def _leave(self, batch: _Batch) -> None:
+        """Rows that ended leave the batch: their prompt and output go to the prefix cache,
+        their requests end, and the caches keep the other rows only."""
+        ended = [i for i, r in enumerate(batch.rows) if r.done is not None]
+        if not ended:
+            return
+        offset = batch.caches[0].offset
+        for i in ended:
+            row = batch.rows[i]
+            n = offset - row.start
+            seen = (row.request.ids + row.request.generated)[:n]
+            if row.done != "cancelled" and len(seen) == n and self.prefix_cache.max_bytes:
+                self.prefix_cache.store(seen, batch_cache.extract(batch.caches, i, row.start))
+            self._finish(row.request, row.done)
+        keep = [i for i, r in enumerate(batch.rows) if r.done is None]
+        if not keep:
+            self._batch = _Batch()
+            return
+        batch.rows = [batch.rows[i] for i in keep]
+        batch_cache.select(batch.caches, keep)
+        index = mx.array(keep, dtype=mx.int32)
+        assert batch.tokens is not None and batch.logprobs is not None
+        batch.tokens, batch.logprobs = batch.tokens[index], batch.logprobs[index]
+        self._compact(batch)
+
+    def _compact(self, batch: _Batch) -> None:
+        """Drop leading positions every row has as padding (a lone row then runs unpadded)."""
+        lead = min(r.start for r in batch.rows)
+        if lead > 0:
+            batch_cache.trim_front(batch.caches, lead)
+            for r in batch.rows:
+                r.start -= lead
+
+    def _fail_batch(self, error: BaseException) -> None:
+        logger.debug("decode step failed: %r", error)
+        for row in self._batch.rows:
+            self._finish(row.request, None, error)
+        self._batch = _Batch()
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill_turn(self) -> None:
+        """Run one prefill chunk: of the request in progress, or of the next admitted ones."""
+        if self._prefill is None:
+            self._prefill = self._start_prefill()
+            if self._prefill is None:
+                return
+        job = self._prefill
+        try:
+            if any(r.request.cancelled for r in job.rows) and len(job.rows) == 1:
+                self._finish(job.rows[0].request, "cancelled")
+                self._prefill = None
+                return
+            step = self.config.prefill_step_size
+            chunk, rest = job.tokens[:, :step], job.tokens[:, step:]
+            logits = prefill(self.model, chunk, job.caches, job.pad, step)
+            if rest.shape[1]:
+                job.tokens = rest
+                mx.async_eval([c.state for c in job.caches])
+                return
+            tokens, logprobs = sample_rows(logits, [r.sampler for r in job.rows], self.decoder.logsumexp)
+            mx.async_eval(tokens, logprobs)
+            job.first = (tokens, logprobs)
+            self._store_prompts(job)
+        except Exception as e:  # the error goes to the requests being prefilled
+            logger.debug("prefill failed: %r", e)
+            for row in job.rows:
+                self._finish(row.request, None, e)
+            self._prefill = None
+            return
+        elapsed = max(time.perf_counter() - job.started, 1e-9)
+        for row in job.rows:
+            m = row.request.metrics
+            m.prefill_tokens_per_s = (m.prompt_tokens - m.cached_tokens) / elapsed
+        self._joiners.append(job)
+        self._prefill = None
+
+    def _store_prompts(self, job: _Prefill) -> None:
+        if not self.prefix_cache.max_bytes:
+            return
+        if len(job.rows) == 1:
+            ids = job.rows[0].request.ids
+            self.prefix_cache.store(ids, batch_cache.copy_prefix(job.caches, len(ids)))
+            return
+        for i, row in enumerate(job.rows):
+            self.prefix_cache.store(row.request.ids, batch_cache.extract(job.caches, i, row.start))
+
+    def _start_prefill(self) -> _Prefill | None:
+        """Take the next waiting requests that may start now (see :meth:`_admit`)."""
+        budget = self.config.prefill_step_size
+        taken: list[tuple[Request, list[KVCache] | None, int]] = []
+        with self._lock:
+            while self._waiting:
+                request = self._waiting[0]
+                if request.cancelled:
+                    self._waiting.popleft()
+                    self._finish(request, "cancelled")
+                    continue
+                live = len(self._batch.rows) + sum(len(j.rows) for j in self._joiners) + len(taken)
+                if live >= self.config.max_batch:
+                    break
+                cached, n_cached = self.prefix_cache.lookup(request.ids) if not taken else (None, 0)
+                fresh_short = cached is None and len(request.ids) <= budget
+                if taken and not fresh_short:
+                    break  # a group holds only short prompts without a cached prefix
+                width = max([len(r.ids) for r, _, _ in taken] + [len(request.ids)])
+                if taken and width * (len(taken) + 1) > budget:
+                    break
+                if not self._admit(request, extra_rows=len(taken)):
+                    if live == 0:  # nothing runs that could give memory back: it will never fit
+                        self._waiting.popleft()
+                        self._finish(request, None, self._out_of_memory(request))
+                        continue
+                    break
+                self._waiting.popleft()
+                taken.append((request, cached, n_cached))
+                if not fresh_short:
+                    break  # a long prompt or a cache hit is prefilled alone
+        if not taken:
+            return None
+        rows = []
+        for request, _, n_cached in taken:
+            request.metrics.cached_tokens = n_cached
+            opts = request.options
+            output = RowOutput(self.tokenizer.detokenizer(), opts.stop, self.eos, request.limit)
+            rows.append(_Row(request, RowSampler(opts, request.ids), output, 0))
+        if len(taken) == 1:
+            request, cached, n_cached = taken[0]
+            caches = cached if cached is not None else self.model.make_cache()
+            return _Prefill(rows, caches, mx.array([request.ids[n_cached:]]), None)
+        width = max(len(r.ids) for r, _, _ in taken)
+        pads = [width - len(r.ids) for r, _, _ in taken]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens = mx.array([[pad_id] * p + r.ids for p, (r, _, _) in zip(pads, taken)])  # (G, width)
+        for row, p in zip(rows, pads):
+            row.start = p
+        return _Prefill(rows, self.model.make_cache(), tokens, mx.array(pads, dtype=mx.int32))
+
+    def _join(self) -> None:
+        """Prefilled requests join the decode batch (their first token is emitted next turn)."""
+        if not self._joiners:
+            return
+        batch = self._batch
+        for job in self._joiners:
+            assert job.first is not None
+            tokens, logprobs = job.first
+            if not batch.rows:
+                self.decoder.refresh()  # a new batch: check the decode step against the weights
+                batch.rows, batch.caches = job.rows, job.caches
+                batch.tokens, batch.logprobs = tokens, logprobs
+            else:
+                a_starts, b_starts = batch_cache.merge(
+                    batch.caches, [r.start for r in batch.rows], job.caches, [r.start for r in job.rows]
+                )
+                for r, s in zip(batch.rows, a_starts):
+                    r.start = s
+                for r, s in zip(job.rows, b_starts):
+                    r.start = s
+                batch.rows = batch.rows + job.rows
+                assert batch.tokens is not None and batch.logprobs is not None
+                batch.tokens = mx.concatenate([batch.tokens, tokens])
+                batch.logprobs = mx.concatenate([batch.logprobs, logprobs])
+            self._compact(batch)
+        self._joiners = []
+
+    # ------------------------------------------------------------------ memory
+    def _kv_bytes(self, positions: int, rows: int) -> int:
+        n_kv, head_dim = self._kv_shape
+        return memory.kv_cache_bytes(self._windows, n_kv, head_dim, positions, self.config.kv_itemsize, batch=rows)
+
+    def _check_fits_alone(self, request: Request) -> None:
+        """Refuse at once a request whose KV cache could not fit even with nothing else running."""
+        held = batch_cache.nbytes(self._batch.caches) + self.prefix_cache.nbytes
+        if self._kv_bytes(len(request.ids) + request.limit, 1) > memory.stats().limit - (memory.active() - held):
+            raise self._out_of_memory(request, held)
+
+    def _out_of_memory(self, request: Request, held: int = 0) -> OutOfMemoryError:
+        positions = len(request.ids) + request.limit
+        need = self._kv_bytes(positions, 1)
+        limit = memory.stats().limit
+        free = max(0, limit - memory.active() + held)
+        return OutOfMemoryError(
+            f"the KV cache for {positions} positions needs {memory.format_bytes(need)} but only "
+            f"{memory.format_bytes(free)} of the {memory.format_bytes(limit)} limit is free "
+            "(use a shorter prompt or a lower max_tokens)"
+        )
+
+    def _admit(self, request: Request, extra_rows: int) -> bool:
+        """Whether ``request`` may start now: the batch's KV cache with it, to the end of every
+        row, fits the memory limit (the prefix cache gives memory back first)."""
+        batch = self._batch
+        rows = [*batch.rows, *(r for j in self._joiners for r in j.rows)]
+        offset = batch.caches[0].offset if batch.caches else 0
+        remaining = [r.request.limit - len(r.request.generated) for r in rows]
+        width = max([offset, len(request.ids)] + [j.caches[0].offset for j in self._joiners if j.caches])
+        positions = width + max([request.limit, *remaining])
+        need = self._kv_bytes(positions, len(rows) + extra_rows + 1)
+        if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
+            need += self._kv_bytes(len(request.ids), 1)
+        held = batch_cache.nbytes(batch.caches)
+        free = memory.stats().limit - memory.active() + held
+        if need > free and self.prefix_cache.nbytes:  # the prefix cache gives its memory back first
+            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - free)))
+            memory.clear_cache()
+            free = memory.stats().limit - memory.active() + held
+        return need <= free
+
+    # ------------------------------------------------------------------ ends
+    def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
+        now = time.perf_counter()
+        m = request.metrics
+        m.generated_tokens = len(request.generated)
+        m.total_time = now - request.submitted
+        if request.first_token_at:
+            m.time_to_first_token = request.first_token_at - request.submitted
+            if len(request.generated) > 1 and now > request.first_token_at:
+                m.decode_tokens_per_s = (len(request.generated) - 1) / (now - request.first_token_at)
+        m.peak_memory, m.active_memory = memory.peak(), memory.active()
+        request.finish_reason = reason if error is None else None
+        counter = "failed" if error is not None else ("cancelled" if reason == "cancelled" else "completed")
+        setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+        request.sink.end(error)
+
+    def _shutdown(self) -> None:
+        """End every request still here (closed: they finish ``cancelled``) and drop all caches."""
+        rows = [r.request for r in self._batch.rows]
+        rows += [r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows]
+        with self._lock:
+            rows += list(self._waiting)
+            self._waiting.clear()
+            exclusive = list(self._exclusive)
+            self._exclusive.clear()
+        for request in rows:
+            self._finish(request, "cancelled")
+        for job in exclusive:
+            job.error = EngineClosedError("the engine was closed before this job ran")
+            job.done.set()
+        self._batch, self._joiners, self._prefill = _Batch(), [], None
+        self.prefix_cache.clear()
+        self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
+
+
+def make_request(ids: Sequence[int], options: GenerationOptions, sink: Sink, context_length: int) -> Request:
+    """A :class:`Request` for ``ids``, its token limit set by ``max_tokens`` and the context."""
+    return Request(ids, options, sink, max(1, min(options.max_tokens, context_length - len(ids))))
+
+
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats", "make_request"]

@@ -1,0 +1,127 @@
+"""A prefix cache across requests: the KV caches of earlier prompts, keyed by their tokens.
+
+Entries are single-row cache sets whose positions are the entry's tokens. A new request takes
+the entry sharing the longest usable prefix with its prompt and prefills only the rest. The
+cache is bounded in bytes and drops the least recently used entries first; the scheduler also
+drops entries when a request needs their memory.
+
+An entry's sliding-window layers hold only their last ``window - 1 + slack`` positions, so an
+entry can serve a prefix shorter than itself only while that window is still held (see
+:func:`lmx.models.batch_cache.can_copy_prefix`); the scheduler stores each prompt when its
+prefill ends, so a shared system prompt followed by different questions is served from the
+entry of the first question.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmx.models import batch_cache
+from lmx.models.cache import KVCache
+
+
+@dataclass
+class _Entry:
+    tokens: np.ndarray  # (T,) int64
+    caches: list[KVCache]
+    nbytes: int
+
+
+@dataclass
+class PrefixStats:
+    """Counts of the prefix cache since it was made."""
+
+    entries: int = 0
+    bytes: int = 0
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+
+
+class PrefixCache:
+    """LRU of single-row KV cache sets keyed by token prefix.
+
+    Args:
+        max_bytes: the most bytes the entries may hold (0 turns the cache off).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self._next = 0
+        self._stats = PrefixStats()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the entries."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def stats(self) -> PrefixStats:
+        s = self._stats
+        return PrefixStats(len(self._entries), self.nbytes, s.lookups, s.hits, s.hit_tokens)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[list[KVCache] | None, int]:
+        """Fresh caches holding the longest usable cached prefix of ``ids`` (at most
+        ``len(ids) - 1`` tokens: the last prompt token always runs, for its logits), and its length."""
+        self._stats.lookups += 1
+        if not self._entries or len(ids) < 2:
+            return None, 0
+        query = np.asarray(ids, dtype=np.int64)
+        best, best_n = None, 0
+        for key, entry in self._entries.items():
+            n = _common(entry.tokens, query)
+            n = min(n, len(ids) - 1)
+            if n > best_n and batch_cache.can_copy_prefix(entry.caches, n):
+                best, best_n = key, n
+        if best is None:
+            return None, 0
+        self._entries.move_to_end(best)
+        self._stats.hits += 1
+        self._stats.hit_tokens += best_n
+        return batch_cache.copy_prefix(self._entries[best].caches, best_n), best_n
+
+    def store(self, ids: Sequence[int], caches: list[KVCache]) -> None:
+        """Keep ``caches`` (single-row, positions = ``ids``; not written to afterwards) as an entry.
+
+        An entry whose tokens are a prefix of ``ids`` and that a copy of the new one can serve
+        as well is dropped; so is one equal to it."""
+        if self.max_bytes == 0 or not ids or caches[0].offset != len(ids):
+            return
+        size = batch_cache.nbytes(caches)
+        if size > self.max_bytes:
+            return
+        tokens = np.asarray(ids, dtype=np.int64)
+        for key, entry in list(self._entries.items()):
+            n = len(entry.tokens)
+            if n <= len(tokens) and _common(entry.tokens, tokens) == n and batch_cache.can_copy_prefix(caches, n):
+                del self._entries[key]
+        self._entries[self._next] = _Entry(tokens, caches, size)
+        self._next += 1
+        self.evict(self.max_bytes)
+
+    def evict(self, keep_bytes: int) -> int:
+        """Drop least recently used entries until at most ``keep_bytes`` are held; return the bytes freed."""
+        freed = 0
+        while self._entries and self.nbytes > keep_bytes:
+            _, entry = self._entries.popitem(last=False)
+            freed += entry.nbytes
+        return freed
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two id arrays."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+__all__ = ["PrefixCache", "PrefixStats"]

@@ -1,0 +1,75 @@
+"""A request in the scheduler, and where its tokens go.
+
+A :class:`Request` carries its prompt ids and its own options; the scheduler fills in its
+metrics and hands its tokens to its :class:`Sink` as they are made. A sink is how a caller
+listens: :class:`QueueSink` for a thread that iterates (:class:`lmx.TokenStream`); the server
+has its own that posts to its event loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from lmx.generate.options import GenerationOptions
+from lmx.results import GenerationMetrics, Token
+
+
+class Sink(Protocol):
+    """Receives one request's tokens, then its end."""
+
+    def token(self, token: Token) -> None:
+        """A token was made (the last one carries a finish reason)."""
+
+    def end(self, error: BaseException | None) -> None:
+        """The request ended: normally, cancelled (``error`` None) or with ``error``."""
+
+
+class Request:
+    """One generation request: prompt ids, options, and what the scheduler records of it."""
+
+    def __init__(self, ids: Sequence[int], options: GenerationOptions, sink: Sink, limit: int) -> None:
+        self.ids = list(ids)
+        self.options = options
+        self.sink = sink
+        self.limit = limit  # the most tokens it may generate (max_tokens within the context)
+        self.metrics = GenerationMetrics(prompt_tokens=len(self.ids))
+        self.submitted = time.perf_counter()
+        self.first_token_at = 0.0
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this request (it ends with finish reason ``cancelled``)."""
+        self._cancelled.set()
+
+
+class QueueSink:
+    """A sink read by one thread: :meth:`get` blocks for the next token, None at the end."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Token | None, BaseException | None]] = queue.SimpleQueue()
+
+    def token(self, token: Token) -> None:
+        self._queue.put((token, None))
+
+    def end(self, error: BaseException | None) -> None:
+        self._queue.put((None, error))
+
+    def get(self) -> Token | None:
+        """The next token; None once the request ended. Raises the request's error."""
+        token, error = self._queue.get()
+        if error is not None:
+            raise error
+        return token
+
+
+__all__ = ["QueueSink", "Request", "Sink"]

@@ -1,20 +1,21 @@
 """Load test of `lmx serve`: N concurrent streaming clients for a fixed time, loopback only.
 
     python benchmarks/server_load.py [--model PATH] [--clients 32] [--duration 60]
-        [--max-tokens 16] [--max-concurrency 8] [--device cpu|gpu] [--json out.json]
+        [--max-tokens 16] [--max-concurrency 8] [--mixed] [--device cpu|gpu] [--json out.json]
 
 Starts `lmx serve` in a child process on 127.0.0.1 (a free port, a random API key, a wait
 queue deep enough for every client), then runs ``--clients`` clients, each on its own
 keep-alive connection, each sending streaming ``/v1/completions`` requests back to back
-(greedy, a different prompt every time) until ``--duration`` seconds have passed. Requests
+(greedy, or with ``--mixed`` cycling through four sampling configurations: greedy,
+seeded top-p, top-p, greedy with penalties; a different prompt every time) until ``--duration`` seconds have passed. Requests
 still running then are let finish (up to ``--drain`` seconds more); the script then checks
 that the server is idle and healthy, stops it and prints one table.
 
 An error is any request that does not end in HTTP 200 with a complete SSE stream
 (``finish_reason`` and ``[DONE]``), or a connection failure. Time to first token is from
 sending the request to the first chunk with text; it includes the wait in the queue (with
-``--max-concurrency 1`` the server runs one request at a time; above 1, requests waiting
-together run as one batch). Tokens/s is the sum of generated tokens over the wall
+``--max-concurrency 1`` the server runs one request at a time; above 1, up to that many are
+decoded together). Tokens/s is the sum of generated tokens over the wall
 time from the first request to the last response.
 """
 
@@ -87,7 +88,16 @@ def start_server(args: argparse.Namespace, port: int, key: str) -> subprocess.Po
     raise SystemExit("the server did not come up within 600 s")
 
 
-async def one_request(client: httpx.AsyncClient, n: int, i: int, max_tokens: int) -> Outcome:
+# --mixed: requests cycle through these sampling options (each client starts at its own place)
+MIXED = [
+    {"temperature": 0},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 1},
+    {"temperature": 1.0, "top_p": 0.95},
+    {"temperature": 0, "frequency_penalty": 0.3, "presence_penalty": 0.2},
+]
+
+
+async def one_request(client: httpx.AsyncClient, n: int, i: int, max_tokens: int, mixed: bool = False) -> Outcome:
     body = {
         "model": "bench",
         "prompt": f"Request {i} of client {n}. A short paragraph about {TOPICS[(n + i) % len(TOPICS)]}:",
@@ -95,7 +105,10 @@ async def one_request(client: httpx.AsyncClient, n: int, i: int, max_tokens: int
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(MIXED[(n + i) % len(MIXED)] if mixed else {}),
     }
+    if mixed and "seed" in body:
+        body["seed"] = n * 1000 + i
     out = Outcome(client=n)
     t0 = time.perf_counter()
     finished = done = False
@@ -134,7 +147,7 @@ async def client_loop(n: int, args: argparse.Namespace, url: str, key: str, stop
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
         i = 0
         while time.monotonic() < stop_at:
-            run.outcomes.append(await one_request(client, n, i, args.max_tokens))
+            run.outcomes.append(await one_request(client, n, i, args.max_tokens, args.mixed))
             run.t_end = time.perf_counter()
             i += 1
 
@@ -176,6 +189,7 @@ def main() -> None:
     p.add_argument("--drain", type=float, default=600.0, help="seconds to let running requests finish afterwards")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-concurrency", type=int, default=8, help="the server's --max-concurrency (batch size)")
+    p.add_argument("--mixed", action="store_true", help="requests cycle through four sampling configurations")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -202,6 +216,7 @@ def main() -> None:
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
         "max_concurrency": args.max_concurrency,
+        "mixed_options": args.mixed,
         "requests": len(run.outcomes),
         "completed": len(ok),
         "errors": len(errors),

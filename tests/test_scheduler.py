@@ -190,3 +190,47 @@ def test_a_stream_closed_early_is_cancelled(engines: dict[str, lmx.Engine]) -> N
     stream.close()
     assert stream.finish_reason == "cancelled"
     assert len(engine.generate(PROMPTS[1], max_tokens=3).tokens) == 3
+
+
+def test_segmented_decode_of_padded_rows_equals_the_eager_step(cold, arch: str) -> None:
+    # The GPU's decode step (compiled segments around eager attention), run here on the CPU:
+    # rows that joined at different times (left padding) get what the eager step gives them.
+    from lmx.generate.step import Decoder
+
+    opts = {"max_tokens": 24, "logit_bias": NO_EOS}
+    results = []
+    for segments in (False, True):
+        engine = cold(arch)
+        engine.scheduler.decoder = Decoder(engine.model, segments=segments)
+        streams = []
+        for p in PROMPTS:
+            streams.append(engine.stream(p, **opts))
+            next(streams[-1])  # each joins while the others run: padded rows
+        for s in streams:
+            list(s)
+        results.append([s.tokens for s in streams])
+        assert engine.stats().batched_steps > 0
+    assert results[0] == results[1]
+
+
+def test_prefix_cache_finds_the_longest_usable_prefix_among_many_entries() -> None:
+    import mlx.core as mx
+
+    from lmx.models.cache import KVCache
+    from lmx.scheduler import PrefixCache
+
+    def caches_for(n: int) -> list[KVCache]:
+        c = KVCache()
+        c.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+        return [c]
+
+    cache = PrefixCache(max_bytes=1 << 30)
+    prompts = [[i, i + 1, *range(100, 140), i] for i in range(200)]  # 200 entries, distinct first tokens
+    for ids in prompts:
+        cache.store(ids, caches_for(len(ids)))
+    assert cache.stats().entries == 200
+    got, n = cache.lookup([*prompts[150][:30], 999, 998])
+    assert n == 30 and got is not None and got[0].offset == 30
+    assert cache.lookup([5000, 5001, 5002, 5003, 5004, 5005, 5006, 5007, 5008])[1] == 0
+    cache.evict(0)
+    assert cache.stats().entries == 0 and cache.lookup(prompts[3])[1] == 0

@@ -310,6 +310,14 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        # An engine dropped without close(): its worker thread holds the model, so tell it to
+        # stop and free it (no wait: this may run at interpreter exit). Open streams hold the
+        # engine, so this never cuts a request short.
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is not None:
+            scheduler.close(timeout=None)
+
     # ----------------------------------------------------------------- requests
     def options(self, options: dict[str, Any]) -> GenerationOptions:
         """Check generation options (keyword arguments) and merge them over the defaults.

@@ -33,6 +33,10 @@ class RowSampler:
     def __init__(self, options: GenerationOptions, prompt: Sequence[int]) -> None:
         self.greedy = options.temperature == 0
         self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
+        # Unseeded rows with the same sampler settings draw together (one batched draw); a
+        # seeded row draws alone, with its own keys, so its tokens do not depend on its batch.
+        self.group = (options.temperature, options.top_k, options.top_p, options.min_p)
+        self.seeded = options.seed is not None
         self.processors = make_logits_processors(options, prompt_len=len(prompt))
         self.keys = KeySequence(options.seed)
         self.history = mx.array([list(prompt)]) if self.processors else None  # (1, T)
@@ -52,26 +56,32 @@ class RowSampler:
 def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumExp) -> tuple[mx.array, mx.array]:
     """Choose every row's next token from one step's ``logits`` (B, V).
 
-    Each row is processed and sampled on its own slice, with its own key, exactly as it
-    would be alone; greedy rows without processors share one argmax.
+    Each row's processors see only its own slice and history. Greedy rows share one argmax;
+    a seeded row draws alone with its own keys, exactly as it would alone; unseeded rows with
+    the same sampler settings draw together (their draws are random either way).
 
     Returns:
         ``(tokens (B,), logprobs (B, V))``; the log-probabilities are of the processed logits.
     """
     logits = logits.astype(mx.float32)
-    if any(r.processors for r in rows):
-        logits = mx.concatenate([r.process(logits[i : i + 1]) for i, r in enumerate(rows)], axis=0)
+    for i, r in enumerate(rows):
+        if r.processors:
+            logits[i : i + 1] = r.process(logits[i : i + 1])
     logprobs = logits - logsumexp(logits)
-    if all(r.greedy for r in rows):
-        tokens = mx.argmax(logprobs, axis=-1)
-    else:
-        greedy = mx.argmax(logprobs, axis=-1)
-        tokens = mx.concatenate(
-            [
-                greedy[i : i + 1] if r.greedy else r.sampler(logprobs[i : i + 1], r.keys.next())
-                for i, r in enumerate(rows)
-            ]
-        )
+    tokens = mx.argmax(logprobs, axis=-1)
+    if not all(r.greedy for r in rows):
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            if not r.greedy:
+                groups.setdefault(("seeded", i) if r.seeded else r.group, []).append(i)
+        for members in groups.values():
+            first = rows[members[0]]
+            if len(members) == 1:
+                drawn = first.sampler(logprobs[members[0] : members[0] + 1], first.keys.next())
+            else:
+                index = mx.array(members, dtype=mx.int32)
+                drawn = first.sampler(logprobs[index], first.keys.next())  # (G,) one draw per row
+            tokens[mx.array(members, dtype=mx.int32)] = drawn.astype(tokens.dtype)
     for i, r in enumerate(rows):
         if r.history is not None:
             r.take(tokens[i : i + 1])

@@ -65,7 +65,7 @@ def _scan(tree: Any, arrays: list[mx.array]) -> bool:
 
 
 class SegmentedDecode:
-    """One decode step (batch of one-token rows, no padding) of a model, in compiled segments.
+    """One decode step (batch of one-token rows) of a model, in compiled segments.
 
     The model's weights are constants of the traces (as graph inputs, Gemma's norms would
     recompute ``1 + weight`` in every step: see ``gemma3_text.RMSNorm``), so :meth:`prepare`
@@ -127,16 +127,19 @@ class SegmentedDecode:
         self._middle = [mx.compile(middle(i)) for i in range(len(layers) - 1)]
         self._last = mx.compile(last)
 
-    def __call__(self, token: mx.array, cache: list[KVCache]) -> mx.array:
-        """Logits (B, V) for ``token`` (B,); every cache advances by one position."""
+    def __call__(self, token: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
+        """Logits (B, V) for ``token`` (B,); every cache advances by one position. ``pad``: the
+        rows' left padding (a batch of rows that joined at different times)."""
         model = self._model()
         assert model is not None and self._first is not None and self._last is not None
         offset = mx.array(cache[0].offset, dtype=mx.int32)  # the RoPE position, as an array: one trace
+        if pad is not None:
+            offset = offset - pad.astype(mx.int32)  # (B,) each row's own position
         h, q, k, v = self._first(token, offset)
         layers, n = model.layers, len(cache)
         with cuda_attention.inference():  # a decode step is never differentiated
             for i, c in enumerate(cache):
-                out = layers[i].self_attn.attend(q, k, v, c, None)  # (B, n_heads, 1, head_dim)
+                out = layers[i].self_attn.attend(q, k, v, c, pad)  # (B, n_heads, 1, head_dim)
                 if i + 1 < n:
                     h, q, k, v = self._middle[i](h, out, offset)
         return self._last(h, out)

@@ -150,8 +150,9 @@ def compiled_decode(model: nn.Module, cache: list[KVCache], padded: bool) -> Com
 class Decoder:
     """One-token decode steps for a batch of rows: ``(tokens (B,), cache, pad) -> logits (B, V)``.
 
-    Rows without padding run as compiled segments where that pays (a GPU: see
-    :mod:`lmx.generate.segments`), others eagerly. ``logsumexp`` is the log-softmax's
+    The step runs as compiled segments where that pays (a GPU: see
+    :mod:`lmx.generate.segments`), else eagerly; padded rows' attention masks are built once
+    per cache layout and step, not once per layer. ``logsumexp`` is the log-softmax's
     normaliser for these logits (one op on lmx's CPU kernels).
 
     Args:
@@ -173,9 +174,16 @@ class Decoder:
         self._segmented = segmented_decode(self.model) if self.segments else None
 
     def __call__(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
-        if pad is None and self._segmented is not None:
-            return self._segmented(tokens, cache)
-        return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
+        masks: dict = {}  # the step's masks, built once per cache layout instead of once per layer
+        for c in cache:
+            c.masks = masks
+        try:
+            if self._segmented is not None:
+                return self._segmented(tokens, cache, pad)
+            return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
+        finally:
+            for c in cache:
+                c.masks = None
 
 
 def generate_step(

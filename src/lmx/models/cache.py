@@ -43,6 +43,8 @@ class KVCache:
 
     step = 256
     window: int | None = None
+    # Set by a caller for one step: caches of the same layout share the masks built for it.
+    masks: dict | None = None
 
     def __init__(self) -> None:
         self.keys: mx.array | None = None
@@ -89,7 +91,15 @@ class KVCache:
         where a plain causal mask is exact (MLX's attention kernels then build none)."""
         if pad is None and n_queries > 1:
             return "causal"
-        return build_mask(n_queries, self.offset, self.offset, None, pad)
+        return self._mask(n_queries, self.offset, pad)
+
+    def _mask(self, n_queries: int, n_keys: int, pad: mx.array | None) -> mx.array | None:
+        if self.masks is None:
+            return build_mask(n_queries, n_keys, self.offset, self.window, pad)
+        key = (n_queries, n_keys, self.offset, self.window, id(pad))
+        if key not in self.masks:
+            self.masks[key] = build_mask(n_queries, n_keys, self.offset, self.window, pad)
+        return self.masks[key]
 
     def can_trim(self, n: int) -> bool:
         """Whether the last ``n`` positions can be dropped exactly."""
@@ -176,7 +186,7 @@ class RotatingKVCache(KVCache):
         n_keys = min(self.used, n_queries + self.window - 1)
         if pad is None and n_queries > 1 and n_keys <= self.window:
             return "causal"  # the last query sees every key: the window cuts nothing
-        return build_mask(n_queries, n_keys, self.offset, self.window, pad)
+        return self._mask(n_queries, n_keys, pad)
 
     def can_trim(self, n: int) -> bool:
         """Exact only while the window before the new end is still held."""

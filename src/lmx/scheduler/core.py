@@ -61,6 +61,7 @@ class SchedulerStats:
     max_batch_seen: int = 0
     kv_bytes: int = 0
     prefix: PrefixStats = field(default_factory=PrefixStats)
+    seconds: dict[str, float] = field(default_factory=dict)  # time in each phase of the loop
 
 
 @dataclass
@@ -115,6 +116,19 @@ class _Batch:
     def pad(self) -> mx.array | None:
         starts = [r.start for r in self.rows]
         return mx.array(starts, dtype=mx.int32) if any(starts) else None
+
+
+class _Clock:
+    """Adds the time since the last lap to ``totals[name]`` (the loop's phases, in stats)."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals = totals
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 class _Exclusive:
@@ -220,17 +234,21 @@ class Scheduler:
                 max_batch_seen=s.max_batch_seen,
                 kv_bytes=batch_cache.nbytes(self._batch.caches),
                 prefix=self.prefix_cache.stats(),
+                seconds=dict(s.seconds),
             )
 
-    def close(self, timeout: float = 30.0) -> None:
-        """End every request (they finish ``cancelled``) and stop the worker. Idempotent."""
+    def close(self, timeout: float | None = 30.0) -> None:
+        """End every request (they finish ``cancelled``) and stop the worker, waiting up to
+        ``timeout`` seconds for it (None: not at all). Idempotent."""
         with self._lock:
             self._closed = True
             thread = self._thread
             self._wake.notify()
         if thread is None:
             self._stopped.set()
-        elif thread is not threading.current_thread():
+            self.prefix_cache.clear()
+            self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
+        elif thread is not threading.current_thread() and timeout is not None:
             self._stopped.wait(timeout)
 
     # ------------------------------------------------------------------ the worker
@@ -275,12 +293,15 @@ class Scheduler:
         """One turn of the loop: queue a decode step, prefill a chunk, emit, let rows join."""
         batch = self._batch
         queued: tuple[mx.array, mx.array] | None = None
+        clock = _Clock(self._stats.seconds)
         if batch.rows:
             try:
                 queued = self._queue_decode(batch)
             except Exception as e:  # the error goes to every running request, not the worker
                 self._fail_batch(e)
+        clock.lap("decode")
         self._prefill_turn()
+        clock.lap("prefill")
         if batch.rows and queued is not None:
             try:
                 self._emit(batch)
@@ -288,9 +309,12 @@ class Scheduler:
                 self._fail_batch(e)
                 queued = None
             else:
+                clock.lap("emit")
                 batch.tokens, batch.logprobs = queued
                 self._leave(batch)
+                clock.lap("leave")
         self._join()
+        clock.lap("join")
 
     # ------------------------------------------------------------------ decode
     def _queue_decode(self, batch: _Batch) -> tuple[mx.array, mx.array]:
@@ -428,6 +452,8 @@ class Scheduler:
                 if live >= self.config.max_batch:
                     break
                 cached, n_cached = self.prefix_cache.lookup(request.ids) if not taken else (None, 0)
+                if cached is not None and len(self._waiting) > 1 and not self._worth_it(n_cached, len(request.ids)):
+                    cached, n_cached = None, 0  # a few shared tokens: prefilled with the others instead
                 fresh_short = cached is None and len(request.ids) <= budget
                 if taken and not fresh_short:
                     break  # a group holds only short prompts without a cached prefix
@@ -463,6 +489,12 @@ class Scheduler:
         for row, p in zip(rows, pads):
             row.start = p
         return _Prefill(rows, self.model.make_cache(), tokens, mx.array(pads, dtype=mx.int32))
+
+    @staticmethod
+    def _worth_it(n_cached: int, n_prompt: int) -> bool:
+        """Whether a prefix-cache hit saves enough to prefill its request alone: a hit of a few
+        tokens ("Request ", a template's header) is worth less than prefilling it in a group."""
+        return n_cached >= 32 or 2 * n_cached >= n_prompt
 
     def _join(self) -> None:
         """Prefilled requests join the decode batch (their first token is emitted next turn)."""

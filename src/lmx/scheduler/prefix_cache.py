@@ -31,6 +31,16 @@ class _Entry:
     nbytes: int
 
 
+# With many entries, a prompt is compared only with those sharing its first BUCKET_TOKENS tokens
+# (a shorter hit is rarely worth taking), so a lookup stays short; up to SCAN_ALL, with all.
+BUCKET_TOKENS = 8
+SCAN_ALL = 64
+
+
+def _bucket(ids: Sequence[int]) -> tuple[int, ...]:
+    return tuple(ids[:BUCKET_TOKENS])
+
+
 @dataclass
 class PrefixStats:
     """Counts of the prefix cache since it was made."""
@@ -52,6 +62,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self._buckets: dict[tuple[int, ...], set[int]] = {}
         self._next = 0
         self._stats = PrefixStats()
 
@@ -72,7 +83,8 @@ class PrefixCache:
             return None, 0
         query = np.asarray(ids, dtype=np.int64)
         best, best_n = None, 0
-        for key, entry in self._entries.items():
+        for key in self._candidates(ids):
+            entry = self._entries[key]
             n = _common(entry.tokens, query)
             n = min(n, len(ids) - 1)
             if n > best_n and batch_cache.can_copy_prefix(entry.caches, n):
@@ -95,24 +107,49 @@ class PrefixCache:
         if size > self.max_bytes:
             return
         tokens = np.asarray(ids, dtype=np.int64)
-        for key, entry in list(self._entries.items()):
+        for key in list(self._candidates(ids)):
+            entry = self._entries[key]
             n = len(entry.tokens)
             if n <= len(tokens) and _common(entry.tokens, tokens) == n and batch_cache.can_copy_prefix(caches, n):
-                del self._entries[key]
+                self._drop(key)
         self._entries[self._next] = _Entry(tokens, caches, size)
+        self._buckets.setdefault(_bucket(ids), set()).add(self._next)
         self._next += 1
         self.evict(self.max_bytes)
+
+    def _candidates(self, ids: Sequence[int]) -> list[int]:
+        """Entries worth comparing with ``ids``, least recently used first: all of them while
+        they are few; else those sharing its first ``BUCKET_TOKENS`` tokens (for a shorter
+        prompt, those it is a prefix of)."""
+        if len(self._entries) <= SCAN_ALL:
+            return list(self._entries)
+        head = tuple(ids[:BUCKET_TOKENS])
+        if len(head) == BUCKET_TOKENS:
+            keys = self._buckets.get(head, set())
+        else:
+            keys = {k for b, ks in self._buckets.items() if b[: len(head)] == head for k in ks}
+        return [k for k in self._entries if k in keys]
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        bucket = _bucket(entry.tokens.tolist())
+        self._buckets[bucket].discard(key)
+        if not self._buckets[bucket]:
+            del self._buckets[bucket]
 
     def evict(self, keep_bytes: int) -> int:
         """Drop least recently used entries until at most ``keep_bytes`` are held; return the bytes freed."""
         freed = 0
-        while self._entries and self.nbytes > keep_bytes:
-            _, entry = self._entries.popitem(last=False)
-            freed += entry.nbytes
+        held = self.nbytes
+        while self._entries and held - freed > keep_bytes:
+            key = next(iter(self._entries))
+            freed += self._entries[key].nbytes
+            self._drop(key)
         return freed
 
     def clear(self) -> None:
         self._entries.clear()
+        self._buckets.clear()
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:

@@ -113,8 +113,10 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 def _warm_up(engine: Any) -> None:
     """Generate one token before serving, so the first request is not slowed by one-time
-    setup on the scheduler's worker (its first graphs, compiled steps, the allocator)."""
-    engine.generate([0], max_tokens=1)
+    setup on the scheduler's worker (its first graphs, compiled steps, the allocator), sampling
+    and penalties included (on a CUDA GPU their kernels are compiled at first use)."""
+    engine.generate([0], max_tokens=2)
+    engine.generate([0], max_tokens=2, temperature=0.7, top_p=0.9, top_k=40, min_p=0.01, frequency_penalty=0.1, seed=0)
 
 
 def create_app(settings: ServerSettings | None = None, engine: Any = None) -> Starlette:

@@ -185,6 +185,37 @@ def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> li
     return out
 
 
+# ---------------------------------------------------------------- chat template arguments
+# Keys of chat_template_kwargs that are arguments of the renderer, not template variables.
+_RENDER_ARGUMENTS = ("add_generation_prompt", "template_limits")
+
+
+def template_kwargs(kwargs: dict[str, Any] | None, *, allow_template: bool) -> dict[str, Any]:
+    """The template variables of a request's ``chat_template_kwargs``.
+
+    Args:
+        kwargs: the request's ``chat_template_kwargs``.
+        allow_template: whether the server lets a request replace the chat template.
+
+    Raises:
+        ApiRequestError: ``chat_template`` is given but not allowed, or a key is one of the
+            renderer's own arguments (``add_generation_prompt``, ``template_limits``).
+    """
+    out = dict(kwargs or {})
+    if "chat_template" in out and not allow_template:
+        raise ApiRequestError(
+            "chat_template_kwargs.chat_template: this server does not let requests replace the chat template "
+            "(start it with --allow-request-chat-template to allow it)",
+            param="chat_template_kwargs.chat_template",
+        )
+    for key in _RENDER_ARGUMENTS:
+        if key in out:
+            raise ApiRequestError(
+                f"chat_template_kwargs.{key} cannot be set by a request", param=f"chat_template_kwargs.{key}"
+            )
+    return out
+
+
 # ---------------------------------------------------------------- options
 # Engine option name -> the OpenAI request field it comes from.
 OPENAI_PARAMS = {

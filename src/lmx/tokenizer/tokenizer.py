@@ -154,8 +154,9 @@ class Tokenizer:
             raise TokenizerError(f"token ids must be ints, got {type(token_id).__name__}: {token_id!r:.40}") from None
         # Ids past the vocabulary are allowed: models pad their embedding (Gemma 3: 262,208 rows
         # for 262,144 tokens), and such an id, if ever sampled, decodes to no text.
-        if value < 0:
-            raise TokenizerError(f"token ids must be >= 0, got {value} for {self._label}")
+        if not 0 <= value < 2**32:  # tokenizers takes u32 ids; a huge int would be a raw OverflowError
+            shown = value if value.bit_length() < 128 else f"an integer of {value.bit_length()} bits"
+            raise TokenizerError(f"token ids must be in [0, 2**32), got {shown} for {self._label}")
         return value
 
     @property

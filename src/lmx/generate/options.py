@@ -26,6 +26,12 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100
 """``logit_bias`` values lie in ``[-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]`` (OpenAI's range)."""
 
+MAX_STOPS = 4096
+"""The most entries (stop strings and stop token ids together) ``stop`` may hold."""
+
+MAX_STOP_CHARS = 262_144
+"""The most characters all stop strings of one request may hold together."""
+
 _MAX_SEED = 2**64 - 1  # MLX random keys are built from a uint64 seed
 _MAX_INT32 = 2**31 - 1  # MLX slice indices are 32-bit: a larger window fails inside MLX
 _TOKEN_ID_STR = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
@@ -57,7 +63,8 @@ class GenerationOptions:
             of digits (as JSON gives them); they are stored as ints in a read-only mapping.
         seed: random seed (an int >= 0) for reproducible sampling; None draws a fresh one.
         stop: stop strings and/or stop token ids. Generation ends at the first one hit; a
-            stop string is not part of the returned text.
+            stop string is not part of the returned text. At most ``MAX_STOPS`` (4096) entries
+            whose strings hold at most ``MAX_STOP_CHARS`` (262,144) characters together.
         logprobs: None = off; 0..20 = return the chosen token's logprob plus this many most
             likely alternatives per step.
     """
@@ -236,6 +243,15 @@ def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
         value = (value,)
     if not isinstance(value, (list, tuple)):
         raise InvalidOptionError(f"{name} must be a string, a token id or a list of them, got {_describe(value)}")
+    if len(value) > MAX_STOPS:
+        raise InvalidOptionError(
+            f"{name} has {len(value)} entries; at most {MAX_STOPS} stop strings and ids are allowed"
+        )
+    chars = sum(len(item) for item in value if isinstance(item, str))
+    if chars > MAX_STOP_CHARS:
+        raise InvalidOptionError(
+            f"{name} strings hold {chars} characters; at most {MAX_STOP_CHARS} are allowed in one request"
+        )
     out: list[str | int] = []
     for item in value:
         if isinstance(item, str):
@@ -296,4 +312,12 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"
 
-__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "GenerationOptions", "check_token_ids", "show_int"]
+__all__ = [
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGPROBS",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "GenerationOptions",
+    "check_token_ids",
+    "show_int",
+]

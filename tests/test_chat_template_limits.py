@@ -55,6 +55,15 @@ HOSTILE = {
     "integer power": ("{{ 7 ** 100000000 }}", r"integer power"),
     "replace squaring": ("{% set s = 'x' * 1000 %}{{ s|replace('', s)|replace('', s)|length }}", "replace"),
     "join of a long list": ("{% set s = 'x' * 100000 %}{{ ([s] * 100)|join }}", "repeated sequence"),
+    "captured block of one long string": (
+        "{% set s = 'x' * 1000000 %}{% set t %}{% for i in range(5000) %}{{ s }}{% endfor %}{% endset %}",
+        "captured block",
+    ),
+    "macro output of one long string": (
+        "{% set s = 'x' * 1000000 %}{% macro m() %}{% for i in range(5000) %}{{ s }}{% endfor %}{% endmacro %}"
+        "{{ m()|length }}",
+        "macro output",
+    ),
     "endless macro recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nested template calls"),
     "exponential macro recursion": (
         "{% macro f(n) %}{% if n < 40 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}",

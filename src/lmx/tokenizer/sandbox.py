@@ -8,9 +8,10 @@ runs out. Every render here runs under a :class:`TemplateLimits`:
 - **time**: a tracer (``sys.settrace``, this thread only, template frames only) checks a
   wall-clock deadline every few hundred lines of template code, so any loop, nested or not,
   and any macro recursion ends at the deadline with :class:`~lmx.errors.ChatTemplateError`;
-- **size**: ``*``, ``+``, ``%``, ``**``, ``~`` (concatenation), every filter and every method
-  call refuse or stop a result longer than ``max_output_chars`` (repetition and ``+`` are
-  checked before allocating), and the rendered text itself stops at that size;
+- **size**: ``*``, ``+``, ``%``, ``**``, ``~`` (concatenation), captured blocks and macro
+  output, every filter and every method call refuse or stop a result longer than
+  ``max_output_chars`` (repetition, ``+``, joins and format widths are checked before
+  allocating), and the rendered text itself stops at that size;
 - **depth**: at most ``max_depth`` template frames (macros, recursive loops, blocks) are
   active at once, well below Python's own recursion limit.
 """
@@ -22,7 +23,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import wraps
 from types import FrameType
@@ -174,6 +175,14 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
             # Refusing makes Jinja leave the expression to run time, under the limits.
             raise ChatTemplateError(f"{what} can only be computed while rendering under limits")
         budget.check_size(size, what)
+
+    def concat(self, pieces: Iterable[str]) -> str:  # type: ignore[override]
+        """Join a captured block (``{% set x %}``, a macro's or ``caller()``'s output), refused
+        past the size limit before joining: the pieces may all be one long string."""
+        pieces = list(pieces)
+        if self._budget() is not None:
+            self._check(sum(len(p) for p in pieces), "a captured block or macro output")
+        return "".join(pieces)
 
     def lmx_checked(self, value: Any) -> Any:
         """The value of a ``~`` concatenation, refused past the size limit."""

@@ -76,8 +76,8 @@ def test_huge_prompt_ids_and_decode_are_typed(engine: lmx.Engine) -> None:
     for ids in ([HUGE], [2, 3, -HUGE], [BIG]):
         with pytest.raises(InvalidOptionError, match=r"prompt token ids must be in \[0, \d+\), got \[a"):
             engine.generate(ids, max_tokens=2)
-    for ids in ([HUGE], [-HUGE], [2**40]):
-        with pytest.raises(TokenizerError, match=r"token ids must be in \[0, 2\*\*32\)"):
+    for ids, allowed in (([HUGE], "< 2"), ([-HUGE], ">= 0"), ([2**40], "< 2")):
+        with pytest.raises(TokenizerError, match=rf"token ids must be {allowed}.*, got (an integer of \d+ bits|\d+)"):
             engine.tokenizer.decode(ids)
     assert engine.generate([2, 3], max_tokens=3).tokens == reference
 

@@ -51,6 +51,8 @@ _SIZE_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "batch", 
 _SIZE_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 # A width in a %-format or str.format spec: '%99999999d', '{:>99999999}'.
 _FORMAT_WIDTH = re.compile(r"(?:%[-+ #0]*|:[^{}]*?)(\d{7,})")
+# A width taken from the arguments: '%*d', '{:>{}}'.
+_FORMAT_ARG_WIDTH = re.compile(r"%[-+ #0]*\*|:[^{}]*\{")
 
 
 @dataclass(frozen=True)
@@ -189,11 +191,15 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
         self._check(_size(value), "a '~' concatenation")
         return value
 
-    def _check_format(self, fmt: Any) -> None:
+    def _check_format(self, fmt: Any, args: Iterable[Any] = ()) -> None:
         if isinstance(fmt, str):
             match = _FORMAT_WIDTH.search(fmt)
             if match:
                 self._check(int(match.group(1)), "a format width")
+            if _FORMAT_ARG_WIDTH.search(fmt):
+                for arg in _flat(args):
+                    if isinstance(arg, int) and not isinstance(arg, bool):
+                        self._check(abs(arg), "a format width")
 
     def _limit_filter(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         passes_context = getattr(func, "jinja_pass_arg", None) is not None
@@ -207,7 +213,7 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
                     if isinstance(arg, int) and not isinstance(arg, bool):
                         self._check(abs(arg), f"the {name!r} filter's argument")
             elif name == "format" and args:
-                self._check_format(args[0])
+                self._check_format(args[0], (*args[1:], *kwargs.values()))
             elif name == "replace" and len(args) >= 3:
                 self._check_replace(*args[:3])
             elif name == "join":
@@ -238,23 +244,28 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
                 self._check(_size(left) + _size(right), "a joined sequence ('+')")
         elif operator == "%":
-            self._check_format(left)
+            self._check_format(left, (right,))
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
             # An exact power of an int holds right * log2(left) bits: refuse a number of more
             # digits than the size limit before computing it.
             self._check(int(right * math.log10(abs(left))) + 1, "an integer power ('**')")
         return super().call_binop(context, operator, left, right)
 
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, str) and attribute in ("format", "format_map"):
-            self._check_format(obj)
-        return super().getattr(obj, attribute)
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # Every way to reach str.format (s.format, s['format']) passes here.
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+            self._check_format(owner)
+        return super().wrap_str_format(value)
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        owner = getattr(__obj, "__self__", None)
-        method = getattr(__obj, "__name__", "")
+        target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        owner = getattr(target, "__self__", None)
+        method = getattr(target, "__name__", "")
         if isinstance(owner, str):
-            if method in _SIZE_METHODS:
+            if method in ("format", "format_map"):
+                __self._check_format(owner, (*args, *kwargs.values()))
+            elif method in _SIZE_METHODS:
                 for arg in (*args, *kwargs.values()):
                     if isinstance(arg, int) and not isinstance(arg, bool):
                         __self._check(abs(arg), f"the argument of str.{method}")
@@ -288,6 +299,17 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
         finally:
             sys.settrace(previous)
             self._local.budget = None
+
+
+def _flat(values: Iterable[Any]) -> Iterator[Any]:
+    """The values, with those of tuples, lists and dicts (one level) spliced in."""
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            yield from value
+        elif isinstance(value, dict):
+            yield from value.values()
+        else:
+            yield value
 
 
 def _join_limited(chunks: Iterator[str], budget: _Budget) -> str:

@@ -156,7 +156,8 @@ class Tokenizer:
         # for 262,144 tokens), and such an id, if ever sampled, decodes to no text.
         if not 0 <= value < 2**32:  # tokenizers takes u32 ids; a huge int would be a raw OverflowError
             shown = value if value.bit_length() < 128 else f"an integer of {value.bit_length()} bits"
-            raise TokenizerError(f"token ids must be in [0, 2**32), got {shown} for {self._label}")
+            allowed = ">= 0" if value < 0 else "< 2**32"
+            raise TokenizerError(f"token ids must be {allowed}, got {shown} for {self._label}")
         return value
 
     @property

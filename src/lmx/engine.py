@@ -16,7 +16,7 @@ import mlx.core as mx
 from lmx import memory
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
-from lmx.generate.options import GenerationOptions
+from lmx.generate.options import GenerationOptions, check_token_ids
 from lmx.generate.step import Decoder, default_prefill_step_size
 from lmx.loader import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
@@ -348,7 +348,7 @@ class Engine:
             vocab = int(self.loaded.config.get("vocab_size", 0))
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise InvalidOptionError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+                check_token_ids(ids, vocab)  # raises, naming the ids (huge ones by their size)
         else:
             raise InvalidOptionError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:

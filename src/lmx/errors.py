@@ -33,6 +33,12 @@ class TokenizerError(LmxError):
     """The tokenizer files are missing or malformed, or text could not be (de)tokenized."""
 
 
+class ChatTemplateError(TokenizerError):
+    """A chat template failed while rendering: it raised (``raise_exception``, a division by
+    zero, a type error...) or it reached a limit of :class:`lmx.tokenizer.TemplateLimits`
+    (time, output size, nesting depth)."""
+
+
 class ContextLengthError(LmxError, ValueError):
     """The prompt (plus the requested tokens) does not fit the model's context."""
 
@@ -59,6 +65,7 @@ class EngineClosedError(LmxError):
 
 
 __all__ = [
+    "ChatTemplateError",
     "ConfigError",
     "ContextLengthError",
     "EngineClosedError",

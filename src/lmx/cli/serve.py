@@ -8,6 +8,7 @@ import os
 import sys
 
 from lmx.cli.common import add_model_args
+from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="allow browser calls from ORIGIN (repeatable)",
     )
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument(
+        "--allow-request-chat-template",
+        action="store_true",
+        help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
+    )
+    p.add_argument(
+        "--chat-template-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds one chat template render may take (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--chat-template-max-chars",
+        type=int,
+        default=DEFAULT_MAX_OUTPUT_CHARS,
+        help=f"longest prompt (and string) a chat template may build (default {DEFAULT_MAX_OUTPUT_CHARS})",
+    )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -64,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin),
         keep_alive_timeout=args.keep_alive_timeout,
         lab=not args.no_lab,
+        allow_request_chat_template=args.allow_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
+        chat_template_max_chars=args.chat_template_max_chars,
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"lmx: loading the model, then serving on http://{host}:{settings.port}", file=sys.stderr)

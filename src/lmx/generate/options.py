@@ -26,9 +26,16 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100
 """``logit_bias`` values lie in ``[-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]`` (OpenAI's range)."""
 
+MAX_STOPS = 4096
+"""The most entries (stop strings and stop token ids together) ``stop`` may hold."""
+
+MAX_STOP_CHARS = 262_144
+"""The most characters all stop strings of one request may hold together."""
+
 _MAX_SEED = 2**64 - 1  # MLX random keys are built from a uint64 seed
 _MAX_INT32 = 2**31 - 1  # MLX slice indices are 32-bit: a larger window fails inside MLX
-_TOKEN_ID_STR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
+_TOKEN_ID_STR = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
+_SHOWN_DIGITS = 40  # longer integers are described by their size: Python refuses to print past 4300 digits
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,8 @@ class GenerationOptions:
             of digits (as JSON gives them); they are stored as ints in a read-only mapping.
         seed: random seed (an int >= 0) for reproducible sampling; None draws a fresh one.
         stop: stop strings and/or stop token ids. Generation ends at the first one hit; a
-            stop string is not part of the returned text.
+            stop string is not part of the returned text. At most ``MAX_STOPS`` (4096) entries
+            whose strings hold at most ``MAX_STOP_CHARS`` (262,144) characters together.
         logprobs: None = off; 0..20 = return the chosen token's logprob plus this many most
             likely alternatives per step.
     """
@@ -99,10 +107,10 @@ class GenerationOptions:
         allowed = f"the vocabulary has {vocab_size} tokens (ids 0..{vocab_size - 1})"
         for tid in self.logit_bias or {}:
             if tid >= vocab_size:
-                raise InvalidOptionError(f"logit_bias token id {tid} is out of range: {allowed}")
+                raise InvalidOptionError(f"logit_bias token id {show_int(tid)} is out of range: {allowed}")
         for stop in self.stop:
             if isinstance(stop, int) and stop >= vocab_size:
-                raise InvalidOptionError(f"stop token id {stop} is out of range: {allowed}")
+                raise InvalidOptionError(f"stop token id {show_int(stop)} is out of range: {allowed}")
 
     @classmethod
     def from_kwargs(cls, base: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
@@ -129,12 +137,28 @@ class GenerationOptions:
         return dataclasses.replace(base if base is not None else cls(), **kwargs)
 
 
+def show_int(value: int) -> str:
+    """``repr(value)``, or "an integer of about N digits" for one too long to print usefully
+    (``repr`` itself raises ``ValueError`` past Python's limit of 4300 digits)."""
+    value = int(value)
+    if value.bit_length() <= _SHOWN_DIGITS * 3:  # 2**120 < 10**40: always short enough
+        return repr(value)
+    digits = int(value.bit_length() * math.log10(2)) + 1
+    return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+
+
 def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return f"{show_int(int(value))} ({type(value).__name__})"
+    if isinstance(value, str) and len(value) > 60:
+        return f"{value[:40]!r}... ({len(value)} characters, str)"
+    return f"{value!r:.200} ({type(value).__name__})"
 
 
 def _show(value: float) -> str:
     # "got -1", not "got -1.0", when the caller passed -1.
+    if isinstance(value, int):
+        return show_int(value)
     return repr(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
@@ -182,7 +206,10 @@ def _check_float(
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidOptionError(f"{name} must be a number, got {_describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range (10**309)
+        raise InvalidOptionError(f"{name} must be a finite number, got {_describe(value)}") from None
     if not math.isfinite(value):
         raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
     _check_range(name, value, lo, hi, lo_open, hi_open)
@@ -190,7 +217,7 @@ def _check_float(
 
 
 def _check_token_id(name: str, value: Any) -> int:
-    if isinstance(value, str) and _TOKEN_ID_STR.fullmatch(value):
+    if isinstance(value, str) and _TOKEN_ID_STR.fullmatch(value):  # at most 20 digits: int() is safe
         return int(value)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value)
@@ -206,8 +233,8 @@ def _check_logit_bias(name: str, value: Any) -> Mapping[int, float] | None:
     for key, bias in value.items():
         tid = _check_token_id(f"{name} keys", key)
         if tid in out:
-            raise InvalidOptionError(f"{name} names token id {tid} more than once")
-        out[tid] = _check_float(f"{name}[{tid}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+            raise InvalidOptionError(f"{name} names token id {show_int(tid)} more than once")
+        out[tid] = _check_float(f"{name}[{show_int(tid)}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
     return types.MappingProxyType(out)
 
 
@@ -216,6 +243,15 @@ def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
         value = (value,)
     if not isinstance(value, (list, tuple)):
         raise InvalidOptionError(f"{name} must be a string, a token id or a list of them, got {_describe(value)}")
+    if len(value) > MAX_STOPS:
+        raise InvalidOptionError(
+            f"{name} has {len(value)} entries; at most {MAX_STOPS} stop strings and ids are allowed"
+        )
+    chars = sum(len(item) for item in value if isinstance(item, str))
+    if chars > MAX_STOP_CHARS:
+        raise InvalidOptionError(
+            f"{name} strings hold {chars} characters; at most {MAX_STOP_CHARS} are allowed in one request"
+        )
     out: list[str | int] = []
     for item in value:
         if isinstance(item, str):
@@ -227,6 +263,33 @@ def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
         else:
             raise InvalidOptionError(f"{name} entries must be strings or token ids, got {_describe(item)}")
     return tuple(out)
+
+
+def check_token_ids(ids: Any, vocab_size: int, name: str = "prompt token ids") -> list[int]:
+    """Check a list of token ids against the vocabulary.
+
+    Args:
+        ids: a sequence of ints.
+        vocab_size: ids must lie in ``[0, vocab_size)``.
+        name: what the ids are, for the message.
+
+    Returns:
+        The ids, as a new list of ints.
+
+    Raises:
+        InvalidOptionError: an id is not an int or lies outside the vocabulary; the message shows
+            up to five of them (a huge one by its number of digits).
+    """
+    out = list(ids)
+    wrong = [t for t in out if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if wrong:
+        raise InvalidOptionError(f"{name} must be ints, got {_describe(wrong[0])}")
+    bad = [t for t in out if not 0 <= t < vocab_size]
+    if bad:
+        shown = ", ".join(show_int(t) for t in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InvalidOptionError(f"{name} must be in [0, {vocab_size}), got [{shown}]{more}")
+    return [int(t) for t in out]
 
 
 # Read-only: one checker per field, in field order; each returns the normalised value.
@@ -249,4 +312,12 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"
 
-__all__ = ["MAX_LOGIT_BIAS", "MAX_LOGPROBS", "GenerationOptions"]
+__all__ = [
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGPROBS",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "GenerationOptions",
+    "check_token_ids",
+    "show_int",
+]

@@ -20,6 +20,7 @@ from lmx.results import ModelInfo, Token
 from lmx.server.errors import ApiRequestError, BodyTooLargeError, UnknownModelError, error_body
 from lmx.server.jobs import Event, Job, LoopSink, submit
 from lmx.server.settings import ServerSettings
+from lmx.tokenizer import Tokenizer
 
 
 @dataclass
@@ -36,6 +37,13 @@ class ServerState:
     @property
     def default_max_tokens(self) -> int:
         return self.settings.max_tokens_default or int(self.engine.context_length)
+
+    def template_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` plus the server's chat template limits, when the engine renders templates
+        here (a remote engine's own server applies its limits)."""
+        if isinstance(getattr(self.engine, "tokenizer", None), Tokenizer):
+            return {**kwargs, "template_limits": self.settings.template_limits}
+        return kwargs
 
     def check_model(self, name: str, param: str = "model") -> None:
         """Raise :class:`UnknownModelError` unless ``name`` is the served model (Ollama's

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmx.errors import (
+    ChatTemplateError,
     ContextLengthError,
     EngineClosedError,
     InvalidOptionError,
@@ -80,6 +81,7 @@ ERROR_KINDS: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (ApiRequestError, ErrorKind(400, "invalid_request_error", "invalid_parameter")),
     (ContextLengthError, ErrorKind(400, "invalid_request_error", "context_length_exceeded")),
     (InvalidOptionError, ErrorKind(400, "invalid_request_error", "invalid_parameter")),
+    (ChatTemplateError, ErrorKind(400, "invalid_request_error", "chat_template_error")),
     (TokenizerError, ErrorKind(400, "invalid_request_error", "invalid_messages")),
     (AuthenticationError, ErrorKind(401, "authentication_error", "invalid_api_key")),
     (UnknownModelError, ErrorKind(404, "invalid_request_error", "model_not_found")),

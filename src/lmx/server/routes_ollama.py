@@ -109,6 +109,7 @@ async def chat(request: Request) -> Response:
     kwargs: dict[str, Any] = {}
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
+    kwargs = state.template_kwargs(kwargs)
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
@@ -142,7 +143,7 @@ async def generate(request: Request) -> Response:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             {"role": "user", "content": req.prompt}
         ]
-        kwargs = {"enable_thinking": req.think} if isinstance(req.think, bool) else {}
+        kwargs = state.template_kwargs({"enable_thinking": req.think} if isinstance(req.think, bool) else {})
 
         def make(sink: Any) -> Any:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)

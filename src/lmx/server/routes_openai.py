@@ -47,6 +47,7 @@ from lmx.server.schemas import (
     completion_prompt,
     openai_options,
     parse_body,
+    template_kwargs,
 )
 
 Kind = Literal["chat", "text"]
@@ -200,10 +201,10 @@ async def chat_completions(request: Request) -> Response:
     if req.max_completion_tokens is not None:
         params["max_tokens"] = "max_completion_tokens"
     check_options(options, params, state.info.vocab_size)
-    template_kwargs = dict(req.chat_template_kwargs or {})
+    kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
+    kwargs = state.template_kwargs(kwargs)
     job = await start_job(
-        state,
-        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=template_kwargs, sink=sink, **options),
+        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
     fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

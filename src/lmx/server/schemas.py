@@ -8,6 +8,7 @@ requests are lenient about unknown fields and options, as Ollama itself is.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -124,6 +125,8 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         loc = first.get("loc", ())
+        if first["type"] == "json_invalid":
+            _raise_for_huge_number(body)
         if first["type"] == "json_invalid" or (not loc and first["type"] in ("model_type", "model_attributes_type")):
             raise MalformedBodyError(f"the request body must be a JSON object: {first['msg']}") from None
         param = _param_name(loc)
@@ -133,6 +136,49 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
             raise ApiRequestError(f"missing required parameter {param!r}", param=param) from None
         got = first.get("input")
         raise ApiRequestError(f"invalid value for {param!r}: {first['msg']} (got {got!r:.80})", param=param) from None
+
+
+MAX_JSON_DIGITS = 4300
+"""The most digits an integer in a request body may have (Python's own int/str limit)."""
+
+
+class _HugeInt:
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _raise_for_huge_number(body: bytes) -> None:
+    """Raise a 400 naming the field when a body is JSON but holds an integer too long to parse.
+
+    The JSON parser only says "number out of range at column N"; parsing again with a hook
+    that marks long integers finds the field. Only runs for bodies that failed to parse.
+
+    Raises:
+        ApiRequestError: the body holds an integer of more than ``MAX_JSON_DIGITS`` digits.
+    """
+
+    def parse_int(text: str) -> Any:
+        digits = len(text.lstrip("-"))
+        return _HugeInt(digits) if digits > MAX_JSON_DIGITS else int(text)
+
+    try:
+        data = json.loads(body, parse_int=parse_int)
+    except (ValueError, RecursionError):  # not JSON after all (or nested too deep): the caller's 422
+        return
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, _HugeInt):
+            param = _param_name(loc) or "body"
+            raise ApiRequestError(
+                f"invalid value for {param!r}: an integer of {value.digits} digits; "
+                f"numbers in a request may have at most {MAX_JSON_DIGITS} digits",
+                param=param,
+            )
+        if isinstance(value, dict):
+            stack.extend(((*loc, str(k)), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
 
 
 def _param_name(loc: tuple[Any, ...]) -> str:
@@ -182,6 +228,37 @@ def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> li
         if message.get("images"):
             raise UnsupportedParameterError(f"{where}.images: images are not supported", param=f"{where}.images")
         out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+# ---------------------------------------------------------------- chat template arguments
+# Keys of chat_template_kwargs that are arguments of the renderer, not template variables.
+_RENDER_ARGUMENTS = ("add_generation_prompt", "template_limits")
+
+
+def template_kwargs(kwargs: dict[str, Any] | None, *, allow_template: bool) -> dict[str, Any]:
+    """The template variables of a request's ``chat_template_kwargs``.
+
+    Args:
+        kwargs: the request's ``chat_template_kwargs``.
+        allow_template: whether the server lets a request replace the chat template.
+
+    Raises:
+        ApiRequestError: ``chat_template`` is given but not allowed, or a key is one of the
+            renderer's own arguments (``add_generation_prompt``, ``template_limits``).
+    """
+    out = dict(kwargs or {})
+    if "chat_template" in out and not allow_template:
+        raise ApiRequestError(
+            "chat_template_kwargs.chat_template: this server does not let requests replace the chat template "
+            "(start it with --allow-request-chat-template to allow it)",
+            param="chat_template_kwargs.chat_template",
+        )
+    for key in _RENDER_ARGUMENTS:
+        if key in out:
+            raise ApiRequestError(
+                f"chat_template_kwargs.{key} cannot be set by a request", param=f"chat_template_kwargs.{key}"
+            )
     return out
 
 

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from lmx.errors import InvalidOptionError
+from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S, TemplateLimits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
@@ -37,6 +38,13 @@ class ServerSettings:
         keep_alive_timeout: seconds an idle keep-alive connection stays open.
         lab: serve the Lab chat page at ``/``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
+        allow_request_chat_template: let a request replace the model's chat template with
+            ``chat_template_kwargs.chat_template`` (Jinja source or a template name). Off by
+            default, as in llama.cpp and vLLM: such a request is answered 400.
+        chat_template_timeout: seconds one chat template render may take (from a request or
+            the model's own); a longer one is stopped and answered 400.
+        chat_template_max_chars: the longest prompt a chat template may render, and the
+            longest string or list one of its expressions may build.
     """
 
     model: str | None = None
@@ -54,9 +62,13 @@ class ServerSettings:
     keep_alive_timeout: float = 5.0
     lab: bool = True
     warm_up: bool = True
+    allow_request_chat_template: bool = False
+    chat_template_timeout: float = DEFAULT_TIMEOUT_S
+    chat_template_max_chars: int = DEFAULT_MAX_OUTPUT_CHARS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        self.template_limits  # noqa: B018 (builds TemplateLimits, which checks both values)
         if not self.host:
             raise InvalidOptionError("host must be an address or a host name, got ''")
         _check_int("port", self.port, 0, 65535)
@@ -76,6 +88,11 @@ class ServerSettings:
                 raise InvalidOptionError(
                     f"cors_origins entries must be '*' or start with http:// or https://, got {origin!r}"
                 )
+
+    @property
+    def template_limits(self) -> TemplateLimits:
+        """The limits every chat template render of this server runs under."""
+        return TemplateLimits(timeout_s=self.chat_template_timeout, max_output_chars=self.chat_template_max_chars)
 
     @property
     def is_loopback(self) -> bool:

@@ -7,6 +7,7 @@ imports ``mlx``.
 from __future__ import annotations
 
 from lmx.tokenizer.detokenizer import StreamingDetokenizer
+from lmx.tokenizer.sandbox import TemplateLimits
 from lmx.tokenizer.tokenizer import Tokenizer, common_prefix, load_tokenizer
 
-__all__ = ["StreamingDetokenizer", "Tokenizer", "common_prefix", "load_tokenizer"]
+__all__ = ["StreamingDetokenizer", "TemplateLimits", "Tokenizer", "common_prefix", "load_tokenizer"]

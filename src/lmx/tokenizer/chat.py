@@ -21,9 +21,9 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lmx.errors import TokenizerError
+from lmx.errors import ChatTemplateError, TokenizerError
+from lmx.tokenizer.sandbox import LimitedEnvironment, TemplateLimits
 
 # Names a message's reasoning may be given under; templates (Qwen 3) read the first.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -105,10 +105,11 @@ def compile_chat_template(source: str, *, name: str = "") -> jinja2.Template:
     """
     if not isinstance(source, str):
         raise TokenizerError(f"chat template of {name or 'the tokenizer'} must be a str, got {type(source).__name__}")
-    env = ImmutableSandboxedEnvironment(
+    env = LimitedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.limit_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -119,6 +120,8 @@ def compile_chat_template(source: str, *, name: str = "") -> jinja2.Template:
         raise TokenizerError(
             f"chat template of {name or 'the tokenizer'} has a syntax error on line {e.lineno}: {e.message}"
         ) from e
+    except RecursionError as e:  # a source nested thousands of blocks deep
+        raise TokenizerError(f"chat template of {name or 'the tokenizer'} is nested too deeply to compile") from e
 
 
 def _plain(value: Any) -> Any:
@@ -197,8 +200,9 @@ def render_chat_template(
     tools: list[Any] | None = None,
     variables: Mapping[str, Any] | None = None,
     name: str = "",
+    limits: TemplateLimits | None = None,
 ) -> str:
-    """Render a compiled chat template for one conversation.
+    """Render a compiled chat template for one conversation, under ``limits``.
 
     Args:
         template: A template from :func:`compile_chat_template`.
@@ -208,14 +212,32 @@ def render_chat_template(
         variables: Further template variables: the special tokens (``bos_token``, ...) and any
             extra keyword such as ``enable_thinking``.
         name: The model name, used in error messages.
+        limits: Time, size and depth limits of the render (default: :class:`TemplateLimits`()).
 
     Returns:
         The rendered prompt text.
 
     Raises:
-        TokenizerError: bad messages or tools, a reserved variable in ``variables``, or the
-            template failed (including its own ``raise_exception``).
+        TokenizerError: bad messages or tools, or a reserved variable in ``variables``.
+        ChatTemplateError: the template failed (any exception it raised, its own
+            ``raise_exception`` included) or reached one of ``limits``.
     """
+    label = name or "the tokenizer"
+    try:
+        return _render(template, messages, add_generation_prompt, tools, variables, label, limits or TemplateLimits())
+    except RecursionError as e:  # messages or variables nested thousands deep
+        raise TokenizerError(f"chat messages or template variables for {label} are nested too deeply") from e
+
+
+def _render(
+    template: jinja2.Template,
+    messages: Any,
+    add_generation_prompt: bool,
+    tools: list[Any] | None,
+    variables: Mapping[str, Any] | None,
+    label: str,
+    limits: TemplateLimits,
+) -> str:
     chat = normalize_messages(messages)
     if tools is not None:
         if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
@@ -228,13 +250,26 @@ def render_chat_template(
     clash = sorted(_RESERVED_VARIABLES & extra.keys())
     if clash:
         raise TokenizerError(f"template variables {clash} are set by apply_chat_template and cannot be passed")
-    context = {"documents": None, **_plain(extra)}
+    context = {"documents": None, **_plain(extra), "messages": chat, "tools": tools}
+    context["add_generation_prompt"] = add_generation_prompt
+    env = template.environment
+    if not isinstance(env, LimitedEnvironment):
+        raise TokenizerError(f"chat template of {label} was not compiled by compile_chat_template")
     try:
-        return template.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **context)
+        return env.render_limited(template, context, limits, label)
+    except ChatTemplateError:
+        raise
     except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template of {name or 'the tokenizer'} failed: {e}") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise TokenizerError(f"chat template of {name or 'the tokenizer'} failed: {type(e).__name__}: {e}") from e
+        raise ChatTemplateError(f"chat template of {label} failed: {e}") from e
+    except Exception as e:  # template code is arbitrary: whatever it raises is the template's failure
+        raise ChatTemplateError(f"chat template of {label} failed: {type(e).__name__}: {_short(e)}") from e
+
+
+def _short(e: BaseException) -> str:
+    try:
+        return f"{e!s:.300}"
+    except ValueError:  # str() of an int past Python's digit limit, inside the message
+        return "(message not printable)"
 
 
 def load_chat_templates(root: Path, tokenizer_config: Mapping[str, Any]) -> dict[str, str]:

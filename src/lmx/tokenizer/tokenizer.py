@@ -21,6 +21,7 @@ import tokenizers
 from lmx.errors import ConfigError, LmxError, TokenizerError
 from lmx.tokenizer.chat import compile_chat_template, load_chat_templates, render_chat_template
 from lmx.tokenizer.detokenizer import StreamingDetokenizer
+from lmx.tokenizer.sandbox import TemplateLimits
 
 
 def _post_processor_prefix(backend: tokenizers.Tokenizer) -> int | None:
@@ -57,6 +58,11 @@ class Tokenizer:
         chat_template: Jinja source of the default chat template.
         name: The model name, used in error messages.
         chat_templates: Further named templates (``"tool_use"`` is picked when tools are passed).
+
+    Attributes:
+        template_limits: The :class:`~lmx.tokenizer.TemplateLimits` (time, output size, depth)
+            every chat template render runs under unless a call passes its own; assign a new
+            one to change them for every later render.
 
     Raises:
         TokenizerError: a special token is not in the vocabulary, an id is out of range,
@@ -123,6 +129,7 @@ class Tokenizer:
         self.chat_templates: Mapping[str, str] = types.MappingProxyType(templates)
         self.chat_template: str | None = templates.get("default")
         self._compiled: dict[str, jinja2.Template] = {}
+        self.template_limits = TemplateLimits()
 
     @property
     def _label(self) -> str:
@@ -147,8 +154,10 @@ class Tokenizer:
             raise TokenizerError(f"token ids must be ints, got {type(token_id).__name__}: {token_id!r:.40}") from None
         # Ids past the vocabulary are allowed: models pad their embedding (Gemma 3: 262,208 rows
         # for 262,144 tokens), and such an id, if ever sampled, decodes to no text.
-        if value < 0:
-            raise TokenizerError(f"token ids must be >= 0, got {value} for {self._label}")
+        if not 0 <= value < 2**32:  # tokenizers takes u32 ids; a huge int would be a raw OverflowError
+            shown = value if value.bit_length() < 128 else f"an integer of {value.bit_length()} bits"
+            allowed = ">= 0" if value < 0 else "< 2**32"
+            raise TokenizerError(f"token ids must be {allowed}, got {shown} for {self._label}")
         return value
 
     @property
@@ -228,6 +237,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[Any] | None = None,
         chat_template: str | None = None,
+        template_limits: TemplateLimits | None = None,
         **template_kwargs: Any,
     ) -> str:
         """Render a conversation into prompt text with the model's chat template.
@@ -239,6 +249,7 @@ class Tokenizer:
             add_generation_prompt: End with the header that opens the assistant's turn.
             tools: JSON schemas of callable tools, passed to the template as ``tools``.
             chat_template: Jinja source (or the name of a template) to use instead of the model's.
+            template_limits: Limits of this render; None: :attr:`template_limits`.
             **template_kwargs: Extra template variables, e.g. ``enable_thinking=False``; they
                 override the special tokens (``bos_token``, ``eos_token``) of the same name.
 
@@ -246,8 +257,11 @@ class Tokenizer:
             The prompt text (it includes BOS when the template writes it).
 
         Raises:
-            TokenizerError: no template, malformed messages, or the template failed.
+            TokenizerError: no template, or malformed messages.
+            ChatTemplateError: the template failed or reached a limit.
         """
+        if template_limits is not None and not isinstance(template_limits, TemplateLimits):
+            raise TokenizerError(f"template_limits must be a TemplateLimits, got {type(template_limits).__name__}")
         source = self._select_template(chat_template, tools)
         compiled = self._compiled.get(source)
         if compiled is None:
@@ -262,6 +276,7 @@ class Tokenizer:
             tools=tools,
             variables=variables,
             name=self.name,
+            limits=template_limits or self.template_limits,
         )
 
     def encode_chat(
@@ -271,6 +286,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tools: list[Any] | None = None,
         chat_template: str | None = None,
+        template_limits: TemplateLimits | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """Render a conversation with :meth:`apply_chat_template` and encode it.
@@ -288,6 +304,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             chat_template=chat_template,
+            template_limits=template_limits,
             **template_kwargs,
         )
         return self.encode(text, add_special_tokens=False)

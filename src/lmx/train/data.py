@@ -6,6 +6,12 @@ it, only completion tokens (``prompt``/``completion``) or assistant turns (``mes
 rendered with the model's chat template) are. ``text`` and ``completion`` records end with
 the EOS token so the model learns to stop. A bad record raises :class:`DatasetError` naming
 the file and line.
+
+With ``max_seq_len``, every string of a record (``text``, ``prompt``, ``completion``, each
+message's ``content``) is cut to :func:`char_budget` characters *before* tokenizing: no token of
+the vocabulary covers more characters than its longest entry, so the cut text still yields the
+first ``max_seq_len`` tokens (plus a margin of ``_MARGIN_TOKENS``) and the kept tokens are the
+same; tokenizing a 100 MB line in full peaked at 15 GB.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("text", "completion", "chat")
 SPLITS = ("train", "valid", "test")
+_MARGIN_TOKENS = 64  # cut this many tokens' worth of characters past max_seq_len: the cut stays out of reach
 
 
 class DatasetError(LmxError, ValueError):
@@ -88,16 +95,35 @@ def _record_format(record: dict[str, Any]) -> str | None:
     return None
 
 
+def char_budget(tokenizer: Any, max_seq_len: int) -> int:
+    """Characters of a string that always yield at least ``max_seq_len`` (+ a margin) tokens.
+
+    A token stands for at most as many characters as its vocabulary entry has (byte-level
+    BPE writes one character per byte; SentencePiece one per character; byte-fallback tokens
+    stand for part of a character), so ``(max_seq_len + margin) * longest entry`` characters
+    hold more tokens than are kept.
+    """
+    longest = max((len(token) for token in tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+    return (max_seq_len + _MARGIN_TOKENS) * max(longest, 1)
+
+
 class _Encoder:
-    def __init__(self, tokenizer: Any, mask_prompt: bool, template_kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, tokenizer: Any, mask_prompt: bool, template_kwargs: dict[str, Any], max_chars: int | None = None
+    ) -> None:
         self.tok = tokenizer
         self.mask_prompt = mask_prompt
         self.template_kwargs = template_kwargs
+        self.max_chars = max_chars
         eos = getattr(tokenizer, "eos_token", None)
         eos_id = tokenizer.token_to_id(eos) if eos else None
         if eos_id is None and tokenizer.eos_token_ids:
             eos_id = min(tokenizer.eos_token_ids)
         self.eos_id: int | None = eos_id
+
+    def _cut(self, text: str) -> str:
+        """``text`` cut to the character budget (see :func:`char_budget`)."""
+        return text if self.max_chars is None or len(text) <= self.max_chars else text[: self.max_chars]
 
     def _with_eos(self, ids: list[int]) -> list[int]:
         return ids + [self.eos_id] if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) else ids
@@ -106,7 +132,7 @@ class _Encoder:
         text = record["text"]
         if not isinstance(text, str) or not text:
             raise DatasetError(f"{where}: 'text' must be a non-empty string, got {text!r:.60}")
-        ids = self._with_eos(self.tok.encode(text))
+        ids = self._with_eos(self.tok.encode(self._cut(text)))
         return ids, [False] + [True] * (len(ids) - 1)
 
     def completion(self, record: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
@@ -116,8 +142,10 @@ class _Encoder:
                 raise DatasetError(f"{where}: {key!r} must be a string, got {value!r:.60}")
         if not completion:
             raise DatasetError(f"{where}: 'completion' is empty; there is nothing to learn")
-        p = self.tok.encode(prompt)
-        c = self._with_eos(self.tok.encode(completion, add_special_tokens=False))
+        p = self.tok.encode(self._cut(prompt))
+        if self.max_chars is not None and len(prompt) > self.max_chars:
+            completion = ""  # the prompt alone fills the sequence: nothing of the completion is kept
+        c = self._with_eos(self.tok.encode(self._cut(completion), add_special_tokens=False))
         first = len(p) if self.mask_prompt else 1
         ids = p + c
         return ids, [i >= max(first, 1) for i in range(len(ids))]
@@ -131,6 +159,8 @@ class _Encoder:
                 raise DatasetError(f"{where}: messages[{i}] must be an object with a string 'role', got {m!r:.60}")
             if not isinstance(m.get("content"), str):
                 raise DatasetError(f"{where}: messages[{i}]['content'] must be a string, got {m.get('content')!r:.60}")
+        if self.max_chars is not None:
+            messages = [{**m, "content": self._cut(m["content"])} for m in messages]
         tools = record.get("tools")
         kw = dict(self.template_kwargs)
         if tools is not None:
@@ -173,7 +203,8 @@ def load_jsonl(
         path: the ``.jsonl`` file; one JSON object per line, blank lines skipped.
         tokenizer: an :class:`lmx.tokenizer.Tokenizer`.
         mask_prompt: only completion / assistant tokens are targets.
-        max_seq_len: truncate longer examples to this many tokens (logged).
+        max_seq_len: truncate longer examples to this many tokens (logged); each string of a
+            record is first cut to :func:`char_budget` characters, which keeps those tokens.
         chat_template_kwargs: extra chat template variables (e.g. ``enable_thinking``).
 
     Returns:
@@ -186,7 +217,8 @@ def load_jsonl(
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"data file {p} not found")
-    encoder = _Encoder(tokenizer, mask_prompt, dict(chat_template_kwargs or {}))
+    max_chars = None if max_seq_len is None else char_budget(tokenizer, max_seq_len)
+    encoder = _Encoder(tokenizer, mask_prompt, dict(chat_template_kwargs or {}), max_chars)
     examples: list[Example] = []
     fmt: str | None = None
     truncated = dropped = 0
@@ -202,6 +234,8 @@ def load_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError as e:  # arrays or objects nested thousands deep
+            raise DatasetError(f"{where}: the JSON is nested too deeply (Python's limit is about 1000 levels)") from e
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
         kind = _record_format(record)

@@ -10,7 +10,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from lmx import memory
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError, LmxError
 from lmx.generate.options import GenerationOptions
@@ -20,6 +19,7 @@ from lmx.generate.stopping import StopStringMatcher
 from lmx.loader import LoadedModel, load_model
 from lmx.models.cache import KVCache, trim_caches
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
+from lmx.runtime import memory
 from lmx.runtime.device import choose_device, device_name
 from lmx.tokenizer import common_prefix
 

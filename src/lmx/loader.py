@@ -11,10 +11,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx import memory
 from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io import hf
 from lmx.models import build_model, text_config
+from lmx.runtime import memory
 from lmx.runtime.device import device_name
 from lmx.tokenizer import Tokenizer, load_tokenizer
 

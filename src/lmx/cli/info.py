@@ -23,12 +23,12 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
 
     import lmx
     from lmx.kernels import status as kernel_status
-    from lmx.runtime import BLAS, settings
+    from lmx.runtime import BLAS, memory, settings
     from lmx.runtime.blas import mapped_blas_libraries
     from lmx.runtime.device import backend_name, choose_device, gpu_available
 
     choose_device(device)
-    stats = lmx.memory.stats()
+    stats = memory.stats()
     blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "reason": BLAS.reason}
     if sys.platform.startswith("linux"):
         blas["mapped"] = mapped_blas_libraries()

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from lmx import memory
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
 from lmx.generate.step import generate_step
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Completion, GenerationMetrics, Token
+from lmx.runtime import memory
 
 if TYPE_CHECKING:
     from lmx.engine import Engine, TokenStream

@@ -24,8 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lmx import memory
 from lmx.errors import InvalidOptionError
+from lmx.runtime import memory
 from lmx.train.checkpoint import check_compatible, load_checkpoint, restore, save_checkpoint
 from lmx.train.config import TrainConfig
 from lmx.train.data import Dataset, DatasetError, collate, epoch_batches, load_split

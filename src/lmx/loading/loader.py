@@ -75,7 +75,7 @@ def load_model(
     mx_dtype = resolve_dtype(dtype)
     kernel_types = _kernel_types(cpu_kernels)
     if path is None:
-        from lmx.io.default_model import default_gguf_path, default_model_path
+        from lmx.loading.default_model import default_gguf_path, default_model_path
 
         target = default_gguf_path() if kernel_types else default_model_path()
     else:

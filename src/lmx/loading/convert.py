@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import processors
 
 from lmx.errors import InvalidOptionError, LmxError, SaveError
-from lmx.loader import DTYPES, LoadedModel, load_model
+from lmx.loading.loader import DTYPES, LoadedModel, load_model
 from lmx.tokenizer import Tokenizer
 
 ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

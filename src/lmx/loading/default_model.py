@@ -53,7 +53,7 @@ def default_model_path() -> Path:
         return out
     from tqdm import tqdm
 
-    from lmx.io.convert import convert
+    from lmx.loading.convert import convert
 
     gguf = default_gguf_path()
     logger.info("converting the default model into %s (once)", out)

@@ -31,8 +31,8 @@ import mlx.core as mx  # noqa: E402
 from workers import prompt_ids, summarize  # noqa: E402
 
 from lmx.bench import greedy_stamps  # noqa: E402
+from lmx.loading import load_model  # noqa: E402
 from lmx.loading.default_model import default_model_path  # noqa: E402
-from lmx.loading.loader import load_model  # noqa: E402
 
 
 def lmx_runner(model: Any, compile: bool) -> Any:

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 import lmx  # noqa: F401  (loads OpenBLAS before mlx.core)
 from lmx.io.gguf import GGUFModel, read_gguf
+from lmx.tokenizer.gguf import GGUFTokenizerSpec, tokenizer_from_gguf
 
 # Where each K-quant (and the others) keeps its fp16 scale fields, to keep random blocks finite.
 HALF_FIELDS = {
@@ -47,6 +48,7 @@ def random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> n
 @dataclass
 class Loaded:
     model: GGUFModel
+    tokenizer_spec: GGUFTokenizerSpec
     seconds: float
 
 
@@ -62,7 +64,8 @@ def gemma_gguf(request: pytest.FixtureRequest) -> Path:
 def gemma_loaded(gemma_gguf: Path) -> Loaded:
     start = time.perf_counter()
     model = read_gguf(gemma_gguf)
-    return Loaded(model, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Loaded(model, tokenizer_from_gguf(model.header), seconds)
 
 
 @pytest.fixture(scope="session")

@@ -181,7 +181,7 @@ def test_gemma_load_time_and_model_fit(gemma_loaded: Any) -> None:
 
 @pytest.mark.slow
 def test_gemma_tokenizer_matches_transformers(gemma_loaded: Any, tf_gemma_tokenizer: Any) -> None:
-    backend = gemma_loaded.model.tokenizer_spec.backend
+    backend = gemma_loaded.tokenizer_spec.backend
     for text in CORPUS:
         ours = backend.encode(text, add_special_tokens=False).ids
         assert ours == tf_gemma_tokenizer(text, add_special_tokens=False)["input_ids"], repr(text)
@@ -196,7 +196,7 @@ def test_gemma_tokenizer_matches_transformers(gemma_loaded: Any, tf_gemma_tokeni
 
 @pytest.mark.slow
 def test_gemma_tokenizer_specials(gemma_loaded: Any, tf_gemma_tokenizer: Any) -> None:
-    spec = gemma_loaded.model.tokenizer_spec
+    spec = gemma_loaded.tokenizer_spec
     assert spec.bos_token == tf_gemma_tokenizer.bos_token == "<bos>"
     assert spec.pad_token == "<pad>"
     assert spec.eos_tokens == ["<eos>", "<end_of_turn>"]
@@ -212,7 +212,7 @@ def test_gemma_tokenizer_specials(gemma_loaded: Any, tf_gemma_tokenizer: Any) ->
 def test_gemma_spec_drives_lmx_tokenizer(gemma_loaded: Any) -> None:
     from lmx.tokenizer import Tokenizer
 
-    spec = gemma_loaded.model.tokenizer_spec
+    spec = gemma_loaded.tokenizer_spec
     tokenizer = Tokenizer(
         spec.backend,
         bos_token=spec.bos_token,
@@ -349,7 +349,7 @@ def test_tiny_tokenizer_matches_transformers(tiny_gguf: dict[str, Path], arch: s
     """transformers' GGUF tokenizer conversion (AutoTokenizer itself fails on a qwen3 GGUF in 5.24)."""
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    spec = read_gguf(tiny_gguf[arch]).tokenizer_spec
+    spec = tokenizer_from_gguf(read_gguf(tiny_gguf[arch]).header)
     architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(tiny_gguf[arch]))
     reference, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     texts = [*CORPUS, " hello world the thinking", "Hello the<|im_end|><think>x</think>\n\n 123", "</s><s> the"]
@@ -360,7 +360,7 @@ def test_tiny_tokenizer_matches_transformers(tiny_gguf: dict[str, Path], arch: s
 
 
 def test_tiny_qwen3_tokenizer_details(tiny_gguf: dict[str, Path]) -> None:
-    spec = read_gguf(tiny_gguf["qwen3"]).tokenizer_spec
+    spec = tokenizer_from_gguf(read_gguf(tiny_gguf["qwen3"]).header)
     backend = spec.backend
     assert (spec.bos_token, spec.pad_token, spec.add_bos_token) == ("<|endoftext|>", "<|endoftext|>", False)
     assert spec.eos_tokens == ["<|im_end|>", "<|endoftext|>"]

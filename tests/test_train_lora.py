@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import ModelNotFoundError, WeightsError
-from lmx.loading.loader import load_model
+from lmx.loading import load_model
 from lmx.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -253,7 +253,7 @@ class _Loaded:
 def _load(
     model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
 ) -> _Loaded:
-    from lmx.loading.loader import load_model, resolve_dtype
+    from lmx.loading import load_model, resolve_dtype
     from lmx.models import build_model
 
     if model is not None and config is not None:

@@ -16,7 +16,7 @@ from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
 from lmx.generate.step import default_prefill_step_size, generate_step
 from lmx.generate.stopping import StopStringMatcher
-from lmx.loading.loader import LoadedModel, load_model
+from lmx.loading import LoadedModel, load_model
 from lmx.models.cache import KVCache, trim_caches
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime import memory

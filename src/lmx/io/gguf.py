@@ -1,10 +1,11 @@
-"""Read GGUF files (llama.cpp's format): metadata -> HF config, tensors -> HF-named float arrays, vocab -> tokenizer.
+"""Read GGUF files (llama.cpp's format): metadata -> HF config, tensors -> HF-named float arrays.
 
 The header is parsed here rather than by ``gguf.GGUFReader`` so that every inconsistency (truncation,
 counts larger than the file, offsets past its end, unknown types, repeated names) is reported as a
 :class:`~lmx.errors.WeightsError` naming the problem, and so that the 262k-token vocabulary of a
 Gemma file parses in a fraction of a second. Tensor bytes are memory-mapped and dequantized by
-:mod:`lmx.io.gguf_quants`.
+:mod:`lmx.io.gguf_quants`. The vocabulary stays metadata here: the loading wing builds the tokenizer
+from it (:func:`lmx.tokenizer.gguf.tokenizer_from_gguf`), so ``io/`` imports no tokenizer.
 
 Layout (little-endian): magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value count,
 the key/values, then per tensor its name, u32 n_dims, u64 dims (fastest-varying first), u32 GGML type
@@ -30,7 +31,6 @@ import numpy as np
 
 from lmx.errors import ModelNotFoundError, UnsupportedModelError, WeightsError
 from lmx.io import gguf_quants
-from lmx.tokenizer.gguf import GGUFTokenizerSpec, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class GGUFModel:
 
     config: dict[str, Any]
     weights: dict[str, mx.array]
-    tokenizer_spec: GGUFTokenizerSpec
+    header: GGUFHeader  # every metadata key, the vocabulary (tokenizer.ggml.*) included
     metadata: dict[str, Any] = field(default_factory=dict)
     block_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights kept as blocks
 
@@ -504,7 +504,7 @@ def load_weights(
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32, keep_blocks: Collection[int] = ()) -> GGUFModel:
-    """Read a GGUF model: its config, dequantized weights, tokenizer and metadata.
+    """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
     Args:
         path: the ``.gguf`` file.
@@ -519,16 +519,14 @@ def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32, keep_blo
         ModelNotFoundError: no such file.
         UnsupportedModelError: the architecture is not gemma3, qwen3 or llama.
         WeightsError: the file is corrupt or a tensor cannot be read.
-        TokenizerError: the vocabulary is missing or malformed.
     """
     header = read_header(path)
     config = gguf_config(header)
-    spec = tokenizer_from_gguf(header.metadata)
     weights = load_weights(header, config, dtype=dtype, keep_blocks=keep_blocks)
     return GGUFModel(
         config=config,
         weights=weights,
-        tokenizer_spec=spec,
+        header=header,
         metadata=info_metadata(header),
         block_types=kept_blocks(header, keep_blocks),
     )

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import processors
 
 from lmx.errors import InvalidOptionError, LmxError, SaveError
-from lmx.loading.loader import DTYPES, LoadedModel, load_model
+from lmx.loading.loader import DTYPES, LoadedModel, load_path
 from lmx.tokenizer import Tokenizer
 
 ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -70,7 +70,7 @@ def convert(
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    loaded = load_model(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
+    loaded = load_path(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
     quant = None
     if q_bits is not None:
         quant = {"group_size": q_group_size, "bits": q_bits}

@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError
-from lmx.loading.loader import DTYPES, load_model
+from lmx.loading import DTYPES, load_model
 from lmx.train.lora import fuse_lora, load_adapter
 
 logger = logging.getLogger(__name__)

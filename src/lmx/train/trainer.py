@@ -111,7 +111,7 @@ class Trainer:
             )
         self.base_model = config.model
         if model is None:
-            from lmx.loading.loader import load_model
+            from lmx.loading import load_model
             from lmx.runtime.device import choose_device
 
             choose_device(config.device)

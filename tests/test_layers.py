@@ -112,5 +112,27 @@ def test_io_reads_formats_only():
     assert upward == set()
 
 
+def test_no_circle_in_the_lower_floors():
+    circles = [c for c in _circles(_faces_skipped(_graph())) if any(m.startswith(LOWER) for m in c)]
+    assert circles == []
+
+
 def test_the_circle_finder_finds_circles():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_module_is_imported_from_outside_its_package():
+    offenders = []
+    for name, path in _modules().items():
+        for dep in _imports(path, _modules()):
+            private = [i for i, part in enumerate(dep.split(".")) if part.startswith("_") and part != "__init__"]
+            if private and not name.startswith(".".join(dep.split(".")[: private[0]])):
+                offenders.append((name, dep))
+    tree_imports = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmx."):
+                owner = node.module
+                if not _module_name(path).startswith(owner):
+                    tree_imports += [(_module_name(path), f"{owner}.{a.name}") for a in node.names if a.name[0] == "_"]
+    assert offenders + tree_imports == []

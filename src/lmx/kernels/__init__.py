@@ -80,8 +80,15 @@ def _threads() -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str | None]:
-    """Import the built module once, if it was built for this MLX and these sources."""
+def load_module() -> tuple[ModuleType | None, str | None]:
+    """Import the built module once, if it was built for this MLX and these sources.
+
+    Unlike :func:`kernels`, this ignores ``LMX_CPU_KERNELS``: a caller that requires the kernels
+    (``lmx.load(..., cpu_kernels=True)``, a model holding GGUF-block layers) asks for them here.
+
+    Returns:
+        ``(module, None)``, or ``(None, why not)``.
+    """
     from lmx.kernels import build
 
     if (why := build.supported_platform()) is not None:
@@ -127,14 +134,14 @@ def kernels() -> ModuleType | None:
     """The kernel module, or None when unavailable or switched off (``LMX_CPU_KERNELS=0``)."""
     if not enabled_by_env():
         return None
-    return _load()[0]
+    return load_module()[0]
 
 
 def status() -> KernelStatus:
     """What :func:`kernels` gives, and why (for ``lmx info``)."""
     if not enabled_by_env():
         return KernelStatus(False, f"{ENV_SWITCH}=0")
-    module, reason = _load()
+    module, reason = load_module()
     if module is None:
         return KernelStatus(False, reason)
     avx2 = module.has_avx2()
@@ -150,5 +157,6 @@ __all__ = [
     "enabled_by_env",
     "int8_by_env",
     "kernels",
+    "load_module",
     "status",
 ]

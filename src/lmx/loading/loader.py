@@ -136,7 +136,7 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
     """
     if cpu_kernels is False:
         return frozenset()
-    from lmx.kernels import GGML_TYPES, _load, enabled_by_env
+    from lmx.kernels import GGML_TYPES, enabled_by_env, load_module
 
     if device_name() != "cpu":
         if cpu_kernels:
@@ -144,7 +144,7 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
         return frozenset()
     if cpu_kernels is None and not enabled_by_env():
         return frozenset()
-    module, reason = _load()
+    module, reason = load_module()
     if module is None:
         if cpu_kernels:
             raise InvalidOptionError(f"cpu_kernels=True, but lmx's CPU kernels are unavailable: {reason}")
@@ -155,10 +155,10 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
 
 def _use_cpu_layer_ops(model: nn.Module) -> None:
     """Norms, RoPE and decode attention as one op each on the CPU kernels (:func:`lmx.models.base.use_cpu_ops`)."""
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
     from lmx.models.base import use_cpu_ops
 
-    use_cpu_ops(model, _load()[0])
+    use_cpu_ops(model, load_module()[0])
 
 
 def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:

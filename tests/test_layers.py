@@ -4,6 +4,7 @@ and no import circle (type-only imports count) runs through the lower floors."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -136,3 +137,28 @@ def test_no_private_module_is_imported_from_outside_its_package():
                 if not _module_name(path).startswith(owner):
                     tree_imports += [(_module_name(path), f"{owner}.{a.name}") for a in node.names if a.name[0] == "_"]
     assert offenders + tree_imports == []
+
+
+# An architecture is one file: the loading side reads what models/<arch>.py declares.
+ARCH_LITERAL = re.compile(r"""["'](gemma3|gemma3_text|qwen3)["']""")
+LOADING_SIDE = ("io/gguf.py", "loading/convert.py", "loading/loader.py", "bench.py", "tokenizer/gguf.py")
+
+
+def test_the_loading_side_names_no_architecture():
+    named = {rel: ARCH_LITERAL.findall((PACKAGE / rel).read_text()) for rel in LOADING_SIDE}
+    assert {rel: names for rel, names in named.items() if names} == {}
+
+
+def test_every_architecture_declares_its_loading_side():
+    from lmx.io.gguf import GGUFArchitecture
+    from lmx.models import ARCHITECTURES, BENCH_CONFIGS, GGUF_ARCHITECTURES
+
+    for model_type, module in ARCHITECTURES.items():
+        assert isinstance(module.GGUF, GGUFArchitecture), model_type
+        assert GGUF_ARCHITECTURES[module.GGUF.name] is module.GGUF
+        assert ARCHITECTURES[module.GGUF.model_type] is module
+        assert module.HF_ARCHITECTURE.endswith("ForCausalLM")
+        assert isinstance(module.CHAT_TEMPLATE, str) and module.EXTRA_EOS_TOKENS
+        assert module.NEUTRAL_NORM_WEIGHT in (0.0, 1.0)
+        for name, config in module.BENCH_CONFIGS.items():
+            assert ARCHITECTURES[config["model_type"]] is module and BENCH_CONFIGS[name] is config

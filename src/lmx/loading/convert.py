@@ -22,9 +22,9 @@ from tokenizers import processors
 
 from lmx.errors import InvalidOptionError, LmxError, SaveError
 from lmx.loading.loader import DTYPES, LoadedModel, load_path
+from lmx.models import get_architecture
 from lmx.tokenizer import Tokenizer
 
-ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
@@ -202,8 +202,7 @@ def write_hf_dir(
 
 def _config(loaded: LoadedModel, weights: dict[str, mx.array], quantization: dict[str, int] | None) -> dict[str, Any]:
     config = dict(loaded.config)
-    model_type = config.get("model_type", "")
-    config["architectures"] = [ARCHITECTURES.get(model_type, model_type)]
+    config["architectures"] = [get_architecture(config).HF_ARCHITECTURE]
     floats = sorted({str(w.dtype).split(".")[-1] for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)})
     config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
     if quantization:

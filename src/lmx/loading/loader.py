@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io import hf
-from lmx.models import build_model, text_config
+from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
 from lmx.runtime import memory
 from lmx.runtime.device import device_name
 from lmx.tokenizer import Tokenizer, load_tokenizer
@@ -167,7 +167,7 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
     from lmx.models.gguf_layers import use_gguf_blocks
     from lmx.tokenizer.gguf import tokenizer_from_gguf
 
-    gguf = read_gguf(path, dtype=dtype, keep_blocks=kernel_types)
+    gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types)
     model = _build(gguf.config, str(path))
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
@@ -177,7 +177,11 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
     hf.apply_weights(model, weights, str(path), dtype)
-    spec = tokenizer_from_gguf(gguf.header)  # the vocabulary is GGUF metadata; io/ leaves it as such
+    arch = get_architecture(gguf.config, str(path))
+    # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
+    spec = tokenizer_from_gguf(
+        gguf.header, default_chat_template=arch.CHAT_TEMPLATE, extra_eos_tokens=arch.EXTRA_EOS_TOKENS
+    )
     tokenizer = Tokenizer(
         spec.backend,
         bos_token=spec.bos_token,

@@ -31,8 +31,8 @@ import mlx.core as mx  # noqa: E402
 from workers import prompt_ids, summarize  # noqa: E402
 
 from lmx.bench import greedy_stamps  # noqa: E402
-from lmx.io.default_model import default_model_path  # noqa: E402
-from lmx.loader import load_model  # noqa: E402
+from lmx.loading import load_model  # noqa: E402
+from lmx.loading.default_model import default_model_path  # noqa: E402
 
 
 def lmx_runner(model: Any, compile: bool) -> Any:
@@ -73,7 +73,7 @@ def main() -> int:
         runners["lmx-eager"] = lmx_runner(model, False)
         runners["lmx-compiled"] = lmx_runner(model, True)
     if "lmx-kernels" in variants:  # the GGUF itself on lmx's CPU kernels (lmx.kernels)
-        from lmx.io.default_model import default_gguf_path
+        from lmx.loading.default_model import default_gguf_path
 
         kmodel = load_model(default_gguf_path(), dtype=args.dtype, cpu_kernels=True).model
         runners["lmx-kernels"] = lmx_runner(kmodel, False)

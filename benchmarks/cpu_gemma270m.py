@@ -72,7 +72,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write every measurement and the medians here")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
-    from lmx.io.default_model import default_gguf_path, default_model_path
+    from lmx.loading.default_model import default_gguf_path, default_model_path
 
     model_dir, gguf = str(default_model_path()), str(default_gguf_path())
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]

@@ -37,9 +37,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=20)
     args = p.parse_args()
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
 
-    kernels, reason = _load()
+    kernels, reason = load_module()
     if kernels is None:
         print(f"CPU kernels unavailable: {reason}", file=sys.stderr)
         return 1

@@ -60,7 +60,7 @@ from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
 from lmx.generate.segments import segmented_decode  # noqa: E402
 from lmx.generate.step import generate_step, prefill  # noqa: E402
 from lmx.kernels import cuda_attention  # noqa: E402
-from lmx.loader import resolve_dtype  # noqa: E402
+from lmx.loading import resolve_dtype  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.device import choose_device  # noqa: E402
 

@@ -37,7 +37,7 @@ import lmx  # isort: skip  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from lmx import memory
+from lmx.runtime import memory
 
 MIB = 2**20
 PROMPTS = [

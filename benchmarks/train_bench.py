@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             model = str(_tiny_model(work))
         elif args.model == "default":
             import lmx  # noqa: F401
-            from lmx.io.default_model import default_model_path
+            from lmx.loading.default_model import default_model_path
 
             model = str(default_model_path())
         else:

@@ -51,7 +51,7 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
 
     from lmx.bench import greedy_stamps
-    from lmx.loader import load_model
+    from lmx.loading import load_model
 
     t0 = time.perf_counter()
     if args.kernels == "on":  # the GGUF itself, its quantized matrices on lmx's CPU kernels

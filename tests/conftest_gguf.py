@@ -19,6 +19,8 @@ from gguf import GGMLQuantizationType as T
 
 import lmx  # noqa: F401  (loads OpenBLAS before mlx.core)
 from lmx.io.gguf import GGUFModel, read_gguf
+from lmx.models import GGUF_ARCHITECTURES, gemma3_text
+from lmx.tokenizer.gguf import GGUFTokenizerSpec, tokenizer_from_gguf
 
 # Where each K-quant (and the others) keeps its fp16 scale fields, to keep random blocks finite.
 HALF_FIELDS = {
@@ -47,6 +49,7 @@ def random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> n
 @dataclass
 class Loaded:
     model: GGUFModel
+    tokenizer_spec: GGUFTokenizerSpec
     seconds: float
 
 
@@ -61,8 +64,14 @@ def gemma_gguf(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def gemma_loaded(gemma_gguf: Path) -> Loaded:
     start = time.perf_counter()
-    model = read_gguf(gemma_gguf)
-    return Loaded(model, time.perf_counter() - start)
+    model = read_gguf(gemma_gguf, GGUF_ARCHITECTURES)
+    seconds = time.perf_counter() - start
+    spec = tokenizer_from_gguf(
+        model.header,
+        default_chat_template=gemma3_text.CHAT_TEMPLATE,
+        extra_eos_tokens=gemma3_text.EXTRA_EOS_TOKENS,
+    )
+    return Loaded(model, spec, seconds)
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from lmx.io.convert import convert
-from lmx.loader import load_model
+from lmx.loading import load_model
+from lmx.loading.convert import convert
 from lmx.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from lmx.train.fuse import fuse
 from lmx.train.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
@@ -49,7 +49,7 @@ kind, kill, *args = sys.argv[1:]
 import lmx
 import mlx.core as mx
 import mlx.optimizers as optim
-from lmx.loader import load_model
+from lmx.loading import load_model
 
 EVENTS = {"os.rename", "shutil.rmtree", "os.remove", "os.rmdir", "ctypes.call_function"}
 
@@ -90,10 +90,10 @@ def progress(done, total):
 
 
 if kind == "convert":
-    from lmx.io.convert import convert
+    from lmx.loading.convert import convert
 
     src, out, dtype = args
-    from lmx.loader import load_model as _warm  # imports done before arming
+    from lmx.loading import load_model as _warm  # imports done before arming
 
     arm()
     convert(src, out, dtype=dtype, overwrite=True, progress=progress)

@@ -13,7 +13,7 @@ import lmx  # isort: skip
 import mlx.core as mx
 
 from lmx.errors import InvalidOptionError
-from lmx.io.convert import convert
+from lmx.loading.convert import convert
 
 pytest_plugins = ["conftest_gguf"]
 

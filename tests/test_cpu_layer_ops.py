@@ -25,9 +25,9 @@ needs_kernels = pytest.mark.skipif(supported_platform() is not None, reason=f"CP
 
 @pytest.fixture(scope="module")
 def K():
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
 
-    module, reason = _load()
+    module, reason = load_module()
     assert module is not None, reason
     return module
 

@@ -25,8 +25,22 @@ import mlx.core as mx
 
 from lmx.errors import LmxError, ModelNotFoundError, TokenizerError, UnsupportedModelError, WeightsError
 from lmx.io import gguf_quants
-from lmx.io.gguf import read_gguf, read_gguf_metadata, read_header
-from lmx.tokenizer.gguf import GEMMA_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE, tokenizer_from_gguf
+from lmx.io.gguf import GGUFArchitecture, read_gguf, read_gguf_metadata, read_header
+from lmx.models import GGUF_ARCHITECTURES, gemma3_text, qwen3
+from lmx.tokenizer.gguf import tokenizer_from_gguf
+
+GEMMA_CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE = gemma3_text.CHAT_TEMPLATE, qwen3.CHAT_TEMPLATE
+# lmx runs no llama model, but its GGUF layout (Q/K rows permuted, RoPE factors stored) is read here
+# through the same declaration a models/<arch>.py would give.
+LLAMA = GGUFArchitecture(
+    name="llama",
+    model_type="llama",
+    layer_names={"ffn_norm": "post_attention_layernorm"},
+    config=lambda metadata, config: {"hidden_act": "silu"},
+    permuted_qk=True,
+    skipped=frozenset({"rope_freqs.weight"}),
+)
+ARCHS = {**GGUF_ARCHITECTURES, "llama": LLAMA}
 
 # The session fixtures (the real file, transformers' readings of it, tiny files) and helpers live in
 # conftest_gguf; helpers are imported inside tests, after pytest has loaded it as a plugin.
@@ -181,7 +195,7 @@ def test_gemma_load_time_and_model_fit(gemma_loaded: Any) -> None:
 
 @pytest.mark.slow
 def test_gemma_tokenizer_matches_transformers(gemma_loaded: Any, tf_gemma_tokenizer: Any) -> None:
-    backend = gemma_loaded.model.tokenizer_spec.backend
+    backend = gemma_loaded.tokenizer_spec.backend
     for text in CORPUS:
         ours = backend.encode(text, add_special_tokens=False).ids
         assert ours == tf_gemma_tokenizer(text, add_special_tokens=False)["input_ids"], repr(text)
@@ -196,7 +210,7 @@ def test_gemma_tokenizer_matches_transformers(gemma_loaded: Any, tf_gemma_tokeni
 
 @pytest.mark.slow
 def test_gemma_tokenizer_specials(gemma_loaded: Any, tf_gemma_tokenizer: Any) -> None:
-    spec = gemma_loaded.model.tokenizer_spec
+    spec = gemma_loaded.tokenizer_spec
     assert spec.bos_token == tf_gemma_tokenizer.bos_token == "<bos>"
     assert spec.pad_token == "<pad>"
     assert spec.eos_tokens == ["<eos>", "<end_of_turn>"]
@@ -212,7 +226,7 @@ def test_gemma_tokenizer_specials(gemma_loaded: Any, tf_gemma_tokenizer: Any) ->
 def test_gemma_spec_drives_lmx_tokenizer(gemma_loaded: Any) -> None:
     from lmx.tokenizer import Tokenizer
 
-    spec = gemma_loaded.model.tokenizer_spec
+    spec = gemma_loaded.tokenizer_spec
     tokenizer = Tokenizer(
         spec.backend,
         bos_token=spec.bos_token,
@@ -313,7 +327,7 @@ def test_tiny_config_and_weights_match_transformers(tiny_gguf: dict[str, Path], 
     from conftest_gguf import tf_tensors
 
     path = tiny_gguf[arch]
-    model = read_gguf(path)
+    model = read_gguf(path, ARCHS)
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     assert model.config["model_type"] == config.model_type == arch
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -332,11 +346,11 @@ def test_tiny_qwen3_fits_lmx_model(tiny_gguf: dict[str, Path]) -> None:
     from lmx.io.hf import apply_weights
     from lmx.models import build_model
 
-    loaded = read_gguf(tiny_gguf["qwen3"], dtype=mx.bfloat16)
+    loaded = read_gguf(tiny_gguf["qwen3"], ARCHS, dtype=mx.bfloat16)
     assert all(w.dtype == mx.bfloat16 for w in loaded.weights.values())
     model = build_model(loaded.config, "tiny.gguf")
     apply_weights(model, model.sanitize(dict(loaded.weights)), "tiny.gguf")
-    float32 = read_gguf(tiny_gguf["qwen3"])
+    float32 = read_gguf(tiny_gguf["qwen3"], ARCHS)
     name = "model.layers.1.mlp.gate_proj.weight"
     np.testing.assert_array_equal(
         np.array(loaded.weights[name].astype(mx.float32)),
@@ -349,7 +363,7 @@ def test_tiny_tokenizer_matches_transformers(tiny_gguf: dict[str, Path], arch: s
     """transformers' GGUF tokenizer conversion (AutoTokenizer itself fails on a qwen3 GGUF in 5.24)."""
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-    spec = read_gguf(tiny_gguf[arch]).tokenizer_spec
+    spec = tokenizer_from_gguf(read_gguf(tiny_gguf[arch], ARCHS).header)
     architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(tiny_gguf[arch]))
     reference, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     texts = [*CORPUS, " hello world the thinking", "Hello the<|im_end|><think>x</think>\n\n 123", "</s><s> the"]
@@ -360,7 +374,11 @@ def test_tiny_tokenizer_matches_transformers(tiny_gguf: dict[str, Path], arch: s
 
 
 def test_tiny_qwen3_tokenizer_details(tiny_gguf: dict[str, Path]) -> None:
-    spec = read_gguf(tiny_gguf["qwen3"]).tokenizer_spec
+    spec = tokenizer_from_gguf(
+        read_gguf(tiny_gguf["qwen3"], ARCHS).header,
+        default_chat_template=qwen3.CHAT_TEMPLATE,
+        extra_eos_tokens=qwen3.EXTRA_EOS_TOKENS,
+    )
     backend = spec.backend
     assert (spec.bos_token, spec.pad_token, spec.add_bos_token) == ("<|endoftext|>", "<|endoftext|>", False)
     assert spec.eos_tokens == ["<|im_end|>", "<|endoftext|>"]
@@ -563,7 +581,7 @@ def write(tmp_path: Path, content: bytes, name: str = "bad.gguf") -> Path:
 def test_corrupt_headers(tmp_path: Path, content: bytes, message: str) -> None:
     path = write(tmp_path, content)
     with pytest.raises(WeightsError, match=message):
-        read_gguf(path)
+        read_gguf(path, ARCHS)
     with pytest.raises(WeightsError, match=message):
         read_gguf_metadata(path)
 
@@ -574,7 +592,7 @@ def test_truncated_anywhere(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:
     cuts = [*range(0, data_start, max(1, data_start // 60)), data_start + 100, len(content) - 1]
     for cut in cuts:
         with pytest.raises(WeightsError):
-            read_gguf(write(tmp_path, content[:cut]))
+            read_gguf(write(tmp_path, content[:cut]), ARCHS)
 
 
 def test_random_header_damage_raises_only_lmx_errors(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:
@@ -587,7 +605,7 @@ def test_random_header_damage_raises_only_lmx_errors(tmp_path: Path, tiny_gguf: 
         for at in rng.integers(0, data_start, size=int(rng.integers(1, 4))):
             damaged[at] = int(rng.integers(0, 256))
         try:
-            read_gguf(write(tmp_path, bytes(damaged)))
+            read_gguf(write(tmp_path, bytes(damaged)), ARCHS)
             outcome = "ok"
         except LmxError as e:
             outcome = type(e).__name__
@@ -597,19 +615,19 @@ def test_random_header_damage_raises_only_lmx_errors(tmp_path: Path, tiny_gguf: 
 
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match=r"'mamba' is not supported; supported: gemma3, llama, qwen3"):
-        read_gguf(write(tmp_path, raw_gguf([kv_string("general.architecture", "mamba")], [])))
+        read_gguf(write(tmp_path, raw_gguf([kv_string("general.architecture", "mamba")], [])), ARCHS)
     with pytest.raises(UnsupportedModelError, match="None is not supported"):
-        read_gguf(write(tmp_path, raw_gguf([], [])))
+        read_gguf(write(tmp_path, raw_gguf([], [])), ARCHS)
     with pytest.raises(WeightsError, match="lacks 'qwen3.embedding_length'"):
-        read_gguf(write(tmp_path, raw_gguf(ARCH, [])))
+        read_gguf(write(tmp_path, raw_gguf(ARCH, [])), ARCHS)
     bad = [*ARCH, kv_u32("qwen3.embedding_length", 0)]
     with pytest.raises(WeightsError, match="qwen3.embedding_length must be a positive integer, got 0"):
-        read_gguf(write(tmp_path, raw_gguf(bad, [])))
+        read_gguf(write(tmp_path, raw_gguf(bad, [])), ARCHS)
     with pytest.raises(ModelNotFoundError):
-        read_gguf(tmp_path / "missing.gguf")
+        read_gguf(tmp_path / "missing.gguf", ARCHS)
 
 
 def test_unknown_tensor_name(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:
     content = tiny_gguf["qwen3"].read_bytes().replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_xx.weight")
     with pytest.raises(WeightsError, match="'blk.1.ffn_xx.weight' has no qwen3 counterpart"):
-        read_gguf(write(tmp_path, content))
+        read_gguf(write(tmp_path, content), ARCHS)

@@ -43,9 +43,9 @@ def test_kernels_are_built_where_make_builds_them() -> None:
 
 @pytest.fixture(scope="module")
 def K():
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
 
-    module, _ = _load()
+    module, _ = load_module()
     return module
 
 
@@ -207,16 +207,16 @@ def test_switched_off_by_argument_and_environment(tiny_gguf: dict[str, Path], mo
 
 
 def test_required_but_unavailable_is_a_typed_error(tiny_gguf: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
 
-    monkeypatch.setattr("lmx.kernels._load", lambda: (None, "not built (test)"))
+    monkeypatch.setattr("lmx.kernels.load_module", lambda: (None, "not built (test)"))
     try:
         with pytest.raises(InvalidOptionError, match="not built"):
             lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
         engine = lmx.load(tiny_gguf["qwen3"], device="cpu")  # auto: falls back to float32
         assert not engine.loaded.cpu_kernels
     finally:
-        _load.cache_clear()
+        load_module.cache_clear()
 
 
 @needs_kernels

@@ -21,7 +21,6 @@ import pytest
 import lmx  # isort: skip
 import mlx.core as mx
 
-from lmx import memory
 from lmx.errors import (
     ConfigError,
     ContextLengthError,
@@ -35,6 +34,7 @@ from lmx.errors import (
 )
 from lmx.generate.options import GenerationOptions
 from lmx.models.base import MAX_LAYERS
+from lmx.runtime import memory
 
 PROMPT = "Hello world! How are you"
 TARGET = "model.norm.weight"  # a tensor both tiny architectures hold, in float32

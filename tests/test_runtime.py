@@ -11,7 +11,8 @@ import pytest
 
 import lmx  # isort: skip
 
-from lmx import errors, memory
+from lmx import errors
+from lmx.runtime import memory
 from lmx.runtime.device import choose_device
 
 PROBE = r"""

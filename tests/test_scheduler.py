@@ -15,8 +15,8 @@ import lmx  # isort: skip
 import numpy as np
 import pytest
 
-from lmx import memory
 from lmx.errors import OutOfMemoryError
+from lmx.runtime import memory
 
 PROMPTS = [
     "Hello",

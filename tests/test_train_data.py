@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lmx.loader import load_model
+from lmx.loading import load_model
 from lmx.tokenizer import load_tokenizer
 from lmx.train.data import DatasetError, collate, epoch_batches, eval_batches, load_jsonl, load_split
 from lmx.train.losses import loss_sum

@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import ModelNotFoundError, WeightsError
-from lmx.loader import load_model
+from lmx.loading import load_model
 from lmx.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -170,7 +170,7 @@ def test_fused_model_logits_equal_base_plus_adapter(tiny_dirs, arch, tmp_path):
 
 
 def test_qlora_on_quantized_layers_and_fuse(tiny_dirs, tmp_path):
-    from lmx.io.convert import convert
+    from lmx.loading.convert import convert
     from lmx.train.fuse import fuse
 
     qdir = convert(tiny_dirs["gemma3"], tmp_path / "q8", q_bits=8, q_group_size=32)

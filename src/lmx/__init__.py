@@ -10,13 +10,14 @@ from __future__ import annotations
 # Must come first: on Linux it loads OpenBLAS globally before anything imports mlx.core.
 from lmx import runtime as runtime  # isort: skip
 
-from lmx import errors, memory
+from lmx import errors
 from lmx.backend import Backend
 from lmx.classify import Classification
 from lmx.engine import Engine, TokenStream, load
 from lmx.errors import LmxError
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
+from lmx.runtime import memory
 
 __version__ = "0.1.0"
 

@@ -28,83 +28,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from lmx.errors import InvalidOptionError
 from lmx.generate.sampling import KeySequence, make_sampler
 from lmx.generate.step import default_prefill_step_size, generate_step
+from lmx.models import ARCHITECTURES, BENCH_CONFIGS
 
 logger = logging.getLogger(__name__)
 
 
-def _gemma3(**kw: Any) -> dict[str, Any]:
-    config = {
-        "model_type": "gemma3_text",
-        "head_dim": 256,
-        "query_pre_attn_scalar": 256,
-        "num_key_value_heads": 1,
-        "sliding_window": 512,
-        "sliding_window_pattern": 6,
-        "rope_theta": 1_000_000.0,
-        "rope_local_base_freq": 10_000.0,
-        "rope_scaling": None,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 32768,
-        "vocab_size": 262144,
-        "tie_word_embeddings": True,
-    }
-    config.update(kw)
-    return config
-
-
-def _qwen3(hidden: int, inter: int, layers: int, heads: int, tied: bool, **kw: Any) -> dict[str, Any]:
-    config = {
-        "model_type": "qwen3",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 151936,
-        "max_position_embeddings": 40960,
-        "rope_theta": 1_000_000.0,
-        "rope_scaling": None,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": tied,
-    }
-    config.update(kw)
-    return config
-
-
-# Architecture keys of the published config.json files (Gemma 3 270M: the bundled model's
-# own config). "tiny-*" are small shapes for smoke tests.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "gemma3-270m": _gemma3(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4),
-    "gemma3-1b": _gemma3(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4),
-    "gemma3-4b": _gemma3(
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=34,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        sliding_window=1024,
-        rope_scaling={"rope_type": "linear", "factor": 8.0},
-        vocab_size=262208,
-    ),
-    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
-    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),
-    "qwen3-4b": _qwen3(2560, 9728, 36, 32, True),
-    "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
-    "tiny-gemma3": _gemma3(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=16,
-        sliding_window_pattern=2,
-        vocab_size=512,
-    ),
-    "tiny-qwen3": _qwen3(64, 128, 3, 4, False, num_key_value_heads=2, head_dim=16, vocab_size=512),
-}
+# `--config NAME` shapes, declared by each architecture's module (models/<arch>.py BENCH_CONFIGS).
+CONFIGS: dict[str, dict[str, Any]] = BENCH_CONFIGS
 
 
 @dataclass(frozen=True)
@@ -234,8 +164,8 @@ def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int = 0) -> None:
         rows = p.shape[0]
         base = mx.random.normal((min(rows, 64), *p.shape[1:]), dtype=mx.float32, key=keys[i])
         base = (base * 0.02).astype(dtype)
-        if "norm" in name and getattr(model, "args", None) is not None and model.args.model_type == "qwen3":
-            base = base + 1  # Qwen's RMSNorm scales by weight; Gemma's by 1 + weight
+        if "norm" in name and getattr(model, "args", None) is not None:
+            base = base + ARCHITECTURES[model.args.model_type].NEUTRAL_NORM_WEIGHT  # weight or 1 + weight
         tiled = mx.tile(base, (math.ceil(rows / base.shape[0]),) + (1,) * (p.ndim - 1))[:rows]
         params.append((name, tiled))
         mx.eval(tiled)  # one parameter at a time: peak memory stays near the model's size
@@ -253,7 +183,7 @@ class _Loaded:
 def _load(
     model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
 ) -> _Loaded:
-    from lmx.loader import load_model, resolve_dtype
+    from lmx.loading import load_model, resolve_dtype
     from lmx.models import build_model
 
     if model is not None and config is not None:

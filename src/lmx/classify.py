@@ -32,9 +32,9 @@ from typing import Any, Literal, Protocol
 import mlx.core as mx
 import numpy as np
 
-from lmx import memory
 from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
 from lmx.results import GenerationMetrics
+from lmx.runtime import memory
 from lmx.tokenizer import common_prefix
 
 

@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from lmx import memory
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.options import GenerationOptions, check_token_ids
 from lmx.generate.step import Decoder, default_prefill_step_size
-from lmx.loader import LoadedModel, load_model
+from lmx.loading import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
+from lmx.runtime import memory
 from lmx.runtime.device import choose_device, device_name
 from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmx.io.convert import Q_BITS, Q_GROUP_SIZES
+from lmx.loading.convert import Q_BITS, Q_GROUP_SIZES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lmx.io.convert import convert
+    from lmx.loading.convert import convert
 
     with tqdm(total=0, unit="tensor", desc="writing", file=sys.stderr) as bar:
 

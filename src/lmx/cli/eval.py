@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lmx.errors import InvalidOptionError
-    from lmx.loader import load_model
+    from lmx.loading import load_model
     from lmx.runtime.device import choose_device
     from lmx.train.data import DatasetError, load_jsonl
     from lmx.train.evaluate import evaluate

@@ -1,4 +1,5 @@
-"""``lmx info``: versions, device, BLAS in use, memory; with --model, the model too."""
+"""``lmx info``: versions, device, BLAS in use, memory, the ``LMX_*`` settings in force; with --model, the
+model too."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
 
     import lmx
     from lmx.kernels import status as kernel_status
-    from lmx.runtime import BLAS
+    from lmx.runtime import BLAS, memory, settings
     from lmx.runtime.blas import mapped_blas_libraries
     from lmx.runtime.device import backend_name, choose_device, gpu_available
 
     choose_device(device)
-    stats = lmx.memory.stats()
+    stats = memory.stats()
     blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "reason": BLAS.reason}
     if sys.platform.startswith("linux"):
         blas["mapped"] = mapped_blas_libraries()
@@ -41,6 +42,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
         "blas": blas,
         "cpu_kernels": _kernels(backend_name(), kernel_status()),
         "memory": {"active": stats.active, "peak": stats.peak, "cache": stats.cache, "limit": stats.limit},
+        "settings": settings.values(),
     }
     if model is not None:
         with lmx.load(model, device=device) as engine:
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"CPU kernels: not in use ({k['reason']}); MLX's float32 path")
     mem = info["memory"]
     print(f"memory:   active {mem['active'] / 2**20:.1f} MiB, limit {mem['limit'] / 2**30:.1f} GiB")
+    for name, value in info["settings"].items():
+        print(f"setting:  {name}={'' if value is None else value}")
     for key, value in info.get("model", {}).items():
         print(f"model.{key}: {value}")
     return 0

@@ -4,10 +4,10 @@ http://127.0.0.1:8090)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lmx.cli.common import add_model_args
+from lmx.runtime import settings as env_settings
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
 
 
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", "-p", type=int, default=8090)
     p.add_argument(
         "--api-key",
-        default=os.environ.get("LMX_API_KEY"),
+        default=None,
         help="require this key on every route but /health (default: $LMX_API_KEY; none)",
     )
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=args.api_key or env_settings.LMX_API_KEY.get(),
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,

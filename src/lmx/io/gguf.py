@@ -1,10 +1,11 @@
-"""Read GGUF files (llama.cpp's format): metadata -> HF config, tensors -> HF-named float arrays, vocab -> tokenizer.
+"""Read GGUF files (llama.cpp's format): metadata -> HF config, tensors -> HF-named float arrays.
 
 The header is parsed here rather than by ``gguf.GGUFReader`` so that every inconsistency (truncation,
 counts larger than the file, offsets past its end, unknown types, repeated names) is reported as a
 :class:`~lmx.errors.WeightsError` naming the problem, and so that the 262k-token vocabulary of a
 Gemma file parses in a fraction of a second. Tensor bytes are memory-mapped and dequantized by
-:mod:`lmx.io.gguf_quants`.
+:mod:`lmx.io.gguf_quants`. The vocabulary stays metadata here: the loading wing builds the tokenizer
+from it (:func:`lmx.tokenizer.gguf.tokenizer_from_gguf`), so ``io/`` imports no tokenizer.
 
 Layout (little-endian): magic ``GGUF``, u32 version (2 or 3), u64 tensor count, u64 key/value count,
 the key/values, then per tensor its name, u32 n_dims, u64 dims (fastest-varying first), u32 GGML type
@@ -19,7 +20,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,11 @@ import numpy as np
 
 from lmx.errors import ModelNotFoundError, UnsupportedModelError, WeightsError
 from lmx.io import gguf_quants
-from lmx.tokenizer.gguf import GGUFTokenizerSpec, tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen3")
 
 # GGUF metadata value types -> struct format (scalars); 7 is bool, 8 string, 9 array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 10: "Q", 11: "q", 12: "d", 7: "?"}
@@ -77,9 +76,37 @@ class GGUFModel:
 
     config: dict[str, Any]
     weights: dict[str, mx.array]
-    tokenizer_spec: GGUFTokenizerSpec
+    header: GGUFHeader  # every metadata key, the vocabulary (tokenizer.ggml.*) included
     metadata: dict[str, Any] = field(default_factory=dict)
     block_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights kept as blocks
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one architecture's GGUF file maps onto its Hugging Face checkpoint.
+
+    Each ``models/<arch>.py`` declares one (its ``GGUF``); the loading wing hands them to
+    :func:`read_gguf`, so this module carries no per-architecture branch.
+
+    Attributes:
+        name: the file's ``general.architecture`` (e.g. gemma3).
+        model_type: the HF ``model_type`` it loads as.
+        layer_names: per-layer GGUF tensor names (``blk.N.<name>``) beyond the common ones, and their HF names.
+        norm_offset: subtracted from every norm weight (llama.cpp stores Gemma's as ``1 + w``: 1.0).
+        rope_theta: ``rope_theta`` when the file has no ``rope.freq_base``.
+        config: extra HF config keys from the metadata: ``config(metadata, base_config) -> dict``.
+        permuted_qk: llama.cpp interleaved each head's two rotary halves of Q/K (llama): undo it.
+        skipped: tensors left out, with a warning (llama's precomputed RoPE factors).
+    """
+
+    name: str
+    model_type: str
+    layer_names: Mapping[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0
+    rope_theta: float = 1e4
+    config: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    permuted_qk: bool = False
+    skipped: frozenset[str] = frozenset()
 
 
 class _Cursor:
@@ -269,7 +296,12 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _meta(md: dict[str, Any], arch: str, key: str, default: Any = None, *, required: bool = False) -> Any:
+def meta(md: dict[str, Any], arch: str, key: str, default: Any = None, *, required: bool = False) -> Any:
+    """The metadata value ``{arch}.{key}``, else ``default``.
+
+    Raises:
+        WeightsError: it is missing and ``required``.
+    """
     full = f"{arch}.{key}"
     if full in md:
         return md[full]
@@ -278,9 +310,9 @@ def _meta(md: dict[str, Any], arch: str, key: str, default: Any = None, *, requi
     return default
 
 
-def _positive(md: dict[str, Any], arch: str, key: str, default: Any = None, *, integer: bool = True) -> Any:
+def positive(md: dict[str, Any], arch: str, key: str, default: Any = None, *, integer: bool = True) -> Any:
     """A required (when ``default`` is None) positive int, or positive finite float, metadata value."""
-    value = _meta(md, arch, key, default, required=default is None)
+    value = meta(md, arch, key, default, required=default is None)
     ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or isinstance(value, bool) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
@@ -289,51 +321,66 @@ def _positive(md: dict[str, Any], arch: str, key: str, default: Any = None, *, i
 
 
 def _rope_scaling(md: dict[str, Any], arch: str) -> dict[str, Any] | None:
-    kind = _meta(md, arch, "rope.scaling.type")
-    factor = _meta(md, arch, "rope.scaling.factor")
+    kind = meta(md, arch, "rope.scaling.type")
+    factor = meta(md, arch, "rope.scaling.factor")
     if kind in (None, "none") or factor in (None, 1.0):
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": _positive(md, arch, "rope.scaling.factor", integer=False)}
-    if _meta(md, arch, "rope.scaling.original_context_length") is not None:
-        scaling["original_max_position_embeddings"] = _positive(md, arch, "rope.scaling.original_context_length")
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": positive(md, arch, "rope.scaling.factor", integer=False)}
+    if meta(md, arch, "rope.scaling.original_context_length") is not None:
+        scaling["original_max_position_embeddings"] = positive(md, arch, "rope.scaling.original_context_length")
     return scaling
 
 
-def gguf_config(header: GGUFHeader) -> dict[str, Any]:
-    """The HF ``config.json`` dict a GGUF file's metadata describes.
+def architecture_of(header: GGUFHeader, architectures: Mapping[str, GGUFArchitecture]) -> GGUFArchitecture:
+    """The declaration of the file's ``general.architecture``.
 
     Raises:
-        UnsupportedModelError: the architecture is not one lmx reads.
+        UnsupportedModelError: none of ``architectures`` is the file's.
+    """
+    arch = header.metadata.get("general.architecture")
+    if not isinstance(arch, str) or arch not in architectures:
+        raise UnsupportedModelError(
+            f"{header.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(architectures))}"
+        )
+    return architectures[arch]
+
+
+def gguf_config(header: GGUFHeader, architectures: Mapping[str, GGUFArchitecture]) -> dict[str, Any]:
+    """The HF ``config.json`` dict a GGUF file's metadata describes.
+
+    Args:
+        header: the parsed file.
+        architectures: the architectures to read (``lmx.models.GGUF_ARCHITECTURES``), by GGUF name.
+
+    Raises:
+        UnsupportedModelError: the architecture is not one of ``architectures``.
         WeightsError: a required key is missing or has a bad value.
     """
     md = header.metadata
-    arch = md.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{header.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    hidden = _positive(md, arch, "embedding_length")
-    heads = _positive(md, arch, "attention.head_count")
-    head_dim = _meta(md, arch, "attention.key_length") or _meta(md, arch, "rope.dimension_count") or hidden // heads
+    spec = architecture_of(header, architectures)
+    arch = spec.name
+    hidden = positive(md, arch, "embedding_length")
+    heads = positive(md, arch, "attention.head_count")
+    head_dim = meta(md, arch, "attention.key_length") or meta(md, arch, "rope.dimension_count") or hidden // heads
     if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
         raise WeightsError(f"GGUF metadata {arch}.attention.key_length must be a positive integer, got {head_dim!r}")
     embed = header.tensors.get("token_embd.weight")
     tokens = md.get("tokenizer.ggml.tokens")
     tokens = tokens if isinstance(tokens, list) else []
     config: dict[str, Any] = {
-        "model_type": {"gemma3": "gemma3_text"}.get(arch, arch),
-        "vocab_size": embed.shape[0] if embed is not None else _positive(md, arch, "vocab_size", len(tokens)),
+        "model_type": spec.model_type,
+        "vocab_size": embed.shape[0] if embed is not None else positive(md, arch, "vocab_size", len(tokens)),
         "hidden_size": hidden,
-        "intermediate_size": _positive(md, arch, "feed_forward_length"),
-        "num_hidden_layers": _positive(md, arch, "block_count"),
+        "intermediate_size": positive(md, arch, "feed_forward_length"),
+        "num_hidden_layers": positive(md, arch, "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _positive(md, arch, "attention.head_count_kv", heads),
+        "num_key_value_heads": positive(md, arch, "attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": _positive(md, arch, "attention.layer_norm_rms_epsilon", 1e-6, integer=False),
-        "max_position_embeddings": _positive(md, arch, "context_length"),
+        "rms_norm_eps": positive(md, arch, "attention.layer_norm_rms_epsilon", 1e-6, integer=False),
+        "max_position_embeddings": positive(md, arch, "context_length"),
         # llama.cpp writes the output projection only when it is not the embedding matrix
         "tie_word_embeddings": "output.weight" not in header.tensors,
-        "rope_theta": _positive(md, arch, "rope.freq_base", 1e6 if arch == "gemma3" else 1e4, integer=False),
+        "rope_theta": positive(md, arch, "rope.freq_base", spec.rope_theta, integer=False),
         "attention_bias": "blk.0.attn_q.bias" in header.tensors,
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
@@ -342,39 +389,11 @@ def gguf_config(header: GGUFHeader) -> dict[str, Any]:
     if (scaling := _rope_scaling(md, arch)) is not None:
         config["rope_scaling"] = scaling
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if _meta(md, arch, key) is not None:
-            config[key] = _positive(md, arch, key, integer=False)
-    if arch == "gemma3":
-        config.update(_gemma3_config(md, config))
-    else:
-        config["hidden_act"] = "silu"
+        if meta(md, arch, key) is not None:
+            config[key] = positive(md, arch, key, integer=False)
+    if spec.config is not None:
+        config.update(spec.config(md, config))
     return config
-
-
-def _gemma3_config(md: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
-    # llama.cpp's Gemma 3 pattern: five sliding layers, then one global; a file may state it per layer
-    pattern = _meta(md, "gemma3", "attention.sliding_window_pattern", 6)
-    period = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else 6
-    if isinstance(pattern, list) and len(pattern) == layers:
-        sliding = [bool(p) for p in pattern]
-    else:
-        sliding = [(i + 1) % period != 0 for i in range(layers)]
-    if _meta(md, "gemma3", "attention.scale") is not None:
-        query_pre_attn_scalar = 1.0 / _positive(md, "gemma3", "attention.scale", integer=False) ** 2
-    elif layers == 62:
-        # Gemma 3 27B scales queries by hidden_size / heads, the others by head_dim (as llama.cpp does)
-        query_pre_attn_scalar = config["hidden_size"] // config["num_attention_heads"]
-    else:
-        query_pre_attn_scalar = head_dim
-    return {
-        "sliding_window": _positive(md, "gemma3", "attention.sliding_window", 4096),
-        "sliding_window_pattern": period,
-        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        "rope_local_base_freq": _positive(md, "gemma3", "rope.freq_base_swa", 10_000.0, integer=False),
-        "query_pre_attn_scalar": query_pre_attn_scalar,
-        "hidden_activation": "gelu_pytorch_tanh",
-    }
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -396,28 +415,17 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Gemma has four norms per layer; the others call the pre-MLP norm post_attention_layernorm.
-_ARCH_LAYER_NAMES = {
-    "gemma3": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-    "qwen3": {"ffn_norm": "post_attention_layernorm"},
-    "llama": {"ffn_norm": "post_attention_layernorm"},
-}
-_SKIPPED = {"llama": {"rope_freqs.weight"}}  # precomputed RoPE factors: derived from the config instead
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str, arch: str) -> str | None:
+def hf_name(gguf_name: str, spec: GGUFArchitecture) -> str | None:
     """The HF tensor name for a GGUF one (``blk.0.attn_q.weight`` -> ``model.layers.0.self_attn.q_proj.weight``)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
     if m is None:
         return None
-    part = _LAYER_NAMES.get(m[2]) or _ARCH_LAYER_NAMES[arch].get(m[2])
+    part = _LAYER_NAMES.get(m[2]) or spec.layer_names.get(m[2])
     return f"model.layers.{m[1]}.{part}.{m[3]}" if part else None
 
 
@@ -430,26 +438,25 @@ def _unpermute(w: mx.array, n_heads: int) -> mx.array:
     return w.swapaxes(1, 2).reshape(rows, *rest)  # (heads * 2 * head_dim/2, ...)
 
 
-def _fix(w: mx.array, gguf_name: str, arch: str, config: dict[str, Any]) -> mx.array:
-    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
-        return w - 1.0  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
-    if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+def _fix(w: mx.array, gguf_name: str, spec: GGUFArchitecture, config: dict[str, Any]) -> mx.array:
+    if spec.norm_offset and gguf_name.endswith("norm.weight"):
+        return w - spec.norm_offset
+    if spec.permuted_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
         return _unpermute(w, config["num_attention_heads"])
-    if arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+    if spec.permuted_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
         return _unpermute(w, config["num_key_value_heads"])
     return w
 
 
-def kept_blocks(header: GGUFHeader, keep: Collection[int]) -> dict[str, int]:
+def kept_blocks(header: GGUFHeader, keep: Collection[int], spec: GGUFArchitecture) -> dict[str, int]:
     """HF name -> GGML type of the matrices whose quantized blocks are to be kept as they are.
 
     Those are the 2-D weights (Linear layers, the embedding) whose type is in ``keep``; norms and
     1-D tensors are always dequantized.
     """
-    arch = header.metadata.get("general.architecture")
     out = {}
     for info in header.tensors.values():
-        name = hf_name(info.name, arch) if arch in _ARCH_LAYER_NAMES else None
+        name = hf_name(info.name, spec)
         if name and info.ggml_type in keep and len(info.shape) == 2 and not info.name.endswith("norm.weight"):
             out[name] = info.ggml_type
     return out
@@ -458,6 +465,7 @@ def kept_blocks(header: GGUFHeader, keep: Collection[int]) -> dict[str, int]:
 def load_weights(
     header: GGUFHeader,
     config: dict[str, Any],
+    spec: GGUFArchitecture,
     *,
     dtype: mx.Dtype = mx.float32,
     threads: int | None = None,
@@ -472,16 +480,15 @@ def load_weights(
     Raises:
         WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
     """
-    arch = header.metadata["general.architecture"]
-    raw_names = set(kept_blocks(header, keep_blocks))
+    raw_names = set(kept_blocks(header, keep_blocks, spec))
     names = {}
     for info in header.tensors.values():
-        if info.name in _SKIPPED.get(arch, ()):
-            logger.warning("%s: ignoring %s (Llama 3 RoPE scaling is not recovered from it)", header.path, info.name)
+        if info.name in spec.skipped:
+            logger.warning("%s: ignoring %s (%s declares it skipped)", header.path, info.name, spec.name)
             continue
-        name = hf_name(info.name, arch)
+        name = hf_name(info.name, spec)
         if name is None:
-            raise WeightsError(f"{header.path}: GGUF tensor {info.name!r} has no {arch} counterpart")
+            raise WeightsError(f"{header.path}: GGUF tensor {info.name!r} has no {spec.name} counterpart")
         names[info.name] = name
     weights: dict[str, mx.array] = {}
     data = np.memmap(header.path, dtype=np.uint8, mode="r")
@@ -496,18 +503,25 @@ def load_weights(
                 array = mx.array(np.array(raw).reshape(info.shape[0], -1))
             else:
                 array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape, executor=pool)
-            array = _fix(array, gguf_name, arch, config)
+            array = _fix(array, gguf_name, spec, config)
             weights[name] = array if dtype == mx.float32 or name in raw_names else array.astype(dtype)
             mx.eval(weights[name])  # materialize now, so an intermediate float32 copy can go
     del data
     return weights
 
 
-def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32, keep_blocks: Collection[int] = ()) -> GGUFModel:
-    """Read a GGUF model: its config, dequantized weights, tokenizer and metadata.
+def read_gguf(
+    path: str | os.PathLike,
+    architectures: Mapping[str, GGUFArchitecture],
+    *,
+    dtype: mx.Dtype = mx.float32,
+    keep_blocks: Collection[int] = (),
+) -> GGUFModel:
+    """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
     Args:
         path: the ``.gguf`` file.
+        architectures: the architectures to read (``lmx.models.GGUF_ARCHITECTURES``), by GGUF name.
         dtype: the weights' dtype (dequantization is done in float32, then cast).
         keep_blocks: GGML types whose matrices stay as raw blocks (see :func:`load_weights`); the
             model's ``block_types`` names them.
@@ -517,33 +531,35 @@ def read_gguf(path: str | os.PathLike, *, dtype: mx.Dtype = mx.float32, keep_blo
 
     Raises:
         ModelNotFoundError: no such file.
-        UnsupportedModelError: the architecture is not gemma3, qwen3 or llama.
+        UnsupportedModelError: the architecture is not one of ``architectures``.
         WeightsError: the file is corrupt or a tensor cannot be read.
-        TokenizerError: the vocabulary is missing or malformed.
     """
     header = read_header(path)
-    config = gguf_config(header)
-    spec = tokenizer_from_gguf(header.metadata)
-    weights = load_weights(header, config, dtype=dtype, keep_blocks=keep_blocks)
+    spec = architecture_of(header, architectures)
+    config = gguf_config(header, architectures)
+    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks)
     return GGUFModel(
         config=config,
         weights=weights,
-        tokenizer_spec=spec,
+        header=header,
         metadata=info_metadata(header),
-        block_types=kept_blocks(header, keep_blocks),
+        block_types=kept_blocks(header, keep_blocks, spec),
     )
 
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
+    "GGUFArchitecture",
     "GGUFHeader",
     "GGUFModel",
     "GGUFTensorInfo",
+    "architecture_of",
     "gguf_config",
     "hf_name",
     "info_metadata",
     "kept_blocks",
     "load_weights",
+    "meta",
+    "positive",
     "read_gguf",
     "read_gguf_metadata",
     "read_header",

@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from lmx.runtime import settings
+
 logger = logging.getLogger(__name__)
 
 # GGML type ids the kernels read (ggml.h).
 GGML_TYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-ENV_SWITCH = "LMX_CPU_KERNELS"
-ENV_THREADS = "LMX_CPU_THREADS"
+ENV_SWITCH = settings.LMX_CPU_KERNELS.name
+ENV_THREADS = settings.LMX_CPU_THREADS.name
 # Opt-in: one-token products with int8-quantized activations (llama.cpp's arithmetic; changes logits).
-ENV_INT8 = "LMX_CPU_INT8"
+ENV_INT8 = settings.LMX_CPU_INT8.name
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,12 @@ class KernelStatus:
 
 def enabled_by_env() -> bool:
     """False when ``LMX_CPU_KERNELS`` is 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    return settings.LMX_CPU_KERNELS.get()
 
 
 def int8_by_env() -> bool:
     """True when ``LMX_CPU_INT8`` is 1/true/on/yes (default off: exact float32 products)."""
-    return os.environ.get(ENV_INT8, "0").strip().lower() in ("1", "true", "on", "yes")
+    return settings.LMX_CPU_INT8.get()
 
 
 def physical_cores() -> int:
@@ -74,18 +76,19 @@ def physical_cores() -> int:
 
 
 def _threads() -> int:
-    value = os.environ.get(ENV_THREADS)
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            logger.warning("%s=%r is not an integer; using the physical core count", ENV_THREADS, value)
-    return physical_cores()
+    return settings.LMX_CPU_THREADS.get() or physical_cores()
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str | None]:
-    """Import the built module once, if it was built for this MLX and these sources."""
+def load_module() -> tuple[ModuleType | None, str | None]:
+    """Import the built module once, if it was built for this MLX and these sources.
+
+    Unlike :func:`kernels`, this ignores ``LMX_CPU_KERNELS``: a caller that requires the kernels
+    (``lmx.load(..., cpu_kernels=True)``, a model holding GGUF-block layers) asks for them here.
+
+    Returns:
+        ``(module, None)``, or ``(None, why not)``.
+    """
     from lmx.kernels import build
 
     if (why := build.supported_platform()) is not None:
@@ -131,14 +134,14 @@ def kernels() -> ModuleType | None:
     """The kernel module, or None when unavailable or switched off (``LMX_CPU_KERNELS=0``)."""
     if not enabled_by_env():
         return None
-    return _load()[0]
+    return load_module()[0]
 
 
 def status() -> KernelStatus:
     """What :func:`kernels` gives, and why (for ``lmx info``)."""
     if not enabled_by_env():
         return KernelStatus(False, f"{ENV_SWITCH}=0")
-    module, reason = _load()
+    module, reason = load_module()
     if module is None:
         return KernelStatus(False, reason)
     avx2 = module.has_avx2()
@@ -154,5 +157,6 @@ __all__ = [
     "enabled_by_env",
     "int8_by_env",
     "kernels",
+    "load_module",
     "status",
 ]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -35,7 +34,9 @@ from typing import Any
 
 import mlx.core as mx
 
-ENV_SWITCH = "LMX_CUDA_ATTENTION"
+from lmx.runtime import settings
+
+ENV_SWITCH = settings.LMX_CUDA_ATTENTION.name
 # Head dims MLX 0.32.4's CUDA attention fuses for one query (sdpa_vector; cuDNN covers a subset).
 FUSED_HEAD_DIMS = frozenset({64, 96, 128})
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -142,7 +143,7 @@ _SOURCE = """
 
 def enabled_by_env() -> bool:
     """False when ``LMX_CUDA_ATTENTION`` is 0/false/off/no."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    return settings.LMX_CUDA_ATTENTION.get()
 
 
 @functools.lru_cache(maxsize=1)

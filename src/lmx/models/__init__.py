@@ -1,4 +1,11 @@
-"""Model architectures, one module per HF ``model_type``, listed explicitly below."""
+"""Model architectures, one module per HF ``model_type``, listed explicitly below.
+
+Each module exports ``ModelArgs`` and ``Model`` (the forward pass), and what the loading side reads:
+``GGUF`` (its GGUF tensor names and metadata quirks, an :class:`lmx.io.gguf.GGUFArchitecture`),
+``HF_ARCHITECTURE``, ``CHAT_TEMPLATE`` and ``EXTRA_EOS_TOKENS`` (for GGUF files without them),
+``NEUTRAL_NORM_WEIGHT`` and ``BENCH_CONFIGS`` (for ``lmx bench``). Adding an architecture is its file
+plus its entry in :data:`ARCHITECTURES`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from lmx.errors import UnsupportedModelError
+from lmx.io.gguf import GGUFArchitecture
 from lmx.models import gemma3_text, qwen3
 
 # model_type -> module exporting ModelArgs and Model. "gemma3" is the multimodal
@@ -14,6 +22,13 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma3_text": gemma3_text,
     "gemma3": gemma3_text,
     "qwen3": qwen3,
+}
+# GGUF general.architecture -> its module, and the declarations lmx.io.gguf reads files with.
+GGUF_MODULES: dict[str, ModuleType] = {module.GGUF.name: module for module in ARCHITECTURES.values()}
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {name: module.GGUF for name, module in GGUF_MODULES.items()}
+# `lmx bench --config NAME` shapes of every architecture.
+BENCH_CONFIGS: dict[str, dict[str, Any]] = {
+    name: config for module in GGUF_MODULES.values() for name, config in module.BENCH_CONFIGS.items()
 }
 
 

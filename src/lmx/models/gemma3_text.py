@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from lmx.io.gguf import GGUFArchitecture, meta, positive
 from lmx.models.base import (
     AttentionLayer,
     BaseModelArgs,
@@ -239,3 +240,135 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             out.pop("lm_head.weight", None)  # a tied head is the embedding itself
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the loading side reads of this architecture (lmx.loading, lmx.bench; through models/__init__.py).
+
+HF_ARCHITECTURE = "Gemma3ForCausalLM"  # config.json "architectures" of a converted checkpoint
+
+
+def _gguf_config(md: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+    # llama.cpp's Gemma 3 pattern: five sliding layers, then one global; a file may state it per layer
+    pattern = meta(md, "gemma3", "attention.sliding_window_pattern", 6)
+    period = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else 6
+    if isinstance(pattern, list) and len(pattern) == layers:
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [(i + 1) % period != 0 for i in range(layers)]
+    if meta(md, "gemma3", "attention.scale") is not None:
+        query_pre_attn_scalar = 1.0 / positive(md, "gemma3", "attention.scale", integer=False) ** 2
+    elif layers == 62:
+        # Gemma 3 27B scales queries by hidden_size / heads, the others by head_dim (as llama.cpp does)
+        query_pre_attn_scalar = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        query_pre_attn_scalar = head_dim
+    return {
+        "sliding_window": positive(md, "gemma3", "attention.sliding_window", 4096),
+        "sliding_window_pattern": period,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_local_base_freq": positive(md, "gemma3", "rope.freq_base_swa", 10_000.0, integer=False),
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+
+
+GGUF = GGUFArchitecture(
+    name="gemma3",
+    model_type="gemma3_text",
+    # Gemma has four norms per layer (the others call the pre-MLP norm post_attention_layernorm).
+    layer_names={
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    norm_offset=1.0,  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+    rope_theta=1e6,
+    config=_gguf_config,
+)
+
+# Used when a GGUF file carries no template (the bundled Gemma 3 270M carries none).
+CHAT_TEMPLATE = """{{- bos_token -}}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set first = messages[0]['content'] if messages[0]['content'] is string
+      else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}
+  {%- set prefix = first + '\\n\\n' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set prefix = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' -}}
+  {{- prefix if loop.first else '' -}}
+  {%- if message['content'] is string -%}
+    {{- message['content'] | trim -}}
+  {%- else -%}
+    {%- for part in message['content'] -%}
+      {%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}
+      {%- elif part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{- '<end_of_turn>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}
+"""
+
+# Turn terminators that end a chat reply, beyond the file's EOS (as generation_config.json lists).
+EXTRA_EOS_TOKENS = ("<end_of_turn>",)
+
+NEUTRAL_NORM_WEIGHT = 0.0  # RMSNorm scales by 1 + weight: random bench weights are drawn around this
+
+
+def _bench(**kw: Any) -> dict[str, Any]:
+    config = {
+        "model_type": "gemma3_text",
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "num_key_value_heads": 1,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+    }
+    config.update(kw)
+    return config
+
+
+# `lmx bench --config NAME` shapes: the published config.json files (270M: the bundled model's own);
+# "tiny-*" is a small shape for smoke tests.
+BENCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3-270m": _bench(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4),
+    "gemma3-1b": _bench(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4),
+    "gemma3-4b": _bench(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        vocab_size=262208,
+    ),
+    "tiny-gemma3": _bench(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=16,
+        sliding_window_pattern=2,
+        vocab_size=512,
+    ),
+}

@@ -21,9 +21,9 @@ from lmx.errors import WeightsError
 
 
 def _kernels() -> ModuleType:
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
 
-    module, reason = _load()
+    module, reason = load_module()
     if module is None:
         raise WeightsError(f"this layer needs lmx's CPU kernels, which are unavailable: {reason}")
     return module

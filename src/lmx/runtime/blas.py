@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmx.runtime import settings
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class BlasStatus:
 
 
 def _candidate_paths() -> list[Path]:
-    env = os.environ.get("LMX_OPENBLAS")
-    found: list[Path] = [Path(env)] if env else []
+    env = settings.LMX_OPENBLAS.get()
+    found: list[Path] = [env] if env else []
     roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
     for root in roots:
         lib = Path(root) / "cmeel.prefix" / "lib"
@@ -50,14 +51,18 @@ def ensure_openblas() -> BlasStatus:
     """Load OpenBLAS with ``RTLD_GLOBAL`` if this is Linux and mlx is not imported yet.
 
     Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS, ``LMX_OPENBLAS=/path/lib.so`` to
-    name the library. Never raises: a missing OpenBLAS only costs speed, and is reported.
+    name the library (see :mod:`lmx.runtime.settings`). A missing OpenBLAS only costs speed, and is
+    reported.
 
     Returns:
         A :class:`BlasStatus` saying which BLAS MLX will use.
+
+    Raises:
+        InvalidOptionError: ``LMX_BLAS`` or ``LMX_OPENBLAS`` holds a value they do not take.
     """
     if not sys.platform.startswith("linux"):
         return BlasStatus("platform", reason=f"{sys.platform} uses MLX's own BLAS")
-    if os.environ.get("LMX_BLAS", "").lower() == "bundled":
+    if settings.LMX_BLAS.get() == "bundled":
         return BlasStatus("bundled", reason="LMX_BLAS=bundled")
     if "mlx.core" in sys.modules:
         return BlasStatus("bundled", reason="mlx.core was imported before lmx")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
 from lmx.errors import InvalidOptionError
+from lmx.runtime import settings
 
 DEVICES = ("cpu", "gpu")
 
@@ -31,7 +30,7 @@ def choose_device(name: str | None = None) -> mx.Device:
     Raises:
         InvalidOptionError: the name is not cpu/gpu, or gpu was asked for without one.
     """
-    name = name or os.environ.get("LMX_DEVICE") or ("gpu" if gpu_available() else "cpu")
+    name = name or settings.LMX_DEVICE.get() or ("gpu" if gpu_available() else "cpu")
     name = name.lower()
     if name not in DEVICES:
         raise InvalidOptionError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")

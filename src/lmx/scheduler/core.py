@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from lmx import memory
 from lmx.errors import EngineClosedError, OutOfMemoryError, QueueFullError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
@@ -38,6 +37,7 @@ from lmx.generate.sampling import top_logprobs
 from lmx.generate.step import Decoder, prefill
 from lmx.models import batch_cache
 from lmx.models.cache import KVCache
+from lmx.runtime import memory
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
 from lmx.scheduler.request import Request, Sink
 

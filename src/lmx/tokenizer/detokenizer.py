@@ -18,14 +18,29 @@ that still ends in U+FFFD after ``4 * max_held_tokens`` held ids is emitted as i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
+
+import tokenizers
 
 from lmx.errors import TokenizerError
 
-if TYPE_CHECKING:
-    from lmx.tokenizer.tokenizer import Tokenizer
-
 _REPLACEMENT = "\ufffd"
+
+
+class DecodingTokenizer(Protocol):
+    """What the detokenizer needs of a tokenizer (:class:`lmx.tokenizer.Tokenizer` is one); a Protocol,
+    so this module does not import the tokenizer that builds detokenizers."""
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer: ...
+
+    @property
+    def special_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]: ...
+
+    def check_id(self, token_id: Any) -> int: ...
 
 
 class StreamingDetokenizer:
@@ -41,7 +56,9 @@ class StreamingDetokenizer:
         TokenizerError: ``max_held_tokens`` is less than 4.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, max_held_tokens: int = 16) -> None:
+    def __init__(
+        self, tokenizer: DecodingTokenizer, *, skip_special_tokens: bool = True, max_held_tokens: int = 16
+    ) -> None:
         if max_held_tokens < 4:
             raise TokenizerError(f"max_held_tokens must be >= 4 (one UTF-8 character), got {max_held_tokens}")
         self._tokenizer = tokenizer
@@ -88,7 +105,7 @@ class StreamingDetokenizer:
         Raises:
             TokenizerError: the id is not an int or is out of range.
         """
-        token_id = self._tokenizer._check_id(token_id)
+        token_id = self._tokenizer.check_id(token_id)
         self._tokens.append(token_id)
         if token_id in self._ignored:
             return ""

@@ -18,7 +18,7 @@ own (no post-processor): ``add_bos_token`` tells the caller whether to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -55,95 +55,6 @@ _NFC_PRE = {"qwen2", "qwen35", "deepseek-r1-qwen"}
 # Llama 3's tokenizer.json takes a whole pre-token that is in the vocabulary before any merge.
 _IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe"}
 
-GEMMA_CHAT_TEMPLATE = """{{- bos_token -}}
-{%- if messages and messages[0]['role'] == 'system' -%}
-  {%- set first = messages[0]['content'] if messages[0]['content'] is string
-      else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}
-  {%- set prefix = first + '\\n\\n' -%}
-  {%- set turns = messages[1:] -%}
-{%- else -%}
-  {%- set prefix = '' -%}
-  {%- set turns = messages -%}
-{%- endif -%}
-{%- for message in turns -%}
-  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
-  {%- endif -%}
-  {{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' -}}
-  {{- prefix if loop.first else '' -}}
-  {%- if message['content'] is string -%}
-    {{- message['content'] | trim -}}
-  {%- else -%}
-    {%- for part in message['content'] -%}
-      {%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}
-      {%- elif part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
-  {{- '<end_of_turn>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}
-"""
-
-QWEN3_CHAT_TEMPLATE = """{%- if tools -%}
-  {{- '<|im_start|>system\\n' -}}
-  {%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}
-  {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
-      'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
-  {%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}
-  {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
-      '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, '
-      '\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}
-{%- elif messages and messages[0]['role'] == 'system' -%}
-  {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}
-{%- endif -%}
-{%- set ns = namespace(last_query=messages | length - 1, found=false) -%}
-{%- for message in messages[::-1] -%}
-  {%- if not ns.found and message['role'] == 'user' and message['content'] is string
-        and not (message['content'].startswith('<tool_response>') and message['content'].endswith('</tool_response>')) -%}
-    {%- set ns.found = true -%}
-    {%- set ns.last_query = messages | length - 1 - loop.index0 -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- for message in messages -%}
-  {%- set content = message['content'] if message['content'] is string else '' -%}
-  {%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) -%}
-    {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}
-  {%- elif message['role'] == 'assistant' -%}
-    {%- set reasoning = message.get('reasoning_content') or '' -%}
-    {%- if not reasoning and '</think>' in content -%}
-      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
-      {%- set content = content.split('</think>')[-1] -%}
-    {%- endif -%}
-    {%- set content = content.lstrip('\\n') -%}
-    {%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}
-      {{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content -}}
-    {%- else -%}
-      {{- '<|im_start|>assistant\\n' + content -}}
-    {%- endif -%}
-    {%- for call in message.get('tool_calls') or [] -%}
-      {%- set call = call['function'] if call['function'] is defined else call -%}
-      {%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}
-      {{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}
-      {%- if call['arguments'] is string -%}{{- call['arguments'] -}}{%- else -%}{{- call['arguments'] | tojson -}}{%- endif -%}
-      {{- '}\\n</tool_call>' -}}
-    {%- endfor -%}
-    {{- '<|im_end|>\\n' -}}
-  {%- elif message['role'] == 'tool' -%}
-    {%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
-    {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}
-    {%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{- '<|im_start|>assistant\\n' -}}
-  {%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
-{%- endif -%}
-"""
-
-DEFAULT_CHAT_TEMPLATES = {"gemma3": GEMMA_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE}
-# Turn terminators that end a chat reply, beyond the file's EOS (as the models' generation_config.json lists).
-_EXTRA_EOS = {"gemma3": ("<end_of_turn>",), "qwen3": ("<|im_end|>", "<|endoftext|>")}
-
 
 @dataclass
 class GGUFTokenizerSpec:
@@ -153,10 +64,10 @@ class GGUFTokenizerSpec:
         backend: the ``tokenizers.Tokenizer``; it adds no special tokens itself.
         bos_token: the BOS token text, if the file names one.
         eos_tokens: tokens that end generation: the file's EOS (and EOT/EOM), then the
-            architecture's turn terminators.
+            architecture's turn terminators (``extra_eos_tokens``).
         pad_token: the padding token text, if any.
         add_bos_token: whether a BOS should start each encoded text (None: the file does not say).
-        chat_template: the file's Jinja chat template, else a built-in one for the architecture.
+        chat_template: the file's Jinja chat template, else the architecture's (``default_chat_template``).
     """
 
     backend: Tokenizer
@@ -350,12 +261,17 @@ def _add_typed_tokens(
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
 
 
-def tokenizer_from_gguf(reader_or_fields: Any) -> GGUFTokenizerSpec:
+def tokenizer_from_gguf(
+    reader_or_fields: Any, *, default_chat_template: str | None = None, extra_eos_tokens: Sequence[str] = ()
+) -> GGUFTokenizerSpec:
     """Build the tokenizer a GGUF file describes.
 
     Args:
         reader_or_fields: GGUF metadata as ``{key: value}`` (``lmx.io.gguf.read_header(...).metadata``),
             an object with such a ``.metadata``, or a ``gguf.GGUFReader``.
+        default_chat_template: the template when the file has none (the architecture's ``CHAT_TEMPLATE``).
+        extra_eos_tokens: turn terminators that also end generation, where the vocabulary has them
+            (the architecture's ``EXTRA_EOS_TOKENS``, as its generation_config.json lists them).
 
     Returns:
         The tokenizer and its special-token settings.
@@ -382,11 +298,11 @@ def tokenizer_from_gguf(reader_or_fields: Any) -> GGUFTokenizerSpec:
     _add_typed_tokens(backend, tokens, spelled, types, list(names.values()))
 
     vocab = set(tokens)
-    eos = [names["eos"], names["eot"], names["eom"], *(t for t in _EXTRA_EOS.get(arch, ()) if t in vocab)]
+    eos = [names["eos"], names["eot"], names["eom"], *(t for t in extra_eos_tokens if t in vocab)]
     add_bos = fields.get("tokenizer.ggml.add_bos_token")
     if add_bos is None and kind == "llama":
         add_bos = True  # llama.cpp's default for a SentencePiece vocabulary that does not say
-    template = fields.get("tokenizer.chat_template") or DEFAULT_CHAT_TEMPLATES.get(arch)
+    template = fields.get("tokenizer.chat_template") or default_chat_template
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"GGUF tokenizer.chat_template must be a string, got {type(template).__name__}")
     return GGUFTokenizerSpec(
@@ -400,9 +316,6 @@ def tokenizer_from_gguf(reader_or_fields: Any) -> GGUFTokenizerSpec:
 
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATES",
-    "GEMMA_CHAT_TEMPLATE",
-    "QWEN3_CHAT_TEMPLATE",
     "GGUFTokenizerSpec",
     "spm_merges",
     "tokenizer_from_gguf",

@@ -112,7 +112,7 @@ class Tokenizer:
                 eos_ids.append(self._require_id(tok, "eos token"))
                 eos_token = eos_token or tok
             else:
-                eos_ids.append(self._check_id(tok))
+                eos_ids.append(self.check_id(tok))
         if eos_token is None and eos_ids:
             eos_token = backend.id_to_token(eos_ids[0])
         self.eos_token = eos_token
@@ -147,7 +147,12 @@ class Tokenizer:
             raise TokenizerError(f"{what} {token!r} of {self._label} is not in its vocabulary")
         return token_id
 
-    def _check_id(self, token_id: Any) -> int:
+    def check_id(self, token_id: Any) -> int:
+        """A token id as an int, checked (ids past the vocabulary pass: they decode to no text).
+
+        Raises:
+            TokenizerError: not an int, or negative.
+        """
         try:
             value = operator.index(token_id)
         except TypeError:
@@ -203,7 +208,7 @@ class Tokenizer:
         Raises:
             TokenizerError: an id is not an int or is out of range.
         """
-        checked = [self._check_id(i) for i in ids]
+        checked = [self.check_id(i) for i in ids]
         return self.backend.decode(checked, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, id: int) -> str | None:

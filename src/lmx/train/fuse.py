@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError
-from lmx.loader import DTYPES, load_model
+from lmx.loading import DTYPES, load_model
 from lmx.train.lora import fuse_lora, load_adapter
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def fuse(
             if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
         ]
         loaded.model.update(tree_unflatten(cast))
-    from lmx.io.convert import staged_dir, write_hf_dir
+    from lmx.loading.convert import staged_dir, write_hf_dir
 
     with staged_dir(out) as tmp:
         write_hf_dir(loaded, tmp, quant)

@@ -24,8 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lmx import memory
 from lmx.errors import InvalidOptionError
+from lmx.runtime import memory
 from lmx.train.checkpoint import check_compatible, load_checkpoint, restore, save_checkpoint
 from lmx.train.config import TrainConfig
 from lmx.train.data import Dataset, DatasetError, collate, epoch_batches, load_split
@@ -111,7 +111,7 @@ class Trainer:
             )
         self.base_model = config.model
         if model is None:
-            from lmx.loader import load_model
+            from lmx.loading import load_model
             from lmx.runtime.device import choose_device
 
             choose_device(config.device)

@@ -21,10 +21,10 @@ from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import processors
 
 from lmx.errors import InvalidOptionError, LmxError, SaveError
-from lmx.loader import DTYPES, LoadedModel, load_model
+from lmx.loading.loader import DTYPES, LoadedModel, load_path
+from lmx.models import get_architecture
 from lmx.tokenizer import Tokenizer
 
-ARCHITECTURES = {"gemma3_text": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 
@@ -70,7 +70,7 @@ def convert(
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    loaded = load_model(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
+    loaded = load_path(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
     quant = None
     if q_bits is not None:
         quant = {"group_size": q_group_size, "bits": q_bits}
@@ -202,8 +202,7 @@ def write_hf_dir(
 
 def _config(loaded: LoadedModel, weights: dict[str, mx.array], quantization: dict[str, int] | None) -> dict[str, Any]:
     config = dict(loaded.config)
-    model_type = config.get("model_type", "")
-    config["architectures"] = [ARCHITECTURES.get(model_type, model_type)]
+    config["architectures"] = [get_architecture(config).HF_ARCHITECTURE]
     floats = sorted({str(w.dtype).split(".")[-1] for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)})
     config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
     if quantization:

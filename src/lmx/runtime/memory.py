@@ -1,4 +1,4 @@
-"""Memory statistics, limits and cache clearing (``lmx.memory``).
+"""Memory statistics, limits and cache clearing (``lmx.runtime.memory``, public as ``lmx.memory``).
 
 Thin, typed wrappers over MLX's allocator counters. Numbers are bytes.
 """

@@ -1,4 +1,4 @@
-"""Find a model (HF directory, GGUF file, or the bundled default) and load it, all or nothing."""
+"""Load a model from an HF directory or a GGUF file, all or nothing (:mod:`lmx.loading.find` finds it)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx import memory
 from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io import hf
-from lmx.models import build_model, text_config
+from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
+from lmx.runtime import memory
 from lmx.runtime.device import device_name
 from lmx.tokenizer import Tokenizer, load_tokenizer
 
@@ -51,19 +51,16 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[name]
 
 
-def load_model(
-    path: str | os.PathLike | None = None, *, dtype: str | None = "auto", cpu_kernels: bool | None = None
-) -> LoadedModel:
-    """Load a model from an HF directory or a ``.gguf`` file (None: the bundled default).
+def load_path(path: str | os.PathLike, *, dtype: str | None = "auto", cpu_kernels: bool | None = None) -> LoadedModel:
+    """Load a model from an HF directory or a ``.gguf`` file.
 
     Args:
-        path: the model; None for the bundled default.
+        path: the model.
         dtype: see :func:`resolve_dtype`.
         cpu_kernels: keep a GGUF model's quantized matrices as they are and run them on lmx's CPU
             kernels (:mod:`lmx.kernels`), and run every model's RMSNorms, RoPE and decode attention
             as one kernel op each. None (default): on the CPU when the kernels are built and
-            ``LMX_CPU_KERNELS`` is not 0; False: MLX's own ops only; True: required. The bundled
-            default model is then read from its GGUF file instead of the converted float32 directory.
+            ``LMX_CPU_KERNELS`` is not 0; False: MLX's own ops only; True: required.
             ``LMX_CPU_INT8=1`` (opt-in) quantizes the activations of one-token products to int8, as
             llama.cpp does: faster decoding, logits no longer those of the dequantized model.
 
@@ -73,13 +70,8 @@ def load_model(
         UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
     """
     mx_dtype = resolve_dtype(dtype)
-    kernel_types = _kernel_types(cpu_kernels)
-    if path is None:
-        from lmx.io.default_model import default_gguf_path, default_model_path
-
-        target = default_gguf_path() if kernel_types else default_model_path()
-    else:
-        target = Path(path).expanduser()
+    kernel_types = kernel_types_for(cpu_kernels)
+    target = Path(path).expanduser()
     if target.is_dir():
         return _load_hf_dir(target, mx_dtype, layer_ops=bool(kernel_types))
     if target.is_file() and target.suffix.lower() == ".gguf":
@@ -133,11 +125,18 @@ def _check_config_shape(config: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: 'text_config' must be a JSON object, got {text!r:.80}")
 
 
-def _kernel_types(cpu_kernels: bool | None) -> frozenset[int]:
-    """The GGML types to keep as blocks: those the CPU kernels read, when they are to be used."""
+def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
+    """The GGML types to keep as blocks: those the CPU kernels read, when they are to be used.
+
+    Args:
+        cpu_kernels: as :func:`load_path` takes it.
+
+    Raises:
+        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run.
+    """
     if cpu_kernels is False:
         return frozenset()
-    from lmx.kernels import GGML_TYPES, _load, enabled_by_env
+    from lmx.kernels import GGML_TYPES, enabled_by_env, load_module
 
     if device_name() != "cpu":
         if cpu_kernels:
@@ -145,7 +144,7 @@ def _kernel_types(cpu_kernels: bool | None) -> frozenset[int]:
         return frozenset()
     if cpu_kernels is None and not enabled_by_env():
         return frozenset()
-    module, reason = _load()
+    module, reason = load_module()
     if module is None:
         if cpu_kernels:
             raise InvalidOptionError(f"cpu_kernels=True, but lmx's CPU kernels are unavailable: {reason}")
@@ -156,18 +155,19 @@ def _kernel_types(cpu_kernels: bool | None) -> frozenset[int]:
 
 def _use_cpu_layer_ops(model: nn.Module) -> None:
     """Norms, RoPE and decode attention as one op each on the CPU kernels (:func:`lmx.models.base.use_cpu_ops`)."""
-    from lmx.kernels import _load
+    from lmx.kernels import load_module
     from lmx.models.base import use_cpu_ops
 
-    use_cpu_ops(model, _load()[0])
+    use_cpu_ops(model, load_module()[0])
 
 
 def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:
     from lmx.io.gguf import read_gguf
     from lmx.kernels import int8_by_env
     from lmx.models.gguf_layers import use_gguf_blocks
+    from lmx.tokenizer.gguf import tokenizer_from_gguf
 
-    gguf = read_gguf(path, dtype=dtype, keep_blocks=kernel_types)
+    gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types)
     model = _build(gguf.config, str(path))
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
@@ -177,7 +177,11 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
     hf.apply_weights(model, weights, str(path), dtype)
-    spec = gguf.tokenizer_spec
+    arch = get_architecture(gguf.config, str(path))
+    # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
+    spec = tokenizer_from_gguf(
+        gguf.header, default_chat_template=arch.CHAT_TEMPLATE, extra_eos_tokens=arch.EXTRA_EOS_TOKENS
+    )
     tokenizer = Tokenizer(
         spec.backend,
         bos_token=spec.bos_token,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lmx.errors import ModelNotFoundError
+from lmx.runtime import settings
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +22,8 @@ DEFAULT_MODEL_NAME = "gemma-3-270m"
 
 
 def lmx_home() -> Path:
-    """The directory lmx caches models in (``LMX_HOME``)."""
-    env = os.environ.get("LMX_HOME")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lmx"
+    """The directory lmx caches models in (``LMX_HOME``, see :mod:`lmx.runtime.settings`)."""
+    return settings.LMX_HOME.get()
 
 
 def default_gguf_path() -> Path:
@@ -56,7 +53,7 @@ def default_model_path() -> Path:
         return out
     from tqdm import tqdm
 
-    from lmx.io.convert import convert
+    from lmx.loading.convert import convert
 
     gguf = default_gguf_path()
     logger.info("converting the default model into %s (once)", out)

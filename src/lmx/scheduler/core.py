@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from lmx.errors import EngineClosedError, OutOfMemoryError, QueueFullError
+from lmx.errors import EngineClosedError, QueueFullError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
@@ -38,6 +38,7 @@ from lmx.generate.step import Decoder, prefill
 from lmx.models import batch_cache
 from lmx.models.cache import KVCache
 from lmx.runtime import memory
+from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
 from lmx.scheduler.request import Request, Sink
 
@@ -156,8 +157,8 @@ class Scheduler:
         self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
-        self._windows = [c.window for c in model.make_cache()]
-        self._kv_shape = (args.num_key_value_heads, args.head_dim)
+        windows = [c.window for c in model.make_cache()]
+        self._kv = KVBudget(windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -463,7 +464,7 @@ class Scheduler:
                 if not self._admit(request, extra_rows=len(taken)):
                     if live == 0:  # nothing runs that could give memory back: it will never fit
                         self._waiting.popleft()
-                        self._finish(request, None, self._out_of_memory(request))
+                        self._finish(request, None, self._kv.refusal(len(request.ids) + request.limit))
                         continue
                     break
                 self._waiting.popleft()
@@ -524,26 +525,12 @@ class Scheduler:
         self._joiners = []
 
     # ------------------------------------------------------------------ memory
-    def _kv_bytes(self, positions: int, rows: int) -> int:
-        n_kv, head_dim = self._kv_shape
-        return memory.kv_cache_bytes(self._windows, n_kv, head_dim, positions, self.config.kv_itemsize, batch=rows)
-
     def _check_fits_alone(self, request: Request) -> None:
         """Refuse at once a request whose KV cache could not fit even with nothing else running."""
         held = batch_cache.nbytes(self._batch.caches) + self.prefix_cache.nbytes
-        if self._kv_bytes(len(request.ids) + request.limit, 1) > memory.stats().limit - (memory.active() - held):
-            raise self._out_of_memory(request, held)
-
-    def _out_of_memory(self, request: Request, held: int = 0) -> OutOfMemoryError:
         positions = len(request.ids) + request.limit
-        need = self._kv_bytes(positions, 1)
-        limit = memory.stats().limit
-        free = max(0, limit - memory.active() + held)
-        return OutOfMemoryError(
-            f"the KV cache for {positions} positions needs {memory.format_bytes(need)} but only "
-            f"{memory.format_bytes(free)} of the {memory.format_bytes(limit)} limit is free "
-            "(use a shorter prompt or a lower max_tokens)"
-        )
+        if self._kv.bytes(positions) > self._kv.free(held):
+            raise self._kv.refusal(positions, held)
 
     def _admit(self, request: Request, extra_rows: int) -> bool:
         """Whether ``request`` may start now: the batch's KV cache with it, to the end of every
@@ -553,17 +540,14 @@ class Scheduler:
         offset = batch.caches[0].offset if batch.caches else 0
         remaining = [r.request.limit - len(r.request.generated) for r in rows]
         width = max([offset, len(request.ids)] + [j.caches[0].offset for j in self._joiners if j.caches])
-        positions = width + max([request.limit, *remaining])
-        need = self._kv_bytes(positions, len(rows) + extra_rows + 1)
+        need = self._kv.bytes(width + max([request.limit, *remaining]), len(rows) + extra_rows + 1)
         if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
-            need += self._kv_bytes(len(request.ids), 1)
+            need += self._kv.bytes(len(request.ids))
         held = batch_cache.nbytes(batch.caches)
-        free = memory.stats().limit - memory.active() + held
-        if need > free and self.prefix_cache.nbytes:  # the prefix cache gives its memory back first
-            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - free)))
+        if need > self._kv.free(held) and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
+            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - self._kv.free(held))))
             memory.clear_cache()
-            free = memory.stats().limit - memory.active() + held
-        return need <= free
+        return need <= self._kv.free(held)
 
     # ------------------------------------------------------------------ ends
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:

@@ -39,7 +39,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="ORIGIN",
         help="allow browser calls from ORIGIN (repeatable)",
     )
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an idle connection stays open, and a client has to send a request head (default 5)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a whole request body; slower ones get 408 (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=128,
+        help="open connections at once; more get 503 (default 128; keep it below ulimit -n)",
+    )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_default=args.max_tokens,
         cors_origins=tuple(args.cors_origin),
         keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         lab=not args.no_lab,
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -3,9 +3,12 @@ OpenAI and Ollama APIs and the Lab chat page; :func:`serve` runs it with uvicorn
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import errno
+import functools
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmx.server import routes_ollama, routes_openai
 from lmx.server.common import ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.scheduler import Scheduler
 from lmx.server.settings import ServerSettings
 
@@ -32,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = frozenset({"/health"})
+ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
 PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
 
 
@@ -94,6 +100,7 @@ async def health(request: Request) -> Response:
                 "rejected": stats.rejected,
                 "batches": stats.batches,
             },
+            "refused_connections": dict(state.refusals.totals),
         }
     )
 
@@ -163,9 +170,11 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _count_accept_failures(asyncio.get_running_loop(), state.refusals)
         try:
             yield
         finally:
+            state.refusals.flush()
             scheduler.close()
             if owns:
                 engine.close()
@@ -200,17 +209,51 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     return app
 
 
+def _count_accept_failures(loop: asyncio.AbstractEventLoop, refusals: RefusalLog) -> None:
+    """Count the event loop's "accept() out of file descriptors" reports as refusals (one log
+    line per interval) instead of a traceback each; other reports go where they went before."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if "socket" in context and isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS:
+            refusals.note("accept_failed")  # asyncio pauses accepting for a second and retries
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+def _check_fd_limit(settings: ServerSettings) -> None:
+    try:
+        import resource
+    except ImportError:  # not a Unix: no limit to compare with
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and settings.max_connections + FD_RESERVE > soft:
+        logger.warning(
+            "max_connections=%d is close to this process's file-descriptor limit (%d; ulimit -n): under "
+            "a flood of connections the server may run out before it refuses them",
+            settings.max_connections,
+            soft,
+        )
+
+
 def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -> Any:
-    """The uvicorn configuration serving ``app`` as ``settings`` say (idle timeout before every
-    request, graceful-shutdown limit, no access log unless asked)."""
+    """The uvicorn configuration serving ``app`` as ``settings`` say (head and body timeouts,
+    connection cap, graceful-shutdown limit, no access log unless asked)."""
     import uvicorn
 
-    from lmx.server.protocol import IdleTimeoutProtocol
-
+    state = getattr(app.state, "lmx", None)
+    refusals = state.refusals if state is not None else RefusalLog()
+    limits = ConnectionLimits(settings.body_timeout, settings.max_connections, refusals)
+    _check_fd_limit(settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "http": IdleTimeoutProtocol,
+        "http": functools.partial(LimitedProtocol, limits=limits),
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": 5,
         "access_log": False,

@@ -1,0 +1,169 @@
+"""Slow and abandoned request bodies, the connection cap, and how refusals are logged, against a
+real server on real sockets (``lmx.server.protocol``)."""
+
+from __future__ import annotations
+
+import lmx  # isort: skip
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from lmx.server import BackgroundServer, ServerSettings
+
+KEY = "sk-test-limits"
+AUTH = f"Authorization: Bearer {KEY}\r\n"
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+
+
+class Records(logging.Handler):
+    """Every log record of lmx and uvicorn while a test runs (uvicorn's loggers do not propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    handler = Records()
+    loggers = [logging.getLogger(name) for name in ("lmx", "uvicorn", "uvicorn.error", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    yield handler.records
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def serve(engine: lmx.Engine, **settings: object) -> BackgroundServer:
+    defaults: dict[str, object] = {"port": 0, "model_name": "tiny", "api_key": KEY, "warm_up": False}
+    return BackgroundServer(ServerSettings(**{**defaults, **settings}), engine)  # type: ignore[arg-type]
+
+
+def open_body(server: BackgroundServer, *, key: bool, length: int = 2000, sent: int = 10) -> socket.socket:
+    """A POST whose head is complete and whose body has only ``sent`` of ``length`` bytes."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{AUTH if key else ''}"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b" " * sent)
+    return sock
+
+
+def read_answer(sock: socket.socket, seconds: float, trickle: bool = True) -> tuple[bytes, bool]:
+    """What the server sends within ``seconds`` (sending a body byte every 0.1 s while waiting when
+    ``trickle``), and whether it closed the connection."""
+    got = b""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.1)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if trickle:
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    return got, True
+            continue
+        except ConnectionResetError:
+            return got, True
+        if not chunk:
+            return got, True
+        got += chunk
+    return got, False
+
+
+def json_body(answer: bytes) -> dict:
+    return json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+def no_tracebacks(records: list[logging.LogRecord]) -> None:
+    bad = [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+
+
+def refused(server: BackgroundServer) -> dict[str, int]:
+    return httpx.get(server.url + "/health").json().get("refused_connections", {})
+
+
+def test_slow_body_is_answered_408_and_closed(engine: lmx.Engine, records: list[logging.LogRecord]) -> None:
+    with serve(engine, body_timeout=1.0) as server:
+        with open_body(server, key=True) as sock:
+            answer, closed = read_answer(sock, 15.0)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        error = json_body(answer)["error"]
+        assert error["code"] == "request_timeout" and "body_timeout" in error["message"]
+        assert closed
+        # Ollama's routes answer in Ollama's shape.
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(f"POST /api/chat HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 500\r\n\r\n{{".encode())
+            answer, closed = read_answer(sock, 15.0)
+        assert answer.startswith(b"HTTP/1.1 408 ") and isinstance(json_body(answer)["error"], str)
+        # A whole body sent in time is served as before.
+        ok = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200, ok.text
+        assert refused(server)["body_timeout"] == 2
+    no_tracebacks(records)
+
+
+def test_no_key_is_refused_before_the_body_is_read(engine: lmx.Engine, records: list[logging.LogRecord]) -> None:
+    with serve(engine, body_timeout=60.0) as server:
+        with open_body(server, key=False, length=3000, sent=5) as sock:
+            # 401 while 2,995 bytes of the body are still to come, and the connection is closed
+            # although the client keeps trickling (before: held open for as long as it trickled).
+            answer, closed = read_answer(sock, 10.0)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert json_body(answer)["error"]["code"] == "invalid_api_key"
+        assert closed
+    no_tracebacks(records)
+
+
+def test_client_leaving_mid_body_is_no_unexpected_error(engine: lmx.Engine, records: list[logging.LogRecord]) -> None:
+    with serve(engine) as server:
+        for _ in range(3):
+            open_body(server, key=True).close()
+        deadline = time.monotonic() + 10
+        while refused(server).get("client_gone_mid_body", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        no_tracebacks(records)  # before: "unexpected error while serving a request" and a traceback, each
+        assert refused(server)["client_gone_mid_body"] == 3
+    lines = [r for r in records if "client_gone_mid_body" in r.getMessage()]
+    assert 1 <= len(lines) <= 2  # the first at once, the rest counted into the line at shutdown
+
+
+def test_connection_cap_and_trickling_storm(engine: lmx.Engine, records: list[logging.LogRecord]) -> None:
+    with serve(engine, max_connections=8, body_timeout=2.0) as server:
+        storm = [open_body(server, key=i % 2 == 0) for i in range(50)]
+        answers = [read_answer(sock, 0.5)[0] for sock in storm[:]]
+        statuses = {a[9:12] for a in answers if a}
+        assert b"503" in statuses and b"401" in statuses, statuses
+        over = next(a for a in answers if a.startswith(b"HTTP/1.1 503"))
+        assert json_body(over)["error"]["code"] == "too_many_connections" and b"retry-after: 1" in over.lower()
+        # Every trickler ends answered and closed: 401 at once, 408 after body_timeout, 503 at the cap.
+        for sock, first in zip(storm, answers, strict=True):
+            rest, closed = read_answer(sock, 10.0)
+            assert closed and (first + rest)[9:12] in (b"401", b"408", b"503"), (first + rest)[:100]
+            sock.close()
+        # An authenticated request is served normally afterwards.
+        ok = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+        counts = refused(server)
+        assert counts["too_many_connections"] >= 1 and counts["body_timeout"] >= 1, counts
+    no_tracebacks(records)
+    # One line per kind (then one count at shutdown), not one per connection.
+    for kind in ("too_many_connections", "body_timeout"):
+        lines = [r for r in records if kind in r.getMessage()]
+        assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]

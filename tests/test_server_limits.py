@@ -8,6 +8,7 @@ import lmx  # isort: skip
 import json
 import logging
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -144,15 +145,25 @@ def test_client_leaving_mid_body_is_no_unexpected_error(engine: lmx.Engine, reco
     assert 1 <= len(lines) <= 2  # the first at once, the rest counted into the line at shutdown
 
 
+def reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a client killed mid-request does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def test_connection_cap_and_trickling_storm(engine: lmx.Engine, records: list[logging.LogRecord]) -> None:
     with serve(engine, max_connections=8, body_timeout=2.0) as server:
+        for _ in range(3):  # clients that reset right after their head: answered into the void, no traceback
+            for i in range(40):
+                reset(open_body(server, key=i % 2 == 0))
         storm = [open_body(server, key=i % 2 == 0) for i in range(50)]
         answers = [read_answer(sock, 0.5)[0] for sock in storm[:]]
         statuses = {a[9:12] for a in answers if a}
         assert b"503" in statuses and b"401" in statuses, statuses
         over = next(a for a in answers if a.startswith(b"HTTP/1.1 503"))
         assert json_body(over)["error"]["code"] == "too_many_connections" and b"retry-after: 1" in over.lower()
-        # Every trickler ends answered and closed: 401 at once, 408 after body_timeout, 503 at the cap.
+        # Every trickler ends answered and closed: 401 at once, 408 after body_timeout, 503 when a
+        # newer connection needed its slot (the one that had waited longest is evicted).
         for sock, first in zip(storm, answers, strict=True):
             rest, closed = read_answer(sock, 10.0)
             assert closed and (first + rest)[9:12] in (b"401", b"408", b"503"), (first + rest)[:100]
@@ -161,9 +172,31 @@ def test_connection_cap_and_trickling_storm(engine: lmx.Engine, records: list[lo
         ok = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
         counts = refused(server)
-        assert counts["too_many_connections"] >= 1 and counts["body_timeout"] >= 1, counts
+        assert counts["evicted"] >= 1 and counts["body_timeout"] >= 1, counts
     no_tracebacks(records)
     # One line per kind (then one count at shutdown), not one per connection.
-    for kind in ("too_many_connections", "body_timeout"):
+    for kind in ("evicted", "body_timeout"):
         lines = [r for r in records if kind in r.getMessage()]
         assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+
+
+def test_a_request_gets_through_while_tricklers_hold_every_slot(
+    engine: lmx.Engine, records: list[logging.LogRecord]
+) -> None:
+    with serve(engine, max_connections=8, body_timeout=120.0) as server:
+        storm = [open_body(server, key=True) for _ in range(20)]
+        try:
+            for sock in storm[-8:]:  # the newest 8 hold every slot, trickling, far from their timeout
+                assert read_answer(sock, 0.3) == (b"", False)
+            # A client that sends its request at once takes the slot of the longest waiting trickler.
+            headers = {"Authorization": f"Bearer {KEY}"}
+            ok = httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=headers)
+            assert ok.status_code == 200, ok.text
+            evicted, closed = read_answer(storm[-8], 5.0)
+            assert evicted.startswith(b"HTTP/1.1 503 ") and closed, evicted[:100]
+            assert json_body(evicted)["error"]["code"] == "too_many_connections"
+            assert read_answer(storm[-1], 0.3) == (b"", False)  # the newest still trickles
+        finally:
+            for sock in storm:
+                sock.close()
+    no_tracebacks(records)

@@ -9,7 +9,11 @@ descriptor) for as long as it likes; a few thousand of them starve everyone else
   opening and of each response, or it is closed;
 * a request body must arrive whole within ``body_timeout`` seconds of its head, or the request
   is answered 408 (if no response went out yet) and the connection closed;
-* a connection opened while ``max_connections`` are open is answered 503 and closed;
+* a connection opened while ``max_connections`` are open makes room by evicting the connection
+  that has waited longest for its client (an idle keep-alive one, or one still sending its
+  request head or body), which is answered 503 and closed; when every open connection has a
+  request running, the new one is answered 503 and closed instead. So clients that trickle
+  bytes cannot hold the slots against a client that sends its request at once;
 * a connection whose response went out before its body was read (a 401 for a missing key, a
   413) is closed, not kept draining the rest of the body.
 
@@ -43,7 +47,8 @@ CUT_OFF = "lmx.cut_off"  # scope key set when the server, not the client, ended 
 LINGER_SECONDS = 1.0  # how long a closing connection still reads (and drops) what the client sends
 
 REFUSAL_KINDS = {
-    "too_many_connections": "answered 503: max_connections were open",
+    "too_many_connections": "answered 503: max_connections were open, each with a request running",
+    "evicted": "answered 503 and closed to make room: the longest wait for a client at max_connections",
     "body_timeout": "request body not complete within body_timeout: answered 408 and closed",
     "head_timeout": "request head not complete within keep_alive_timeout: closed",
     "client_gone_mid_body": "the client closed the connection before sending its whole body",
@@ -122,19 +127,43 @@ class LimitedProtocol(H11Protocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._waiting_since = 0.0  # when this connection last started waiting for its client
 
     # -------------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            self.limits.refusals.note("too_many_connections")
-            error = TooManyConnectionsError(
-                f"too many open connections (max_connections={self.limits.max_connections}); retry later"
-            )
-            self._close_lingering(raw_error_response(error))
-            return
         self._arm_head_timer()
+        if len(self.connections) > self.limits.max_connections:
+            victim = self._longest_waiting()
+            if victim is not None:
+                self.limits.refusals.note("evicted")
+                victim._close_lingering(self._too_many(), linger=False)
+            else:
+                self.limits.refusals.note("too_many_connections")
+                self._close_lingering(self._too_many())
+
+    def _too_many(self) -> bytes:
+        error = TooManyConnectionsError(
+            f"too many open connections (max_connections={self.limits.max_connections}); retry later"
+        )
+        return raw_error_response(error)
+
+    def _longest_waiting(self) -> LimitedProtocol | None:
+        """The open connection (not this one) that has waited longest for its client to send a
+        request head or body, or None when every other one has a request running."""
+        waiting = [
+            c for c in self.connections if isinstance(c, LimitedProtocol) and c is not self and c._waits_for_client()
+        ]
+        return min(waiting, key=lambda c: c._waiting_since, default=None)
+
+    def _waits_for_client(self) -> bool:
+        if self._closing or self.transport.is_closing():
+            return False
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return self.cycle is None or self.cycle.response_complete
+        return state is h11.SEND_BODY and (self.cycle is None or not self.cycle.response_started)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -187,6 +216,7 @@ class LimitedProtocol(H11Protocol):
             self._cancel("_body_timer")
 
     def _arm_head_timer(self) -> None:
+        self._waiting_since = self.loop.time()
         self._cancel("_head_timer")
         self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_timeout)
 
@@ -227,9 +257,10 @@ class LimitedProtocol(H11Protocol):
 
     # -------------------------------------------------------------------- closing
 
-    def _close_lingering(self, answer: bytes) -> None:
-        """Write ``answer``, shut the sending side and close after :data:`LINGER_SECONDS`,
-        dropping what the client still sends; the app (if running) sees a disconnect."""
+    def _close_lingering(self, answer: bytes, *, linger: bool = True) -> None:
+        """Write ``answer``, shut the sending side and close after :data:`LINGER_SECONDS`
+        (at once without ``linger``), dropping what the client still sends; the app (if
+        running) sees a disconnect."""
         self._closing = True
         self._cancel_timers()
         if self.cycle is not None and not self.cycle.response_complete:
@@ -238,7 +269,14 @@ class LimitedProtocol(H11Protocol):
             self.cycle.message_event.set()
         if answer:
             self.transport.write(answer)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        if not linger:
+            self.transport.close()  # its slot is needed now; the answer is flushed first
+            return
+        try:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except OSError:  # the client reset the connection already: nothing to linger for
+            self.transport.close()
+            return
         self.flow.resume_reading()
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)

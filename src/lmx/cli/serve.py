@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-connections",
         type=int,
         default=128,
-        help="open connections at once; more get 503 (default 128; keep it below ulimit -n)",
+        help="open connections at once; beyond it the longest-waiting one gets 503 (default 128; keep it below ulimit -n)",
     )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

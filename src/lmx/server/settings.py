@@ -38,8 +38,10 @@ class ServerSettings:
             client has to send a whole request head.
         body_timeout: seconds a client has to send a whole request body after its head; a
             slower one is answered 408 and closed. Default 30.
-        max_connections: open connections at once; one more is answered 503 and closed. Keep
-            it below the process's file-descriptor limit (``ulimit -n``). Default 128.
+        max_connections: open connections at once; one more evicts the connection that has
+            waited longest for its client (answered 503), or is answered 503 itself when every
+            open one has a request running. Keep it below the process's file-descriptor limit
+            (``ulimit -n``). Default 128.
         lab: serve the Lab chat page at ``/``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
     """

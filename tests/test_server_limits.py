@@ -33,23 +33,27 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
+WATCHED = ("lmx", "uvicorn", "uvicorn.error", "asyncio")
+HANDLER = Records()
+
+
 @pytest.fixture
 def records() -> Iterator[list[logging.LogRecord]]:
-    handler = Records()
-    loggers = [logging.getLogger(name) for name in ("lmx", "uvicorn", "uvicorn.error", "asyncio")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    yield handler.records
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.removeHandler(handler)
-        lg.setLevel(level)
+    HANDLER.records = []
+    yield HANDLER.records
+    for name in WATCHED:
+        logging.getLogger(name).removeHandler(HANDLER)
 
 
 def serve(engine: lmx.Engine, **settings: object) -> BackgroundServer:
     defaults: dict[str, object] = {"port": 0, "model_name": "tiny", "api_key": KEY, "warm_up": False}
-    return BackgroundServer(ServerSettings(**{**defaults, **settings}), engine)  # type: ignore[arg-type]
+    server = BackgroundServer(ServerSettings(**{**defaults, **settings}), engine)  # type: ignore[arg-type]
+    # uvicorn (re)configures its loggers when the server is built, dropping their handlers: watch after.
+    for name in WATCHED:
+        logger = logging.getLogger(name)
+        logger.addHandler(HANDLER)
+        logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    return server
 
 
 def open_body(server: BackgroundServer, *, key: bool, length: int = 2000, sent: int = 10) -> socket.socket:

@@ -204,3 +204,30 @@ def test_a_request_gets_through_while_tricklers_hold_every_slot(
             for sock in storm:
                 sock.close()
     no_tracebacks(records)
+
+
+def test_a_new_connection_is_refused_when_every_slot_runs_a_request(
+    engine: lmx.Engine, records: list[logging.LogRecord]
+) -> None:
+    body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 480, "temperature": 0}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    with serve(engine, max_connections=2, max_concurrency=1) as server:
+        busy = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        for sock in busy:
+            sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = server.state.scheduler.stats()
+            if stats.running + stats.waiting == 2:
+                break
+            time.sleep(0.01)  # both requests read and queued: neither connection waits for its client
+        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+            answer, closed = read_answer(extra, 30.0, trickle=False)
+        assert answer.startswith(b"HTTP/1.1 503 ") and closed, answer[:200]
+        assert json_body(answer)["error"]["code"] == "too_many_connections"
+        for sock in busy:  # the running requests were not disturbed
+            answer, closed = read_answer(sock, 60.0, trickle=False)
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 200 ") and closed, answer[:200]
+        assert refused(server)["too_many_connections"] == 1
+    no_tracebacks(records)

@@ -38,6 +38,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = frozenset({"/health"})
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
+UVICORN_BACKLOG = 2048  # uvicorn's default listen backlog (asyncio also accepts this many per wake-up)
 PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
 
 
@@ -226,18 +227,34 @@ def _count_accept_failures(loop: asyncio.AbstractEventLoop, refusals: RefusalLog
     loop.set_exception_handler(handler)
 
 
-def _check_fd_limit(settings: ServerSettings) -> None:
+def _ensure_fd_room(settings: ServerSettings, backlog: int) -> None:
+    """Raise this process's soft file-descriptor limit (up to its hard limit) so that a flood of
+    connections is refused by ``max_connections`` before ``accept()`` runs out of descriptors:
+    asyncio accepts up to ``backlog`` sockets at a time before any of them is counted, and
+    evicted or refused ones linger briefly."""
     try:
         import resource
-    except ImportError:  # not a Unix: no limit to compare with
+    except ImportError:  # not a Unix: no limit to raise
         return
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and settings.max_connections + FD_RESERVE > soft:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * settings.max_connections + backlog + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            logger.debug("could not raise the file-descriptor limit to %d: %s", target, e)
+    if soft < need:
         logger.warning(
-            "max_connections=%d is close to this process's file-descriptor limit (%d; ulimit -n): under "
-            "a flood of connections the server may run out before it refuses them",
-            settings.max_connections,
+            "this process may open only %d files (ulimit -n; hard limit %s): a flood of connections can run "
+            "it out before max_connections=%d refuses them; raise the limit to %d or lower max_connections",
             soft,
+            hard,
+            settings.max_connections,
+            need,
         )
 
 
@@ -249,7 +266,6 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -
     state = getattr(app.state, "lmx", None)
     refusals = state.refusals if state is not None else RefusalLog()
     limits = ConnectionLimits(settings.body_timeout, settings.max_connections, refusals)
-    _check_fd_limit(settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -261,6 +277,7 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -
         "lifespan": "on",
     }
     options.update(overrides)
+    _ensure_fd_room(settings, int(options.get("backlog", UVICORN_BACKLOG)))
     return uvicorn.Config(app, **options)
 
 

@@ -134,14 +134,23 @@ class LimitedProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
-        if len(self.connections) > self.limits.max_connections:
+        # Closing connections do not count: they are gone within LINGER_SECONDS (or the next loop
+        # turn), and counting them would let a burst of refusals or resets refuse every newcomer.
+        closing = sum(1 for c in self.connections if isinstance(c, LimitedProtocol) and c.is_closing())
+        if len(self.connections) - closing > self.limits.max_connections:
             victim = self._longest_waiting()
             if victim is not None:
                 self.limits.refusals.note("evicted")
                 victim._close_lingering(self._too_many(), linger=False)
             else:
                 self.limits.refusals.note("too_many_connections")
-                self._close_lingering(self._too_many())
+                # Lingering holds a descriptor a little longer: only as many as the cap allows.
+                self._close_lingering(self._too_many(), linger=closing < self.limits.max_connections)
+
+    def is_closing(self) -> bool:
+        """Whether this connection is on its way out (lingering, or its transport closed and the
+        loop yet to report it lost): it no longer counts toward ``max_connections``."""
+        return self._closing or self.transport.is_closing()
 
     def _too_many(self) -> bytes:
         error = TooManyConnectionsError(

@@ -109,11 +109,9 @@ def raw_error_response(exc: BaseException, *, ollama: bool = False) -> bytes:
     status, body = error_body(exc, ollama=ollama)
     payload = json.dumps(body).encode()
     phrase = {408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
-    head = (
-        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
-        f"connection: close\r\n{'retry-after: 1' + chr(13) + chr(10) if status == 503 else ''}\r\n"
-    )
-    return head.encode() + payload
+    lines = [f"HTTP/1.1 {status} {phrase}", "content-type: application/json", f"content-length: {len(payload)}"]
+    lines += ["connection: close", *(["retry-after: 1"] if status == 503 else []), "", ""]
+    return "\r\n".join(lines).encode() + payload
 
 
 class LimitedProtocol(H11Protocol):

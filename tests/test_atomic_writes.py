@@ -361,6 +361,23 @@ def test_adapter_save_killed_keeps_each_file(
     assert read_adapter_config(target) == read_adapter_config(adapters["new"])
 
 
+def assert_save_error_in_child(tmp_path: Path) -> None:
+    """The child died of a ``SaveError`` naming the output and saying it is unchanged (not MLX's
+    RuntimeError, not a bare OSError)."""
+    last = (tmp_path / "child.stderr").read_text().strip().splitlines()[-1]
+    assert last.startswith("lmx.errors.SaveError: writing ") and last.endswith("is unchanged"), last
+
+
+def test_adapter_save_on_a_full_disk_is_a_save_error(
+    tiny_dirs: dict[str, Path], tmp_path: Path, adapters: dict[str, Path]
+) -> None:
+    target = tmp_path / "adapter"
+    shutil.copytree(adapters["old"], target)
+    assert run_child(tmp_path, "adapter", "diskfull:4096", tiny_dirs["qwen3"], adapters["new"], target) == 1
+    assert_save_error_in_child(tmp_path)
+    assert hashes(target) == hashes(adapters["old"]) and hidden(target) == []
+
+
 # --------------------------------------------------------------------------------------- checkpoint
 
 
@@ -404,6 +421,10 @@ def test_checkpoint_save_killed_keeps_a_whole_checkpoint(
 
     status = run_child(tmp_path, "checkpoint", "fsize:4096", base, reference, target)
     assert status == -signal.SIGXFSZ
+    assert loaded_step() == 1
+    # A full disk (the write fails instead of killing): a SaveError, the old checkpoint in force.
+    assert run_child(tmp_path, "checkpoint", "diskfull:4096", base, reference, target) == 1
+    assert_save_error_in_child(tmp_path)
     assert loaded_step() == 1
 
     def run(n: int) -> int:

@@ -586,6 +586,47 @@ def test_corrupt_headers(tmp_path: Path, content: bytes, message: str) -> None:
         read_gguf_metadata(path)
 
 
+def _patch_offset(content: bytes, name: str, offset: int) -> bytes:
+    """``content`` with the data offset of tensor ``name`` in its header set to ``offset``."""
+    at = content.index(_string(name)) + len(_string(name))
+    (n_dims,) = struct.unpack_from("<I", content, at)
+    at += 4 + 8 * n_dims + 4  # dims, then the type; the u64 offset follows
+    return content[:at] + struct.pack("<Q", offset) + content[at + 8 :]
+
+
+@pytest.mark.parametrize(
+    ("second", "overlaps"),
+    [
+        (("output_norm.weight", [32], int(T.F32), 0), True),  # the same bytes as the first
+        (("output_norm.weight", [32], int(T.F32), 128), True),  # its second half
+        (("output_norm.weight", [64, 2], int(T.F32), 0), True),  # a larger tensor over the first
+        (("output_norm.weight", [32], int(T.F32), 256), False),  # right after it: fine
+    ],
+)
+def test_overlapping_tensor_data(tmp_path: Path, second: tuple, overlaps: bool) -> None:
+    path = write(tmp_path, raw_gguf(ARCH, [*ONE_TENSOR, second], bytes(1024)))
+    if not overlaps:
+        assert len(read_header(path).tensors) == 2
+        return
+    with pytest.raises(WeightsError, match="overlap") as caught:
+        read_header(path)
+    assert "'token_embd.weight'" in str(caught.value) and "'output_norm.weight'" in str(caught.value)
+
+
+def test_overlap_in_a_written_file(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:
+    content = tiny_gguf["qwen3"].read_bytes()
+    header = read_header(tiny_gguf["qwen3"])
+    first, second = sorted(header.tensors.values(), key=lambda t: t.offset)[:2]
+    aliased = _patch_offset(content, second.name, first.offset - header.data_offset)
+    with pytest.raises(WeightsError, match="overlap") as caught:
+        read_gguf(write(tmp_path, aliased))
+    assert repr(first.name) in str(caught.value) and repr(second.name) in str(caught.value)
+    # Unaligned and out-of-bounds offsets written into the same file are refused too.
+    for offset, message in [(first.offset - header.data_offset + 1, "aligned"), (len(content), "outside the file")]:
+        with pytest.raises(WeightsError, match=message):
+            read_gguf(write(tmp_path, _patch_offset(content, second.name, offset)))
+
+
 def test_truncated_anywhere(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:
     content = tiny_gguf["qwen3"].read_bytes()
     data_start = read_header(tiny_gguf["qwen3"]).data_offset

@@ -185,6 +185,10 @@ def test_cors_closed_unless_configured(server: BackgroundServer, engine: lmx.Eng
         ({"api_key": "  "}, "api_key"),
         ({"cors_origins": ("evil.example",)}, "cors_origins"),
         ({"keep_alive_timeout": 0}, "keep_alive_timeout"),
+        ({"body_timeout": 0}, "body_timeout"),
+        ({"body_timeout": float("inf")}, "body_timeout"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_connections": 1.5}, "max_connections"),
     ],
 )
 def test_settings_reject_bad_values(kwargs: dict, name: str) -> None:

@@ -41,7 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="ORIGIN",
         help="allow browser calls from ORIGIN (repeatable)",
     )
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an idle connection stays open, and a client has to send a request head (default 5)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a whole request body; slower ones get 408 (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=128,
+        help="open connections at once; beyond it the longest-waiting one gets 503 (default 128; keep it below ulimit -n)",
+    )
     p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
@@ -81,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_default=args.max_tokens,
         cors_origins=tuple(args.cors_origin),
         keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         lab=not args.no_lab,
         allow_request_chat_template=args.allow_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,

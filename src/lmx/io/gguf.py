@@ -252,7 +252,23 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         if name in tensors:
             raise WeightsError(f"{path}: corrupt GGUF: tensor {name!r} appears twice")
         tensors[name] = _tensor_info(path, name, dims, ggml_type, offset, data_offset, cur.size, alignment)
+    _check_disjoint(path, tensors.values())
     return GGUFHeader(path, version, metadata, tensors, alignment, data_offset)
+
+
+def _check_disjoint(path: Path, infos: Collection[GGUFTensorInfo]) -> None:
+    """Raise if two tensors' data ranges share a byte: GGUF lays tensors out one after another,
+    so an overlap means a corrupt or crafted file whose weights silently alias each other."""
+    previous: GGUFTensorInfo | None = None
+    for info in sorted((i for i in infos if i.nbytes), key=lambda i: (i.offset, i.nbytes)):
+        if previous is not None and info.offset < previous.offset + previous.nbytes:
+            raise WeightsError(
+                f"{path}: corrupt GGUF: tensors {previous.name!r} (bytes {previous.offset} to "
+                f"{previous.offset + previous.nbytes}) and {info.name!r} (bytes {info.offset} to "
+                f"{info.offset + info.nbytes}) overlap; each tensor needs its own data"
+            )
+        if previous is None or info.offset + info.nbytes > previous.offset + previous.nbytes:
+            previous = info
 
 
 def _tensor_info(

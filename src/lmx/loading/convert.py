@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import json
 import os
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +14,10 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer as TokenizerBackend
 from tokenizers import processors
 
-from lmx.errors import InvalidOptionError, LmxError, SaveError
+from lmx.errors import InvalidOptionError
 from lmx.loading.loader import DTYPES, LoadedModel, load_path
 from lmx.models import get_architecture
+from lmx.runtime.files import staged_dir
 from lmx.tokenizer import Tokenizer
 
 Q_BITS = (4, 8)
@@ -68,7 +63,7 @@ def convert(
     if q_group_size not in Q_GROUP_SIZES:
         raise InvalidOptionError(f"q_group_size must be one of {Q_GROUP_SIZES}, got {q_group_size!r}")
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     loaded = load_path(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
     quant = None
@@ -78,99 +73,6 @@ def convert(
     with staged_dir(out) as tmp:
         write_hf_dir(loaded, tmp, quant or loaded.quantization, progress)
     return out
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Write a directory so that ``out`` is either untouched or wholly replaced.
-
-    Yields a hidden temporary directory beside ``out``; when the block ends without an
-    error it replaces ``out`` (:func:`replace_dir`), otherwise it is removed. A process
-    killed inside the block leaves ``out`` as it was (and a hidden ``.out.tmp-*`` beside it).
-
-    Raises:
-        SaveError: writing failed (a full disk, no permission...); ``out`` is unchanged.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
-        try:
-            yield tmp
-            replace_dir(tmp, out)
-        except (OSError, RuntimeError) as e:  # MLX reports a failed write as RuntimeError
-            if isinstance(e, LmxError):
-                raise
-            raise SaveError(f"writing {out} failed ({e}); {out} is unchanged") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sweep_stale(out: Path) -> None:
-    """Remove the hidden temporaries a killed save of ``out`` left beside it.
-
-    Temporaries are named ``.<out>.tmp-<pid>-*`` (and ``.<out>.old-<pid>``); those of a
-    process that no longer runs are removed, those of a running one (a save in progress) kept.
-    """
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        kind, _, rest = stale.name[len(out.name) + 2 :].partition("-")
-        pid = rest.partition("-")[0]
-        stale_dir = stale.is_dir() and not stale.is_symlink()
-        if kind in ("tmp", "old") and pid.isdigit() and stale_dir and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing an existing ``out`` atomically.
-
-    Two renames (``out`` aside, ``tmp`` in) leave a moment with no ``out`` at all; a process
-    killed then loses the old directory. Linux (``renameat2(RENAME_EXCHANGE)``) and macOS
-    (``renamex_np(RENAME_SWAP)``) swap two directories in one step; elsewhere, or on a file
-    system that cannot, the two renames are the fallback. ``tmp`` is gone afterwards.
-    """
-    if not out.exists():
-        tmp.rename(out)
-        return
-    if _swap(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _swap(a: Path, b: Path) -> bool:
-    """Exchange two paths atomically; False when the platform or file system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if sys.platform.startswith("linux"):
-            at_fdcwd, rename_exchange = -100, 2
-            fn = libc.renameat2
-            args: tuple = (at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-        elif sys.platform == "darwin":
-            rename_swap = 2
-            fn = libc.renamex_np
-            args = (os.fsencode(a), os.fsencode(b), rename_swap)
-        else:
-            return False
-    except (OSError, AttributeError):  # no such C function in this libc
-        return False
-    return fn(*args) == 0
 
 
 def write_hf_dir(

@@ -9,7 +9,6 @@ HF directory there, which later uses load directly (memory-mapped safetensors, n
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -36,13 +35,10 @@ def default_gguf_path() -> Path:
         ) from e
     target = lmx_home() / "gguf" / package.MODEL_NAME
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
+        from lmx.runtime.files import staged_file
+
+        with staged_file(target) as tmp:
             package.assemble(tmp, overwrite=True)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return target
 
 

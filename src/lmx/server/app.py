@@ -3,9 +3,12 @@ OpenAI and Ollama APIs and the Lab chat page; :func:`serve` runs it with uvicorn
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import errno
+import functools
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -25,12 +28,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmx.server import routes_ollama, routes_openai
 from lmx.server.common import ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPEN_PATHS = frozenset({"/health"})
+ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
+UVICORN_BACKLOG = 2048  # uvicorn's default listen backlog (asyncio also accepts this many per wake-up)
 PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
 
 
@@ -93,6 +100,7 @@ async def health(request: Request) -> Response:
                 "rejected": stats.rejected,
                 "batches": stats.batched_steps,
             },
+            "refused_connections": dict(state.refusals.totals),
         }
     )
 
@@ -155,9 +163,11 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _count_accept_failures(asyncio.get_running_loop(), state.refusals)
         try:
             yield
         finally:
+            state.refusals.flush()
             if owns:
                 engine.close()
 
@@ -191,17 +201,66 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     return app
 
 
+def _count_accept_failures(loop: asyncio.AbstractEventLoop, refusals: RefusalLog) -> None:
+    """Count the event loop's "accept() out of file descriptors" reports as refusals (one log
+    line per interval) instead of a traceback each; other reports go where they went before."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if "socket" in context and isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS:
+            refusals.note("accept_failed")  # asyncio pauses accepting for a second and retries
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+def _ensure_fd_room(settings: ServerSettings, backlog: int) -> None:
+    """Raise this process's soft file-descriptor limit (up to its hard limit) so that a flood of
+    connections is refused by ``max_connections`` before ``accept()`` runs out of descriptors:
+    asyncio accepts up to ``backlog`` sockets at a time before any of them is counted, and
+    evicted or refused ones linger briefly."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * settings.max_connections + backlog + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            logger.debug("could not raise the file-descriptor limit to %d: %s", target, e)
+    if soft < need:
+        logger.warning(
+            "this process may open only %d files (ulimit -n; hard limit %s): a flood of connections can run "
+            "it out before max_connections=%d refuses them; raise the limit to %d or lower max_connections",
+            soft,
+            hard,
+            settings.max_connections,
+            need,
+        )
+
+
 def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -> Any:
-    """The uvicorn configuration serving ``app`` as ``settings`` say (idle timeout before every
-    request, graceful-shutdown limit, no access log unless asked)."""
+    """The uvicorn configuration serving ``app`` as ``settings`` say (head and body timeouts,
+    connection cap, graceful-shutdown limit, no access log unless asked)."""
     import uvicorn
 
-    from lmx.server.protocol import IdleTimeoutProtocol
-
+    state = getattr(app.state, "lmx", None)
+    refusals = state.refusals if state is not None else RefusalLog()
+    limits = ConnectionLimits(settings.body_timeout, settings.max_connections, refusals)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "http": IdleTimeoutProtocol,
+        "http": functools.partial(LimitedProtocol, limits=limits),
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": 5,
         "access_log": False,
@@ -209,6 +268,7 @@ def uvicorn_config(app: Starlette, settings: ServerSettings, **overrides: Any) -
         "lifespan": "on",
     }
     options.update(overrides)
+    _ensure_fd_room(settings, int(options.get("backlog", UVICORN_BACKLOG)))
     return uvicorn.Config(app, **options)
 
 

@@ -12,13 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmx.generate.options import GenerationOptions
 from lmx.results import ModelInfo, Token
-from lmx.server.errors import ApiRequestError, BodyTooLargeError, UnknownModelError, error_body
+from lmx.server.errors import (
+    ApiRequestError,
+    BodyTooLargeError,
+    ClientDisconnectedError,
+    UnknownModelError,
+    error_body,
+)
 from lmx.server.jobs import Event, Job, LoopSink, submit
+from lmx.server.protocol import CUT_OFF, RefusalLog
 from lmx.server.settings import ServerSettings
 from lmx.tokenizer import Tokenizer
 
@@ -33,6 +40,7 @@ class ServerState:
     model_id: str
     owns_engine: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    refusals: RefusalLog = field(default_factory=RefusalLog)
 
     @property
     def default_max_tokens(self) -> int:
@@ -62,16 +70,23 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     Raises:
         BodyTooLargeError: the body is larger than ``limit``.
+        ClientDisconnectedError: the client went away (or was cut off by ``body_timeout``)
+            before sending the whole body.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError(f"request body of {int(declared)} bytes is larger than the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLargeError(f"request body is larger than the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        if not request.scope.get(CUT_OFF):  # the server cut it off: counted there already
+            server_state(request).refusals.note("client_gone_mid_body")
+        raise ClientDisconnectedError(f"the client disconnected after {size} bytes of the request body") from None
     return b"".join(chunks)
 
 

@@ -66,6 +66,19 @@ class BodyTooLargeError(LmxError):
     """The request body is larger than ``max_body_bytes`` (413)."""
 
 
+class TooManyConnectionsError(LmxError):
+    """``max_connections`` connections are open already (503, retry later)."""
+
+
+class RequestTimeoutError(LmxError):
+    """The request body did not arrive within ``body_timeout`` seconds (408)."""
+
+
+class ClientDisconnectedError(LmxError):
+    """The client closed the connection before sending its whole request body (499: nobody
+    reads the answer; logged as a refusal, not as an unexpected error)."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one error type is answered."""
@@ -87,9 +100,12 @@ ERROR_KINDS: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (UnknownModelError, ErrorKind(404, "invalid_request_error", "model_not_found")),
     (RouteNotFoundError, ErrorKind(404, "invalid_request_error", "not_found")),
     (MethodNotAllowedError, ErrorKind(405, "invalid_request_error", "method_not_allowed")),
+    (RequestTimeoutError, ErrorKind(408, "invalid_request_error", "request_timeout")),
     (BodyTooLargeError, ErrorKind(413, "invalid_request_error", "request_too_large")),
     (MalformedBodyError, ErrorKind(422, "invalid_request_error", "invalid_json")),
+    (ClientDisconnectedError, ErrorKind(499, "invalid_request_error", "client_disconnected")),
     (QueueFullError, ErrorKind(503, "server_overloaded", "queue_full")),
+    (TooManyConnectionsError, ErrorKind(503, "server_overloaded", "too_many_connections")),
     (OutOfMemoryError, ErrorKind(503, "server_overloaded", "out_of_memory")),
     (EngineClosedError, ErrorKind(503, "server_error", "engine_closed")),
     (LmxError, ErrorKind(500, "server_error", "internal_error")),

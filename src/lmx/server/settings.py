@@ -35,7 +35,14 @@ class ServerSettings:
             of the context.
         cors_origins: origins allowed to call the API from a browser (``"*"`` for any);
             empty (the default) sends no CORS headers, so other sites cannot.
-        keep_alive_timeout: seconds an idle keep-alive connection stays open.
+        keep_alive_timeout: seconds an idle keep-alive connection stays open, and the time a
+            client has to send a whole request head.
+        body_timeout: seconds a client has to send a whole request body after its head; a
+            slower one is answered 408 and closed. Default 30.
+        max_connections: open connections at once; one more evicts the connection that has
+            waited longest for its client (answered 503), or is answered 503 itself when every
+            open one has a request running. Keep it below the process's file-descriptor limit
+            (``ulimit -n``). Default 128.
         lab: serve the Lab chat page at ``/``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
         allow_request_chat_template: let a request replace the model's chat template with
@@ -60,6 +67,8 @@ class ServerSettings:
     max_tokens_default: int | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     keep_alive_timeout: float = 5.0
+    body_timeout: float = 30.0
+    max_connections: int = 128
     lab: bool = True
     warm_up: bool = True
     allow_request_chat_template: bool = False
@@ -79,10 +88,11 @@ class ServerSettings:
             _check_int("max_tokens_default", self.max_tokens_default, 1, None)
         if self.api_key is not None and not self.api_key.strip():
             raise InvalidOptionError("api_key must not be empty or blank; leave it unset for no key")
-        if not isinstance(self.keep_alive_timeout, (int, float)) or self.keep_alive_timeout <= 0:
-            raise InvalidOptionError(
-                f"keep_alive_timeout must be a number of seconds > 0, got {self.keep_alive_timeout!r}"
-            )
+        _check_int("max_connections", self.max_connections, 1, None)
+        for name in ("keep_alive_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InvalidOptionError(f"{name} must be a number of seconds > 0, got {value!r}")
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise InvalidOptionError(

@@ -23,7 +23,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError, ModelNotFoundError, WeightsError
-from lmx.train.lora import AdapterConfig, adapter_weights, atomic_save_safetensors, atomic_write_bytes, save_adapter
+from lmx.runtime.files import write_bytes
+from lmx.train.lora import AdapterConfig, adapter_weights, atomic_save_safetensors, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,16 @@ def save_checkpoint(
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        SaveError: a file could not be written; the checkpoint in force is unchanged.
     """
     root = Path(adapter_path) / CHECKPOINTS
     out = root / f"step-{step:06d}"
     save_adapter(model, out, adapter_config)
     atomic_save_safetensors(out / "optimizer.safetensors", dict(tree_flatten(optimizer.state)), {"format": "mlx"})
-    atomic_write_bytes(out / "state.json", (json.dumps({**state, "step": step}, indent=1) + "\n").encode())
-    atomic_write_bytes(root / LATEST, json.dumps({"step": step, "dir": out.name}).encode())
+    write_bytes(out / "state.json", (json.dumps({**state, "step": step}, indent=1) + "\n").encode())
+    write_bytes(root / LATEST, json.dumps({"step": step, "dir": out.name}).encode())
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != out.name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)

@@ -86,7 +86,8 @@ def fuse(
             if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
         ]
         loaded.model.update(tree_unflatten(cast))
-    from lmx.loading.convert import staged_dir, write_hf_dir
+    from lmx.loading.convert import write_hf_dir
+    from lmx.runtime.files import staged_dir
 
     with staged_dir(out) as tmp:
         write_hf_dir(loaded, tmp, quant)

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError, ModelNotFoundError, WeightsError
 from lmx.models.gguf_layers import GGUFEmbedding, GGUFLinear
+from lmx.runtime.files import staged_file, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -319,32 +319,14 @@ def fuse_lora(model: nn.Module, *, dequantize: bool = False) -> int:
 # ---------------------------------------------------------------------- files
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
-    """``mx.save_safetensors`` to a temporary file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``mx.save_safetensors`` through :func:`lmx.runtime.files.staged_file` (atomic, typed errors).
+
+    Raises:
+        SaveError: the file could not be written; ``path`` is unchanged.
+    """
+    with staged_file(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, config: AdapterConfig) -> Path:
@@ -355,6 +337,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config: AdapterConfi
 
     Raises:
         InvalidOptionError: the model has no adapter.
+        SaveError: a file could not be written (read-only, full disk...); the old one is unchanged.
     """
     weights = adapter_weights(model)
     if not weights:
@@ -362,7 +345,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config: AdapterConfi
     out = Path(path)
     atomic_save_safetensors(out / ADAPTER_WEIGHTS, weights, {"format": "mlx"})
     text = json.dumps(config.as_dict(), indent=2, default=str) + "\n"
-    atomic_write_bytes(out / ADAPTER_CONFIG, text.encode("utf-8"))
+    write_bytes(out / ADAPTER_CONFIG, text.encode("utf-8"))
     return out
 
 

@@ -146,8 +146,8 @@ def write_loss_curve(
     path: str | os.PathLike, train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = ()
 ) -> Path:
     """Write :func:`render_loss_curve` to ``path`` atomically; return the path."""
-    from lmx.train.lora import atomic_write_bytes
+    from lmx.runtime.files import write_bytes
 
     out = Path(path)
-    atomic_write_bytes(out, render_loss_curve(train, val))
+    write_bytes(out, render_loss_curve(train, val))
     return out

@@ -313,10 +313,10 @@ class Trainer:
             save_adapter(self.model, out, self.adapter_config)
             if self.history:
                 plot = write_loss_curve(out / LOSS_CURVE, self.history, self.val_history)
-            from lmx.train.lora import atomic_write_bytes
+            from lmx.runtime.files import write_bytes
 
             record = {"train": self.history, "valid": self.val_history, "trained_tokens": self.trained_tokens}
-            atomic_write_bytes(out / HISTORY, (json.dumps(record) + "\n").encode())
+            write_bytes(out / HISTORY, (json.dumps(record) + "\n").encode())
         return TrainResult(
             adapter_path=out,
             steps=self.step,

@@ -222,7 +222,7 @@ def test_a_new_connection_is_refused_when_every_slot_runs_a_request(
             sock.sendall(head.encode() + body)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            stats = server.state.scheduler.stats()
+            stats = server.state.engine.stats()
             if stats.running + stats.waiting == 2:
                 break
             time.sleep(0.01)  # both requests read and queued: neither connection waits for its client

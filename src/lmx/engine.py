@@ -15,7 +15,7 @@ from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError, LmxError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler, top_logprobs
-from lmx.generate.step import default_prefill_step_size, generate_step
+from lmx.generate.step import DecodeState, generate_step
 from lmx.generate.stopping import StopStringMatcher
 from lmx.loader import LoadedModel, load_model
 from lmx.models.cache import KVCache, trim_caches
@@ -79,8 +79,10 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, prompt_cache: bool = True, prefill_step_size: int | None = None) -> None:
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
-        # None: 512 tokens on a GPU, 128 on the CPU (lmx.generate.step.default_prefill_step_size)
-        self.prefill_step_size = prefill_step_size or default_prefill_step_size()
+        # None: the load profile's (512 tokens on a GPU, 128 on the CPU)
+        self.prefill_step_size = prefill_step_size or loaded.profile.prefill_step_size
+        # the step loop's plan and the traces made for this model (dropped with it on close)
+        self.decode_state: DecodeState | None = DecodeState(loaded.model, loaded.profile)
         self.metrics = GenerationMetrics()
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -181,6 +183,7 @@ class Engine:
             quantization=loaded.quantization,
             device=device_name(),
             weights_bytes=int(sum(v.nbytes for v in params.values())),
+            profile=loaded.profile.as_dict(),
         )
 
     def load_adapter(self, path: str | os.PathLike) -> Any:
@@ -202,7 +205,7 @@ class Engine:
     def close(self) -> None:
         """Free the model, its caches and MLX's cached buffers. Idempotent."""
         with self._lock:
-            self._loaded = None
+            self._loaded, self.decode_state = None, None
             self._cache, self._cache_tokens = None, []
         memory.clear_cache()
 
@@ -304,6 +307,7 @@ class Engine:
                 history=mx.array([ids]) if processors else None,
                 processors=processors,
                 prefill_step_size=self.prefill_step_size,
+                state=self.decode_state,
             )
             try:
                 for token, logprobs in steps:

@@ -1,4 +1,4 @@
-"""``lmx info``: versions, device, BLAS in use, memory; with --model, the model too."""
+"""``lmx info``: versions, device, BLAS in use, memory; with --model, the model and its device profile too."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
         with lmx.load(model, device=device) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
+            out["profile"] = engine.loaded.profile.as_dict()
     return out
 
 
@@ -85,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"CPU kernels: not in use ({k['reason']}); MLX's float32 path")
     mem = info["memory"]
     print(f"memory:   active {mem['active'] / 2**20:.1f} MiB, limit {mem['limit'] / 2**30:.1f} GiB")
+    if "profile" in info:
+        p = info["profile"]
+        print(
+            f"profile:  {p['device']} ({p['backend']}), {p['dtype']}, ops {p['ops_backend']}, "
+            f"prefill {p['prefill_mode']} in chunks of {p['prefill_step_size']}, decode {p['decode_mode']}"
+        )
     for key, value in info.get("model", {}).items():
-        print(f"model.{key}: {value}")
+        if key != "profile":  # printed above
+            print(f"model.{key}: {value}")
     return 0

@@ -136,6 +136,7 @@ class _Batch:
             processors=processors,
             pad=mx.array(pads) if any(pads) else None,
             prefill_step_size=engine.prefill_step_size,
+            state=engine.decode_state,
         )
         try:
             for step, (token, logprobs) in enumerate(self._steps):

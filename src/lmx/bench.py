@@ -255,11 +255,8 @@ class _Loaded:
 def _load(
     model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
 ) -> _Loaded:
-    from lmx.kernels import cuda_attention
-    from lmx.loader import DTYPES, load_model, resolve_dtype
+    from lmx.loader import load_model, load_profile, profile_ops, resolve_dtype
     from lmx.models import build_model
-    from lmx.runtime.device import backend_name, device_name
-    from lmx.runtime.profile import choose_profile, make_ops
 
     if model is not None and config is not None:
         raise InvalidOptionError("give a model (path) or a config name, not both")
@@ -267,17 +264,10 @@ def _load(
     if config is not None:
         cfg = config_for(config, num_layers)
         built = build_model(cfg, f"config {config}")
-        mx_dtype = resolve_dtype(dtype)
-        random_weights(built, mx_dtype)
+        random_weights(built, resolve_dtype(dtype))
         name, vocab = config, int(cfg["vocab_size"])
-        # As the loader chooses it, without lmx's CPU kernels (random weights are no GGUF file).
-        profile = choose_profile(
-            device_name(),
-            backend=backend_name(),
-            dtype=next(n for n, t in DTYPES.items() if t == mx_dtype),
-            cuda_attention=cuda_attention.enabled_by_env(),
-        )
-        built.set_ops(make_ops(profile))
+        profile = load_profile(dtype)  # as the loader chooses it (random weights are no GGUF file: no kernels)
+        built.set_ops(profile_ops(profile))
     else:
         loaded = load_model(model, dtype=dtype)  # None: the bundled default, as lmx.load(None) loads it
         built, name, vocab, profile = loaded.model, loaded.source, int(loaded.config["vocab_size"]), loaded.profile

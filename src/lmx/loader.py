@@ -77,7 +77,7 @@ def load_model(
     """
     mx_dtype = resolve_dtype(dtype)
     kernel_types = _kernel_types(cpu_kernels)
-    profile = _choose_profile(mx_dtype, bool(kernel_types))
+    profile = load_profile(dtype, cpu_kernels=bool(kernel_types))
     if path is None:
         from lmx.io.default_model import default_gguf_path, default_model_path
 
@@ -93,21 +93,22 @@ def load_model(
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
 
 
-def _choose_profile(dtype: mx.Dtype, cpu_kernels: bool) -> DeviceProfile:
-    """The device profile of the model being loaded: MLX's default device, these weights, the settings."""
+def load_profile(dtype: str | None = "auto", *, cpu_kernels: bool = False) -> DeviceProfile:
+    """The device profile of a model loaded now: MLX's default device, the weights' ``dtype``
+    (a name, or ``"auto"``), whether lmx's CPU kernels run it, and the settings."""
     from lmx.kernels import cuda_attention
 
     return choose_profile(
         device_name(),
         backend=backend_name(),
-        dtype=next(name for name, t in DTYPES.items() if t == dtype),
+        dtype=None if (dtype or "auto") == "auto" else dtype,
         cpu_kernels=cpu_kernels,
         cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
     )
 
 
-def _ops(profile: DeviceProfile) -> Ops:
-    """The profile's ops object; lmx's CPU kernels module where it names them."""
+def profile_ops(profile: DeviceProfile) -> Ops:
+    """The profile's ops object, for ``model.set_ops`` (with lmx's CPU kernels module where it names them)."""
     if profile.ops_backend != "cpu-kernels":
         return make_ops(profile)
     from lmx.kernels import _load
@@ -130,7 +131,7 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> Lo
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
-    model.set_ops(_ops(profile))
+    model.set_ops(profile_ops(profile))
     tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
     mx.eval(model.parameters())
     return LoadedModel(
@@ -191,7 +192,7 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
-    model.set_ops(_ops(profile))
+    model.set_ops(profile_ops(profile))
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
     hf.apply_weights(model, weights, str(path), dtype)

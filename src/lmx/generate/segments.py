@@ -92,7 +92,7 @@ class SegmentedDecode:
         # Arrays the modules derive from their weights and keep (Gemma's 1 + weight, a
         # Linear's weight.T) must be evaluated before tracing: a lazy one would be part of
         # the trace, recomputed in every step.
-        mx.eval([c for m in model.modules() if hasattr(m, "constants") for c in m.constants()])  # type: ignore[attr-defined]
+        mx.eval(model.constants())
         ref = self._model
 
         def first(tokens: mx.array, offset: mx.array) -> tuple[mx.array, ...]:

@@ -21,11 +21,10 @@ from lmx.models.base import (
     Linear,
     OpsSlot,
     QKNormAttention,
-    RoPE,
     geglu_tanh,
     layer_types_from,
-    rope_settings,
 )
+from lmx.models.rope import RoPE, rope_settings
 
 
 @dataclasses.dataclass

@@ -16,11 +16,10 @@ from lmx.models.base import (
     OpsSlot,
     QKNormAttention,
     RMSNorm,
-    RoPE,
     layer_types_from,
-    rope_settings,
     swiglu,
 )
+from lmx.models.rope import RoPE, rope_settings
 
 
 @dataclasses.dataclass

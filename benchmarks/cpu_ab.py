@@ -31,13 +31,16 @@ import mlx.core as mx  # noqa: E402
 from workers import prompt_ids, summarize  # noqa: E402
 
 from lmx.bench import greedy_stamps  # noqa: E402
+from lmx.generate.step import DecodeState  # noqa: E402
 from lmx.loading import load_model  # noqa: E402
 from lmx.loading.default_model import default_model_path  # noqa: E402
 
 
 def lmx_runner(model: Any, compile: bool) -> Any:
+    state = DecodeState(model)  # as the engine keeps it: traces made once
+
     def run(prompt: list[int], n: int) -> tuple[float, list[float]]:
-        return greedy_stamps(model, mx.array([prompt]), n, compile=compile)
+        return greedy_stamps(model, mx.array([prompt]), n, compile=compile, state=state)
 
     return run
 

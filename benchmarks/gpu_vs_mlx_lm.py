@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import gc
 import json
-import os
 import platform
 import re
 import statistics
@@ -57,11 +56,26 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
 from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
-from lmx.generate.segments import segmented_decode  # noqa: E402
-from lmx.generate.step import generate_step, prefill  # noqa: E402
+from lmx.generate.step import DecodeState, generate_step, prefill  # noqa: E402
 from lmx.kernels import cuda_attention  # noqa: E402
 from lmx.loading import resolve_dtype  # noqa: E402
+from lmx.loading.loader import load_profile, profile_ops  # noqa: E402
 from lmx.models import build_model  # noqa: E402
+from lmx.runtime.ops import MLX_OPS  # noqa: E402
+
+# Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
+# keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
+STATES: dict[int, DecodeState] = {}
+
+
+def prepare(model: nn.Module, dtype: str) -> DecodeState:
+    """Give ``model`` the profile the loader would choose here (its ops, its step plan)."""
+    profile = load_profile(dtype)
+    model.set_ops(profile_ops(profile))
+    STATES[id(model)] = DecodeState(model, profile)
+    return STATES[id(model)]
+
+
 from lmx.runtime.device import choose_device  # noqa: E402
 
 
@@ -84,7 +98,7 @@ def mlx_lm_twin(config: dict[str, Any], model: nn.Module) -> nn.Module:
 def time_lmx(
     model: nn.Module, prompt: list[int], n: int, compile: bool, segments: bool | None = None
 ) -> tuple[float, list[float]]:
-    return greedy_stamps(model, mx.array([prompt]), n, compile=compile, segments=segments)
+    return greedy_stamps(model, mx.array([prompt]), n, compile=compile, segments=segments, state=STATES[id(model)])
 
 
 @contextlib.contextmanager
@@ -116,21 +130,18 @@ def plain_lmx() -> Any:
 
 
 @contextlib.contextmanager
-def no_cuda_attention() -> Any:
-    """lmx with ``LMX_CUDA_ATTENTION=0``: MLX's attention (unfused for head_dim 256) on a CUDA GPU."""
-    saved = os.environ.get(cuda_attention.ENV_SWITCH)
-    os.environ[cuda_attention.ENV_SWITCH] = "0"
+def no_cuda_attention(model: nn.Module) -> Any:
+    """lmx as loaded with ``LMX_CUDA_ATTENTION=0``: MLX's ops (attention unfused for head_dim 256)."""
+    saved = model.ops
+    model.set_ops(MLX_OPS)
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ[cuda_attention.ENV_SWITCH]
-        else:
-            os.environ[cuda_attention.ENV_SWITCH] = saved
+        model.set_ops(saved)
 
 
 def time_lmx_plain(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
-    with plain_lmx(), no_cuda_attention():
+    with plain_lmx(), no_cuda_attention(model):
         return time_lmx(model, prompt, n, False, segments=False)
 
 
@@ -153,7 +164,7 @@ def time_lmx_seg_rawattn(model: nn.Module, prompt: list[int], n: int) -> tuple[f
 
 
 def time_lmx_seg_noattn(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
-    with no_cuda_attention():
+    with no_cuda_attention(model):
         return time_lmx(model, prompt, n, False, segments=True)
 
 
@@ -167,22 +178,28 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
 
-def step_context(variant: str) -> contextlib.ExitStack:
+def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
     """The patches an lmx decode variant runs under (see LMX_STEPS)."""
     stack = contextlib.ExitStack()
     if LMX_STEPS[variant][0]:
         stack.enter_context(plain_lmx())
     if variant in NO_CUDA_ATTENTION:
-        stack.enter_context(no_cuda_attention())
+        stack.enter_context(no_cuda_attention(model))
     return stack
 
 
 def greedy_run(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[list[int], mx.array]:
     """``n`` greedy tokens and their log-probabilities (n, V) from one lmx decode variant."""
     _, segments = LMX_STEPS[variant]
-    with step_context(variant):
+    with step_context(variant, model):
         steps = generate_step(
-            model, mx.array([prompt]), model.make_cache(), make_sampler(0.0), KeySequence(0).next, segments=segments
+            model,
+            mx.array([prompt]),
+            model.make_cache(),
+            make_sampler(0.0),
+            KeySequence(0).next,
+            segments=segments,
+            state=STATES[id(model)],
         )
         tokens, logprobs = [], []
         for token, lp in steps:
@@ -222,11 +239,14 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
     """Median host times of a decode step as generate_step runs it: build the graph (Python),
     queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step."""
     _, segments = LMX_STEPS[variant]
-    with step_context(variant):
+    state = STATES[id(model)]
+    with step_context(variant, model):
         cache = model.make_cache()
-        token = mx.argmax(prefill(model, mx.array([prompt]), cache), axis=-1)
+        plan = state.plan
+        layerwise = plan.prefill_mode == "layerwise"
+        token = mx.argmax(prefill(model, mx.array([prompt]), cache, plan.prefill_step_size, layerwise), axis=-1)
         mx.eval(token)
-        step = segmented_decode(model) if segments else None
+        step = state.segmented() if segments else None
 
         def decode(tok: mx.array) -> tuple[mx.array, mx.array]:
             if step is not None:
@@ -286,7 +306,9 @@ def memory_probe(model: nn.Module, prompt: list[int], n: int) -> dict[str, float
         if key == "512":
             mx.reset_peak_memory()
             after_prefill = mx.get_active_memory()
-            steps = generate_step(model, token[:, None], cache, make_sampler(0.0), KeySequence(0).next)
+            steps = generate_step(
+                model, token[:, None], cache, make_sampler(0.0), KeySequence(0).next, state=STATES[id(model)]
+            )
             for i, (tok, _) in enumerate(steps):
                 tok.item()
                 if i == n:
@@ -359,12 +381,13 @@ def time_lmx_where(model: nn.Module, prompt: list[int], n: int) -> tuple[float, 
 
     saved = DecodeSlot.update_and_fetch
     DecodeSlot.update_and_fetch = update_and_fetch  # type: ignore[method-assign]
-    object.__setattr__(model, "_lmx_decoders", None)  # trace anew with the patched slot
+    state = STATES[id(model)]
+    STATES[id(model)] = DecodeState(model, state.plan)  # trace anew with the patched slot
     try:
         return time_lmx(model, prompt, n, True)
     finally:
         DecodeSlot.update_and_fetch = saved  # type: ignore[method-assign]
-        object.__setattr__(model, "_lmx_decoders", None)
+        STATES[id(model)] = state  # the traces made without the patch
 
 
 def time_mlx_lm(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
@@ -400,6 +423,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         nn.quantize(model, group_size=64, bits=args.quantize)
         config["quantization"] = {"group_size": 64, "bits": args.quantize}
     mx.eval(model.parameters())
+    prepare(model, args.dtype)
     init_s = time.perf_counter() - t0
     twin = mlx_lm_twin(config, model) if "mlx-lm" in variants else None
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

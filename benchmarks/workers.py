@@ -51,6 +51,7 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
     import mlx.core as mx
 
     from lmx.bench import greedy_stamps
+    from lmx.generate.step import DecodeState
     from lmx.loading import load_model
 
     t0 = time.perf_counter()
@@ -60,10 +61,11 @@ def run_lmx(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_model(args.model, dtype=args.dtype, cpu_kernels=False)
     load_time = time.perf_counter() - t0
     model = loaded.model
+    state = DecodeState(model, loaded.profile)  # as the engine keeps it: traces made once
     ids = prompt_ids(args.prompt_tokens, int(loaded.config["vocab_size"]))
 
     def once(prompt: list[int], n: int) -> tuple[float, list[float]]:
-        return greedy_stamps(model, mx.array([prompt]), n, compile=args.compile)
+        return greedy_stamps(model, mx.array([prompt]), n, compile=args.compile, state=state)
 
     once(ids[:16], 4)  # warm-up
     mx.reset_peak_memory()

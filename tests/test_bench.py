@@ -20,7 +20,7 @@ from lmx import bench
 from lmx.cli import bench as bench_cli
 from lmx.errors import InvalidOptionError
 from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.step import generate_step
+from lmx.generate.step import DecodeState, generate_step
 from lmx.models import build_model
 
 KEYS = {
@@ -136,9 +136,12 @@ def test_compiled_decode_sees_updated_weights():
     model = build_model(bench.config_for("tiny-qwen3"))
     bench.random_weights(model, mx.float32, seed=2)
     prompt = mx.array([[5, 6, 7, 8]])
+    state = DecodeState(model)  # the trace of the first call is replayed by the second
 
     def first_logprobs() -> np.ndarray:
-        steps = generate_step(model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next, compile=True)
+        steps = generate_step(
+            model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next, compile=True, state=state
+        )
         next(steps)
         _, lp = next(steps)  # the second token comes from the compiled step
         steps.close()

@@ -53,8 +53,15 @@ def test_info_reports_device_and_blas(tiny_dirs):
     if sys.platform.startswith("linux"):
         assert info["blas"]["in_use"] == "openblas"
     assert info["model"]["model_type"] == "qwen3" and info["model"]["num_layers"] == 3
+    profile = info["profile"]  # the device profile chosen at load
+    assert profile == info["model"]["profile"]
+    assert profile["decode_mode"] in ("eager", "segmented") and profile["prefill_step_size"] in (128, 512)
+    if info["device"] == "cpu":
+        assert (profile["device"], profile["dtype"], profile["prefill_mode"]) == ("cpu", "float32", "whole")
     text = run("info")
     assert text.returncode == 0 and "BLAS:" in text.stdout and "mlx" in text.stdout
+    with_model = run("info", "--model", str(tiny_dirs["qwen3"]))
+    assert with_model.returncode == 0 and f"ops {profile['ops_backend']}, prefill" in with_model.stdout
 
 
 def test_errors_are_one_clear_line(tmp_path: Path):

@@ -16,7 +16,7 @@ import lmx  # isort: skip  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from lmx.kernels.build import supported_platform
-from lmx.models.base import cpu_ops
+from lmx.runtime.ops import CpuKernelOps
 
 pytest_plugins = ["conftest_gguf"]
 
@@ -209,11 +209,13 @@ def test_gradients_are_mlx_ops_gradients(K):
 
 @needs_kernels
 def test_models_on_the_kernels_use_the_layer_ops(tiny_gguf: dict[str, Path]):
-    fast = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True).loaded.model
-    plain = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False).loaded.model
-    layer, plain_layer = fast.layers[0], plain.layers[0]
-    assert cpu_ops(fast) is not None and cpu_ops(plain) is None  # the model: generate_step's logsumexp
+    fast = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True).loaded
+    plain = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=False).loaded
+    assert (fast.profile.ops_backend, plain.profile.ops_backend) == ("cpu-kernels", "mlx")
+    assert isinstance(fast.model.ops, CpuKernelOps)  # the model: generate_step's logsumexp
+    assert not isinstance(plain.model.ops, CpuKernelOps)
+    layer, plain_layer = fast.model.layers[0], plain.model.layers[0]
     for module in (layer.self_attn, layer.self_attn.rope, layer.self_attn.q_norm, layer.input_layernorm):
-        assert cpu_ops(module) is not None, type(module).__name__
+        assert isinstance(module.ops_slot.ops, CpuKernelOps), type(module).__name__
     for module in (plain_layer.self_attn, plain_layer.self_attn.rope, plain_layer.input_layernorm):
-        assert cpu_ops(module) is None, type(module).__name__
+        assert not isinstance(module.ops_slot.ops, CpuKernelOps), type(module).__name__

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from lmx.kernels import cuda_attention
 from lmx.models import base
+from lmx.runtime.ops import CudaOps
 
 
 def qkv(d: int = 256, heads: int = 4, kv_heads: int = 1, keys: int = 9, dtype: mx.Dtype = mx.bfloat16):
@@ -78,16 +79,19 @@ def test_attention_routes_one_unmasked_query(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(scale)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    monkeypatch.setattr(cuda_attention, "cuda_available", lambda: True)
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     monkeypatch.setattr(cuda_attention, "decode_attention", fake)
+    ops = CudaOps()  # what the load profile gives a model on a CUDA GPU
     q, k, v = (x.astype(mx.float32) + 0.5 for x in qkv())
-    base.attention(q, k, v, 0.0625, None)
+    base.attention(q, k, v, 0.0625, None, ops=ops)
     assert calls == [0.0625]
-    base.attention(q, k, v, 0.0625, mx.ones((1, 1, 1, k.shape[2]), dtype=mx.bool_))  # a mask array
-    base.attention(q, k, v, 0.0625, None, softcap=50.0)
+    base.attention(q, k, v, 0.0625, mx.ones((1, 1, 1, k.shape[2]), dtype=mx.bool_), ops=ops)  # a mask array
+    base.attention(q, k, v, 0.0625, None, softcap=50.0, ops=ops)
     long_q = mx.zeros((1, 4, 3, 256))
-    base.attention(long_q, k, v, 0.0625, "causal")  # prefill
+    base.attention(long_q, k, v, 0.0625, "causal", ops=ops)  # prefill
+    q128, k128, v128 = (x.astype(mx.float32) for x in qkv(d=128))
+    base.attention(q128, k128, v128, 128**-0.5, None, ops=ops)  # a head dim MLX fuses
+    assert calls == [0.0625]
+    base.attention(q, k, v, 0.0625, None)  # MLX's ops (the default)
     assert calls == [0.0625]
 
 

@@ -195,13 +195,16 @@ def test_a_stream_closed_early_is_cancelled(engines: dict[str, lmx.Engine]) -> N
 def test_segmented_decode_of_padded_rows_equals_the_eager_step(cold, arch: str) -> None:
     # The GPU's decode step (compiled segments around eager attention), run here on the CPU:
     # rows that joined at different times (left padding) get what the eager step gives them.
-    from lmx.generate.step import Decoder
+    import dataclasses
+
+    from lmx.generate.step import Decoder, DecodeState
 
     opts = {"max_tokens": 24, "logit_bias": NO_EOS}
     results = []
-    for segments in (False, True):
+    for mode in ("eager", "segmented"):
         engine = cold(arch)
-        engine.scheduler.decoder = Decoder(engine.model, segments=segments)
+        plan = dataclasses.replace(engine.loaded.profile, decode_mode=mode)
+        engine.scheduler.decoder = Decoder(DecodeState(engine.model, plan))
         streams = []
         for p in PROMPTS:
             streams.append(engine.stream(p, **opts))

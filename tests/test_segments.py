@@ -1,6 +1,7 @@
 """The segmented decode step (:mod:`lmx.generate.segments`) computes what the eager step computes.
 
-It is lmx's default decode step on a GPU; here it is forced on the CPU (``segments=True``).
+It is lmx's default decode step on a GPU (the load profile's ``decode_mode``); here it is forced
+on the CPU (``segments=True``).
 Also the two op-saving pieces the eager step shares with it: ``Linear``'s kept ``weight.T``
 and :func:`split_heads`/:func:`merge_heads` without a transpose for one position.
 """
@@ -14,15 +15,21 @@ import pytest
 
 from lmx import bench
 from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.segments import SegmentedDecode, segmented_decode, supports_segments
-from lmx.generate.step import generate_step
+from lmx.generate.step import DecodeState, generate_step
 from lmx.models import build_model
 from lmx.models.base import Linear, merge_heads, split_heads
 
 
-def decode(model, prompt, n: int, segments: bool, pad=None) -> tuple[list[list[int]], np.ndarray]:
+def decode(model, prompt, n: int, segments: bool, pad=None, state=None) -> tuple[list[list[int]], np.ndarray]:
     steps = generate_step(
-        model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next, pad=pad, segments=segments
+        model,
+        prompt,
+        model.make_cache(),
+        make_sampler(0.0),
+        KeySequence(0).next,
+        pad=pad,
+        segments=segments,
+        state=state,
     )
     tokens, logprobs = [], []
     for token, lp in steps:
@@ -40,10 +47,10 @@ def test_segmented_decode_equals_eager_decode(config, rows):
     # 300 steps: past the first KV-cache growth (256) and several sliding-window wraps (Gemma's is 16).
     model = build_model(bench.config_for(config))
     bench.random_weights(model, mx.float32, seed=1)
-    assert supports_segments(model)
     prompt = mx.random.randint(0, 512, (rows, 24), key=mx.random.key(3))
-    eager, segmented = decode(model, prompt, 300, False), decode(model, prompt, 300, True)
-    assert isinstance(getattr(model, "_lmx_segments", None), SegmentedDecode)  # the segments did run
+    state = DecodeState(model)
+    eager, segmented = decode(model, prompt, 300, False), decode(model, prompt, 300, True, state=state)
+    assert state.segments_made  # the segments did run
     assert segmented[0] == eager[0]
     np.testing.assert_allclose(segmented[1], eager[1], rtol=0, atol=1e-5)
 
@@ -52,9 +59,10 @@ def test_segmented_decode_sees_updated_weights():
     model = build_model(bench.config_for("tiny-qwen3"))
     bench.random_weights(model, mx.float32, seed=2)
     prompt = mx.array([[5, 6, 7, 8]])
-    before = decode(model, prompt, 3, True)[1]
+    state = DecodeState(model)  # the traces of the first call are kept for the second
+    before = decode(model, prompt, 3, True, state=state)[1]
     model.update({"lm_head": {"weight": model.lm_head.weight * 2}})
-    after, eager = decode(model, prompt, 3, True)[1], decode(model, prompt, 3, False)[1]
+    after, eager = decode(model, prompt, 3, True, state=state)[1], decode(model, prompt, 3, False)[1]
     assert not np.allclose(after[1:], before[1:])  # steps after the first come from the segments
     np.testing.assert_allclose(after, eager, rtol=0, atol=1e-5)
 
@@ -63,12 +71,13 @@ def test_segments_only_where_they_apply():
     model = build_model(bench.config_for("tiny-gemma3"))
     bench.random_weights(model, mx.float32, seed=4)
     prompt = mx.random.randint(0, 512, (2, 12), key=mx.random.key(5))
-    decode(model, prompt, 4, None)  # the default on the CPU: the eager step
-    assert getattr(model, "_lmx_segments", None) is None
+    state = DecodeState(model)
+    decode(model, prompt, 4, None, state=state)  # the portable plan (the CPU's): the eager step
+    assert not state.segments_made
     pad = mx.array([0, 3])
     eager = decode(model, prompt, 20, False, pad=pad)
-    forced = decode(model, prompt, 20, True, pad=pad)  # padded rows need a mask: eager step
-    assert getattr(model, "_lmx_segments", None) is None
+    forced = decode(model, prompt, 20, True, pad=pad, state=state)  # padded rows need a mask: eager step
+    assert not state.segments_made
     assert forced[0] == eager[0]
 
 
@@ -81,9 +90,10 @@ def test_segments_with_lora_layers():
     for _, layer in model.named_modules():  # a trained-looking update, not B = 0
         if "lora_b" in layer:
             layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(7)) * 0.1
-    assert segmented_decode(model) is None  # dropout draws random numbers while training
+    state = DecodeState(model)
+    assert state.segmented() is None  # dropout draws random numbers while training
     model.eval()
-    assert segmented_decode(model) is not None
+    assert state.segmented() is not None
     prompt = mx.random.randint(0, 512, (1, 12), key=mx.random.key(8))
     eager, segmented = decode(model, prompt, 40, False), decode(model, prompt, 40, True)
     assert segmented[0] == eager[0]

@@ -27,8 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import InvalidOptionError
 from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.step import default_prefill_step_size, generate_step
+from lmx.generate.step import DecodeState, generate_step
 from lmx.models import ARCHITECTURES, BENCH_CONFIGS
+from lmx.runtime.profile import DeviceProfile
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +179,14 @@ class _Loaded:
     name: str
     load_time: float
     vocab_size: int
+    profile: DeviceProfile
 
 
 def _load(
     model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
 ) -> _Loaded:
     from lmx.loading import load_model, resolve_dtype
+    from lmx.loading.loader import load_profile, profile_ops
     from lmx.models import build_model
 
     if model is not None and config is not None:
@@ -194,15 +197,17 @@ def _load(
         built = build_model(cfg, f"config {config}")
         random_weights(built, resolve_dtype(dtype))
         name, vocab = config, int(cfg["vocab_size"])
+        profile = load_profile(dtype)  # as the loader chooses it (random weights are no GGUF file: no kernels)
+        built.set_ops(profile_ops(profile))
     else:
         loaded = load_model(model, dtype=dtype)  # None: the bundled default, as lmx.load(None) loads it
-        built, name, vocab = loaded.model, loaded.source, int(loaded.config["vocab_size"])
+        built, name, vocab, profile = loaded.model, loaded.source, int(loaded.config["vocab_size"]), loaded.profile
     if quantize is not None:
         if quantize not in (4, 8):
             raise InvalidOptionError(f"quantize must be 4 or 8 bits, got {quantize}")
         nn.quantize(built, group_size=64, bits=quantize)
     mx.eval(built.parameters())
-    return _Loaded(built, name, time.perf_counter() - t0, vocab)
+    return _Loaded(built, name, time.perf_counter() - t0, vocab, profile)
 
 
 def greedy_stamps(
@@ -212,12 +217,14 @@ def greedy_stamps(
     *,
     cache: list | None = None,
     prefill_step_size: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     segments: bool | None = None,
+    state: DecodeState | None = None,
 ) -> tuple[float, list[float]]:
     """Greedy-decode ``n`` tokens after ``prompt`` (B, L); the start time and when each token
     was readable on the host (``t_k`` of the definitions in benchmarks/RESULTS.md).
-    ``compile`` and ``segments`` choose the decode step (see :func:`generate_step`)."""
+    ``compile`` and ``segments`` choose the decode step, ``state`` the plan and the traces kept
+    between calls (see :func:`generate_step`; pass the same ``state`` to every call on a model)."""
     cache = model.make_cache() if cache is None else cache
     t0 = time.perf_counter()
     steps = generate_step(
@@ -229,6 +236,7 @@ def greedy_stamps(
         prefill_step_size=prefill_step_size,
         compile=compile,
         segments=segments,
+        state=state,
     )
     stamps: list[float] = []
     try:
@@ -242,13 +250,21 @@ def greedy_stamps(
     return t0, stamps
 
 
-def _one_run(model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool) -> RunStats:
+def _one_run(
+    model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool, state: DecodeState
+) -> RunStats:
     cache = model.make_cache()
     mx.clear_cache()
     mx.reset_peak_memory()
     batch, length = prompt.shape
     t0, stamps = greedy_stamps(
-        model, prompt, gen_tokens, cache=cache, prefill_step_size=prefill_step_size, compile=compile
+        model,
+        prompt,
+        gen_tokens,
+        cache=cache,
+        prefill_step_size=prefill_step_size,
+        compile=compile or None,
+        state=state,
     )
     ttft = stamps[0] - t0
     decode_time = stamps[-1] - stamps[0]
@@ -315,8 +331,9 @@ def run_benchmark(
         if value is not None and value < 1:
             raise InvalidOptionError(f"{opt} must be >= 1, got {value}")
     choose_device(device)
-    prefill_step_size = prefill_step_size or default_prefill_step_size()
     loaded = _load(model, config, dtype, num_layers, quantize)
+    prefill_step_size = prefill_step_size or loaded.profile.prefill_step_size
+    state = DecodeState(loaded.model, loaded.profile)
     params = tree_flatten(loaded.model.parameters())
     dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in params if mx.issubdtype(v.dtype, mx.floating)})
     result = BenchResult(
@@ -332,9 +349,9 @@ def run_benchmark(
     )
     prompt = mx.random.randint(0, loaded.vocab_size, (batch, prompt_tokens), key=mx.random.key(seed))
     # Warm-up: the first call pays for kernel compilation and allocations.
-    _one_run(loaded.model, prompt[:, : min(prompt_tokens, 16)], min(gen_tokens, 8), prefill_step_size, compile)
+    _one_run(loaded.model, prompt[:, : min(prompt_tokens, 16)], min(gen_tokens, 8), prefill_step_size, compile, state)
     for _ in range(repeat):
-        stats = _one_run(loaded.model, prompt, gen_tokens, prefill_step_size, compile)
+        stats = _one_run(loaded.model, prompt, gen_tokens, prefill_step_size, compile, state)
         result.runs.append(stats)
         logger.debug("run: %s", stats)
         if on_run is not None:

@@ -16,7 +16,7 @@ import mlx.core as mx
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.options import GenerationOptions, check_token_ids
-from lmx.generate.step import Decoder, default_prefill_step_size
+from lmx.generate.step import Decoder, DecodeState
 from lmx.loading import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime import memory
@@ -140,7 +140,8 @@ class Engine:
     ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
-        self.prefill_step_size = prefill_step_size or default_prefill_step_size()
+        # None: the load profile's (512 tokens on a GPU, 128 on the CPU)
+        self.prefill_step_size = prefill_step_size or loaded.profile.prefill_step_size
         self.metrics = GenerationMetrics()
         gen_cfg = loaded.generation_config
         self.context_length = int(loaded.config.get("max_position_embeddings") or 8192)
@@ -157,7 +158,8 @@ class Engine:
             prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
             kv_itemsize=itemsize,
         )
-        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, Decoder(loaded.model))
+        decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
@@ -269,6 +271,7 @@ class Engine:
             quantization=loaded.quantization,
             device=device_name(),
             weights_bytes=int(sum(v.nbytes for v in params.values())),
+            profile=loaded.profile.as_dict(),
         )
 
     def load_adapter(self, path: str | os.PathLike) -> Any:

@@ -84,6 +84,7 @@ class ModelInfo:
     quantization: dict[str, int] | None
     device: str
     weights_bytes: int
+    profile: dict[str, Any] | None = None  # the device profile chosen at load (lmx.runtime.profile)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,5 +1,5 @@
 """``lmx info``: versions, device, BLAS in use, memory, the ``LMX_*`` settings in force; with --model, the
-model too."""
+model and its device profile too."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
         with lmx.load(model, device=device) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
+            out["profile"] = engine.loaded.profile.as_dict()
     return out
 
 
@@ -89,6 +90,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"memory:   active {mem['active'] / 2**20:.1f} MiB, limit {mem['limit'] / 2**30:.1f} GiB")
     for name, value in info["settings"].items():
         print(f"setting:  {name}={'' if value is None else value}")
+    if "profile" in info:
+        p = info["profile"]
+        print(
+            f"profile:  {p['device']} ({p['backend']}), {p['dtype']}, ops {p['ops_backend']}, "
+            f"prefill {p['prefill_mode']} in chunks of {p['prefill_step_size']}, decode {p['decode_mode']}"
+        )
     for key, value in info.get("model", {}).items():
-        print(f"model.{key}: {value}")
+        if key != "profile":  # printed above
+            print(f"model.{key}: {value}")
     return 0

@@ -9,10 +9,13 @@ which saves the two reshapes MLX puts around every product of a 3-D input. What 
 between the segments is what the eager step does there: the cache write and MLX's fused
 attention over the cache, with no mask (a one-token query sees every cached key).
 
-On a CUDA GPU a decode step is bound by host-side work per op (building the graph, then
-encoding each op), not by the device: fewer ops and less Python per step is the lever
-(benchmarks/RESULTS.md). Unlike :class:`lmx.generate.step.CompiledDecode`, no array mask is
-needed, so the GPU keeps its fused attention kernel.
+Where a decode step is bound by host-side work per op (building the graph, then encoding
+each op), not by the arithmetic, fewer ops and less Python per step is the lever
+(benchmarks/RESULTS.md; the profile chosen at load picks this step there). Unlike
+:class:`lmx.generate.step.CompiledDecode`, no array mask is needed, so attention keeps its
+fused kernel. The segments are built from the model contract
+(:class:`lmx.models.base.LanguageModel`): ``embed``, ``layers`` (``begin``, ``end``,
+``self_attn.attend``), ``norm`` and ``head``.
 """
 
 from __future__ import annotations
@@ -24,24 +27,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.kernels import cuda_attention
+from lmx.models.base import LanguageModel
 from lmx.models.cache import KVCache
 
 Segment = Callable[..., Any]
-
-
-def supports_segments(model: nn.Module) -> bool:
-    """Whether ``model`` exposes the pieces a segmented step is built from."""
-    text = getattr(model, "model", None)
-    layers = getattr(model, "layers", None)
-    return (
-        text is not None
-        and hasattr(text, "embed")
-        and hasattr(text, "norm")
-        and hasattr(model, "head")
-        and bool(layers)
-        and all(hasattr(layer, "begin") and hasattr(layer, "end") for layer in layers)
-    )
 
 
 def _scan(tree: Any, arrays: list[mx.array]) -> bool:
@@ -74,12 +63,11 @@ class SegmentedDecode:
     traces keep the previous arrays alive.
 
     Args:
-        model: a model with ``model.embed``, ``model.norm``, ``layers`` (each with ``begin``,
-            ``end`` and ``self_attn.attend``) and ``head`` (held weakly).
+        model: the model (held weakly: the traces must not keep it alive).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self._model = weakref.ref(model)  # the model holds this object: no reference cycle
+    def __init__(self, model: LanguageModel) -> None:
+        self._model = weakref.ref(model)
         self._weights: list[mx.array] = []
         self._first: Segment | None = None
         self._middle: list[Segment] = []
@@ -99,16 +87,18 @@ class SegmentedDecode:
             self._weights = weights
         return True
 
-    def _build(self, model: nn.Module) -> None:
-        text, layers = model.model, model.layers
+    def _build(self, model: LanguageModel) -> None:
+        layers = model.layers
         # Arrays the modules derive from their weights and keep (Gemma's 1 + weight, a
         # Linear's weight.T) must be evaluated before tracing: a lazy one would be part of
         # the trace, recomputed in every step.
-        mx.eval([c for m in model.modules() if hasattr(m, "constants") for c in m.constants()])
+        mx.eval(model.constants())
         ref = self._model
 
         def first(tokens: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
-            h = text.embed(tokens)  # (B, dim)
+            m = ref()
+            assert m is not None
+            h = m.embed(tokens)  # (B, dim)
             return (h, *layers[0].begin(h, offset))
 
         def middle(i: int) -> Segment:
@@ -121,7 +111,7 @@ class SegmentedDecode:
         def last(h: mx.array, out: mx.array) -> mx.array:
             m = ref()
             assert m is not None
-            return m.head(text.norm(layers[-1].end(h, out)))  # (B, V)
+            return m.head(m.norm(layers[-1].end(h, out)))  # (B, V)
 
         self._first = mx.compile(first)
         self._middle = [mx.compile(middle(i)) for i in range(len(layers) - 1)]
@@ -137,23 +127,9 @@ class SegmentedDecode:
             offset = offset - pad.astype(mx.int32)  # (B,) each row's own position
         h, q, k, v = self._first(token, offset)
         layers, n = model.layers, len(cache)
-        with cuda_attention.inference():  # a decode step is never differentiated
+        with model.ops.inference():  # a decode step is never differentiated
             for i, c in enumerate(cache):
                 out = layers[i].self_attn.attend(q, k, v, c, pad)  # (B, n_heads, 1, head_dim)
                 if i + 1 < n:
                     h, q, k, v = self._middle[i](h, out, offset)
         return self._last(h, out)
-
-
-def segmented_decode(model: nn.Module) -> SegmentedDecode | None:
-    """The model's :class:`SegmentedDecode`, ready for its current weights, or None where it
-    does not apply (another architecture, or dropout in training mode).
-
-    Kept on the model, so every generation after the first replays the traces; the check
-    per generation is one walk over the model's arrays.
-    """
-    decoder = getattr(model, "_lmx_segments", None)
-    if decoder is None:
-        decoder = SegmentedDecode(model) if supports_segments(model) else False
-        object.__setattr__(model, "_lmx_segments", decoder)  # False: checked, not supported
-    return decoder if decoder and decoder.prepare() else None

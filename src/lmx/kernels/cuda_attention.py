@@ -175,16 +175,21 @@ def supported(queries: mx.array, keys: mx.array, values: mx.array) -> bool:
     )
 
 
-def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> bool:
-    """Whether attention of these inputs (no mask, no softcap) should run as :func:`decode_attention`:
-    on a CUDA GPU, for a head dim MLX does not fuse, unless ``LMX_CUDA_ATTENTION=0``."""
+def fits(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> bool:
+    """Whether attention of these inputs (no mask, no softcap) is better run as :func:`decode_attention`
+    on a CUDA GPU: a head dim MLX does not fuse, inputs :func:`supported` takes. (The device and the
+    switch are the device profile's choice, made once at load: :class:`lmx.runtime.ops.CudaOps`.)"""
     return (
         queries.shape[-1] not in FUSED_HEAD_DIMS  # first: rejects Qwen 3 (and most models) at once
         and scale > 0
-        and mx.default_device() == mx.gpu
-        and cuda_available()
         and supported(queries, keys, values)
-        and enabled_by_env()
+    )
+
+
+def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> bool:
+    """:func:`fits`, on a CUDA GPU, unless ``LMX_CUDA_ATTENTION=0`` (the whole check, for scripts)."""
+    return (
+        fits(queries, keys, values, scale) and mx.default_device() == mx.gpu and cuda_available() and enabled_by_env()
     )
 
 

@@ -15,7 +15,9 @@ from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, Unsu
 from lmx.io import hf
 from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
 from lmx.runtime import memory
-from lmx.runtime.device import device_name
+from lmx.runtime.device import backend_name, device_name
+from lmx.runtime.ops import Ops
+from lmx.runtime.profile import AUTO_DTYPE, DeviceProfile, choose_profile, make_ops
 from lmx.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class LoadedModel:
     name: str = ""
     quantization: dict[str, int] | None = None
     cpu_kernels: bool = False  # some weights run as GGUF blocks on lmx's CPU kernels (lmx.kernels)
+    profile: DeviceProfile = field(default_factory=DeviceProfile)  # chosen once, at load
 
 
 def resolve_dtype(dtype: str | None) -> mx.Dtype:
@@ -45,7 +48,7 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     """
     name = dtype or "auto"
     if name == "auto":
-        name = "float32" if device_name() == "cpu" else "bfloat16"
+        name = AUTO_DTYPE[device_name()]
     if name not in DTYPES:
         raise InvalidOptionError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[name]
@@ -71,17 +74,41 @@ def load_path(path: str | os.PathLike, *, dtype: str | None = "auto", cpu_kernel
     """
     mx_dtype = resolve_dtype(dtype)
     kernel_types = kernel_types_for(cpu_kernels)
+    profile = load_profile(dtype, cpu_kernels=bool(kernel_types))
     target = Path(path).expanduser()
     if target.is_dir():
-        return _load_hf_dir(target, mx_dtype, layer_ops=bool(kernel_types))
+        return _load_hf_dir(target, mx_dtype, profile)
     if target.is_file() and target.suffix.lower() == ".gguf":
-        return _load_gguf(target, mx_dtype, kernel_types)
+        return _load_gguf(target, mx_dtype, profile, kernel_types)
     if target.is_file():
         raise ModelNotFoundError(f"{target} is a file but not a .gguf; give an HF model directory or a .gguf file")
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
 
 
-def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, layer_ops: bool = False) -> LoadedModel:
+def load_profile(dtype: str | None = "auto", *, cpu_kernels: bool = False) -> DeviceProfile:
+    """The device profile of a model loaded now: MLX's default device, the weights' ``dtype``
+    (a name, or ``"auto"``), whether lmx's CPU kernels run it, and the settings."""
+    from lmx.kernels import cuda_attention
+
+    return choose_profile(
+        device_name(),
+        backend=backend_name(),
+        dtype=None if (dtype or "auto") == "auto" else dtype,
+        cpu_kernels=cpu_kernels,
+        cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
+    )
+
+
+def profile_ops(profile: DeviceProfile) -> Ops:
+    """The profile's ops object, for ``model.set_ops`` (with lmx's CPU kernels module where it names them)."""
+    if profile.ops_backend != "cpu-kernels":
+        return make_ops(profile)
+    from lmx.kernels import load_module
+
+    return make_ops(profile, load_module()[0])
+
+
+def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> LoadedModel:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
@@ -96,11 +123,12 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, layer_ops: bool = False) -> L
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
-    if layer_ops:
-        _use_cpu_layer_ops(model)
+    model.set_ops(profile_ops(profile))
     tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant)
+    return LoadedModel(
+        model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant, profile=profile
+    )
 
 
 def _build(config: dict[str, Any], source: str) -> nn.Module:
@@ -153,15 +181,7 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
     return frozenset(GGML_TYPES.values())
 
 
-def _use_cpu_layer_ops(model: nn.Module) -> None:
-    """Norms, RoPE and decode attention as one op each on the CPU kernels (:func:`lmx.models.base.use_cpu_ops`)."""
-    from lmx.kernels import load_module
-    from lmx.models.base import use_cpu_ops
-
-    use_cpu_ops(model, load_module()[0])
-
-
-def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = frozenset()) -> LoadedModel:
+def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types: frozenset[int]) -> LoadedModel:
     from lmx.io.gguf import read_gguf
     from lmx.kernels import int8_by_env
     from lmx.models.gguf_layers import use_gguf_blocks
@@ -172,8 +192,7 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
-    if kernel_types:
-        _use_cpu_layer_ops(model)
+    model.set_ops(profile_ops(profile))
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
     hf.apply_weights(model, weights, str(path), dtype)
@@ -192,4 +211,6 @@ def _load_gguf(path: Path, dtype: mx.Dtype, kernel_types: frozenset[int] = froze
         name=path.name,
     )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, gguf.config, {}, str(path), path.stem, cpu_kernels=bool(blocks))
+    return LoadedModel(
+        model, tokenizer, gguf.config, {}, str(path), path.stem, cpu_kernels=bool(blocks), profile=profile
+    )

@@ -1,4 +1,9 @@
-"""Pieces shared by the architectures: config parsing, RoPE variants, attention."""
+"""Pieces shared by the architectures: config parsing, norms, attention, the model contract (RoPE: :mod:`lmx.models.rope`).
+
+The layers call one ops object (:mod:`lmx.runtime.ops`) for RMSNorm, RoPE and attention: the
+model holds it in an :class:`OpsSlot` shared by all its layers, and the loader fills it once
+(``model.set_ops``) with the ops of the profile chosen at load. Nothing here asks where it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,16 @@ import logging
 import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from lmx.errors import ConfigError, UnsupportedModelError
-from lmx.kernels import cuda_attention
+from lmx.errors import ConfigError
+from lmx.models.cache import KVCache, RotatingKVCache
+from lmx.runtime.ops import MLX_OPS, Ops
 
 logger = logging.getLogger(__name__)
 
@@ -117,158 +124,29 @@ def _checked(name: str, value: Any, hint: Any, source: str) -> Any:
     return value
 
 
-def rope_settings(
-    rope_parameters: dict | None,
-    rope_scaling: dict | None,
-    rope_theta: float,
-    layer_type: str | None = None,
-) -> dict[str, Any]:
-    """Resolve one layer type's RoPE settings from either config format.
+class OpsSlot:
+    """The ops object (:mod:`lmx.runtime.ops`) that every layer of one model calls.
 
-    transformers >= 5 writes ``rope_parameters`` (flat, or keyed by layer type as Gemma 3
-    does); older configs write ``rope_theta`` plus ``rope_scaling``.
-
-    Returns:
-        A dict with at least ``rope_type`` and ``rope_theta``.
+    A model makes one and hands it to each layer it builds; ``set_ops`` fills it once at load
+    with the load profile's ops (MLX's own until then). A plain object, not an array or a
+    module, so MLX never takes it for a parameter.
     """
-    params: dict[str, Any] = {}
-    if rope_parameters:
-        if layer_type is not None and layer_type in rope_parameters:
-            per_type = rope_parameters[layer_type] or {}
-            if not isinstance(per_type, dict):
-                raise ConfigError(f"rope_parameters[{layer_type!r}] must be an object, got {per_type!r:.80}")
-            params = dict(per_type)
-        elif "rope_type" in rope_parameters or "rope_theta" in rope_parameters:
-            params = dict(rope_parameters)
-    if not params:
-        params = dict(rope_scaling or {})
-    params.setdefault("rope_theta", rope_theta)
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    return params
 
+    __slots__ = ("ops",)
 
-def cpu_ops(module: nn.Module) -> types.ModuleType | None:
-    """lmx's CPU layer ops (:mod:`lmx.kernels`) where :func:`use_cpu_ops` switched them on, else None."""
-    return module.__dict__.get("_cpu_ops")
-
-
-def use_cpu_ops(model: nn.Module, ops: types.ModuleType) -> None:
-    """Run ``model``'s RMSNorms, RoPEs and decode attention as one op each with ``ops`` (lmx's CPU kernels);
-    the model itself gets ``ops`` too, for the log-softmax of :func:`lmx.generate.step.generate_step`.
-
-    On the CPU MLX computes ``mx.fast.rms_norm``, ``mx.fast.rope`` and attention as several small
-    ops each (a decode step of Gemma 3 270M spent about a third of its time there); the kernels
-    compute the same float32 values in one op each (RMSNorm bit for bit, the others within float32
-    rounding), with MLX's own gradients. Other dtypes, array offsets and mask arrays still go to MLX.
-    """
-    for name, m in model.named_modules():
-        if not name or isinstance(m, (RoPE, RMSNorm)) or getattr(m, "uses_cpu_ops", False):
-            object.__setattr__(m, "_cpu_ops", ops)  # an attribute, not a parameter
+    def __init__(self, ops: Ops = MLX_OPS) -> None:
+        self.ops = ops
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` that runs as one op on lmx's CPU kernels where :func:`use_cpu_ops` says so."""
+    """``nn.RMSNorm`` through the model's ops (:mod:`lmx.runtime.ops`)."""
+
+    def __init__(self, dims: int, eps: float = 1e-5, ops: OpsSlot | None = None) -> None:
+        super().__init__(dims, eps)
+        self.ops_slot = ops or OpsSlot()
 
     def __call__(self, x: mx.array) -> mx.array:
-        ops = cpu_ops(self)
-        if ops is not None:
-            return ops.rms_norm(x, self["weight"], self.eps)
-        return super().__call__(x)
-
-
-class RoPE(nn.Module):
-    """Rotary embedding (non-interleaved, as HF) with default/linear/llama3/yarn scaling."""
-
-    def __init__(self, dims: int, settings: dict[str, Any], max_position_embeddings: int) -> None:
-        super().__init__()
-        self.dims = dims
-        kind = settings["rope_type"]
-        if kind not in ("default", "linear", "llama3", "yarn"):
-            raise UnsupportedModelError(
-                f"rope_type {kind!r} is not supported; supported: default, linear, llama3, yarn"
-            )
-        self.scale = 1.0
-        self.mscale = 1.0
-        freqs = None
-        try:  # the settings come straight from config.json: a missing or non-numeric value is a ConfigError
-            base = float(settings["rope_theta"])
-            self.base: float | None = base
-            exponents = mx.arange(0, dims, 2, dtype=mx.float32) / dims
-            if kind == "linear":
-                self.scale = 1.0 / float(settings["factor"])
-            elif kind == "llama3":
-                freqs, self.base = _llama3_periods(base**exponents, settings, max_position_embeddings), None
-            elif kind == "yarn":
-                freqs, self.mscale = _yarn_periods(base, dims, settings, max_position_embeddings)
-                self.base = None
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
-            raise ConfigError(f"RoPE settings {settings!r:.200} are invalid: {type(e).__name__}: {e}") from e
-        # Held outside the module's parameter dict (MLX modules drop None-valued entries from
-        # attribute lookup), and evaluated now: MLX streams are per thread, and a lazy array
-        # first evaluated on another thread (a server worker) fails there.
-        self._has_freqs = freqs is not None
-        if freqs is not None:
-            mx.eval(freqs)
-            self._freqs = freqs
-        # The periods (angle = position / period) for lmx's CPU op (see use_cpu_ops).
-        self._periods = freqs if freqs is not None else base**exponents
-        mx.eval(self._periods)
-
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        ops = cpu_ops(self)
-        if ops is not None and isinstance(offset, int):
-            out = ops.rope(x, self.dims, self._periods, self.scale, offset)
-        else:
-            out = mx.fast.rope(
-                x,
-                self.dims,
-                traditional=False,
-                base=self.base,
-                scale=self.scale,
-                offset=offset,
-                freqs=self._freqs if self._has_freqs else None,
-            )
-        return out * self.mscale if self.mscale != 1.0 else out
-
-
-def _llama3_periods(periods: mx.array, s: dict[str, Any], max_pos: int) -> mx.array:
-    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-    old_len = float(s.get("original_max_position_embeddings", max_pos))
-    wavelen = 2 * math.pi * periods
-    scaled = mx.where(wavelen > old_len / low, periods * factor, periods)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = scaled / ((1 - smooth) / factor + smooth)
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return mx.where(medium, smoothed, scaled)
-
-
-def _yarn_periods(base: float, dims: int, s: dict[str, Any], max_pos: int) -> tuple[mx.array, float]:
-    original = float(s.get("original_max_position_embeddings") or max_pos)
-    factor = float(s.get("factor") or max_pos / original)
-
-    def mscale_of(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = s.get("attention_factor")
-    if attention_factor is None:
-        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention_factor = mscale_of(factor, m) / mscale_of(factor, m_all) if m and m_all else mscale_of(factor)
-    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return (dims * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dims - 1)
-    if low == high:
-        high += 0.001
-    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = 1.0 / base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
-    return 1.0 / inv_freq, float(attention_factor)
+        return self.ops_slot.ops.rms_norm(x, self["weight"], self.eps)
 
 
 @partial(mx.compile, shapeless=True)
@@ -283,14 +161,45 @@ def geglu_tanh(gate: mx.array, up: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * up
 
 
+class Derived:
+    """An array derived from a weight (its transpose, Gemma's ``1 + weight``), kept while the
+    weight is the same array and made anew when it changes (``model.update``, a weight load).
+
+    A module holds one as a plain attribute set in ``__init__`` (not an array: MLX does not take
+    it for a parameter).
+    """
+
+    __slots__ = ("_derive", "_source", "_value")
+
+    def __init__(self, derive: Callable[[mx.array], mx.array]) -> None:
+        self._derive = derive
+        self._source: mx.array | None = None
+        self._value: mx.array | None = None
+
+    def of(self, weight: mx.array) -> mx.array:
+        """The derived array of ``weight`` (kept from the last call when ``weight`` is the same array)."""
+        if self._source is not weight:
+            self._source, self._value = weight, self._derive(weight)
+        return self._value  # type: ignore[return-value]
+
+
+def _transpose(weight: mx.array) -> mx.array:
+    return weight.T
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that keeps its weight's transpose from call to call.
 
     ``weight.T`` is a view (no copy) but a new graph op on every call: 7 of the ~38 ops a
-    layer costs per decode step, and on a GPU every op is host-side work. The view is kept
-    once per weight array (keyed on its identity, so an updated weight is picked up), as
-    Gemma's norms keep ``1 + weight``; it shares the weight's memory.
+    layer costs per decode step, and where a step is bound by host-side work per op, that
+    counts. The view is kept once per weight array (:class:`Derived`, keyed on its identity,
+    so an updated weight is picked up), as Gemma's norms keep ``1 + weight``; it shares the
+    weight's memory.
     """
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True) -> None:
+        super().__init__(input_dims, output_dims, bias)
+        self.weight_t = Derived(_transpose)
 
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:
@@ -302,12 +211,7 @@ class Linear(nn.Linear):
         return [self._weight_t()]
 
     def _weight_t(self) -> mx.array:
-        weight = self["weight"]
-        cached = self.__dict__.get("_weight_t_of")
-        if cached is None or cached[0] is not weight:
-            cached = (weight, weight.T)
-            object.__setattr__(self, "_weight_t_of", cached)  # an attribute, not a parameter
-        return cached[1]
+        return self.weight_t.of(self["weight"])
 
 
 def rope_offset(offset: int | mx.array, pad: mx.array | None) -> int | mx.array:
@@ -346,10 +250,16 @@ class QKNormAttention(nn.Module):
     A subclass builds ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``, ``k_norm`` and
     ``rope`` and sets ``n_heads``, ``n_kv_heads``, ``scale`` (and ``softcap``). The call is split
     in three so that :mod:`lmx.generate.segments` can compile around the cache write and attention.
+
+    Args:
+        ops: the model's :class:`OpsSlot` (shared with its norms and RoPE).
     """
 
-    uses_cpu_ops = True  # see use_cpu_ops
     softcap: float | None = None
+
+    def __init__(self, ops: OpsSlot | None = None) -> None:
+        super().__init__()
+        self.ops_slot = ops or OpsSlot()
 
     def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
         return self.output(self.attend(*self.project(x, rope_offset(cache.offset, pad)), cache, pad), x.ndim)
@@ -364,7 +274,7 @@ class QKNormAttention(nn.Module):
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
         """Store ``k``/``v`` in ``cache`` (a KV cache); attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
-        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, cpu_ops(self))
+        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, self.ops_slot.ops)
 
     def output(self, out: mx.array, ndim: int = 3) -> mx.array:
         """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
@@ -398,23 +308,17 @@ def attention(
     scale: float,
     mask: mx.array | str | None,
     softcap: float | None = None,
-    ops: types.ModuleType | None = None,
+    ops: Ops = MLX_OPS,
 ) -> mx.array:
     """Scaled dot-product attention over (B, heads, L, D) inputs, grouped-query aware.
 
     ``mask`` is a boolean array, None (every query sees every key) or ``"causal"``: query
     ``i`` of ``Lq`` sees keys up to ``Lk - Lq + i`` (MLX's fused kernels skip the rest).
-    ``ops``: lmx's CPU kernels module (see :func:`use_cpu_ops`), which runs a few float32
-    queries without a mask array as one op. On a CUDA GPU, one query without a mask whose head
-    dim MLX does not fuse (Gemma 3's 256) runs as one op of lmx's
-    (:mod:`lmx.kernels.cuda_attention`) instead of MLX's 12 fallback ops.
+    Without ``softcap`` it is one call of ``ops`` (the model's, :mod:`lmx.runtime.ops`);
+    with it, the scores are capped in plain MLX ops (no fused kernel takes a cap).
     """
     if softcap is None:
-        if ops is not None and not isinstance(mask, mx.array):
-            return ops.attention(queries, keys, values, scale, mask == "causal")
-        if mask is None and cuda_attention.wanted(queries, keys, values, scale):
-            return cuda_attention.decode_attention(queries, keys, values, scale)
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return ops.attention(queries, keys, values, scale, mask)
     if isinstance(mask, str):
         n_q, n_k = queries.shape[2], keys.shape[2]
         mask = mx.arange(n_k - n_q, n_k)[:, None] >= mx.arange(n_k)[None]  # (Lq, Lk)
@@ -437,3 +341,153 @@ def layer_types_from(config_layer_types: list[str] | None, n_layers: int, defaul
     if bad:
         raise ConfigError(f"layer_types holds {bad}; allowed: full_attention, sliding_attention")
     return types_
+
+
+@typing.runtime_checkable
+class KeepsDerived(Protocol):
+    """A layer that keeps arrays derived from its weights (:class:`Linear`, Gemma's RMSNorm)."""
+
+    def constants(self) -> list[mx.array]: ...
+
+
+class LanguageModel(Protocol):
+    """The contract between an architecture's ``Model`` and what runs it (the step loop, training,
+    classification): :class:`CausalLM` implements it for every architecture here.
+
+    ``hidden`` = ``norm`` of the ``layers`` over ``embed``; ``head`` makes logits of it.
+    """
+
+    args: Any
+
+    @property
+    def layers(self) -> Sequence[AttentionLayer]:
+        """The decoder layers, in order (each with ``begin``, ``end`` and ``self_attn.attend``)."""
+        ...
+
+    @property
+    def ops(self) -> Ops:
+        """The ops the layers call."""
+        ...
+
+    def set_ops(self, ops: Ops) -> None:
+        """Make every layer call ``ops`` (the loader does, once, from the load profile)."""
+        ...
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """The residual stream (B, L, dim) the first layer reads, from token ids (B, L)."""
+        ...
+
+    def norm(self, h: mx.array) -> mx.array:
+        """The final norm of the last layer's output."""
+        ...
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, vocab) from final-norm hidden states."""
+        ...
+
+    def hidden(
+        self,
+        inputs: mx.array,
+        cache: Sequence[Any],
+        pad: mx.array | None = None,
+        each_layer: Callable[[mx.array], Any] | None = None,
+    ) -> mx.array:
+        """Final-norm hidden states (B, L, dim); ``each_layer`` is called with each layer's output."""
+        ...
+
+    def make_cache(self) -> list[KVCache]:
+        """One fresh cache per layer."""
+        ...
+
+    def constants(self) -> list[mx.array]:
+        """Arrays the layers derive from their weights and keep between calls (a Linear's
+        ``weight.T``, Gemma's ``1 + weight``): evaluate them before tracing a compiled step."""
+        ...
+
+
+class DecoderStack(nn.Module):
+    """The text model: embedding, decoder layers, final norm. A subclass builds ``embed_tokens``,
+    ``layers`` and ``norm`` (and overrides :meth:`embed` for a scaled embedding)."""
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Sequence[Any],
+        pad: mx.array | None = None,
+        each_layer: Callable[[mx.array], Any] | None = None,
+    ) -> mx.array:
+        h = self.embed(inputs)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, layer_cache, pad)
+            if each_layer is not None:
+                each_layer(h)
+        return self.norm(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """The residual stream (B, L, hidden_size) the first layer reads."""
+        return self.embed_tokens(inputs)
+
+
+class CausalLM(nn.Module):
+    """What every architecture's ``Model`` shares (the :class:`LanguageModel` contract): a
+    :class:`DecoderStack` as ``self.model``, an LM head (tied to the embedding or ``lm_head``),
+    one cache per layer. A subclass builds ``self.model`` (passing :attr:`ops_slot` to every
+    layer) and ``lm_head`` when untied.
+
+    Args:
+        args: the architecture's ``ModelArgs`` (with ``tie_word_embeddings``, ``layer_types``
+            and ``sliding_window``).
+    """
+
+    def __init__(self, args: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.ops_slot = OpsSlot()
+
+    @property
+    def ops(self) -> Ops:
+        return self.ops_slot.ops
+
+    def set_ops(self, ops: Ops) -> None:
+        """Make every layer call ``ops`` (one slot shared by all of them)."""
+        self.ops_slot.ops = ops
+
+    @property
+    def layers(self) -> list[AttentionLayer]:
+        return self.model.layers
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        return self.model.embed(inputs)
+
+    def norm(self, h: mx.array) -> mx.array:
+        return self.model.norm(h)
+
+    def hidden(
+        self,
+        inputs: mx.array,
+        cache: Sequence[Any],
+        pad: mx.array | None = None,
+        each_layer: Callable[[mx.array], Any] | None = None,
+    ) -> mx.array:
+        """Final-norm hidden states (B, L, hidden_size); ``each_layer`` sees each layer's output."""
+        return self.model(inputs, cache, pad, each_layer)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, vocab) from hidden states."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
+        return self.head(self.hidden(inputs, cache or self.make_cache(), pad))
+
+    def make_cache(self) -> list[KVCache]:
+        """One cache per layer: rotating for sliding layers, growing for global ones."""
+        return [
+            RotatingKVCache(self.args.sliding_window) if t == "sliding_attention" else KVCache()
+            for t in self.args.layer_types
+        ]
+
+    def constants(self) -> list[mx.array]:
+        """Arrays the layers derive from their weights and keep between calls (see :class:`Derived`)."""
+        return [c for m in self.modules() if m is not self and isinstance(m, KeepsDerived) for c in m.constants()]

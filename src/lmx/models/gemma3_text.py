@@ -16,15 +16,16 @@ from lmx.io.gguf import GGUFArchitecture, meta, positive
 from lmx.models.base import (
     AttentionLayer,
     BaseModelArgs,
+    CausalLM,
+    DecoderStack,
+    Derived,
     Linear,
+    OpsSlot,
     QKNormAttention,
-    RoPE,
-    cpu_ops,
     geglu_tanh,
     layer_types_from,
-    rope_settings,
 )
-from lmx.models.cache import KVCache, RotatingKVCache
+from lmx.models.rope import RoPE, rope_settings
 
 
 @dataclasses.dataclass
@@ -74,40 +75,36 @@ def from_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _one_plus(weight: mx.array) -> mx.array:
+    return 1.0 + weight
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm scales by ``1 + weight`` (the checkpoint stores the offset from 1)."""
 
-    def __init__(self, dims: int, eps: float) -> None:
+    def __init__(self, dims: int, eps: float, ops: OpsSlot | None = None) -> None:
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
-
-    uses_cpu_ops = True  # see lmx.models.base.use_cpu_ops
+        self.ops_slot = ops or OpsSlot()
+        # 1 + weight once per weight array, not once per call: where every op is a kernel
+        # launch, a decode step of Gemma 3 270M would spend 109 of them on this add.
+        self.one_plus_weight = Derived(_one_plus)
 
     def __call__(self, x: mx.array) -> mx.array:
-        ops = cpu_ops(self)
-        if ops is not None:
-            return ops.rms_norm(x, self._scale(), self.eps)
-        return mx.fast.rms_norm(x, self._scale(), self.eps)
+        return self.ops_slot.ops.rms_norm(x, self._scale(), self.eps)
 
     def constants(self) -> list[mx.array]:
         """Arrays derived from the weights and kept between calls (compiled steps read them)."""
         return [self._scale()]
 
     def _scale(self) -> mx.array:
-        # 1 + weight once per weight array, not once per call: on a GPU every op is a kernel
-        # launch, and a decode step of Gemma 3 270M would spend 109 of them on this add.
-        weight = self.weight
-        cached = self.__dict__.get("_scale_of")
-        if cached is None or cached[0] is not weight:
-            cached = (weight, 1.0 + weight)
-            object.__setattr__(self, "_scale_of", cached)  # an attribute, not a parameter
-        return cached[1]
+        return self.one_plus_weight.of(self.weight)
 
 
 class Attention(QKNormAttention):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
-        super().__init__()
+    def __init__(self, args: ModelArgs, layer_idx: int, ops: OpsSlot) -> None:
+        super().__init__(ops)
         dim, self.n_heads, self.n_kv_heads = (
             args.hidden_size,
             args.num_attention_heads,
@@ -121,8 +118,8 @@ class Attention(QKNormAttention):
         self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, ops)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, ops)
         layer_type = args.layer_types[layer_idx]
         sliding = layer_type == "sliding_attention"
         # Local layers use their own base and never the global rope scaling.
@@ -132,7 +129,7 @@ class Attention(QKNormAttention):
             args.rope_local_base_freq if sliding else args.rope_theta,
             layer_type,
         )
-        self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
+        self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings, ops)
 
 
 class MLP(nn.Module):
@@ -147,15 +144,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(AttentionLayer):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, ops: OpsSlot) -> None:
         super().__init__()
         dim, eps = args.hidden_size, args.rms_norm_eps
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = Attention(args, layer_idx, ops)
         self.mlp = MLP(dim, args.intermediate_size)
-        self.input_layernorm = RMSNorm(dim, eps)
-        self.post_attention_layernorm = RMSNorm(dim, eps)
-        self.pre_feedforward_layernorm = RMSNorm(dim, eps)
-        self.post_feedforward_layernorm = RMSNorm(dim, eps)
+        self.input_layernorm = RMSNorm(dim, eps, ops)
+        self.post_attention_layernorm = RMSNorm(dim, eps, ops)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps, ops)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps, ops)
 
     def end(self, x: mx.array, out: mx.array) -> mx.array:
         """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""
@@ -163,19 +160,13 @@ class DecoderLayer(AttentionLayer):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+class TextModel(DecoderStack):
+    def __init__(self, args: ModelArgs, ops: OpsSlot) -> None:
         super().__init__()
         self.hidden_size = args.hidden_size
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        h = self.embed(inputs)
-        for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, layer_cache, pad)
-        return self.norm(h)
+        self.layers = [DecoderLayer(args, i, ops) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
 
     def embed(self, inputs: mx.array) -> mx.array:
         """The residual stream (B, L, hidden_size) the first layer reads."""
@@ -184,42 +175,21 @@ class TextModel(nn.Module):
         return h * mx.array(self.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
 
 
-class Model(nn.Module):
-    """Gemma 3 causal LM: ``hidden`` -> ``head``; ``__call__`` does both."""
+class Model(CausalLM):
+    """Gemma 3 causal LM (the :class:`lmx.models.base.LanguageModel` contract): sliding layers get
+    rotating caches; logits are soft-capped where the config says so."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = TextModel(args)
+        super().__init__(args)
+        self.model = TextModel(args, self.ops_slot)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def hidden(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        """Final-norm hidden states (B, L, hidden_size)."""
-        return self.model(inputs, cache, pad)
-
     def head(self, h: mx.array) -> mx.array:
         """Logits (B, L, vocab) from hidden states."""
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+        logits = super().head(h)
         cap = self.args.final_logit_softcapping
         return logits if cap is None else mx.tanh(logits / cap) * cap
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
-        return self.head(self.hidden(inputs, cache or self.make_cache(), pad))
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def make_cache(self) -> list[KVCache]:
-        """One cache per layer: rotating for sliding layers, growing for global ones."""
-        return [
-            RotatingKVCache(self.args.sliding_window) if t == "sliding_attention" else KVCache()
-            for t in self.args.layer_types
-        ]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map HF names (text-only or multimodal checkpoints) to this module's names."""

@@ -1,11 +1,11 @@
-"""Linear and Embedding layers whose weights stay in a GGUF file's quantized blocks (CPU kernels).
+"""Linear and Embedding layers whose weights stay in a GGUF file's quantized blocks (lmx's kernels).
 
 Each weight is a uint8 array of shape (rows, bytes per row) holding the file's blocks as they are;
 :mod:`lmx.kernels` decodes them to the exact float32 values of the dequantized model inside the
 matrix product, so these layers compute what ``nn.Linear``/``nn.Embedding`` over the dequantized
 weights compute, up to summation order, while reading about a quarter of the bytes. The loader
-puts them in (see :func:`use_gguf_blocks`) only on the CPU, for a GGUF model, when the kernels
-import and ``cpu_kernels`` is not switched off. The weights are frozen: LoRA trains adapters on top
+puts them in (see :func:`use_gguf_blocks`) only where the load profile runs lmx's kernels, for a
+GGUF model. The weights are frozen: LoRA trains adapters on top
 (the gradient with respect to the input is ``dL/dy @ W``); they have no gradient themselves.
 """
 
@@ -25,7 +25,7 @@ def _kernels() -> ModuleType:
 
     module, reason = load_module()
     if module is None:
-        raise WeightsError(f"this layer needs lmx's CPU kernels, which are unavailable: {reason}")
+        raise WeightsError(f"this layer needs lmx's kernels (lmx.kernels), which are unavailable: {reason}")
     return module
 
 
@@ -125,7 +125,7 @@ def gguf_block_values(model: nn.Module) -> int:
 
 
 def uses_gguf_blocks(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` runs on the CPU kernels."""
+    """Whether any layer of ``model`` runs on lmx's kernels (GGUF blocks)."""
     return any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for _, m in model.named_modules())
 
 

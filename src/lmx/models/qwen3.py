@@ -12,15 +12,16 @@ from lmx.io.gguf import GGUFArchitecture
 from lmx.models.base import (
     AttentionLayer,
     BaseModelArgs,
+    CausalLM,
+    DecoderStack,
     Linear,
+    OpsSlot,
     QKNormAttention,
     RMSNorm,
-    RoPE,
     layer_types_from,
-    rope_settings,
     swiglu,
 )
-from lmx.models.cache import KVCache, RotatingKVCache
+from lmx.models.rope import RoPE, rope_settings
 
 
 @dataclasses.dataclass
@@ -60,8 +61,8 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(QKNormAttention):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
-        super().__init__()
+    def __init__(self, args: ModelArgs, layer_idx: int, ops: OpsSlot) -> None:
+        super().__init__(ops)
         dim, self.n_heads, self.n_kv_heads = (
             args.hidden_size,
             args.num_attention_heads,
@@ -75,11 +76,11 @@ class Attention(QKNormAttention):
         self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
         # Qwen 3's addition over Qwen 2: RMSNorm on each head's queries and keys.
-        self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps, ops=ops)
+        self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps, ops=ops)
         layer_type = args.layer_types[layer_idx]
         settings = rope_settings(args.rope_parameters, args.rope_scaling, args.rope_theta, layer_type)
-        self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings)
+        self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings, ops)
 
 
 class MLP(nn.Module):
@@ -94,12 +95,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(AttentionLayer):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, ops: OpsSlot) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = Attention(args, layer_idx, ops)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
 
     def end(self, x: mx.array, out: mx.array) -> mx.array:
         """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""
@@ -107,57 +108,22 @@ class DecoderLayer(AttentionLayer):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+class TextModel(DecoderStack):
+    def __init__(self, args: ModelArgs, ops: OpsSlot) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        h = self.embed(inputs)
-        for layer, layer_cache in zip(self.layers, cache):
-            h = layer(h, layer_cache, pad)
-        return self.norm(h)
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        """The residual stream (B, L, hidden_size) the first layer reads."""
-        return self.embed_tokens(inputs)
+        self.layers = [DecoderLayer(args, i, ops) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
 
 
-class Model(nn.Module):
-    """Qwen 3 causal LM: ``hidden`` -> ``head``; ``__call__`` does both."""
+class Model(CausalLM):
+    """Qwen 3 causal LM (the :class:`lmx.models.base.LanguageModel` contract)."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.model = TextModel(args)
+        super().__init__(args)
+        self.model = TextModel(args, self.ops_slot)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def hidden(self, inputs: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        """Final-norm hidden states (B, L, hidden_size)."""
-        return self.model(inputs, cache, pad)
-
-    def head(self, h: mx.array) -> mx.array:
-        """Logits (B, L, vocab) from hidden states."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
-        return self.head(self.hidden(inputs, cache or self.make_cache(), pad))
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def make_cache(self) -> list[KVCache]:
-        """One cache per layer: rotating for sliding layers (if any), growing otherwise."""
-        return [
-            RotatingKVCache(self.args.sliding_window) if t == "sliding_attention" else KVCache()
-            for t in self.args.layer_types
-        ]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop buffers that are not parameters; a tied head is the embedding itself."""

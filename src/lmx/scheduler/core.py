@@ -34,7 +34,7 @@ from lmx.errors import EngineClosedError, QueueFullError
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
-from lmx.generate.step import Decoder, prefill
+from lmx.generate.step import Decoder
 from lmx.models import batch_cache
 from lmx.models.cache import KVCache
 from lmx.runtime import memory
@@ -406,7 +406,7 @@ class Scheduler:
                 return
             step = self.config.prefill_step_size
             chunk, rest = job.tokens[:, :step], job.tokens[:, step:]
-            logits = prefill(self.model, chunk, job.caches, job.pad, step)
+            logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
             if rest.shape[1]:
                 job.tokens = rest
                 mx.async_eval([c.state for c in job.caches])

@@ -1,0 +1,157 @@
+"""The ops seam: the few layer ops whose best implementation depends on the device.
+
+A model's layers call one ops object for RMSNorm, RoPE, attention and the log-softmax's
+``logsumexp``; which one is chosen once at load, from the device profile
+(:mod:`lmx.runtime.profile`), and handed to the model with ``model.set_ops``. The models never
+ask which device they run on (vLLM's ``platforms/`` and attention-backend selection are the
+model for this seam).
+
+- :class:`MlxOps`: MLX's own fused ops (``mx.fast``), right everywhere.
+- :class:`CpuKernelOps`: lmx's CPU kernels (:mod:`lmx.kernels`): on the CPU MLX computes
+  ``mx.fast.rms_norm``, ``mx.fast.rope`` and attention as several small ops each (a decode step
+  of Gemma 3 270M spent about a third of its time there); the kernels compute the same float32
+  values in one op each (RMSNorm bit for bit, the others within float32 rounding), with MLX's own
+  gradients. Other dtypes, array offsets and mask arrays still go to MLX.
+- :class:`CudaOps`: MLX's ops plus lmx's one-query CUDA attention
+  (:mod:`lmx.kernels.cuda_attention`) for head dims MLX's CUDA backend does not fuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager as ContextManager
+from types import ModuleType
+from typing import Protocol
+
+import mlx.core as mx
+
+from lmx.kernels import cuda_attention
+
+Mask = mx.array | str | None
+
+
+class Ops(Protocol):
+    """What a model's layers call; ``name`` says which implementation (for ``lmx info``)."""
+
+    name: str
+
+    def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array: ...
+
+    def rope(
+        self,
+        x: mx.array,
+        dims: int,
+        offset: int | mx.array,
+        *,
+        base: float | None,
+        scale: float,
+        freqs: mx.array | None,
+        periods: mx.array,
+    ) -> mx.array: ...
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array: ...
+
+    def logsumexp(self, x: mx.array) -> mx.array: ...
+
+    def inference(self) -> ContextManager[None]: ...
+
+
+class MlxOps:
+    """MLX's own fused ops."""
+
+    name = "mlx"
+
+    def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+        """RMSNorm of the last axis of ``x``, scaled by ``weight``."""
+        return mx.fast.rms_norm(x, weight, eps)
+
+    def rope(
+        self,
+        x: mx.array,
+        dims: int,
+        offset: int | mx.array,
+        *,
+        base: float | None,
+        scale: float,
+        freqs: mx.array | None,
+        periods: mx.array,
+    ) -> mx.array:
+        """Rotary embedding (HF's half-split layout) of (B, H, L, D) ``x`` from position ``offset``:
+        by ``base`` or, where given, the inverse of ``freqs``; ``periods`` (angle = position / period)
+        is the same rotation for implementations that take it."""
+        return mx.fast.rope(x, dims, traditional=False, base=base, scale=scale, offset=offset, freqs=freqs)
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+        """Scaled dot-product attention over (B, heads, L, D) inputs (grouped-query aware); ``mask`` is
+        a boolean array, None or ``"causal"``."""
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def logsumexp(self, x: mx.array) -> mx.array:
+        """``logsumexp`` over the last axis, keeping it (B, 1)."""
+        return mx.logsumexp(x, axis=-1, keepdims=True)
+
+    def inference(self) -> ContextManager[None]:
+        """Graphs built inside are never differentiated (a decode step): ops may skip their gradient set-up."""
+        return contextlib.nullcontext()
+
+
+class CpuKernelOps(MlxOps):
+    """lmx's CPU kernels (the built :mod:`lmx.kernels` module) for norms, RoPE, attention and logsumexp.
+
+    Args:
+        kernels: the kernels module (``lmx.kernels``' built extension).
+    """
+
+    name = "cpu-kernels"
+
+    def __init__(self, kernels: ModuleType) -> None:
+        self.kernels = kernels
+
+    def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def rope(
+        self,
+        x: mx.array,
+        dims: int,
+        offset: int | mx.array,
+        *,
+        base: float | None,
+        scale: float,
+        freqs: mx.array | None,
+        periods: mx.array,
+    ) -> mx.array:
+        if isinstance(offset, int):
+            return self.kernels.rope(x, dims, periods, scale, offset)
+        return super().rope(x, dims, offset, base=base, scale=scale, freqs=freqs, periods=periods)
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+        if not isinstance(mask, mx.array):
+            return self.kernels.attention(q, k, v, scale, mask == "causal")
+        return super().attention(q, k, v, scale, mask)
+
+    def logsumexp(self, x: mx.array) -> mx.array:
+        # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary
+        # (benchmarks/RESULTS.md, change 11).
+        return self.kernels.logsumexp(x)
+
+
+class CudaOps(MlxOps):
+    """MLX's ops on a CUDA GPU, with one query without a mask whose head dim MLX does not fuse
+    (Gemma 3's 256) as one op of lmx's (:func:`lmx.kernels.cuda_attention.decode_attention`)
+    instead of MLX's 12 fallback ops."""
+
+    name = "cuda-attention"
+
+    def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+        if mask is None and cuda_attention.fits(q, k, v, scale):
+            return cuda_attention.decode_attention(q, k, v, scale)
+        return super().attention(q, k, v, scale, mask)
+
+    def inference(self) -> ContextManager[None]:
+        return cuda_attention.inference()
+
+
+MLX_OPS = MlxOps()  # stateless: one shared instance is the default of every model
+
+__all__ = ["MLX_OPS", "CpuKernelOps", "CudaOps", "Mask", "MlxOps", "Ops"]

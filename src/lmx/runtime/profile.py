@@ -1,0 +1,166 @@
+"""The device profile: every device-dependent choice, made once when a model is loaded.
+
+The loader (:func:`lmx.loader.load_model`) picks a :class:`DeviceProfile` from the device, the
+weights and the settings; the model gets the profile's ops (:func:`make_ops`, ``model.set_ops``)
+and the step loop its prefill and decode plan (:class:`StepPlan`, kept by ``lmx.generate.step.DecodeState``). Nothing below
+asks which device it is on. ``lmx info`` prints the profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from lmx.errors import InvalidOptionError
+from lmx.runtime.ops import MLX_OPS, CpuKernelOps, CudaOps, Ops
+
+# The prompt chunk of a prefill. On the CPU a chunk's speed is the same at 128 and 512 tokens and
+# its transient memory a quarter (GGUF on the kernels: 13 MiB above weights + KV instead of 38-50
+# for a 512-token prompt; benchmarks/RESULTS.md change 12); a GPU keeps 512.
+PREFILL_STEP = {"cpu": 128, "gpu": 512}
+# "auto" weight dtype: MLX's fastest CPU path is float32 (measured), a GPU's bfloat16.
+AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
+PREFILL_MODES = ("whole", "layerwise")
+DECODE_MODES = ("eager", "segmented", "compiled")
+OPS_BACKENDS = ("mlx", "cpu-kernels", "cuda-attention")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the step loop (``lmx.generate.step``) prefills and decodes: the part of a
+    :class:`DeviceProfile` it reads. The defaults are the portable plan (whole-chunk prefill in
+    chunks of 128, eager decode), which is also the CPU's.
+
+    Attributes:
+        prefill_step_size: prompt tokens per prefill chunk (CPU 128, GPU 512).
+        prefill_mode: ``"whole"`` builds a chunk's graph, then runs it; ``"layerwise"`` queues
+            each layer as soon as it is built (GPU: MLX's CUDA backend keeps an op's inputs until
+            the batch of work holding it completes, so a whole chunk keeps every layer's
+            intermediates alive at once: Gemma 3 270M, 80 MiB above the weights for 512 tokens).
+        decode_mode: ``"eager"`` (op by op), ``"segmented"`` (compiled segments between eager
+            attention calls: a GPU step is bound by host work per op) or ``"compiled"`` (one graph).
+    """
+
+    prefill_step_size: int = PREFILL_STEP["cpu"]
+    prefill_mode: str = "whole"
+    decode_mode: str = "eager"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("prefill_mode", self.prefill_mode, PREFILL_MODES),
+            ("decode_mode", self.decode_mode, DECODE_MODES),
+        ):
+            if value not in allowed:
+                raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.prefill_step_size < 1:
+            raise InvalidOptionError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
+
+
+@dataclass(frozen=True)
+class DeviceProfile(StepPlan):
+    """How a loaded model runs on its device: the step loop's plan (:class:`StepPlan`) and
+    the rest. The defaults are the portable profile (MLX's ops on the CPU, float32).
+
+    Attributes:
+        device: ``"cpu"`` or ``"gpu"``.
+        backend: ``"cpu"``, ``"cuda"`` or ``"metal"``.
+        dtype: the weights' (and activations') float dtype name.
+        ops_backend: ``"mlx"``, ``"cpu-kernels"`` (lmx's CPU kernels for norms, RoPE, attention and
+            logsumexp) or ``"cuda-attention"`` (MLX plus lmx's one-query CUDA attention).
+    """
+
+    device: str = "cpu"
+    backend: str = "cpu"
+    dtype: str = "float32"
+    ops_backend: str = "mlx"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, allowed in (
+            ("device", self.device, tuple(PREFILL_STEP)),
+            ("ops_backend", self.ops_backend, OPS_BACKENDS),
+        ):
+            if value not in allowed:
+                raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def replace(self, **changes: Any) -> DeviceProfile:
+        """A copy with ``changes`` (checked as the constructor checks them)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields, device first (as ``lmx info --json`` prints them)."""
+        order = ("device", "backend", "dtype", "ops_backend", "prefill_step_size", "prefill_mode", "decode_mode")
+        return {name: getattr(self, name) for name in order}
+
+    def __str__(self) -> str:
+        return (
+            f"{self.device} ({self.backend}), {self.dtype}, ops {self.ops_backend}, prefill {self.prefill_mode} "
+            f"in chunks of {self.prefill_step_size}, decode {self.decode_mode}"
+        )
+
+
+def choose_profile(
+    device: str,
+    *,
+    backend: str | None = None,
+    dtype: str | None = None,
+    cpu_kernels: bool = False,
+    cuda_attention: bool = False,
+    compile: bool = False,
+) -> DeviceProfile:
+    """The profile for a model about to be loaded.
+
+    Args:
+        device: ``"cpu"`` or ``"gpu"``.
+        backend: ``"cpu"``, ``"cuda"`` or ``"metal"`` (None: ``"cpu"`` on the CPU, else ``"cuda"``).
+        dtype: the weights' dtype name (None: float32 on the CPU, bfloat16 on a GPU).
+        cpu_kernels: lmx's CPU kernels are in use (the loader decides: CPU, kernels built,
+            ``LMX_CPU_KERNELS`` not 0 or ``cpu_kernels=True``).
+        cuda_attention: lmx's one-query CUDA attention may run (``LMX_CUDA_ATTENTION`` not 0);
+            used on a CUDA GPU only.
+        compile: decode with one compiled graph per step instead of the device's default.
+
+    Raises:
+        InvalidOptionError: an unknown device, or CPU kernels asked for on a GPU.
+    """
+    if device not in PREFILL_STEP:
+        raise InvalidOptionError(f"device must be one of {', '.join(PREFILL_STEP)}, got {device!r}")
+    backend = backend or ("cpu" if device == "cpu" else "cuda")
+    gpu = device == "gpu"
+    if cpu_kernels and gpu:
+        raise InvalidOptionError("cpu_kernels needs the CPU device; on a GPU lmx runs MLX's own kernels")
+    if cpu_kernels:
+        ops = "cpu-kernels"
+    elif gpu and backend == "cuda" and cuda_attention:
+        ops = "cuda-attention"
+    else:
+        ops = "mlx"
+    return DeviceProfile(
+        device=device,
+        backend=backend,
+        dtype=dtype or AUTO_DTYPE[device],
+        prefill_step_size=PREFILL_STEP[device],
+        prefill_mode="layerwise" if gpu else "whole",
+        decode_mode="compiled" if compile else "segmented" if gpu else "eager",
+        ops_backend=ops,
+    )
+
+
+def make_ops(profile: DeviceProfile, kernels: ModuleType | None = None) -> Ops:
+    """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``).
+
+    Raises:
+        InvalidOptionError: ``cpu-kernels`` without the kernels module.
+    """
+    if profile.ops_backend == "cpu-kernels":
+        if kernels is None:
+            raise InvalidOptionError("the cpu-kernels ops backend needs lmx's built CPU kernels module")
+        return CpuKernelOps(kernels)
+    if profile.ops_backend == "cuda-attention":
+        return CudaOps()
+    return MLX_OPS
+
+
+__all__ = ["DeviceProfile", "StepPlan", "choose_profile", "make_ops"]

@@ -58,7 +58,9 @@ def test_profile_refuses_bad_values():
 
 def test_make_ops():
     assert make_ops(DeviceProfile()) is MLX_OPS
-    assert isinstance(make_ops(choose_profile("gpu", cuda_attention=True)), CudaOps)
+    assert isinstance(make_ops(choose_profile("gpu", cuda_attention=True), cuda=cuda_attention), CudaOps)
+    with pytest.raises(InvalidOptionError, match="cuda-attention ops backend needs"):
+        make_ops(choose_profile("gpu", cuda_attention=True))
     assert isinstance(make_ops(choose_profile("cpu", cpu_kernels=True), kernels=object()), CpuKernelOps)  # type: ignore[arg-type]
 
 
@@ -134,7 +136,7 @@ def test_cuda_ops_in_a_model(monkeypatch: pytest.MonkeyPatch):
     prompt = mx.array([[5, 6, 7, 8]])
     eager = generate_step(model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next)
     want = [int(next(eager)[0].item()) for _ in range(3)]
-    model.set_ops(CudaOps())
+    model.set_ops(CudaOps(cuda_attention))
     steps = generate_step(model, prompt, model.make_cache(), make_sampler(0.0), KeySequence(0).next)
     got = [int(next(steps)[0].item()) for _ in range(3)]
     assert got == want

@@ -100,12 +100,16 @@ def load_profile(dtype: str | None = "auto", *, cpu_kernels: bool = False) -> De
 
 
 def profile_ops(profile: DeviceProfile) -> Ops:
-    """The profile's ops object, for ``model.set_ops`` (with lmx's CPU kernels module where it names them)."""
-    if profile.ops_backend != "cpu-kernels":
-        return make_ops(profile)
-    from lmx.kernels import load_module
+    """The profile's ops object, for ``model.set_ops`` (with the kernels module it names)."""
+    if profile.ops_backend == "cpu-kernels":
+        from lmx.kernels import load_module
 
-    return make_ops(profile, load_module()[0])
+        return make_ops(profile, load_module()[0])
+    if profile.ops_backend == "cuda-attention":
+        from lmx.kernels import cuda_attention
+
+        return make_ops(profile, cuda=cuda_attention)
+    return make_ops(profile)
 
 
 def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> LoadedModel:

@@ -25,8 +25,6 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from lmx.kernels import cuda_attention
-
 Mask = mx.array | str | None
 
 
@@ -139,17 +137,25 @@ class CpuKernelOps(MlxOps):
 class CudaOps(MlxOps):
     """MLX's ops on a CUDA GPU, with one query without a mask whose head dim MLX does not fuse
     (Gemma 3's 256) as one op of lmx's (:func:`lmx.kernels.cuda_attention.decode_attention`)
-    instead of MLX's 12 fallback ops."""
+    instead of MLX's 12 fallback ops.
+
+    Args:
+        cuda: the module of that kernel (:mod:`lmx.kernels.cuda_attention`), given by whoever
+            chose the profile (kernels/ sits beside runtime/, not below it).
+    """
 
     name = "cuda-attention"
 
+    def __init__(self, cuda: ModuleType) -> None:
+        self.cuda = cuda
+
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
-        if mask is None and cuda_attention.fits(q, k, v, scale):
-            return cuda_attention.decode_attention(q, k, v, scale)
+        if mask is None and self.cuda.fits(q, k, v, scale):
+            return self.cuda.decode_attention(q, k, v, scale)
         return super().attention(q, k, v, scale, mask)
 
     def inference(self) -> ContextManager[None]:
-        return cuda_attention.inference()
+        return self.cuda.inference()
 
 
 MLX_OPS = MlxOps()  # stateless: one shared instance is the default of every model

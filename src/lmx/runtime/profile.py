@@ -148,18 +148,21 @@ def choose_profile(
     )
 
 
-def make_ops(profile: DeviceProfile, kernels: ModuleType | None = None) -> Ops:
-    """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``).
+def make_ops(profile: DeviceProfile, kernels: ModuleType | None = None, cuda: ModuleType | None = None) -> Ops:
+    """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``;
+    ``cuda``: :mod:`lmx.kernels.cuda_attention`, for ``cuda-attention``).
 
     Raises:
-        InvalidOptionError: ``cpu-kernels`` without the kernels module.
+        InvalidOptionError: ``cpu-kernels`` without the kernels module, ``cuda-attention`` without its module.
     """
     if profile.ops_backend == "cpu-kernels":
         if kernels is None:
             raise InvalidOptionError("the cpu-kernels ops backend needs lmx's built CPU kernels module")
         return CpuKernelOps(kernels)
     if profile.ops_backend == "cuda-attention":
-        return CudaOps()
+        if cuda is None:
+            raise InvalidOptionError("the cuda-attention ops backend needs lmx.kernels.cuda_attention")
+        return CudaOps(cuda)
     return MLX_OPS
 
 

@@ -619,12 +619,12 @@ def test_overlap_in_a_written_file(tmp_path: Path, tiny_gguf: dict[str, Path]) -
     first, second = sorted(header.tensors.values(), key=lambda t: t.offset)[:2]
     aliased = _patch_offset(content, second.name, first.offset - header.data_offset)
     with pytest.raises(WeightsError, match="overlap") as caught:
-        read_gguf(write(tmp_path, aliased))
+        read_gguf(write(tmp_path, aliased), ARCHS)
     assert repr(first.name) in str(caught.value) and repr(second.name) in str(caught.value)
     # Unaligned and out-of-bounds offsets written into the same file are refused too.
     for offset, message in [(first.offset - header.data_offset + 1, "aligned"), (len(content), "outside the file")]:
         with pytest.raises(WeightsError, match=message):
-            read_gguf(write(tmp_path, _patch_offset(content, second.name, offset)))
+            read_gguf(write(tmp_path, _patch_offset(content, second.name, offset)), ARCHS)
 
 
 def test_truncated_anywhere(tmp_path: Path, tiny_gguf: dict[str, Path]) -> None:

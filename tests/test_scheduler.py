@@ -237,3 +237,20 @@ def test_prefix_cache_finds_the_longest_usable_prefix_among_many_entries() -> No
     assert cache.lookup([5000, 5001, 5002, 5003, 5004, 5005, 5006, 5007, 5008])[1] == 0
     cache.evict(0)
     assert cache.stats().entries == 0 and cache.lookup(prompts[3])[1] == 0
+
+
+def test_one_set_of_rules_for_options(engines: dict[str, lmx.Engine]) -> None:
+    from lmx.errors import InvalidOptionError
+
+    engine = engines["gemma3"]
+    with pytest.raises(
+        InvalidOptionError, match=r"classify\(\) got an unknown option 'temprature'.*allowed: instruction"
+    ):
+        engine.classify(["a text"], ["x", "y"], temprature=1)
+    with pytest.raises(
+        InvalidOptionError, match=r"classify\(\) got an unknown option 'batchsize'; did you mean 'batch_size'"
+    ):
+        engine.classify(["a text"], ["x", "y"], batchsize=2)
+    with pytest.raises(InvalidOptionError, match="prompts must be a list of prompts.*got str"):
+        engine.batch_generate("abc", max_tokens=2)
+    assert len(engine.generate("abc", max_tokens=2).tokens) == 2  # the engine is unchanged

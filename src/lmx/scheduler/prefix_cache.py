@@ -15,6 +15,7 @@ entry of the first question.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,58 +65,64 @@ class PrefixCache:
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self._buckets: dict[tuple[int, ...], set[int]] = {}
         self._next = 0
+        # The scheduler's worker changes the entries; stats and admission read them from others.
+        self._lock = threading.RLock()
         self._stats = PrefixStats()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the entries."""
-        return sum(e.nbytes for e in self._entries.values())
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
 
     def stats(self) -> PrefixStats:
-        s = self._stats
-        return PrefixStats(len(self._entries), self.nbytes, s.lookups, s.hits, s.hit_tokens)
+        with self._lock:
+            s = self._stats
+            return PrefixStats(len(self._entries), self.nbytes, s.lookups, s.hits, s.hit_tokens)
 
     def lookup(self, ids: Sequence[int]) -> tuple[list[KVCache] | None, int]:
         """Fresh caches holding the longest usable cached prefix of ``ids`` (at most
         ``len(ids) - 1`` tokens: the last prompt token always runs, for its logits), and its length."""
-        self._stats.lookups += 1
-        if not self._entries or len(ids) < 2:
-            return None, 0
-        query = np.asarray(ids, dtype=np.int64)
-        best, best_n = None, 0
-        for key in self._candidates(ids):
-            entry = self._entries[key]
-            n = _common(entry.tokens, query)
-            n = min(n, len(ids) - 1)
-            if n > best_n and batch_cache.can_copy_prefix(entry.caches, n):
-                best, best_n = key, n
-        if best is None:
-            return None, 0
-        self._entries.move_to_end(best)
-        self._stats.hits += 1
-        self._stats.hit_tokens += best_n
-        return batch_cache.copy_prefix(self._entries[best].caches, best_n), best_n
+        with self._lock:
+            self._stats.lookups += 1
+            if not self._entries or len(ids) < 2:
+                return None, 0
+            query = np.asarray(ids, dtype=np.int64)
+            best, best_n = None, 0
+            for key in self._candidates(ids):
+                entry = self._entries[key]
+                n = _common(entry.tokens, query)
+                n = min(n, len(ids) - 1)
+                if n > best_n and batch_cache.can_copy_prefix(entry.caches, n):
+                    best, best_n = key, n
+            if best is None:
+                return None, 0
+            self._entries.move_to_end(best)
+            self._stats.hits += 1
+            self._stats.hit_tokens += best_n
+            return batch_cache.copy_prefix(self._entries[best].caches, best_n), best_n
 
     def store(self, ids: Sequence[int], caches: list[KVCache]) -> None:
         """Keep ``caches`` (single-row, positions = ``ids``; not written to afterwards) as an entry.
 
         An entry whose tokens are a prefix of ``ids`` and that a copy of the new one can serve
         as well is dropped; so is one equal to it."""
-        if self.max_bytes == 0 or not ids or caches[0].offset != len(ids):
-            return
-        size = batch_cache.nbytes(caches)
-        if size > self.max_bytes:
-            return
-        tokens = np.asarray(ids, dtype=np.int64)
-        for key in list(self._candidates(ids)):
-            entry = self._entries[key]
-            n = len(entry.tokens)
-            if n <= len(tokens) and _common(entry.tokens, tokens) == n and batch_cache.can_copy_prefix(caches, n):
-                self._drop(key)
-        self._entries[self._next] = _Entry(tokens, caches, size)
-        self._buckets.setdefault(_bucket(ids), set()).add(self._next)
-        self._next += 1
-        self.evict(self.max_bytes)
+        with self._lock:
+            if self.max_bytes == 0 or not ids or caches[0].offset != len(ids):
+                return
+            size = batch_cache.nbytes(caches)
+            if size > self.max_bytes:
+                return
+            tokens = np.asarray(ids, dtype=np.int64)
+            for key in list(self._candidates(ids)):
+                entry = self._entries[key]
+                n = len(entry.tokens)
+                if n <= len(tokens) and _common(entry.tokens, tokens) == n and batch_cache.can_copy_prefix(caches, n):
+                    self._drop(key)
+            self._entries[self._next] = _Entry(tokens, caches, size)
+            self._buckets.setdefault(_bucket(ids), set()).add(self._next)
+            self._next += 1
+            self.evict(self.max_bytes)
 
     def _candidates(self, ids: Sequence[int]) -> list[int]:
         """Entries worth comparing with ``ids``, least recently used first: all of them while
@@ -139,17 +146,19 @@ class PrefixCache:
 
     def evict(self, keep_bytes: int) -> int:
         """Drop least recently used entries until at most ``keep_bytes`` are held; return the bytes freed."""
-        freed = 0
-        held = self.nbytes
-        while self._entries and held - freed > keep_bytes:
-            key = next(iter(self._entries))
-            freed += self._entries[key].nbytes
-            self._drop(key)
-        return freed
+        with self._lock:
+            freed = 0
+            held = self.nbytes
+            while self._entries and held - freed > keep_bytes:
+                key = next(iter(self._entries))
+                freed += self._entries[key].nbytes
+                self._drop(key)
+            return freed
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._buckets.clear()
+        with self._lock:
+            self._entries.clear()
+            self._buckets.clear()
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:

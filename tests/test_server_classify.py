@@ -105,6 +105,25 @@ def test_remote_backend_classify_equals_the_engine(remote: RemoteBackend, engine
         remote.classify(TEXTS, ["dog", "dog"])
 
 
+def test_classify_runs_while_a_stream_is_open(http: httpx.Client, engine: lmx.Engine) -> None:
+    """A classify request sent while a completion streams (its connection open, read only to its
+    first chunk) is answered; both give what they give alone."""
+    prompt = "The quick brown fox"
+    alone = engine.generate(prompt, max_tokens=40).text
+    want = engine.classify(TEXTS, LABELS, instruction=INSTRUCTION)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        r = http.post("/v1/classify", json={**OK, "instruction": INSTRUCTION})
+        assert r.status_code == 200, r.text
+        rest = [line for line in lines if line.startswith("data: ")]
+    np.testing.assert_allclose(scores(r.json()["data"]), scores(want), atol=1e-6, rtol=0)
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone
+
+
 def test_no_texts_is_an_empty_list(http: httpx.Client, remote: RemoteBackend) -> None:
     reply = http.post("/v1/classify", json={"model": "tiny", "texts": [], "labels": LABELS}).json()
     assert reply["data"] == [] and reply["usage"]["prompt_tokens"] == 0

@@ -23,6 +23,7 @@ from lmx.server import BackgroundServer, ServerSettings
 
 KEY = "sk-classify-test"
 MAX_TEXTS = 4
+MAX_LABELS = 5
 LABELS = ["the quick", "the lazy", "dog"]  # the first two share their first token
 TEXTS = ["Hello world! How are you today?", "def add(a, b):\n    return a + b\n", "x"]
 EXAMPLES = [("The quick brown fox", "the quick"), ("A sleepy hound", "dog")]
@@ -31,7 +32,9 @@ INSTRUCTION = "Which words come next?"
 
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
-    settings = ServerSettings(port=0, model_name="tiny", api_key=KEY, max_classify_texts=MAX_TEXTS)
+    settings = ServerSettings(
+        port=0, model_name="tiny", api_key=KEY, max_classify_texts=MAX_TEXTS, max_classify_labels=MAX_LABELS
+    )
     with BackgroundServer(settings, engine) as server:
         yield server
 
@@ -149,6 +152,7 @@ OK = {"model": "tiny", "texts": TEXTS, "labels": LABELS}
         ({"texts": "one text"}, "texts", "valid array"),
         ({"texts": ["fine", "\n "]}, "texts[1]", "empty"),
         ({"texts": ["t"] * (MAX_TEXTS + 1)}, "texts", f"at most {MAX_TEXTS}"),
+        ({"labels": [f"l{i}" for i in range(MAX_LABELS + 1)]}, "labels", f"at most {MAX_LABELS}"),
         ({"max_text_tokens": 0}, "max_text_tokens", ">= 1"),
         ({"max_text_tokens": "8"}, "max_text_tokens", "valid integer"),
         ({"instruction": 5}, "instruction", "valid string"),
@@ -197,6 +201,7 @@ def test_readme_curl_example_runs(server: BackgroundServer, engine: lmx.Engine) 
     np.testing.assert_allclose(got, [[w.scores[label] for label in body["labels"]] for w in want], atol=1e-6)
 
 
-def test_max_classify_texts_setting_is_checked() -> None:
-    with pytest.raises(InvalidOptionError, match="max_classify_texts"):
-        ServerSettings(max_classify_texts=0)
+@pytest.mark.parametrize("name", ["max_classify_texts", "max_classify_labels"])
+def test_classify_limits_are_checked_settings(name: str) -> None:
+    with pytest.raises(InvalidOptionError, match=name):
+        ServerSettings(**{name: 0})

@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="most texts one POST /v1/classify request may hold; more get 400 (default 256)",
     )
     p.add_argument(
+        "--max-classify-labels",
+        type=int,
+        default=128,
+        help="most labels one POST /v1/classify request may hold; more get 400 (default 128)",
+    )
+    p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
         help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
         max_classify_texts=args.max_classify_texts,
+        max_classify_labels=args.max_classify_labels,
         lab=not args.no_lab,
         allow_request_chat_template=args.allow_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,

@@ -25,7 +25,8 @@ every token the model read for the call (each text with the shared prompt around
 
 The call runs on the engine's scheduler as one exclusive job (generation pauses between two
 decode steps until every text is scored), on a worker thread so the event loop keeps
-serving; ``max_classify_texts`` (a server setting) bounds how many texts one request holds.
+serving; ``max_classify_texts`` and ``max_classify_labels`` (server settings) bound how many
+texts and labels one request holds.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _check(req: ClassifyRequest, state: ServerState) -> None:
     """Refuse what the engine would refuse, naming the request field at fault.
 
     Raises:
-        ApiRequestError: too many texts, a blank text, bad labels, an example whose label is
+        ApiRequestError: too many texts or labels, a blank text, bad labels, an example whose label is
             not a label, or ``max_text_tokens`` < 1.
     """
     limit = state.settings.max_classify_texts
@@ -60,6 +61,13 @@ def _check(req: ClassifyRequest, state: ServerState) -> None:
             f"texts has {len(req.texts)} entries; this server classifies at most {limit} per request "
             "(max_classify_texts): split them over several requests",
             param="texts",
+        )
+    limit = state.settings.max_classify_labels
+    if len(req.labels) > limit:
+        raise ApiRequestError(
+            f"labels has {len(req.labels)} entries; this server scores at most {limit} per request "
+            "(max_classify_labels)",
+            param="labels",
         )
     try:
         validate_labels(req.labels)

@@ -845,6 +845,7 @@ def test_path_like_model_names_open_no_file(
             for path, body in [
                 ("/v1/chat/completions", {**CHAT, "model": name}),
                 ("/v1/completions", {"model": name, "prompt": "Hi", "max_tokens": 2}),
+                ("/v1/classify", {"model": name, "texts": ["Hi"], "labels": ["a", "b"]}),
                 ("/api/chat", {"model": name, "messages": CHAT["messages"]}),
                 ("/api/generate", {"model": name, "prompt": "Hi"}),
             ]:

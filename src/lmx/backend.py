@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from lmx.classify import Classification
 from lmx.results import Completion, ModelInfo, Token
 
 
@@ -21,6 +22,8 @@ class Backend(Protocol):
     def stream_chat(self, messages: list[dict[str, Any]], **options: Any) -> Iterator[Token]: ...
 
     def batch_generate(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Completion]: ...
+
+    def classify(self, texts: Sequence[str], labels: Sequence[str], **options: Any) -> list[Classification]: ...
 
     def info(self) -> ModelInfo: ...
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from lmx.classify import Classification, Example
 from lmx.errors import ContextLengthError, InvalidOptionError, LmxError, ModelNotFoundError, OutOfMemoryError
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
@@ -311,6 +312,61 @@ class RemoteBackend:
         """Complete several prompts (one request each; the server queues them)."""
         return [self.generate(p, **options) for p in prompts]
 
+    def classify(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        instruction: str | None = None,
+        examples: Sequence[Example] | None = None,
+        batch_size: int | None = None,
+        max_text_tokens: int | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[Classification]:
+        """Sort each text into one of ``labels`` with ``POST /v1/classify`` (lmx servers only);
+        see :func:`lmx.classify.classify`. The results equal the server's engine's.
+
+        Args:
+            texts: the texts (non-empty strings).
+            labels: the candidate answers (distinct, non-empty strings).
+            instruction: what the model is told before each text (default: the engine's).
+            examples: worked examples, ``(text, label)`` pairs or ``{"text", "label"}`` dicts.
+            batch_size: accepted for the engine's signature; the server chooses its own
+                (results do not depend on it).
+            max_text_tokens: cut every text to at most this many tokens.
+            chat_template_kwargs: extra chat template variables.
+
+        Returns:
+            One :class:`lmx.Classification` per text, in order.
+
+        Raises:
+            InvalidOptionError: the server refused the request (400), e.g. bad labels, or
+                more texts than its ``max_classify_texts``.
+            RemoteError: the server failed or could not be reached.
+        """
+        if isinstance(texts, str) or isinstance(labels, str):
+            raise InvalidOptionError("texts and labels must be lists of strings; wrap a single text in a list")
+        body: dict[str, Any] = {"model": self.model, "texts": list(texts), "labels": list(labels)}
+        if examples is not None:
+            body["examples"] = [_example(i, ex) for i, ex in enumerate(examples)]
+        if instruction is not None:
+            body["instruction"] = instruction
+        if max_text_tokens is not None:
+            body["max_text_tokens"] = max_text_tokens
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = chat_template_kwargs
+        data = self._request("POST", "/classify", body)
+        self.metrics = self._metrics(data)
+        return [
+            Classification(
+                label=item["label"],
+                scores={k: float(v) for k, v in item["scores"].items()},
+                logprobs={k: float(v) for k, v in item["logprobs"].items()},
+                truncated=bool(item.get("truncated", False)),
+            )
+            for item in sorted(data["data"], key=lambda item: item["index"])
+        ]
+
     def info(self) -> ModelInfo:
         """The served model, described by lmx's ``/v1/models`` extension when the server has it."""
         models = self._request("GET", "/models").get("data") or []
@@ -353,6 +409,14 @@ def _prompt(prompt: Prompt) -> str | list[int]:
     if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     raise InvalidOptionError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _example(i: int, example: Example) -> dict[str, Any]:
+    if isinstance(example, Mapping):
+        return dict(example)
+    if isinstance(example, Sequence) and not isinstance(example, str) and len(example) == 2:
+        return {"text": example[0], "label": example[1]}
+    raise InvalidOptionError(f"examples[{i}] must be a (text, label) pair or a dict, got {example!r:.80}")
 
 
 def _json(raw: bytes) -> Any:

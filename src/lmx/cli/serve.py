@@ -60,6 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="open connections at once; beyond it the longest-waiting one gets 503 (default 128; keep it below ulimit -n)",
     )
     p.add_argument(
+        "--max-classify-texts",
+        type=int,
+        default=256,
+        help="most texts one POST /v1/classify request may hold; more get 400 (default 256)",
+    )
+    p.add_argument(
+        "--max-classify-labels",
+        type=int,
+        default=128,
+        help="most labels one POST /v1/classify request may hold; more get 400 (default 128)",
+    )
+    p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
         help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
@@ -100,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         keep_alive_timeout=args.keep_alive_timeout,
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
+        max_classify_texts=args.max_classify_texts,
+        max_classify_labels=args.max_classify_labels,
         lab=not args.no_lab,
         allow_request_chat_template=args.allow_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,

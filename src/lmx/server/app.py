@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmx.server import routes_ollama, routes_openai
+from lmx.server import routes_classify, routes_ollama, routes_openai
 from lmx.server.common import ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
@@ -172,7 +172,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
                 engine.close()
 
     routes: list[Any] = [Route("/health", health, methods=["GET"])]
-    routes += routes_openai.routes() + routes_ollama.routes()
+    routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),

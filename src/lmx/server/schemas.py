@@ -113,6 +113,28 @@ class OllamaGenerateRequest(BaseModel):
     keep_alive: Any = None
 
 
+class ClassifyExample(BaseModel):
+    """One worked example of ``POST /v1/classify``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str
+    label: str
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify`` (an lmx extension; see :mod:`lmx.server.routes_classify`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    texts: list[str]
+    labels: list[str]
+    examples: list[ClassifyExample] | None = None
+    instruction: str | None = None
+    max_text_tokens: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    user: str | None = None  # bookkeeping, as on the completion endpoints
+
+
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON request body against ``model``.
 

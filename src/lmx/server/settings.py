@@ -43,6 +43,13 @@ class ServerSettings:
             waited longest for its client (answered 503), or is answered 503 itself when every
             open one has a request running. Keep it below the process's file-descriptor limit
             (``ulimit -n``). Default 128.
+        max_classify_texts: the most texts one ``POST /v1/classify`` request may hold; more
+            are answered 400 (``param`` ``texts``). The call holds the model to itself until
+            every text is scored, so this bounds how long one request stalls generation.
+            Default 256.
+        max_classify_labels: the most labels one ``POST /v1/classify`` request may hold; more
+            are answered 400 (``param`` ``labels``). Every (text, label) pair is scored, so
+            this and ``max_classify_texts`` together bound one call's work. Default 128.
         lab: serve the Lab chat page at ``/``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
         allow_request_chat_template: let a request replace the model's chat template with
@@ -69,6 +76,8 @@ class ServerSettings:
     keep_alive_timeout: float = 5.0
     body_timeout: float = 30.0
     max_connections: int = 128
+    max_classify_texts: int = 256
+    max_classify_labels: int = 128
     lab: bool = True
     warm_up: bool = True
     allow_request_chat_template: bool = False
@@ -89,6 +98,8 @@ class ServerSettings:
         if self.api_key is not None and not self.api_key.strip():
             raise InvalidOptionError("api_key must not be empty or blank; leave it unset for no key")
         _check_int("max_connections", self.max_connections, 1, None)
+        _check_int("max_classify_texts", self.max_classify_texts, 1, None)
+        _check_int("max_classify_labels", self.max_classify_labels, 1, None)
         for name in ("keep_alive_timeout", "body_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -421,10 +421,8 @@ class Scheduler:
                 self._finish(row.request, None, e)
             self._prefill = None
             return
-        elapsed = max(time.perf_counter() - job.started, 1e-9)
         for row in job.rows:
-            m = row.request.metrics
-            m.prefill_tokens_per_s = (m.prompt_tokens - m.cached_tokens) / elapsed
+            row.request.prefill_started = job.started
         self._joiners.append(job)
         self._prefill = None
 
@@ -557,6 +555,9 @@ class Scheduler:
         m.total_time = now - request.submitted
         if request.first_token_at:
             m.time_to_first_token = request.first_token_at - request.submitted
+            # from its first prefill chunk to its first token readable: the prompt's compute
+            prefill_time = max(request.first_token_at - (request.prefill_started or request.submitted), 1e-9)
+            m.prefill_tokens_per_s = (m.prompt_tokens - m.cached_tokens) / prefill_time
             if len(request.generated) > 1 and now > request.first_token_at:
                 m.decode_tokens_per_s = (len(request.generated) - 1) / (now - request.first_token_at)
         m.peak_memory, m.active_memory = memory.peak(), memory.active()

@@ -38,6 +38,7 @@ class Request:
         self.limit = limit  # the most tokens it may generate (max_tokens within the context)
         self.metrics = GenerationMetrics(prompt_tokens=len(self.ids))
         self.submitted = time.perf_counter()
+        self.prefill_started = 0.0
         self.first_token_at = 0.0
         self.generated: list[int] = []
         self.finish_reason: str | None = None

@@ -52,7 +52,7 @@ Example = tuple[str, str] | Mapping[str, str]
 
 _SENTINEL = "\u2063lmx-classify-text\u2063"  # stands in for the text to find where it sits in the prompt
 _HEAD_ROWS = 256  # rows per LM-head call: bounds the (rows, vocab) logits
-_BRANCH_TOKENS = 1024  # most answer tokens of one text in a stage-2 pass (they attend to each other: squared)
+_BRANCH_TOKENS = 512  # most trie nodes in a stage-2 pass (they attend to each other: its mask grows with the square)
 _STAGE2_SCORES = 2**24  # most (query, key) pairs of a stage-2 pass: bounds its attention scores and masks
 _BATCH_POSITIONS = 16384  # most rows x positions in one batch: bounds the keys/values of long texts
 
@@ -480,13 +480,13 @@ class _JoinedCache:
 
 # --------------------------------------------------------------------------- scoring
 class _Trie:
-    """The answers as a trie of token prefixes, so that each distinct prefix is scored once.
+    """The answers as a trie of token prefixes, so that each distinct prefix is fed and scored once.
 
     A label's log-probability is the sum over its answer's tokens of log P(token | prompt and
     the tokens before it). Each distinct context (a node: a strict prefix of some answer, the
     empty one included) needs one hidden state and one LM-head row per text; each distinct
-    (node, next token) pair (an edge) one gathered log-probability. Stage 2 feeds the longest
-    nodes as rows ("branches"): every shorter node is a leading part of one of them.
+    (node, next token) pair (an edge) one gathered log-probability. Stage 2 feeds every node
+    but the root as one token that sees the text and the node's ancestors.
     """
 
     def __init__(self, answers: list[list[int]]) -> None:
@@ -496,26 +496,28 @@ class _Trie:
         for answer in answers:
             parents = [nodes.setdefault(tuple(answer[:k]), len(nodes)) for k in range(len(answer))]
             paths.append([edges.setdefault(edge, len(edges)) for edge in zip(parents, answer)])
-        self.n_nodes = len(nodes)
+        self.nodes = nodes
         self.edge_node = np.array([n for n, _ in edges], dtype=np.int64)  # (E,)
         self.edge_token = np.array([t for _, t in edges], dtype=np.int64)
         width = max(len(p) for p in paths)
         self.label_edges = np.array([p + [len(edges)] * (width - len(p)) for p in paths])  # pad: an edge worth 0
-        # Branches by length, and per length the nodes each one yields: (branch, column, node).
-        self.branches: dict[int, list[list[int]]] = {}
-        self.picks: dict[int, np.ndarray] = {}
-        taken: set[tuple[int, ...]] = {()}
-        picks: dict[int, list[tuple[int, int, int]]] = {}
-        for prefix in sorted(nodes, key=len, reverse=True):
-            if prefix in taken:
-                continue
-            group = self.branches.setdefault(len(prefix), [])
-            for k in range(1, len(prefix) + 1):
-                if prefix[:k] not in taken:
-                    taken.add(prefix[:k])
-                    picks.setdefault(len(prefix), []).append((len(group), k - 1, nodes[prefix[:k]]))
-            group.append(list(prefix))
-        self.picks = {n: np.array(p, dtype=np.int64).reshape(-1, 3) for n, p in picks.items()}
+
+    def passes(self, budget: int) -> list[list[tuple[tuple[int, ...], bool]]]:
+        """The non-root nodes in passes of at most ``budget`` nodes (more only where a node's
+        ancestors alone exceed it), each pass closed under ancestors: ``(prefix, owned)``,
+        where an ancestor repeated from an earlier pass is not owned (its hidden state is
+        taken from that one). Depth-first order keeps the repeats few."""
+        passes: list[list[tuple[tuple[int, ...], bool]]] = []
+        members: set[tuple[int, ...]] = set()
+        for prefix in sorted(p for p in self.nodes if p):
+            missing = [prefix[:k] for k in range(1, len(prefix)) if prefix[:k] not in members]
+            if not passes or (members and len(passes[-1]) + len(missing) + 1 > budget):
+                passes.append([])
+                members = set()
+                missing = [prefix[:k] for k in range(1, len(prefix))]
+            passes[-1] += [(p, False) for p in missing] + [(prefix, True)]
+            members.update(missing, [prefix])
+        return passes
 
 
 class _Scorer:
@@ -551,81 +553,81 @@ class _Scorer:
             cache.values = mx.broadcast_to(values, (n_rows, *values.shape[1:]))
         # Stage 1: each text's own tokens; the last one's hidden state is the trie's root.
         hidden = [self._feed(caches, positions, [seg for _, seg in rows], shared, want_last=True)]  # (B, H)
-        where = np.zeros((n_rows, trie.n_nodes), dtype=np.int64)  # row of `hidden` holding (text, node)
+        where = np.zeros((n_rows, len(trie.nodes)), dtype=np.int64)  # row of `hidden` holding (text, node)
         where[:, 0] = np.arange(n_rows)
-        if trie.branches:
+        if len(trie.nodes) > 1:
             mx.eval(hidden, [(c.keys, c.values) for c in caches])
             ends = shared + mx.array([len(seg) for _, seg in rows], dtype=mx.int32)
-            # Stage 2: every text's branches, one length at a time (no padding).
             count = n_rows
-            for length, branches in trie.branches.items():
-                for texts, h, nodes in self._feed_branches(caches, positions, ends, branches, trie.picks[length]):
-                    where[np.ix_(texts, nodes)] = count + np.arange(h.shape[0]).reshape(len(texts), len(nodes))
-                    count += h.shape[0]
-                    hidden.append(h)
+            for texts, h, nodes in self._feed_nodes(caches, positions, ends):
+                where[np.ix_(texts, nodes)] = count + np.arange(h.shape[0]).reshape(len(texts), len(nodes))
+                count += h.shape[0]
+                hidden.append(h)
         return self._head_logprobs(mx.concatenate(hidden), where)
 
-    def _feed_branches(
+    def _feed_nodes(
+        self, caches: list[_RaggedCache], positions: _Positions, ends: mx.array
+    ) -> Iterator[tuple[np.ndarray, mx.array, np.ndarray]]:
+        """Stage 2: run the trie's nodes after every text, a block of (texts, nodes) at a time;
+        yield per block the texts, the hidden states of the nodes it owns ((texts x nodes, H),
+        text-major) and those nodes."""
+        n_texts, n_keys, trie = ends.shape[0], positions.kpos.shape[1], self.trie
+        for members in trie.passes(_BRANCH_TOKENS):
+            n = len(members)
+            index = {prefix: i for i, (prefix, _) in enumerate(members)}
+            sees = np.zeros((n, n), dtype=bool)  # (query, key): a node sees itself and its ancestors
+            for i, (prefix, _) in enumerate(members):
+                sees[i, [index[prefix[:k]] for k in range(1, len(prefix) + 1)]] = True
+            depth = np.array([len(prefix) - 1 for prefix, _ in members], dtype=np.int32)
+            tokens = [prefix[-1] for prefix, _ in members]
+            owned = np.array([i for i, (_, own) in enumerate(members) if own])
+            nodes = np.array([trie.nodes[members[i][0]] for i in owned])
+            step = max(1, min(n_texts, _STAGE2_SCORES // (n * (n_keys + n))))
+            for t0 in range(0, n_texts, step):
+                t1 = min(n_texts, t0 + step)
+                h = self._run_joined(caches, positions, ends[t0:t1], t0, tokens, depth, sees)  # (rows, 1, H)
+                at = (np.arange(t1 - t0)[:, None] * n + owned[None]).ravel()
+                picked = h[mx.array(at), 0]  # (texts x nodes, H)
+                mx.eval(picked)
+                yield np.arange(t0, t1), picked, nodes
+
+    def _run_joined(
         self,
         caches: list[_RaggedCache],
         positions: _Positions,
         ends: mx.array,
-        branches: list[list[int]],
-        picks: np.ndarray,
-    ) -> Iterator[tuple[np.ndarray, mx.array, np.ndarray]]:
-        """Run ``branches`` (all of one length) after every text, a block of (texts, branches)
-        at a time; yield per block the texts, the hidden states of the nodes its branches
-        yield ((texts x nodes, H), text-major) and those nodes."""
-        n_texts, n_branches, length = ends.shape[0], len(branches), len(branches[0])
-        n_keys = positions.kpos.shape[1]
-        per_text = max(1, _BRANCH_TOKENS // length)  # branches per text and pass
-        for r0 in range(0, n_branches, per_text):
-            r1 = min(n_branches, r0 + per_text)
-            n = r1 - r0
-            width = n * length  # T: the text's branches as one sequence
-            step = max(1, min(n_texts, _STAGE2_SCORES // (width * (n_keys + width))))
-            mine = picks[(picks[:, 0] >= r0) & (picks[:, 0] < r1)]
-            for t0 in range(0, n_texts, step):
-                t1 = min(n_texts, t0 + step)
-                texts = np.arange(t0, t1)
-                h = self._run_joined(caches, positions, ends[t0:t1], t0, branches[r0:r1])  # (rows, length, H)
-                at = (np.arange(t1 - t0)[:, None] * n + (mine[:, 0] - r0)[None]).ravel()
-                picked = h[mx.array(at), mx.array(np.tile(mine[:, 1], t1 - t0))]  # (texts x nodes, H)
-                mx.eval(picked)
-                yield texts, picked, mine[:, 2]
-
-    def _run_joined(
-        self, caches: list[_RaggedCache], positions: _Positions, ends: mx.array, t0: int, branches: list[list[int]]
+        t0: int,
+        tokens: list[int],
+        depth: np.ndarray,
+        sees: np.ndarray,
     ) -> mx.array:
-        """Final hidden states (texts x branches, length, H) of ``branches`` after each text
-        ``t0..``: the layers run one by one (the split :mod:`lmx.generate.segments` uses), each
-        branch a row up to attention, each text's branches one sequence through it."""
-        n_texts, n, length = ends.shape[0], len(branches), len(branches[0])
-        width = n * length
+        """Final hidden states (texts x nodes, 1, H) of trie nodes after each text ``t0..``: the
+        layers run one by one (the split :mod:`lmx.generate.segments` uses), each node a row of
+        one token up to attention (RoPE at its own position), each text's nodes one sequence
+        through it, each seeing the text and its ancestors."""
+        n_texts, n = ends.shape[0], len(tokens)
         kpos = positions.kpos[t0 : t0 + n_texts][:, None, :]  # (texts, 1, S)
         kvalid = positions.kvalid[t0 : t0 + n_texts][:, None, :]
-        col = mx.tile(mx.arange(length, dtype=mx.int32), n)  # (T,) depth of each query in its branch
-        branch = mx.repeat(mx.arange(n), length)
+        col = mx.array(depth)  # (T,) distance of each node from the text's end
         qpos = (ends[:, None] + col[None])[:, :, None]  # (texts, T, 1)
-        own = (branch[:, None] == branch[None, :]) & (col[None, :] <= col[:, None])  # (T, T)
+        own = mx.array(sees)  # (T, T)
         masks: dict[int | None, mx.array] = {}
         for window in set(self.windows):
-            text_part = kvalid & (kpos <= qpos)
-            own_part = own
+            text_part, own_part = kvalid & (kpos <= qpos), own
             if window is not None:
                 text_part = text_part & (qpos - kpos < window)
                 own_part = own & (col[:, None] - col[None, :] < window)
-            own_part = mx.broadcast_to(own_part[None], (n_texts, width, width))
+            own_part = mx.broadcast_to(own_part[None], (n_texts, n, n))
             masks[window] = mx.concatenate([text_part, own_part], axis=2)[:, None]  # (texts, 1, T, S + T)
-        offset = mx.repeat(ends, n)  # (rows,) RoPE position of each branch's first token
+        offset = (ends[:, None] + col[None]).reshape(-1)  # (rows,) RoPE position of each node
         text_model = self.model.model
-        h = text_model.embed(mx.array(branches * n_texts))  # (rows, length, dim)
+        h = text_model.embed(mx.array(tokens * n_texts)[:, None])  # (rows, 1, dim)
         for layer, cache in zip(self.model.layers, caches):
-            q, k, v = layer.begin(h, offset)  # (rows, heads, length, head_dim)
+            q, k, v = layer.begin(h, offset)  # (rows, heads, 1, head_dim)
             q, k, v = (_join_rows(x, n_texts) for x in (q, k, v))  # (texts, heads, T, head_dim)
             joined = _JoinedCache(cache.keys[t0 : t0 + n_texts], cache.values[t0 : t0 + n_texts], masks[cache.window])
             out = layer.self_attn.attend(q, k, v, joined, None)
-            h = layer.end(h, _split_rows(out, n, length))
+            h = layer.end(h, _split_rows(out, n, 1))
         return text_model.norm(h)
 
     def _head_logprobs(self, hidden: mx.array, where: np.ndarray) -> np.ndarray:

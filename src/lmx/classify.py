@@ -12,9 +12,15 @@ How one call runs:
    run once; their keys/values are broadcast to every row of each batch.
 2. Stage 1: each text's own tokens (text, end of turn, assistant header) run in one
    padded pass over that prefix; each row's last token predicts every label's first token.
-3. Stage 2: every (text, label) pair becomes a row that shares its text's keys/values;
-   all labels' tokens run in one pass and score the rest of each answer.
-4. The LM head runs once over every position that predicts an answer token.
+3. Stage 2: the answers form a trie of token prefixes; each distinct prefix (node) is fed
+   once per text, as one token at its own position that sees the text and its ancestors.
+   A text's nodes are rows up to attention and one sequence through it, so the text's
+   keys/values are joined once per pass, never copied per label.
+4. The LM head runs once per (text, node); from its logits only the log-probabilities of
+   the answers' next tokens are taken (one gather), and summed along each answer.
+
+Work therefore grows with the distinct label tokens, in passes bounded by
+``_BRANCH_TOKENS``, ``_STAGE2_SCORES`` and ``_HEAD_ROWS``.
 
 Rows end at different places, so the caches here keep the position of every key and give
 RoPE a per-row offset; attention masks are built from those positions. Padding (on

@@ -12,9 +12,15 @@ How one call runs:
    run once; their keys/values are broadcast to every row of each batch.
 2. Stage 1: each text's own tokens (text, end of turn, assistant header) run in one
    padded pass over that prefix; each row's last token predicts every label's first token.
-3. Stage 2: every (text, label) pair becomes a row that shares its text's keys/values;
-   all labels' tokens run in one pass and score the rest of each answer.
-4. The LM head runs once over every position that predicts an answer token.
+3. Stage 2: the answers form a trie of token prefixes; each distinct prefix (node) is fed
+   once per text, as one token at its own position that sees the text and its ancestors.
+   A text's nodes are rows up to attention and one sequence through it, so the text's
+   keys/values are joined once per pass, never copied per label.
+4. The LM head runs once per (text, node); from its logits only the log-probabilities of
+   the answers' next tokens are taken (one gather), and summed along each answer.
+
+Work therefore grows with the distinct label tokens, in passes bounded by
+``_BRANCH_TOKENS``, ``_STAGE2_SCORES`` and ``_HEAD_ROWS``.
 
 Rows end at different places, so the caches here keep the position of every key and give
 RoPE a per-row offset; attention masks are built from those positions. Padding (on
@@ -25,14 +31,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
+from lmx.models.base import cpu_ops
 from lmx.results import GenerationMetrics
 from lmx.runtime import memory
 from lmx.tokenizer import common_prefix
@@ -61,7 +69,8 @@ Example = tuple[str, str] | Mapping[str, str]
 
 _SENTINEL = "\u2063lmx-classify-text\u2063"  # stands in for the text to find where it sits in the prompt
 _HEAD_ROWS = 256  # rows per LM-head call: bounds the (rows, vocab) logits
-_STAGE2_BYTES = 512 * 2**20  # most bytes of keys/values copied for stage 2 at once
+_BRANCH_TOKENS = 512  # most trie nodes in a stage-2 pass (they attend to each other: its mask grows with the square)
+_STAGE2_SCORES = 2**24  # most (query, key) pairs of a stage-2 pass: bounds its attention scores and masks
 _BATCH_POSITIONS = 16384  # most rows x positions in one batch: bounds the keys/values of long texts
 
 
@@ -381,6 +390,20 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return batches
 
 
+def _join_rows(x: mx.array, n_texts: int) -> mx.array:
+    """(texts x branches, heads, length, D) -> (texts, heads, branches x length, D)."""
+    rows, heads, length, dim = x.shape
+    x = x.reshape(n_texts, rows // n_texts, heads, length, dim).transpose(0, 2, 1, 3, 4)  # (texts, heads, n, L, D)
+    return x.reshape(n_texts, heads, -1, dim)
+
+
+def _split_rows(x: mx.array, n: int, length: int) -> mx.array:
+    """The inverse of :func:`_join_rows`: (texts, heads, n x length, D) -> (texts x n, heads, length, D)."""
+    n_texts, heads, _, dim = x.shape
+    x = x.reshape(n_texts, heads, n, length, dim).transpose(0, 2, 1, 3, 4)  # (texts, n, heads, L, D)
+    return x.reshape(n_texts * n, heads, length, dim)
+
+
 def _result(labels: list[str], logprobs: np.ndarray, truncated: bool) -> Classification:
     probs = np.exp(logprobs - logprobs.max())
     probs /= probs.sum()
@@ -427,9 +450,6 @@ class _Positions:
             self._masks[window] = mx.where(self._qvalid[:, :, None], seen, own[None])[:, None]
         return self._masks[window]
 
-    def repeat(self, n: int) -> _Positions:
-        return _Positions(mx.repeat(self.kpos, n, axis=0), mx.repeat(self.kvalid, n, axis=0))
-
 
 class _RaggedCache:
     """One layer's keys/values for rows of different lengths (see :class:`_Positions`).
@@ -460,12 +480,73 @@ class _RaggedCache:
         return self.positions.mask(self.window)
 
 
+class _JoinedCache:
+    """One layer's keys/values for stage 2, where each text's branches run as one sequence.
+
+    A text's branches are rows of the model's input (so that RoPE gives each its positions)
+    but one sequence for attention: the text's keys/values are joined once with all of its
+    branches' (not copied per branch), and the mask lets each branch see the text and its
+    own earlier tokens only. Nothing is kept: stage 2 feeds each branch in one pass.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, mask: mx.array) -> None:
+        self.keys, self.values, self.mask = keys, values, mask  # (texts, n_kv, S, D), (texts, 1, T, S + T)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
+        return self.mask
+
+
 # --------------------------------------------------------------------------- scoring
+class _Trie:
+    """The answers as a trie of token prefixes, so that each distinct prefix is fed and scored once.
+
+    A label's log-probability is the sum over its answer's tokens of log P(token | prompt and
+    the tokens before it). Each distinct context (a node: a strict prefix of some answer, the
+    empty one included) needs one hidden state and one LM-head row per text; each distinct
+    (node, next token) pair (an edge) one gathered log-probability. Stage 2 feeds every node
+    but the root as one token that sees the text and the node's ancestors.
+    """
+
+    def __init__(self, answers: list[list[int]]) -> None:
+        nodes: dict[tuple[int, ...], int] = {(): 0}
+        edges: dict[tuple[int, int], int] = {}
+        paths = []
+        for answer in answers:
+            parents = [nodes.setdefault(tuple(answer[:k]), len(nodes)) for k in range(len(answer))]
+            paths.append([edges.setdefault(edge, len(edges)) for edge in zip(parents, answer)])
+        self.nodes = nodes
+        self.edge_node = np.array([n for n, _ in edges], dtype=np.int64)  # (E,)
+        self.edge_token = np.array([t for _, t in edges], dtype=np.int64)
+        width = max(len(p) for p in paths)
+        self.label_edges = np.array([p + [len(edges)] * (width - len(p)) for p in paths])  # pad: an edge worth 0
+
+    def passes(self, budget: int) -> list[list[tuple[tuple[int, ...], bool]]]:
+        """The non-root nodes in passes of at most ``budget`` nodes (more only where a node's
+        ancestors alone exceed it), each pass closed under ancestors: ``(prefix, owned)``,
+        where an ancestor repeated from an earlier pass is not owned (its hidden state is
+        taken from that one). Depth-first order keeps the repeats few."""
+        passes: list[list[tuple[tuple[int, ...], bool]]] = []
+        members: set[tuple[int, ...]] = set()
+        for prefix in sorted(p for p in self.nodes if p):
+            missing = [prefix[:k] for k in range(1, len(prefix)) if prefix[:k] not in members]
+            if not passes or (members and len(passes[-1]) + len(missing) + 1 > budget):
+                passes.append([])
+                members = set()
+                missing = [prefix[:k] for k in range(1, len(prefix))]
+            passes[-1] += [(p, False) for p in missing] + [(prefix, True)]
+            members.update(missing, [prefix])
+        return passes
+
+
 class _Scorer:
     """Runs the shared prefix once, then scores batches of texts against every answer."""
 
     def __init__(self, model: Any, answers: list[list[int]], pad_id: int, step: int, side: str) -> None:
-        self.model, self.answers, self.pad_id, self.step, self.side = model, answers, pad_id, step, side
+        self.model, self.pad_id, self.step, self.side = model, pad_id, step, side
+        self.trie = _Trie(answers)
         self.windows = [getattr(c, "window", None) for c in model.make_cache()]
         self.prefix_len = 0
         self.prefix_kv: list[tuple[mx.array, mx.array]] = []
@@ -483,7 +564,7 @@ class _Scorer:
 
     def score(self, rows: list[tuple[int, list[int]]]) -> np.ndarray:
         """(B, n_labels) log-probabilities of every answer after each row's prompt."""
-        n_rows, n_answers = len(rows), len(self.answers)
+        n_rows, trie = len(rows), self.trie
         shared = mx.array([s for s, _ in rows], dtype=mx.int32)
         kpos = mx.broadcast_to(mx.arange(self.prefix_len, dtype=mx.int32)[None], (n_rows, self.prefix_len))
         positions = _Positions(kpos, kpos < shared[:, None])
@@ -491,67 +572,107 @@ class _Scorer:
         for cache, (keys, values) in zip(caches, self.prefix_kv):
             cache.keys = mx.broadcast_to(keys, (n_rows, *keys.shape[1:]))  # (B, n_kv, P, D)
             cache.values = mx.broadcast_to(values, (n_rows, *values.shape[1:]))
-        # Stage 1: each text's own tokens; the last one's logits score every first answer token.
+        # Stage 1: each text's own tokens; the last one's hidden state is the trie's root.
         hidden = [self._feed(caches, positions, [seg for _, seg in rows], shared, want_last=True)]  # (B, H)
-        # Scored tokens: (row of the stacked hidden states, target token, text, answer).
-        scored = [(b, answer[0], b, j) for b in range(n_rows) for j, answer in enumerate(self.answers)]
-        if max(len(a) for a in self.answers) > 1:
-            # Stage 2: one row per (text, answer), sharing its text's keys/values. They are
-            # copied once per answer, so answers go in groups when that copy is large.
+        where = np.zeros((n_rows, len(trie.nodes)), dtype=np.int64)  # row of `hidden` holding (text, node)
+        where[:, 0] = np.arange(n_rows)
+        if len(trie.nodes) > 1:
+            mx.eval(hidden, [(c.keys, c.values) for c in caches])
             ends = shared + mx.array([len(seg) for _, seg in rows], dtype=mx.int32)
-            copy_bytes = sum(c.keys.nbytes + c.values.nbytes for c in caches if c.keys is not None)
-            group = max(1, min(n_answers, _STAGE2_BYTES // max(copy_bytes, 1)))
-            for j in range(0, n_answers, group):
-                which = list(range(j, min(j + group, n_answers)))
-                h, entries = self._feed_answers(caches, positions, ends, which)
-                base = sum(x.shape[0] for x in hidden)
+            count = n_rows
+            for texts, h, nodes in self._feed_nodes(caches, positions, ends):
+                where[np.ix_(texts, nodes)] = count + np.arange(h.shape[0]).reshape(len(texts), len(nodes))
+                count += h.shape[0]
                 hidden.append(h)
-                scored += [(base + r, t, b, a) for r, t, b, a in entries]
-        return self._head_logprobs(mx.concatenate(hidden), scored, (n_rows, n_answers))
+        return self._head_logprobs(mx.concatenate(hidden), where)
 
-    def _feed_answers(
-        self, caches: list[_RaggedCache], positions: _Positions, ends: mx.array, which: list[int]
-    ) -> tuple[mx.array, list[tuple[int, int, int, int]]]:
-        """Run the answers ``which`` after every text: the hidden states that predict their
-        tokens after the first, and what each predicts (row, target, text, answer)."""
-        n_rows, n = ends.shape[0], len(which)
-        answers = [self.answers[j] for j in which]
-        positions = positions.repeat(n)
-        caches = [
-            _RaggedCache(positions, c.window, mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0))
-            for c in caches
-        ]
-        fed = [a[:-1] for a in answers] * n_rows  # row r: text r // n, answer which[r % n]
-        tokens, qvalid, start = self._pad(fed, mx.repeat(ends, n))
-        positions.add(start, qvalid)
-        h = self.model.hidden(tokens, caches)  # (B * n, M - 1, H)
-        rows, cols, entries = [], [], []
-        for r, seq in enumerate(fed):
-            lead = tokens.shape[1] - len(seq) if self.side == "left" else 0
-            for k in range(len(seq)):
-                entries.append((len(rows), answers[r % n][k + 1], r // n, which[r % n]))
-                rows.append(r)
-                cols.append(lead + k)
-        if not rows:
-            return h[:0, 0], []
-        return h[mx.array(rows), mx.array(cols)], entries  # (N, H)
+    def _feed_nodes(
+        self, caches: list[_RaggedCache], positions: _Positions, ends: mx.array
+    ) -> Iterator[tuple[np.ndarray, mx.array, np.ndarray]]:
+        """Stage 2: run the trie's nodes after every text, a block of (texts, nodes) at a time;
+        yield per block the texts, the hidden states of the nodes it owns ((texts x nodes, H),
+        text-major) and those nodes."""
+        n_texts, n_keys, trie = ends.shape[0], positions.kpos.shape[1], self.trie
+        for members in trie.passes(_BRANCH_TOKENS):
+            n = len(members)
+            index = {prefix: i for i, (prefix, _) in enumerate(members)}
+            sees = np.zeros((n, n), dtype=bool)  # (query, key): a node sees itself and its ancestors
+            for i, (prefix, _) in enumerate(members):
+                sees[i, [index[prefix[:k]] for k in range(1, len(prefix) + 1)]] = True
+            depth = np.array([len(prefix) - 1 for prefix, _ in members], dtype=np.int32)
+            tokens = [prefix[-1] for prefix, _ in members]
+            owned = np.array([i for i, (_, own) in enumerate(members) if own])
+            nodes = np.array([trie.nodes[members[i][0]] for i in owned])
+            step = max(1, min(n_texts, _STAGE2_SCORES // (n * (n_keys + n))))
+            for t0 in range(0, n_texts, step):
+                t1 = min(n_texts, t0 + step)
+                h = self._run_joined(caches, positions, ends[t0:t1], t0, tokens, depth, sees)  # (rows, 1, H)
+                at = (np.arange(t1 - t0)[:, None] * n + owned[None]).ravel()
+                picked = h[mx.array(at), 0]  # (texts x nodes, H)
+                mx.eval(picked)
+                yield np.arange(t0, t1), picked, nodes
 
-    def _head_logprobs(
-        self, hidden: mx.array, scored: list[tuple[int, int, int, int]], shape: tuple[int, int]
-    ) -> np.ndarray:
-        """Sum log P(target) over the scored tokens of each (text, answer). One LM-head pass
-        over all rows: on a CPU, reading the head's weights costs more than small batches."""
-        parts, order = [], []
-        for c in range(0, hidden.shape[0], _HEAD_ROWS):
-            mine = [e for e in scored if c <= e[0] < c + _HEAD_ROWS]
+    def _run_joined(
+        self,
+        caches: list[_RaggedCache],
+        positions: _Positions,
+        ends: mx.array,
+        t0: int,
+        tokens: list[int],
+        depth: np.ndarray,
+        sees: np.ndarray,
+    ) -> mx.array:
+        """Final hidden states (texts x nodes, 1, H) of trie nodes after each text ``t0..``: the
+        layers run one by one (the split :mod:`lmx.generate.segments` uses), each node a row of
+        one token up to attention (RoPE at its own position), each text's nodes one sequence
+        through it, each seeing the text and its ancestors."""
+        n_texts, n = ends.shape[0], len(tokens)
+        kpos = positions.kpos[t0 : t0 + n_texts][:, None, :]  # (texts, 1, S)
+        kvalid = positions.kvalid[t0 : t0 + n_texts][:, None, :]
+        col = mx.array(depth)  # (T,) distance of each node from the text's end
+        qpos = (ends[:, None] + col[None])[:, :, None]  # (texts, T, 1)
+        own = mx.array(sees)  # (T, T)
+        masks: dict[int | None, mx.array] = {}
+        for window in set(self.windows):
+            text_part, own_part = kvalid & (kpos <= qpos), own
+            if window is not None:
+                text_part = text_part & (qpos - kpos < window)
+                own_part = own & (col[:, None] - col[None, :] < window)
+            own_part = mx.broadcast_to(own_part[None], (n_texts, n, n))
+            masks[window] = mx.concatenate([text_part, own_part], axis=2)[:, None]  # (texts, 1, T, S + T)
+        offset = (ends[:, None] + col[None]).reshape(-1)  # (rows,) RoPE position of each node
+        text_model = self.model.model
+        h = text_model.embed(mx.array(tokens * n_texts)[:, None])  # (rows, 1, dim)
+        for layer, cache in zip(self.model.layers, caches):
+            q, k, v = layer.begin(h, offset)  # (rows, heads, 1, head_dim)
+            q, k, v = (_join_rows(x, n_texts) for x in (q, k, v))  # (texts, heads, T, head_dim)
+            joined = _JoinedCache(cache.keys[t0 : t0 + n_texts], cache.values[t0 : t0 + n_texts], masks[cache.window])
+            out = layer.self_attn.attend(q, k, v, joined, None)
+            h = layer.end(h, _split_rows(out, n, 1))
+        return text_model.norm(h)
+
+    def _head_logprobs(self, hidden: mx.array, where: np.ndarray) -> np.ndarray:
+        """Sum log P(token) over each (text, answer)'s edges. The LM head runs on every
+        (text, node) once, in blocks of rows (on a CPU each call reads all its weights); from
+        each block's logits only the needed log-probabilities are taken, with one gather."""
+        trie = self.trie
+        row = where[:, trie.edge_node]  # (B, E): the hidden row of each (text, edge)
+        order = np.argsort(row, axis=None, kind="stable")
+        flat_rows, flat_tokens = row.ravel()[order], np.tile(trie.edge_token, row.shape[0])[order]
+        bounds = np.searchsorted(flat_rows, np.arange(0, hidden.shape[0] + _HEAD_ROWS, _HEAD_ROWS))
+        ops = cpu_ops(self.model)  # lmx's CPU kernels: one vectorised op, ~15x MLX's on the CPU
+        logsumexp = ops.logsumexp if ops is not None else partial(mx.logsumexp, axis=-1, keepdims=True)
+        parts = []
+        for i, c in enumerate(range(0, hidden.shape[0], _HEAD_ROWS)):
+            lo, hi = bounds[i], bounds[i + 1]
             logits = self.model.head(hidden[None, c : c + _HEAD_ROWS])[0].astype(mx.float32)  # (rows, V)
-            local, target = mx.array([e[0] - c for e in mine]), mx.array([e[1] for e in mine])
-            parts.append(logits[local, target] - mx.logsumexp(logits, axis=-1)[local])
-            order += mine
-        values = np.array(mx.concatenate(parts).tolist(), dtype=np.float64)
-        total = np.zeros(shape)
-        np.add.at(total, ([e[2] for e in order], [e[3] for e in order]), values)
-        return total
+            local, tokens = mx.array(flat_rows[lo:hi] - c), mx.array(flat_tokens[lo:hi])
+            parts.append(logits[local, tokens] - logsumexp(logits)[local, 0])
+            mx.eval(parts[-1])
+        values = np.empty(row.size)
+        values[order] = np.array(mx.concatenate(parts).tolist(), dtype=np.float64)
+        edge_logprobs = np.concatenate([values.reshape(row.shape), np.zeros((row.shape[0], 1))], axis=1)
+        return edge_logprobs[:, trie.label_edges].sum(axis=-1)  # (B, n_labels)
 
     def _pad(self, seqs: list[list[int]], start: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Pad ``seqs`` to one length: (tokens, valid, RoPE offset of column 0 per row)."""

@@ -41,6 +41,7 @@ import numpy as np
 
 from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
 from lmx.models.base import cpu_ops
+from lmx.models.ragged_cache import JoinedCache, Positions, RaggedCache, join_rows, split_rows
 from lmx.results import GenerationMetrics
 from lmx.runtime import memory
 from lmx.tokenizer import common_prefix
@@ -390,20 +391,6 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def _join_rows(x: mx.array, n_texts: int) -> mx.array:
-    """(texts x branches, heads, length, D) -> (texts, heads, branches x length, D)."""
-    rows, heads, length, dim = x.shape
-    x = x.reshape(n_texts, rows // n_texts, heads, length, dim).transpose(0, 2, 1, 3, 4)  # (texts, heads, n, L, D)
-    return x.reshape(n_texts, heads, -1, dim)
-
-
-def _split_rows(x: mx.array, n: int, length: int) -> mx.array:
-    """The inverse of :func:`_join_rows`: (texts, heads, n x length, D) -> (texts x n, heads, length, D)."""
-    n_texts, heads, _, dim = x.shape
-    x = x.reshape(n_texts, heads, n, length, dim).transpose(0, 2, 1, 3, 4)  # (texts, n, heads, L, D)
-    return x.reshape(n_texts * n, heads, length, dim)
-
-
 def _result(labels: list[str], logprobs: np.ndarray, truncated: bool) -> Classification:
     probs = np.exp(logprobs - logprobs.max())
     probs /= probs.sum()
@@ -414,89 +401,6 @@ def _result(labels: list[str], logprobs: np.ndarray, truncated: bool) -> Classif
         logprobs={label: float(v) for label, v in zip(labels, logprobs)},
         truncated=truncated,
     )
-
-
-# --------------------------------------------------------------------------- caches
-class _Positions:
-    """The position of every cached key of a batch, shared by the caches of all layers.
-
-    Invalid keys (padding, or prefix tokens a row does not share) are never attended to
-    by a real query; a padding query attends only to itself, so no softmax row is empty.
-    """
-
-    def __init__(self, kpos: mx.array, kvalid: mx.array) -> None:
-        self.kpos, self.kvalid = kpos, kvalid  # (B, S) int32, bool
-        self.offset = mx.zeros((kpos.shape[0],), mx.int32)  # (B,) RoPE position of the chunk's first column
-        self._qpos = self._qvalid = kpos[:, :0]
-        self._masks: dict[int | None, mx.array] = {}
-
-    def add(self, start: mx.array, qvalid: mx.array) -> None:
-        """Announce the next chunk: (B,) position of its first column and (B, L) which are real."""
-        qpos = start[:, None] + mx.arange(qvalid.shape[1], dtype=mx.int32)[None]  # (B, L)
-        self.kpos = mx.concatenate([self.kpos, qpos], axis=1)
-        self.kvalid = mx.concatenate([self.kvalid, qvalid], axis=1)
-        self.offset, self._qpos, self._qvalid = start, qpos, qvalid
-        self._masks = {}
-
-    def mask(self, window: int | None) -> mx.array:
-        """(B, 1, L, S) mask of the chunk just added, for layers with this sliding window."""
-        if window not in self._masks:
-            n_keys, n_queries = self.kpos.shape[1], self._qpos.shape[1]
-            kpos, qpos = self.kpos[:, None, :], self._qpos[:, :, None]  # (B, 1, S), (B, L, 1)
-            seen = self.kvalid[:, None, :] & (kpos <= qpos)
-            if window is not None:
-                seen = seen & (qpos - kpos < window)
-            own = mx.arange(n_keys)[None, :] == (n_keys - n_queries + mx.arange(n_queries))[:, None]  # (L, S)
-            self._masks[window] = mx.where(self._qvalid[:, :, None], seen, own[None])[:, None]
-        return self._masks[window]
-
-
-class _RaggedCache:
-    """One layer's keys/values for rows of different lengths (see :class:`_Positions`).
-
-    Follows the cache protocol the models use: ``offset`` (here a (B,) array, which RoPE
-    takes as per-row offsets), ``update_and_fetch`` and ``make_mask``.
-    """
-
-    def __init__(
-        self, positions: _Positions, window: int | None, keys: mx.array | None = None, values: mx.array | None = None
-    ) -> None:
-        self.positions, self.window = positions, window
-        self.keys, self.values = keys, values  # (B, n_kv, S, D)
-
-    @property
-    def offset(self) -> mx.array:
-        return self.positions.offset
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None or self.values is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = mx.concatenate([self.keys, keys], axis=2)  # (B, n_kv, S + L, D)
-            self.values = mx.concatenate([self.values, values], axis=2)
-        return self.keys, self.values
-
-    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
-        return self.positions.mask(self.window)
-
-
-class _JoinedCache:
-    """One layer's keys/values for stage 2, where each text's branches run as one sequence.
-
-    A text's branches are rows of the model's input (so that RoPE gives each its positions)
-    but one sequence for attention: the text's keys/values are joined once with all of its
-    branches' (not copied per branch), and the mask lets each branch see the text and its
-    own earlier tokens only. Nothing is kept: stage 2 feeds each branch in one pass.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array, mask: mx.array) -> None:
-        self.keys, self.values, self.mask = keys, values, mask  # (texts, n_kv, S, D), (texts, 1, T, S + T)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
-
-    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
-        return self.mask
 
 
 # --------------------------------------------------------------------------- scoring
@@ -556,8 +460,8 @@ class _Scorer:
         self.prefix_len = len(prefix)
         self.prefix_kv = []
         if prefix:
-            positions = _Positions(mx.zeros((1, 0), mx.int32), mx.zeros((1, 0), mx.bool_))
-            caches = [_RaggedCache(positions, w) for w in self.windows]
+            positions = Positions(mx.zeros((1, 0), mx.int32), mx.zeros((1, 0), mx.bool_))
+            caches = [RaggedCache(positions, w) for w in self.windows]
             self._feed(caches, positions, [prefix], mx.array([0], dtype=mx.int32), want_last=False)
             self.prefix_kv = [(c.keys, c.values) for c in caches]
             mx.eval(self.prefix_kv)
@@ -567,8 +471,8 @@ class _Scorer:
         n_rows, trie = len(rows), self.trie
         shared = mx.array([s for s, _ in rows], dtype=mx.int32)
         kpos = mx.broadcast_to(mx.arange(self.prefix_len, dtype=mx.int32)[None], (n_rows, self.prefix_len))
-        positions = _Positions(kpos, kpos < shared[:, None])
-        caches = [_RaggedCache(positions, w) for w in self.windows]
+        positions = Positions(kpos, kpos < shared[:, None])
+        caches = [RaggedCache(positions, w) for w in self.windows]
         for cache, (keys, values) in zip(caches, self.prefix_kv):
             cache.keys = mx.broadcast_to(keys, (n_rows, *keys.shape[1:]))  # (B, n_kv, P, D)
             cache.values = mx.broadcast_to(values, (n_rows, *values.shape[1:]))
@@ -587,7 +491,7 @@ class _Scorer:
         return self._head_logprobs(mx.concatenate(hidden), where)
 
     def _feed_nodes(
-        self, caches: list[_RaggedCache], positions: _Positions, ends: mx.array
+        self, caches: list[RaggedCache], positions: Positions, ends: mx.array
     ) -> Iterator[tuple[np.ndarray, mx.array, np.ndarray]]:
         """Stage 2: run the trie's nodes after every text, a block of (texts, nodes) at a time;
         yield per block the texts, the hidden states of the nodes it owns ((texts x nodes, H),
@@ -614,8 +518,8 @@ class _Scorer:
 
     def _run_joined(
         self,
-        caches: list[_RaggedCache],
-        positions: _Positions,
+        caches: list[RaggedCache],
+        positions: Positions,
         ends: mx.array,
         t0: int,
         tokens: list[int],
@@ -645,10 +549,10 @@ class _Scorer:
         h = text_model.embed(mx.array(tokens * n_texts)[:, None])  # (rows, 1, dim)
         for layer, cache in zip(self.model.layers, caches):
             q, k, v = layer.begin(h, offset)  # (rows, heads, 1, head_dim)
-            q, k, v = (_join_rows(x, n_texts) for x in (q, k, v))  # (texts, heads, T, head_dim)
-            joined = _JoinedCache(cache.keys[t0 : t0 + n_texts], cache.values[t0 : t0 + n_texts], masks[cache.window])
+            q, k, v = (join_rows(x, n_texts) for x in (q, k, v))  # (texts, heads, T, head_dim)
+            joined = JoinedCache(cache.keys[t0 : t0 + n_texts], cache.values[t0 : t0 + n_texts], masks[cache.window])
             out = layer.self_attn.attend(q, k, v, joined, None)
-            h = layer.end(h, _split_rows(out, n, 1))
+            h = layer.end(h, split_rows(out, n, 1))
         return text_model.norm(h)
 
     def _head_logprobs(self, hidden: mx.array, where: np.ndarray) -> np.ndarray:
@@ -689,8 +593,8 @@ class _Scorer:
 
     def _feed(
         self,
-        caches: list[_RaggedCache],
-        positions: _Positions,
+        caches: list[RaggedCache],
+        positions: Positions,
         seqs: list[list[int]],
         start: mx.array,
         *,

@@ -33,14 +33,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, Literal, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from lmx.errors import ContextLengthError, InvalidOptionError, TokenizerError
-from lmx.models.base import cpu_ops
 from lmx.models.ragged_cache import JoinedCache, Positions, RaggedCache, join_rows, split_rows
 from lmx.results import GenerationMetrics
 from lmx.runtime import memory
@@ -564,8 +562,7 @@ class _Scorer:
         order = np.argsort(row, axis=None, kind="stable")
         flat_rows, flat_tokens = row.ravel()[order], np.tile(trie.edge_token, row.shape[0])[order]
         bounds = np.searchsorted(flat_rows, np.arange(0, hidden.shape[0] + _HEAD_ROWS, _HEAD_ROWS))
-        ops = cpu_ops(self.model)  # lmx's CPU kernels: one vectorised op, ~15x MLX's on the CPU
-        logsumexp = ops.logsumexp if ops is not None else partial(mx.logsumexp, axis=-1, keepdims=True)
+        logsumexp = self.model.ops.logsumexp  # on lmx's CPU kernels one vectorised op, ~15x MLX's on the CPU
         parts = []
         for i, c in enumerate(range(0, hidden.shape[0], _HEAD_ROWS)):
             lo, hi = bounds[i], bounds[i + 1]

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        adapter=args.adapter,
         model_name=args.model_name,
         host=args.host,
         port=args.port,

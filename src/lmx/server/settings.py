@@ -21,6 +21,7 @@ class ServerSettings:
             directory, a ``.gguf`` file, or None for the bundled default.
         device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
         dtype: weight dtype for loading (see :func:`lmx.load`).
+        adapter: a LoRA adapter directory (from ``lmx train``) to apply at load; None: none.
         model_name: the id clients name the model by; default: the loaded model's name.
         host: address to bind; loopback unless told otherwise.
         port: TCP port.
@@ -57,6 +58,7 @@ class ServerSettings:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    adapter: str | None = None
     model_name: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT

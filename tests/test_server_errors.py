@@ -24,7 +24,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
-    settings = ServerSettings(port=0, model_name="tiny", api_key=KEY, max_body_bytes=4096)
+    settings = ServerSettings(port=0, model_name="tiny", api_key=KEY, max_body_bytes=4096, strict_model_names=True)
     with BackgroundServer(settings, engine) as server:
         yield server
 

@@ -8,6 +8,7 @@ import sys
 
 from lmx.cli.common import add_model_args
 from lmx.runtime import settings as env_settings
+from lmx.server.settings import DEFAULT_MAX_TOKENS
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
 
 
@@ -31,7 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="max_tokens of requests that give none (default: context)"
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"max_tokens of requests that give none (default {DEFAULT_MAX_TOKENS}; 0: the whole context)",
+    )
+    p.add_argument(
+        "--strict-model-names",
+        action="store_true",
+        help="answer 404 to requests naming another model (default: any name runs the served model, as llama.cpp)",
     )
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument(
@@ -96,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
-        max_tokens_default=args.max_tokens,
+        max_tokens_default=args.max_tokens or None,
+        strict_model_names=args.strict_model_names,
         cors_origins=tuple(args.cors_origin),
         keep_alive_timeout=args.keep_alive_timeout,
         body_timeout=args.body_timeout,

@@ -244,7 +244,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     """``GET /v1/models/{model}``."""
     state = server_state(request)
-    state.check_model(request.path_params["model"])
+    state.check_model(request.path_params["model"], lookup=True)
     return JSONResponse(model_card(state))
 
 

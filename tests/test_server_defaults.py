@@ -1,0 +1,71 @@
+"""Server defaults a new user meets with a stock client: a capped ``max_tokens`` and model names
+that do not have to match (issue 16, part 1)."""
+
+from __future__ import annotations
+
+import lmx  # isort: skip
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from lmx.cli.main import build_parser
+from lmx.server import BackgroundServer, ServerSettings
+from lmx.server.settings import DEFAULT_MAX_TOKENS
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(ServerSettings(port=0, model_name="tiny", max_tokens_default=5), engine) as server:
+        yield server
+
+
+def test_max_tokens_default_is_capped() -> None:
+    assert DEFAULT_MAX_TOKENS == 512 and ServerSettings().max_tokens_default == 512
+    serve = build_parser().parse_args(["serve"])
+    assert serve.max_tokens == 512 and not serve.strict_model_names
+
+
+def test_request_without_max_tokens_gets_the_server_default(server: BackgroundServer) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time"}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    usage, choice = r.json()["usage"], r.json()["choices"][0]
+    assert usage["completion_tokens"] <= 5
+    assert choice["finish_reason"] == "length" or usage["completion_tokens"] < 5
+
+
+def test_any_model_name_runs_the_served_model(server: BackgroundServer, engine: lmx.Engine) -> None:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        # LangChain's default model name; llama.cpp accepts any name too
+        reply = client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=4)
+        assert reply.model == "tiny"
+        assert reply.choices[0].message.content == engine.chat(MESSAGES, max_tokens=4).text
+        with pytest.raises(openai.NotFoundError):  # a lookup still answers for listed models only
+            client.models.retrieve("gpt-3.5-turbo")
+    r = httpx.post(server.url + "/api/generate", json={"model": "llama3", "prompt": "x", "stream": False}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
+def test_strict_model_names_answer_404(engine: lmx.Engine) -> None:
+    settings = ServerSettings(port=0, model_name="tiny", strict_model_names=True, warm_up=False)
+    with BackgroundServer(settings, engine) as server:
+        body = {"model": "gpt-3.5-turbo", "messages": MESSAGES, "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert httpx.post(server.url + "/v1/chat/completions", json={**body, "model": "tiny"}).status_code == 200
+    assert build_parser().parse_args(["serve", "--strict-model-names"]).strict_model_names
+
+
+def test_readme_client_snippets_pass_max_tokens() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    calls = readme.split(".create(")[1:]
+    assert calls, "the README shows the openai client"
+    for call in calls:
+        assert "max_tokens" in call.split("):")[0], call[:200]

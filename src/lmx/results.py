@@ -85,6 +85,27 @@ class ModelInfo:
     device: str
     weights_bytes: int
     profile: dict[str, Any] | None = None  # the device profile chosen at load (lmx.runtime.profile)
+    # "model": the model's own chat template; "architecture": it has none, lmx's template for its
+    # architecture is used (a base model: chat answers are continuations); "none": chat is refused
+    chat_template: str = "model"
+    compute_dtype: str = ""  # the dtype activations are computed in
+    gguf_file_type: str | None = None  # a GGUF file's quantization mix, llama.cpp's name ("Q4_K_M")
+    gguf_types: dict[str, int] | None = None  # tensors of each GGML type in the GGUF file
+    kernel_types: dict[str, int] | None = None  # matrices run as GGUF blocks by lmx's CPU kernels, per type
+
+    @property
+    def runs_as(self) -> str:
+        """One line saying what runs: the quantized blocks and the compute dtype, or plain weights."""
+        if self.kernel_types:
+            blocks = ", ".join(f"{n} {t}" for t, n in self.kernel_types.items())
+            mix = f"GGUF {self.gguf_file_type} " if self.gguf_file_type else "GGUF "
+            return (
+                f"{mix}blocks on lmx's CPU kernels ({blocks} matrices); other weights and compute {self.compute_dtype}"
+            )
+        if self.quantization and self.quantization.get("bits"):
+            return f"MLX {self.quantization['bits']}-bit quantized weights; compute {self.compute_dtype}"
+        origin = f" (dequantized from GGUF {self.gguf_file_type})" if self.gguf_file_type else ""
+        return f"{self.dtype} weights{origin}; compute {self.compute_dtype}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -169,7 +169,7 @@ async def tags(request: Request) -> Response:
         "family": info.model_type,
         "families": [info.model_type],
         "parameter_size": _size_label(info.num_parameters),
-        "quantization_level": f"Q{quant['bits']}" if quant.get("bits") else info.dtype.upper(),
+        "quantization_level": _quantization_level(info, quant),
     }
     modified = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc).isoformat()
     model = {
@@ -181,6 +181,15 @@ async def tags(request: Request) -> Response:
         "details": details,
     }
     return JSONResponse({"models": [model]})
+
+
+def _quantization_level(info: lmx.ModelInfo, quant: dict[str, int]) -> str:
+    """What runs, in Ollama's words: the GGUF mix when its blocks run as such (``Q4_K_M``)."""
+    if info.kernel_types:
+        return info.gguf_file_type or "+".join(info.kernel_types)
+    if quant.get("bits"):
+        return f"Q{quant['bits']}"
+    return info.dtype.upper()
 
 
 async def version(request: Request) -> Response:

@@ -69,3 +69,20 @@ def test_readme_client_snippets_pass_max_tokens() -> None:
     assert calls, "the README shows the openai client"
     for call in calls:
         assert "max_tokens" in call.split("):")[0], call[:200]
+
+
+def test_completions_accept_a_list_of_prompts(server: BackgroundServer, engine: lmx.Engine) -> None:
+    prompts = ["Once upon a time", "The sea is", "Hello"]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=4)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.text for c in reply.choices] == [engine.generate(p, max_tokens=4).text for p in prompts]
+    assert reply.usage.completion_tokens == sum(len(engine.generate(p, max_tokens=4).tokens) for p in prompts)
+    ids = [engine.tokenizer.encode("Hello"), engine.tokenizer.encode("The sea")]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and [c["text"] for c in r.json()["choices"]] == [
+        engine.generate(i, max_tokens=3).text for i in ids
+    ]
+    streamed = {"model": "tiny", "prompt": prompts, "max_tokens": 2, "stream": True}
+    r = httpx.post(server.url + "/v1/completions", json=streamed, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

@@ -86,3 +86,31 @@ def test_completions_accept_a_list_of_prompts(server: BackgroundServer, engine: 
     streamed = {"model": "tiny", "prompt": prompts, "max_tokens": 2, "stream": True}
     r = httpx.post(server.url + "/v1/completions", json=streamed, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_one_log_line_per_request(server: BackgroundServer, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+    import time
+
+    caplog.set_level(logging.INFO, logger="lmx.server.access")
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    streamed = {"model": "tiny", "prompt": "a", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=streamed, timeout=60) as r:
+        assert r.status_code == 200 and "[DONE]" in r.read().decode()
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    for _ in range(100):  # a streamed response's line comes once the app returns, after the client saw [DONE]
+        lines = [r.getMessage() for r in caplog.records if r.name == "lmx.server.access"]
+        if len(lines) >= 3:
+            break
+        time.sleep(0.05)
+    pattern = r"(POST|GET) (\S+) (\d{3}) (\d+) tokens [\d.]+ tok/s \d+ ms"
+    parsed = sorted((re.fullmatch(pattern, line).groups() for line in lines), key=lambda p: p[1])
+    assert [p[:3] for p in parsed] == [
+        ("POST", "/v1/chat/completions", "200"),
+        ("POST", "/v1/completions", "200"),
+        ("GET", "/v1/nothing", "404"),
+    ]
+    tokens = [int(p[3]) for p in parsed]
+    assert 1 <= tokens[0] <= 3 and 1 <= tokens[1] <= 3 and tokens[2] == 0

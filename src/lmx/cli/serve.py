@@ -4,6 +4,7 @@ http://127.0.0.1:8090)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from lmx.cli.common import add_model_args
@@ -86,7 +87,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"longest prompt (and string) a chat template may build (default {DEFAULT_MAX_OUTPUT_CHARS})",
     )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's and lmx.server's log level; info logs one line per request (method, path, status, "
+        "tokens, tok/s, ms)",
+    )
     p.set_defaults(func=run)
 
 
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template_timeout=args.chat_template_timeout,
         chat_template_max_chars=args.chat_template_max_chars,
     )
+    logging.getLogger("lmx.server").setLevel(args.log_level.upper())  # the root logger stays at warning
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"lmx: loading the model, then serving on http://{host}:{settings.port}", file=sys.stderr)
     try:

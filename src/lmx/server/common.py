@@ -132,6 +132,17 @@ async def start_job(state: ServerState, make_stream: Callable[[LoopSink], Any]) 
     return await run_in_threadpool(submit, make_stream, loop)
 
 
+JOBS_KEY = "lmx.jobs"  # the scope entry where RequestLog collects a request's jobs (for its token count)
+
+
+def track(request: Request, job: Job) -> Job:
+    """Note ``job`` under the request, so that its access-log line counts its tokens."""
+    jobs = request.scope.get(JOBS_KEY)
+    if isinstance(jobs, list):
+        jobs.append(job)
+    return job
+
+
 async def _disconnected(request: Request) -> None:
     """Return when the client closes the connection (the body has been read already)."""
     while True:

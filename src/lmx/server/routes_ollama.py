@@ -26,6 +26,7 @@ from lmx.server.common import (
     read_body,
     server_state,
     start_job,
+    track,
 )
 from lmx.server.errors import error_body
 from lmx.server.jobs import Job
@@ -113,6 +114,7 @@ async def chat(request: Request) -> Response:
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
+    track(request, job)
     return await _respond(
         request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
     )
@@ -148,7 +150,7 @@ async def generate(request: Request) -> Response:
         def make(sink: Any) -> Any:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
-    job = await start_job(state, make)
+    job = track(request, await start_job(state, make))
     return await _respond(request, state, job, req.stream, lambda text: {"response": text})
 
 

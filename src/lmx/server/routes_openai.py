@@ -36,6 +36,7 @@ from lmx.server.common import (
     server_state,
     sse,
     start_job,
+    track,
 )
 from lmx.server.errors import error_body
 from lmx.server.jobs import Job
@@ -206,6 +207,7 @@ async def chat_completions(request: Request) -> Response:
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
+    track(request, job)
     fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)
@@ -223,7 +225,7 @@ async def completions(request: Request) -> Response:
     if len(prompts) > 1:
         return await _complete_batch(request, state, prompts, options, req.return_token_ids)
     prompt = prompts[0]
-    job = await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options))
+    job = track(request, await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options)))
     fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
     return await _respond(request, job, fmt, req.stream, include_usage)
 
@@ -237,6 +239,7 @@ async def _complete_batch(
     try:
         for prompt in prompts:
             jobs.append(await start_job(state, lambda sink, p=prompt: state.engine.stream(p, sink=sink, **options)))
+            track(request, jobs[-1])
         replies = []
         for job in jobs:  # one after the other: they run together in the scheduler meanwhile
             tokens = await collect(job, request)

@@ -8,6 +8,33 @@ from typing import Any, Literal
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+class TopLogprob(tuple):
+    """One alternative of :attr:`Token.top_logprobs`: the tuple ``(id, logprob)`` as before (it
+    unpacks and compares as a pair), with the token's text as ``.text`` (special tokens spelled
+    out, as an OpenAI ``top_logprobs`` entry shows them)."""
+
+    text: str
+
+    def __new__(cls, id: int, logprob: float, text: str) -> TopLogprob:
+        obj = super().__new__(cls, (id, logprob))
+        obj.text = text
+        return obj
+
+    @property
+    def id(self) -> int:
+        return self[0]
+
+    @property
+    def logprob(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"TopLogprob(id={self[0]}, logprob={self[1]!r}, text={self.text!r})"
+
+    def __reduce__(self) -> tuple:
+        return (TopLogprob, (self[0], self[1], self.text))
+
+
 @dataclass(frozen=True)
 class Token:
     """One generated token.
@@ -17,7 +44,8 @@ class Token:
         text: text released at this step (may be "" while a character or a possible stop
             string is still incomplete, or hold text of earlier tokens released now).
         logprob: log-probability of ``id`` under the model's (processed) distribution.
-        top_logprobs: the most likely alternatives ``(id, logprob)`` when asked for.
+        top_logprobs: the most likely alternatives when asked for: :class:`TopLogprob` pairs
+            ``(id, logprob)`` with ``.text``.
         finish_reason: set on the last token: ``"stop"`` (EOS, stop string or stop id)
             or ``"length"`` (max_tokens or the context length).
     """

@@ -27,7 +27,7 @@ def engine(tiny_dirs: dict[str, Path]) -> Iterator[lmx.Engine]:
 
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(ServerSettings(port=0, api_key=KEY), engine) as server:
+    with BackgroundServer(ServerSettings(port=0, api_key=KEY, strict_model_names=True), engine) as server:
         yield server
 
 

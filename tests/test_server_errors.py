@@ -24,7 +24,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
-    settings = ServerSettings(port=0, model_name="tiny", api_key=KEY, max_body_bytes=4096)
+    settings = ServerSettings(port=0, model_name="tiny", api_key=KEY, max_body_bytes=4096, strict_model_names=True)
     with BackgroundServer(settings, engine) as server:
         yield server
 
@@ -108,7 +108,7 @@ def test_bad_completion_parameters_are_400(http: httpx.Client) -> None:
     base = {"model": "tiny", "max_tokens": 2}
     assert_error(http.post("/v1/completions", json=base), 400, "invalid_parameter", "prompt")
     assert_error(
-        http.post("/v1/completions", json={**base, "prompt": ["a", "b"]}), 400, "unsupported_parameter", "prompt"
+        http.post("/v1/completions", json={**base, "prompt": ["a"] * 33}), 400, "unsupported_parameter", "prompt"
     )
     assert_error(
         http.post("/v1/completions", json={**base, "prompt": "a", "echo": True}), 400, "unsupported_parameter", "echo"

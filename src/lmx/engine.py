@@ -258,6 +258,7 @@ class Engine:
             n_params += gguf_block_values(loaded.model)
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
+        gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
         return ModelInfo(
             name=loaded.name,
             source=loaded.source,
@@ -272,6 +273,9 @@ class Engine:
             device=device_name(),
             weights_bytes=int(sum(v.nbytes for v in params.values())),
             profile=loaded.profile.as_dict(),
+            chat_template=loaded.chat_template_origin,
+            compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
+            **gguf,
         )
 
     def load_adapter(self, path: str | os.PathLike) -> Any:
@@ -470,3 +474,22 @@ def load(
 
         load_adapter(loaded.model, adapter)
     return Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+
+
+def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
+    """What a GGUF file holds and what of it runs as blocks: for ``info()``, not "float32" alone."""
+    from lmx.io import gguf_quants
+    from lmx.io.gguf import file_type_name, read_header, tensor_type_counts
+    from lmx.models.gguf_layers import GGUFEmbedding, GGUFLinear
+
+    header = read_header(loaded.source)
+    kernels: dict[str, int] = {}
+    for _, module in loaded.model.named_modules():
+        if isinstance(module, (GGUFLinear, GGUFEmbedding)):
+            name = gguf_quants.type_name(module.ggml_type)
+            kernels[name] = kernels.get(name, 0) + 1
+    return {
+        "gguf_file_type": file_type_name(header),
+        "gguf_types": tensor_type_counts(header),
+        "kernel_types": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))) or None,
+    }

@@ -24,7 +24,7 @@ import httpx
 from lmx.classify import Classification, Example
 from lmx.errors import ContextLengthError, InvalidOptionError, LmxError, ModelNotFoundError, OutOfMemoryError
 from lmx.generate.options import GenerationOptions
-from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
+from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, TopLogprob
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -216,13 +216,19 @@ class RemoteBackend:
                 lps.append(float(entry["logprob"]))
                 alts = entry.get("top_logprobs") or []
                 tops.append(
-                    tuple((int(a["id"]), float(a["logprob"])) for a in alts) if alts and "id" in alts[0] else None
+                    tuple(TopLogprob(int(a["id"]), float(a["logprob"]), str(a.get("token", ""))) for a in alts)
+                    if alts and "id" in alts[0]
+                    else None
                 )
         elif logprobs:
             lps = [float(v) for v in logprobs.get("token_logprobs") or []]
             by_id = logprobs.get("top_logprobs_by_id")
             if by_id is not None:
-                tops = [tuple((int(i), float(lp)) for i, lp in alts) for alts in by_id]
+                pieces = logprobs.get("top_logprobs") or []
+                tops = [
+                    tuple(TopLogprob(int(i), float(lp), _piece_of(pieces, n, float(lp))) for i, lp in alts)
+                    for n, alts in enumerate(by_id)
+                ]
         n = len(ids) if ids is not None else max(len(lps), 1 if text or finish else 0)
         out = []
         for i in range(n):
@@ -427,3 +433,11 @@ def _json(raw: bytes) -> Any:
 
 
 __all__ = ["RemoteBackend", "RemoteError"]
+
+
+def _piece_of(pieces: list[Any], n: int, logprob: float) -> str:
+    """The text of token ``n``'s alternative with ``logprob``, from a text completion's
+    ``top_logprobs`` (``{piece: logprob}``; "" where pieces collide or are missing)."""
+    alts = pieces[n] if n < len(pieces) and isinstance(pieces[n], dict) else {}
+    found = [piece for piece, lp in alts.items() if lp == logprob]
+    return found[0] if len(found) == 1 else ""

@@ -8,6 +8,33 @@ from typing import Any, Literal
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+class TopLogprob(tuple):
+    """One alternative of :attr:`Token.top_logprobs`: the tuple ``(id, logprob)`` as before (it
+    unpacks and compares as a pair), with the token's text as ``.text`` (special tokens spelled
+    out, as an OpenAI ``top_logprobs`` entry shows them)."""
+
+    text: str
+
+    def __new__(cls, id: int, logprob: float, text: str) -> TopLogprob:
+        obj = super().__new__(cls, (id, logprob))
+        obj.text = text
+        return obj
+
+    @property
+    def id(self) -> int:
+        return self[0]
+
+    @property
+    def logprob(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"TopLogprob(id={self[0]}, logprob={self[1]!r}, text={self.text!r})"
+
+    def __reduce__(self) -> tuple:
+        return (TopLogprob, (self[0], self[1], self.text))
+
+
 @dataclass(frozen=True)
 class Token:
     """One generated token.
@@ -17,7 +44,8 @@ class Token:
         text: text released at this step (may be "" while a character or a possible stop
             string is still incomplete, or hold text of earlier tokens released now).
         logprob: log-probability of ``id`` under the model's (processed) distribution.
-        top_logprobs: the most likely alternatives ``(id, logprob)`` when asked for.
+        top_logprobs: the most likely alternatives when asked for: :class:`TopLogprob` pairs
+            ``(id, logprob)`` with ``.text``.
         finish_reason: set on the last token: ``"stop"`` (EOS, stop string or stop id)
             or ``"length"`` (max_tokens or the context length).
     """
@@ -85,6 +113,27 @@ class ModelInfo:
     device: str
     weights_bytes: int
     profile: dict[str, Any] | None = None  # the device profile chosen at load (lmx.runtime.profile)
+    # "model": the model's own chat template; "architecture": it has none, lmx's template for its
+    # architecture is used (a base model: chat answers are continuations); "none": chat is refused
+    chat_template: str = "model"
+    compute_dtype: str = ""  # the dtype activations are computed in
+    gguf_file_type: str | None = None  # a GGUF file's quantization mix, llama.cpp's name ("Q4_K_M")
+    gguf_types: dict[str, int] | None = None  # tensors of each GGML type in the GGUF file
+    kernel_types: dict[str, int] | None = None  # matrices run as GGUF blocks by lmx's CPU kernels, per type
+
+    @property
+    def runs_as(self) -> str:
+        """One line saying what runs: the quantized blocks and the compute dtype, or plain weights."""
+        if self.kernel_types:
+            blocks = ", ".join(f"{n} {t}" for t, n in self.kernel_types.items())
+            mix = f"GGUF {self.gguf_file_type} " if self.gguf_file_type else "GGUF "
+            return (
+                f"{mix}blocks on lmx's CPU kernels ({blocks} matrices); other weights and compute {self.compute_dtype}"
+            )
+        if self.quantization and self.quantization.get("bits"):
+            return f"MLX {self.quantization['bits']}-bit quantized weights; compute {self.compute_dtype}"
+        origin = f" (dequantized from GGUF {self.gguf_file_type})" if self.gguf_file_type else ""
+        return f"{self.dtype} weights{origin}; compute {self.compute_dtype}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

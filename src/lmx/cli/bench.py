@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model  # neither a model nor a config: the bundled default, as `lmx run` loads it
 
     def progress(stats: object) -> None:
-        if not args.json:
-            print(f"  run: {stats}", file=sys.stderr)
+        logger.debug("run: %s", stats)  # shown with lmx -v; the summary below is the output
 
     result = run_benchmark(
         model,

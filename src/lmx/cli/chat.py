@@ -8,6 +8,7 @@ import sys
 from lmx.cli.common import (
     add_model_args,
     add_sampling_args,
+    chat_template_note,
     load_engine,
     print_stats,
     sampling_options,
@@ -33,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = args.once is None
+    note = chat_template_note(engine.info())
+    if note:
+        print(note, file=sys.stderr)
     if interactive:
         print(f"lmx chat with {engine.info().name} - {HELP}", file=sys.stderr)
     with engine:

@@ -65,3 +65,15 @@ def stream_to_stdout(stream: Any) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def chat_template_note(info: Any) -> str | None:
+    """One line for a model without a chat template of its own (a base model), else None."""
+    if info.chat_template == "architecture":
+        return (
+            f"note: {info.name} has no chat template of its own (a base model?); lmx applies the "
+            f"{info.model_type} template, so replies may be continuations, not answers (try lmx generate)"
+        )
+    if info.chat_template == "none":
+        return f"note: {info.name} has no chat template; chat needs one (try lmx generate)"
+    return None

@@ -11,7 +11,7 @@ from lmx.loading.convert import Q_BITS, Q_GROUP_SIZES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a GGUF file or HF dir into an HF-layout directory")
     p.add_argument("src", help="a .gguf file or an HF model directory")
-    p.add_argument("out", help="the directory to write (built in a temp dir, then renamed)")
+    p.add_argument("out", help="the directory to write (built in a temp dir, then renamed); not a .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("-q", "--quantize", action="store_true", help="store weights MLX-quantized (affine)")
     p.add_argument("--q-bits", type=int, default=4, choices=Q_BITS)

@@ -44,7 +44,11 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
         "memory": {"active": stats.active, "peak": stats.peak, "cache": stats.cache, "limit": stats.limit},
         "settings": settings.values(),
     }
-    if model is not None:
+    if model is None:
+        from lmx.loading.default_model import describe_default_model
+
+        out["default_model"] = describe_default_model()
+    else:
         with lmx.load(model, device=device) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
@@ -96,7 +100,30 @@ def run(args: argparse.Namespace) -> int:
             f"profile:  {p['device']} ({p['backend']}), {p['dtype']}, ops {p['ops_backend']}, "
             f"prefill {p['prefill_mode']} in chunks of {p['prefill_step_size']}, decode {p['decode_mode']}"
         )
+    if "default_model" in info:
+        _print_default_model(info["default_model"])
+    if "model" in info:
+        from lmx.cli.common import chat_template_note
+        from lmx.results import ModelInfo
+
+        model = ModelInfo(**info["model"])
+        print(f"runs:     {model.runs_as}")
+        note = chat_template_note(model)
+        if note:
+            print(note)
     for key, value in info.get("model", {}).items():
         if key != "profile":  # printed above
             print(f"model.{key}: {value}")
     return 0
+
+
+def _print_default_model(d: dict[str, Any]) -> None:
+    print(f"model:    none given (--model); the bundled default is {d['name']}: {d['description']}")
+    print(f"          package {d['package']}" + (f", file {d['path']}" if "path" in d else ""))
+    if d.get("assembled"):
+        types = ", ".join(f"{t} {n}" for t, n in d["gguf_types"].items())
+        print(f"          GGUF {d['gguf_file_type']}, {d['size_bytes'] / 2**20:.0f} MiB, tensors: {types}")
+        if not d["own_chat_template"]:
+            print("          no chat template of its own: lmx chat applies Gemma 3's, but replies are continuations")
+    elif "path" in d:
+        print("          not assembled yet: the first use (lmx generate, lmx.load()) writes it")

@@ -24,12 +24,39 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, minus the noise: no ``(default: None)`` on flags whose help
+    already says what happens when they are left out, on switches, or where the help names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text.lower() or not _shows_default(default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(default: object) -> bool:
+    """Whether a default says something: not None, a switch's False, SUPPRESS or an empty list (0 does)."""
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmx", description="Run, serve and fine-tune Gemma 3 and Qwen 3 on MLX.")
+    from lmx import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lmx", description="Run, serve and fine-tune Gemma 3 and Qwen 3 on MLX.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"lmx {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         module.register(sub)
+    for command in sub.choices.values():  # one place, so that a new command cannot forget it
+        command.formatter_class = HelpFormatter
+        for action in command._actions:
+            if action.help is None and action.option_strings and _shows_default(action.default):
+                action.help = "default: %(default)s"  # argparse prints nothing for an option without help
     return parser
 
 

@@ -4,10 +4,12 @@ http://127.0.0.1:8090)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from lmx.cli.common import add_model_args
 from lmx.runtime import settings as env_settings
+from lmx.server.settings import DEFAULT_MAX_TOKENS
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
 
 
@@ -31,7 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="max_tokens of requests that give none (default: context)"
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"max_tokens of requests that give none (default {DEFAULT_MAX_TOKENS}; 0: the whole context)",
+    )
+    p.add_argument(
+        "--strict-model-names",
+        action="store_true",
+        help="answer 404 to requests naming another model (default: any name runs the served model, as llama.cpp)",
     )
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
     p.add_argument(
@@ -89,7 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"longest prompt (and string) a chat template may build (default {DEFAULT_MAX_OUTPUT_CHARS})",
     )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's and lmx.server's log level; info logs one line per request (method, path, status, "
+        "tokens, tok/s, ms)",
+    )
     p.set_defaults(func=run)
 
 
@@ -100,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        adapter=args.adapter,
         model_name=args.model_name,
         host=args.host,
         port=args.port,
@@ -107,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
-        max_tokens_default=args.max_tokens,
+        max_tokens_default=args.max_tokens or None,
+        strict_model_names=args.strict_model_names,
         cors_origins=tuple(args.cors_origin),
         keep_alive_timeout=args.keep_alive_timeout,
         body_timeout=args.body_timeout,
@@ -119,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template_timeout=args.chat_template_timeout,
         chat_template_max_chars=args.chat_template_max_chars,
     )
+    logging.getLogger("lmx.server").setLevel(args.log_level.upper())  # the root logger stays at warning
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"lmx: loading the model, then serving on http://{host}:{settings.port}", file=sys.stderr)
     try:

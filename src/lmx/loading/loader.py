@@ -38,6 +38,14 @@ class LoadedModel:
     quantization: dict[str, int] | None = None
     cpu_kernels: bool = False  # some weights run as GGUF blocks on lmx's CPU kernels (lmx.kernels)
     profile: DeviceProfile = field(default_factory=DeviceProfile)  # chosen once, at load
+    own_chat_template: bool = True  # False: a GGUF without one runs on its architecture's template
+
+    @property
+    def chat_template_origin(self) -> str:
+        """``"model"``, ``"architecture"`` (the model brought none: likely a base model) or ``"none"``."""
+        if self.tokenizer.chat_template is None:
+            return "none"
+        return "model" if self.own_chat_template else "architecture"
 
 
 def resolve_dtype(dtype: str | None) -> mx.Dtype:
@@ -216,5 +224,13 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
     )
     mx.eval(model.parameters())
     return LoadedModel(
-        model, tokenizer, gguf.config, {}, str(path), path.stem, cpu_kernels=bool(blocks), profile=profile
+        model,
+        tokenizer,
+        gguf.config,
+        {},
+        str(path),
+        path.stem,
+        cpu_kernels=bool(blocks),
+        profile=profile,
+        own_chat_template=bool(gguf.header.metadata.get("tokenizer.chat_template")),
     )

@@ -11,6 +11,7 @@ import errno
 import functools
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmx.server import routes_classify, routes_ollama, routes_openai
-from lmx.server.common import ServerState, error_response, server_state
+from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.settings import ServerSettings
@@ -39,6 +40,46 @@ ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
 UVICORN_BACKLOG = 2048  # uvicorn's default listen backlog (asyncio also accepts this many per wake-up)
 PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
+
+
+access_logger = logging.getLogger("lmx.server.access")
+
+
+class RequestLog:
+    """One INFO line per HTTP request on ``lmx.server.access``: method, path, status, generated
+    tokens, their rate over the request's wall time, and that time in ms (``lmx serve
+    --log-level info``, the default, shows them; uvicorn's own access log stays off)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not access_logger.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        start, status, jobs = time.perf_counter(), 0, []
+        scope[JOBS_KEY] = jobs
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(job.stream.tokens) for job in jobs)
+            access_logger.info(
+                "%s %s %s %d tokens %.1f tok/s %.0f ms",
+                scope["method"],
+                scope["path"],
+                status or "-",  # none sent: the client left first
+                tokens,
+                tokens / elapsed if elapsed > 0 else 0.0,
+                elapsed * 1000,
+            )
 
 
 class ApiKeyMiddleware:
@@ -146,7 +187,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     settings = settings or ServerSettings()
     owns = engine is None
     if engine is None:
-        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
+        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype, adapter=settings.adapter)
     # The server's limits are the scheduler's: rows decoded together, requests waiting.
     engine.scheduler.config.max_batch = settings.max_concurrency
     engine.scheduler.config.max_queue = settings.max_queue
@@ -178,8 +219,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             Route("/", lab_page, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
-    middleware = []
-    if settings.cors_origins:  # outermost, so preflight requests and 401s carry CORS headers
+    middleware = [Middleware(RequestLog)]  # outermost: 401s and CORS preflights are logged too
+    if settings.cors_origins:  # outside the key check, so preflight requests and 401s carry CORS headers
         middleware.append(
             Middleware(
                 CORSMiddleware,

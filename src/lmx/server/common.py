@@ -44,7 +44,8 @@ class ServerState:
 
     @property
     def default_max_tokens(self) -> int:
-        return self.settings.max_tokens_default or int(self.engine.context_length)
+        context = int(self.engine.context_length)
+        return min(self.settings.max_tokens_default or context, context)
 
     def template_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` plus the server's chat template limits, when the engine renders templates
@@ -53,9 +54,17 @@ class ServerState:
             return {**kwargs, "template_limits": self.settings.template_limits}
         return kwargs
 
-    def check_model(self, name: str, param: str = "model") -> None:
+    def check_model(self, name: str, param: str = "model", *, lookup: bool = False) -> None:
         """Raise :class:`UnknownModelError` unless ``name`` is the served model (Ollama's
-        ``name:latest`` form included)."""
+        ``name:latest`` form included).
+
+        A request that runs the model accepts any name unless ``strict_model_names`` is set: one
+        model is served, so the name picks nothing (llama.cpp does the same; clients such as
+        LangChain send ``gpt-3.5-turbo`` by default). A ``lookup`` (``GET /v1/models/{id}``)
+        always answers 404 for a name that ``/v1/models`` does not list.
+        """
+        if not lookup and not self.settings.strict_model_names:
+            return
         names = {self.model_id, f"{self.model_id}:latest", self.info.name}
         if name not in names:
             raise UnknownModelError(f"model {name!r} is not served here; available: {self.model_id!r}", param=param)
@@ -121,6 +130,17 @@ async def start_job(state: ServerState, make_stream: Callable[[LoopSink], Any]) 
     """
     loop = asyncio.get_running_loop()
     return await run_in_threadpool(submit, make_stream, loop)
+
+
+JOBS_KEY = "lmx.jobs"  # the scope entry where RequestLog collects a request's jobs (for its token count)
+
+
+def track(request: Request, job: Job) -> Job:
+    """Note ``job`` under the request, so that its access-log line counts its tokens."""
+    jobs = request.scope.get(JOBS_KEY)
+    if isinstance(jobs, list):
+        jobs.append(job)
+    return job
 
 
 async def _disconnected(request: Request) -> None:

@@ -26,6 +26,7 @@ from lmx.server.common import (
     read_body,
     server_state,
     start_job,
+    track,
 )
 from lmx.server.errors import error_body
 from lmx.server.jobs import Job
@@ -113,6 +114,7 @@ async def chat(request: Request) -> Response:
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
+    track(request, job)
     return await _respond(
         request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
     )
@@ -148,7 +150,7 @@ async def generate(request: Request) -> Response:
         def make(sink: Any) -> Any:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
-    job = await start_job(state, make)
+    job = track(request, await start_job(state, make))
     return await _respond(request, state, job, req.stream, lambda text: {"response": text})
 
 
@@ -169,7 +171,7 @@ async def tags(request: Request) -> Response:
         "family": info.model_type,
         "families": [info.model_type],
         "parameter_size": _size_label(info.num_parameters),
-        "quantization_level": f"Q{quant['bits']}" if quant.get("bits") else info.dtype.upper(),
+        "quantization_level": _quantization_level(info, quant),
     }
     modified = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc).isoformat()
     model = {
@@ -181,6 +183,15 @@ async def tags(request: Request) -> Response:
         "details": details,
     }
     return JSONResponse({"models": [model]})
+
+
+def _quantization_level(info: lmx.ModelInfo, quant: dict[str, int]) -> str:
+    """What runs, in Ollama's words: the GGUF mix when its blocks run as such (``Q4_K_M``)."""
+    if info.kernel_types:
+        return info.gguf_file_type or "+".join(info.kernel_types)
+    if quant.get("bits"):
+        return f"Q{quant['bits']}"
+    return info.dtype.upper()
 
 
 async def version(request: Request) -> Response:

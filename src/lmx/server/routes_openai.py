@@ -36,6 +36,7 @@ from lmx.server.common import (
     server_state,
     sse,
     start_job,
+    track,
 )
 from lmx.server.errors import error_body
 from lmx.server.jobs import Job
@@ -44,7 +45,7 @@ from lmx.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_messages,
-    completion_prompt,
+    completion_prompts,
     openai_options,
     parse_body,
     template_kwargs,
@@ -206,23 +207,57 @@ async def chat_completions(request: Request) -> Response:
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
+    track(request, job)
     fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)
 
 
 async def completions(request: Request) -> Response:
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``: one prompt, or a list (one choice per prompt, in order)."""
     state = server_state(request)
     req = parse_body(CompletionRequest, await read_body(request, state.settings.max_body_bytes))
     state.check_model(req.model)
-    prompt = completion_prompt(req)
+    prompts = completion_prompts(req, state.settings.max_concurrency)
     options = openai_options(req, state.default_max_tokens)
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
-    job = await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options))
-    fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if len(prompts) > 1:
+        return await _complete_batch(request, state, prompts, options, req.return_token_ids)
+    prompt = prompts[0]
+    job = track(request, await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options)))
+    fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
     return await _respond(request, job, fmt, req.stream, include_usage)
+
+
+async def _complete_batch(
+    request: Request, state: ServerState, prompts: list[Any], options: dict[str, Any], token_ids: bool
+) -> Response:
+    """Every prompt is its own request to the scheduler (they decode together); the answer has
+    their choices in order, usage summed, and each choice's metrics under ``metrics``."""
+    jobs: list[Job] = []
+    try:
+        for prompt in prompts:
+            jobs.append(await start_job(state, lambda sink, p=prompt: state.engine.stream(p, sink=sink, **options)))
+            track(request, jobs[-1])
+        replies = []
+        for job in jobs:  # one after the other: they run together in the scheduler meanwhile
+            tokens = await collect(job, request)
+            if tokens is None:
+                return Response(status_code=CLIENT_GONE)
+            replies.append((tokens, job))
+    finally:
+        for job in jobs:
+            job.cancel()  # a no-op for finished ones; stops the rest after an error or a disconnect
+    first = _Format(state, "text", options.get("logprobs"), token_ids)
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, (tokens, job) in enumerate(replies):
+        fmt = _Format(state, "text", options.get("logprobs"), token_ids)  # text offsets count per prompt
+        reply = fmt.completion(tokens, job.stream)
+        choices.append({**reply["choices"][0], "index": index, "metrics": reply["metrics"]})
+        for key in usage:
+            usage[key] += reply["usage"][key]
+    return JSONResponse({**first._envelope("text_completion", choices), "usage": usage})
 
 
 def model_card(state: ServerState) -> dict[str, Any]:
@@ -244,7 +279,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     """``GET /v1/models/{model}``."""
     state = server_state(request)
-    state.check_model(request.path_params["model"])
+    state.check_model(request.path_params["model"], lookup=True)
     return JSONResponse(model_card(state))
 
 

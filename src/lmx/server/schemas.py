@@ -352,20 +352,26 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     return opts
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a text-completion request (text, or token ids).
+def completion_prompts(req: CompletionRequest, max_prompts: int) -> list[str | list[int]]:
+    """The prompts of a text-completion request (each text, or token ids): one, or a list as
+    the OpenAI API allows, answered with one choice per prompt.
 
     Raises:
-        UnsupportedParameterError: several prompts in one request.
+        UnsupportedParameterError: more than ``max_prompts`` prompts, or several with ``stream``.
     """
     prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise UnsupportedParameterError(
-                f"prompt must be one string or one list of token ids, got a batch of {len(prompt)}", param="prompt"
-            )
-        prompt = prompt[0]
-    return prompt  # type: ignore[return-value]
+    if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))):
+        return [prompt]  # type: ignore[list-item]
+    if len(prompt) > max_prompts:
+        raise UnsupportedParameterError(
+            f"prompt may hold at most {max_prompts} prompts (the server's max_concurrency), got {len(prompt)}",
+            param="prompt",
+        )
+    if len(prompt) > 1 and req.stream:
+        raise UnsupportedParameterError(
+            f"stream needs one prompt, got a list of {len(prompt)}; send one request per prompt", param="prompt"
+        )
+    return list(prompt)  # type: ignore[arg-type]
 
 
 # Ollama option name -> engine option name. Other Ollama options (num_ctx, num_thread, mirostat...)

@@ -10,6 +10,7 @@ from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S, T
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
+DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ServerSettings:
             directory, a ``.gguf`` file, or None for the bundled default.
         device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
         dtype: weight dtype for loading (see :func:`lmx.load`).
+        adapter: a LoRA adapter directory (from ``lmx train``) to apply at load; None: none.
         model_name: the id clients name the model by; default: the loaded model's name.
         host: address to bind; loopback unless told otherwise.
         port: TCP port.
@@ -31,8 +33,12 @@ class ServerSettings:
             request at a time. Default 32.
         max_queue: requests allowed to wait behind the running ones; one more is answered 503.
         max_body_bytes: the largest request body accepted; a larger one is answered 413.
-        max_tokens_default: ``max_tokens`` of a request that gives none; None: until the end
-            of the context.
+        max_tokens_default: ``max_tokens`` of a request that gives none (at most the context
+            length); None: until the end of the context. Default 512, as the Lab page asks: a
+            client that sends none (the openai snippets, LangChain) gets an answer in seconds, not
+            32,768 tokens later.
+        strict_model_names: answer 404 to a request naming a model other than the served one.
+            Off by default: one model is served, so any name runs it, as in llama.cpp.
         cors_origins: origins allowed to call the API from a browser (``"*"`` for any);
             empty (the default) sends no CORS headers, so other sites cannot.
         keep_alive_timeout: seconds an idle keep-alive connection stays open, and the time a
@@ -64,6 +70,7 @@ class ServerSettings:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    adapter: str | None = None
     model_name: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -71,7 +78,8 @@ class ServerSettings:
     max_concurrency: int = 32
     max_queue: int = 16
     max_body_bytes: int = 4 * 2**20
-    max_tokens_default: int | None = None
+    max_tokens_default: int | None = DEFAULT_MAX_TOKENS
+    strict_model_names: bool = False
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     keep_alive_timeout: float = 5.0
     body_timeout: float = 30.0

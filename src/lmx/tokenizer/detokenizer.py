@@ -18,6 +18,7 @@ that still ends in U+FFFD after ``4 * max_held_tokens`` held ids is emitted as i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import tokenizers
@@ -39,6 +40,8 @@ class DecodingTokenizer(Protocol):
 
     @property
     def byte_fallback_ids(self) -> frozenset[int]: ...
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
     def check_id(self, token_id: Any) -> int: ...
 
@@ -77,6 +80,10 @@ class StreamingDetokenizer:
         self._read_offset = 0  # index in _window of the first id not emitted yet
         self._context_text = ""  # decode(_window[:_read_offset])
         self._pieces: list[str] = []
+
+    def piece(self, token_id: int) -> str:
+        """The text of one id alone, special tokens spelled out (for ``top_logprobs``)."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
     @property
     def tokens(self) -> list[int]:

@@ -168,13 +168,20 @@ class TrainConfig:
             if "default" not in help_text and f.default not in (None, ""):
                 help_text += f" (default: {_show(f.default)})"
             kind = _base_type(hints[f.name])
-            flags = [flag, "-m"] if f.name == "model" else [flag]
+            # --adapter: the name every other command uses for an adapter directory
+            flags = {"model": [flag, "-m"], "adapter_path": ["--adapter", flag]}.get(f.name, [flag])
             if kind is bool:
                 parser.add_argument(
-                    *flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                    *flags,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                    dest=f.name,
                 )
             else:
-                parser.add_argument(*flags, type=str, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+                parser.add_argument(
+                    *flags, type=str, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text, dest=f.name
+                )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:

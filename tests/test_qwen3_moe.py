@@ -153,3 +153,73 @@ def test_config_errors_are_typed():
         build_model({**base, "num_local_experts": 4, "num_experts_per_tok": 5})
     with pytest.raises(ConfigError, match="'mlp_only_layers' holds \\[7\\]"):
         build_model({**base, "num_experts": 4, "mlp_only_layers": [7]})
+
+
+def write_moe_gguf(path: Path, reference: torch.nn.Module, tokens: list[str], merges: list[str]) -> None:
+    """The reference's float32 weights as a llama.cpp-named qwen3moe GGUF (experts stacked (E, out, in))."""
+    import gguf
+
+    config = reference.config
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    sd = {k: v.numpy() for k, v in reference.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {
+        "attn_norm": "input_layernorm.weight",
+        "ffn_norm": "post_attention_layernorm.weight",
+        "attn_q": "self_attn.q_proj.weight",
+        "attn_k": "self_attn.k_proj.weight",
+        "attn_v": "self_attn.v_proj.weight",
+        "attn_output": "self_attn.o_proj.weight",
+        "attn_q_norm": "self_attn.q_norm.weight",
+        "attn_k_norm": "self_attn.k_norm.weight",
+        "ffn_gate_inp": "mlp.gate.weight",
+        "ffn_down_exps": "mlp.experts.down_proj",
+    }
+    for i in range(config.num_hidden_layers):
+        for gguf_name, hf_name in names.items():
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[f"model.layers.{i}.{hf_name}"])
+        gate, up = np.split(sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], 2, axis=1)
+        writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+        writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_loads_and_matches_reference(tmp_path):
+    """The GGUF declaration (tensor names, expert metadata) against transformers on the same weights."""
+    from conftest_gguf import byte_level_vocab
+    from tiny_models import build_reference
+
+    tokens, merges, _ = byte_level_vocab()
+    reference = build_reference(
+        "qwen3_moe", vocab_size=len(tokens), rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}
+    )
+    path = tmp_path / "tiny-moe.gguf"
+    write_moe_gguf(path, reference, tokens, merges)
+    ids = np.random.RandomState(1).randint(0, len(tokens), size=(1, 40))
+    with lmx.load(path) as engine:
+        assert engine.info().model_type == "qwen3_moe"
+        ours = np.array(engine.model(mx.array(ids)))
+    assert rel_err(ours, ref_logits(reference, ids)) < 1e-4

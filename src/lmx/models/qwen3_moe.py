@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.errors import ConfigError, WeightsError
-from lmx.io.gguf import GGUFArchitecture, positive
+from lmx.io.gguf import GGUFArchitecture, meta, positive
 from lmx.models import qwen3
 from lmx.models.base import AttentionLayer, CausalLM, DecoderStack, Linear, OpsSlot, RMSNorm, layer_types_from, swiglu
 
@@ -216,7 +216,8 @@ def _gguf_config(metadata: dict[str, Any], config: dict[str, Any]) -> dict[str, 
         "num_experts": positive(metadata, "qwen3moe", "expert_count"),
         "num_experts_per_tok": positive(metadata, "qwen3moe", "expert_used_count"),
         "moe_intermediate_size": positive(metadata, "qwen3moe", "expert_feed_forward_length"),
-        "norm_topk_prob": True,  # llama.cpp's qwen3moe always renormalises the top-k weights
+        # llama.cpp's qwen3moe renormalises the top-k weights unless the file says otherwise
+        "norm_topk_prob": meta(metadata, "qwen3moe", "expert_weights_norm", True) is True,
     }
 
 

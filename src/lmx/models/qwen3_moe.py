@@ -69,7 +69,10 @@ class Experts(nn.Module):
     """``num_experts`` SwiGLU MLPs as stacked weights (E, out, in), run by gathered matmuls.
 
     ``mx.gather_mm`` multiplies each (token, expert) pair by that expert's matrix without
-    materialising per-token weight copies or looping over experts in Python.
+    materialising per-token weight copies or looping over experts in Python. MLX 0.32's CPU
+    ``gather_mm`` computes only float32, so other weight dtypes are computed in float32 too: for
+    fewer (token, expert) pairs than experts (a decode step) only the chosen experts' matrices are
+    gathered and upcast, else (a prefill chunk) the whole stack is upcast once for all its tokens.
     """
 
     def __init__(self, dim: int, hidden: int, n_experts: int) -> None:
@@ -81,6 +84,13 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """Each token's chosen experts' outputs: ``x`` (N, dim), ``indices`` (N, k) -> (N, k, dim)."""
         n, k = indices.shape
+        dtype = x.dtype
+        x = x.astype(mx.float32)
+        if self.gate_proj["weight"].dtype != mx.float32 and indices.size < self.gate_proj["weight"].shape[0]:
+            x = x[:, None, None, :]  # (N, 1, 1, dim)
+            gate, up = x @ self.gate_proj.chosen_t(indices), x @ self.up_proj.chosen_t(indices)  # (N, k, 1, hidden)
+            out = swiglu(gate, up) @ self.down_proj.chosen_t(indices)  # (N, k, 1, dim)
+            return out.reshape(n, k, -1).astype(dtype)  # (N, k, dim)
         ordered = indices.size >= SORT_FROM
         if ordered:
             flat = indices.flatten()
@@ -89,9 +99,6 @@ class Experts(nn.Module):
             indices = flat[order]
         else:
             x = x[:, None, None, :]  # (N, 1, 1, dim): broadcast against (N, k) indices
-        dtype = x.dtype
-        # MLX 0.32's gather_mm computes only float32 (on the CPU); other dtypes are computed in float32
-        x = x.astype(mx.float32)
         gate = mx.gather_mm(x, self.gate_proj.t(), rhs_indices=indices, sorted_indices=ordered)
         up = mx.gather_mm(x, self.up_proj.t(), rhs_indices=indices, sorted_indices=ordered)
         out = mx.gather_mm(swiglu(gate, up), self.down_proj.t(), rhs_indices=indices, sorted_indices=ordered)
@@ -110,6 +117,10 @@ class _Stacked(nn.Module):
     def t(self) -> mx.array:
         """(E, in, out) float32: a view of float32 weights, a float32 copy of others (see Experts)."""
         return self["weight"].swapaxes(-1, -2).astype(mx.float32)  # (E, in, out)
+
+    def chosen_t(self, indices: mx.array) -> mx.array:
+        """The (N, k) chosen experts' matrices, (N, k, in, out) float32."""
+        return self["weight"][indices].swapaxes(-1, -2).astype(mx.float32)  # (N, k, in, out)
 
 
 class SparseMoeBlock(nn.Module):

@@ -105,7 +105,7 @@ def test_named_configs_are_the_published_shapes():
     assert bench.CONFIGS["qwen3-8b"]["num_hidden_layers"] == 36  # a copy was cut, not the table
 
 
-@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3", "tiny-qwen3-moe"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_compiled_decode_equals_eager_decode(config, padded):
     # 300 steps: past the first KV-cache growth (256) and several sliding-window wraps.

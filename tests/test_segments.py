@@ -41,7 +41,7 @@ def decode(model, prompt, n: int, segments: bool, pad=None, state=None) -> tuple
     return tokens, np.stack(logprobs)
 
 
-@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3", "tiny-qwen3-moe"])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_segmented_decode_equals_eager_decode(config, rows):
     # 300 steps: past the first KV-cache growth (256) and several sliding-window wraps (Gemma's is 16).
@@ -124,7 +124,7 @@ def test_split_and_merge_heads_match_reshape_and_transpose(length):
     assert mx.array_equal(merge_heads(split_heads(x, 3)), x).item()
 
 
-@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3", "tiny-qwen3-moe"])
 def test_layerwise_prefill_equals_whole_prefill(config):
     """The GPU's default prefill hands each layer to the device as it is built: same logits and caches."""
     from lmx.generate.step import prefill

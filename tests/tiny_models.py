@@ -1,4 +1,4 @@
-"""Tiny random Gemma 3 / Qwen 3 checkpoints built and saved with transformers (the reference)."""
+"""Tiny random Gemma 3 / Qwen 3 / Qwen 3 MoE checkpoints built and saved with transformers (the reference)."""
 
 from __future__ import annotations
 
@@ -79,19 +79,41 @@ def qwen_config(**overrides) -> dict:
     return config
 
 
+def qwen_moe_config(**overrides) -> dict:
+    """Qwen 3 MoE: 2 layers of 4 experts, top-2; one dense layer is set with mlp_only_layers=[...]."""
+    config = qwen_config(
+        num_hidden_layers=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    )
+    config.update(overrides)
+    return config
+
+
 def build_reference(arch: str, **overrides) -> torch.nn.Module:
     """A transformers model with every parameter (norms too) random, in float32."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
-    torch.manual_seed(0 if arch == "gemma3" else 1)
+    torch.manual_seed({"gemma3": 0, "qwen3": 1}.get(arch, 2))
     if arch == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma_config(**overrides)))
+    elif arch == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**qwen_moe_config(**overrides)))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**qwen_config(**overrides)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = 0.3 if "norm" in name else 0.08
-            p.copy_(torch.randn_like(p) * std + (1.0 if "norm" in name and arch == "qwen3" else 0.0))
+            p.copy_(torch.randn_like(p) * std + (1.0 if "norm" in name and arch != "gemma3" else 0.0))
     return model.eval()
 
 

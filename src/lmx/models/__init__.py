@@ -14,7 +14,7 @@ from typing import Any
 
 from lmx.errors import UnsupportedModelError
 from lmx.io.gguf import GGUFArchitecture
-from lmx.models import gemma3_text, qwen3
+from lmx.models import gemma3_text, qwen3, qwen3_moe
 
 # model_type -> module exporting ModelArgs and Model. "gemma3" is the multimodal
 # checkpoint whose text half gemma3_text runs.
@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma3_text": gemma3_text,
     "gemma3": gemma3_text,
     "qwen3": qwen3,
+    "qwen3_moe": qwen3_moe,
 }
 # GGUF general.architecture -> its module, and the declarations lmx.io.gguf reads files with.
 GGUF_MODULES: dict[str, ModuleType] = {module.GGUF.name: module for module in ARCHITECTURES.values()}

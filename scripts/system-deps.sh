@@ -2,6 +2,7 @@
 # System libraries that PyPI cannot provide, installed only where missing.
 #   libgfortran5: needed by cmeel-openblas's libopenblas (the fast CPU BLAS on Linux).
 #   chromium:     the browser the web-page tests drive (only with the argument "test").
+#   curl:         the README's curl example is run by a test (only with the argument "test").
 #   cmake, g++:   build lmx's CPU kernels (C++ MLX extension; Linux x86_64 without an NVIDIA GPU).
 # Without root or apt-get it says what is missing and carries on: lmx then runs with
 # MLX's bundled BLAS (slow) and the browser tests report that no browser is installed.
@@ -14,6 +15,7 @@ if [ "$(uname -m)" = "x86_64" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   command -v g++ >/dev/null 2>&1 || want+=(g++)
 fi
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then want+=(chromium); fi
+if [ "${1:-}" = "test" ] && ! command -v curl >/dev/null 2>&1; then want+=(curl); fi
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "note: please install ${want[*]} (no root/apt-get here); lmx works without them, slower" >&2

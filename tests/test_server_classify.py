@@ -7,7 +7,6 @@ import lmx  # isort: skip
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,7 +184,6 @@ def test_api_key_is_required(server: BackgroundServer) -> None:
         bad.classify(TEXTS, LABELS)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readme_curl_example_runs(server: BackgroundServer, engine: lmx.Engine) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     (command,) = re.findall(r"### Classify over HTTP.*?```sh\n(.*?)```", readme, flags=re.S)

@@ -802,7 +802,9 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 def server(engine: lmx.Engine) -> Iterator[Any]:
     from lmx.server import BackgroundServer, ServerSettings
 
-    with BackgroundServer(ServerSettings(port=0, model_name="tiny", max_body_bytes=4096), engine) as running:
+    with BackgroundServer(
+        ServerSettings(port=0, model_name="tiny", max_body_bytes=4096, strict_model_names=True), engine
+    ) as running:
         yield running
 
 

@@ -32,7 +32,12 @@ INSTRUCTION = "Which words come next?"
 @pytest.fixture(scope="module")
 def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
     settings = ServerSettings(
-        port=0, model_name="tiny", api_key=KEY, max_classify_texts=MAX_TEXTS, max_classify_labels=MAX_LABELS
+        strict_model_names=True,
+        port=0,
+        model_name="tiny",
+        api_key=KEY,
+        max_classify_texts=MAX_TEXTS,
+        max_classify_labels=MAX_LABELS,
     )
     with BackgroundServer(settings, engine) as server:
         yield server

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
-from lmx.generate.options import GenerationOptions, check_token_ids
+from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
 from lmx.loading import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
@@ -393,12 +393,10 @@ _CLASSIFY_OPTIONS = (
 
 def _check_keywords(method: str, given: dict[str, Any], allowed: Sequence[str]) -> None:
     """An unknown keyword is an :class:`InvalidOptionError` naming it and the nearest allowed one."""
-    import difflib
-
     for name in given:
         if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = nearest_name(name, allowed)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise InvalidOptionError(f"{method}() got an unknown option {name!r}{hint} (allowed: {', '.join(allowed)})")
 
 

@@ -13,7 +13,7 @@ import math
 import numbers
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -131,10 +131,16 @@ class GenerationOptions:
         """
         for name in kwargs:
             if name not in _CHECKS:
-                close = difflib.get_close_matches(name, list(_CHECKS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                close = nearest_name(name, _CHECKS)
+                hint = f" (did you mean {close!r}?)" if close else ""
                 raise InvalidOptionError(f"unknown option {name!r}{hint}; allowed: {', '.join(_CHECKS)}")
         return dataclasses.replace(base if base is not None else cls(), **kwargs)
+
+
+def nearest_name(name: str, allowed: Iterable[str]) -> str | None:
+    """The allowed name closest to a misspelled ``name``, if one is close (for error messages)."""
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    return close[0] if close else None
 
 
 def show_int(value: int) -> str:

@@ -85,16 +85,12 @@ def check_allocation(nbytes: int, what: str) -> None:
     have = mx.get_active_memory()
     if have + nbytes > limit:
         raise OutOfMemoryError(
-            f"{what} needs {_size(nbytes)} but only {_size(max(0, limit - have))} of the {_size(limit)} limit is free"
+            f"{what} needs {format_bytes(nbytes)} but only {format_bytes(max(0, limit - have))} of the {format_bytes(limit)} limit is free"
         )
 
 
 def format_bytes(nbytes: int) -> str:
     """``nbytes`` for a message: "1.5 GiB", "12.0 KiB", "300 bytes"."""
-    return _size(nbytes)
-
-
-def _size(nbytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"

@@ -247,8 +247,7 @@ class Scheduler:
             self._wake.notify()
         if thread is None:
             self._stopped.set()
-            self.prefix_cache.clear()
-            self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
+            self._release()
         elif thread is not threading.current_thread() and timeout is not None:
             self._stopped.wait(timeout)
 
@@ -581,6 +580,10 @@ class Scheduler:
             job.error = EngineClosedError("the engine was closed before this job ran")
             job.done.set()
         self._batch, self._joiners, self._prefill = _Batch(), [], None
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the model and every cached key/value (closed: the memory goes back now)."""
         self.prefix_cache.clear()
         self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
 

@@ -41,20 +41,43 @@ def server(engine: lmx.Engine) -> Iterator[BackgroundServer]:
 
 
 @pytest.fixture(scope="module")
-def page(server: BackgroundServer) -> Iterator[Any]:
+def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
-        page = context.new_page()
-        page.errors = []  # type: ignore[attr-defined]
-        page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-lab'")
-        yield page
-        context.close()
+        yield browser
         browser.close()
+
+
+def open_page(browser: Any, url: str, width: int = 1280, height: int = 800, **context: Any) -> Any:
+    """A page of ``url`` in a fresh browser context (its own localStorage), page errors collected."""
+    page = browser.new_context(viewport={"width": width, "height": height}, **context).new_page()
+    page.errors = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+    page.goto(url)
+    return page
+
+
+def wait_for_model(page: Any, name: str = "tiny-lab") -> None:
+    page.wait_for_function(f"document.getElementById('model-name').textContent === {name!r}")
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, server: BackgroundServer) -> Iterator[Any]:
+    page = open_page(browser, server.url + "/")
+    wait_for_model(page)
+    yield page
+    page.context.close()
+
+
+@pytest.fixture
+def fresh(browser: Any, server: BackgroundServer) -> Iterator[Any]:
+    """A page of its own for one test, so that the module's chats stay as the tests above left them."""
+    page = open_page(browser, server.url + "/")
+    wait_for_model(page)
+    yield page
+    page.context.close()
 
 
 REPLY = 200  # tokens: about a second of streaming, so the page gets many frames to render in
@@ -144,7 +167,7 @@ def test_stop_ends_the_reply_and_frees_the_server(page: Any, server: BackgroundS
 
 def test_conversations_survive_reload_then_new_chat(page: Any) -> None:
     page.reload()
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-lab'")
+    wait_for_model(page)
     assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
     assert "stopped" in page.inner_text(".msg.assistant .meta")
     assert page.input_value("#max-tokens") == "480"  # settings are kept too
@@ -170,3 +193,86 @@ def test_code_blocks_render_and_html_is_escaped(page: Any) -> None:
     assert "<script>" not in html and "&lt;script&gt;" in html
     streaming = page.evaluate("renderMarkdown('```js\\nlet a = 1')")  # an open fence while streaming
     assert "<pre><code>let a = 1</code></pre>" in streaming
+
+
+def show_stored_reply(page: Any, reply: str) -> None:
+    """Put a chat whose assistant reply is ``reply`` into the page's own storage and reload: the
+    page renders a kept reply with the same function as a streamed one. (The random test model
+    cannot be steered into writing given text, so this is how a chosen answer reaches the page.)"""
+    chat = {"id": "kept", "title": "kept", "updated": 1, "messages": [
+        {"role": "user", "content": "question"}, {"role": "assistant", "content": reply, "meta": {}}]}  # fmt: skip
+    page.evaluate(
+        """(chat) => {
+          const all = JSON.parse(localStorage.getItem('lmx.lab.chats') || '{}');
+          all[chat.id] = chat;
+          localStorage.setItem('lmx.lab.chats', JSON.stringify(all));
+          localStorage.setItem('lmx.lab.current', chat.id);
+        }""",
+        chat,
+    )
+    page.reload()
+    wait_for_model(page)
+
+
+MARKDOWN = """# Title
+
+Some *emphasis* and a [link](https://example.com/docs).
+
+- one
+- two
+
+1. first
+2. second
+
+| name | value |
+|------|-------|
+| a    | 1     |
+
+> quoted
+
+```python
+print("hi")
+```
+"""
+
+
+def test_markdown_renders_lists_headings_tables_links_and_code(fresh: Any) -> None:
+    show_stored_reply(fresh, MARKDOWN)
+    content = fresh.locator(".msg.assistant .content")
+    assert content.locator("h1").inner_text() == "Title"
+    assert content.locator("em").inner_text() == "emphasis"
+    assert content.locator("ul li").all_inner_texts() == ["one", "two"]
+    assert content.locator("ol li").all_inner_texts() == ["first", "second"]
+    assert content.locator("table th").all_inner_texts() == ["name", "value"]
+    assert content.locator("table td").all_inner_texts() == ["a", "1"]
+    assert content.locator("blockquote").inner_text().strip() == "quoted"
+    link = content.locator("a")
+    assert (
+        link.get_attribute("href") == "https://example.com/docs" and link.get_attribute("rel") == "noopener noreferrer"
+    )
+    assert content.locator(".codeblock .codehead span").inner_text() == "python"
+    assert content.locator(".codeblock pre code").inner_text() == 'print("hi")'
+    assert fresh.errors == []
+
+
+XSS = """Look <img src=x onerror="window.pwned = 'img'"> here.
+
+<svg onload="window.pwned = 'svg'"></svg>
+
+[click me](javascript:window.pwned='link') and <a href="javascript:window.pwned='raw'">raw link</a>
+"""
+
+
+def test_model_html_and_javascript_links_do_not_execute(fresh: Any) -> None:
+    show_stored_reply(fresh, XSS)
+    content = fresh.locator(".msg.assistant .content")
+    assert "<img src=x" in content.inner_text()  # raw HTML is shown as text, not run
+    assert content.locator("img, svg, script").count() == 0
+    link = content.locator("a", has_text="click me")
+    assert link.count() == 1 and link.get_attribute("href") is None  # DOMPurify dropped the javascript: URL
+    for href in content.locator("a").evaluate_all("els => els.map(a => a.getAttribute('href'))"):
+        assert href is None or not href.lower().startswith("javascript:")
+    link.click()
+    # The page is still this page, with no flag set by any of the payloads.
+    assert fresh.evaluate("window.pwned") is None and fresh.locator(".msg.assistant").count() == 1
+    assert fresh.errors == []

@@ -1,4 +1,5 @@
-// lmx Lab: a chat page over the server's OpenAI-compatible API. No dependencies, works offline.
+// lmx Lab: a chat page over the server's OpenAI-compatible API. Works offline: its two libraries
+// (marked, DOMPurify) are vendored in /static/vendor/.
 // Conversations and settings live in this browser's localStorage.
 "use strict";
 
@@ -36,33 +37,34 @@ function current() {
   return chats[currentId];
 }
 
-// ---------------------------------------------------------------- markdown (small and safe)
+// ---------------------------------------------------------------- markdown (marked + DOMPurify)
+// Model output is untrusted: raw HTML in it is shown as text, and the rendered HTML goes through
+// DOMPurify, which drops event handlers and javascript: links. Both libraries are vendored in
+// /static/vendor/ (see its README), so the page still works offline.
 function escapeHtml(s) {
   return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-}
-function inline(text) {
-  if (!text.trim()) return "";
-  return text.split(/\n{2,}/).filter((p) => p.trim()).map((para) => {
-    let html = escapeHtml(para);
-    html = html.replace(/`([^`\n]+)`/g, "<code>$1</code>");
-    html = html.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
-    return `<p>${html}</p>`;
-  }).join("");
 }
 function codeBlock(lang, code) {
   return `<div class="codeblock"><div class="codehead"><span>${escapeHtml(lang || "code")}</span>` +
     `<button class="copy" type="button">Copy</button></div><pre><code>${escapeHtml(code.replace(/\n$/, ""))}</code></pre></div>`;
 }
-function renderMarkdown(src) {
-  // A fence still open while streaming renders as code up to the end.
-  const fence = /```([\w+#.-]*)[^\n]*\n([\s\S]*?)(?:```|$)/g;
-  let html = "", last = 0, m;
-  while ((m = fence.exec(src)) !== null) {
-    html += inline(src.slice(last, m.index)) + codeBlock(m[1], m[2]);
-    last = fence.lastIndex;
-    if (last >= src.length) break;
+const markdown = new marked.Marked({
+  gfm: true, breaks: true,
+  renderer: {
+    // A fence still open while streaming is a code block up to the end.
+    code: (token) => codeBlock((token.lang || "").split(/\s/)[0], token.text),
+    html: (token) => (token.block ? `<p>${escapeHtml(token.text)}</p>` : escapeHtml(token.text)),
+  },
+});
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
   }
-  return html + inline(src.slice(last));
+});
+function renderMarkdown(src) {
+  if (!src.trim()) return "";
+  return DOMPurify.sanitize(markdown.parse(src), { ADD_ATTR: ["target"] });
 }
 
 // ---------------------------------------------------------------- rendering

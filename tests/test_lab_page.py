@@ -276,3 +276,100 @@ def test_model_html_and_javascript_links_do_not_execute(fresh: Any) -> None:
     # The page is still this page, with no flag set by any of the payloads.
     assert fresh.evaluate("window.pwned") is None and fresh.locator(".msg.assistant").count() == 1
     assert fresh.errors == []
+
+
+def wait_idle(page: Any) -> None:
+    """Wait for the reply started by the last click or key to finish (the page sets the state to
+    'streaming' synchronously in that event's handler)."""
+    page.wait_for_function(
+        "document.body.dataset.state === 'idle' && !document.querySelector('.msg.streaming')", timeout=120_000
+    )
+
+
+def chat_text(engine: lmx.Engine, prompt: str, max_tokens: int) -> str:
+    return engine.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0).text
+
+
+def test_copy_a_message(fresh: Any, server: BackgroundServer) -> None:
+    fresh.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    show_stored_reply(fresh, MARKDOWN)
+    fresh.click(".msg.assistant [data-action=copy]")
+    fresh.wait_for_function("document.querySelector('.msg.assistant [data-action=copy]').textContent === 'Copied'")
+    assert fresh.evaluate("navigator.clipboard.readText()") == MARKDOWN  # the Markdown source, not the HTML
+    fresh.click(".msg.user [data-action=copy]")
+    fresh.wait_for_function("document.querySelector('.msg.user [data-action=copy]').textContent === 'Copied'")
+    assert fresh.evaluate("navigator.clipboard.readText()") == "question"
+
+
+def test_regenerate_the_last_answer(fresh: Any, engine: lmx.Engine) -> None:
+    fresh.fill("#max-tokens", "4")
+    send(fresh, "Hello")
+    wait_idle(fresh)
+    assert stored_messages(fresh)[1]["content"] == chat_text(engine, "Hello", 4)
+    assert fresh.locator(".msg.user [data-action=regenerate]").count() == 0
+    fresh.fill("#max-tokens", "12")  # a longer answer, so the new one is told apart from the old
+    fresh.click(".msg.assistant [data-action=regenerate]")
+    wait_idle(fresh)
+    messages = stored_messages(fresh)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"] == chat_text(engine, "Hello", 12)
+    assert fresh.locator(".msg.assistant").count() == 1 and fresh.locator("[data-action=regenerate]").count() == 1
+    assert fresh.errors == []
+
+
+def test_edit_and_resend_a_user_turn(fresh: Any, engine: lmx.Engine) -> None:
+    fresh.fill("#max-tokens", "6")
+    send(fresh, "Hello")
+    wait_idle(fresh)
+    fresh.click(".msg.user [data-action=edit]")
+    fresh.fill(".msg.user .edit-input", "Tell me a story")
+    fresh.click(".msg.user [data-action=resend]")
+    wait_idle(fresh)
+    messages = stored_messages(fresh)
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Tell me a story"),
+        ("assistant", chat_text(engine, "Tell me a story", 6)),
+    ]
+    assert fresh.locator(".msg.user .content").inner_text() == "Tell me a story"
+    assert fresh.locator("#chat-list li .title").all_inner_texts() == ["Tell me a story"]
+    # Cancel leaves the turn as it was.
+    fresh.click(".msg.user [data-action=edit]")
+    fresh.fill(".msg.user .edit-input", "never sent")
+    fresh.click(".msg.user [data-action=cancel]")
+    assert fresh.locator(".msg.user .content").inner_text() == "Tell me a story" and len(stored_messages(fresh)) == 2
+    assert fresh.errors == []
+
+
+def inside_viewport(page: Any, selector: str, width: int) -> bool:
+    box = page.locator(selector).bounding_box()
+    return box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
+
+
+def test_phone_width_reaches_new_chat_and_settings(browser: Any, server: BackgroundServer) -> None:
+    phone = open_page(browser, server.url + "/", width=390, height=844, is_mobile=True, has_touch=True)
+    try:
+        wait_for_model(phone)
+        assert phone.is_hidden("#sidebar") and phone.is_visible("#sidebar-toggle")
+        assert inside_viewport(phone, "#input", 390) and inside_viewport(phone, "#send", 390)
+        phone.fill("#input", "Hello")
+        phone.tap("#send")
+        wait_idle(phone)
+        assert phone.locator(".msg").count() == 2
+        phone.tap("#sidebar-toggle")
+        assert phone.is_visible("#sidebar") and phone.get_attribute("#sidebar-toggle", "aria-expanded") == "true"
+        assert inside_viewport(phone, "#new-chat", 390) and inside_viewport(phone, "#max-tokens", 390)
+        phone.fill("#max-tokens", "64")  # the settings are reachable and kept
+        phone.fill("#system-prompt", "Be brief.")
+        phone.tap("#new-chat")  # starts a new chat and closes the drawer
+        assert phone.is_hidden("#sidebar") and phone.locator(".msg").count() == 0 and phone.is_visible("#empty")
+        settings = json.loads(phone.evaluate("localStorage.getItem('lmx.lab.settings')"))
+        assert settings["maxTokens"] == 64 and settings["system"] == "Be brief."
+        phone.tap("#sidebar-toggle")
+        assert phone.locator("#chat-list li .title").all_inner_texts() == ["Hello"]
+        phone.mouse.click(380, 400)  # the backdrop beside the drawer closes it
+        assert phone.is_hidden("#sidebar")
+        ARTIFACTS.mkdir(exist_ok=True)
+        phone.screenshot(path=str(ARTIFACTS / "lab-phone.png"))
+        assert phone.errors == []
+    finally:
+        phone.context.close()

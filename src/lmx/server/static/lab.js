@@ -12,6 +12,7 @@ const ui = {
   modelName: $("model-name"), modelInfo: $("model-info"), system: $("system-prompt"),
   temperature: $("temperature"), temperatureValue: $("temperature-value"),
   topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
+  sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
 };
 
 let model = null;          // the served model id
@@ -68,9 +69,10 @@ function renderMarkdown(src) {
 }
 
 // ---------------------------------------------------------------- rendering
-function messageElement(msg) {
+function messageElement(msg, index, last) {
   const row = document.createElement("div");
   row.className = `msg ${msg.error ? "error" : msg.role}`;
+  row.dataset.index = index;
   const bubble = document.createElement("div");
   bubble.className = "bubble";
   if (msg.role === "assistant") {
@@ -78,6 +80,20 @@ function messageElement(msg) {
   } else {
     bubble.innerHTML = '<div class="content"></div>';
   }
+  // Copy any message, edit and resend a user turn, regenerate the last answer.
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  const buttons = [["copy", "Copy"]];
+  if (msg.role === "user") buttons.push(["edit", "Edit"]);
+  if (msg.role === "assistant" && last) buttons.push(["regenerate", "Regenerate"]);
+  for (const [action, label] of buttons) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.action = action;
+    button.textContent = label;
+    actions.appendChild(button);
+  }
+  bubble.appendChild(actions);
   row.appendChild(bubble);
   updateMessage(row, msg);
   return row;
@@ -106,7 +122,7 @@ function renderChat() {
   const chat = current();
   ui.messages.querySelectorAll(".msg").forEach((el) => el.remove());
   ui.empty.hidden = chat.messages.length > 0;
-  for (const msg of chat.messages) ui.messages.appendChild(messageElement(msg));
+  chat.messages.forEach((msg, i) => ui.messages.appendChild(messageElement(msg, i, i === chat.messages.length - 1)));
   ui.messages.scrollTop = ui.messages.scrollHeight;
   const lastReply = [...chat.messages].reverse().find((m) => m.role === "assistant" && !m.error);
   showStats(lastReply || {});
@@ -173,10 +189,37 @@ function requestBody(chat) {
   return body;
 }
 
-async function send(text) {
+function send(text) {
   const chat = current();
   if (chat.messages.length === 0) chat.title = text.slice(0, 48);
   chat.messages.push({ role: "user", content: text });
+  return generate(chat);
+}
+function regenerate() {
+  const chat = current();
+  if (controller || chat.messages.at(-1)?.role !== "assistant") return;
+  chat.messages.pop();
+  generate(chat);
+}
+function resend(index, text) {
+  // Editing a user turn drops it and everything after it, then sends the new text in its place.
+  const chat = current();
+  if (controller || !text || chat.messages[index]?.role !== "user") return;
+  chat.messages.splice(index);
+  send(text);
+}
+function startEdit(row) {
+  const msg = current().messages[Number(row.dataset.index)];
+  const bubble = row.querySelector(".bubble");
+  bubble.classList.add("editing");
+  bubble.innerHTML = '<textarea class="edit-input" rows="3"></textarea><div class="actions">' +
+    '<button type="button" data-action="cancel">Cancel</button><button type="button" data-action="resend" class="primary">Send</button></div>';
+  const area = bubble.querySelector("textarea");
+  area.value = msg.content;
+  area.focus();
+}
+
+async function generate(chat) {
   const body = requestBody(chat);
   const msg = { role: "assistant", content: "", meta: {} };
   chat.messages.push(msg);
@@ -246,12 +289,11 @@ async function send(text) {
     if (!msg.meta.tokens) msg.meta.tokens = chunks;
     if (!msg.meta.tps && chunks > 1 && tFirst) msg.meta.tps = (chunks - 1) / ((performance.now() - tFirst) / 1000);
     row.classList.remove("streaming");
-    updateMessage(row, msg);
     chat.updated = Date.now();
     save();
-    renderChatList();
-    showStats(msg);
     setBusy(false);
+    if (chat === chats[currentId]) renderChat();  // the finished reply gets its actions (Regenerate)
+    showStats(msg);
     ui.input.focus();
   }
 }
@@ -315,6 +357,7 @@ ui.newChat.addEventListener("click", () => {
   save();
   renderChat();
   ui.stats.textContent = "";
+  setSidebar(false);
   ui.input.focus();
 });
 ui.chatList.addEventListener("click", (e) => {
@@ -325,18 +368,52 @@ ui.chatList.addEventListener("click", (e) => {
     if (li.dataset.id === currentId) currentId = null;
   } else {
     currentId = li.dataset.id;
+    setSidebar(false);
   }
   save();
   renderChat();
 });
+function flash(button, text) {
+  const before = button.textContent;
+  button.textContent = text;
+  setTimeout(() => { button.textContent = before; }, 1200);
+}
 ui.messages.addEventListener("click", (e) => {
+  const action = e.target.closest("button[data-action]");
+  const row = e.target.closest(".msg");
+  if (action && row && !controller) {
+    const index = Number(row.dataset.index);
+    const msg = current().messages[index];
+    if (action.dataset.action === "copy") {
+      navigator.clipboard?.writeText(msg.content).then(() => flash(action, "Copied"));
+    } else if (action.dataset.action === "edit") {
+      startEdit(row);
+    } else if (action.dataset.action === "cancel") {
+      renderChat();
+    } else if (action.dataset.action === "resend") {
+      resend(index, row.querySelector(".edit-input").value.trim());
+    } else if (action.dataset.action === "regenerate") {
+      regenerate();
+    }
+    return;
+  }
   if (!e.target.classList.contains("copy")) return;
   const code = e.target.closest(".codeblock").querySelector("code").textContent;
-  navigator.clipboard?.writeText(code).then(() => {
-    e.target.textContent = "Copied";
-    setTimeout(() => { e.target.textContent = "Copy"; }, 1200);
-  });
+  navigator.clipboard?.writeText(code).then(() => flash(e.target, "Copied"));
 });
+ui.messages.addEventListener("keydown", (e) => {
+  if (e.target.classList.contains("edit-input") && e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    e.target.closest(".bubble").querySelector('[data-action="resend"]').click();
+  }
+});
+// Phone width: the sidebar is a drawer opened by the topbar's toggle.
+function setSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  ui.sidebarToggle.setAttribute("aria-expanded", String(open));
+}
+ui.sidebarToggle.addEventListener("click", () => setSidebar(!document.body.classList.contains("sidebar-open")));
+ui.backdrop.addEventListener("click", () => setSidebar(false));
 for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed]) el.addEventListener("input", settingsChanged);
 
 applySettings({ ...defaults, ...load(KEYS.settings, {}) });

@@ -3,7 +3,7 @@
 // Conversations and settings live in this browser's localStorage.
 "use strict";
 
-const KEYS = { chats: "lmx.lab.chats", current: "lmx.lab.current", settings: "lmx.lab.settings" };
+const KEYS = { chats: "lmx.lab.chats", current: "lmx.lab.current", settings: "lmx.lab.settings", apiKey: "lmx.lab.apiKey" };
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -13,6 +13,7 @@ const ui = {
   temperature: $("temperature"), temperatureValue: $("temperature-value"),
   topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
   sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
+  keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
 };
 
 let model = null;          // the served model id
@@ -255,7 +256,7 @@ async function generate(chat) {
     redraw();
   };
   try {
-    const res = await fetch("/v1/chat/completions", {
+    const res = await api("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body), signal: controller.signal,
     });
@@ -303,9 +304,39 @@ function showStats(msg) {
   ui.stats.textContent = m.tps ? `last reply: ${m.tokens} tokens · ${m.tps.toFixed(1)} tok/s` : "";
 }
 
+// ---------------------------------------------------------------- API key
+// A server started with --api-key serves this page openly but guards the API: the page asks for
+// the key once per browser tab, keeps it in sessionStorage and sends it as a Bearer token.
+function api(path, init = {}) {
+  const key = sessionStorage.getItem(KEYS.apiKey);
+  const headers = { ...(init.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return fetch(path, { ...init, headers }).then((res) => {
+    if (res.status === 401) askForKey(key ? "The server refused this key." : "");
+    return res;
+  });
+}
+function askForKey(problem) {
+  sessionStorage.removeItem(KEYS.apiKey);
+  ui.keyError.textContent = problem;
+  ui.keyError.hidden = !problem;
+  if (!ui.keyDialog.open) ui.keyDialog.showModal();
+  ui.keyInput.focus();
+}
+ui.keyDialog.addEventListener("cancel", (e) => e.preventDefault());  // the API cannot be used without it
+ui.keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = ui.keyInput.value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEYS.apiKey, key);
+  ui.keyInput.value = "";
+  ui.keyDialog.close();
+  loadModel();
+});
+
 async function loadModel() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await api("/v1/models");
     const data = await res.json();
     if (!res.ok) throw new Error(data?.error?.message || res.statusText);
     const card = data.data[0];

@@ -21,6 +21,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]  # fmt: skip
 
+pytest_plugins = ["conftest_gguf"]
+
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="no browser: /usr/bin/chromium is missing (apt-get install chromium)"
 )
@@ -109,6 +111,7 @@ def test_page_shows_the_model(page: Any, engine: lmx.Engine) -> None:
     info = page.inner_text("#model-info")
     assert "gemma3_text" in info and "512 tokens" in info and "cpu" in info
     assert page.is_visible("#empty") and page.is_hidden("#stop")
+    assert page.is_hidden("#banner")  # the tiny model has a chat template of its own
 
 
 def test_reply_streams_in_and_is_kept(page: Any, engine: lmx.Engine, server: BackgroundServer) -> None:
@@ -415,5 +418,58 @@ def test_with_an_api_key_the_page_loads_and_asks_for_it(browser: Any, engine: lm
             page.reload()  # the same tab keeps the key
             wait_for_model(page)
             assert page.is_hidden("#key-dialog")
+        finally:
+            page.context.close()
+
+
+def test_model_picker_and_json_mode_shape_the_request(fresh: Any, server: BackgroundServer) -> None:
+    served = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    assert fresh.locator("#model-select option").all_inner_texts() == served
+    assert fresh.input_value("#model-select") == served[0] and not fresh.is_checked("#json-mode")
+    fresh.fill("#max-tokens", "4")
+    with fresh.expect_request("**/v1/chat/completions") as plain:
+        send(fresh, "Hello")
+    wait_idle(fresh)
+    body = plain.value.post_data_json
+    assert body["model"] == served[0] and "response_format" not in body
+
+    fresh.check("#json-mode")
+    with fresh.expect_request("**/v1/chat/completions") as json_mode:
+        send(fresh, "Give me a JSON object")
+    wait_idle(fresh)
+    body = json_mode.value.post_data_json
+    assert body["response_format"] == {"type": "json_object"} and body["model"] == served[0]
+    # What the server answers that very body (400 until the server supports structured output):
+    # the page shows the same, an error naming response_format, or the reply.
+    plain_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    direct = httpx.post(server.url + "/v1/chat/completions", json=plain_body, timeout=120)
+    last = stored_messages(fresh)[-1]
+    if direct.status_code == 400:
+        error = direct.json()["error"]
+        assert error["param"] == "response_format"
+        assert last["error"] == f"400 (response_format): {error['message']}"
+        shown = fresh.locator(".msg.error").last.inner_text()
+        assert "Error: 400 (response_format)" in shown and error["message"] in shown
+    else:
+        assert direct.status_code == 200 and "error" not in last
+        assert last["content"] == direct.json()["choices"][0]["message"]["content"]
+    settings = json.loads(fresh.evaluate("localStorage.getItem('lmx.lab.settings')"))
+    assert settings["jsonMode"] is True and settings["model"] == served[0]
+
+
+def test_base_model_banner(browser: Any, tiny_gguf: dict[str, Path]) -> None:
+    """A GGUF with no chat template of its own (as the bundled base model): the page says so in one line."""
+    with (
+        lmx.load(tiny_gguf["qwen3"]) as base,
+        BackgroundServer(ServerSettings(port=0, model_name="tiny-base"), base) as s,
+    ):
+        assert httpx.get(s.url + "/v1/models").json()["data"][0]["lmx"]["chat_template"] == "architecture"
+        page = open_page(browser, s.url + "/")
+        try:
+            wait_for_model(page, "tiny-base")
+            banner = page.locator("#banner")
+            assert banner.is_visible() and "tiny-base has no chat template of its own" in banner.inner_text()
+            assert "\n" not in banner.inner_text().strip()
+            assert page.errors == []
         finally:
             page.context.close()

@@ -13,10 +13,13 @@ const ui = {
   temperature: $("temperature"), temperatureValue: $("temperature-value"),
   topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
   sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
+  modelSelect: $("model-select"), jsonMode: $("json-mode"), banner: $("banner"),
   keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
 };
 
-let model = null;          // the served model id
+let model = null;          // the model id requests name: the picker's choice among /v1/models
+let models = [];           // /v1/models entries: the base model, then adapters when served
+let preferredModel = "";   // the choice kept in settings, applied once the list has loaded
 let controller = null;     // AbortController of the reply being streamed
 let chats = load(KEYS.chats, {});
 let currentId = localStorage.getItem(KEYS.current);
@@ -156,16 +159,18 @@ function autoGrow() {
 }
 
 // ---------------------------------------------------------------- settings
-const defaults = { system: "", temperature: 0, topP: 1, topK: 0, maxTokens: 512, seed: "" };
+const defaults = { system: "", temperature: 0, topP: 1, topK: 0, maxTokens: 512, seed: "", model: "", jsonMode: false };
 function readSettings() {
   return {
     system: ui.system.value, temperature: Number(ui.temperature.value), topP: Number(ui.topP.value),
     topK: Number(ui.topK.value) || 0, maxTokens: Number(ui.maxTokens.value) || 512, seed: ui.seed.value,
+    model: ui.modelSelect.value || preferredModel, jsonMode: ui.jsonMode.checked,
   };
 }
 function applySettings(s) {
   ui.system.value = s.system; ui.temperature.value = s.temperature; ui.topP.value = s.topP;
   ui.topK.value = s.topK; ui.maxTokens.value = s.maxTokens; ui.seed.value = s.seed;
+  ui.jsonMode.checked = Boolean(s.jsonMode); preferredModel = s.model || "";
   ui.temperatureValue.textContent = s.temperature; ui.topPValue.textContent = s.topP;
 }
 function settingsChanged() {
@@ -186,6 +191,7 @@ function requestBody(chat) {
     temperature: s.temperature, top_p: s.topP, max_tokens: s.maxTokens,
   };
   if (s.topK > 0) body.top_k = s.topK;
+  if (s.jsonMode) body.response_format = { type: "json_object" };  // JSON mode: the reply is one JSON object
   if (s.seed !== "") body.seed = Number(s.seed);
   return body;
 }
@@ -261,8 +267,9 @@ async function generate(chat) {
       body: JSON.stringify(body), signal: controller.signal,
     });
     if (!res.ok) {
-      const err = await res.json().catch(() => null);
-      throw new Error(err?.error?.message || `${res.status} ${res.statusText}`);
+      const err = (await res.json().catch(() => null))?.error;
+      const where = err?.param ? ` (${err.param})` : "";
+      throw new Error(`${res.status}${where}: ${err?.message || res.statusText}`);
     }
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -339,21 +346,45 @@ async function loadModel() {
     const res = await api("/v1/models");
     const data = await res.json();
     if (!res.ok) throw new Error(data?.error?.message || res.statusText);
-    const card = data.data[0];
-    model = card.id;
-    ui.modelName.textContent = model;
-    const info = card.lmx || {};
-    const rows = [
-      ["type", info.model_type], ["parameters", info.num_parameters && fmtCount(info.num_parameters)],
-      ["layers", info.num_layers], ["context", info.context_length && `${info.context_length} tokens`],
-      ["dtype", info.dtype], ["quantization", info.quantization ? `${info.quantization.bits}-bit` : "none"],
-      ["device", info.device], ["weights", info.weights_bytes && fmtBytes(info.weights_bytes)],
-    ].filter(([, v]) => v !== undefined && v !== null && v !== "");
-    ui.modelInfo.innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(String(v))}</dd>`).join("");
+    models = data.data;
+    ui.modelSelect.innerHTML = "";
+    for (const entry of models) {
+      const option = document.createElement("option");
+      option.value = option.textContent = entry.id;
+      ui.modelSelect.appendChild(option);
+    }
+    ui.modelSelect.value = models.some((m) => m.id === preferredModel) ? preferredModel : models[0].id;
+    showModel();
   } catch (e) {
     ui.modelName.textContent = "model unavailable";
     ui.modelInfo.innerHTML = `<dt>error</dt><dd>${escapeHtml(e.message)}</dd>`;
   }
+}
+function templateNote(name, info) {
+  // One line when the model has no chat template of its own (lmx's ModelInfo.chat_template).
+  if (info.chat_template === "architecture") {
+    return `${name} has no chat template of its own (a base model?): lmx applies the ${info.model_type} template, ` +
+      "so replies may be continuations, not answers.";
+  }
+  if (info.chat_template === "none") return `${name} has no chat template: chat needs one (use /v1/completions).`;
+  return "";
+}
+function showModel() {
+  model = ui.modelSelect.value;
+  ui.modelName.textContent = model;
+  const card = models.find((m) => m.id === model) || models[0];
+  const info = card.lmx || models[0].lmx || {};  // an adapter's entry may leave the base model's facts out
+  const note = templateNote(model, info);
+  ui.banner.textContent = note;
+  ui.banner.hidden = !note;
+  const rows = [
+    ["type", info.model_type], ["parameters", info.num_parameters && fmtCount(info.num_parameters)],
+    ["layers", info.num_layers], ["context", info.context_length && `${info.context_length} tokens`],
+    ["dtype", info.dtype], ["quantization", info.quantization ? `${info.quantization.bits}-bit` : info.gguf_file_type ? `GGUF ${info.gguf_file_type}` : "none"],
+    ["compute", info.compute_dtype],
+    ["device", info.device], ["weights", info.weights_bytes && fmtBytes(info.weights_bytes)],
+  ].filter(([, v]) => v !== undefined && v !== null && v !== "");
+  ui.modelInfo.innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(String(v))}</dd>`).join("");
 }
 function fmtCount(n) {
   for (const [unit, scale] of [["B", 1e9], ["M", 1e6], ["K", 1e3]]) if (n >= scale) return (n / scale).toFixed(n >= 10 * scale ? 0 : 1) + unit;
@@ -445,7 +476,8 @@ function setSidebar(open) {
 }
 ui.sidebarToggle.addEventListener("click", () => setSidebar(!document.body.classList.contains("sidebar-open")));
 ui.backdrop.addEventListener("click", () => setSidebar(false));
-for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed]) el.addEventListener("input", settingsChanged);
+for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed, ui.jsonMode]) el.addEventListener("input", settingsChanged);
+ui.modelSelect.addEventListener("change", () => { showModel(); settingsChanged(); });
 
 applySettings({ ...defaults, ...load(KEYS.settings, {}) });
 setBusy(false);

@@ -62,7 +62,7 @@ def open_page(browser: Any, url: str, width: int = 1280, height: int = 800, **co
 
 
 def wait_for_model(page: Any, name: str = "tiny-lab") -> None:
-    page.wait_for_function(f"document.getElementById('model-name').textContent === {name!r}")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === {name!r}", timeout=120_000)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_reply_streams_in_and_is_kept(page: Any, engine: lmx.Engine, server: Bac
     page.wait_for_function(
         "document.body.dataset.state === 'idle' && document.querySelectorAll('.msg.assistant').length === 1 "
         "&& !document.querySelector('.msg.streaming')",
-        timeout=60_000,
+        timeout=120_000,
     )
     lengths = page.evaluate("window.lengths")
     final = lengths[-1]

@@ -12,7 +12,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ OPEN_PATHS = frozenset({"/health"})
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
 UVICORN_BACKLOG = 2048  # uvicorn's default listen backlog (asyncio also accepts this many per wake-up)
-PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
+PAGE_PATHS = ("/", "/static/")  # the Lab page and its files: open, the page asks for the key itself
 
 
 access_logger = logging.getLogger("lmx.server.access")
@@ -83,16 +83,23 @@ class RequestLog:
 
 
 class ApiKeyMiddleware:
-    """Require the API key on every route but ``/health``, compared in constant time.
+    """Require the API key on every route but ``/health`` and ``open_paths``, compared in constant time.
 
-    Accepted: ``Authorization: Bearer <key>`` (API clients) or HTTP Basic auth with the key
-    as the password (browsers: the Lab page's 401 makes the browser ask for it once, then it
-    sends it with every request to this server).
+    Accepted: ``Authorization: Bearer <key>`` (API clients and the Lab page, which asks for the
+    key and keeps it in sessionStorage) or HTTP Basic auth with the key as the password. A path
+    is open when it equals an entry of ``open_paths``, or an entry ends with "/" and the path
+    starts with it; the root "/" opens only itself (as a prefix it would open every path). A 401
+    always carries ``WWW-Authenticate: Bearer``.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str] = ()) -> None:
         self.app = app
         self._key = api_key.encode()
+        self._open = frozenset(OPEN_PATHS | set(open_paths))
+        self._open_prefixes = tuple(p for p in self._open if p.endswith("/") and p != "/")
+
+    def _is_open(self, path: str) -> bool:
+        return path in self._open or path.startswith(self._open_prefixes)
 
     def _authorized(self, scope: Scope) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -108,15 +115,14 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(candidate, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or self._is_open(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
         has_key = any(k == b"authorization" for k, _ in scope["headers"])
         message = "invalid API key" if has_key else "missing API key: send 'Authorization: Bearer <key>'"
         response = error_response(AuthenticationError(message), ollama=path.startswith("/api/"))
-        is_page = path == "/" or path.startswith(PAGE_PATHS[1])
-        response.headers["WWW-Authenticate"] = 'Basic realm="lmx", charset="UTF-8"' if is_page else "Bearer"
+        response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
 
@@ -231,7 +237,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             )
         )
     if settings.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+        open_paths = PAGE_PATHS if settings.lab else ()
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=routes,
         middleware=middleware,

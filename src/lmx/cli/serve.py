@@ -98,6 +98,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_OUTPUT_CHARS,
         help=f"longest prompt (and string) a chat template may build (default {DEFAULT_MAX_OUTPUT_CHARS})",
     )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve GET /metrics (Prometheus) without the API key (default: it needs the key)",
+    )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
     p.add_argument(
         "--log-level",
@@ -133,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         max_classify_texts=args.max_classify_texts,
         max_classify_labels=args.max_classify_labels,
         lab=not args.no_lab,
+        public_metrics=args.public_metrics,
         allow_request_chat_template=args.allow_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,
         chat_template_max_chars=args.chat_template_max_chars,

@@ -12,7 +12,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmx.server import routes_classify, routes_ollama, routes_openai
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.settings import ServerSettings
 
@@ -88,11 +89,20 @@ class ApiKeyMiddleware:
     Accepted: ``Authorization: Bearer <key>`` (API clients) or HTTP Basic auth with the key
     as the password (browsers: the Lab page's 401 makes the browser ask for it once, then it
     sends it with every request to this server).
+
+    ``open_paths``: more paths that need no key: a path is open when it equals an entry, or an
+    entry ending with ``/`` (other than ``/`` itself, which opens only ``/``) is its prefix.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str] = ()) -> None:
         self.app = app
         self._key = api_key.encode()
+        self.open_paths = frozenset(open_paths) | OPEN_PATHS
+        self.open_prefixes = tuple(p for p in open_paths if p.endswith("/") and p != "/")
+
+    def is_open(self, path: str) -> bool:
+        """Whether ``path`` is served without the key."""
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     def _authorized(self, scope: Scope) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -108,7 +118,7 @@ class ApiKeyMiddleware:
         return hmac.compare_digest(candidate, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or self.is_open(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -212,14 +222,19 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             if owns:
                 engine.close()
 
-    routes: list[Any] = [Route("/health", health, methods=["GET"])]
+    routes: list[Any] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
-    middleware = [Middleware(RequestLog)]  # outermost: 401s and CORS preflights are logged too
+    metrics = ServerMetrics(engine)
+    # outermost: 401s and CORS preflights are logged and counted too
+    middleware = [Middleware(RequestLog), Middleware(MetricsMiddleware, metrics=metrics, routes=routes)]
     if settings.cors_origins:  # outside the key check, so preflight requests and 401s carry CORS headers
         middleware.append(
             Middleware(
@@ -231,7 +246,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             )
         )
     if settings.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+        open_paths = ("/metrics",) if settings.public_metrics else ()
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -239,6 +255,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         lifespan=lifespan,
     )
     app.state.lmx = state
+    app.state.metrics = metrics
     return app
 
 

@@ -57,6 +57,8 @@ class ServerSettings:
             are answered 400 (``param`` ``labels``). Every (text, label) pair is scored, so
             this and ``max_classify_texts`` together bound one call's work. Default 128.
         lab: serve the Lab chat page at ``/``.
+        public_metrics: serve ``GET /metrics`` (Prometheus) without the API key; by default it
+            needs the key like every other route but ``/health``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
         allow_request_chat_template: let a request replace the model's chat template with
             ``chat_template_kwargs.chat_template`` (Jinja source or a template name). Off by
@@ -87,6 +89,7 @@ class ServerSettings:
     max_classify_texts: int = 256
     max_classify_labels: int = 128
     lab: bool = True
+    public_metrics: bool = False
     warm_up: bool = True
     allow_request_chat_template: bool = False
     chat_template_timeout: float = DEFAULT_TIMEOUT_S

@@ -203,9 +203,12 @@ def _raise_for_huge_number(body: bytes) -> None:
             stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})  # pydantic's names of plain union members in a loc
+
+
 def _param_name(loc: tuple[Any, ...]) -> str:
     # pydantic adds the union member tried ("str", "list[int]") to the location: drop those.
-    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
+    parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _UNION_MEMBERS)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)

@@ -88,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="most inputs one POST /v1/embeddings or /api/embed request may hold; more get 400 (default 256)",
     )
     p.add_argument(
+        "--max-n",
+        type=int,
+        default=8,
+        help="most choices (OpenAI n) one request may ask for; more get 400 (default 8)",
+    )
+    p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
         help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         max_classify_texts=args.max_classify_texts,
         max_classify_labels=args.max_classify_labels,
         max_embed_inputs=args.max_embed_inputs,
+        max_n=args.max_n,
         lab=not args.no_lab,
         public_metrics=args.public_metrics,
         allow_request_chat_template=args.allow_request_chat_template,

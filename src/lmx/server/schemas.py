@@ -310,11 +310,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     """Engine options of an OpenAI request (only the fields it set).
 
     Raises:
-        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``, or a
+        UnsupportedParameterError: tools, ``echo``, ``suffix``, ``best_of > 1``, or a
             ``response_format`` other than text.
     """
-    if req.n not in (None, 1):
-        raise UnsupportedParameterError(f"n must be 1 (one choice per request), got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
     opts: dict[str, Any] = {}

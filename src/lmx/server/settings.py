@@ -59,6 +59,8 @@ class ServerSettings:
         max_embed_inputs: the most inputs one ``POST /v1/embeddings`` or ``/api/embed`` request
             may hold; more are answered 400 (``param`` ``input``). The call holds the model to
             itself until every input is embedded. Default 256.
+        max_n: the most choices (OpenAI ``n``) one request may ask for; more are answered 400.
+            Each choice is a row of the batch. Default 8.
         lab: serve the Lab chat page at ``/``.
         public_metrics: serve ``GET /metrics`` (Prometheus) without the API key; by default it
             needs the key like every other route but ``/health``.
@@ -92,6 +94,7 @@ class ServerSettings:
     max_classify_texts: int = 256
     max_classify_labels: int = 128
     max_embed_inputs: int = 256
+    max_n: int = 8
     lab: bool = True
     public_metrics: bool = False
     warm_up: bool = True
@@ -116,6 +119,7 @@ class ServerSettings:
         _check_int("max_classify_texts", self.max_classify_texts, 1, None)
         _check_int("max_classify_labels", self.max_classify_labels, 1, None)
         _check_int("max_embed_inputs", self.max_embed_inputs, 1, None)
+        _check_int("max_n", self.max_n, 1, 256)
         for name in ("keep_alive_timeout", "body_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

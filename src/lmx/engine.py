@@ -315,6 +315,18 @@ class Engine:
 
         return self.run_exclusive(work)
 
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prompt's keys and values (between two decode steps; running requests
+        keep theirs) and give their memory back; return the bytes the cache held."""
+
+        def work() -> int:
+            held = self.scheduler.prefix_cache.nbytes
+            self.scheduler.prefix_cache.clear()
+            memory.clear_cache()
+            return held
+
+        return self.run_exclusive(work)
+
     def close(self) -> None:
         """End every running request (they finish ``cancelled``), then free the model, its
         caches and MLX's cached buffers. Idempotent; safe with streams still open."""

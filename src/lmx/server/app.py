@@ -26,7 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmx.server import routes_classify, routes_embeddings, routes_ollama, routes_openai
+from lmx.server import routes_classify, routes_embeddings, routes_ollama, routes_ollama_models, routes_openai
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
@@ -227,7 +227,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
-    routes += routes_embeddings.routes()
+    routes += routes_embeddings.routes() + routes_ollama_models.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),

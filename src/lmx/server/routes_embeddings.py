@@ -123,6 +123,7 @@ async def ollama_embed(request: Request) -> Response:
     start = time.perf_counter()
     req = parse_body(OllamaEmbedRequest, await read_body(request, state.settings.max_body_bytes))
     state.check_model(req.model)
+    state.keep_alive.note(req.keep_alive)
     _check_dimensions(state, req.dimensions)
     inputs = _inputs(req.input, "input", state.settings.max_embed_inputs)
     result = await _embed(state, inputs, truncate=req.truncate)
@@ -142,6 +143,7 @@ async def ollama_embeddings(request: Request) -> Response:
     state = server_state(request)
     req = parse_body(OllamaEmbeddingsRequest, await read_body(request, state.settings.max_body_bytes))
     state.check_model(req.model)
+    state.keep_alive.note(req.keep_alive)
     result = await _embed(state, [req.prompt], truncate=True, param="prompt")
     return JSONResponse({"embedding": result.vectors[0]})
 

@@ -86,7 +86,8 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
         ({"logit_bias": {"100000": 1}}, "logit_bias", "invalid_parameter"),
-        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"n": 9}, "n", "invalid_parameter"),  # above the server's max_n (8)
+        ({"n": 0}, "n", "invalid_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
         ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
         ({"frobnicate": 1}, "frobnicate", "invalid_parameter"),

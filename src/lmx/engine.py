@@ -232,6 +232,18 @@ class Engine:
         _check_keywords("classify", options, _CLASSIFY_OPTIONS)
         return classify(self, texts, labels, **options)
 
+    def embed(self, texts: str | Sequence[str | Sequence[int]], *, batch_size: int = 16) -> list[list[float]]:
+        """One unit-length vector per text (or token-id list): the mean of the model's
+        final-norm hidden states over its tokens; see :mod:`lmx.embed` for what they are good
+        for (a base model's pooled states are no trained embedding model).
+
+        Raises:
+            InvalidOptionError, ContextLengthError, EngineClosedError.
+        """
+        from lmx.embed import embed
+
+        return embed(self, texts, batch_size=batch_size).vectors
+
     def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` with the model to itself, between two decode steps of the running
         requests (which pause meanwhile); return its result."""
@@ -300,6 +312,18 @@ class Engine:
             result = unload_adapter(self.model)
             self.scheduler.decoder.refresh()
             return result
+
+        return self.run_exclusive(work)
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prompt's keys and values (between two decode steps; running requests
+        keep theirs) and give their memory back; return the bytes the cache held."""
+
+        def work() -> int:
+            held = self.scheduler.prefix_cache.nbytes
+            self.scheduler.prefix_cache.clear()
+            memory.clear_cache()
+            return held
 
         return self.run_exclusive(work)
 

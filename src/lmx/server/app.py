@@ -26,9 +26,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmx.server import routes_classify, routes_ollama, routes_openai
+from lmx.server import routes_classify, routes_embeddings, routes_ollama, routes_ollama_models, routes_openai
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.settings import ServerSettings
 
@@ -218,14 +219,20 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             if owns:
                 engine.close()
 
-    routes: list[Any] = [Route("/health", health, methods=["GET"])]
+    routes: list[Any] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
+    routes += routes_embeddings.routes() + routes_ollama_models.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
-    middleware = [Middleware(RequestLog)]  # outermost: 401s and CORS preflights are logged too
+    metrics = ServerMetrics(engine)
+    # outermost: 401s and CORS preflights are logged and counted too
+    middleware = [Middleware(RequestLog), Middleware(MetricsMiddleware, metrics=metrics, routes=routes)]
     if settings.cors_origins:  # outside the key check, so preflight requests and 401s carry CORS headers
         middleware.append(
             Middleware(
@@ -237,7 +244,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             )
         )
     if settings.api_key:
-        open_paths = PAGE_PATHS if settings.lab else ()
+        open_paths = (PAGE_PATHS if settings.lab else ()) + (("/metrics",) if settings.public_metrics else ())
         middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=routes,
@@ -246,6 +253,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         lifespan=lifespan,
     )
     app.state.lmx = state
+    app.state.metrics = metrics
     return app
 
 

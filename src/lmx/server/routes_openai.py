@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lmx.results import Token
+from lmx.server import choices
 from lmx.server.common import (
     CLIENT_GONE,
     JobStreamingResponse,
@@ -204,13 +205,34 @@ async def chat_completions(request: Request) -> Response:
     check_options(options, params, state.info.vocab_size)
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = choices.check_n(req.n, state.settings.max_n)
+    if n > 1:
+        makers = [
+            lambda sink, o=o: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **o)
+            for o in choices.choice_options(options, n)
+        ]
+        return await _respond_choices(request, state, "chat", makers, n, req, include_usage)
     job = await start_job(
         state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
     )
     track(request, job)
     fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)
+
+
+async def _respond_choices(
+    request: Request, state: ServerState, kind: Kind, makers: list[Any], n: int, req: Any, include_usage: bool
+) -> Response:
+    """``n > 1``: every choice is a request of its own, answered together (see :mod:`choices`)."""
+    group = await choices.start_jobs(request, state, makers)
+    logprobs = (
+        (req.top_logprobs or 0) if kind == "chat" and req.logprobs else (req.logprobs if kind == "text" else None)
+    )
+    formats = [_Format(state, kind, logprobs, req.return_token_ids) for _ in makers]
+    return await choices.respond(
+        request, group, formats, kind=kind, stream=req.stream, include_usage=include_usage, per_prompt=n
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -222,6 +244,11 @@ async def completions(request: Request) -> Response:
     options = openai_options(req, state.default_max_tokens)
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = choices.check_n(req.n, state.settings.max_n)
+    if n > 1:  # choices prompt by prompt: prompt i's are i*n ... i*n + n - 1, as OpenAI orders them
+        opts = choices.choice_options(options, n)
+        makers = [lambda sink, p=p, o=o: state.engine.stream(p, sink=sink, **o) for p in prompts for o in opts]
+        return await _respond_choices(request, state, "text", makers, n, req, include_usage)
     if len(prompts) > 1:
         return await _complete_batch(request, state, prompts, options, req.return_token_ids)
     prompt = prompts[0]

@@ -203,9 +203,12 @@ def _raise_for_huge_number(body: bytes) -> None:
             stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})  # pydantic's names of plain union members in a loc
+
+
 def _param_name(loc: tuple[Any, ...]) -> str:
     # pydantic adds the union member tried ("str", "list[int]") to the location: drop those.
-    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
+    parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _UNION_MEMBERS)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
@@ -307,11 +310,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     """Engine options of an OpenAI request (only the fields it set).
 
     Raises:
-        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``, or a
+        UnsupportedParameterError: tools, ``echo``, ``suffix``, ``best_of > 1``, or a
             ``response_format`` other than text.
     """
-    if req.n not in (None, 1):
-        raise UnsupportedParameterError(f"n must be 1 (one choice per request), got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
     opts: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmx.server import routes_classify, routes_ollama, routes_openai
+from lmx.server import routes_anthropic, routes_classify, routes_ollama, routes_openai
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
@@ -85,9 +85,10 @@ class RequestLog:
 class ApiKeyMiddleware:
     """Require the API key on every route but ``/health``, compared in constant time.
 
-    Accepted: ``Authorization: Bearer <key>`` (API clients) or HTTP Basic auth with the key
-    as the password (browsers: the Lab page's 401 makes the browser ask for it once, then it
-    sends it with every request to this server).
+    Accepted: ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (API clients; Anthropic
+    SDKs send the latter) or HTTP Basic auth with the key as the password (browsers: the Lab
+    page's 401 makes the browser ask for it once, then it sends it with every request to this
+    server).
     """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
@@ -105,16 +106,20 @@ class ApiKeyMiddleware:
                 candidate = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
                 candidate = b""
-        return hmac.compare_digest(candidate, self._key)
+        x_api_key = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"").strip()
+        return hmac.compare_digest(candidate, self._key) | hmac.compare_digest(x_api_key, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        has_key = any(k == b"authorization" for k, _ in scope["headers"])
+        has_key = any(k in (b"authorization", b"x-api-key") for k, _ in scope["headers"])
         message = "invalid API key" if has_key else "missing API key: send 'Authorization: Bearer <key>'"
         response = error_response(AuthenticationError(message), ollama=path.startswith("/api/"))
+        if routes_anthropic.is_anthropic_path(path):
+            message = "invalid API key" if has_key else "missing API key: send 'x-api-key: <key>'"
+            response = routes_anthropic.anthropic_error_response(AuthenticationError(message))
         is_page = path == "/" or path.startswith(PAGE_PATHS[1])
         response.headers["WWW-Authenticate"] = 'Basic realm="lmx", charset="UTF-8"' if is_page else "Bearer"
         await response(scope, receive, send)
@@ -157,6 +162,8 @@ async def _not_found(request: Request, exc: Exception) -> Response:
         error: Exception = MethodNotAllowedError(f"method {request.method} is not allowed on {path}")
     else:
         error = RouteNotFoundError(f"no route {request.method} {path}")
+    if routes_anthropic.is_anthropic_path(path):
+        return routes_anthropic.anthropic_error_response(error)
     return error_response(error, ollama=path.startswith("/api/"))
 
 
@@ -214,6 +221,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
 
     routes: list[Any] = [Route("/health", health, methods=["GET"])]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
+    routes += routes_anthropic.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),

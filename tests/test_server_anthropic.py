@@ -9,6 +9,7 @@ import lmx  # isort: skip
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -259,3 +260,60 @@ def test_api_key_as_x_api_key(engine: lmx.Engine) -> None:
         # x-api-key opens the OpenAI routes too; a wrong one does not.
         assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
         assert httpx.get(server.url + "/v1/models", headers={"x-api-key": "sk-wrong"}).status_code == 401
+
+
+def test_tool_use_replies_through_the_seam(
+    server: BackgroundServer, client: anthropic.Anthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route's tool path, with the seam returning a stand-in parser (every reply holds one
+    call, the rest of its text kept) until the engine renders tools and parses calls itself:
+    the client reads the tool_use block, streamed (input_json_delta) or not."""
+    from lmx.server import routes_anthropic
+    from lmx.server.anthropic_tools import ToolCalling
+
+    @dataclass(frozen=True)
+    class Call:
+        id: str
+        name: str
+        arguments: str
+
+    seen: list[Any] = []
+
+    def options(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
+        seen.append((tools, choice))
+        return {}  # the engine takes no tools= yet
+
+    calling = ToolCalling(
+        parse=lambda text: (text, [Call("toolu_01", "get_weather", '{"city": "Paris"}')]), stream_options=options
+    )
+    monkeypatch.setattr(routes_anthropic, "tool_calling", lambda engine: calling)
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    plain = client.messages.create(model="tiny", max_tokens=5, messages=USER)
+    message = client.messages.create(
+        model="tiny", max_tokens=5, messages=USER, tools=tools, tool_choice={"type": "any"}
+    )
+    assert seen[-1] == (
+        [{"type": "function", "function": {"name": "get_weather", "parameters": tools[0]["input_schema"]}}],
+        "required",
+    )
+    assert message.stop_reason == "tool_use"
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == text_of(plain)
+    call = message.content[1]
+    assert (call.id, call.name, call.input) == ("toolu_01", "get_weather", {"city": "Paris"})
+    with client.messages.stream(model="tiny", max_tokens=5, messages=USER, tools=tools) as stream:
+        final = stream.get_final_message()
+    assert final.model_dump()["content"] == message.model_dump()["content"]
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 5
+    # The follow-up turn with the tool's result is accepted and answered.
+    follow = client.messages.create(
+        model="tiny",
+        max_tokens=3,
+        tools=tools,
+        messages=[
+            *USER,
+            {"role": "assistant", "content": message.model_dump()["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "12 C"}]},
+        ],
+    )
+    assert follow.usage.output_tokens == 3

@@ -198,7 +198,10 @@ class _Reply:
             "output_tokens": len(stream.tokens),
         }
 
-    def message(self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None, usage: Any):
+    def message(
+        self, content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None, usage: Any
+    ) -> dict[str, Any]:
+        """A ``message`` object."""
         return {
             "id": self.id,
             "type": "message",
@@ -262,15 +265,18 @@ async def _respond(request: Request, job: Job, reply: _Reply, stream: bool) -> R
     return JobStreamingResponse(body(), job, "text/event-stream")
 
 
-async def _respond_with_tools(request: Request, job: Job, reply: _Reply, tooling: ToolCalling, stream: bool):
+async def _respond_with_tools(
+    request: Request, job: Job, reply: _Reply, tooling: ToolCalling, stream: bool
+) -> Response:
     """Tool calls are parsed from the whole reply, so it is collected first, then answered
     (streaming: all events at once)."""
     tokens = await collect(job, request)
     if tokens is None:
         return Response(status_code=CLIENT_GONE)
     text, calls = tooling.parse("".join(t.text for t in tokens))
-    content, stop_reason = reply_content(text, calls, reply.stop(job.stream)[0])
-    stop_sequence = reply.stop(job.stream)[1] if stop_reason == "stop_sequence" else None
+    finish, matched = reply.stop(job.stream)
+    content, stop_reason = reply_content(text, calls, finish)
+    stop_sequence = matched if stop_reason == "stop_sequence" else None
     if not stream:
         return JSONResponse(reply.message(content, stop_reason, stop_sequence, reply.usage(job.stream)))
     events = [reply.start_event(job.stream), {"type": "ping"}]
@@ -293,8 +299,8 @@ async def messages(request: Request) -> Response:
     tools = _tools(state, req, conversation)
     reply = _Reply(state, options.get("stop", []))
     if tools is not None:
-        tooling, openai, choice = tools
-        extra = tooling.stream_options(openai, choice)
+        tooling, functions, choice = tools
+        extra = tooling.stream_options(functions, choice)
         job = await start_job(
             state,
             lambda sink: state.engine.stream_chat(

@@ -19,6 +19,8 @@ import pytest
 
 from lmx.server import BackgroundServer, ServerSettings
 
+pytest_plugins = ["conftest_gguf"]
+
 KEY = "sk-ant-test-0123456789"
 SYSTEM = "You are a terse assistant. Answer in one word."
 USER = [{"role": "user", "content": "Hello, how are you?"}]
@@ -317,3 +319,31 @@ def test_tool_use_replies_through_the_seam(
         ],
     )
     assert follow.usage.output_tokens == 3
+
+
+@pytest.mark.slow
+def test_real_model_stop_sequence_at_a_word_boundary(gemma_gguf: Any) -> None:
+    """On the bundled Gemma 3 270M (SentencePiece: a word's token carries its leading space), a
+    stop sequence starting with a space is found, cut, and named, streamed or not."""
+    convo = [{"role": "user", "content": "List three fruits."}]
+    with (
+        lmx.load(gemma_gguf) as real,
+        BackgroundServer(ServerSettings(port=0), real) as server,
+        anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as client,
+    ):
+        whole = text_of(client.messages.create(model="m", max_tokens=30, system="Be brief.", messages=convo))
+        words = [w for w in whole.split(" ")[1:] if len(w) >= 3 and w.isalpha()]
+        assert words, whole
+        stop = " " + words[0]
+        cut = whole[: whole.index(stop)]
+        message = client.messages.create(
+            model="m", max_tokens=30, system="Be brief.", messages=convo, stop_sequences=[stop]
+        )
+        assert (text_of(message), message.stop_reason, message.stop_sequence) == (cut, "stop_sequence", stop)
+        with client.messages.stream(
+            model="m", max_tokens=30, system="Be brief.", messages=convo, stop_sequences=[stop]
+        ) as stream:
+            final = stream.get_final_message()
+        assert (text_of(final), final.stop_reason, final.stop_sequence) == (cut, "stop_sequence", stop)
+        counted = client.messages.count_tokens(model="m", system="Be brief.", messages=convo).input_tokens
+        assert counted == prompt_tokens(final.usage)

@@ -347,3 +347,18 @@ def test_real_model_stop_sequence_at_a_word_boundary(gemma_gguf: Any) -> None:
         assert (text_of(final), final.stop_reason, final.stop_sequence) == (cut, "stop_sequence", stop)
         counted = client.messages.count_tokens(model="m", system="Be brief.", messages=convo).input_tokens
         assert counted == prompt_tokens(final.usage)
+
+
+def test_cors_preflight_allows_the_anthropic_headers(engine: lmx.Engine) -> None:
+    asked = "x-api-key,anthropic-version,anthropic-dangerous-direct-browser-access,content-type"
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    settings = ServerSettings(port=0, cors_origins=("http://app.example",), api_key=KEY)
+    with BackgroundServer(settings, engine) as server:
+        r = httpx.options(server.url + "/v1/messages", headers={**preflight, "Access-Control-Request-Headers": asked})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+        assert set(asked.split(",")) <= allowed
+        denied = httpx.options(
+            server.url + "/v1/messages", headers={**preflight, "Access-Control-Request-Headers": "x-other"}
+        )
+        assert denied.status_code == 400

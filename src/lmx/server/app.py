@@ -234,7 +234,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["Authorization", "Content-Type", *routes_anthropic.CORS_HEADERS],
                 max_age=600,
             )
         )

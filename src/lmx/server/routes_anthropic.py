@@ -70,6 +70,8 @@ from lmx.server.schemas_anthropic import (
 )
 
 PREFIX = "/v1/messages"  # the routes answered in Anthropic's error shape
+# Request headers Anthropic SDKs send from a browser (allowed by CORS when --cors-origin is set).
+CORS_HEADERS = ("x-api-key", "anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access")
 
 # HTTP status -> Anthropic error type (anything else: invalid_request_error below 500, api_error above).
 ERROR_TYPES = {

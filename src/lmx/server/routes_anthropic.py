@@ -123,7 +123,12 @@ def event(data: dict[str, Any]) -> bytes:
 
 
 # ---------------------------------------------------------------- requests -> engine
-def _tools(state: ServerState, req: MessagesRequest | CountTokensRequest, messages: list[dict[str, Any]]) -> Any:
+ToolsOfRequest = tuple[ToolCalling, list[dict[str, Any]], Any]  # (how, OpenAI tools, OpenAI tool_choice)
+
+
+def _tools(
+    state: ServerState, req: MessagesRequest | CountTokensRequest, messages: list[dict[str, Any]]
+) -> ToolsOfRequest | None:
     """The request's tools as (ToolCalling, OpenAI tools, OpenAI tool_choice), or None without tools.
 
     Raises:

@@ -26,7 +26,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmx.server import routes_classify, routes_embeddings, routes_ollama, routes_ollama_models, routes_openai
+from lmx.server import (
+    routes_anthropic,
+    routes_classify,
+    routes_embeddings,
+    routes_ollama,
+    routes_ollama_models,
+    routes_openai,
+)
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
@@ -86,11 +93,12 @@ class RequestLog:
 class ApiKeyMiddleware:
     """Require the API key on every route but ``/health`` and ``open_paths``, compared in constant time.
 
-    Accepted: ``Authorization: Bearer <key>`` (API clients and the Lab page, which asks for the
-    key and keeps it in sessionStorage) or HTTP Basic auth with the key as the password. A path
-    is open when it equals an entry of ``open_paths``, or an entry ends with "/" and the path
-    starts with it; the root "/" opens only itself (as a prefix it would open every path). A 401
-    always carries ``WWW-Authenticate: Bearer``.
+    Accepted: ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (API clients; Anthropic
+    SDKs send the latter; the Lab page asks for the key and keeps it in sessionStorage) or HTTP
+    Basic auth with the key as the password. A path is open when it equals an entry of
+    ``open_paths``, or an entry ends with "/" and the path starts with it; the root "/" opens
+    only itself (as a prefix it would open every path). A 401 always carries
+    ``WWW-Authenticate: Bearer``.
     """
 
     def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str] = ()) -> None:
@@ -113,16 +121,20 @@ class ApiKeyMiddleware:
                 candidate = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
                 candidate = b""
-        return hmac.compare_digest(candidate, self._key)
+        x_api_key = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"").strip()
+        return hmac.compare_digest(candidate, self._key) | hmac.compare_digest(x_api_key, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._is_open(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        has_key = any(k == b"authorization" for k, _ in scope["headers"])
+        has_key = any(k in (b"authorization", b"x-api-key") for k, _ in scope["headers"])
         message = "invalid API key" if has_key else "missing API key: send 'Authorization: Bearer <key>'"
         response = error_response(AuthenticationError(message), ollama=path.startswith("/api/"))
+        if routes_anthropic.is_anthropic_path(path):
+            message = "invalid API key" if has_key else "missing API key: send 'x-api-key: <key>'"
+            response = routes_anthropic.anthropic_error_response(AuthenticationError(message))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
@@ -164,6 +176,8 @@ async def _not_found(request: Request, exc: Exception) -> Response:
         error: Exception = MethodNotAllowedError(f"method {request.method} is not allowed on {path}")
     else:
         error = RouteNotFoundError(f"no route {request.method} {path}")
+    if routes_anthropic.is_anthropic_path(path):
+        return routes_anthropic.anthropic_error_response(error)
     return error_response(error, ollama=path.startswith("/api/"))
 
 
@@ -224,7 +238,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
-    routes += routes_embeddings.routes() + routes_ollama_models.routes()
+    routes += routes_embeddings.routes() + routes_ollama_models.routes() + routes_anthropic.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),
@@ -239,7 +253,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["Authorization", "Content-Type", *routes_anthropic.CORS_HEADERS],
                 max_age=600,
             )
         )

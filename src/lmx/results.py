@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lmx.generate.tools import ToolCall
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -86,6 +88,8 @@ class Completion:
         metrics: counts and speeds.
         logprobs: per generated token, its logprob (when asked for).
         top_logprobs: per generated token, the top alternatives (when asked for).
+        tool_calls: the function calls of a :meth:`lmx.Engine.chat` reply given ``tools``
+            (``text`` is then the rest of the reply); empty otherwise.
     """
 
     text: str
@@ -94,6 +98,7 @@ class Completion:
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     logprobs: list[float] | None = None
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import lmx
+from lmx.generate.tools import plan_tools
 from lmx.server.common import (
     CLIENT_GONE,
     JobStreamingResponse,
@@ -39,6 +40,7 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
+from lmx.server.tool_choice import OllamaToolPiece, request_tools
 
 
 def _now() -> str:
@@ -111,13 +113,18 @@ async def chat(request: Request) -> Response:
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
     kwargs = state.template_kwargs(kwargs)
+    tools, _ = request_tools(req.tools, None, state.engine)
+    tool_kw: dict[str, Any] = {"tools": tools} if tools else {}
     job = await start_job(
-        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    return await _respond(
-        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
-    )
+    piece: Callable[[str], dict[str, Any]] = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
+    if tools:
+        plan = plan_tools(state.engine.tokenizer, messages, tools, None, kwargs.get("chat_template"))
+        piece = OllamaToolPiece(plan, whole=not req.stream)
+    return await _respond(request, state, job, req.stream, piece)
 
 
 async def generate(request: Request) -> Response:

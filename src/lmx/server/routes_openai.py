@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmx.generate.tools import plan_tools
 from lmx.results import Token
 from lmx.server.common import (
     CLIENT_GONE,
@@ -50,6 +51,7 @@ from lmx.server.schemas import (
     parse_body,
     template_kwargs,
 )
+from lmx.server.tool_choice import ToolCallFormat, request_tools
 
 Kind = Literal["chat", "text"]
 FLOOR_LOGPROB = -9999.0  # JSON has no -Infinity: a token ruled out by top_k/top_p/min_p gets this, as OpenAI does
@@ -162,7 +164,7 @@ class _Format:
         return {**self._envelope(obj, [choice]), "usage": self.usage(stream), "metrics": stream.metrics.as_dict()}
 
 
-async def _respond(request: Request, job: Job, fmt: _Format, stream: bool, include_usage: bool) -> Response:
+async def _respond(request: Request, job: Job, fmt: Any, stream: bool, include_usage: bool) -> Response:
     if not stream:
         tokens = await collect(job, request)
         if tokens is None:
@@ -204,11 +206,17 @@ async def chat_completions(request: Request) -> Response:
     check_options(options, params, state.info.vocab_size)
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
+    tools, choice = request_tools(req.tools, req.tool_choice, state.engine)
+    tool_kw: dict[str, Any] = {"tools": tools, "tool_choice": choice} if tools else {}
     job = await start_job(
-        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
+    fmt: Any = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
+    if tools:
+        plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template"))
+        fmt = ToolCallFormat(fmt, plan) if plan.parse else fmt
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)
 

@@ -259,3 +259,14 @@ def test_ollama_client_tools(servers: dict[str, BackgroundServer]) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="tiny", messages=ASK, tools=[{"type": "function", "function": {"name": "bad name"}}])
     assert err.value.status_code == 400 and "bad name" in err.value.error
+
+
+def test_malformed_tool_turns_in_messages_are_400(servers: dict[str, BackgroundServer]) -> None:
+    url = servers["qwen"].url + "/v1/chat/completions"
+    for calls, param in (
+        ("get_weather", "messages[1]"),
+        ([{"function": {"arguments": "{}"}}], "messages[1].tool_calls"),
+    ):
+        messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}]
+        r = httpx.post(url, json={**GREEDY, "messages": messages, "tools": TOOLS})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

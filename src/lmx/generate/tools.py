@@ -276,9 +276,9 @@ def gemma_messages(messages: Any, tools: list[dict[str, Any]] | None) -> Any:
     Raises:
         InvalidOptionError: an assistant tool call has no function name.
     """
-    has_tool_turns = isinstance(messages, list) and any(
-        isinstance(m, Mapping) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages
-    )
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        return messages  # the renderer refuses it, naming what is wrong
+    has_tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
     if not tools and not has_tool_turns:
         return messages
     out: list[dict[str, Any]] = []

@@ -40,7 +40,7 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
-from lmx.server.tool_choice import OllamaToolPiece, request_tools
+from lmx.server.tool_choice import OllamaToolPiece, engine_tool_options, request_tools
 
 
 def _now() -> str:
@@ -113,16 +113,16 @@ async def chat(request: Request) -> Response:
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
     kwargs = state.template_kwargs(kwargs)
-    tools, _ = request_tools(req.tools, None, state.engine)
-    tool_kw: dict[str, Any] = {"tools": tools} if tools else {}
+    tools, choice = request_tools(req.tools, None, state.engine)
+    plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
+    tool_kw = engine_tool_options(tools, choice, plan)
     job = await start_job(
         state,
         lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
     piece: Callable[[str], dict[str, Any]] = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
-    if tools:
-        plan = plan_tools(state.engine.tokenizer, messages, tools, None, kwargs.get("chat_template"))
+    if plan is not None:
         piece = OllamaToolPiece(plan, whole=not req.stream)
     return await _respond(request, state, job, req.stream, piece)
 

@@ -51,7 +51,7 @@ from lmx.server.schemas import (
     parse_body,
     template_kwargs,
 )
-from lmx.server.tool_choice import ToolCallFormat, request_tools
+from lmx.server.tool_choice import ToolCallFormat, engine_tool_options, request_tools
 
 Kind = Literal["chat", "text"]
 FLOOR_LOGPROB = -9999.0  # JSON has no -Infinity: a token ruled out by top_k/top_p/min_p gets this, as OpenAI does
@@ -207,16 +207,16 @@ async def chat_completions(request: Request) -> Response:
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
     tools, choice = request_tools(req.tools, req.tool_choice, state.engine)
-    tool_kw: dict[str, Any] = {"tools": tools, "tool_choice": choice} if tools else {}
+    plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
+    tool_kw = engine_tool_options(tools, choice, plan)
     job = await start_job(
         state,
         lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
     fmt: Any = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
-    if tools:
-        plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template"))
-        fmt = ToolCallFormat(fmt, plan) if plan.parse else fmt
+    if plan is not None and plan.parse:
+        fmt = ToolCallFormat(fmt, plan)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(request, job, fmt, req.stream, include_usage)
 

@@ -46,6 +46,18 @@ def constraint_for(tools: list[dict[str, Any]], tool_choice: ToolChoice, style: 
     return None
 
 
+def engine_tool_options(tools: list[dict[str, Any]], tool_choice: ToolChoice, plan: ToolPlan | None) -> dict[str, Any]:
+    """The keyword arguments of ``engine.stream_chat`` for a request's tools (none without
+    tools): ``tools``, ``tool_choice``, and the ``constraint`` of :func:`constraint_for` if any."""
+    if not tools or plan is None:
+        return {}
+    out: dict[str, Any] = {"tools": tools, "tool_choice": tool_choice}
+    constraint = constraint_for(tools, tool_choice, plan.style)
+    if constraint is not None:
+        out["constraint"] = constraint
+    return out
+
+
 def request_tools(tools: Any, tool_choice: Any, engine: Any) -> tuple[list[dict[str, Any]], ToolChoice]:
     """Check a request's ``tools`` and ``tool_choice``.
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from lmx.generate.tools import ToolCall
-
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -35,6 +33,21 @@ class TopLogprob(tuple):
 
     def __reduce__(self) -> tuple:
         return (TopLogprob, (self[0], self[1], self.text))
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call a chat reply made (see :mod:`lmx.generate.tools`).
+
+    Attributes:
+        id: ``call_<24 hex digits>``, fresh for each parsed call.
+        name: the function's name.
+        arguments: the arguments, as JSON text of an object.
+    """
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)

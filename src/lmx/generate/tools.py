@@ -31,6 +31,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lmx.errors import InvalidOptionError
+from lmx.results import ToolCall  # defined with the other results; exported here too
+
+__all__ = [
+    "ToolCall",
+    "ToolCallParser",
+    "ToolChoice",
+    "ToolPlan",
+    "forced_call_schema",
+    "parse_tool_calls",
+    "parse_tool_choice",
+    "plan_tools",
+    "tool_style",
+    "validate_tools",
+]
 
 Style = Literal["qwen", "gemma"]
 STYLES: tuple[str, ...] = ("qwen", "gemma")
@@ -51,25 +65,6 @@ GEMMA_TOOL_PROMPT = (
 )
 """The system-turn text that describes the tools to a model whose template has no tool support
 (``{functions}`` is the JSON list of the tools' ``function`` objects, one per line)."""
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call the model made.
-
-    Attributes:
-        id: ``call_<24 hex digits>``, fresh for each parsed call.
-        name: the function's name.
-        arguments: the arguments, as JSON text of an object.
-    """
-
-    id: str
-    name: str
-    arguments: str
-
-    def as_openai(self) -> dict[str, Any]:
-        """The call as an OpenAI ``message.tool_calls`` entry."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def new_call_id() -> str:

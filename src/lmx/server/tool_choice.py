@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmx.errors import InvalidOptionError
-from lmx.generate.tools import ToolCall, ToolCallParser, ToolChoice, ToolPlan, parse_tool_choice, validate_tools
-from lmx.results import Token
+from lmx.generate.tools import ToolCallParser, ToolChoice, ToolPlan, parse_tool_choice, validate_tools
+from lmx.results import Token, ToolCall
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
 
 
@@ -110,7 +110,7 @@ def tool_message_fields(message: Mapping[str, Any], where: str) -> dict[str, Any
 
 def openai_tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     """A call as an OpenAI ``tool_calls`` entry (a streamed ``delta.tool_calls`` one with ``index``)."""
-    entry = call.as_openai()
+    entry = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
     return entry if index is None else {"index": index, **entry}
 
 
@@ -158,6 +158,7 @@ class ToolCallFormat:
         return out
 
     def usage_chunk(self, stream: Any) -> dict[str, Any]:
+        """The closing usage chunk (unchanged by tools)."""
         return self.base.usage_chunk(stream)
 
     def completion(self, tokens: list[Token], stream: Any) -> dict[str, Any]:

@@ -25,10 +25,13 @@ from lmx.models.gemma3_text import CHAT_TEMPLATE as GEMMA3_TEMPLATE
 from lmx.tokenizer import Tokenizer, load_tokenizer
 
 # Qwen 3's chat template as the Hugging Face checkpoints ship it (tests/test_tokenizer.py has it
-# without the paragraph on <tool_call> that the real one ends its tools section with).
+# without the two sentences the real one has in its tools section).
 from test_tokenizer import QWEN_TEMPLATE as _QWEN_BASE
 
 QWEN3_TEMPLATE = _QWEN_BASE.replace(
+    "# Tools\\n\\nYou are provided",
+    "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided",
+).replace(
     '"\\n</tools><|im_end|>\\n"',
     '"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
     '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
@@ -172,6 +175,19 @@ def test_plain_chats_render_unchanged(toks: dict[str, Tokenizer]) -> None:
     for tok in toks.values():
         plan = plan_tools(tok, messages, None, None, None)
         assert plan.messages is messages and plan.template_tools is None and plan.prefix == ""
+
+
+def test_lmx_fallback_qwen_template_renders_tools_as_the_official_one() -> None:
+    """lmx.models.qwen3.CHAT_TEMPLATE serves Qwen 3 GGUF files that carry no template."""
+    from lmx.models.qwen3 import CHAT_TEMPLATE
+    from lmx.tokenizer.chat import compile_chat_template, render_chat_template
+
+    assert "You may call one or more functions" in QWEN3_TEMPLATE and "For each function call" in QWEN3_TEMPLATE
+    official, fallback = compile_chat_template(QWEN3_TEMPLATE), compile_chat_template(CHAT_TEMPLATE)
+    for messages in (FOLLOW_UP[:2], FOLLOW_UP):
+        for tools in (TOOLS, None):
+            want = render_chat_template(official, messages, add_generation_prompt=True, tools=tools)
+            assert render_chat_template(fallback, messages, add_generation_prompt=True, tools=tools) == want
 
 
 # ---------------------------------------------------------------- checking

@@ -270,3 +270,28 @@ def test_malformed_tool_turns_in_messages_are_400(servers: dict[str, BackgroundS
         messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}]
         r = httpx.post(url, json={**GREEDY, "messages": messages, "tools": TOOLS})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_concurrent_rows_each_get_their_own_calls(client: openai.OpenAI, starts: dict[str, Any]) -> None:
+    """Requests with and without tools, different scripts, logprobs, streamed or not, decoded together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    two = [("get_weather", {"city": "Rome"}), ("get_time", {"zone": "CET"})]
+    cases = [
+        (dict(tools=TOOLS), False, (None, [("get_weather", {"city": "Paris"})])),
+        (dict(tools=TOOLS, logit_bias=_bias(starts, "two")), True, ("Let me check.\n", two)),
+        (dict(tools=TOOLS, logit_bias=_bias(starts, "plain"), logprobs=True), False, ("The answer is 42.", [])),
+        (dict(), True, ("".join(QWEN_SCRIPTS["call"]), [])),  # no tools: the same text stays text
+        (dict(tools=TOOLS, logit_bias=_bias(starts, "two"), logprobs=True, top_logprobs=2), False, ("Let me check.\n", two)),
+    ] * 2  # fmt: skip
+
+    def run(case: tuple[dict[str, Any], bool, Any]) -> tuple[Any, list[Any]]:
+        extra, stream, _ = case
+        if stream:
+            return _stream(client, messages=ASK, **extra, **GREEDY)[:2]
+        message = client.chat.completions.create(messages=ASK, **extra, **GREEDY).choices[0].message
+        return message.content, _calls(message.tool_calls)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(run, cases))
+    assert results == [expected for _, _, expected in cases]

@@ -34,8 +34,9 @@ def constraint_for(tools: list[dict[str, Any]], tool_choice: ToolChoice, style: 
     Once constrained decoding lands (``lmx.generate.constraints.Constraint``), this returns
     ``Constraint.json(forced_call_schema(tools, tool_choice.name))`` for ``"required"`` and a
     named function: the reply already starts inside a call (:attr:`ToolPlan.prefix`), so the
-    constrained text is exactly the call's JSON; the routes pass it as ``constraint=``. ``None``
-    for ``"auto"`` and ``"none"``.
+    constrained text is exactly the call's JSON (the parser takes a call whose closing marker
+    never comes, once its JSON is complete); :func:`engine_tool_options` passes it to the engine
+    as ``constraint=``. ``None`` for ``"auto"`` and ``"none"``.
 
     Until then it returns ``None`` always: ``"required"`` and a named function are enforced at
     the prompt level only (the reply starts with the opening of a call, and a named function is

@@ -192,5 +192,5 @@ def test_tool_use_stream_events() -> None:
     assert json.loads(events[1]["delta"]["partial_json"]) == block["input"]
 
 
-def test_the_seam_reports_no_tool_calling_yet() -> None:
+def test_no_tool_calling_for_an_engine_without_chat_templates() -> None:
     assert tool_calling(object()) is None

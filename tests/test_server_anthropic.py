@@ -202,17 +202,6 @@ def test_bad_requests_are_anthropic_shaped_400s(server: BackgroundServer, change
     assert named in message
 
 
-def test_tool_blocks_are_refused_until_tools_are_wired(server: BackgroundServer) -> None:
-    convo = [
-        *USER,
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}]},
-    ]
-    for path, extra in (("/v1/messages", {"max_tokens": 4}), ("/v1/messages/count_tokens", {})):
-        r = httpx.post(server.url + path, json={"model": "tiny", "messages": convo, **extra})
-        assert "tools are not supported yet" in assert_anthropic_error(r, 400, "invalid_request_error")
-
-
 def test_client_errors_and_routes(server: BackgroundServer, client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(

@@ -88,7 +88,14 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         ({"logit_bias": {"100000": 1}}, "logit_bias", "invalid_parameter"),
         ({"n": 9}, "n", "invalid_parameter"),  # above the server's max_n (8)
         ({"n": 0}, "n", "invalid_parameter"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "invalid_parameter"),
+        ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools", "invalid_parameter"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
+            "tool_choice",
+            "invalid_parameter",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
         ({"frobnicate": 1}, "frobnicate", "invalid_parameter"),
         ({"messages": []}, "messages", "invalid_parameter"),

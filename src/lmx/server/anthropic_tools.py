@@ -16,17 +16,12 @@ Conversions (each unit-tested in ``tests/test_anthropic_tools.py``):
   ``tool_use`` block (``content_block_start``, one ``input_json_delta``,
   ``content_block_stop``): :func:`tool_use_events`.
 
-The seam: :func:`tool_calling` returns None while the engine cannot render tools or parse
-calls, and the route answers a request with ``tools`` (or with ``tool_use``/``tool_result``
-blocks) with a 400 "tools are not supported yet". To wire it (once ``engine.chat(...,
-tools=...)`` and ``lmx.generate.tools.parse_tool_calls(text, style)`` exist), return a
-:class:`ToolCalling` whose ``parse`` is ``functools.partial(parse_tool_calls,
-style=<the model's style>)``, and whose ``stream_options`` maps the OpenAI ``tools`` /
-``tool_choice`` to the keyword arguments of ``engine.stream_chat`` (by default
-``{"tools": tools, "tool_choice": choice}``). The route then passes those to
-``engine.stream_chat``, collects the whole reply (tool calls can only be parsed from the
-whole text), parses it, and answers with :func:`reply_content` (streaming: the text block,
-then :func:`tool_use_events` per call). Nothing else in the route needs to change.
+The seam: :func:`tool_calling` gives a request's :class:`ToolCalling`: its ``stream_options``
+plans the tools as the OpenAI chat route does (:func:`lmx.generate.tools.plan_tools`: the
+model's template renders them, Qwen 3 style or lmx's Gemma convention) and returns the keyword
+arguments of ``engine.stream_chat``; its ``parse`` reads the calls out of the whole reply with
+:func:`lmx.generate.tools.parse_tool_calls`. None for an engine that does not render chat
+templates here (a request with tools then gets a 400).
 """
 
 from __future__ import annotations
@@ -37,7 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lmx.generate.tools import ToolPlan, parse_tool_calls, plan_tools
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
+from lmx.server.tool_choice import engine_tool_options, request_tools
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +66,28 @@ class ToolCalling:
 
 
 def tool_calling(engine: Any) -> ToolCalling | None:
-    """How ``engine`` runs tools, or None when it cannot (yet): see the module docstring."""
-    return None
+    """How ``engine`` runs one request's tools, or None when it cannot: see the module docstring.
+
+    A fresh object per request: ``parse`` reads the reply as the plan made by ``stream_options``
+    (its style, and the call opening a forced ``tool_choice`` put in front of the reply).
+    """
+    tokenizer = getattr(engine, "tokenizer", None)
+    if not callable(getattr(tokenizer, "template_source", None)):
+        return None
+    plans: list[ToolPlan] = []
+
+    def stream_options(tools: list[dict[str, Any]], choice: Any) -> dict[str, Any]:
+        checked, tool_choice = request_tools(tools, choice, engine)
+        plan = plan_tools(tokenizer, [], checked, tool_choice, None)
+        plans.append(plan)
+        return engine_tool_options(checked, tool_choice, plan)
+
+    def parse(text: str) -> tuple[str, Sequence[ToolCallLike]]:
+        if not plans or not plans[-1].parse:
+            return text, []
+        return parse_tool_calls(text, plans[-1].style, plans[-1].prefix)
+
+    return ToolCalling(parse=parse, stream_options=stream_options)
 
 
 # ---------------------------------------------------------------- request -> OpenAI

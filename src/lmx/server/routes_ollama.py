@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import lmx
+from lmx.generate.tools import plan_tools
 from lmx.server.common import (
     CLIENT_GONE,
     JobStreamingResponse,
@@ -40,6 +41,7 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
+from lmx.server.tool_choice import OllamaToolPiece, engine_tool_options, request_tools
 
 
 def _now() -> str:
@@ -112,13 +114,18 @@ async def chat(request: Request) -> Response:
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
     kwargs = state.template_kwargs(kwargs)
+    tools, choice = request_tools(req.tools, None, state.engine)
+    plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
+    tool_kw = engine_tool_options(tools, choice, plan)
     job = await start_job(
-        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    response = await _respond(
-        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
-    )
+    piece: Callable[[str], dict[str, Any]] = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
+    if plan is not None:
+        piece = OllamaToolPiece(plan, whole=not req.stream)
+    response = await _respond(request, state, job, req.stream, piece)
     return unload_after(response, state, unload)
 
 

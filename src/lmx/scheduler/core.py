@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
@@ -41,7 +41,7 @@ from lmx.models.cache import KVCache
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
-from lmx.scheduler.request import Request, Sink
+from lmx.scheduler.request import AdapterRouter, Request, Sink
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ class SchedulerConfig:
     prefill_step_size: int = 512
     prefix_cache_bytes: int = 1 << 30
     kv_itemsize: int = 4
-
-
-class AdapterRouter(Protocol):
-    """Per-row LoRA adapters (:class:`lmx.train.adapters.AdapterSet`): which adapter each row
-    of the next forward pass uses."""
-
-    def route(self, names: Sequence[str | None]) -> bool:
-        """Route the rows (None: the base model); return whether any row uses an adapter."""
 
 
 class _Row:

@@ -62,9 +62,14 @@ def _final(stream: Any) -> dict[str, Any]:
 
 
 async def _respond(
-    request: Request, state: ServerState, job: Job, stream: bool, piece: Callable[[str], dict[str, Any]]
+    request: Request,
+    state: ServerState,
+    job: Job,
+    stream: bool,
+    piece: Callable[[str], dict[str, Any]],
+    adapter: str | None = None,
 ) -> Response:
-    head = {"model": state.model_id}
+    head = {"model": adapter or state.model_id}  # the adapter that answered, if one did
     if not stream:
         tokens = await collect(job, request)
         if tokens is None:
@@ -93,9 +98,9 @@ async def chat(request: Request) -> Response:
     """``POST /api/chat``."""
     state = server_state(request)
     req = parse_body(OllamaChatRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     messages = chat_messages(req.messages)
-    options = ollama_options(req, state.default_max_tokens)
+    options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     if not messages:  # Ollama answers an empty chat by loading the model and returning at once
         return JSONResponse(
@@ -116,7 +121,7 @@ async def chat(request: Request) -> Response:
     )
     track(request, job)
     return await _respond(
-        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
+        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}, adapter
     )
 
 
@@ -125,11 +130,11 @@ async def generate(request: Request) -> Response:
     the chat template as a user message (after ``system``, if given)."""
     state = server_state(request)
     req = parse_body(OllamaGenerateRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     for name in ("images", "template", "context", "suffix"):
         if getattr(req, name):
             raise UnsupportedParameterError(f"{name} is not supported", param=name)
-    options = ollama_options(req, state.default_max_tokens)
+    options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     if not req.prompt:
         return JSONResponse(
@@ -151,7 +156,7 @@ async def generate(request: Request) -> Response:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
     job = track(request, await start_job(state, make))
-    return await _respond(request, state, job, req.stream, lambda text: {"response": text})
+    return await _respond(request, state, job, req.stream, lambda text: {"response": text}, adapter)
 
 
 def _size_label(n: int) -> str:
@@ -182,7 +187,11 @@ async def tags(request: Request) -> Response:
         "digest": "",
         "details": details,
     }
-    return JSONResponse({"models": [model]})
+    adapters = [
+        {**model, "name": n, "model": n, "details": {**details, "parent_model": state.model_id}}
+        for n in state.adapters()
+    ]
+    return JSONResponse({"models": [model, *adapters]})
 
 
 def _quantization_level(info: lmx.ModelInfo, quant: dict[str, int]) -> str:

@@ -162,9 +162,7 @@ class AdapterSet:
             WeightsError: the files are corrupt or do not agree with each other.
         """
         directory = Path(path)
-        if name is None:
-            name = directory.resolve().name if directory.exists() else directory.name
-        check_name(name)
+        name = check_name(default_name(path) if name is None else name)
         config = read_adapter_config(directory)
         weights_path = directory / ADAPTER_WEIGHTS
         if not weights_path.is_file():
@@ -298,6 +296,12 @@ def check_name(name: object) -> str:
             f"or digit, got {name!r:.80}"
         )
     return name
+
+
+def default_name(path: str | os.PathLike) -> str:
+    """The name of an adapter loaded without one: its directory's name."""
+    directory = Path(path)
+    return directory.resolve().name if directory.exists() else directory.name
 
 
 def unknown_adapter_message(name: str, loaded: Sequence[str]) -> str:

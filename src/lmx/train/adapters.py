@@ -2,10 +2,11 @@
 
 An :class:`AdapterSet` holds the adapters loaded onto one model, by name. Every layer some
 adapter adapts becomes a :class:`MultiLoRALinear`: it computes the base product once for the
-whole batch, then, for each adapter that rows of this step use, adds
-``scale * (x_rows @ A) @ B`` to those rows only. Rows without an adapter get the base output
-exactly (they are never touched). Which row uses which adapter is set before each forward
-pass with :meth:`AdapterSet.route` (the scheduler does, for its decode steps and prefills).
+whole batch, then adds each row's own ``scale * (x @ A) @ B``, the adapters of the step side
+by side in two products, with a per-row mask that keeps each row to its adapter's columns.
+Rows without an adapter get the base output exactly (their update is an exact zero). Which
+row uses which adapter is set before each forward pass with :meth:`AdapterSet.route` (the
+scheduler does, for its decode steps and prefills).
 
 Loading is all or nothing: an adapter whose rank, shapes or target modules do not fit the
 model is refused with a :class:`lmx.errors.WeightsError` naming the tensor or module, and
@@ -19,9 +20,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_unflatten
 
 from lmx.errors import InvalidOptionError, ModelNotFoundError, WeightsError
@@ -57,18 +60,50 @@ class LoadedAdapter:
 
 
 class _Routing:
-    """Which rows of the current forward pass use which adapter (set by :meth:`AdapterSet.route`).
+    """Which adapter each row of the current forward pass uses (set by :meth:`AdapterSet.route`).
 
-    ``groups`` holds ``(name, rows)`` pairs; ``rows`` is None when every row uses the adapter.
+    Attributes:
+        names: the adapters rows use, in order of first use.
+        uniform: every row uses ``names[0]`` (then a layer adds its update to all rows).
+        rows: each row's adapter (None: the base model).
+        scales: each loaded adapter's ``(rank, scale)``.
     """
 
     def __init__(self) -> None:
-        self.groups: list[tuple[str, mx.array | None]] = []
+        self.names: tuple[str, ...] = ()
+        self.uniform = False
+        self.rows: tuple[str | None, ...] = ()
+        self.scales: dict[str, tuple[int, float]] = {}
+        self._masks: dict[tuple[tuple[str, ...], Any], mx.array] = {}
+
+    def set(self, rows: Sequence[str | None]) -> None:
+        self.rows = tuple(rows)
+        self.names = tuple(dict.fromkeys(n for n in rows if n is not None))
+        self.uniform = len(self.names) == 1 and None not in self.rows
+        self._masks = {}
+
+    def mask(self, held: tuple[str, ...], dtype: Any) -> mx.array:
+        """(B, R) row weights of the concatenated update of adapters ``held``: row ``i``, in the
+        columns of adapter ``n``, holds ``scale(n)`` if row ``i`` uses ``n``, else 0. Made once
+        a step for every layer holding the same adapters."""
+        key = (held, dtype)
+        if key not in self._masks:
+            columns = []
+            for name in held:
+                rank, scale = self.scales[name]
+                columns.append(np.repeat(np.array([[scale if r == name else 0.0] for r in self.rows]), rank, axis=1))
+            self._masks[key] = mx.array(np.concatenate(columns, axis=1).astype(np.float32)).astype(dtype)
+        return self._masks[key]
 
 
 class MultiLoRALinear(nn.Module):
     """A frozen Linear (float, MLX-quantized or GGUF blocks) plus any number of named LoRA
     updates, each applied to the rows the current routing gives it.
+
+    The adapters a step's rows use are applied together: their ``A`` matrices side by side
+    (in, R) and their ``B`` matrices stacked (R, out), so a step costs two products more than
+    the base whatever the number of adapters; a (B, R) mask scales each row's own columns and
+    zeroes the others, so a row without an adapter gets the base output exactly.
 
     Args:
         base: the layer to adapt (kept as the child ``base``).
@@ -80,34 +115,44 @@ class MultiLoRALinear(nn.Module):
         base.freeze()
         self.base = base
         self.lora: dict[str, dict[str, mx.array]] = {}
-        # Plain attributes, not parameters: the scales are floats, the routing is shared.
-        object.__setattr__(self, "scales", {})
+        # Plain attributes, not parameters: the shared routing, and the adapters' matrices
+        # joined (and cast) for each set of adapters a step uses.
         object.__setattr__(self, "routing", routing)
+        object.__setattr__(self, "joined", {})
 
-    def add(self, name: str, a: mx.array, b: mx.array, scale: float) -> None:
+    def add(self, name: str, a: mx.array, b: mx.array) -> None:
         """Install adapter ``name``'s matrices ``a`` (in, rank) and ``b`` (rank, out)."""
         self.lora[name] = {"lora_a": a, "lora_b": b}
-        self.scales[name] = scale  # type: ignore[attr-defined]
+        self.joined.clear()  # type: ignore[attr-defined]
 
     def remove(self, name: str) -> None:
         """Remove adapter ``name`` (nothing if this layer does not hold it)."""
         self.lora.pop(name, None)
-        self.scales.pop(name, None)  # type: ignore[attr-defined]
+        self.joined.clear()  # type: ignore[attr-defined]
+
+    def _joined(self, held: tuple[str, ...], dtype: Any) -> tuple[mx.array, mx.array]:
+        key = (held, dtype)
+        joined = self.joined  # type: ignore[attr-defined]
+        if key not in joined:
+            a = mx.concatenate([self.lora[n]["lora_a"] for n in held], axis=1).astype(dtype)  # (in, R)
+            b = mx.concatenate([self.lora[n]["lora_b"] for n in held], axis=0).astype(dtype)  # (R, out)
+            mx.eval(a, b)
+            joined[key] = (a, b)
+        return joined[key]
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        for name, rows in self.routing.groups:  # type: ignore[attr-defined]
-            weights = self.lora.get(name)
-            if weights is None:  # this adapter does not adapt this layer
-                continue
-            a, b = weights["lora_a"].astype(x.dtype), weights["lora_b"].astype(x.dtype)
-            scale = self.scales[name]  # type: ignore[attr-defined]
-            if rows is None:  # every row: as LoRALinear computes it
-                y = y + (scale * ((x @ a) @ b)).astype(y.dtype)
-            else:  # (n, ..., in) rows of this adapter only; the others keep the base output
-                z = (x[rows] @ a) @ b  # (n, ..., out)
-                y = y.at[rows].add((scale * z).astype(y.dtype))
-        return y
+        routing: _Routing = self.routing  # type: ignore[attr-defined]
+        held = tuple(n for n in routing.names if n in self.lora)
+        if not held:
+            return y
+        a, b = self._joined(held, x.dtype)
+        if routing.uniform:  # every row, one adapter: as LoRALinear computes it
+            _, scale = routing.scales[held[0]]
+            return y + (scale * ((x @ a) @ b)).astype(y.dtype)
+        mask = routing.mask(held, x.dtype)  # (B, R)
+        mask = mask.reshape(mask.shape[0], *([1] * (x.ndim - 2)), mask.shape[1])  # (B, ..., R)
+        return y + (((x @ a) * mask) @ b).astype(y.dtype)
 
 
 class AdapterSet:
@@ -234,15 +279,12 @@ class AdapterSet:
             if not isinstance(layer, MultiLoRALinear):
                 layer = MultiLoRALinear(layer, self._routing)
                 wrapped.append((path, layer))
-            layer.add(
-                adapter.name,
-                adapter.weights[f"{path}.lora_a"],
-                adapter.weights[f"{path}.lora_b"],
-                adapter.config.alpha / adapter.config.rank,
-            )
+            layer.add(adapter.name, adapter.weights[f"{path}.lora_a"], adapter.weights[f"{path}.lora_b"])
         if wrapped:
             self.model.update_modules(tree_unflatten(wrapped))
         self._adapters[adapter.name] = adapter
+        config = adapter.config
+        self._routing.scales[adapter.name] = (config.rank, config.alpha / config.rank)
 
     def remove(self, name: str) -> None:
         """Take adapter ``name`` off the model; a layer left with no adapter becomes its base again.
@@ -260,6 +302,7 @@ class AdapterSet:
         if restored:
             self.model.update_modules(tree_unflatten(restored))
         del self._adapters[name]
+        del self._routing.scales[name]
 
     # ------------------------------------------------------------------ routing
     def route(self, names: Sequence[str | None]) -> bool:
@@ -271,17 +314,11 @@ class AdapterSet:
         Raises:
             InvalidOptionError: a name is not loaded.
         """
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
+        for name in names:
             if name is not None:
                 self.get(name)
-                rows.setdefault(name, []).append(i)
-        groups: list[tuple[str, mx.array | None]] = []
-        for name, members in rows.items():
-            every = len(members) == len(names)
-            groups.append((name, None if every else mx.array(members, dtype=mx.int32)))
-        self._routing.groups = groups
-        return bool(groups)
+        self._routing.set(names)
+        return bool(self._routing.names)
 
 
 def check_name(name: object) -> str:

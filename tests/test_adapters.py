@@ -255,3 +255,33 @@ def test_load_with_an_adapter_makes_it_the_default(tiny_dirs: dict[str, Path], a
     assert scores != base_scores  # classify runs with the default adapter too
     with pytest.raises(ModelNotFoundError, match="nowhere"):
         lmx.load(tiny_dirs["gemma3"], adapter=adapter_dirs["a"].parent / "nowhere")
+
+
+def test_segmented_decode_plan_with_adapters_equals_eager(
+    tiny_dirs: dict[str, Path], adapter_dirs: dict[str, Path]
+) -> None:
+    # A GPU's plan (compiled segments, whose traces hold the base model only), run here on the
+    # CPU: steps with adapter rows run eagerly, base-only steps in segments; all rows as eager.
+    import dataclasses
+
+    from lmx.generate.step import Decoder, DecodeState
+
+    rows = [(p, ad) for p in PROMPTS for ad in (None, "a", "b")]
+    results = []
+    for mode in ("eager", "segmented"):
+        with lmx.load(tiny_dirs["gemma3"], prompt_cache=False) as engine:
+            plan = dataclasses.replace(engine.loaded.profile, decode_mode=mode)
+            engine.scheduler.decoder = Decoder(DecodeState(engine.model, plan))
+            base_first = engine.generate(PROMPTS[0], max_tokens=8).tokens  # traced before any adapter
+            engine.load_adapter(adapter_dirs["a"], name="a")
+            engine.load_adapter(adapter_dirs["b"], name="b")
+            streams = []
+            for p, ad in rows:
+                streams.append(engine.stream(p, max_tokens=12, adapter=ad))
+                next(streams[-1])  # each joins while the others run: padded rows
+            mixed = [Read(s).tokens for s in streams]
+            base_after = engine.generate(PROMPTS[0], max_tokens=8).tokens  # segments again
+            assert engine.scheduler.decoder.state.segments_made == (mode == "segmented")
+            results.append((base_first, mixed, base_after))
+    assert results[0] == results[1]
+    assert results[0][0] == results[0][2]

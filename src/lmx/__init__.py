@@ -16,7 +16,7 @@ from lmx.classify import Classification
 from lmx.engine import Engine, TokenStream, load
 from lmx.errors import LmxError
 from lmx.generate.options import GenerationOptions
-from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, TopLogprob
+from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, ToolCall, TopLogprob
 from lmx.runtime import memory
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "RemoteBackend",
     "Token",
     "TokenStream",
+    "ToolCall",
     "TopLogprob",
     "__version__",
     "errors",

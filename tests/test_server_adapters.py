@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -144,6 +145,23 @@ def test_concurrent_requests_for_each_adapter_are_each_right(
             timeout=60,
         )
         assert r.status_code == 200 and r.json()["message"]["content"] == want["beta"]
+        # OpenAI n > 1: every choice with the adapter
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as client:
+            reply = client.chat.completions.create(model="a", messages=messages, max_tokens=10, temperature=0, n=2)
+            assert [c.message.content for c in reply.choices] == [want["a"]] * 2 and reply.model == "a"
+        # Anthropic Messages picks by model too
+        with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as claude:
+            message = claude.messages.create(model="beta", max_tokens=10, messages=messages)
+            assert message.content[0].text == want["beta"]
+            with pytest.raises(anthropic.NotFoundError):
+                claude.messages.create(model="claude-sonnet-4-5", max_tokens=2, messages=messages)
+        # embeddings come from the base model: an adapter's name is refused, not ignored
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": "a", "input": "hi"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model" and "'a'" in r.json()["error"]["message"]
+        assert (
+            httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "hi"}, timeout=60).status_code
+            == 200
+        )
         # the Python client: the adapter option becomes the request's model
         with lmx.RemoteBackend(server.url) as remote:
             assert remote.chat(messages, max_tokens=10, adapter="a").text == want["a"]

@@ -203,3 +203,14 @@ def test_bad_adapter_settings_are_refused(
         with pytest.raises(WeightsError, match="broken"):
             create_app(ServerSettings(adapters=(str(broken),), warm_up=False), engine)
         assert engine.adapters() == []
+
+
+def test_lmx_generate_adapter_applies_it(
+    tiny_dirs: dict[str, Path], adapter_dirs: dict[str, Path], reference: lmx.Engine
+) -> None:
+    base = [*LMX, "generate", PROMPT, "--model", str(tiny_dirs["gemma3"]), "--max-tokens", "12"]
+    with_adapter = subprocess.run([*base, "--adapter", str(adapter_dirs["a"])], capture_output=True, text=True)
+    without = subprocess.run(base, capture_output=True, text=True)
+    assert with_adapter.returncode == 0 and without.returncode == 0, with_adapter.stderr + without.stderr
+    assert with_adapter.stdout.rstrip("\n") == _expected(reference, "a")
+    assert without.stdout.rstrip("\n") == _expected(reference, None) != _expected(reference, "a")

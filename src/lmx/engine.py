@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.classify import Classification
-from lmx.errors import AdapterInUseError, ContextLengthError, EngineClosedError, InvalidOptionError
+from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
@@ -392,28 +392,15 @@ class Engine:
             AdapterInUseError: requests use it.
         """
 
+        from lmx.train.adapters import AdapterSet
+
         def work() -> bool:
-            names = self.adapters() if name is None else [name]
+            adapters = self._adapters if self._adapters is not None else AdapterSet(self.model)
+            names = adapters.unload(name, self.scheduler.adapters_in_use())
+            for n in names:
+                self.scheduler.prefix_cache.clear(n)  # its cached keys/values: a new adapter may take the name
             if not names:
                 return False
-            adapters = self._adapters
-            if adapters is None:
-                from lmx.train.adapters import unknown_adapter_message
-
-                raise InvalidOptionError(unknown_adapter_message(names[0], []))
-            for n in names:
-                adapters.get(n)  # raises for an unknown name, before anything changes
-            in_use = self.scheduler.adapters_in_use()
-            busy = {n: in_use[n] for n in names if in_use[n]}
-            if busy:
-                listed = ", ".join(f"{n!r} ({k} request{'s' * (k > 1)})" for n, k in busy.items())
-                raise AdapterInUseError(
-                    f"cannot unload adapter {listed}: requests running or waiting use it; "
-                    "cancel them or wait for them to end, then unload"
-                )
-            for n in names:
-                adapters.remove(n)
-                self.scheduler.prefix_cache.clear(n)  # its cached keys/values: a new adapter may take the name
             if self.default_options.adapter in names:
                 self.default_options = dataclasses.replace(self.default_options, adapter=None)
             self.scheduler.decoder.refresh()

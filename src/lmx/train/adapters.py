@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from lmx.errors import InvalidOptionError, ModelNotFoundError, WeightsError
+from lmx.errors import AdapterInUseError, InvalidOptionError, ModelNotFoundError, WeightsError
 from lmx.generate.options import nearest_name
 from lmx.train.lora import (
     ADAPTER_WEIGHTS,
@@ -303,6 +303,30 @@ class AdapterSet:
             self.model.update_modules(tree_unflatten(restored))
         del self._adapters[name]
         del self._routing.scales[name]
+
+    def unload(self, name: str | None, in_use: Mapping[str, int]) -> list[str]:
+        """Remove adapter ``name`` (None: every adapter) unless requests use it; return the
+        names removed.
+
+        Args:
+            name: the adapter, or None for all.
+            in_use: how many running or waiting requests use each adapter.
+
+        Raises:
+            InvalidOptionError: no adapter ``name`` is loaded.
+            AdapterInUseError: requests use it (or, for all, one of them); nothing is removed.
+        """
+        names = self.names() if name is None else [self.get(name).name]
+        busy = {n: in_use[n] for n in names if in_use.get(n)}
+        if busy:
+            listed = ", ".join(f"{n!r} ({k} request{'s' * (k > 1)})" for n, k in busy.items())
+            raise AdapterInUseError(
+                f"cannot unload adapter {listed}: requests running or waiting use it; "
+                "cancel them or wait for them to end, then unload"
+            )
+        for n in names:
+            self.remove(n)
+        return names
 
     # ------------------------------------------------------------------ routing
     def route(self, names: Sequence[str | None]) -> bool:

@@ -187,7 +187,8 @@ def assert_anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
         ({"stop_sequences": "END"}, "stop_sequences"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-        ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools are not supported yet"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
+        ({"tools": [{"name": "f", "input_schema": "object"}]}, "input_schema"),
         ({"tool_choice": {"type": "auto"}}, "tool_choice"),
     ],
 )

@@ -106,6 +106,9 @@ def test_lmx_serve_adapter_loads_and_applies_it(
         assert oerr.value.status_code == 404 and "'a'" in str(oerr.value.error)
         tags = [m.model for m in client_ollama.list().models]
         assert tags == ["tiny", "a", "beta"]
+        shown = client_ollama.show("a:latest")
+        assert shown.details.parent_model == "tiny" and shown.capabilities == ["completion"]
+        assert client_ollama.show("tiny").capabilities == ["completion", "embedding"]
     finally:
         proc.send_signal(signal.SIGINT)
         _, err_text = proc.communicate(timeout=60)

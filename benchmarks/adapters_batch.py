@@ -1,8 +1,11 @@
 """Requests split across two LoRA adapters and the base model: served mixed in one batch, or
 one adapter at a time.
 
-    python benchmarks/adapters_batch.py [--model PATH] [--device cpu|gpu] [--requests 12]
-        [--max-tokens 64] [--rank 8] [--repeat 2] [--json out.json]
+    python benchmarks/adapters_batch.py [--model PATH | --config NAME] [--device cpu|gpu]
+        [--requests 12] [--max-tokens 64] [--rank 8] [--repeat 2] [--json out.json]
+
+``--config`` (``lmx bench``'s shapes, e.g. ``gemma3-270m``) runs random weights of that shape with
+a word-level tokenizer of its vocabulary (for a GPU host, where the bundled GGUF is not at hand).
 
 Two adapters of random weights (rank ``--rank`` on every attention and MLP projection) are
 written for the model and loaded by name. ``--requests`` requests (a different prompt each,
@@ -57,6 +60,31 @@ def write_adapter(engine: lmx.Engine, out: Path, rank: int, seed: int) -> Path:
     return out
 
 
+def random_engine(name: str, max_batch: int) -> lmx.Engine:
+    """An engine on random weights of ``lmx bench``'s config ``name``, with a tokenizer of as many
+    words as its vocabulary (no file needed: the text is irrelevant here)."""
+    import tokenizers
+
+    from lmx.bench import config_for, random_weights
+    from lmx.loading import LoadedModel, resolve_dtype
+    from lmx.loading.loader import load_profile, profile_ops
+    from lmx.models import build_model
+    from lmx.tokenizer import Tokenizer
+
+    config = config_for(name)
+    model = build_model(config, f"config {name}")
+    profile = load_profile("auto")
+    random_weights(model, resolve_dtype("auto"))
+    model.set_ops(profile_ops(profile))
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(int(config["vocab_size"]) - 4)]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.decoder = tokenizers.decoders.WordPiece()
+    tokenizer = Tokenizer(backend, bos_token="<bos>", eos_tokens=["<eos>"], pad_token="<pad>", name=name)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, config=config, source=name, name=name, profile=profile)
+    return lmx.Engine(loaded, prompt_cache=False, max_batch=max_batch)
+
+
 def serve(engine: lmx.Engine, jobs: list[tuple[str, str | None]], max_tokens: int) -> tuple[float, list[list[int]]]:
     """Submit every job at once, wait for all; return the seconds and each job's tokens."""
     start = time.perf_counter()
@@ -68,6 +96,7 @@ def serve(engine: lmx.Engine, jobs: list[tuple[str, str | None]], max_tokens: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the bundled Gemma 3 270M")
+    p.add_argument("--config", default=None, help="random weights of this lmx bench shape instead of --model")
     p.add_argument("--device", default=None, choices=["cpu", "gpu"])
     p.add_argument("--requests", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -75,7 +104,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    engine = lmx.load(args.model, device=args.device, prompt_cache=False, max_batch=max(32, args.requests))
+    if args.config:
+        from lmx.runtime.device import choose_device
+
+        choose_device(args.device)
+        engine = random_engine(args.config, max(32, args.requests))
+    else:
+        engine = lmx.load(args.model, device=args.device, prompt_cache=False, max_batch=max(32, args.requests))
     with tempfile.TemporaryDirectory() as tmp:
         written = {
             name: write_adapter(engine, Path(tmp) / name, args.rank, seed) for name, seed in (("a", 1), ("b", 2))

@@ -61,7 +61,7 @@ def test_serve_applies_its_adapter(tiny_dirs: dict[str, Path], tmp_path: Path) -
     from lmx.server import ServerSettings, create_app
 
     # lmx serve --adapter used to be parsed and dropped: the server ran the base model
-    settings = ServerSettings(model=str(tiny_dirs["qwen3"]), adapter=str(tmp_path / "no-adapter"), warm_up=False)
+    settings = ServerSettings(model=str(tiny_dirs["qwen3"]), adapters=(str(tmp_path / "no-adapter"),), warm_up=False)
     with pytest.raises(LmxError, match="no-adapter"):
         create_app(settings)
 

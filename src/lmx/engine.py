@@ -163,6 +163,7 @@ class Engine:
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
         self._lock = threading.Lock()
+        self._adapters: Any = None  # the AdapterSet, made when the first adapter loads
 
     # ----------------------------------------------------------------- properties
     @property
@@ -285,9 +286,21 @@ class Engine:
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` with the model to itself, between two decode steps of the running
-        requests (which pause meanwhile); return its result."""
+        requests (which pause meanwhile); return its result. The model runs with the default
+        ``adapter`` option's adapter (``lmx.load(adapter=...)``) on every row, if there is one."""
         self.loaded  # noqa: B018 - raises EngineClosedError when closed
-        return self.scheduler.run_exclusive(fn)
+        adapter, adapters = self.default_options.adapter, self._adapters
+        if adapter is None or adapters is None:
+            return self.scheduler.run_exclusive(fn)
+
+        def routed() -> T:
+            adapters.route([adapter])  # one name for one row: every row of any batch
+            try:
+                return fn()
+            finally:
+                adapters.route(())
+
+        return self.scheduler.run_exclusive(routed)
 
     def stats(self) -> SchedulerStats:
         """The scheduler's counts and load: running and waiting requests, steps, KV bytes, prefix cache."""
@@ -329,30 +342,88 @@ class Engine:
             **gguf,
         )
 
-    def load_adapter(self, path: str | os.PathLike) -> Any:
-        """Apply the LoRA adapter in directory ``path``, replacing any loaded one. Requests
-        running meanwhile go on with the new weights; cached prefixes are dropped."""
-        from lmx.train.lora import load_adapter
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Load the LoRA adapter in directory ``path`` under ``name``, beside any others.
 
-        def work() -> Any:
-            self.scheduler.prefix_cache.clear()  # cached keys/values came from other weights
-            result = load_adapter(self.model, path)
+        Requests pick it with the generation option ``adapter=name``; rows with different
+        adapters (or none) run in the same batch, each with its own. Safe while requests run:
+        the files are read on the calling thread, then the adapter is installed between two
+        decode steps. All or nothing: an adapter that does not fit the model changes nothing.
+
+        Args:
+            path: the adapter directory (``adapters.safetensors`` + ``adapter_config.json``,
+                as ``lmx train`` writes it).
+            name: the name requests use; None: the directory's name.
+
+        Returns:
+            The adapter's name.
+
+        Raises:
+            InvalidOptionError: a bad name, or one already loaded.
+            ModelNotFoundError: no adapter at ``path``.
+            WeightsError: the files are corrupt, or the adapter's target modules, rank or
+                shapes do not fit this model (named in the message).
+        """
+        from lmx.train.adapters import AdapterSet
+
+        adapter = AdapterSet.read(path, name)
+
+        def work() -> str:
+            if self._adapters is None:
+                self._adapters = AdapterSet(self.model)
+            self._adapters.install(adapter)
+            self.scheduler.adapters = self._adapters
             self.scheduler.decoder.refresh()
-            return result
+            return adapter.name
 
-        return self.run_exclusive(work)
+        self.loaded  # noqa: B018 - raises EngineClosedError when closed
+        return self.scheduler.run_exclusive(work)
 
-    def unload_adapter(self) -> bool:
-        """Remove the LoRA adapter; return whether one was loaded."""
-        from lmx.train.lora import unload_adapter
+    def unload_adapter(self, name: str | None = None) -> bool:
+        """Unload adapter ``name`` (None: every adapter); return whether one was unloaded.
+
+        An adapter that running or waiting requests use is not unloaded under them: the call
+        refuses with :class:`lmx.errors.AdapterInUseError` (cancel those requests, or let them
+        end, and call again). Unloading the default adapter (``lmx.load(adapter=...)``) makes
+        the base model the default again.
+
+        Raises:
+            InvalidOptionError: no adapter ``name`` is loaded (the loaded ones are listed).
+            AdapterInUseError: requests use it.
+        """
+
+        from lmx.train.adapters import AdapterSet
 
         def work() -> bool:
-            self.scheduler.prefix_cache.clear()
-            result = unload_adapter(self.model)
+            adapters = self._adapters if self._adapters is not None else AdapterSet(self.model)
+            names = adapters.unload(name, self.scheduler.adapters_in_use())
+            for n in names:
+                self.scheduler.prefix_cache.clear(n)  # its cached keys/values: a new adapter may take the name
+            if not names:
+                return False
+            if self.default_options.adapter in names:
+                self.default_options = dataclasses.replace(self.default_options, adapter=None)
             self.scheduler.decoder.refresh()
-            return result
+            return True
 
-        return self.run_exclusive(work)
+        self.loaded  # noqa: B018 - raises EngineClosedError when closed
+        return self.scheduler.run_exclusive(work)
+
+    def adapters(self) -> list[str]:
+        """The names of the loaded adapters, in load order."""
+        return [] if self._adapters is None else self._adapters.names()
+
+    def adapter_path(self, name: str) -> str:
+        """The directory adapter ``name`` was loaded from.
+
+        Raises:
+            InvalidOptionError: no adapter ``name`` is loaded.
+        """
+        from lmx.train.adapters import unknown_adapter_message
+
+        if name not in self.adapters():
+            raise InvalidOptionError(unknown_adapter_message(name, self.adapters()))
+        return self._adapters.get(name).path
 
     def clear_prefix_cache(self) -> int:
         """Drop every cached prompt's keys and values (between two decode steps; running requests
@@ -397,6 +468,10 @@ class Engine:
         """
         opts = GenerationOptions.from_kwargs(base=self.default_options, **options)
         opts.validate(vocab_size=int(self.loaded.config.get("vocab_size", 0)) or None)
+        if opts.adapter is not None and opts.adapter not in self.adapters():
+            from lmx.train.adapters import unknown_adapter_message
+
+            raise InvalidOptionError(unknown_adapter_message(opts.adapter, self.adapters()))
         return opts
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -517,7 +592,9 @@ def load(
         prompt_cache: keep earlier prompts' keys/values (up to ``prefix_cache_bytes``) and
             reuse the longest prefix a new request shares with one of them.
         adapter: a LoRA adapter directory (``adapters.safetensors`` + ``adapter_config.json``)
-            to apply on top of the weights.
+            to apply: it is loaded under its directory's name (see :meth:`Engine.load_adapter`)
+            and becomes the default ``adapter`` option, so every request uses it unless it
+            passes ``adapter=None``.
         cpu_kernels: run a GGUF model's quantized matrices on lmx's CPU kernels (about 4x fewer
             bytes a token than float32, same logits up to summation order). None: on the CPU
             when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
@@ -530,11 +607,15 @@ def load(
     """
     choose_device(device)
     loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels)
+    engine = Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
     if adapter is not None:
-        from lmx.train.lora import load_adapter
-
-        load_adapter(loaded.model, adapter)
-    return Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+        try:
+            name = engine.load_adapter(adapter)
+        except BaseException:
+            engine.close()
+            raise
+        engine.default_options = dataclasses.replace(engine.default_options, adapter=name)
+    return engine
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:

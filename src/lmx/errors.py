@@ -64,7 +64,12 @@ class EngineClosedError(LmxError):
     """The engine was used after :meth:`lmx.Engine.close`."""
 
 
+class AdapterInUseError(LmxError):
+    """A LoRA adapter cannot be unloaded: running or waiting requests use it."""
+
+
 __all__ = [
+    "AdapterInUseError",
     "ChatTemplateError",
     "ConfigError",
     "ContextLengthError",

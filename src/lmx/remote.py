@@ -192,6 +192,10 @@ class RemoteBackend:
                 value = list(value)
             elif name == "logprobs":
                 continue
+            elif name == "adapter":  # an lmx server picks an adapter by the request's model
+                if value is not None:
+                    body["model"] = value
+                continue
             body[name] = value
         if opts.logprobs is not None or self.lmx_extensions:
             if chat:

@@ -7,10 +7,20 @@ import sys
 from typing import Any
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False) -> None:
     p.add_argument("--model", "-m", default=None, help="HF model dir or .gguf file (default: bundled Gemma 3 270M)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    if named_adapters:  # lmx serve: several, each picked by a request's model name
+        p.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="serve a LoRA adapter (from lmx train) beside the model; requests pick it with model=NAME "
+            "(repeatable; a bare PATH is named after its directory)",
+        )
+        return
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply (from lmx train)")
 
 

@@ -67,6 +67,9 @@ class GenerationOptions:
             whose strings hold at most ``MAX_STOP_CHARS`` (262,144) characters together.
         logprobs: None = off; 0..20 = return the chosen token's logprob plus this many most
             likely alternatives per step.
+        adapter: the name of a loaded LoRA adapter to generate with (see
+            :meth:`lmx.Engine.load_adapter`); None: the base model. Rows with different
+            adapters run in the same batch.
     """
 
     max_tokens: int = 256
@@ -83,6 +86,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str | int, ...] = ()
     logprobs: int | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -271,6 +275,14 @@ def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
     return tuple(out)
 
 
+def _check_adapter(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidOptionError(f"{name} must be the name of a loaded adapter or None, got {_describe(value)}")
+    return value
+
+
 def check_token_ids(ids: Any, vocab_size: int, name: str = "prompt token ids") -> list[int]:
     """Check a list of token ids against the vocabulary.
 
@@ -314,6 +326,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
         "seed": partial(_check_optional_int, lo=0, hi=_MAX_SEED),
         "stop": _check_stop,
         "logprobs": partial(_check_optional_int, lo=0, hi=MAX_LOGPROBS),
+        "adapter": _check_adapter,
     }
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"

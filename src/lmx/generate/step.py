@@ -170,12 +170,16 @@ class Decoder:
         """:func:`prefill` as the plan says (chunks of ``step_size``, layer by layer or whole)."""
         return prefill(self.model, tokens, cache, pad, step_size, layerwise=self.layerwise)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
+    def __call__(
+        self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None, *, eager: bool = False
+    ) -> mx.array:
+        """Logits (B, V) for ``tokens`` (B,); ``eager``: build the step op by op even where the
+        plan says segments (rows routed to LoRA adapters: the traces hold the base model only)."""
         masks: dict = {}  # the step's masks, built once per cache layout instead of once per layer
         for c in cache:
             c.masks = masks
         try:
-            if self._segmented is not None:
+            if self._segmented is not None and not eager:
                 return self._segmented(tokens, cache, pad)
             return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
         finally:

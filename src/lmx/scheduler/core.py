@@ -21,10 +21,11 @@ then it waits, and one that could never fit is refused at once with
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +41,7 @@ from lmx.models.cache import KVCache
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
-from lmx.scheduler.request import Request, Sink
+from lmx.scheduler.request import AdapterRouter, Request, Sink
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +150,21 @@ class Scheduler:
         eos: the model's end-of-sequence ids.
         config: see :class:`SchedulerConfig`.
         decoder: runs one-token decode steps (see :class:`lmx.generate.step.Decoder`).
+        adapters: routes each row to its request's ``adapter`` before every forward pass
+            (None: no adapters); rows' cached prefixes are kept apart by adapter.
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, eos: frozenset[int], config: SchedulerConfig, decoder: Decoder
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos: frozenset[int],
+        config: SchedulerConfig,
+        decoder: Decoder,
+        adapters: AdapterRouter | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
+        self.adapters = adapters
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
         windows = [c.window for c in model.make_cache()]
@@ -238,6 +248,16 @@ class Scheduler:
                 seconds=dict(s.seconds),
             )
 
+    def adapters_in_use(self) -> collections.Counter[str]:
+        """How many requests (running, being prefilled or waiting) use each adapter."""
+        with self._lock:
+            requests = [r.request for r in self._batch.rows]
+            requests += [
+                r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows
+            ]
+            requests += list(self._waiting)
+        return collections.Counter(r.options.adapter for r in requests if r.options.adapter is not None)
+
     def close(self, timeout: float | None = 30.0) -> None:
         """End every request (they finish ``cancelled``) and stop the worker, waiting up to
         ``timeout`` seconds for it (None: not at all). Idempotent."""
@@ -319,7 +339,8 @@ class Scheduler:
     # ------------------------------------------------------------------ decode
     def _queue_decode(self, batch: _Batch) -> tuple[mx.array, mx.array]:
         assert batch.tokens is not None
-        logits = self.decoder(batch.tokens, batch.caches, batch.pad())
+        with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
+            logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
         tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
         mx.async_eval(tokens, logprobs)
         s = self._stats
@@ -363,7 +384,9 @@ class Scheduler:
             n = offset - row.start
             seen = (row.request.ids + row.request.generated)[:n]
             if row.done != "cancelled" and len(seen) == n and self.prefix_cache.max_bytes:
-                self.prefix_cache.store(seen, batch_cache.extract(batch.caches, i, row.start))
+                self.prefix_cache.store(
+                    seen, batch_cache.extract(batch.caches, i, row.start), row.request.options.adapter
+                )
             self._finish(row.request, row.done)
         keep = [i for i, r in enumerate(batch.rows) if r.done is None]
         if not keep:
@@ -405,7 +428,8 @@ class Scheduler:
                 return
             step = self.config.prefill_step_size
             chunk, rest = job.tokens[:, :step], job.tokens[:, step:]
-            logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
+            with self._routed(job.rows):
+                logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
             if rest.shape[1]:
                 job.tokens = rest
                 mx.async_eval([c.state for c in job.caches])
@@ -429,11 +453,13 @@ class Scheduler:
         if not self.prefix_cache.max_bytes:
             return
         if len(job.rows) == 1:
-            ids = job.rows[0].request.ids
-            self.prefix_cache.store(ids, batch_cache.copy_prefix(job.caches, len(ids)))
+            request = job.rows[0].request
+            ids = request.ids
+            self.prefix_cache.store(ids, batch_cache.copy_prefix(job.caches, len(ids)), request.options.adapter)
             return
         for i, row in enumerate(job.rows):
-            self.prefix_cache.store(row.request.ids, batch_cache.extract(job.caches, i, row.start))
+            request = row.request
+            self.prefix_cache.store(request.ids, batch_cache.extract(job.caches, i, row.start), request.options.adapter)
 
     def _start_prefill(self) -> _Prefill | None:
         """Take the next waiting requests that may start now (see :meth:`_admit`)."""
@@ -449,7 +475,8 @@ class Scheduler:
                 live = len(self._batch.rows) + sum(len(j.rows) for j in self._joiners) + len(taken)
                 if live >= self.config.max_batch:
                     break
-                cached, n_cached = self.prefix_cache.lookup(request.ids) if not taken else (None, 0)
+                adapter = request.options.adapter  # keys and values depend on the adapter
+                cached, n_cached = self.prefix_cache.lookup(request.ids, adapter) if not taken else (None, 0)
                 if cached is not None and len(self._waiting) > 1 and not self._worth_it(n_cached, len(request.ids)):
                     cached, n_cached = None, 0  # a few shared tokens: prefilled with the others instead
                 fresh_short = cached is None and len(request.ids) <= budget
@@ -487,6 +514,18 @@ class Scheduler:
         for row, p in zip(rows, pads):
             row.start = p
         return _Prefill(rows, self.model.make_cache(), tokens, mx.array(pads, dtype=mx.int32))
+
+    @contextlib.contextmanager
+    def _routed(self, rows: Sequence[_Row]) -> Iterator[bool]:
+        """Route ``rows`` to their adapters for the forward passes inside; back to none after
+        (an exclusive job, classify say, runs the base model)."""
+        if self.adapters is None:
+            yield False
+            return
+        try:
+            yield self.adapters.route([r.request.options.adapter for r in rows])
+        finally:
+            self.adapters.route(())
 
     @staticmethod
     def _worth_it(n_cached: int, n_prompt: int) -> bool:

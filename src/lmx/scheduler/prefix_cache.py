@@ -30,6 +30,7 @@ class _Entry:
     tokens: np.ndarray  # (T,) int64
     caches: list[KVCache]
     nbytes: int
+    namespace: str | None = None  # the LoRA adapter its keys and values were computed with
 
 
 # With many entries, a prompt is compared only with those sharing its first BUCKET_TOKENS tokens
@@ -38,8 +39,8 @@ BUCKET_TOKENS = 8
 SCAN_ALL = 64
 
 
-def _bucket(ids: Sequence[int]) -> tuple[int, ...]:
-    return tuple(ids[:BUCKET_TOKENS])
+def _bucket(ids: Sequence[int], namespace: str | None) -> tuple[str | None, tuple[int, ...]]:
+    return namespace, tuple(ids[:BUCKET_TOKENS])
 
 
 @dataclass
@@ -63,7 +64,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
-        self._buckets: dict[tuple[int, ...], set[int]] = {}
+        self._buckets: dict[tuple[str | None, tuple[int, ...]], set[int]] = {}
         self._next = 0
         # The scheduler's worker changes the entries; stats and admission read them from others.
         self._lock = threading.RLock()
@@ -80,16 +81,17 @@ class PrefixCache:
             s = self._stats
             return PrefixStats(len(self._entries), self.nbytes, s.lookups, s.hits, s.hit_tokens)
 
-    def lookup(self, ids: Sequence[int]) -> tuple[list[KVCache] | None, int]:
+    def lookup(self, ids: Sequence[int], namespace: str | None = None) -> tuple[list[KVCache] | None, int]:
         """Fresh caches holding the longest usable cached prefix of ``ids`` (at most
-        ``len(ids) - 1`` tokens: the last prompt token always runs, for its logits), and its length."""
+        ``len(ids) - 1`` tokens: the last prompt token always runs, for its logits), and its
+        length. Only entries stored under the same ``namespace`` (adapter) are used."""
         with self._lock:
             self._stats.lookups += 1
             if not self._entries or len(ids) < 2:
                 return None, 0
             query = np.asarray(ids, dtype=np.int64)
             best, best_n = None, 0
-            for key in self._candidates(ids):
+            for key in self._candidates(ids, namespace):
                 entry = self._entries[key]
                 n = _common(entry.tokens, query)
                 n = min(n, len(ids) - 1)
@@ -102,8 +104,9 @@ class PrefixCache:
             self._stats.hit_tokens += best_n
             return batch_cache.copy_prefix(self._entries[best].caches, best_n), best_n
 
-    def store(self, ids: Sequence[int], caches: list[KVCache]) -> None:
-        """Keep ``caches`` (single-row, positions = ``ids``; not written to afterwards) as an entry.
+    def store(self, ids: Sequence[int], caches: list[KVCache], namespace: str | None = None) -> None:
+        """Keep ``caches`` (single-row, positions = ``ids``; not written to afterwards) as an
+        entry of ``namespace`` (the adapter they were computed with).
 
         An entry whose tokens are a prefix of ``ids`` and that a copy of the new one can serve
         as well is dropped; so is one equal to it."""
@@ -114,32 +117,32 @@ class PrefixCache:
             if size > self.max_bytes:
                 return
             tokens = np.asarray(ids, dtype=np.int64)
-            for key in list(self._candidates(ids)):
+            for key in list(self._candidates(ids, namespace)):
                 entry = self._entries[key]
                 n = len(entry.tokens)
                 if n <= len(tokens) and _common(entry.tokens, tokens) == n and batch_cache.can_copy_prefix(caches, n):
                     self._drop(key)
-            self._entries[self._next] = _Entry(tokens, caches, size)
-            self._buckets.setdefault(_bucket(ids), set()).add(self._next)
+            self._entries[self._next] = _Entry(tokens, caches, size, namespace)
+            self._buckets.setdefault(_bucket(ids, namespace), set()).add(self._next)
             self._next += 1
             self.evict(self.max_bytes)
 
-    def _candidates(self, ids: Sequence[int]) -> list[int]:
-        """Entries worth comparing with ``ids``, least recently used first: all of them while
-        they are few; else those sharing its first ``BUCKET_TOKENS`` tokens (for a shorter
-        prompt, those it is a prefix of)."""
+    def _candidates(self, ids: Sequence[int], namespace: str | None) -> list[int]:
+        """Entries of ``namespace`` worth comparing with ``ids``, least recently used first: all
+        of them while they are few; else those sharing its first ``BUCKET_TOKENS`` tokens (for a
+        shorter prompt, those it is a prefix of)."""
         if len(self._entries) <= SCAN_ALL:
-            return list(self._entries)
-        head = tuple(ids[:BUCKET_TOKENS])
+            return [k for k, e in self._entries.items() if e.namespace == namespace]
+        space, head = _bucket(ids, namespace)
         if len(head) == BUCKET_TOKENS:
-            keys = self._buckets.get(head, set())
+            keys = self._buckets.get((space, head), set())
         else:
-            keys = {k for b, ks in self._buckets.items() if b[: len(head)] == head for k in ks}
+            keys = {k for (n, b), ks in self._buckets.items() if n == space and b[: len(head)] == head for k in ks}
         return [k for k in self._entries if k in keys]
 
     def _drop(self, key: int) -> None:
         entry = self._entries.pop(key)
-        bucket = _bucket(entry.tokens.tolist())
+        bucket = _bucket(entry.tokens.tolist(), entry.namespace)
         self._buckets[bucket].discard(key)
         if not self._buckets[bucket]:
             del self._buckets[bucket]
@@ -155,10 +158,15 @@ class PrefixCache:
                 self._drop(key)
             return freed
 
-    def clear(self) -> None:
+    def clear(self, namespace: str | None = None) -> None:
+        """Drop every entry, or (given ``namespace``) those of that adapter only."""
         with self._lock:
-            self._entries.clear()
-            self._buckets.clear()
+            if namespace is None:
+                self._entries.clear()
+                self._buckets.clear()
+                return
+            for key in [k for k, e in self._entries.items() if e.namespace == namespace]:
+                self._drop(key)
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:

@@ -28,6 +28,14 @@ class Sink(Protocol):
         """The request ended: normally, cancelled (``error`` None) or with ``error``."""
 
 
+class AdapterRouter(Protocol):
+    """Per-row LoRA adapters (:class:`lmx.train.adapters.AdapterSet`): which adapter each row
+    of the next forward pass uses."""
+
+    def route(self, names: Sequence[str | None]) -> bool:
+        """Route the rows (None: the base model); return whether any row uses an adapter."""
+
+
 class Request:
     """One generation request: prompt ids, options, and what the scheduler records of it."""
 
@@ -73,4 +81,4 @@ class QueueSink:
         return token
 
 
-__all__ = ["QueueSink", "Request", "Sink"]
+__all__ = ["AdapterRouter", "QueueSink", "Request", "Sink"]

@@ -34,7 +34,7 @@ from lmx.server import (
     routes_ollama_models,
     routes_openai,
 )
-from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
+from lmx.server.common import JOBS_KEY, ServerState, error_response, load_served_adapters, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
 from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
@@ -208,20 +208,21 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     settings = settings or ServerSettings()
     owns = engine is None
     if engine is None:
-        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype, adapter=settings.adapter)
+        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
     # The server's limits are the scheduler's: rows decoded together, requests waiting.
     engine.scheduler.config.max_batch = settings.max_concurrency
     engine.scheduler.config.max_queue = settings.max_queue
     info = engine.info()
+    model_id = settings.model_name or info.name
+    try:
+        load_served_adapters(engine, settings.adapters, model_id)
+    except BaseException:
+        if owns:
+            engine.close()
+        raise
     if settings.warm_up:
         _warm_up(engine)
-    state = ServerState(
-        settings=settings,
-        engine=engine,
-        info=info,
-        model_id=settings.model_name or info.name,
-        owns_engine=owns,
-    )
+    state = ServerState(settings=settings, engine=engine, info=info, model_id=model_id, owns_engine=owns)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

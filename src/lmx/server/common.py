@@ -71,6 +71,61 @@ class ServerState:
         if name not in names:
             raise UnknownModelError(f"model {name!r} is not served here; available: {self.model_id!r}", param=param)
 
+    def adapters(self) -> list[str]:
+        """The names of the LoRA adapters served beside the model (``lmx serve --adapter``)."""
+        names = getattr(self.engine, "adapters", None)  # a remote engine serves none
+        return list(names()) if callable(names) else []
+
+    def adapter_for(self, name: str, param: str = "model") -> str | None:
+        """The adapter a request's ``model`` picks: an adapter's name (Ollama's ``name:latest``
+        too) picks it, the served model's name picks none (the base model).
+
+        Raises:
+            UnknownModelError: adapters are served and ``name`` is none of them nor the base
+                model (the served names are listed); with no adapters, as :meth:`check_model`.
+        """
+        adapters = self.adapters()
+        if not adapters:
+            self.check_model(name, param)
+            return None
+        for candidate in (name, name.removesuffix(":latest")):
+            if candidate in adapters:
+                return candidate
+        if name in {self.model_id, f"{self.model_id}:latest", self.info.name}:
+            return None
+        served = ", ".join(repr(n) for n in [self.model_id, *adapters])
+        raise UnknownModelError(
+            f"model {name!r} is not served here; served: {served} (the first is the base model, the others "
+            "its LoRA adapters)",
+            param=param,
+        )
+
+
+def load_served_adapters(engine: Any, specs: tuple[str, ...], model_id: str) -> None:
+    """Load the adapters ``lmx serve --adapter`` names (``NAME=PATH`` or ``PATH``) onto ``engine``;
+    one the engine holds already under that name, from the same directory, stays as it is.
+
+    Raises:
+        InvalidOptionError: a name is the served model's, or names another directory already loaded.
+        the errors of :meth:`lmx.Engine.load_adapter` (missing files, an adapter for another model).
+    """
+    from pathlib import Path
+
+    from lmx.errors import InvalidOptionError
+    from lmx.server.settings import parse_adapter
+
+    for spec in specs:
+        name, path = parse_adapter(spec)
+        if name == model_id:
+            raise InvalidOptionError(f"adapter name {name!r} is the served model's name; give the adapter another")
+        if name in engine.adapters():
+            if Path(engine.adapter_path(name)).resolve() != Path(path).resolve():
+                raise InvalidOptionError(
+                    f"adapter {name!r} is loaded already from {engine.adapter_path(name)}, not {path}"
+                )
+            continue
+        engine.load_adapter(path, name=name)
+
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.lmx

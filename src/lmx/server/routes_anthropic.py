@@ -298,10 +298,10 @@ async def messages(request: Request) -> Response:
     """``POST /v1/messages``."""
     state = server_state(request)
     req = parse_body(MessagesRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     check_thinking(req.thinking)
     conversation = engine_messages(req)
-    options = anthropic_options(req)
+    options = {**anthropic_options(req), "adapter": adapter}
     check_options(options, ANTHROPIC_PARAMS, state.info.vocab_size)
     tools = _tools(state, req, conversation)
     reply = _Reply(state, options.get("stop", []))
@@ -336,7 +336,7 @@ async def count_tokens(request: Request) -> Response:
     of its usage)."""
     state = server_state(request)
     req = parse_body(CountTokensRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    state.adapter_for(req.model)  # an adapter's prompt has the same tokens
     check_thinking(req.thinking)
     conversation = engine_messages(req)
     tools = _tools(state, req, conversation)

@@ -101,12 +101,22 @@ def _b64(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
+def _check_base_model(state: ServerState, name: str) -> None:
+    """Embeddings come from the base model: an adapter's name is refused, not run without it."""
+    adapter = state.adapter_for(name)
+    if adapter is not None:
+        raise UnsupportedParameterError(
+            f"embeddings come from the base model; name {state.model_id!r}, not the adapter {adapter!r}",
+            param="model",
+        )
+
+
 async def embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``: ``input`` is a text, a list of texts, a list of token ids or a
     list of such lists; ``encoding_format`` ``base64`` sends each vector as little-endian float32."""
     state = server_state(request)
     req = parse_body(EmbeddingRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    _check_base_model(state, req.model)
     _check_dimensions(state, req.dimensions)
     inputs = _inputs(req.input, "input", state.settings.max_embed_inputs)
     result = await _embed(state, inputs, truncate=False)
@@ -122,7 +132,7 @@ async def ollama_embed(request: Request) -> Response:
     state = server_state(request)
     start = time.perf_counter()
     req = parse_body(OllamaEmbedRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    _check_base_model(state, req.model)
     state.keep_alive.note(req.keep_alive)
     _check_dimensions(state, req.dimensions)
     inputs = _inputs(req.input, "input", state.settings.max_embed_inputs)
@@ -142,7 +152,7 @@ async def ollama_embeddings(request: Request) -> Response:
     """``POST /api/embeddings``: Ollama's older form, ``{"prompt": text}`` -> ``{"embedding": [...]}``."""
     state = server_state(request)
     req = parse_body(OllamaEmbeddingsRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    _check_base_model(state, req.model)
     state.keep_alive.note(req.keep_alive)
     result = await _embed(state, [req.prompt], truncate=True, param="prompt")
     return JSONResponse({"embedding": result.vectors[0]})

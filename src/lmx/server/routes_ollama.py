@@ -65,9 +65,14 @@ def _final(stream: Any) -> dict[str, Any]:
 
 
 async def _respond(
-    request: Request, state: ServerState, job: Job, stream: bool, piece: Callable[[str], dict[str, Any]]
+    request: Request,
+    state: ServerState,
+    job: Job,
+    stream: bool,
+    piece: Callable[[str], dict[str, Any]],
+    adapter: str | None = None,
 ) -> Response:
-    head = {"model": state.model_id}
+    head = {"model": adapter or state.model_id}  # the adapter that answered, if one did
     if not stream:
         tokens = await collect(job, request)
         if tokens is None:
@@ -96,9 +101,9 @@ async def chat(request: Request) -> Response:
     """``POST /api/chat``."""
     state = server_state(request)
     req = parse_body(OllamaChatRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     messages = chat_messages(req.messages)
-    options = ollama_options(req, state.default_max_tokens)
+    options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     unload = state.keep_alive.note(req.keep_alive) == 0
     if not messages:  # Ollama answers an empty chat by loading the model and returning at once
@@ -125,7 +130,7 @@ async def chat(request: Request) -> Response:
     piece: Callable[[str], dict[str, Any]] = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
     if plan is not None:
         piece = OllamaToolPiece(plan, whole=not req.stream)
-    response = await _respond(request, state, job, req.stream, piece)
+    response = await _respond(request, state, job, req.stream, piece, adapter)
     return unload_after(response, state, unload)
 
 
@@ -134,11 +139,11 @@ async def generate(request: Request) -> Response:
     the chat template as a user message (after ``system``, if given)."""
     state = server_state(request)
     req = parse_body(OllamaGenerateRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     for name in ("images", "template", "context", "suffix"):
         if getattr(req, name):
             raise UnsupportedParameterError(f"{name} is not supported", param=name)
-    options = ollama_options(req, state.default_max_tokens)
+    options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     unload = state.keep_alive.note(req.keep_alive) == 0
     if not req.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) the model
@@ -161,7 +166,8 @@ async def generate(request: Request) -> Response:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
     job = track(request, await start_job(state, make))
-    return unload_after(await _respond(request, state, job, req.stream, lambda text: {"response": text}), state, unload)
+    response = await _respond(request, state, job, req.stream, lambda text: {"response": text}, adapter)
+    return unload_after(response, state, unload)
 
 
 def unload_after(response: Response, state: ServerState, unload: bool) -> Response:
@@ -205,7 +211,11 @@ async def tags(request: Request) -> Response:
         "digest": "",
         "details": details,
     }
-    return JSONResponse({"models": [model]})
+    adapters = [
+        {**model, "name": n, "model": n, "details": {**details, "parent_model": state.model_id}}
+        for n in state.adapters()
+    ]
+    return JSONResponse({"models": [model, *adapters]})
 
 
 def _quantization_level(info: lmx.ModelInfo, quant: dict[str, int]) -> str:

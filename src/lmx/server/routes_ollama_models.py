@@ -61,7 +61,9 @@ async def show(request: Request) -> Response:
     name = req.model or req.name
     if not name:
         raise ApiRequestError("missing required parameter 'model'", param="model")
-    state.check_model(name, lookup=True)
+    adapter = name.removesuffix(":latest") if name.removesuffix(":latest") in state.adapters() else None
+    if adapter is None:
+        state.check_model(name, lookup=True)
     info = state.info
     template = chat_template_source(state)
     modified = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc)
@@ -70,11 +72,13 @@ async def show(request: Request) -> Response:
             "modelfile": "",
             "parameters": "",
             "template": template,
-            "details": model_details(info),
+            # an adapter (lmx serve --adapter) is the model plus its LoRA: it does not embed
+            "details": model_details(info) | ({"parent_model": state.model_id} if adapter else {}),
             "model_info": model_info(state),
-            "capabilities": ["completion", "embedding"],
+            "capabilities": ["completion"] if adapter else ["completion", "embedding"],
             "modified_at": _iso(modified),
-            "lmx": {"chat_template": info.chat_template, "has_template": bool(template), "source": info.source},
+            "lmx": {"chat_template": info.chat_template, "has_template": bool(template), "source": info.source}
+            | ({"adapter": adapter} if adapter else {}),
         }
     )
 

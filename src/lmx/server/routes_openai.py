@@ -65,8 +65,11 @@ def _lp(value: float) -> float:
 class _Format:
     """Turns engine tokens into OpenAI chat or text-completion objects for one request."""
 
-    def __init__(self, state: ServerState, kind: Kind, logprobs: int | None, token_ids: bool) -> None:
+    def __init__(
+        self, state: ServerState, kind: Kind, logprobs: int | None, token_ids: bool, adapter: str | None = None
+    ) -> None:
         self.state, self.kind, self.logprobs, self.token_ids = state, kind, logprobs, token_ids
+        self.model = adapter or state.model_id  # replies name the adapter that answered
         self.id = request_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
         self.offset = 0  # text offset of the next token (text completions' logprobs)
@@ -113,7 +116,7 @@ class _Format:
         return self._text_logprobs(tokens)
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_id, "choices": choices}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def chunk(self, token: Token) -> dict[str, Any] | None:
         """The streamed chunk of one token (None when it carries nothing)."""
@@ -198,9 +201,9 @@ async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``."""
     state = server_state(request)
     req = parse_body(ChatCompletionRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     messages = chat_messages(req.messages)
-    options = openai_options(req, state.default_max_tokens)
+    options = {**openai_options(req, state.default_max_tokens), "adapter": adapter}
     params = {**OPENAI_PARAMS, "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         params["max_tokens"] = "max_completion_tokens"
@@ -223,7 +226,7 @@ async def chat_completions(request: Request) -> Response:
         lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    fmt: Any = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
+    fmt: Any = _Format(state, "chat", options.get("logprobs"), req.return_token_ids, adapter)
     if plan is not None and plan.parse:
         fmt = ToolCallFormat(fmt, plan)
     return await _respond(request, job, fmt, req.stream, include_usage)
@@ -244,7 +247,8 @@ async def _respond_choices(
     logprobs = (
         (req.top_logprobs or 0) if kind == "chat" and req.logprobs else (req.logprobs if kind == "text" else None)
     )
-    formats: list[Any] = [_Format(state, kind, logprobs, req.return_token_ids) for _ in makers]
+    adapter = state.adapter_for(req.model)  # checked already: for the replies' model field
+    formats: list[Any] = [_Format(state, kind, logprobs, req.return_token_ids, adapter) for _ in makers]
     if plan is not None and plan.parse:  # tool calls read out of each choice's reply
         formats = [ToolCallFormat(fmt, plan) for fmt in formats]
     return await choices.respond(
@@ -256,9 +260,9 @@ async def completions(request: Request) -> Response:
     """``POST /v1/completions``: one prompt, or a list (one choice per prompt, in order)."""
     state = server_state(request)
     req = parse_body(CompletionRequest, await read_body(request, state.settings.max_body_bytes))
-    state.check_model(req.model)
+    adapter = state.adapter_for(req.model)
     prompts = completion_prompts(req, state.settings.max_concurrency)
-    options = openai_options(req, state.default_max_tokens)
+    options = {**openai_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = choices.check_n(req.n, state.settings.max_n)
@@ -270,7 +274,7 @@ async def completions(request: Request) -> Response:
         return await _complete_batch(request, state, prompts, options, req.return_token_ids)
     prompt = prompts[0]
     job = track(request, await start_job(state, lambda sink: state.engine.stream(prompt, sink=sink, **options)))
-    fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids)
+    fmt = _Format(state, "text", options.get("logprobs"), req.return_token_ids, adapter)
     return await _respond(request, job, fmt, req.stream, include_usage)
 
 
@@ -293,7 +297,7 @@ async def _complete_batch(
     finally:
         for job in jobs:
             job.cancel()  # a no-op for finished ones; stops the rest after an error or a disconnect
-    first = _Format(state, "text", options.get("logprobs"), token_ids)
+    first = _Format(state, "text", options.get("logprobs"), token_ids, options.get("adapter"))
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for index, (tokens, job) in enumerate(replies):
         fmt = _Format(state, "text", options.get("logprobs"), token_ids)  # text offsets count per prompt
@@ -315,15 +319,32 @@ def model_card(state: ServerState) -> dict[str, Any]:
     }
 
 
+def adapter_card(state: ServerState, name: str) -> dict[str, Any]:
+    """The ``/v1/models`` entry of a LoRA adapter served on the model (``parent``: the model's id)."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "lmx",
+        "root": state.model_id,
+        "parent": state.model_id,
+    }
+
+
 async def list_models(request: Request) -> Response:
-    """``GET /v1/models``."""
-    return JSONResponse({"object": "list", "data": [model_card(server_state(request))]})
+    """``GET /v1/models``: the model, then the LoRA adapters served on it."""
+    state = server_state(request)
+    cards = [model_card(state)] + [adapter_card(state, name) for name in state.adapters()]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def get_model(request: Request) -> Response:
     """``GET /v1/models/{model}``."""
     state = server_state(request)
-    state.check_model(request.path_params["model"], lookup=True)
+    name = request.path_params["model"]
+    if name in state.adapters():
+        return JSONResponse(adapter_card(state, name))
+    state.check_model(name, lookup=True)
     return JSONResponse(model_card(state))
 
 

@@ -22,7 +22,9 @@ class ServerSettings:
             directory, a ``.gguf`` file, or None for the bundled default.
         device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
         dtype: weight dtype for loading (see :func:`lmx.load`).
-        adapter: a LoRA adapter directory (from ``lmx train``) to apply at load; None: none.
+        adapters: LoRA adapters (directories from ``lmx train``) to serve beside the model,
+            each ``"NAME=PATH"`` or a bare ``"PATH"`` (named after its directory); a request
+            whose ``model`` is an adapter's name runs with it (see :func:`parse_adapter`).
         model_name: the id clients name the model by; default: the loaded model's name.
         host: address to bind; loopback unless told otherwise.
         port: TCP port.
@@ -77,7 +79,7 @@ class ServerSettings:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
-    adapter: str | None = None
+    adapters: tuple[str, ...] = ()
     model_name: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -104,6 +106,12 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        specs = (self.adapters,) if isinstance(self.adapters, str) else tuple(self.adapters)
+        object.__setattr__(self, "adapters", specs)
+        names = [parse_adapter(spec)[0] for spec in specs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidOptionError(f"adapter names must differ, got {', '.join(map(repr, twice))} more than once")
         self.template_limits  # noqa: B018 (builds TemplateLimits, which checks both values)
         if not self.host:
             raise InvalidOptionError("host must be an address or a host name, got ''")
@@ -144,6 +152,23 @@ class ServerSettings:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def parse_adapter(spec: str) -> tuple[str, str]:
+    """``(name, path)`` of an adapter given as ``"NAME=PATH"`` or ``"PATH"`` (named after its
+    directory).
+
+    Raises:
+        InvalidOptionError: an empty spec or a bad name.
+    """
+    from lmx.train.adapters import NAME_PATTERN, check_name, default_name
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidOptionError(f"an adapter must be 'NAME=PATH' or a directory, got {spec!r:.80}")
+    name, sep, path = spec.partition("=")
+    if sep and NAME_PATTERN.fullmatch(name) and path:
+        return name, path
+    return check_name(default_name(spec)), spec
 
 
 def _check_int(name: str, value: object, lo: int | None, hi: int | None) -> None:

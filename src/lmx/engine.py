@@ -256,6 +256,8 @@ class Engine:
             from lmx.models.gguf_layers import gguf_block_values
 
             n_params += gguf_block_values(loaded.model)
+        if loaded.gguf_affine:  # GGUF matrices in MLX affine form, of several bit widths
+            n_params += _affine_values(loaded)
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
         gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
@@ -440,6 +442,7 @@ def load(
     prompt_cache: bool = True,
     adapter: str | os.PathLike | None = None,
     cpu_kernels: bool | None = None,
+    gguf_on_device: str | None = None,
     max_batch: int = 32,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> Engine:
@@ -458,6 +461,9 @@ def load(
         cpu_kernels: run a GGUF model's quantized matrices on lmx's CPU kernels (about 4x fewer
             bytes a token than float32, same logits up to summation order). None: on the CPU
             when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
+        gguf_on_device: where the CPU kernels do not run a GGUF model, ``"quantized"`` (MLX affine
+            quantized layers holding the file's values) or ``"float"`` (dequantized). None:
+            ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
 
@@ -466,12 +472,22 @@ def load(
         TokenizerError, InvalidOptionError.
     """
     choose_device(device)
-    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels)
+    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
     if adapter is not None:
         from lmx.train.lora import load_adapter
 
         load_adapter(loaded.model, adapter)
     return Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+
+
+def _affine_values(loaded: LoadedModel) -> int:
+    """Values held by the GGUF model's MLX affine layers minus the array sizes counted for them."""
+    modules = dict(loaded.model.named_modules())
+    total = 0
+    for path in loaded.gguf_affine:
+        layer = modules[path]
+        total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
+    return total
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
@@ -486,8 +502,14 @@ def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
         if isinstance(module, (GGUFLinear, GGUFEmbedding)):
             name = gguf_quants.type_name(module.ggml_type)
             kernels[name] = kernels.get(name, 0) + 1
+    affine: dict[str, dict[str, Any]] = {}
+    for ggml_type in loaded.gguf_affine.values():
+        name = gguf_quants.type_name(ggml_type)
+        entry = affine.setdefault(name, {"runs_as": gguf_quants.affine_name(ggml_type), "matrices": 0})
+        entry["matrices"] += 1
     return {
         "gguf_file_type": file_type_name(header),
         "gguf_types": tensor_type_counts(header),
         "kernel_types": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))) or None,
+        "affine_types": dict(sorted(affine.items(), key=lambda kv: (-kv[1]["matrices"], kv[0]))) or None,
     }

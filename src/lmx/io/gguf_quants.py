@@ -279,6 +279,138 @@ def dequantize(
     return flat
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# MLX's affine layout (``mx.quantize``): the blocks re-expressed, not re-quantized.
+#
+# MLX holds a matrix as unsigned ``bits``-bit integers ``u`` packed in uint32 words, with one
+# ``scale`` and one ``bias`` per group of ``group_size`` values of a row: ``w = scale * u + bias``.
+# Every type below is ``w = d * q + m`` per 32 values with ``q`` a small integer, so it maps exactly:
+# Q8_0 ``d * q`` -> ``u = q + 128``, bias ``-128 d``; Q4_0/Q5_0 ``d * (q - 8|16)`` -> ``u = q``, bias
+# ``-8|16 d``; Q4_1/Q5_1 ``d * q + m``; Q4_K/Q5_K sub-blocks of 32: scale ``d * sc``, bias
+# ``-dmin * m``. In float32 the scales and biases are exact (an fp16 times an integer of at most 8 bits)
+# and ``scale * u + bias`` rounds as the reference dequantization does. Q6_K is not here: its
+# sub-blocks of 16 each carry an int8 scale, MLX's smallest group is 32, and one common scale for two
+# sub-blocks would need 13-bit integers (``sc * (q - 32)`` spans -4064..4096).
+
+AFFINE_GROUP_SIZE = 32
+AFFINE_BITS: dict[int, int] = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q4_K: 4, T.Q5_K: 5}
+
+
+def _af_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return blocks[:, 2:34] ^ np.uint8(0x80), d, d * np.float32(-128)  # q + 128 (two's complement)
+
+
+def _af_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return _split_nibbles16(blocks[:, 2:18]), d, d * np.float32(-8)
+
+
+def _af_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _split_nibbles16(blocks[:, 4:20]), _half(blocks, 0), _half(blocks, 2)
+
+
+def _af_q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return _q5_values(blocks, 2), d, d * np.float32(-16)
+
+
+def _af_q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _q5_values(blocks, 4), _half(blocks, 0), _half(blocks, 2)
+
+
+def _af_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    return _nibbles(blocks[:, 16:144], 4).reshape(nb, 256), _half(blocks, 0) * sc, -(_half(blocks, 2) * mn)
+
+
+def _af_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    q = _nibbles(blocks[:, 48:176], 4) | (_bit_planes(blocks[:, 16:48]) << 4)
+    return q.reshape(nb, 256), _half(blocks, 0) * sc, -(_half(blocks, 2) * mn)
+
+
+_AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+    T.Q8_0: _af_q8_0,
+    T.Q4_0: _af_q4_0,
+    T.Q4_1: _af_q4_1,
+    T.Q5_0: _af_q5_0,
+    T.Q5_1: _af_q5_1,
+    T.Q4_K: _af_q4_k,
+    T.Q5_K: _af_q5_k,
+}
+
+
+def affine_name(ggml_type: int) -> str:
+    """What a type runs as in MLX's affine form: ``"mlx affine q4 g32"`` for Q4_K.
+
+    Raises:
+        WeightsError: the type has no exact affine form.
+    """
+    if ggml_type not in AFFINE_BITS:
+        raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form")
+    return f"mlx affine q{AFFINE_BITS[ggml_type]} g{AFFINE_GROUP_SIZE}"
+
+
+def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit integers ``(rows, cols)`` (uint8, ``cols`` a multiple of 32) -> MLX's packed
+    uint32 ``(rows, cols * bits / 32)``: a little-endian bit stream, value ``j`` at bits ``j*bits``."""
+    rows, cols = u.shape
+    if bits == 8:
+        return np.ascontiguousarray(u, dtype=np.uint8).view(np.uint32)
+    if bits == 4:
+        pairs = u.reshape(rows, cols // 2, 2)
+        return np.ascontiguousarray(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(np.uint32)
+    eights = u.reshape(-1, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))
+    words = np.bitwise_or.reduce(eights, axis=1)  # 8 values in the low 8*bits bits of a uint64
+    stream = words.view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: keep the low bytes
+    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view(np.uint32)
+
+
+def to_affine(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One matrix's blocks in MLX's affine layout, exactly (see :data:`AFFINE_BITS` for the types).
+
+    Args:
+        raw: the tensor's bytes, 1-D uint8.
+        ggml_type: a type of :data:`AFFINE_BITS`.
+        shape: ``(rows, cols)``.
+
+    Returns:
+        ``(weight, scales, biases)``: uint32 ``(rows, cols * bits / 32)`` and float32
+        ``(rows, cols / 32)`` twice, for ``mx.dequantize(..., group_size=32, bits=AFFINE_BITS[type])``.
+
+    Raises:
+        WeightsError: the type has no exact affine form, or the byte count does not match.
+    """
+    bits = AFFINE_BITS.get(ggml_type)
+    if bits is None:
+        allowed = ", ".join(type_name(t) for t in AFFINE_BITS)
+        raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form; types that do: {allowed}")
+    rows, cols = shape
+    block, size = block_geometry(ggml_type)
+    if cols % block or raw.size != rows * cols // block * size:
+        raise WeightsError(
+            f"{type_name(ggml_type)} matrix {rows}x{cols} needs {rows * cols // block * size} bytes "
+            f"in blocks of {block}, got {raw.size}"
+        )
+    blocks = raw.reshape(rows, cols // block, size)
+    weight = np.empty((rows, cols * bits // 32), dtype=np.uint32)
+    scales = np.empty((rows, cols // AFFINE_GROUP_SIZE), dtype=np.float32)
+    biases = np.empty_like(scales)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        chunk = blocks[start : start + step]
+        n = chunk.shape[0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            u, s, b = _AFFINE[ggml_type](chunk.reshape(-1, size))
+        weight[start : start + n] = pack_bits(u.reshape(n, cols), bits)
+        scales[start : start + n] = s.reshape(n, -1)
+        biases[start : start + n] = b.reshape(n, -1)
+    return weight, scales, biases
+
+
 def dequantize_to_mlx(
     raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], *, executor: Executor | None = None
 ) -> mx.array:

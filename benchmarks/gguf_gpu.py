@@ -2,7 +2,7 @@
 
     python benchmarks/gguf_gpu.py [--model FILE.gguf] [--device gpu|cpu] [--dtype auto]
         [--modes quantized,float] [--prompt-tokens 512] [--gen-tokens 128] [--rounds 3]
-        [--json out.json]
+        [--random 270m|1b] [--json out.json]
 
 Each mode loads in a fresh subprocess (``gguf_on_device=<mode>``, lmx's CPU kernels off, so on the
 CPU too the model runs on MLX's own ops) and reports its weights bytes, load seconds, the median
@@ -10,7 +10,9 @@ prefill and decode tokens/s over ``--rounds`` greedy generations (a prompt of ``
 tokens, ``--gen-tokens`` new ones, EOS masked so every round decodes them all), and 16 greedy
 tokens of a short prompt plus that prompt's last logits. The parent prints one JSON object: the
 modes, their ratios, whether the greedy tokens agree and the largest logit difference to the float
-mode. Default model: the bundled Gemma 3 270M Q4_K_M file.
+mode. Default model: the bundled Gemma 3 270M Q4_K_M file; ``--random 1b`` first writes a Gemma 3
+1B-shaped Q4_K_M file of random weights (``gguf_random.py``: needs only the ``gguf`` package, so it
+runs on a machine the real file cannot reach) and measures that, with token-id prompts.
 """
 
 from __future__ import annotations
@@ -61,16 +63,23 @@ def worker(args: argparse.Namespace) -> dict:
     info = engine.info()
     tok = engine.loaded.tokenizer
     no_eos = {int(t): -100.0 for t in tok.eos_token_ids}
-    text = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens))
-    ids = tok.encode(text)[: args.prompt_tokens]
+    if args.synthetic:  # a random file's vocabulary is noise: prompts are token ids
+        ids = [300 + (i * 7919) % 200_000 for i in range(args.prompt_tokens + args.rounds)]
+        check_prompt: str | list[int] = ids[:12]
+    else:
+        text = " ".join(WORDS[i % len(WORDS)] for i in range(args.prompt_tokens + args.rounds))
+        ids = tok.encode(text)[: args.prompt_tokens + args.rounds]
+        check_prompt = CHECK_PROMPT
     engine.generate(ids[:16], max_tokens=4, temperature=0.0)  # warm up: compile, allocate
     prefill, decode = [], []
     for r in range(args.rounds):
-        c = engine.generate(ids[r:], max_tokens=args.gen_tokens, temperature=0.0, logit_bias=no_eos)
+        c = engine.generate(
+            ids[r : r + args.prompt_tokens], max_tokens=args.gen_tokens, temperature=0.0, logit_bias=no_eos
+        )
         prefill.append(c.metrics.prefill_tokens_per_s)
         decode.append(c.metrics.decode_tokens_per_s)
-    check = engine.generate(CHECK_PROMPT, max_tokens=16, temperature=0.0)
-    prompt = mx.array([tok.encode(CHECK_PROMPT)])
+    check = engine.generate(check_prompt, max_tokens=16, temperature=0.0)
+    prompt = mx.array([check_prompt if isinstance(check_prompt, list) else tok.encode(check_prompt)])
     logits = engine.loaded.model(prompt)[0, -1].astype(mx.float32)
     np.save(args.logits_out, np.array(logits))
     out = {
@@ -97,7 +106,7 @@ def run_mode(mode: str, args: argparse.Namespace, logits_path: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--logits-out", logits_path]
     cmd += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-    cmd += ["--rounds", str(args.rounds)]
+    cmd += ["--rounds", str(args.rounds)] + (["--synthetic"] if args.random else [])
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if out.returncode != 0:
@@ -115,7 +124,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per mode")
+    p.add_argument("--random", default=None, choices=["270m", "1b"], help="measure a random Gemma 3 file of this size")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="quantized", help=argparse.SUPPRESS)
     p.add_argument("--logits-out", default=None, help=argparse.SUPPRESS)
@@ -123,16 +134,21 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    if args.model is None:
-        sys.path.insert(0, str(HERE.parent / "src"))
-        from lmx.loading.default_model import default_gguf_path
-
-        args.model = str(default_gguf_path())
     import numpy as np
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results, logits = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random:
+            sys.path.insert(0, str(HERE))
+            from gguf_random import write
+
+            args.model = str(write(Path(tmp) / f"random-gemma3-{args.random}.gguf", args.random))
+        elif args.model is None:
+            sys.path.insert(0, str(HERE.parent / "src"))
+            from lmx.loading.default_model import default_gguf_path
+
+            args.model = str(default_gguf_path())
         for mode in modes:
             path = str(Path(tmp) / f"{mode}.npy")
             results.append(run_mode(mode, args, path))
@@ -154,7 +170,7 @@ def main() -> int:
         "benchmark": "gguf_gpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "model": args.model,
+        "model": f"random Gemma 3 {args.random} (gguf_random.py)" if args.random else args.model,
         "device": args.device,
         "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,

@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from mlx.utils import tree_flatten
 
 from lmx.errors import InvalidOptionError, WeightsError
 from lmx.io import gguf_quants
@@ -192,3 +193,56 @@ def test_real_model_quantized_weights_take_at_most_40_percent(gemma_engines):
     }
     assert "81 Q5_0 as mlx affine q5 g32" in qi.runs_as and fi.affine_types is None
     assert "dequantized from GGUF Q4_K_M" in fi.runs_as
+
+
+def test_lora_trains_on_a_quantized_gguf(tiny_gguf):
+    """LoRA (QLoRA) over the affine layers: the gradient reaches the adapters, the base stays frozen,
+    and fusing re-quantizes the layer at its own bits."""
+    from lmx.loading import load_model
+    from lmx.train.lora import LoRALinear, apply_lora, fuse_lora
+
+    loaded = load_model(tiny_gguf["qwen3"], dtype="float32", cpu_kernels=False, gguf_on_device="quantized")
+    model = loaded.model
+    apply_lora(model, rank=4, alpha=8.0, seed=0)
+    adapted = [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert any(isinstance(m.base, nn.QuantizedLinear) and m.base.bits == 5 for _, m in adapted)
+    prompt = mx.array([[1, 40, 41, 42, 43, 44, 45, 46]])
+
+    def loss(m: nn.Module) -> mx.array:
+        logits = m(prompt[:, :-1])
+        return nn.losses.cross_entropy(logits, prompt[:, 1:]).mean()
+
+    value, grads = nn.value_and_grad(model, loss)(model)
+    assert np.isfinite(value.item())
+    flat = dict(tree_flatten(grads))
+    assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
+    assert any(float(mx.abs(g).max()) > 0 for g in flat.values())
+    assert fuse_lora(model) == len(adapted)
+    bits = {m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    assert bits == {4, 5, 8}  # q4 (Q4_0/Q4_1/Q4_K), q5 (Q5_0/Q5_1/Q5_K), q8 (Q8_0) kept
+
+
+def test_ollama_tags_and_lmx_info_name_the_gguf_mix(gemma_engines, gemma_gguf):
+    """Ollama's ``/api/tags`` over real HTTP says Q4_K_M, not FLOAT32; ``lmx info`` prints what runs."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from lmx.server import BackgroundServer, ServerSettings
+
+    with BackgroundServer(ServerSettings(port=0, warm_up=False), gemma_engines["quantized"]) as server:
+        tags = httpx.get(server.url + "/api/tags").json()["models"][0]["details"]
+    assert tags["quantization_level"] == "Q4_K_M" and tags["format"] == "gguf"
+    env = {**os.environ, "LMX_GGUF_ON_DEVICE": "quantized", "LMX_CPU_KERNELS": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lmx.cli.main", "info", "--model", str(gemma_gguf), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "GGUF matrices quantized" in out.stdout
+    assert "runs:     GGUF Q4_K_M matrices as MLX quantized layers (81 Q5_0 as mlx affine q5 g32" in out.stdout

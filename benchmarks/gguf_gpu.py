@@ -52,10 +52,9 @@ WORDS = [
 
 
 def worker(args: argparse.Namespace) -> dict:
+    import lmx  # isort: skip  (first: on Linux it routes MLX's BLAS calls to OpenBLAS before mlx.core loads)
     import mlx.core as mx
     import numpy as np
-
-    import lmx
 
     start = time.perf_counter()
     engine = lmx.load(args.model, device=args.device, dtype=args.dtype, cpu_kernels=False, gguf_on_device=args.mode)

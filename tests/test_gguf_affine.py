@@ -105,7 +105,7 @@ def test_types_without_an_exact_affine_form_are_refused():
         gguf_quants.to_affine(raw, T.Q6_K, (4, 256))
     with pytest.raises(WeightsError, match="needs 1088 bytes"):
         gguf_quants.to_affine(np.zeros(100, np.uint8), T.Q8_0, (4, 256))
-    assert gguf_quants.affine_name(T.Q4_K) == "mlx affine q4 g32"
+    assert gguf_quants.affine_name(5) == "mlx affine q5 g32"
 
 
 def test_the_real_files_matrices_map_exactly(gemma_gguf):
@@ -246,3 +246,36 @@ def test_ollama_tags_and_lmx_info_name_the_gguf_mix(gemma_engines, gemma_gguf):
     assert out.returncode == 0, out.stderr
     assert "GGUF matrices quantized" in out.stdout
     assert "runs:     GGUF Q4_K_M matrices as MLX quantized layers (81 Q5_0 as mlx affine q5 g32" in out.stdout
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q5_K], ids=lambda t: t.name)
+def test_a_wider_packing_holds_the_same_values(qtype):
+    """Where a device lacks a width's products, the loader packs the same integers in 8 bits."""
+    raw = _blocks(qtype, 16, 256, seed=3)
+    exact = gguf_quants.dequantize(raw, qtype, 16 * 256).reshape(16, 256)
+    weight, scales, biases = gguf_quants.to_affine(raw, qtype, (16, 256), bits=8)
+    assert weight.shape == (16, 64)
+    got = mx.dequantize(mx.array(weight), mx.array(scales), mx.array(biases), group_size=32, bits=8)
+    assert np.array_equal(np.array(got), exact)
+    with pytest.raises(WeightsError, match=r"needs \d to 8 bits in MLX's affine form, got 3"):
+        gguf_quants.to_affine(raw, qtype, (16, 256), bits=3)
+
+
+def test_loading_with_8_bit_packing_gives_the_same_logits(tiny_gguf):
+    """A GGUF read with every type packed in 8 bits (what a device without 4/5-bit products gets)."""
+    from lmx.io.gguf import read_gguf
+    from lmx.loading.loader import affine_widths_here
+    from lmx.models import GGUF_ARCHITECTURES
+
+    assert affine_widths_here(mx.float32) == gguf_quants.AFFINE_BITS  # MLX's CPU runs every width
+    wide = read_gguf(tiny_gguf["qwen3"], GGUF_ARCHITECTURES, affine={t: 8 for t in gguf_quants.AFFINE_BITS})
+    native = read_gguf(tiny_gguf["qwen3"], GGUF_ARCHITECTURES, affine=gguf_quants.AFFINE_BITS)
+    assert set(wide.affine_bits.values()) == {8} and set(native.affine_bits.values()) == {4, 5, 8}
+    for name, ggml_type in native.affine_types.items():
+        path = name.removesuffix("weight")
+        bits = native.affine_bits[name]
+        a = mx.dequantize(
+            native.weights[name], native.weights[path + "scales"], native.weights[path + "biases"], 32, bits
+        )
+        b = mx.dequantize(wide.weights[name], wide.weights[path + "scales"], wide.weights[path + "biases"], 32, 8)
+        assert mx.array_equal(a, b).item(), (name, ggml_type)

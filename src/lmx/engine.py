@@ -480,12 +480,18 @@ def load(
     return Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
 
 
+def _affine_layer(modules: dict[str, Any], path: str) -> Any:
+    """The quantized layer at ``path``, under a LoRA wrapper if one adapts it."""
+    layer = modules[path]
+    return layer if hasattr(layer, "bits") else layer.base
+
+
 def _affine_values(loaded: LoadedModel) -> int:
     """Values held by the GGUF model's MLX affine layers minus the array sizes counted for them."""
     modules = dict(loaded.model.named_modules())
     total = 0
     for path in loaded.gguf_affine:
-        layer = modules[path]
+        layer = _affine_layer(modules, path)
         total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
     return total
 
@@ -503,9 +509,10 @@ def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
             name = gguf_quants.type_name(module.ggml_type)
             kernels[name] = kernels.get(name, 0) + 1
     affine: dict[str, dict[str, Any]] = {}
-    for ggml_type in loaded.gguf_affine.values():
-        name = gguf_quants.type_name(ggml_type)
-        entry = affine.setdefault(name, {"runs_as": gguf_quants.affine_name(ggml_type), "matrices": 0})
+    modules = dict(loaded.model.named_modules())
+    for path, ggml_type in loaded.gguf_affine.items():
+        runs_as = gguf_quants.affine_name(_affine_layer(modules, path).bits)
+        entry = affine.setdefault(gguf_quants.type_name(ggml_type), {"runs_as": runs_as, "matrices": 0})
         entry["matrices"] += 1
     return {
         "gguf_file_type": file_type_name(header),

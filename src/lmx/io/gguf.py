@@ -80,6 +80,7 @@ class GGUFModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     block_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights kept as blocks
     affine_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights in MLX affine form
+    affine_bits: dict[str, int] = field(default_factory=dict)  # HF name -> the packed width of those weights
 
 
 @dataclass(frozen=True)
@@ -502,6 +503,14 @@ def kept_blocks(header: GGUFHeader, keep: Collection[int], spec: GGUFArchitectur
     return out
 
 
+def affine_widths(affine: Mapping[int, int] | Collection[int]) -> dict[int, int]:
+    """GGML type -> packed width: a mapping as given, else each type's own width; types without
+    an exact affine form are left out."""
+    if isinstance(affine, Mapping):
+        return {t: bits for t, bits in affine.items() if t in gguf_quants.AFFINE_BITS}
+    return {t: gguf_quants.AFFINE_BITS[t] for t in affine if t in gguf_quants.AFFINE_BITS}
+
+
 def load_weights(
     header: GGUFHeader,
     config: dict[str, Any],
@@ -510,7 +519,7 @@ def load_weights(
     dtype: mx.Dtype = mx.float32,
     threads: int | None = None,
     keep_blocks: Collection[int] = (),
-    affine: Collection[int] = (),
+    affine: Mapping[int, int] | Collection[int] = (),
 ) -> dict[str, mx.array]:
     """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
 
@@ -519,13 +528,15 @@ def load_weights(
             as their raw bytes, uint8 of shape (rows, bytes per row), for :mod:`lmx.kernels`.
         affine: GGML types (of :data:`lmx.io.gguf_quants.AFFINE_BITS`) whose matrices come back in
             MLX's affine layout, exactly: ``<name>.weight`` packed uint32, ``<name>.scales`` and
-            ``<name>.biases`` in ``dtype`` (groups of 32; see :func:`lmx.io.gguf_quants.to_affine`).
+            ``<name>.biases`` in ``dtype`` (groups of 32; see :func:`lmx.io.gguf_quants.to_affine`);
+            a mapping gives each type's packed width (see :func:`affine_widths`).
 
     Raises:
         WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
     """
     raw_names = set(kept_blocks(header, keep_blocks, spec))
-    affine_names = set(kept_blocks(header, set(affine) & set(gguf_quants.AFFINE_BITS), spec)) - raw_names
+    widths = affine_widths(affine)
+    affine_names = set(kept_blocks(header, widths, spec)) - raw_names
     names = {}
     for info in header.tensors.values():
         if info.name in spec.skipped:
@@ -544,7 +555,9 @@ def load_weights(
             raw = data[info.offset : info.offset + info.nbytes]
             if name in affine_names:
                 for suffix, part in zip(
-                    ("weight", "scales", "biases"), gguf_quants.to_affine(raw, info.ggml_type, info.shape), strict=True
+                    ("weight", "scales", "biases"),
+                    gguf_quants.to_affine(raw, info.ggml_type, info.shape, widths[info.ggml_type]),
+                    strict=True,
                 ):
                     array = _fix(mx.array(part), gguf_name, spec, config)  # a row permutation applies to all three
                     key = name.removesuffix("weight") + suffix
@@ -570,7 +583,7 @@ def read_gguf(
     *,
     dtype: mx.Dtype = mx.float32,
     keep_blocks: Collection[int] = (),
-    affine: Collection[int] = (),
+    affine: Mapping[int, int] | Collection[int] = (),
 ) -> GGUFModel:
     """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
@@ -596,15 +609,16 @@ def read_gguf(
     config = gguf_config(header, architectures)
     weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine)
     blocks = kept_blocks(header, keep_blocks, spec)
+    widths = affine_widths(affine)
+    affine_types = {k: t for k, t in kept_blocks(header, widths, spec).items() if k not in blocks}
     return GGUFModel(
         config=config,
         weights=weights,
         header=header,
         metadata=info_metadata(header),
         block_types=blocks,
-        affine_types={
-            k: t for k, t in kept_blocks(header, set(affine) & set(gguf_quants.AFFINE_BITS), spec).items() if k not in blocks
-        },
+        affine_types=affine_types,
+        affine_bits={k: widths[t] for k, t in affine_types.items()},
     )
 
 
@@ -613,6 +627,7 @@ __all__ = [
     "GGUFHeader",
     "GGUFModel",
     "GGUFTensorInfo",
+    "affine_widths",
     "architecture_of",
     "gguf_config",
     "hf_name",

@@ -343,15 +343,9 @@ _AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarr
 }
 
 
-def affine_name(ggml_type: int) -> str:
-    """What a type runs as in MLX's affine form: ``"mlx affine q4 g32"`` for Q4_K.
-
-    Raises:
-        WeightsError: the type has no exact affine form.
-    """
-    if ggml_type not in AFFINE_BITS:
-        raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form")
-    return f"mlx affine q{AFFINE_BITS[ggml_type]} g{AFFINE_GROUP_SIZE}"
+def affine_name(bits: int) -> str:
+    """How MLX's affine form of ``bits`` is named in reports: ``"mlx affine q4 g32"``."""
+    return f"mlx affine q{bits} g{AFFINE_GROUP_SIZE}"
 
 
 def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
@@ -369,25 +363,33 @@ def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view(np.uint32)
 
 
-def to_affine(raw: np.ndarray, ggml_type: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def to_affine(
+    raw: np.ndarray, ggml_type: int, shape: tuple[int, int], bits: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One matrix's blocks in MLX's affine layout, exactly (see :data:`AFFINE_BITS` for the types).
 
     Args:
         raw: the tensor's bytes, 1-D uint8.
         ggml_type: a type of :data:`AFFINE_BITS`.
         shape: ``(rows, cols)``.
+        bits: the packed width: None for the type's own (:data:`AFFINE_BITS`), or a wider one up to
+            8 (the same integers, scales and biases, for a device without products of that width).
 
     Returns:
         ``(weight, scales, biases)``: uint32 ``(rows, cols * bits / 32)`` and float32
-        ``(rows, cols / 32)`` twice, for ``mx.dequantize(..., group_size=32, bits=AFFINE_BITS[type])``.
+        ``(rows, cols / 32)`` twice, for ``mx.dequantize(..., group_size=32, bits=bits)``.
 
     Raises:
-        WeightsError: the type has no exact affine form, or the byte count does not match.
+        WeightsError: the type has no exact affine form, ``bits`` is narrower than the type's or
+            over 8, or the byte count does not match.
     """
-    bits = AFFINE_BITS.get(ggml_type)
-    if bits is None:
+    native = AFFINE_BITS.get(ggml_type)
+    if native is None:
         allowed = ", ".join(type_name(t) for t in AFFINE_BITS)
         raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form; types that do: {allowed}")
+    bits = native if bits is None else bits
+    if not native <= bits <= 8:
+        raise WeightsError(f"{type_name(ggml_type)} needs {native} to 8 bits in MLX's affine form, got {bits}")
     rows, cols = shape
     block, size = block_geometry(ggml_type)
     if cols % block or raw.size != rows * cols // block * size:

@@ -218,18 +218,17 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
 
 def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types: frozenset[int]) -> LoadedModel:
     from lmx.io.gguf import read_gguf
-    from lmx.io.gguf_quants import AFFINE_BITS
     from lmx.kernels import int8_by_env
     from lmx.models.gguf_layers import use_gguf_blocks
     from lmx.tokenizer.gguf import tokenizer_from_gguf
 
-    affine = frozenset(AFFINE_BITS) if profile.gguf_on_device == "quantized" else frozenset()
+    affine = affine_widths_here(dtype) if profile.gguf_on_device == "quantized" else {}
     gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types, affine=affine)
     model = _build(gguf.config, str(path))
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
-    affine_layers = _use_affine(model, weights, gguf.affine_types)
+    affine_layers = _use_affine(model, weights, gguf.affine_types, gguf.affine_bits)
     model.set_ops(profile_ops(profile))
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
@@ -265,7 +264,9 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
     )
 
 
-def _use_affine(model: nn.Module, weights: dict[str, mx.array], affine_types: dict[str, int]) -> dict[str, int]:
+def _use_affine(
+    model: nn.Module, weights: dict[str, mx.array], affine_types: dict[str, int], affine_bits: dict[str, int]
+) -> dict[str, int]:
     """Make the layers whose weights came in MLX's affine form quantized layers of their bits (in place).
 
     ``weights`` is the model's (sanitized) tensors: a quantized weight the model does not take (a tied
@@ -274,13 +275,13 @@ def _use_affine(model: nn.Module, weights: dict[str, mx.array], affine_types: di
     Returns:
         Layer path -> GGML type of the layers made quantized.
     """
-    from lmx.io.gguf_quants import AFFINE_BITS, AFFINE_GROUP_SIZE
+    from lmx.io.gguf_quants import AFFINE_GROUP_SIZE
 
-    layers = {}
+    layers, bits = {}, {}
     for name, ggml_type in affine_types.items():
         path = name.removesuffix(".weight")
         if name in weights:
-            layers[path] = ggml_type
+            layers[path], bits[path] = ggml_type, affine_bits[name]
         else:
             weights.pop(f"{path}.scales", None)
             weights.pop(f"{path}.biases", None)
@@ -288,7 +289,34 @@ def _use_affine(model: nn.Module, weights: dict[str, mx.array], affine_types: di
         nn.quantize(
             model,
             class_predicate=lambda path, _module: (
-                {"group_size": AFFINE_GROUP_SIZE, "bits": AFFINE_BITS[layers[path]]} if path in layers else False
+                {"group_size": AFFINE_GROUP_SIZE, "bits": bits[path]} if path in layers else False
             ),
         )
     return layers
+
+
+def affine_widths_here(dtype: mx.Dtype) -> dict[int, int]:
+    """GGML type -> the packed width its matrices take on MLX's default device: the type's own
+    (:data:`lmx.io.gguf_quants.AFFINE_BITS`) where ``mx.quantized_matmul`` of that width runs there
+    for one token and for a prompt chunk, else 8 (the same values; more bytes).
+
+    MLX's kernels differ per device (a CUDA build may lack odd widths for some shapes); one tiny
+    product of each width, tried once per load, says which run.
+    """
+    from lmx.io.gguf_quants import AFFINE_BITS, AFFINE_GROUP_SIZE
+
+    runs = {}
+    for bits in sorted(set(AFFINE_BITS.values())):
+        try:
+            w, s, b = mx.quantize(mx.zeros((64, 256)), group_size=AFFINE_GROUP_SIZE, bits=bits)
+            s, b = s.astype(dtype), b.astype(dtype)
+            for rows in (1, 16):
+                x = mx.zeros((rows, 256), dtype=dtype)
+                mx.eval(mx.quantized_matmul(x, w, s, b, transpose=True, group_size=AFFINE_GROUP_SIZE, bits=bits))
+            runs[bits] = True
+        except (RuntimeError, ValueError) as e:
+            logger.info(
+                "MLX has no %d-bit quantized product here (%s); such GGUF matrices are packed in 8 bits", bits, e
+            )
+            runs[bits] = False
+    return {t: bits if runs[bits] else 8 for t, bits in AFFINE_BITS.items()}

@@ -503,14 +503,6 @@ def kept_blocks(header: GGUFHeader, keep: Collection[int], spec: GGUFArchitectur
     return out
 
 
-def affine_widths(affine: Mapping[int, int] | Collection[int]) -> dict[int, int]:
-    """GGML type -> packed width: a mapping as given, else each type's own width; types without
-    an exact affine form are left out."""
-    if isinstance(affine, Mapping):
-        return {t: bits for t, bits in affine.items() if t in gguf_quants.AFFINE_BITS}
-    return {t: gguf_quants.AFFINE_BITS[t] for t in affine if t in gguf_quants.AFFINE_BITS}
-
-
 def load_weights(
     header: GGUFHeader,
     config: dict[str, Any],
@@ -529,13 +521,13 @@ def load_weights(
         affine: GGML types (of :data:`lmx.io.gguf_quants.AFFINE_BITS`) whose matrices come back in
             MLX's affine layout, exactly: ``<name>.weight`` packed uint32, ``<name>.scales`` and
             ``<name>.biases`` in ``dtype`` (groups of 32; see :func:`lmx.io.gguf_quants.to_affine`);
-            a mapping gives each type's packed width (see :func:`affine_widths`).
+            a mapping gives each type's packed width (see :func:`lmx.io.gguf_quants.affine_widths`).
 
     Raises:
         WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
     """
     raw_names = set(kept_blocks(header, keep_blocks, spec))
-    widths = affine_widths(affine)
+    widths = gguf_quants.affine_widths(affine)
     affine_names = set(kept_blocks(header, widths, spec)) - raw_names
     names = {}
     for info in header.tensors.values():
@@ -609,7 +601,7 @@ def read_gguf(
     config = gguf_config(header, architectures)
     weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine)
     blocks = kept_blocks(header, keep_blocks, spec)
-    widths = affine_widths(affine)
+    widths = gguf_quants.affine_widths(affine)
     affine_types = {k: t for k, t in kept_blocks(header, widths, spec).items() if k not in blocks}
     return GGUFModel(
         config=config,
@@ -627,7 +619,6 @@ __all__ = [
     "GGUFHeader",
     "GGUFModel",
     "GGUFTensorInfo",
-    "affine_widths",
     "architecture_of",
     "gguf_config",
     "hf_name",

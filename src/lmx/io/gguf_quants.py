@@ -13,7 +13,7 @@ All byte layouts are little-endian, as GGUF files are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Executor
 
 import mlx.core as mx
@@ -341,6 +341,14 @@ _AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarr
     T.Q4_K: _af_q4_k,
     T.Q5_K: _af_q5_k,
 }
+
+
+def affine_widths(affine: Mapping[int, int] | Collection[int]) -> dict[int, int]:
+    """GGML type -> packed width: a mapping as given, else each type's own width (:data:`AFFINE_BITS`);
+    types without an exact affine form are left out."""
+    if isinstance(affine, Mapping):
+        return {t: bits for t, bits in affine.items() if t in AFFINE_BITS}
+    return {t: AFFINE_BITS[t] for t in affine if t in AFFINE_BITS}
 
 
 def affine_name(bits: int) -> str:

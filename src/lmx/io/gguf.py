@@ -548,7 +548,7 @@ def load_weights(
             if name in affine_names:
                 for suffix, part in zip(
                     ("weight", "scales", "biases"),
-                    gguf_quants.to_affine(raw, info.ggml_type, info.shape, widths[info.ggml_type]),
+                    gguf_quants.to_affine(raw, info.ggml_type, info.shape, widths[info.ggml_type], executor=pool),
                     strict=True,
                 ):
                     array = _fix(mx.array(part), gguf_name, spec, config)  # a row permutation applies to all three

@@ -372,7 +372,12 @@ def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
 
 
 def to_affine(
-    raw: np.ndarray, ggml_type: int, shape: tuple[int, int], bits: int | None = None
+    raw: np.ndarray,
+    ggml_type: int,
+    shape: tuple[int, int],
+    bits: int | None = None,
+    *,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One matrix's blocks in MLX's affine layout, exactly (see :data:`AFFINE_BITS` for the types).
 
@@ -382,6 +387,7 @@ def to_affine(
         shape: ``(rows, cols)``.
         bits: the packed width: None for the type's own (:data:`AFFINE_BITS`), or a wider one up to
             8 (the same integers, scales and biases, for a device without products of that width).
+        executor: when given, chunks of rows are converted on it in parallel.
 
     Returns:
         ``(weight, scales, biases)``: uint32 ``(rows, cols * bits / 32)`` and float32
@@ -410,7 +416,8 @@ def to_affine(
     scales = np.empty((rows, cols // AFFINE_GROUP_SIZE), dtype=np.float32)
     biases = np.empty_like(scales)
     step = max(1, CHUNK_ELEMENTS // cols)
-    for start in range(0, rows, step):
+
+    def run(start: int) -> None:
         chunk = blocks[start : start + step]
         n = chunk.shape[0]
         with np.errstate(invalid="ignore", over="ignore"):
@@ -418,6 +425,14 @@ def to_affine(
         weight[start : start + n] = pack_bits(u.reshape(n, cols), bits)
         scales[start : start + n] = s.reshape(n, -1)
         biases[start : start + n] = b.reshape(n, -1)
+
+    starts = range(0, rows, step)
+    if executor is not None and len(starts) > 1:
+        for future in [executor.submit(run, s) for s in starts]:
+            future.result()
+    else:
+        for s in starts:
+            run(s)
     return weight, scales, biases
 
 

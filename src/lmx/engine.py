@@ -320,6 +320,8 @@ class Engine:
             from lmx.models.gguf_layers import gguf_block_values
 
             n_params += gguf_block_values(loaded.model)
+        if loaded.gguf_affine:  # GGUF matrices in MLX affine form, of several bit widths
+            n_params += _affine_values(loaded)
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
         gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
@@ -578,6 +580,7 @@ def load(
     prompt_cache: bool = True,
     adapter: str | os.PathLike | None = None,
     cpu_kernels: bool | None = None,
+    gguf_on_device: str | None = None,
     max_batch: int = 32,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> Engine:
@@ -598,6 +601,9 @@ def load(
         cpu_kernels: run a GGUF model's quantized matrices on lmx's CPU kernels (about 4x fewer
             bytes a token than float32, same logits up to summation order). None: on the CPU
             when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
+        gguf_on_device: where the CPU kernels do not run a GGUF model, ``"quantized"`` (MLX affine
+            quantized layers holding the file's values) or ``"float"`` (dequantized). None:
+            ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
 
@@ -606,7 +612,7 @@ def load(
         TokenizerError, InvalidOptionError.
     """
     choose_device(device)
-    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels)
+    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
     engine = Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
     if adapter is not None:
         try:
@@ -616,6 +622,22 @@ def load(
             raise
         engine.default_options = dataclasses.replace(engine.default_options, adapter=name)
     return engine
+
+
+def _affine_layer(modules: dict[str, Any], path: str) -> Any:
+    """The quantized layer at ``path``, under a LoRA wrapper if one adapts it."""
+    layer = modules[path]
+    return layer if hasattr(layer, "bits") else layer.base
+
+
+def _affine_values(loaded: LoadedModel) -> int:
+    """Values held by the GGUF model's MLX affine layers minus the array sizes counted for them."""
+    modules = dict(loaded.model.named_modules())
+    total = 0
+    for path in loaded.gguf_affine:
+        layer = _affine_layer(modules, path)
+        total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
+    return total
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
@@ -630,8 +652,15 @@ def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
         if isinstance(module, (GGUFLinear, GGUFEmbedding)):
             name = gguf_quants.type_name(module.ggml_type)
             kernels[name] = kernels.get(name, 0) + 1
+    affine: dict[str, dict[str, Any]] = {}
+    modules = dict(loaded.model.named_modules())
+    for path, ggml_type in loaded.gguf_affine.items():
+        runs_as = gguf_quants.affine_name(_affine_layer(modules, path).bits)
+        entry = affine.setdefault(gguf_quants.type_name(ggml_type), {"runs_as": runs_as, "matrices": 0})
+        entry["matrices"] += 1
     return {
         "gguf_file_type": file_type_name(header),
         "gguf_types": tensor_type_counts(header),
         "kernel_types": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))) or None,
+        "affine_types": dict(sorted(affine.items(), key=lambda kv: (-kv[1]["matrices"], kv[0]))) or None,
     }

@@ -138,6 +138,9 @@ class ModelInfo:
     gguf_file_type: str | None = None  # a GGUF file's quantization mix, llama.cpp's name ("Q4_K_M")
     gguf_types: dict[str, int] | None = None  # tensors of each GGML type in the GGUF file
     kernel_types: dict[str, int] | None = None  # matrices run as GGUF blocks by lmx's CPU kernels, per type
+    # GGUF matrices held as MLX affine quantized layers, per GGML type: {"Q4_K": {"runs_as": "mlx affine
+    # q4 g32", "matrices": 27}}; the other GGUF types were dequantized to ``dtype``
+    affine_types: dict[str, dict[str, Any]] | None = None
 
     @property
     def runs_as(self) -> str:
@@ -148,6 +151,10 @@ class ModelInfo:
             return (
                 f"{mix}blocks on lmx's CPU kernels ({blocks} matrices); other weights and compute {self.compute_dtype}"
             )
+        if self.affine_types:
+            held = ", ".join(f"{v['matrices']} {t} as {v['runs_as']}" for t, v in self.affine_types.items())
+            mix = f"GGUF {self.gguf_file_type} " if self.gguf_file_type else "GGUF "
+            return f"{mix}matrices as MLX quantized layers ({held}); other weights {self.dtype}, compute {self.compute_dtype}"
         if self.quantization and self.quantization.get("bits"):
             return f"MLX {self.quantization['bits']}-bit quantized weights; compute {self.compute_dtype}"
         origin = f" (dequantized from GGUF {self.gguf_file_type})" if self.gguf_file_type else ""

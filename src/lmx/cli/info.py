@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         p = info["profile"]
         print(
             f"profile:  {p['device']} ({p['backend']}), {p['dtype']}, ops {p['ops_backend']}, "
-            f"prefill {p['prefill_mode']} in chunks of {p['prefill_step_size']}, decode {p['decode_mode']}"
+            f"prefill {p['prefill_mode']} in chunks of {p['prefill_step_size']}, decode {p['decode_mode']}, "
+            f"GGUF matrices {p['gguf_on_device']}"
         )
     if "default_model" in info:
         _print_default_model(info["default_model"])

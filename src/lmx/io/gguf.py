@@ -79,6 +79,8 @@ class GGUFModel:
     header: GGUFHeader  # every metadata key, the vocabulary (tokenizer.ggml.*) included
     metadata: dict[str, Any] = field(default_factory=dict)
     block_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights kept as blocks
+    affine_types: dict[str, int] = field(default_factory=dict)  # HF name -> GGML type of weights in MLX affine form
+    affine_bits: dict[str, int] = field(default_factory=dict)  # HF name -> the packed width of those weights
 
 
 @dataclass(frozen=True)
@@ -509,17 +511,24 @@ def load_weights(
     dtype: mx.Dtype = mx.float32,
     threads: int | None = None,
     keep_blocks: Collection[int] = (),
+    affine: Mapping[int, int] | Collection[int] = (),
 ) -> dict[str, mx.array]:
     """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
 
     Args:
         keep_blocks: GGML types to keep quantized: such matrices (see :func:`kept_blocks`) come back
             as their raw bytes, uint8 of shape (rows, bytes per row), for :mod:`lmx.kernels`.
+        affine: GGML types (of :data:`lmx.io.gguf_quants.AFFINE_BITS`) whose matrices come back in
+            MLX's affine layout, exactly: ``<name>.weight`` packed uint32, ``<name>.scales`` and
+            ``<name>.biases`` in ``dtype`` (groups of 32; see :func:`lmx.io.gguf_quants.to_affine`);
+            a mapping gives each type's packed width (see :func:`lmx.io.gguf_quants.affine_widths`).
 
     Raises:
         WeightsError: a tensor has no HF name, an unsupported type, or bad bytes.
     """
     raw_names = set(kept_blocks(header, keep_blocks, spec))
+    widths = gguf_quants.affine_widths(affine)
+    affine_names = set(kept_blocks(header, widths, spec)) - raw_names
     names = {}
     for info in header.tensors.values():
         if info.name in spec.skipped:
@@ -536,6 +545,17 @@ def load_weights(
         for gguf_name, name in names.items():
             info = header.tensors[gguf_name]
             raw = data[info.offset : info.offset + info.nbytes]
+            if name in affine_names:
+                for suffix, part in zip(
+                    ("weight", "scales", "biases"),
+                    gguf_quants.to_affine(raw, info.ggml_type, info.shape, widths[info.ggml_type], executor=pool),
+                    strict=True,
+                ):
+                    array = _fix(mx.array(part), gguf_name, spec, config)  # a row permutation applies to all three
+                    key = name.removesuffix("weight") + suffix
+                    weights[key] = array if suffix == "weight" or dtype == mx.float32 else array.astype(dtype)
+                    mx.eval(weights[key])
+                continue
             if name in raw_names:
                 # the file's rows as they are (a copy: no view pins the map); a row permutation
                 # (llama's Q/K order) applies to whole rows, so _fix works on them unchanged
@@ -555,6 +575,7 @@ def read_gguf(
     *,
     dtype: mx.Dtype = mx.float32,
     keep_blocks: Collection[int] = (),
+    affine: Mapping[int, int] | Collection[int] = (),
 ) -> GGUFModel:
     """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
@@ -564,6 +585,8 @@ def read_gguf(
         dtype: the weights' dtype (dequantization is done in float32, then cast).
         keep_blocks: GGML types whose matrices stay as raw blocks (see :func:`load_weights`); the
             model's ``block_types`` names them.
+        affine: GGML types whose matrices come in MLX's affine layout (see :func:`load_weights`);
+            the model's ``affine_types`` names them.
 
     Returns:
         A :class:`GGUFModel` in Hugging Face terms.
@@ -576,13 +599,18 @@ def read_gguf(
     header = read_header(path)
     spec = architecture_of(header, architectures)
     config = gguf_config(header, architectures)
-    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks)
+    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine)
+    blocks = kept_blocks(header, keep_blocks, spec)
+    widths = gguf_quants.affine_widths(affine)
+    affine_types = {k: t for k, t in kept_blocks(header, widths, spec).items() if k not in blocks}
     return GGUFModel(
         config=config,
         weights=weights,
         header=header,
         metadata=info_metadata(header),
-        block_types=kept_blocks(header, keep_blocks, spec),
+        block_types=blocks,
+        affine_types=affine_types,
+        affine_bits={k: widths[t] for k, t in affine_types.items()},
     )
 
 

@@ -13,7 +13,7 @@ All byte layouts are little-endian, as GGUF files are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Executor
 
 import mlx.core as mx
@@ -277,6 +277,163 @@ def dequantize(
         for s in starts:
             run(s)
     return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLX's affine layout (``mx.quantize``): the blocks re-expressed, not re-quantized.
+#
+# MLX holds a matrix as unsigned ``bits``-bit integers ``u`` packed in uint32 words, with one
+# ``scale`` and one ``bias`` per group of ``group_size`` values of a row: ``w = scale * u + bias``.
+# Every type below is ``w = d * q + m`` per 32 values with ``q`` a small integer, so it maps exactly:
+# Q8_0 ``d * q`` -> ``u = q + 128``, bias ``-128 d``; Q4_0/Q5_0 ``d * (q - 8|16)`` -> ``u = q``, bias
+# ``-8|16 d``; Q4_1/Q5_1 ``d * q + m``; Q4_K/Q5_K sub-blocks of 32: scale ``d * sc``, bias
+# ``-dmin * m``. In float32 the scales and biases are exact (an fp16 times an integer of at most 8 bits)
+# and ``scale * u + bias`` rounds as the reference dequantization does. Q6_K is not here: its
+# sub-blocks of 16 each carry an int8 scale, MLX's smallest group is 32, and one common scale for two
+# sub-blocks would need 13-bit integers (``sc * (q - 32)`` spans -4064..4096).
+
+AFFINE_GROUP_SIZE = 32
+AFFINE_BITS: dict[int, int] = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q4_K: 4, T.Q5_K: 5}
+
+
+def _af_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return blocks[:, 2:34] ^ np.uint8(0x80), d, d * np.float32(-128)  # q + 128 (two's complement)
+
+
+def _af_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return _split_nibbles16(blocks[:, 2:18]), d, d * np.float32(-8)
+
+
+def _af_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _split_nibbles16(blocks[:, 4:20]), _half(blocks, 0), _half(blocks, 2)
+
+
+def _af_q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _half(blocks, 0)
+    return _q5_values(blocks, 2), d, d * np.float32(-16)
+
+
+def _af_q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _q5_values(blocks, 4), _half(blocks, 0), _half(blocks, 2)
+
+
+def _af_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    return _nibbles(blocks[:, 16:144], 4).reshape(nb, 256), _half(blocks, 0) * sc, -(_half(blocks, 2) * mn)
+
+
+def _af_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    q = _nibbles(blocks[:, 48:176], 4) | (_bit_planes(blocks[:, 16:48]) << 4)
+    return q.reshape(nb, 256), _half(blocks, 0) * sc, -(_half(blocks, 2) * mn)
+
+
+_AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+    T.Q8_0: _af_q8_0,
+    T.Q4_0: _af_q4_0,
+    T.Q4_1: _af_q4_1,
+    T.Q5_0: _af_q5_0,
+    T.Q5_1: _af_q5_1,
+    T.Q4_K: _af_q4_k,
+    T.Q5_K: _af_q5_k,
+}
+
+
+def affine_widths(affine: Mapping[int, int] | Collection[int]) -> dict[int, int]:
+    """GGML type -> packed width: a mapping as given, else each type's own width (:data:`AFFINE_BITS`);
+    types without an exact affine form are left out."""
+    if isinstance(affine, Mapping):
+        return {t: bits for t, bits in affine.items() if t in AFFINE_BITS}
+    return {t: AFFINE_BITS[t] for t in affine if t in AFFINE_BITS}
+
+
+def affine_name(bits: int) -> str:
+    """How MLX's affine form of ``bits`` is named in reports: ``"mlx affine q4 g32"``."""
+    return f"mlx affine q{bits} g{AFFINE_GROUP_SIZE}"
+
+
+def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit integers ``(rows, cols)`` (uint8, ``cols`` a multiple of 32) -> MLX's packed
+    uint32 ``(rows, cols * bits / 32)``: a little-endian bit stream, value ``j`` at bits ``j*bits``."""
+    rows, cols = u.shape
+    if bits == 8:
+        return np.ascontiguousarray(u, dtype=np.uint8).view(np.uint32)
+    if bits == 4:
+        pairs = u.reshape(rows, cols // 2, 2)
+        return np.ascontiguousarray(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(np.uint32)
+    eights = u.reshape(-1, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))
+    words = np.bitwise_or.reduce(eights, axis=1)  # 8 values in the low 8*bits bits of a uint64
+    stream = words.view(np.uint8).reshape(-1, 8)[:, :bits]  # little-endian: keep the low bytes
+    return np.ascontiguousarray(stream).reshape(rows, cols * bits // 8).view(np.uint32)
+
+
+def to_affine(
+    raw: np.ndarray,
+    ggml_type: int,
+    shape: tuple[int, int],
+    bits: int | None = None,
+    *,
+    executor: Executor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One matrix's blocks in MLX's affine layout, exactly (see :data:`AFFINE_BITS` for the types).
+
+    Args:
+        raw: the tensor's bytes, 1-D uint8.
+        ggml_type: a type of :data:`AFFINE_BITS`.
+        shape: ``(rows, cols)``.
+        bits: the packed width: None for the type's own (:data:`AFFINE_BITS`), or a wider one up to
+            8 (the same integers, scales and biases, for a device without products of that width).
+        executor: when given, chunks of rows are converted on it in parallel.
+
+    Returns:
+        ``(weight, scales, biases)``: uint32 ``(rows, cols * bits / 32)`` and float32
+        ``(rows, cols / 32)`` twice, for ``mx.dequantize(..., group_size=32, bits=bits)``.
+
+    Raises:
+        WeightsError: the type has no exact affine form, ``bits`` is narrower than the type's or
+            over 8, or the byte count does not match.
+    """
+    native = AFFINE_BITS.get(ggml_type)
+    if native is None:
+        allowed = ", ".join(type_name(t) for t in AFFINE_BITS)
+        raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form; types that do: {allowed}")
+    bits = native if bits is None else bits
+    if not native <= bits <= 8:
+        raise WeightsError(f"{type_name(ggml_type)} needs {native} to 8 bits in MLX's affine form, got {bits}")
+    rows, cols = shape
+    block, size = block_geometry(ggml_type)
+    if cols % block or raw.size != rows * cols // block * size:
+        raise WeightsError(
+            f"{type_name(ggml_type)} matrix {rows}x{cols} needs {rows * cols // block * size} bytes "
+            f"in blocks of {block}, got {raw.size}"
+        )
+    blocks = raw.reshape(rows, cols // block, size)
+    weight = np.empty((rows, cols * bits // 32), dtype=np.uint32)
+    scales = np.empty((rows, cols // AFFINE_GROUP_SIZE), dtype=np.float32)
+    biases = np.empty_like(scales)
+    step = max(1, CHUNK_ELEMENTS // cols)
+
+    def run(start: int) -> None:
+        chunk = blocks[start : start + step]
+        n = chunk.shape[0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            u, s, b = _AFFINE[ggml_type](chunk.reshape(-1, size))
+        weight[start : start + n] = pack_bits(u.reshape(n, cols), bits)
+        scales[start : start + n] = s.reshape(n, -1)
+        biases[start : start + n] = b.reshape(n, -1)
+
+    starts = range(0, rows, step)
+    if executor is not None and len(starts) > 1:
+        for future in [executor.submit(run, s) for s in starts]:
+            future.result()
+    else:
+        for s in starts:
+            run(s)
+    return weight, scales, biases
 
 
 def dequantize_to_mlx(

@@ -68,7 +68,7 @@ def convert(
         raise InvalidOptionError(f"convert writes an HF-layout directory, not a GGUF file; got out={str(out)!r}")
     if os.path.lexists(out) and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    loaded = load_path(src, dtype=dtype, cpu_kernels=False)  # writes float weights: no GGUF blocks
+    loaded = load_path(src, dtype=dtype, cpu_kernels=False, gguf_on_device="float")  # writes float weights
     quant = None
     if q_bits is not None:
         quant = {"group_size": q_group_size, "bits": q_bits}

@@ -9,7 +9,11 @@ from lmx.loading.loader import LoadedModel, kernel_types_for, load_path
 
 
 def load_model(
-    path: str | os.PathLike | None = None, *, dtype: str | None = "auto", cpu_kernels: bool | None = None
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = "auto",
+    cpu_kernels: bool | None = None,
+    gguf_on_device: str | None = None,
 ) -> LoadedModel:
     """Load a model from an HF directory or a ``.gguf`` file (None: the bundled default).
 
@@ -17,7 +21,7 @@ def load_model(
         path: the model; None for the bundled default, read from its GGUF file when the CPU kernels
             run it, else from its converted float32 directory.
         dtype: see :func:`lmx.loading.loader.resolve_dtype`.
-        cpu_kernels: see :func:`lmx.loading.loader.load_path`.
+        cpu_kernels, gguf_on_device: see :func:`lmx.loading.loader.load_path`.
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
@@ -26,4 +30,4 @@ def load_model(
     """
     if path is None:
         path = default_gguf_path() if kernel_types_for(cpu_kernels) else default_model_path()
-    return load_path(path, dtype=dtype, cpu_kernels=cpu_kernels)
+    return load_path(path, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)

@@ -37,6 +37,7 @@ class LoadedModel:
     name: str = ""
     quantization: dict[str, int] | None = None
     cpu_kernels: bool = False  # some weights run as GGUF blocks on lmx's CPU kernels (lmx.kernels)
+    gguf_affine: dict[str, int] = field(default_factory=dict)  # layer path -> GGML type, held in MLX affine form
     profile: DeviceProfile = field(default_factory=DeviceProfile)  # chosen once, at load
     own_chat_template: bool = True  # False: a GGUF without one runs on its architecture's template
 
@@ -62,7 +63,13 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
     return DTYPES[name]
 
 
-def load_path(path: str | os.PathLike, *, dtype: str | None = "auto", cpu_kernels: bool | None = None) -> LoadedModel:
+def load_path(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = "auto",
+    cpu_kernels: bool | None = None,
+    gguf_on_device: str | None = None,
+) -> LoadedModel:
     """Load a model from an HF directory or a ``.gguf`` file.
 
     Args:
@@ -74,15 +81,19 @@ def load_path(path: str | os.PathLike, *, dtype: str | None = "auto", cpu_kernel
             ``LMX_CPU_KERNELS`` is not 0; False: MLX's own ops only; True: required.
             ``LMX_CPU_INT8=1`` (opt-in) quantizes the activations of one-token products to int8, as
             llama.cpp does: faster decoding, logits no longer those of the dequantized model.
+        gguf_on_device: where the CPU kernels do not run a GGUF model: ``"quantized"`` holds its
+            Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices as MLX affine quantized layers (the same
+            values; scales in the weights' dtype), ``"float"`` dequantizes them. None:
+            ``LMX_GGUF_ON_DEVICE``, whose ``auto`` is quantized on a GPU, float on the CPU.
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
-        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run.
+        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run; a bad ``gguf_on_device``.
         UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
     """
     mx_dtype = resolve_dtype(dtype)
     kernel_types = kernel_types_for(cpu_kernels)
-    profile = load_profile(dtype, cpu_kernels=bool(kernel_types))
+    profile = load_profile(dtype, cpu_kernels=bool(kernel_types), gguf_on_device=gguf_on_device)
     target = Path(path).expanduser()
     if target.is_dir():
         return _load_hf_dir(target, mx_dtype, profile)
@@ -93,17 +104,29 @@ def load_path(path: str | os.PathLike, *, dtype: str | None = "auto", cpu_kernel
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
 
 
-def load_profile(dtype: str | None = "auto", *, cpu_kernels: bool = False) -> DeviceProfile:
+def load_profile(
+    dtype: str | None = "auto", *, cpu_kernels: bool = False, gguf_on_device: str | None = None
+) -> DeviceProfile:
     """The device profile of a model loaded now: MLX's default device, the weights' ``dtype``
-    (a name, or ``"auto"``), whether lmx's CPU kernels run it, and the settings."""
-    from lmx.kernels import cuda_attention
+    (a name, or ``"auto"``), whether lmx's CPU kernels run it, how GGUF matrices are held
+    (``gguf_on_device``, else ``LMX_GGUF_ON_DEVICE``), and the settings.
 
+    Raises:
+        InvalidOptionError: a bad ``gguf_on_device`` or ``LMX_GGUF_ON_DEVICE``.
+    """
+    from lmx.kernels import cuda_attention
+    from lmx.runtime import settings
+
+    if gguf_on_device is None:
+        chosen = settings.LMX_GGUF_ON_DEVICE.get()
+        gguf_on_device = None if chosen == "auto" else chosen
     return choose_profile(
         device_name(),
         backend=backend_name(),
         dtype=None if (dtype or "auto") == "auto" else dtype,
         cpu_kernels=cpu_kernels,
         cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
+        gguf_on_device=gguf_on_device,
     )
 
 
@@ -199,14 +222,18 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
     from lmx.models.gguf_layers import use_gguf_blocks
     from lmx.tokenizer.gguf import tokenizer_from_gguf
 
-    gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types)
+    affine = affine_widths_here(dtype) if profile.gguf_on_device == "quantized" else {}
+    gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types, affine=affine)
     model = _build(gguf.config, str(path))
     weights = model.sanitize(gguf.weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
+    affine_layers = _use_affine(model, weights, gguf.affine_types, gguf.affine_bits)
     model.set_ops(profile_ops(profile))
     if blocks:
         logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
+    if affine_layers:
+        logger.info("%s: %d matrices run as MLX affine quantized layers", path, len(affine_layers))
     hf.apply_weights(model, weights, str(path), dtype)
     arch = get_architecture(gguf.config, str(path))
     # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
@@ -231,6 +258,65 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
         str(path),
         path.stem,
         cpu_kernels=bool(blocks),
+        gguf_affine=affine_layers,
         profile=profile,
         own_chat_template=bool(gguf.header.metadata.get("tokenizer.chat_template")),
     )
+
+
+def _use_affine(
+    model: nn.Module, weights: dict[str, mx.array], affine_types: dict[str, int], affine_bits: dict[str, int]
+) -> dict[str, int]:
+    """Make the layers whose weights came in MLX's affine form quantized layers of their bits (in place).
+
+    ``weights`` is the model's (sanitized) tensors: a quantized weight the model does not take (a tied
+    head's copy) loses its scales and biases here too, so the strict load names nothing twice.
+
+    Returns:
+        Layer path -> GGML type of the layers made quantized.
+    """
+    from lmx.io.gguf_quants import AFFINE_GROUP_SIZE
+
+    layers, bits = {}, {}
+    for name, ggml_type in affine_types.items():
+        path = name.removesuffix(".weight")
+        if name in weights:
+            layers[path], bits[path] = ggml_type, affine_bits[name]
+        else:
+            weights.pop(f"{path}.scales", None)
+            weights.pop(f"{path}.biases", None)
+    if layers:
+        nn.quantize(
+            model,
+            class_predicate=lambda path, _module: (
+                {"group_size": AFFINE_GROUP_SIZE, "bits": bits[path]} if path in layers else False
+            ),
+        )
+    return layers
+
+
+def affine_widths_here(dtype: mx.Dtype) -> dict[int, int]:
+    """GGML type -> the packed width its matrices take on MLX's default device: the type's own
+    (:data:`lmx.io.gguf_quants.AFFINE_BITS`) where ``mx.quantized_matmul`` of that width runs there
+    for one token and for a prompt chunk, else 8 (the same values; more bytes).
+
+    MLX's kernels differ per device (a CUDA build may lack odd widths for some shapes); one tiny
+    product of each width, tried once per load, says which run.
+    """
+    from lmx.io.gguf_quants import AFFINE_BITS, AFFINE_GROUP_SIZE
+
+    runs = {}
+    for bits in sorted(set(AFFINE_BITS.values())):
+        try:
+            w, s, b = mx.quantize(mx.zeros((64, 256)), group_size=AFFINE_GROUP_SIZE, bits=bits)
+            s, b = s.astype(dtype), b.astype(dtype)
+            for rows in (1, 16):
+                x = mx.zeros((rows, 256), dtype=dtype)
+                mx.eval(mx.quantized_matmul(x, w, s, b, transpose=True, group_size=AFFINE_GROUP_SIZE, bits=bits))
+            runs[bits] = True
+        except (RuntimeError, ValueError) as e:
+            logger.info(
+                "MLX has no %d-bit quantized product here (%s); such GGUF matrices are packed in 8 bits", bits, e
+            )
+            runs[bits] = False
+    return {t: bits if runs[bits] else 8 for t, bits in AFFINE_BITS.items()}

@@ -25,6 +25,10 @@ AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 PREFILL_MODES = ("whole", "layerwise")
 DECODE_MODES = ("eager", "segmented", "compiled")
 OPS_BACKENDS = ("mlx", "cpu-kernels", "cuda-attention")
+# How a GGUF file's quantized matrices are held where lmx's CPU kernels do not run them: "quantized"
+# re-expresses the blocks in MLX's affine layout (nn.QuantizedLinear; exact for Q4_0/Q4_1/Q5_0/Q5_1/
+# Q8_0/Q4_K/Q5_K), "float" dequantizes them (the old path). "blocks": the CPU kernels run them as they are.
+GGUF_ON_DEVICE = ("quantized", "float")
 
 
 @dataclass(frozen=True)
@@ -69,18 +73,22 @@ class DeviceProfile(StepPlan):
         dtype: the weights' (and activations') float dtype name.
         ops_backend: ``"mlx"``, ``"cpu-kernels"`` (lmx's CPU kernels for norms, RoPE, attention and
             logsumexp) or ``"cuda-attention"`` (MLX plus lmx's one-query CUDA attention).
+        gguf_on_device: a GGUF model's quantized matrices: ``"blocks"`` (on lmx's CPU kernels),
+            ``"quantized"`` (MLX affine layers holding the same values) or ``"float"`` (dequantized).
     """
 
     device: str = "cpu"
     backend: str = "cpu"
     dtype: str = "float32"
     ops_backend: str = "mlx"
+    gguf_on_device: str = "float"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name, value, allowed in (
             ("device", self.device, tuple(PREFILL_STEP)),
             ("ops_backend", self.ops_backend, OPS_BACKENDS),
+            ("gguf_on_device", self.gguf_on_device, ("blocks", *GGUF_ON_DEVICE)),
         ):
             if value not in allowed:
                 raise InvalidOptionError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -91,13 +99,22 @@ class DeviceProfile(StepPlan):
 
     def as_dict(self) -> dict[str, Any]:
         """The fields, device first (as ``lmx info --json`` prints them)."""
-        order = ("device", "backend", "dtype", "ops_backend", "prefill_step_size", "prefill_mode", "decode_mode")
+        order = (
+            "device",
+            "backend",
+            "dtype",
+            "ops_backend",
+            "prefill_step_size",
+            "prefill_mode",
+            "decode_mode",
+            "gguf_on_device",
+        )
         return {name: getattr(self, name) for name in order}
 
     def __str__(self) -> str:
         return (
             f"{self.device} ({self.backend}), {self.dtype}, ops {self.ops_backend}, prefill {self.prefill_mode} "
-            f"in chunks of {self.prefill_step_size}, decode {self.decode_mode}"
+            f"in chunks of {self.prefill_step_size}, decode {self.decode_mode}, GGUF matrices {self.gguf_on_device}"
         )
 
 
@@ -109,6 +126,7 @@ def choose_profile(
     cpu_kernels: bool = False,
     cuda_attention: bool = False,
     compile: bool = False,
+    gguf_on_device: str | None = None,
 ) -> DeviceProfile:
     """The profile for a model about to be loaded.
 
@@ -121,9 +139,12 @@ def choose_profile(
         cuda_attention: lmx's one-query CUDA attention may run (``LMX_CUDA_ATTENTION`` not 0);
             used on a CUDA GPU only.
         compile: decode with one compiled graph per step instead of the device's default.
+        gguf_on_device: ``"quantized"`` or ``"float"`` (see :data:`GGUF_ON_DEVICE`) where the CPU
+            kernels do not run; None: quantized on a GPU, float on the CPU (MLX's fastest CPU path
+            is float32; lmx's kernels are the CPU's quantized path).
 
     Raises:
-        InvalidOptionError: an unknown device, or CPU kernels asked for on a GPU.
+        InvalidOptionError: an unknown device or ``gguf_on_device``, or CPU kernels asked for on a GPU.
     """
     if device not in PREFILL_STEP:
         raise InvalidOptionError(f"device must be one of {', '.join(PREFILL_STEP)}, got {device!r}")
@@ -137,6 +158,12 @@ def choose_profile(
         ops = "cuda-attention"
     else:
         ops = "mlx"
+    if gguf_on_device is not None and gguf_on_device not in GGUF_ON_DEVICE:
+        raise InvalidOptionError(f"gguf_on_device must be one of {', '.join(GGUF_ON_DEVICE)}, got {gguf_on_device!r}")
+    if cpu_kernels:
+        gguf = "blocks"
+    else:
+        gguf = gguf_on_device or ("quantized" if gpu else "float")
     return DeviceProfile(
         device=device,
         backend=backend,
@@ -145,6 +172,7 @@ def choose_profile(
         prefill_mode="layerwise" if gpu else "whole",
         decode_mode="compiled" if compile else "segmented" if gpu else "eager",
         ops_backend=ops,
+        gguf_on_device=gguf,
     )
 
 

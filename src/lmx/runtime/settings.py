@@ -185,6 +185,14 @@ LMX_CPU_INT8: Setting[bool] = Setting(
     "opt-in: one-token CPU-kernel products quantize activations to int8 (faster; logits move a few percent)",
     _bool,
 )
+LMX_GGUF_ON_DEVICE: Setting[str] = Setting(
+    "LMX_GGUF_ON_DEVICE",
+    "`auto`, `quantized` or `float`",
+    "auto",
+    "GGUF matrices where lmx's CPU kernels do not run them: MLX affine quantized layers, or dequantized to float; "
+    "auto: quantized on a GPU, float on the CPU",
+    _choice("auto", "quantized", "float"),
+)
 LMX_CUDA_ATTENTION: Setting[bool] = Setting(
     "LMX_CUDA_ATTENTION",
     BOOL,
@@ -211,6 +219,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CPU_KERNELS,
     LMX_CPU_THREADS,
     LMX_CPU_INT8,
+    LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
     LMX_API_KEY,
 )

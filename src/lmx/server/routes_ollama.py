@@ -220,8 +220,8 @@ async def tags(request: Request) -> Response:
 
 def _quantization_level(info: lmx.ModelInfo, quant: dict[str, int]) -> str:
     """What runs, in Ollama's words: the GGUF mix when its blocks run as such (``Q4_K_M``)."""
-    if info.kernel_types:
-        return info.gguf_file_type or "+".join(info.kernel_types)
+    if info.kernel_types or info.affine_types:  # blocks on the CPU kernels, or as MLX affine layers
+        return info.gguf_file_type or "+".join(info.kernel_types or info.affine_types or {})
     if quant.get("bits"):
         return f"Q{quant['bits']}"
     return info.dtype.upper()

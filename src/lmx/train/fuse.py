@@ -78,7 +78,7 @@ def fuse(
     to_gguf = out.suffix.lower() == ".gguf"
     if to_gguf and (dequantize or dtype is not None):
         raise InvalidOptionError("a .gguf output keeps the base's types: dequantize and dtype do not apply to it")
-    loaded = load_model(model, dtype="float32", cpu_kernels=False)  # merges into float weights
+    loaded = load_model(model, dtype="float32", cpu_kernels=False, gguf_on_device="float")  # merges into floats
     source = Path(loaded.source)
     if out.resolve() == source.resolve():
         raise InvalidOptionError(f"out must not be the base model itself ({out})")

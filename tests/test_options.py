@@ -25,6 +25,7 @@ FIELDS = [
     "seed",
     "stop",
     "logprobs",
+    "constraint",
 ]
 
 

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from lmx.errors import InvalidOptionError
+from lmx.generate.constraints import Constraint
 
 MAX_LOGPROBS = 20
 """The most top alternatives ``logprobs`` may ask for (OpenAI's limit)."""
@@ -67,6 +68,8 @@ class GenerationOptions:
             whose strings hold at most ``MAX_STOP_CHARS`` (262,144) characters together.
         logprobs: None = off; 0..20 = return the chosen token's logprob plus this many most
             likely alternatives per step.
+        constraint: None, or a :class:`lmx.generate.constraints.Constraint` (a JSON schema, Lark
+            grammar or regex) the output must match; see :mod:`lmx.generate.constraints`.
     """
 
     max_tokens: int = 256
@@ -83,6 +86,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str | int, ...] = ()
     logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -271,6 +275,15 @@ def _check_stop(name: str, value: Any) -> tuple[str | int, ...]:
     return tuple(out)
 
 
+def _check_constraint(name: str, value: Any) -> Constraint | None:
+    if value is None or isinstance(value, Constraint):
+        return value
+    raise InvalidOptionError(
+        f"{name} must be None or an lmx Constraint (Constraint.json(schema), Constraint.lark(text), "
+        f"Constraint.regex(text)), got {_describe(value)}"
+    )
+
+
 def check_token_ids(ids: Any, vocab_size: int, name: str = "prompt token ids") -> list[int]:
     """Check a list of token ids against the vocabulary.
 
@@ -314,6 +327,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
         "seed": partial(_check_optional_int, lo=0, hi=_MAX_SEED),
         "stop": _check_stop,
         "logprobs": partial(_check_optional_int, lo=0, hi=MAX_LOGPROBS),
+        "constraint": _check_constraint,
     }
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"

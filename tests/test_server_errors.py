@@ -87,7 +87,14 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         ({"logit_bias": {"100000": 1}}, "logit_bias", "invalid_parameter"),
         ({"n": 2}, "n", "unsupported_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "unsupported_parameter"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+            "response_format",
+            "invalid_parameter",
+        ),
+        ({"grammar": {"type": "regex", "value": "a(b"}}, "grammar", "invalid_parameter"),
+        ({"grammar": {"type": "gbnf", "value": "root ::= x"}}, "grammar.type", "invalid_parameter"),
         ({"frobnicate": 1}, "frobnicate", "invalid_parameter"),
         ({"messages": []}, "messages", "invalid_parameter"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "invalid_parameter"),
@@ -152,7 +159,7 @@ def test_ollama_routes_use_ollama_error_shape(http: httpx.Client) -> None:
     assert r.status_code == 404 and r.json() == {"error": "model 'nope' is not served here; available: 'tiny'"}
     r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "options": {"temperature": -2}})
     assert r.status_code == 400 and "temperature" in r.json()["error"]
-    r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "format": "json"})
+    r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "format": "yaml"})
     assert r.status_code == 400 and "format" in r.json()["error"]
     assert http.post("/api/chat", content=b"{").status_code == 422
 

@@ -39,6 +39,7 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
+from lmx.server.structured import check_constraint
 
 
 def _now() -> str:
@@ -97,6 +98,7 @@ async def chat(request: Request) -> Response:
     messages = chat_messages(req.messages)
     options = ollama_options(req, state.default_max_tokens)
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "format")
     if not messages:  # Ollama answers an empty chat by loading the model and returning at once
         return JSONResponse(
             {
@@ -131,6 +133,7 @@ async def generate(request: Request) -> Response:
             raise UnsupportedParameterError(f"{name} is not supported", param=name)
     options = ollama_options(req, state.default_max_tokens)
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "format")
     if not req.prompt:
         return JSONResponse(
             {"model": state.model_id, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}

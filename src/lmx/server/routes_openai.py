@@ -50,6 +50,7 @@ from lmx.server.schemas import (
     parse_body,
     template_kwargs,
 )
+from lmx.server.structured import check_constraint, constraint_param
 
 Kind = Literal["chat", "text"]
 FLOOR_LOGPROB = -9999.0  # JSON has no -Infinity: a token ruled out by top_k/top_p/min_p gets this, as OpenAI does
@@ -202,6 +203,7 @@ async def chat_completions(request: Request) -> Response:
     if req.max_completion_tokens is not None:
         params["max_tokens"] = "max_completion_tokens"
     check_options(options, params, state.info.vocab_size)
+    await check_constraint(state.engine, options, constraint_param(req.response_format, req.grammar))
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
     job = await start_job(
@@ -221,6 +223,7 @@ async def completions(request: Request) -> Response:
     prompts = completion_prompts(req, state.settings.max_concurrency)
     options = openai_options(req, state.default_max_tokens)
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "grammar")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if len(prompts) > 1:
         return await _complete_batch(request, state, prompts, options, req.return_token_ids)

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmx.server.errors import ApiRequestError, MalformedBodyError, UnsupportedParameterError
+from lmx.server.structured import ollama_constraint, openai_constraint
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -45,6 +46,7 @@ class _OpenAISampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
+    grammar: dict[str, Any] | None = None  # lmx extension: {"type": "lark" | "regex", "value": ...}
     # Bookkeeping fields: accepted and ignored, they do not change the reply.
     user: str | None = None
     store: bool | None = None
@@ -307,8 +309,8 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     """Engine options of an OpenAI request (only the fields it set).
 
     Raises:
-        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``, or a
-            ``response_format`` other than text.
+        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``.
+        ApiRequestError: a malformed ``response_format`` or ``grammar`` (see :mod:`lmx.server.structured`).
     """
     if req.n not in (None, 1):
         raise UnsupportedParameterError(f"n must be 1 (one choice per request), got {req.n}", param="n")
@@ -327,12 +329,6 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         for name in ("tools", "functions"):
             if getattr(req, name):
                 raise UnsupportedParameterError(f"{name} (function calling) is not supported", param=name)
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise UnsupportedParameterError(
-                f"response_format type must be 'text' (structured output is not supported), got {fmt!r:.40}",
-                param="response_format",
-            )
         if req.max_completion_tokens is not None:
             max_tokens = req.max_completion_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -349,6 +345,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         if req.logprobs is not None:
             opts["logprobs"] = req.logprobs
     opts["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    constraint = openai_constraint(getattr(req, "response_format", None), req.grammar)
+    if constraint is not None:
+        opts["constraint"] = constraint
     return opts
 
 
@@ -397,10 +396,9 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
     ``num_predict`` < 0 (Ollama's "no limit") means up to the end of the context.
 
     Raises:
-        UnsupportedParameterError: ``format`` (structured output) or tools were asked for.
+        UnsupportedParameterError: tools were asked for.
+        ApiRequestError: ``format`` is neither "json" nor a schema object.
     """
-    if req.format:
-        raise UnsupportedParameterError("format (structured output) is not supported", param="format")
     if getattr(req, "tools", None):
         raise UnsupportedParameterError("tools (function calling) is not supported", param="tools")
     opts: dict[str, Any] = {"max_tokens": default_max_tokens}
@@ -411,6 +409,9 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
         if engine_name == "max_tokens" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
             continue
         opts[engine_name] = [value] if engine_name == "stop" and isinstance(value, str) else value
+    constraint = ollama_constraint(req.format)
+    if constraint is not None:
+        opts["constraint"] = constraint
     return opts
 
 

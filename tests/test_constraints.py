@@ -37,8 +37,9 @@ PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time"]
 
 def test_spec_is_canonical_hashable_and_checked() -> None:
     a = Constraint.json({"type": "object", "properties": {"x": {"type": "integer"}}})
-    b = Constraint.json({"properties": {"x": {"type": "integer"}}, "type": "object"})
+    b = Constraint.json({"type": "object", "properties": {"x": {"type": "integer"}}})
     assert a == b and hash(a) == hash(b) and a.kind == "json"
+    assert a.source == '{"type":"object","properties":{"x":{"type":"integer"}}}'  # compact, order kept
     assert json.loads(Constraint.json().source) == {"type": "object"}
     assert Constraint.regex("a+") != Constraint.lark("a+")
     for bad, words in [
@@ -76,6 +77,7 @@ def test_json_schema_outputs_validate(engines: dict[str, lmx.Engine], arch: str)
     for run in _outputs(engines[arch], Constraint.json(SCHEMA)):
         assert run.finish_reason == "stop", run.text
         jsonschema.validate(json.loads(run.text), SCHEMA)
+        assert list(json.loads(run.text)) == list(SCHEMA["properties"])  # the schema's order
 
 
 def test_regex_and_lark_outputs_match_exactly(engines: dict[str, lmx.Engine], arch: str) -> None:

@@ -48,7 +48,7 @@ class Constraint:
     """What a row's text must match.
 
     Attributes:
-        kind: ``"json"`` (``source`` is a JSON schema, as canonical JSON text), ``"lark"``
+        kind: ``"json"`` (``source`` is a JSON schema, as compact JSON text), ``"lark"``
             (a Lark grammar, llguidance's dialect) or ``"regex"`` (the whole output matches).
         source: the schema or grammar text.
 
@@ -82,7 +82,8 @@ class Constraint:
         if not isinstance(schema, (dict, bool)):
             raise InvalidOptionError(f"a JSON schema must be an object (dict), got {type(schema).__name__}")
         try:
-            text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            # Key order is kept: llguidance writes properties in the order the schema lists them.
+            text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidOptionError(f"the JSON schema is not JSON-serialisable: {e}") from None
         return cls("json", text)
@@ -211,6 +212,7 @@ class ConstraintCompiler:
         self.n_vocab = n_vocab
         self.cache_size = cache_size
         self._ll_tokenizer: Any = None
+        self._executor: Any = None
         self._cache: collections.OrderedDict[Constraint, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -256,7 +258,16 @@ class ConstraintCompiler:
 
     def matcher(self, constraint: Constraint) -> RowMatcher:
         """A fresh :class:`RowMatcher` for one row (a copy of the compiled start state)."""
-        return RowMatcher(self.compile(constraint).deep_copy(), self.eos, self.n_vocab, constraint)
+        return RowMatcher(self.compile(constraint).deep_copy(), self.eos, self.n_vocab, constraint, self.executor())
+
+    def executor(self) -> Any:
+        """The ``llguidance.LLExecutor`` (a thread pool) that computes several rows' masks at once."""
+        with self._lock:
+            if self._executor is None:
+                import llguidance
+
+                self._executor = llguidance.LLExecutor()
+            return self._executor
 
 
 def _clean(message: str) -> str:
@@ -278,13 +289,20 @@ class RowMatcher:
         constraint: the spec (for messages).
     """
 
-    def __init__(self, matcher: Any, eos: Sequence[int], n_vocab: int, constraint: Constraint) -> None:
+    def __init__(
+        self, matcher: Any, eos: Sequence[int], n_vocab: int, constraint: Constraint, executor: Any = None
+    ) -> None:
         self.ll = matcher
         self.eos = tuple(eos)
         self.n_vocab = n_vocab
         self.constraint = constraint
+        self.executor = executor
         self.pending: Any = None
-        self._words = np.zeros(math.ceil(n_vocab / 32), dtype=np.int32)
+
+    @property
+    def live(self) -> bool:
+        """Whether the grammar still allows more than end-of-sequence."""
+        return not self.ll.is_stopped() and not self.ll.is_error()
 
     def consume(self, token: int) -> None:
         """Move past ``token``. An end-of-sequence id ends the grammar; a token the grammar did
@@ -308,21 +326,42 @@ class RowMatcher:
         When the grammar is complete, failed, or allows nothing, only end-of-sequence is allowed,
         so the row ends.
         """
-        self.sync()
-        allowed = np.zeros(self.n_vocab, dtype=bool)
-        if not self.ll.is_stopped() and not self.ll.is_error():
-            words = self._words
-            self.ll.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
-        if allowed[self.eos[0]] or not allowed.any():
-            allowed[list(self.eos)] = True
-        return allowed
+        words = next_words([self])[0]
+        return np.unpackbits(words.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
 
     @property
     def accepting(self) -> bool:
         """Whether the text so far is complete under the grammar (after the pending token)."""
         self.sync()
         return bool(self.ll.is_accepting())
+
+
+def next_words(matchers: Sequence[RowMatcher]) -> np.ndarray:
+    """The next allowed tokens of several rows, as bitmasks: (rows, ceil(n_vocab / 32)) int32,
+    bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed.
+
+    Each row's pending token is consumed first; the masks of rows whose grammar still runs are
+    computed together on the compiler's thread pool. A row whose grammar is complete, failed or
+    allows nothing gets only end-of-sequence; end-of-sequence allowed means every EOS id is.
+    """
+    n_vocab = matchers[0].n_vocab
+    words = np.zeros((len(matchers), math.ceil(n_vocab / 32)), dtype=np.int32)
+    for m in matchers:
+        m.sync()
+    live = [(m.ll, i) for i, m in enumerate(matchers) if m.live]
+    executor = matchers[0].executor
+    if len(live) > 1 and executor is not None:
+        executor.unsafe_compute_mask_ptr(live, words.ctypes.data, words.shape[1] * 4, len(matchers))
+    else:
+        for ll, i in live:
+            ll.unsafe_compute_mask_ptr(words[i].ctypes.data, words.shape[1] * 4)
+    bits = words.view(np.uint32)
+    for i, m in enumerate(matchers):
+        first = m.eos[0]
+        if (bits[i, first // 32] >> np.uint32(first % 32)) & 1 or not bits[i].any():
+            for e in m.eos:
+                bits[i, e // 32] |= np.uint32(1 << (e % 32))
+    return words
 
 
 __all__ = [

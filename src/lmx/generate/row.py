@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from lmx.generate.constraints import RowMatcher
+from lmx.generate.constraints import RowMatcher, next_words
 from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
 from lmx.generate.stopping import StopStringMatcher
@@ -73,17 +73,19 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
     """
     logits = logits.astype(mx.float32)
     constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
-    masks = None
+    words = None
     if constrained:
         mx.async_eval(logits)  # the device runs the step while the CPU computes the masks
-        masks = np.stack([rows[i].matcher.next_mask() for i in constrained])  # type: ignore[union-attr]
+        words = next_words([rows[i].matcher for i in constrained])  # type: ignore[misc]
     for i, r in enumerate(rows):
         if r.processors:
             logits[i : i + 1] = r.process(logits[i : i + 1])
-    if masks is not None:
+    if words is not None:
         index = mx.array(constrained, dtype=mx.int32)
         width = logits.shape[-1]
-        allowed = mx.array(masks[:, :width])  # (C, V) bool
+        # The packed bits go to the device (32x fewer bytes than booleans) and unpack there.
+        bits = mx.right_shift(mx.array(words.view(np.uint32))[:, :, None], mx.arange(32, dtype=mx.uint32))
+        allowed = (bits & 1).reshape(len(constrained), -1)[:, :width] == 1  # (C, V)
         logits[index] = mx.where(allowed, logits[index], mx.array(-mx.inf, dtype=logits.dtype))
     logprobs = logits - logsumexp(logits)
     tokens = mx.argmax(logprobs, axis=-1)

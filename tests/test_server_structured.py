@@ -155,3 +155,19 @@ def test_unsupported_schema_is_400_naming_it(
     assert e.value.body["param"] == "response_format"
     r = httpx.post(server.url + "/api/chat", json={"model": "gemma", "messages": MESSAGES, "format": schema})
     assert r.status_code == 400 and feature in r.json()["error"]
+
+
+def test_remote_backend_sends_any_constraint(server: BackgroundServer, engine: lmx.Engine) -> None:
+    remote = lmx.RemoteBackend(server.url)
+    regex = r"(red|green|blue), [0-9]{2}"
+    reply = remote.generate("My favourite colour and number:", constraint=lmx.Constraint.regex(regex), max_tokens=12)
+    local = engine.generate("My favourite colour and number:", constraint=lmx.Constraint.regex(regex), max_tokens=12)
+    assert re.fullmatch(regex, reply.text) and reply.text == local.text
+    small = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    answer = remote.chat(MESSAGES, constraint=lmx.Constraint.json(small), max_tokens=20)
+    assert json.loads(answer.text) in ({"ok": True}, {"ok": False})

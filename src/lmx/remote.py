@@ -192,6 +192,10 @@ class RemoteBackend:
                 value = list(value)
             elif name == "logprobs":
                 continue
+            elif name == "constraint":
+                if value is None:
+                    continue
+                name, value = "grammar", {"type": value.kind, "value": value.source}  # lmx's extension field
             body[name] = value
         if opts.logprobs is not None or self.lmx_extensions:
             if chat:

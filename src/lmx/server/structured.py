@@ -6,7 +6,8 @@
   "strict": true}}`` (a JSON value matching the schema; the schema is always enforced).
 - Ollama ``/api/chat`` and ``/api/generate``: ``format: "json"`` or a JSON schema object.
 - lmx extension on ``/v1/chat/completions`` and ``/v1/completions``: ``"grammar": {"type":
-  "lark" | "regex", "value": "..."}``.
+  "lark" | "regex" | "json", "value": "..."}`` (``json``: the value is a JSON schema as text;
+  this is how :class:`lmx.RemoteBackend` sends any ``constraint``).
 
 A malformed field, or a schema or grammar that does not compile (an unsupported JSON-schema
 keyword, a regex syntax error...), is a 400 whose ``param`` names the field and whose message
@@ -15,6 +16,7 @@ names the feature.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +26,7 @@ from lmx.generate.constraints import Constraint
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-GRAMMAR_TYPES = ("lark", "regex")
+GRAMMAR_TYPES = ("lark", "regex", "json")
 
 
 def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
@@ -61,7 +63,7 @@ def response_format_constraint(response_format: dict[str, Any] | None) -> Constr
 
 
 def grammar_constraint(grammar: dict[str, Any] | None) -> Constraint | None:
-    """The constraint of lmx's ``grammar`` field: ``{"type": "lark" | "regex", "value": "..."}``.
+    """The constraint of lmx's ``grammar`` field: ``{"type": "lark" | "regex" | "json", "value": "..."}``.
 
     Raises:
         ApiRequestError: another type, or a value that is not a non-empty string.
@@ -78,6 +80,12 @@ def grammar_constraint(grammar: dict[str, Any] | None) -> Constraint | None:
             f"grammar.value must be a non-empty string (the {kind} source), got {type(value).__name__}",
             param="grammar.value",
         )
+    if kind == "json":
+        try:
+            schema = json.loads(value)
+        except ValueError as e:
+            raise ApiRequestError(f"grammar.value must be a JSON schema as text: {e}", param="grammar.value") from None
+        return _build(lambda: Constraint.json(schema), "grammar")
     return _build(lambda: Constraint.lark(value) if kind == "lark" else Constraint.regex(value), "grammar")
 
 

@@ -110,10 +110,11 @@ def test_qmatmul_batched_shape_and_bfloat16_input(K):
 
 
 @needs_kernels
-def test_multithreaded_rows_equal_single_thread(K):
+@pytest.mark.parametrize("rows", [1, 24])  # 24: prefill, W's blocks of 256 rows shared out over the pool
+def test_multithreaded_rows_equal_single_thread(K, rows):
     rng = np.random.default_rng(2)
     blocks = mx.array(random_blocks(T.Q8_0, 4099, 640, rng))  # large enough to be split over the pool
-    x = mx.array(rng.standard_normal((1, 640)).astype(np.float32))
+    x = mx.array(rng.standard_normal((rows, 640)).astype(np.float32))
     before = K.num_threads()
     try:
         K.set_num_threads(1)

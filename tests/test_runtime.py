@@ -35,7 +35,13 @@ try:  # which library the process-global cblas_sgemm (the one MLX binds to) come
     source = info.fname.decode()
 except AttributeError:
     pass
-print(json.dumps({"blas": BLAS.name, "path": BLAS.path, "mapped": mapped_blas_libraries(), "sgemm_from": source}))
+threads = None
+try:  # what OpenBLAS itself says it runs on (LMX_BLAS_THREADS)
+    threads = ctypes.CDLL(None).openblas_get_num_threads()
+except AttributeError:
+    pass
+print(json.dumps({"blas": BLAS.name, "path": BLAS.path, "mapped": mapped_blas_libraries(), "sgemm_from": source,
+                  "threads": threads, "status_threads": BLAS.threads}))
 """
 
 
@@ -54,6 +60,14 @@ def test_mlx_matmul_resolves_to_openblas():
     assert result["path"] in result["mapped"]
     # The global symbol MLX binds to is OpenBLAS's, not the bundled reference BLAS's.
     assert "openblas" in result["sgemm_from"], result
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS fix is Linux-only")
+def test_openblas_runs_one_thread_unless_told():
+    """One spin-waiting OpenBLAS thread per CPU stalled prompts on a busy machine (RESULTS.md)."""
+    assert _probe(OPENBLAS_NUM_THREADS="2")["threads"] == 1  # lmx's default wins over OpenBLAS's own
+    told = _probe(LMX_BLAS_THREADS="2")
+    assert told["threads"] == 2 and told["status_threads"] == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS fix is Linux-only")

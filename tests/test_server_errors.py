@@ -46,18 +46,19 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
 
 def test_api_key_required_except_health(server: BackgroundServer) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/api/tags"), ("GET", "/")]:
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/api/tags")]:
         r = httpx.request(method, server.url + path, json=CHAT)
         assert r.status_code == 401, path
         assert "missing API key" in (r.json()["error"]["message"] if path != "/api/tags" else r.json()["error"])
     assert_error(httpx.get(server.url + "/v1/models"), 401, "invalid_api_key")
     wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer sk-test-0123456788"})
     assert "invalid API key" in assert_error(wrong, 401, "invalid_api_key")
-    # The page asks the browser for the key (Basic auth); API routes say Bearer.
-    assert httpx.get(server.url + "/").headers["www-authenticate"].startswith("Basic")
+    # The Lab page is served without the key (it asks for it itself); every 401 says Bearer.
+    assert httpx.get(server.url + "/").status_code == 200
+    assert httpx.get(server.url + "/static/lab.js").status_code == 200
+    assert httpx.get(server.url + "/api/tags").headers["www-authenticate"] == "Bearer"
     assert httpx.get(server.url + "/v1/models").headers["www-authenticate"] == "Bearer"
     basic = base64.b64encode(f"me:{KEY}".encode()).decode()
-    assert httpx.get(server.url + "/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
     assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"Basic {basic}"}).status_code == 200
 
 
@@ -75,6 +76,15 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         assert client.chat.completions.create(**CHAT).usage.completion_tokens == 2
 
 
+UNIQUE_ITEMS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("patch", "param", "code"),
     [
@@ -85,8 +95,16 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_parameter"),
         ({"logit_bias": {"100000": 1}}, "logit_bias", "invalid_parameter"),
-        ({"n": 2}, "n", "unsupported_parameter"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+        ({"n": 9}, "n", "invalid_parameter"),  # above the server's max_n (8)
+        ({"n": 0}, "n", "invalid_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "invalid_parameter"),
+        ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools", "invalid_parameter"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
+            "tool_choice",
+            "invalid_parameter",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "unsupported_parameter"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
@@ -95,6 +113,16 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         ),
         ({"grammar": {"type": "regex", "value": "a(b"}}, "grammar", "invalid_parameter"),
         ({"grammar": {"type": "gbnf", "value": "root ::= x"}}, "grammar.type", "invalid_parameter"),
+        (  # a forced call's constraint is the tool's parameter schema: an unsupported keyword is named
+            {"tools": [UNIQUE_ITEMS_TOOL], "tool_choice": "required"},
+            "tools",
+            "invalid_parameter",
+        ),
+        (
+            {"tools": [UNIQUE_ITEMS_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "invalid_parameter",
+        ),
         ({"frobnicate": 1}, "frobnicate", "invalid_parameter"),
         ({"messages": []}, "messages", "invalid_parameter"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "invalid_parameter"),

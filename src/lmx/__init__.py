@@ -17,7 +17,7 @@ from lmx.engine import Engine, TokenStream, load
 from lmx.errors import LmxError
 from lmx.generate.constraints import Constraint
 from lmx.generate.options import GenerationOptions
-from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, TopLogprob
+from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, ToolCall, TopLogprob
 from lmx.runtime import memory
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "RemoteBackend",
     "Token",
     "TokenStream",
+    "ToolCall",
     "TopLogprob",
     "__version__",
     "errors",

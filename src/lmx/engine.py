@@ -6,6 +6,7 @@ Every call (generate, stream, chat, batch_generate, classify) becomes requests o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
+from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime import memory
@@ -190,16 +192,53 @@ class Engine:
         """
         return self._submit(self.encode_prompt(prompt), self.options(options), sink)
 
-    def chat(self, messages: list[Message], *, chat_template_kwargs: dict | None = None, **options: Any) -> Completion:
-        """Reply to a conversation (a list of ``{"role", "content"}`` dicts)."""
-        return _collect(self.stream_chat(messages, chat_template_kwargs=chat_template_kwargs, **options))
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        tools: list[dict] | None = None,
+        tool_choice: Any = None,
+        chat_template_kwargs: dict | None = None,
+        **options: Any,
+    ) -> Completion:
+        """Reply to a conversation (a list of ``{"role", "content"}`` dicts).
+
+        ``tools`` (OpenAI function tools) are rendered through the chat template (see
+        :mod:`lmx.generate.tools`); the reply's calls are then in ``Completion.tool_calls`` and
+        ``text`` is the rest. ``tool_choice``: ``"auto"`` (default), ``"none"``, ``"required"``
+        or ``{"type": "function", "function": {"name": ...}}``.
+        """
+        kwargs = chat_template_kwargs or {}
+        stream = self.stream_chat(
+            messages, tools=tools, tool_choice=tool_choice, chat_template_kwargs=kwargs, **options
+        )
+        done = _collect(stream)
+        if not tools:
+            return done
+        plan = plan_tools(self.tokenizer, messages, tools, tool_choice, kwargs.get("chat_template"))
+        if not plan.parse:
+            return done
+        text, calls = parse_tool_calls(done.text, plan.style, plan.prefix)
+        return dataclasses.replace(done, text=text, tool_calls=calls)
 
     def stream_chat(
-        self, messages: list[Message], *, chat_template_kwargs: dict | None = None, sink: Any = None, **options: Any
+        self,
+        messages: list[Message],
+        *,
+        tools: list[dict] | None = None,
+        tool_choice: Any = None,
+        chat_template_kwargs: dict | None = None,
+        sink: Any = None,
+        **options: Any,
     ) -> TokenStream:
-        """Like :meth:`chat`, streaming. A follow-up turn only prefills its new tokens."""
+        """Like :meth:`chat`, streaming the raw reply (read calls out of it with
+        :class:`lmx.generate.tools.ToolCallParser`). A follow-up turn only prefills its new tokens."""
         opts = self.options(options)
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        kwargs = chat_template_kwargs or {}
+        plan = plan_tools(self.tokenizer, messages, tools, tool_choice, kwargs.get("chat_template"))
+        ids = self.tokenizer.encode_chat(plan.messages, add_generation_prompt=True, tools=plan.template_tools, **kwargs)
+        if plan.prefix:  # a required call: the reply starts inside it
+            ids = ids + self.tokenizer.encode(plan.prefix, add_special_tokens=False)
         return self._submit(self.encode_prompt(ids), opts, sink)
 
     def batch_generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:
@@ -231,6 +270,18 @@ class Engine:
 
         _check_keywords("classify", options, _CLASSIFY_OPTIONS)
         return classify(self, texts, labels, **options)
+
+    def embed(self, texts: str | Sequence[str | Sequence[int]], *, batch_size: int = 16) -> list[list[float]]:
+        """One unit-length vector per text (or token-id list): the mean of the model's
+        final-norm hidden states over its tokens; see :mod:`lmx.embed` for what they are good
+        for (a base model's pooled states are no trained embedding model).
+
+        Raises:
+            InvalidOptionError, ContextLengthError, EngineClosedError.
+        """
+        from lmx.embed import embed
+
+        return embed(self, texts, batch_size=batch_size).vectors
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` with the model to itself, between two decode steps of the running
@@ -300,6 +351,18 @@ class Engine:
             result = unload_adapter(self.model)
             self.scheduler.decoder.refresh()
             return result
+
+        return self.run_exclusive(work)
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prompt's keys and values (between two decode steps; running requests
+        keep theirs) and give their memory back; return the bytes the cache held."""
+
+        def work() -> int:
+            held = self.scheduler.prefix_cache.nbytes
+            self.scheduler.prefix_cache.clear()
+            memory.clear_cache()
+            return held
 
         return self.run_exclusive(work)
 

@@ -36,6 +36,21 @@ class TopLogprob(tuple):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call a chat reply made (see :mod:`lmx.generate.tools`).
+
+    Attributes:
+        id: ``call_<24 hex digits>``, fresh for each parsed call.
+        name: the function's name.
+        arguments: the arguments, as JSON text of an object.
+    """
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Token:
     """One generated token.
 
@@ -86,6 +101,8 @@ class Completion:
         metrics: counts and speeds.
         logprobs: per generated token, its logprob (when asked for).
         top_logprobs: per generated token, the top alternatives (when asked for).
+        tool_calls: the function calls of a :meth:`lmx.Engine.chat` reply given ``tools``
+            (``text`` is then the rest of the reply); empty otherwise.
     """
 
     text: str
@@ -94,6 +111,7 @@ class Completion:
     metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     logprobs: list[float] | None = None
     top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

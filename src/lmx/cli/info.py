@@ -29,7 +29,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
 
     choose_device(device)
     stats = memory.stats()
-    blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "reason": BLAS.reason}
+    blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "threads": BLAS.threads, "reason": BLAS.reason}
     if sys.platform.startswith("linux"):
         blas["mapped"] = mapped_blas_libraries()
     out: dict[str, Any] = {

@@ -82,6 +82,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="most labels one POST /v1/classify request may hold; more get 400 (default 128)",
     )
     p.add_argument(
+        "--max-embed-inputs",
+        type=int,
+        default=256,
+        help="most inputs one POST /v1/embeddings or /api/embed request may hold; more get 400 (default 256)",
+    )
+    p.add_argument(
+        "--max-n",
+        type=int,
+        default=8,
+        help="most choices (OpenAI n) one request may ask for; more get 400 (default 8)",
+    )
+    p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
         help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
@@ -97,6 +109,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=DEFAULT_MAX_OUTPUT_CHARS,
         help=f"longest prompt (and string) a chat template may build (default {DEFAULT_MAX_OUTPUT_CHARS})",
+    )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve GET /metrics (Prometheus) without the API key (default: it needs the key)",
     )
     p.add_argument("--no-lab", action="store_true", help="do not serve the Lab chat page at /")
     p.add_argument(
@@ -132,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_classify_texts=args.max_classify_texts,
         max_classify_labels=args.max_classify_labels,
+        max_embed_inputs=args.max_embed_inputs,
+        max_n=args.max_n,
         lab=not args.no_lab,
+        public_metrics=args.public_metrics,
         allow_request_chat_template=args.allow_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,
         chat_template_max_chars=args.chat_template_max_chars,

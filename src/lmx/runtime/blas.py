@@ -29,12 +29,14 @@ class BlasStatus:
         path: the loaded library, when there is one.
         reason: why OpenBLAS is not in use, when it is not.
         core: the CPU kernel set OpenBLAS was built for (e.g. ``ZEN``, ``HASWELL``).
+        threads: the threads OpenBLAS was set to (``LMX_BLAS_THREADS``), when it is loaded.
     """
 
     name: str
     path: str | None = None
     reason: str | None = None
     core: str | None = None
+    threads: int | None = None
 
 
 def _candidate_paths() -> list[Path]:
@@ -51,8 +53,8 @@ def ensure_openblas() -> BlasStatus:
     """Load OpenBLAS with ``RTLD_GLOBAL`` if this is Linux and mlx is not imported yet.
 
     Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS, ``LMX_OPENBLAS=/path/lib.so`` to
-    name the library (see :mod:`lmx.runtime.settings`). A missing OpenBLAS only costs speed, and is
-    reported.
+    name the library, ``LMX_BLAS_THREADS`` for its threads (default 1; see
+    :mod:`lmx.runtime.settings`). A missing OpenBLAS only costs speed, and is reported.
 
     Returns:
         A :class:`BlasStatus` saying which BLAS MLX will use.
@@ -80,12 +82,25 @@ def ensure_openblas() -> BlasStatus:
             reason = f"{path} is built for {core} (AVX-512) and this CPU has no AVX-512"
             continue
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-        logger.debug("loaded OpenBLAS (%s) globally from %s", core, path)
-        return BlasStatus("openblas", path=str(path), core=core)
+        threads = settings.LMX_BLAS_THREADS.get()
+        _set_threads(lib, threads)
+        logger.debug("loaded OpenBLAS (%s) globally from %s, %d thread(s)", core, path, threads)
+        return BlasStatus("openblas", path=str(path), core=core, threads=threads)
     return BlasStatus("bundled", reason=reason)
 
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS", "ZEN4", "ZEN5"}
+
+
+def _set_threads(lib: ctypes.CDLL, threads: int) -> None:
+    # OpenBLAS's default (one thread per CPU) spin-waits its threads against each other: on a busy
+    # machine a 16-token prompt then waited seconds for its first token (RESULTS.md, "CPU thread policy").
+    try:
+        fn = lib.openblas_set_num_threads
+    except AttributeError:
+        return
+    fn.argtypes = [ctypes.c_int]
+    fn(threads)
 
 
 def _corename(lib: ctypes.CDLL) -> str:

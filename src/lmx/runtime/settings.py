@@ -155,6 +155,14 @@ LMX_OPENBLAS: Setting[Path | None] = Setting(
     _path,
     default_doc="`cmeel-openblas`'s `libopenblas.so`",
 )
+LMX_BLAS_THREADS: Setting[int] = Setting(
+    "LMX_BLAS_THREADS",
+    "an integer >= 1",
+    1,
+    "threads OpenBLAS runs MLX's float32 products on (and lmx's prefill products, when above 1); at 1 "
+    "lmx's own pool shares prefill out instead, which degrades gently on a busy machine (RESULTS.md)",
+    _positive_int,
+)
 LMX_CPU_KERNELS: Setting[bool] = Setting(
     "LMX_CPU_KERNELS",
     BOOL,
@@ -199,6 +207,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_DEVICE,
     LMX_BLAS,
     LMX_OPENBLAS,
+    LMX_BLAS_THREADS,
     LMX_CPU_KERNELS,
     LMX_CPU_THREADS,
     LMX_CPU_INT8,

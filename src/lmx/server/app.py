@@ -12,7 +12,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmx.server import routes_classify, routes_ollama, routes_openai
+from lmx.server import (
+    routes_anthropic,
+    routes_classify,
+    routes_embeddings,
+    routes_ollama,
+    routes_ollama_models,
+    routes_openai,
+)
 from lmx.server.common import JOBS_KEY, ServerState, error_response, server_state
 from lmx.server.errors import AuthenticationError, MethodNotAllowedError, RouteNotFoundError
+from lmx.server.metrics import MetricsMiddleware, ServerMetrics, metrics_endpoint
 from lmx.server.protocol import ConnectionLimits, LimitedProtocol, RefusalLog
 from lmx.server.settings import ServerSettings
 
@@ -39,7 +47,7 @@ OPEN_PATHS = frozenset({"/health"})
 ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 FD_RESERVE = 64  # descriptors the process needs besides connections (model files, logs, pipes)
 UVICORN_BACKLOG = 2048  # uvicorn's default listen backlog (asyncio also accepts this many per wake-up)
-PAGE_PATHS = ("/", "/static/")  # what a browser navigates to: a 401 there asks for the key (Basic auth)
+PAGE_PATHS = ("/", "/static/")  # the Lab page and its files: open, the page asks for the key itself
 
 
 access_logger = logging.getLogger("lmx.server.access")
@@ -83,16 +91,24 @@ class RequestLog:
 
 
 class ApiKeyMiddleware:
-    """Require the API key on every route but ``/health``, compared in constant time.
+    """Require the API key on every route but ``/health`` and ``open_paths``, compared in constant time.
 
-    Accepted: ``Authorization: Bearer <key>`` (API clients) or HTTP Basic auth with the key
-    as the password (browsers: the Lab page's 401 makes the browser ask for it once, then it
-    sends it with every request to this server).
+    Accepted: ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (API clients; Anthropic
+    SDKs send the latter; the Lab page asks for the key and keeps it in sessionStorage) or HTTP
+    Basic auth with the key as the password. A path is open when it equals an entry of
+    ``open_paths``, or an entry ends with "/" and the path starts with it; the root "/" opens
+    only itself (as a prefix it would open every path). A 401 always carries
+    ``WWW-Authenticate: Bearer``.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: Collection[str] = ()) -> None:
         self.app = app
         self._key = api_key.encode()
+        self._open = frozenset(OPEN_PATHS | set(open_paths))
+        self._open_prefixes = tuple(p for p in self._open if p.endswith("/") and p != "/")
+
+    def _is_open(self, path: str) -> bool:
+        return path in self._open or path.startswith(self._open_prefixes)
 
     def _authorized(self, scope: Scope) -> bool:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -105,18 +121,21 @@ class ApiKeyMiddleware:
                 candidate = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
                 candidate = b""
-        return hmac.compare_digest(candidate, self._key)
+        x_api_key = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"").strip()
+        return hmac.compare_digest(candidate, self._key) | hmac.compare_digest(x_api_key, self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or self._is_open(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        has_key = any(k == b"authorization" for k, _ in scope["headers"])
+        has_key = any(k in (b"authorization", b"x-api-key") for k, _ in scope["headers"])
         message = "invalid API key" if has_key else "missing API key: send 'Authorization: Bearer <key>'"
         response = error_response(AuthenticationError(message), ollama=path.startswith("/api/"))
-        is_page = path == "/" or path.startswith(PAGE_PATHS[1])
-        response.headers["WWW-Authenticate"] = 'Basic realm="lmx", charset="UTF-8"' if is_page else "Bearer"
+        if routes_anthropic.is_anthropic_path(path):
+            message = "invalid API key" if has_key else "missing API key: send 'x-api-key: <key>'"
+            response = routes_anthropic.anthropic_error_response(AuthenticationError(message))
+        response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
 
 
@@ -157,6 +176,8 @@ async def _not_found(request: Request, exc: Exception) -> Response:
         error: Exception = MethodNotAllowedError(f"method {request.method} is not allowed on {path}")
     else:
         error = RouteNotFoundError(f"no route {request.method} {path}")
+    if routes_anthropic.is_anthropic_path(path):
+        return routes_anthropic.anthropic_error_response(error)
     return error_response(error, ollama=path.startswith("/api/"))
 
 
@@ -212,26 +233,33 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             if owns:
                 engine.close()
 
-    routes: list[Any] = [Route("/health", health, methods=["GET"])]
+    routes: list[Any] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     routes += routes_openai.routes() + routes_classify.routes() + routes_ollama.routes()
+    routes += routes_embeddings.routes() + routes_ollama_models.routes() + routes_anthropic.routes()
     if settings.lab:
         routes += [
             Route("/", lab_page, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
-    middleware = [Middleware(RequestLog)]  # outermost: 401s and CORS preflights are logged too
+    metrics = ServerMetrics(engine)
+    # outermost: 401s and CORS preflights are logged and counted too
+    middleware = [Middleware(RequestLog), Middleware(MetricsMiddleware, metrics=metrics, routes=routes)]
     if settings.cors_origins:  # outside the key check, so preflight requests and 401s carry CORS headers
         middleware.append(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["Authorization", "Content-Type", *routes_anthropic.CORS_HEADERS],
                 max_age=600,
             )
         )
     if settings.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+        open_paths = (PAGE_PATHS if settings.lab else ()) + (("/metrics",) if settings.public_metrics else ())
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -239,6 +267,7 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
         lifespan=lifespan,
     )
     app.state.lmx = state
+    app.state.metrics = metrics
     return app
 
 

@@ -25,6 +25,7 @@ from lmx.server.errors import (
     error_body,
 )
 from lmx.server.jobs import Event, Job, LoopSink, submit
+from lmx.server.keep_alive import KeepAlive
 from lmx.server.protocol import CUT_OFF, RefusalLog
 from lmx.server.settings import ServerSettings
 from lmx.tokenizer import Tokenizer
@@ -41,6 +42,7 @@ class ServerState:
     owns_engine: bool
     created: int = field(default_factory=lambda: int(time.time()))
     refusals: RefusalLog = field(default_factory=RefusalLog)
+    keep_alive: KeepAlive = field(default_factory=KeepAlive)  # Ollama's, as /api/ps reports it
 
     @property
     def default_max_tokens(self) -> int:

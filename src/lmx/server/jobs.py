@@ -10,6 +10,7 @@ tokens across threads (:class:`LoopSink`) and records them on the request's
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +36,7 @@ class LoopSink:
         self._loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.closed = False
+        self.times: list[float] = []  # perf_counter() of each token, on the scheduler's worker (metrics)
 
     def _post(self, event: Event) -> None:
         try:
@@ -43,6 +45,7 @@ class LoopSink:
             self.closed = True
 
     def token(self, token: Token) -> None:
+        self.times.append(time.perf_counter())
         self._post(Event("token", token=token))
 
     def end(self, error: BaseException | None) -> None:
@@ -61,6 +64,11 @@ class Job:
         self.stream = stream
         self._sink = sink
         self.generated = 0
+
+    @property
+    def token_times(self) -> list[float]:
+        """``time.perf_counter()`` when each token was made (for latency metrics)."""
+        return self._sink.times
 
     async def next_event(self) -> Event:
         """The next event (waits for it); tokens are recorded on :attr:`stream`."""

@@ -8,11 +8,13 @@ import datetime
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import lmx
+from lmx.generate.tools import plan_tools
 from lmx.server.common import (
     CLIENT_GONE,
     JobStreamingResponse,
@@ -39,7 +41,8 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
-from lmx.server.structured import check_constraint
+from lmx.server.structured import check_constraint, check_tool_constraint
+from lmx.server.tool_choice import OllamaToolPiece, engine_tool_options, request_tools
 
 
 def _now() -> str:
@@ -99,27 +102,34 @@ async def chat(request: Request) -> Response:
     options = ollama_options(req, state.default_max_tokens)
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     await check_constraint(state.engine, options, "format")
+    unload = state.keep_alive.note(req.keep_alive) == 0
     if not messages:  # Ollama answers an empty chat by loading the model and returning at once
-        return JSONResponse(
-            {
-                "model": state.model_id,
-                "created_at": _now(),
-                "message": {"role": "assistant", "content": ""},
-                "done": True,
-                "done_reason": "load",
-            }
+        reply = {"role": "assistant", "content": ""}
+        return unload_after(
+            JSONResponse(
+                {"model": state.model_id, "created_at": _now(), "message": reply, "done": True, "done_reason": "load"}
+            ),
+            state,
+            unload,
         )
     kwargs: dict[str, Any] = {}
     if isinstance(req.think, bool):
         kwargs["enable_thinking"] = req.think
     kwargs = state.template_kwargs(kwargs)
+    tools, choice = request_tools(req.tools, None, state.engine)
+    plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
+    tool_kw = engine_tool_options(tools, choice, plan)
+    await check_tool_constraint(state.engine, tool_kw, options)
     job = await start_job(
-        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    return await _respond(
-        request, state, job, req.stream, lambda text: {"message": {"role": "assistant", "content": text}}
-    )
+    piece: Callable[[str], dict[str, Any]] = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
+    if plan is not None:
+        piece = OllamaToolPiece(plan, whole=not req.stream)
+    response = await _respond(request, state, job, req.stream, piece)
+    return unload_after(response, state, unload)
 
 
 async def generate(request: Request) -> Response:
@@ -134,10 +144,11 @@ async def generate(request: Request) -> Response:
     options = ollama_options(req, state.default_max_tokens)
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     await check_constraint(state.engine, options, "format")
-    if not req.prompt:
-        return JSONResponse(
-            {"model": state.model_id, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-        )
+    unload = state.keep_alive.note(req.keep_alive) == 0
+    if not req.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) the model
+        reason = "unload" if unload else "load"
+        body = {"model": state.model_id, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
+        return unload_after(JSONResponse(body), state, unload)
     engine = state.engine
     if req.raw:
         prompt = req.prompt
@@ -154,7 +165,15 @@ async def generate(request: Request) -> Response:
             return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
 
     job = track(request, await start_job(state, make))
-    return await _respond(request, state, job, req.stream, lambda text: {"response": text})
+    return unload_after(await _respond(request, state, job, req.stream, lambda text: {"response": text}), state, unload)
+
+
+def unload_after(response: Response, state: ServerState, unload: bool) -> Response:
+    """With ``keep_alive`` 0, clear the engine's prefix cache once ``response`` has been sent
+    (lmx keeps the model loaded: what "unloading" frees is the cached prompts' memory)."""
+    if unload:
+        response.background = BackgroundTask(state.engine.clear_prefix_cache)
+    return response
 
 
 def _size_label(n: int) -> str:
@@ -164,18 +183,23 @@ def _size_label(n: int) -> str:
     return str(n)
 
 
-async def tags(request: Request) -> Response:
-    """``GET /api/tags``: the one served model, described as Ollama does."""
-    state = server_state(request)
-    info = state.info
-    quant = info.quantization or {}
-    details = {
+def model_details(info: lmx.ModelInfo) -> dict[str, Any]:
+    """Ollama's ``details`` of the served model (format, family, parameter size, quantization)."""
+    return {
+        "parent_model": "",
         "format": "gguf" if info.source.endswith(".gguf") else "safetensors",
         "family": info.model_type,
         "families": [info.model_type],
         "parameter_size": _size_label(info.num_parameters),
-        "quantization_level": _quantization_level(info, quant),
+        "quantization_level": _quantization_level(info, info.quantization or {}),
     }
+
+
+async def tags(request: Request) -> Response:
+    """``GET /api/tags``: the one served model, described as Ollama does."""
+    state = server_state(request)
+    info = state.info
+    details = model_details(info)
     modified = datetime.datetime.fromtimestamp(state.created, datetime.timezone.utc).isoformat()
     model = {
         "name": state.model_id,

@@ -21,7 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmx.generate.tools import plan_tools
 from lmx.results import Token
+from lmx.server import choices
 from lmx.server.common import (
     CLIENT_GONE,
     JobStreamingResponse,
@@ -50,7 +52,8 @@ from lmx.server.schemas import (
     parse_body,
     template_kwargs,
 )
-from lmx.server.structured import check_constraint, constraint_param
+from lmx.server.structured import check_constraint, check_tool_constraint, constraint_param
+from lmx.server.tool_choice import ToolCallFormat, engine_tool_options, request_tools
 
 Kind = Literal["chat", "text"]
 FLOOR_LOGPROB = -9999.0  # JSON has no -Infinity: a token ruled out by top_k/top_p/min_p gets this, as OpenAI does
@@ -163,7 +166,7 @@ class _Format:
         return {**self._envelope(obj, [choice]), "usage": self.usage(stream), "metrics": stream.metrics.as_dict()}
 
 
-async def _respond(request: Request, job: Job, fmt: _Format, stream: bool, include_usage: bool) -> Response:
+async def _respond(request: Request, job: Job, fmt: Any, stream: bool, include_usage: bool) -> Response:
     if not stream:
         tokens = await collect(job, request)
         if tokens is None:
@@ -206,13 +209,50 @@ async def chat_completions(request: Request) -> Response:
     await check_constraint(state.engine, options, constraint_param(req.response_format, req.grammar))
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
+    tools, choice = request_tools(req.tools, req.tool_choice, state.engine)
+    plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
+    tool_kw = engine_tool_options(tools, choice, plan)
+    await check_tool_constraint(state.engine, tool_kw, options)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = choices.check_n(req.n, state.settings.max_n)
+    if n > 1:
+        makers = [
+            lambda sink, o=o: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **o)
+            for o in choices.choice_options(options, n)
+        ]
+        return await _respond_choices(request, state, "chat", makers, n, req, include_usage, plan)
     job = await start_job(
-        state, lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+        state,
+        lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
     )
     track(request, job)
-    fmt = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    fmt: Any = _Format(state, "chat", options.get("logprobs"), req.return_token_ids)
+    if plan is not None and plan.parse:
+        fmt = ToolCallFormat(fmt, plan)
     return await _respond(request, job, fmt, req.stream, include_usage)
+
+
+async def _respond_choices(
+    request: Request,
+    state: ServerState,
+    kind: Kind,
+    makers: list[Any],
+    n: int,
+    req: Any,
+    include_usage: bool,
+    plan: Any = None,
+) -> Response:
+    """``n > 1``: every choice is a request of its own, answered together (see :mod:`choices`)."""
+    group = await choices.start_jobs(request, state, makers)
+    logprobs = (
+        (req.top_logprobs or 0) if kind == "chat" and req.logprobs else (req.logprobs if kind == "text" else None)
+    )
+    formats: list[Any] = [_Format(state, kind, logprobs, req.return_token_ids) for _ in makers]
+    if plan is not None and plan.parse:  # tool calls read out of each choice's reply
+        formats = [ToolCallFormat(fmt, plan) for fmt in formats]
+    return await choices.respond(
+        request, group, formats, kind=kind, stream=req.stream, include_usage=include_usage, per_prompt=n
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -225,6 +265,11 @@ async def completions(request: Request) -> Response:
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
     await check_constraint(state.engine, options, "grammar")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = choices.check_n(req.n, state.settings.max_n)
+    if n > 1:  # choices prompt by prompt: prompt i's are i*n ... i*n + n - 1, as OpenAI orders them
+        opts = choices.choice_options(options, n)
+        makers = [lambda sink, p=p, o=o: state.engine.stream(p, sink=sink, **o) for p in prompts for o in opts]
+        return await _respond_choices(request, state, "text", makers, n, req, include_usage)
     if len(prompts) > 1:
         return await _complete_batch(request, state, prompts, options, req.return_token_ids)
     prompt = prompts[0]

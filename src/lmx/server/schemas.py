@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmx.server.errors import ApiRequestError, MalformedBodyError, UnsupportedParameterError
 from lmx.server.structured import ollama_constraint, openai_constraint
+from lmx.server.tool_choice import tool_message_fields
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -205,9 +206,12 @@ def _raise_for_huge_number(body: bytes) -> None:
             stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool"})  # pydantic's names of plain union members in a loc
+
+
 def _param_name(loc: tuple[Any, ...]) -> str:
     # pydantic adds the union member tried ("str", "list[int]") to the location: drop those.
-    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
+    parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _UNION_MEMBERS)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
@@ -252,6 +256,7 @@ def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> li
         if message.get("images"):
             raise UnsupportedParameterError(f"{where}.images: images are not supported", param=f"{where}.images")
         out.append({"role": "system" if role == "developer" else role, "content": content})
+        out[-1].update(tool_message_fields(message, where))
     return out
 
 
@@ -309,11 +314,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     """Engine options of an OpenAI request (only the fields it set).
 
     Raises:
-        UnsupportedParameterError: ``n > 1``, tools, ``echo``, ``suffix``, ``best_of > 1``.
+        UnsupportedParameterError: ``functions``, ``echo``, ``suffix``, ``best_of > 1``.
         ApiRequestError: a malformed ``response_format`` or ``grammar`` (see :mod:`lmx.server.structured`).
     """
-    if req.n not in (None, 1):
-        raise UnsupportedParameterError(f"n must be 1 (one choice per request), got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
     opts: dict[str, Any] = {}
@@ -326,9 +329,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         opts["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     max_tokens = req.max_tokens
     if isinstance(req, ChatCompletionRequest):
-        for name in ("tools", "functions"):
-            if getattr(req, name):
-                raise UnsupportedParameterError(f"{name} (function calling) is not supported", param=name)
+        if req.functions or req.function_call is not None:  # tools and tool_choice: see server/tool_choice.py
+            name = "functions" if req.functions else "function_call"
+            raise UnsupportedParameterError(f"{name} (deprecated) is not supported; use tools", param=name)
         if req.max_completion_tokens is not None:
             max_tokens = req.max_completion_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -396,11 +399,8 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
     ``num_predict`` < 0 (Ollama's "no limit") means up to the end of the context.
 
     Raises:
-        UnsupportedParameterError: tools were asked for.
         ApiRequestError: ``format`` is neither "json" nor a schema object.
     """
-    if getattr(req, "tools", None):
-        raise UnsupportedParameterError("tools (function calling) is not supported", param="tools")
     opts: dict[str, Any] = {"max_tokens": default_max_tokens}
     for name, value in (req.options or {}).items():
         engine_name = OLLAMA_OPTIONS.get(name)

@@ -56,7 +56,14 @@ class ServerSettings:
         max_classify_labels: the most labels one ``POST /v1/classify`` request may hold; more
             are answered 400 (``param`` ``labels``). Every (text, label) pair is scored, so
             this and ``max_classify_texts`` together bound one call's work. Default 128.
+        max_embed_inputs: the most inputs one ``POST /v1/embeddings`` or ``/api/embed`` request
+            may hold; more are answered 400 (``param`` ``input``). The call holds the model to
+            itself until every input is embedded. Default 256.
+        max_n: the most choices (OpenAI ``n``) one request may ask for; more are answered 400.
+            Each choice is a row of the batch. Default 8.
         lab: serve the Lab chat page at ``/``.
+        public_metrics: serve ``GET /metrics`` (Prometheus) without the API key; by default it
+            needs the key like every other route but ``/health``.
         warm_up: generate one token when the app is created (see :func:`lmx.server.app.create_app`).
         allow_request_chat_template: let a request replace the model's chat template with
             ``chat_template_kwargs.chat_template`` (Jinja source or a template name). Off by
@@ -86,7 +93,10 @@ class ServerSettings:
     max_connections: int = 128
     max_classify_texts: int = 256
     max_classify_labels: int = 128
+    max_embed_inputs: int = 256
+    max_n: int = 8
     lab: bool = True
+    public_metrics: bool = False
     warm_up: bool = True
     allow_request_chat_template: bool = False
     chat_template_timeout: float = DEFAULT_TIMEOUT_S
@@ -108,6 +118,8 @@ class ServerSettings:
         _check_int("max_connections", self.max_connections, 1, None)
         _check_int("max_classify_texts", self.max_classify_texts, 1, None)
         _check_int("max_classify_labels", self.max_classify_labels, 1, None)
+        _check_int("max_embed_inputs", self.max_embed_inputs, 1, None)
+        _check_int("max_n", self.max_n, 1, 256)
         for name in ("keep_alive_timeout", "body_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -139,6 +139,24 @@ async def check_constraint(engine: Any, options: dict[str, Any], param: str) -> 
         raise ApiRequestError(f"{param}: {e}", param=param) from None
 
 
+async def check_tool_constraint(engine: Any, tool_options: dict[str, Any], options: dict[str, Any]) -> None:
+    """Check the constraint a forced tool call brings (``tool_choice`` ``"required"`` or a named
+    function), which cannot be combined with a JSON ``response_format``, ``format`` or ``grammar``.
+
+    Raises:
+        ApiRequestError: both are asked for (``param`` ``"tool_choice"``), or the tools' parameter
+            schemas do not compile (``param`` ``"tools"``, the unsupported feature named).
+    """
+    if "constraint" not in tool_options:
+        return
+    if options.get("constraint") is not None:
+        raise ApiRequestError(
+            "a forced tool call (tool_choice) cannot be combined with a JSON response format or a grammar",
+            param="tool_choice",
+        )
+    await check_constraint(engine, tool_options, "tools")
+
+
 def _build(make: Any, param: str) -> Constraint:
     try:
         return make()
@@ -150,6 +168,7 @@ __all__ = [
     "GRAMMAR_TYPES",
     "RESPONSE_FORMATS",
     "check_constraint",
+    "check_tool_constraint",
     "constraint_param",
     "grammar_constraint",
     "ollama_constraint",

@@ -235,6 +235,14 @@ class Tokenizer:
             "or put a chat_template.jinja file in the model directory"
         )
 
+    def template_source(self, chat_template: str | None = None, tools: list[Any] | None = None) -> str:
+        """The Jinja source :meth:`apply_chat_template` would render with these arguments.
+
+        Raises:
+            TokenizerError: the tokenizer has no chat template and none was given.
+        """
+        return self._select_template(chat_template, tools)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

@@ -165,6 +165,55 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool 
   return mx::astype(out, x.dtype(), s);
 }
 
+namespace {
+
+// OpenBLAS's own thread count (1 when the global BLAS is not OpenBLAS or does not say).
+int blas_threads() {
+  using Get = int (*)();
+  static const Get f = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  return f ? f() : 1;
+}
+
+// y[:, r0:r1] = x @ W[r0:r1].T with W's rows decoded into `block` (row-major: 101, no transpose: 111,
+// transpose: 112).
+void block_product(const Gemv& g, int type, bool avx, int64_t r0, int64_t r1, float* block) {
+  const uint8_t* w = g.w + r0 * g.row_bytes;  // rows r0.. of W, decoded to block rows 0..
+  avx ? avx2::dequantize(type, w, g.row_bytes, g.k, block, 0, r1 - r0)
+      : generic::dequantize(type, w, g.row_bytes, g.k, block, 0, r1 - r0);
+  global_sgemm()(101, 111, 112, static_cast<int>(g.m), static_cast<int>(r1 - r0), static_cast<int>(g.k), 1.0f, g.x,
+                 static_cast<int>(g.k), block, static_cast<int>(g.k), 0.0f, g.y + r0, static_cast<int>(g.n));
+}
+
+// A many-row product. With a single-threaded BLAS (lmx's default, LMX_BLAS_THREADS=1) the blocks of W
+// are shared out over lmx's pool, each decoded and multiplied by whichever thread claims it: the pool's
+// threads sleep rather than spin, so a busy machine slows prefill down instead of stalling it (RESULTS.md,
+// "CPU thread policy"). A multi-threaded BLAS gets the blocks one at a time and splits each itself.
+void prefill(const Gemv& g, int type, bool avx) {
+  const int64_t blocks = (g.n + kRowBlock - 1) / kRowBlock;
+  if (blas_threads() == 1 && pool().size() > 1 && blocks > 1) {
+    pool().run(blocks, [&](int64_t i) {
+      thread_local std::vector<float> block;
+      block.resize(kRowBlock * g.k);
+      block_product(g, type, avx, i * kRowBlock, std::min(g.n, (i + 1) * kRowBlock), block.data());
+    });
+    return;
+  }
+  std::vector<float> block(std::min<int64_t>(kRowBlock, g.n) * g.k);
+  for (int64_t r0 = 0; r0 < g.n; r0 += kRowBlock) {
+    const int64_t r1 = std::min<int64_t>(g.n, r0 + kRowBlock);
+    const uint8_t* w = g.w + r0 * g.row_bytes;
+    parallel_rows(r1 - r0, (r1 - r0) * g.k, [&](int64_t a, int64_t b) {
+      avx ? avx2::dequantize(type, w, g.row_bytes, g.k, block.data(), a, b)
+          : generic::dequantize(type, w, g.row_bytes, g.k, block.data(), a, b);
+    });
+    global_sgemm()(101, 111, 112, static_cast<int>(g.m), static_cast<int>(r1 - r0), static_cast<int>(g.k), 1.0f,
+                   g.x, static_cast<int>(g.k), block.data(), static_cast<int>(g.k), 0.0f, g.y + r0,
+                   static_cast<int>(g.n));
+  }
+}
+
+}  // namespace
+
 void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   const auto& w = inputs[1];
@@ -174,20 +223,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.dispatch([g, type = type_, int8 = int8_]() {
     const bool avx = cpu_has_avx2();
     if (g.m > kGemvMaxRows) {  // prefill: W decoded a block of rows at a time, each block one sgemm
-      std::vector<float> block(std::min<int64_t>(kRowBlock, g.n) * g.k);
-      const int64_t rb = g.row_bytes;
-      for (int64_t r0 = 0; r0 < g.n; r0 += kRowBlock) {
-        const int64_t r1 = std::min<int64_t>(g.n, r0 + kRowBlock);
-        const uint8_t* w = g.w + r0 * rb;  // rows r0.. of W, decoded to block rows 0..
-        parallel_rows(r1 - r0, (r1 - r0) * g.k, [&](int64_t a, int64_t b) {
-          avx ? avx2::dequantize(type, w, rb, g.k, block.data(), a, b)
-              : generic::dequantize(type, w, rb, g.k, block.data(), a, b);
-        });
-        // y[:, r0:r1] = x @ block.T  (row-major: 101, no transpose: 111, transpose: 112)
-        global_sgemm()(101, 111, 112, static_cast<int>(g.m), static_cast<int>(r1 - r0), static_cast<int>(g.k), 1.0f,
-                       g.x, static_cast<int>(g.k), block.data(), static_cast<int>(g.k), 0.0f, g.y + r0,
-                       static_cast<int>(g.n));
-      }
+      prefill(g, type, avx);
       return;
     }
     if (int8 && avx) {  // llama.cpp's arithmetic: x to int8 per 32 values, integer dot products

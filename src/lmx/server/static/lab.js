@@ -1,8 +1,9 @@
-// lmx Lab: a chat page over the server's OpenAI-compatible API. No dependencies, works offline.
+// lmx Lab: a chat page over the server's OpenAI-compatible API. Works offline: its two libraries
+// (marked, DOMPurify) are vendored in /static/vendor/.
 // Conversations and settings live in this browser's localStorage.
 "use strict";
 
-const KEYS = { chats: "lmx.lab.chats", current: "lmx.lab.current", settings: "lmx.lab.settings" };
+const KEYS = { chats: "lmx.lab.chats", current: "lmx.lab.current", settings: "lmx.lab.settings", apiKey: "lmx.lab.apiKey" };
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -11,9 +12,14 @@ const ui = {
   modelName: $("model-name"), modelInfo: $("model-info"), system: $("system-prompt"),
   temperature: $("temperature"), temperatureValue: $("temperature-value"),
   topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
+  sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
+  modelSelect: $("model-select"), jsonMode: $("json-mode"), banner: $("banner"),
+  keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
 };
 
-let model = null;          // the served model id
+let model = null;          // the model id requests name: the picker's choice among /v1/models
+let models = [];           // /v1/models entries: the base model, then adapters when served
+let preferredModel = "";   // the choice kept in settings, applied once the list has loaded
 let controller = null;     // AbortController of the reply being streamed
 let chats = load(KEYS.chats, {});
 let currentId = localStorage.getItem(KEYS.current);
@@ -36,39 +42,41 @@ function current() {
   return chats[currentId];
 }
 
-// ---------------------------------------------------------------- markdown (small and safe)
+// ---------------------------------------------------------------- markdown (marked + DOMPurify)
+// Model output is untrusted: raw HTML in it is shown as text, and the rendered HTML goes through
+// DOMPurify, which drops event handlers and javascript: links. Both libraries are vendored in
+// /static/vendor/ (see its README), so the page still works offline.
 function escapeHtml(s) {
   return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-}
-function inline(text) {
-  if (!text.trim()) return "";
-  return text.split(/\n{2,}/).filter((p) => p.trim()).map((para) => {
-    let html = escapeHtml(para);
-    html = html.replace(/`([^`\n]+)`/g, "<code>$1</code>");
-    html = html.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
-    return `<p>${html}</p>`;
-  }).join("");
 }
 function codeBlock(lang, code) {
   return `<div class="codeblock"><div class="codehead"><span>${escapeHtml(lang || "code")}</span>` +
     `<button class="copy" type="button">Copy</button></div><pre><code>${escapeHtml(code.replace(/\n$/, ""))}</code></pre></div>`;
 }
-function renderMarkdown(src) {
-  // A fence still open while streaming renders as code up to the end.
-  const fence = /```([\w+#.-]*)[^\n]*\n([\s\S]*?)(?:```|$)/g;
-  let html = "", last = 0, m;
-  while ((m = fence.exec(src)) !== null) {
-    html += inline(src.slice(last, m.index)) + codeBlock(m[1], m[2]);
-    last = fence.lastIndex;
-    if (last >= src.length) break;
+const markdown = new marked.Marked({
+  gfm: true, breaks: true,
+  renderer: {
+    // A fence still open while streaming is a code block up to the end.
+    code: (token) => codeBlock((token.lang || "").split(/\s/)[0], token.text),
+    html: (token) => (token.block ? `<p>${escapeHtml(token.text)}</p>` : escapeHtml(token.text)),
+  },
+});
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
   }
-  return html + inline(src.slice(last));
+});
+function renderMarkdown(src) {
+  if (!src.trim()) return "";
+  return DOMPurify.sanitize(markdown.parse(src), { ADD_ATTR: ["target"] });
 }
 
 // ---------------------------------------------------------------- rendering
-function messageElement(msg) {
+function messageElement(msg, index, last) {
   const row = document.createElement("div");
   row.className = `msg ${msg.error ? "error" : msg.role}`;
+  row.dataset.index = index;
   const bubble = document.createElement("div");
   bubble.className = "bubble";
   if (msg.role === "assistant") {
@@ -76,6 +84,20 @@ function messageElement(msg) {
   } else {
     bubble.innerHTML = '<div class="content"></div>';
   }
+  // Copy any message, edit and resend a user turn, regenerate the last answer.
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  const buttons = [["copy", "Copy"]];
+  if (msg.role === "user") buttons.push(["edit", "Edit"]);
+  if (msg.role === "assistant" && last) buttons.push(["regenerate", "Regenerate"]);
+  for (const [action, label] of buttons) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.action = action;
+    button.textContent = label;
+    actions.appendChild(button);
+  }
+  bubble.appendChild(actions);
   row.appendChild(bubble);
   updateMessage(row, msg);
   return row;
@@ -104,7 +126,7 @@ function renderChat() {
   const chat = current();
   ui.messages.querySelectorAll(".msg").forEach((el) => el.remove());
   ui.empty.hidden = chat.messages.length > 0;
-  for (const msg of chat.messages) ui.messages.appendChild(messageElement(msg));
+  chat.messages.forEach((msg, i) => ui.messages.appendChild(messageElement(msg, i, i === chat.messages.length - 1)));
   ui.messages.scrollTop = ui.messages.scrollHeight;
   const lastReply = [...chat.messages].reverse().find((m) => m.role === "assistant" && !m.error);
   showStats(lastReply || {});
@@ -137,16 +159,18 @@ function autoGrow() {
 }
 
 // ---------------------------------------------------------------- settings
-const defaults = { system: "", temperature: 0, topP: 1, topK: 0, maxTokens: 512, seed: "" };
+const defaults = { system: "", temperature: 0, topP: 1, topK: 0, maxTokens: 512, seed: "", model: "", jsonMode: false };
 function readSettings() {
   return {
     system: ui.system.value, temperature: Number(ui.temperature.value), topP: Number(ui.topP.value),
     topK: Number(ui.topK.value) || 0, maxTokens: Number(ui.maxTokens.value) || 512, seed: ui.seed.value,
+    model: ui.modelSelect.value || preferredModel, jsonMode: ui.jsonMode.checked,
   };
 }
 function applySettings(s) {
   ui.system.value = s.system; ui.temperature.value = s.temperature; ui.topP.value = s.topP;
   ui.topK.value = s.topK; ui.maxTokens.value = s.maxTokens; ui.seed.value = s.seed;
+  ui.jsonMode.checked = Boolean(s.jsonMode); preferredModel = s.model || "";
   ui.temperatureValue.textContent = s.temperature; ui.topPValue.textContent = s.topP;
 }
 function settingsChanged() {
@@ -167,14 +191,42 @@ function requestBody(chat) {
     temperature: s.temperature, top_p: s.topP, max_tokens: s.maxTokens,
   };
   if (s.topK > 0) body.top_k = s.topK;
+  if (s.jsonMode) body.response_format = { type: "json_object" };  // JSON mode: the reply is one JSON object
   if (s.seed !== "") body.seed = Number(s.seed);
   return body;
 }
 
-async function send(text) {
+function send(text) {
   const chat = current();
   if (chat.messages.length === 0) chat.title = text.slice(0, 48);
   chat.messages.push({ role: "user", content: text });
+  return generate(chat);
+}
+function regenerate() {
+  const chat = current();
+  if (controller || chat.messages.at(-1)?.role !== "assistant") return;
+  chat.messages.pop();
+  generate(chat);
+}
+function resend(index, text) {
+  // Editing a user turn drops it and everything after it, then sends the new text in its place.
+  const chat = current();
+  if (controller || !text || chat.messages[index]?.role !== "user") return;
+  chat.messages.splice(index);
+  send(text);
+}
+function startEdit(row) {
+  const msg = current().messages[Number(row.dataset.index)];
+  const bubble = row.querySelector(".bubble");
+  bubble.classList.add("editing");
+  bubble.innerHTML = '<textarea class="edit-input" rows="3"></textarea><div class="actions">' +
+    '<button type="button" data-action="cancel">Cancel</button><button type="button" data-action="resend" class="primary">Send</button></div>';
+  const area = bubble.querySelector("textarea");
+  area.value = msg.content;
+  area.focus();
+}
+
+async function generate(chat) {
   const body = requestBody(chat);
   const msg = { role: "assistant", content: "", meta: {} };
   chat.messages.push(msg);
@@ -210,13 +262,14 @@ async function send(text) {
     redraw();
   };
   try {
-    const res = await fetch("/v1/chat/completions", {
+    const res = await api("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body), signal: controller.signal,
     });
     if (!res.ok) {
-      const err = await res.json().catch(() => null);
-      throw new Error(err?.error?.message || `${res.status} ${res.statusText}`);
+      const err = (await res.json().catch(() => null))?.error;
+      const where = err?.param ? ` (${err.param})` : "";
+      throw new Error(`${res.status}${where}: ${err?.message || res.statusText}`);
     }
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -244,12 +297,11 @@ async function send(text) {
     if (!msg.meta.tokens) msg.meta.tokens = chunks;
     if (!msg.meta.tps && chunks > 1 && tFirst) msg.meta.tps = (chunks - 1) / ((performance.now() - tFirst) / 1000);
     row.classList.remove("streaming");
-    updateMessage(row, msg);
     chat.updated = Date.now();
     save();
-    renderChatList();
-    showStats(msg);
     setBusy(false);
+    if (chat === chats[currentId]) renderChat();  // the finished reply gets its actions (Regenerate)
+    showStats(msg);
     ui.input.focus();
   }
 }
@@ -259,26 +311,80 @@ function showStats(msg) {
   ui.stats.textContent = m.tps ? `last reply: ${m.tokens} tokens · ${m.tps.toFixed(1)} tok/s` : "";
 }
 
+// ---------------------------------------------------------------- API key
+// A server started with --api-key serves this page openly but guards the API: the page asks for
+// the key once per browser tab, keeps it in sessionStorage and sends it as a Bearer token.
+function api(path, init = {}) {
+  const key = sessionStorage.getItem(KEYS.apiKey);
+  const headers = { ...(init.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return fetch(path, { ...init, headers }).then((res) => {
+    if (res.status === 401) askForKey(key ? "The server refused this key." : "");
+    return res;
+  });
+}
+function askForKey(problem) {
+  sessionStorage.removeItem(KEYS.apiKey);
+  ui.keyError.textContent = problem;
+  ui.keyError.hidden = !problem;
+  if (!ui.keyDialog.open) ui.keyDialog.showModal();
+  ui.keyInput.focus();
+}
+ui.keyDialog.addEventListener("cancel", (e) => e.preventDefault());  // the API cannot be used without it
+ui.keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = ui.keyInput.value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEYS.apiKey, key);
+  ui.keyInput.value = "";
+  ui.keyDialog.close();
+  loadModel();
+});
+
 async function loadModel() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await api("/v1/models");
     const data = await res.json();
     if (!res.ok) throw new Error(data?.error?.message || res.statusText);
-    const card = data.data[0];
-    model = card.id;
-    ui.modelName.textContent = model;
-    const info = card.lmx || {};
-    const rows = [
-      ["type", info.model_type], ["parameters", info.num_parameters && fmtCount(info.num_parameters)],
-      ["layers", info.num_layers], ["context", info.context_length && `${info.context_length} tokens`],
-      ["dtype", info.dtype], ["quantization", info.quantization ? `${info.quantization.bits}-bit` : "none"],
-      ["device", info.device], ["weights", info.weights_bytes && fmtBytes(info.weights_bytes)],
-    ].filter(([, v]) => v !== undefined && v !== null && v !== "");
-    ui.modelInfo.innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(String(v))}</dd>`).join("");
+    models = data.data;
+    ui.modelSelect.innerHTML = "";
+    for (const entry of models) {
+      const option = document.createElement("option");
+      option.value = option.textContent = entry.id;
+      ui.modelSelect.appendChild(option);
+    }
+    ui.modelSelect.value = models.some((m) => m.id === preferredModel) ? preferredModel : models[0].id;
+    showModel();
   } catch (e) {
     ui.modelName.textContent = "model unavailable";
     ui.modelInfo.innerHTML = `<dt>error</dt><dd>${escapeHtml(e.message)}</dd>`;
   }
+}
+function templateNote(name, info) {
+  // One line when the model has no chat template of its own (lmx's ModelInfo.chat_template).
+  if (info.chat_template === "architecture") {
+    return `${name} has no chat template of its own (a base model?): lmx applies the ${info.model_type} template, ` +
+      "so replies may be continuations, not answers.";
+  }
+  if (info.chat_template === "none") return `${name} has no chat template: chat needs one (use /v1/completions).`;
+  return "";
+}
+function showModel() {
+  model = ui.modelSelect.value;
+  ui.modelName.textContent = model;
+  const card = models.find((m) => m.id === model) || models[0];
+  const info = card.lmx || models[0].lmx || {};  // an adapter's entry may leave the base model's facts out
+  const note = templateNote(model, info);
+  ui.banner.textContent = note;
+  ui.banner.hidden = !note;
+  const rows = [
+    ["type", info.model_type], ["parameters", info.num_parameters && fmtCount(info.num_parameters)],
+    ["layers", info.num_layers], ["context", info.context_length && `${info.context_length} tokens`],
+    ["dtype", info.dtype], ["quantization", info.quantization ? `${info.quantization.bits}-bit` : info.gguf_file_type ? `GGUF ${info.gguf_file_type}` : "none"],
+    ["compute", info.compute_dtype],
+    ["device", info.device], ["weights", info.weights_bytes && fmtBytes(info.weights_bytes)],
+  ].filter(([, v]) => v !== undefined && v !== null && v !== "");
+  ui.modelInfo.innerHTML = rows.map(([k, v]) => `<dt>${escapeHtml(k)}</dt><dd>${escapeHtml(String(v))}</dd>`).join("");
 }
 function fmtCount(n) {
   for (const [unit, scale] of [["B", 1e9], ["M", 1e6], ["K", 1e3]]) if (n >= scale) return (n / scale).toFixed(n >= 10 * scale ? 0 : 1) + unit;
@@ -313,6 +419,7 @@ ui.newChat.addEventListener("click", () => {
   save();
   renderChat();
   ui.stats.textContent = "";
+  setSidebar(false);
   ui.input.focus();
 });
 ui.chatList.addEventListener("click", (e) => {
@@ -323,19 +430,54 @@ ui.chatList.addEventListener("click", (e) => {
     if (li.dataset.id === currentId) currentId = null;
   } else {
     currentId = li.dataset.id;
+    setSidebar(false);
   }
   save();
   renderChat();
 });
+function flash(button, text) {
+  const before = button.textContent;
+  button.textContent = text;
+  setTimeout(() => { button.textContent = before; }, 1200);
+}
 ui.messages.addEventListener("click", (e) => {
+  const action = e.target.closest("button[data-action]");
+  const row = e.target.closest(".msg");
+  if (action && row && !controller) {
+    const index = Number(row.dataset.index);
+    const msg = current().messages[index];
+    if (action.dataset.action === "copy") {
+      navigator.clipboard?.writeText(msg.content).then(() => flash(action, "Copied"));
+    } else if (action.dataset.action === "edit") {
+      startEdit(row);
+    } else if (action.dataset.action === "cancel") {
+      renderChat();
+    } else if (action.dataset.action === "resend") {
+      resend(index, row.querySelector(".edit-input").value.trim());
+    } else if (action.dataset.action === "regenerate") {
+      regenerate();
+    }
+    return;
+  }
   if (!e.target.classList.contains("copy")) return;
   const code = e.target.closest(".codeblock").querySelector("code").textContent;
-  navigator.clipboard?.writeText(code).then(() => {
-    e.target.textContent = "Copied";
-    setTimeout(() => { e.target.textContent = "Copy"; }, 1200);
-  });
+  navigator.clipboard?.writeText(code).then(() => flash(e.target, "Copied"));
 });
-for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed]) el.addEventListener("input", settingsChanged);
+ui.messages.addEventListener("keydown", (e) => {
+  if (e.target.classList.contains("edit-input") && e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    e.target.closest(".bubble").querySelector('[data-action="resend"]').click();
+  }
+});
+// Phone width: the sidebar is a drawer opened by the topbar's toggle.
+function setSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  ui.sidebarToggle.setAttribute("aria-expanded", String(open));
+}
+ui.sidebarToggle.addEventListener("click", () => setSidebar(!document.body.classList.contains("sidebar-open")));
+ui.backdrop.addEventListener("click", () => setSidebar(false));
+for (const el of [ui.system, ui.temperature, ui.topP, ui.topK, ui.maxTokens, ui.seed, ui.jsonMode]) el.addEventListener("input", settingsChanged);
+ui.modelSelect.addEventListener("change", () => { showModel(); settingsChanged(); });
 
 applySettings({ ...defaults, ...load(KEYS.settings, {}) });
 setBusy(false);

@@ -63,7 +63,7 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
 
     Each row's processors see only its own slice and history. A constrained row's disallowed
     tokens get -inf after its processors (penalties, bias) and before its sampler (temperature,
-    top-k/p), greedy or sampled; rows without a constraint pay nothing. The masks are computed
+    top-k/p), greedy or sampled; a batch without constrained rows pays nothing. The masks are computed
     on the CPU while the device runs the step that made ``logits``. Greedy rows share one argmax;
     a seeded row draws alone with its own keys, exactly as it would alone; unseeded rows with
     the same sampler settings draw together (their draws are random either way).
@@ -81,12 +81,15 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
         if r.processors:
             logits[i : i + 1] = r.process(logits[i : i + 1])
     if words is not None:
-        index = mx.array(constrained, dtype=mx.int32)
+        # Unpacked on the host (a sparse mask unpacks and selects in ~1 ms for 8 rows of 262k
+        # tokens on the CPU; unpacking on the device took ~15 ms there), then one select.
         width = logits.shape[-1]
-        # The packed bits go to the device (32x fewer bytes than booleans) and unpack there.
-        bits = mx.right_shift(mx.array(words.view(np.uint32))[:, :, None], mx.arange(32, dtype=mx.uint32))
-        allowed = (bits & 1).reshape(len(constrained), -1)[:, :width] == 1  # (C, V)
-        logits[index] = mx.where(allowed, logits[index], mx.array(-mx.inf, dtype=logits.dtype))
+        bits = np.unpackbits(words.view(np.uint8), axis=1, count=width, bitorder="little").view(bool)
+        if len(constrained) < len(rows):  # unconstrained rows keep every token
+            allowed = np.ones((len(rows), width), dtype=bool)
+            allowed[constrained] = bits
+            bits = allowed
+        logits = mx.where(mx.array(bits), logits, mx.array(-mx.inf, dtype=logits.dtype))
     logprobs = logits - logsumexp(logits)
     tokens = mx.argmax(logprobs, axis=-1)
     if not all(r.greedy for r in rows):

@@ -26,6 +26,7 @@ FIELDS = [
     "stop",
     "logprobs",
     "adapter",
+    "constraint",
 ]
 
 

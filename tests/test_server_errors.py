@@ -76,6 +76,15 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
         assert client.chat.completions.create(**CHAT).usage.completion_tokens == 2
 
 
+UNIQUE_ITEMS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("patch", "param", "code"),
     [
@@ -96,7 +105,24 @@ def test_openai_client_errors(server: BackgroundServer) -> None:
             "invalid_parameter",
         ),
         ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "unsupported_parameter"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+            "response_format",
+            "invalid_parameter",
+        ),
+        ({"grammar": {"type": "regex", "value": "a(b"}}, "grammar", "invalid_parameter"),
+        ({"grammar": {"type": "gbnf", "value": "root ::= x"}}, "grammar.type", "invalid_parameter"),
+        (  # a forced call's constraint is the tool's parameter schema: an unsupported keyword is named
+            {"tools": [UNIQUE_ITEMS_TOOL], "tool_choice": "required"},
+            "tools",
+            "invalid_parameter",
+        ),
+        (
+            {"tools": [UNIQUE_ITEMS_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "invalid_parameter",
+        ),
         ({"frobnicate": 1}, "frobnicate", "invalid_parameter"),
         ({"messages": []}, "messages", "invalid_parameter"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "invalid_parameter"),
@@ -161,7 +187,7 @@ def test_ollama_routes_use_ollama_error_shape(http: httpx.Client) -> None:
     assert r.status_code == 404 and r.json() == {"error": "model 'nope' is not served here; available: 'tiny'"}
     r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "options": {"temperature": -2}})
     assert r.status_code == 400 and "temperature" in r.json()["error"]
-    r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "format": "json"})
+    r = http.post("/api/generate", json={"model": "tiny", "prompt": "x", "format": "yaml"})
     assert r.status_code == 400 and "format" in r.json()["error"]
     assert http.post("/api/chat", content=b"{").status_code == 422
 

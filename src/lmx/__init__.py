@@ -15,6 +15,7 @@ from lmx.backend import Backend
 from lmx.classify import Classification
 from lmx.engine import Engine, TokenStream, load
 from lmx.errors import LmxError
+from lmx.generate.constraints import Constraint
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, ToolCall, TopLogprob
 from lmx.runtime import memory
@@ -35,6 +36,7 @@ __all__ = [
     "Backend",
     "Classification",
     "Completion",
+    "Constraint",
     "Engine",
     "GenerationMetrics",
     "GenerationOptions",

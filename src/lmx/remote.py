@@ -196,6 +196,10 @@ class RemoteBackend:
                 if value is not None:
                     body["model"] = value
                 continue
+            elif name == "constraint":
+                if value is None:
+                    continue
+                name, value = "grammar", {"type": value.kind, "value": value.source}  # lmx's extension field
             body[name] = value
         if opts.logprobs is not None or self.lmx_extensions:
             if chat:

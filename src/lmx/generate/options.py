@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from lmx.errors import InvalidOptionError
+from lmx.generate.constraints import Constraint
 
 MAX_LOGPROBS = 20
 """The most top alternatives ``logprobs`` may ask for (OpenAI's limit)."""
@@ -70,6 +71,8 @@ class GenerationOptions:
         adapter: the name of a loaded LoRA adapter to generate with (see
             :meth:`lmx.Engine.load_adapter`); None: the base model. Rows with different
             adapters run in the same batch.
+        constraint: None, or a :class:`lmx.generate.constraints.Constraint` (a JSON schema, Lark
+            grammar or regex) the output must match; see :mod:`lmx.generate.constraints`.
     """
 
     max_tokens: int = 256
@@ -87,6 +90,7 @@ class GenerationOptions:
     stop: tuple[str | int, ...] = ()
     logprobs: int | None = None
     adapter: str | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -283,6 +287,15 @@ def _check_adapter(name: str, value: Any) -> str | None:
     return value
 
 
+def _check_constraint(name: str, value: Any) -> Constraint | None:
+    if value is None or isinstance(value, Constraint):
+        return value
+    raise InvalidOptionError(
+        f"{name} must be None or an lmx Constraint (Constraint.json(schema), Constraint.lark(text), "
+        f"Constraint.regex(text)), got {_describe(value)}"
+    )
+
+
 def check_token_ids(ids: Any, vocab_size: int, name: str = "prompt token ids") -> list[int]:
     """Check a list of token ids against the vocabulary.
 
@@ -327,6 +340,7 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
         "stop": _check_stop,
         "logprobs": partial(_check_optional_int, lo=0, hi=MAX_LOGPROBS),
         "adapter": _check_adapter,
+        "constraint": _check_constraint,
     }
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"

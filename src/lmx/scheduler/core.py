@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.errors import EngineClosedError, QueueFullError
+from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
@@ -167,6 +168,7 @@ class Scheduler:
         self.adapters = adapters
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
+        self.constraints = ConstraintCompiler(tokenizer, eos, args.vocab_size)  # compiled once per spec
         windows = [c.window for c in model.make_cache()]
         self._kv = KVBudget(windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize)
         self._lock = threading.Lock()
@@ -189,8 +191,11 @@ class Scheduler:
             QueueFullError: ``max_queue`` requests already wait.
             OutOfMemoryError: the request's KV cache could never fit, even alone.
             EngineClosedError: the scheduler is closed.
+            InvalidOptionError: its ``constraint`` does not compile (an unsupported feature).
         """
         self._check_fits_alone(request)
+        if request.options.constraint is not None:
+            self.constraints.compile(request.options.constraint)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
@@ -502,7 +507,8 @@ class Scheduler:
             request.metrics.cached_tokens = n_cached
             opts = request.options
             output = RowOutput(self.tokenizer.detokenizer(), opts.stop, self.eos, request.limit)
-            rows.append(_Row(request, RowSampler(opts, request.ids), output, 0))
+            matcher = self.constraints.matcher(opts.constraint) if opts.constraint is not None else None
+            rows.append(_Row(request, RowSampler(opts, request.ids, matcher), output, 0))
         if len(taken) == 1:
             request, cached, n_cached = taken[0]
             caches = cached if cached is not None else self.model.make_cache()

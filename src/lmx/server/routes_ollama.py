@@ -41,6 +41,7 @@ from lmx.server.schemas import (
     ollama_options,
     parse_body,
 )
+from lmx.server.structured import check_constraint, check_tool_constraint
 from lmx.server.tool_choice import OllamaToolPiece, engine_tool_options, request_tools
 
 
@@ -105,6 +106,7 @@ async def chat(request: Request) -> Response:
     messages = chat_messages(req.messages)
     options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "format")
     unload = state.keep_alive.note(req.keep_alive) == 0
     if not messages:  # Ollama answers an empty chat by loading the model and returning at once
         reply = {"role": "assistant", "content": ""}
@@ -122,6 +124,7 @@ async def chat(request: Request) -> Response:
     tools, choice = request_tools(req.tools, None, state.engine)
     plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
     tool_kw = engine_tool_options(tools, choice, plan)
+    await check_tool_constraint(state.engine, tool_kw, options)
     job = await start_job(
         state,
         lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
@@ -145,6 +148,7 @@ async def generate(request: Request) -> Response:
             raise UnsupportedParameterError(f"{name} is not supported", param=name)
     options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "format")
     unload = state.keep_alive.note(req.keep_alive) == 0
     if not req.prompt:  # Ollama's way to load (or, with keep_alive 0, unload) the model
         reason = "unload" if unload else "load"

@@ -52,6 +52,7 @@ from lmx.server.schemas import (
     parse_body,
     template_kwargs,
 )
+from lmx.server.structured import check_constraint, check_tool_constraint, constraint_param
 from lmx.server.tool_choice import ToolCallFormat, engine_tool_options, request_tools
 
 Kind = Literal["chat", "text"]
@@ -208,11 +209,13 @@ async def chat_completions(request: Request) -> Response:
     if req.max_completion_tokens is not None:
         params["max_tokens"] = "max_completion_tokens"
     check_options(options, params, state.info.vocab_size)
+    await check_constraint(state.engine, options, constraint_param(req.response_format, req.grammar))
     kwargs = template_kwargs(req.chat_template_kwargs, allow_template=state.settings.allow_request_chat_template)
     kwargs = state.template_kwargs(kwargs)
     tools, choice = request_tools(req.tools, req.tool_choice, state.engine)
     plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
     tool_kw = engine_tool_options(tools, choice, plan)
+    await check_tool_constraint(state.engine, tool_kw, options)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = choices.check_n(req.n, state.settings.max_n)
     if n > 1:
@@ -264,6 +267,7 @@ async def completions(request: Request) -> Response:
     prompts = completion_prompts(req, state.settings.max_concurrency)
     options = {**openai_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OPENAI_PARAMS, state.info.vocab_size)
+    await check_constraint(state.engine, options, "grammar")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = choices.check_n(req.n, state.settings.max_n)
     if n > 1:  # choices prompt by prompt: prompt i's are i*n ... i*n + n - 1, as OpenAI orders them

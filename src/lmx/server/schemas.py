@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmx.server.errors import ApiRequestError, MalformedBodyError, UnsupportedParameterError
+from lmx.server.structured import ollama_constraint, openai_constraint
 from lmx.server.tool_choice import tool_message_fields
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -46,6 +47,7 @@ class _OpenAISampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
+    grammar: dict[str, Any] | None = None  # lmx extension: {"type": "lark" | "regex", "value": ...}
     # Bookkeeping fields: accepted and ignored, they do not change the reply.
     user: str | None = None
     store: bool | None = None
@@ -312,8 +314,8 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
     """Engine options of an OpenAI request (only the fields it set).
 
     Raises:
-        UnsupportedParameterError: ``functions``, ``echo``, ``suffix``, ``best_of > 1``, or a
-            ``response_format`` other than text.
+        UnsupportedParameterError: ``functions``, ``echo``, ``suffix``, ``best_of > 1``.
+        ApiRequestError: a malformed ``response_format`` or ``grammar`` (see :mod:`lmx.server.structured`).
     """
     if req.stream_options is not None and not req.stream:
         raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
@@ -330,12 +332,6 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         if req.functions or req.function_call is not None:  # tools and tool_choice: see server/tool_choice.py
             name = "functions" if req.functions else "function_call"
             raise UnsupportedParameterError(f"{name} (deprecated) is not supported; use tools", param=name)
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise UnsupportedParameterError(
-                f"response_format type must be 'text' (structured output is not supported), got {fmt!r:.40}",
-                param="response_format",
-            )
         if req.max_completion_tokens is not None:
             max_tokens = req.max_completion_tokens
         if req.top_logprobs is not None and not req.logprobs:
@@ -352,6 +348,9 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         if req.logprobs is not None:
             opts["logprobs"] = req.logprobs
     opts["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    constraint = openai_constraint(getattr(req, "response_format", None), req.grammar)
+    if constraint is not None:
+        opts["constraint"] = constraint
     return opts
 
 
@@ -400,10 +399,8 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
     ``num_predict`` < 0 (Ollama's "no limit") means up to the end of the context.
 
     Raises:
-        UnsupportedParameterError: ``format`` (structured output) was asked for.
+        ApiRequestError: ``format`` is neither "json" nor a schema object.
     """
-    if req.format:
-        raise UnsupportedParameterError("format (structured output) is not supported", param="format")
     opts: dict[str, Any] = {"max_tokens": default_max_tokens}
     for name, value in (req.options or {}).items():
         engine_name = OLLAMA_OPTIONS.get(name)
@@ -412,6 +409,9 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
         if engine_name == "max_tokens" and isinstance(value, int) and not isinstance(value, bool) and value < 0:
             continue
         opts[engine_name] = [value] if engine_name == "stop" and isinstance(value, str) else value
+    constraint = ollama_constraint(req.format)
+    if constraint is not None:
+        opts["constraint"] = constraint
     return opts
 
 

@@ -12,7 +12,7 @@ clear it does not). Ollama replies carry ``message.tool_calls: [{"function": {"n
 told about them) and the reply is not parsed; ``"required"`` and ``{"type": "function",
 "function": {"name": ...}}``: the reply is started with the opening of a call (a named function
 is then the only tool rendered). See :func:`constraint_for` for what that does and does not
-guarantee. ``parallel_tool_calls`` is accepted; a reply may hold several calls either way.
+guarantee (constrained decoding against the tool's parameter schema). ``parallel_tool_calls`` is accepted; a reply may hold several calls either way.
 """
 
 from __future__ import annotations
@@ -23,28 +23,36 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmx.errors import InvalidOptionError
-from lmx.generate.tools import ToolCallParser, ToolChoice, ToolPlan, parse_tool_choice, validate_tools
+from lmx.generate.constraints import Constraint
+from lmx.generate.tools import (
+    ToolCallParser,
+    ToolChoice,
+    ToolPlan,
+    forced_call_schema,
+    parse_tool_choice,
+    validate_tools,
+)
 from lmx.results import Token, ToolCall
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
 
 
-def constraint_for(tools: list[dict[str, Any]], tool_choice: ToolChoice, style: str) -> None:
+def constraint_for(tools: list[dict[str, Any]], tool_choice: ToolChoice, style: str) -> Constraint | None:
     """The decoding constraint that enforces ``tool_choice`` (the one hook for it).
 
-    Once constrained decoding lands (``lmx.generate.constraints.Constraint``), this returns
     ``Constraint.json(forced_call_schema(tools, tool_choice.name))`` for ``"required"`` and a
     named function: the reply already starts inside a call (:attr:`ToolPlan.prefix`), so the
-    constrained text is exactly the call's JSON (the parser takes a call whose closing marker
-    never comes, once its JSON is complete); :func:`engine_tool_options` passes it to the engine
-    as ``constraint=``. ``None`` for ``"auto"`` and ``"none"``.
-
-    Until then it returns ``None`` always: ``"required"`` and a named function are enforced at
-    the prompt level only (the reply starts with the opening of a call, and a named function is
-    the only tool shown), so a small model may still write a malformed call, which then comes
-    back as text.
+    constrained text is exactly the call's JSON, whatever the template ``style`` (both write
+    ``{"name": ..., "arguments": {...}}`` between their markers); the parser takes a call whose
+    closing marker never comes, once its JSON is complete. :func:`engine_tool_options` passes it
+    to the engine as ``constraint=``. ``None`` for ``"auto"`` and ``"none"``.
     """
-    del tools, tool_choice, style
-    return None
+    del style
+    if tool_choice.mode not in ("required", "function"):
+        return None
+    schema = forced_call_schema(tools, tool_choice.name)
+    # The separators the templates show a call with ({"name": "f", "arguments": {...}}), not compact JSON.
+    schema["x-guidance"] = {"item_separator": ", ", "key_separator": ": "}
+    return Constraint.json(schema)
 
 
 def engine_tool_options(tools: list[dict[str, Any]], tool_choice: ToolChoice, plan: ToolPlan | None) -> dict[str, Any]:

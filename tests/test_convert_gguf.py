@@ -211,6 +211,20 @@ def test_gguf_layout_read_by_transformers(arch, ggufs, references_for):
     assert compared == len([n for n in state if n != "lm_head.weight" or arch == "qwen3"])
 
 
+def test_gguf_to_gguf(ggufs, pairs, tmp_path):
+    again = convert(ggufs["qwen3"], tmp_path / "again.gguf")
+    first, second = read_header(ggufs["qwen3"]), read_header(again)
+    assert {k: v for k, v in second.metadata.items() if k != "general.name"} == {
+        k: v for k, v in first.metadata.items() if k != "general.name"
+    }
+    assert list(second.tensors) == list(first.tensors)
+    source, _ = pairs["qwen3"]
+    with lmx.load(again) as b:
+        ids = source.tokenizer.encode(TEXTS[2])
+        assert b.tokenizer.encode(TEXTS[2]) == ids
+        np.testing.assert_allclose(_logits(b, ids), _logits(source, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_q8_0_and_half_gguf(sources, tmp_path):
     src = sources["qwen3"]
     q8 = convert(src, tmp_path / "q8.gguf", q_bits=8)
@@ -278,7 +292,16 @@ def test_real_gemma_gguf_to_hf_and_back(gemma_gguf, tmp_path):
     hf = convert(gemma_gguf, tmp_path / "hf")
     back = convert(hf, tmp_path / "back.gguf")
     original_md, md = read_header(gemma_gguf).metadata, read_header(back).metadata
-    assert md["tokenizer.ggml.tokens"] == original_md["tokenizer.ggml.tokens"]
+    for key in ("tokens", "token_type", "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token"):
+        assert md[f"tokenizer.ggml.{key}"] == original_md[f"tokenizer.ggml.{key}"], key
+    for key in (
+        "context_length",
+        "block_count",
+        "attention.head_count_kv",
+        "rope.freq_base",
+        "attention.sliding_window",
+    ):
+        assert md[f"gemma3.{key}"] == original_md[f"gemma3.{key}"], key
     with lmx.load(gemma_gguf) as a, lmx.load(back) as b:
         for text in TEXTS:
             assert b.tokenizer.encode(text) == a.tokenizer.encode(text), text

@@ -9,7 +9,8 @@ the matrices take the asked type: F32, F16, BF16 or Q8_0. The hyperparameters go
 * ``gpt2`` (byte-level BPE: Qwen 3): tokens in the byte alphabet, their types, the merges, and the
   pre-tokenizer's name (``qwen2``, ``llama-bpe`` or ``gpt-2``, recognised from the split regex);
 * ``llama`` (SentencePiece BPE with byte fallback: Gemma 3): tokens, scores (``-id``: the reader
-  ranks merges by position, which is what the scores then say too) and types.
+  ranks merges by position, which is what the scores then say too) and types; runs of spaces are
+  spelled with spaces, not "▁", as llama.cpp's Gemma files have them.
 
 Token types follow llama.cpp: special added tokens are CONTROL, other added tokens USER_DEFINED,
 ``<0xAB>`` tokens BYTE; the vocabulary is padded with ``[PADn]`` (UNUSED) to the embedding's rows,
@@ -104,7 +105,9 @@ def write_gguf(
         if q_bits:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(writer, spec.name, args)
-        _add_tokenizer(writer, loaded.tokenizer, spec.name, vocab_rows)
+        # a template the architecture supplied (a GGUF file without one) is not the model's own
+        template = loaded.tokenizer.chat_template if loaded.own_chat_template else None
+        _add_tokenizer(writer, loaded.tokenizer, spec.name, vocab_rows, template)
         for name, (data, raw) in tensors.items():
             writer.add_tensor(name, data, raw_dtype=raw)
         writer.write_header_to_file()
@@ -222,7 +225,7 @@ def _add_rope_scaling(writer: Any, arch: str, rope: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
-def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int, template: str | None) -> None:
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
@@ -239,7 +242,7 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int) -> N
     types = [UNUSED] * size
     for token, i in vocab.items():
         tokens[i] = token
-        types[i] = NORMAL
+        types[i] = UNUSED if token == f"[PAD{i}]" else NORMAL  # the padding of a GGUF source, too
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if model.get("byte_fallback"):
         kind = "llama"
@@ -247,6 +250,12 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int) -> N
             if types[i] == NORMAL and _BYTE_TOKEN.fullmatch(token):
                 types[i] = BYTE
         _check_spm(tokens, vocab, merges, arch)
+        # llama.cpp stores runs of two or more spaces as spaces (readers respell them as "▁")
+        # (and type them USER_DEFINED, as llama.cpp does)
+        for i, token in enumerate(tokens):
+            if len(token) > 1 and set(token) == {"▁"}:
+                tokens[i] = token.replace("▁", " ")
+                types[i] = USER_DEFINED if types[i] == NORMAL else types[i]
     else:
         kind = "gpt2"
     unk = model.get("unk_token")
@@ -255,8 +264,9 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int) -> N
     for i, t in added.items():
         types[i] = CONTROL if t.get("special") else USER_DEFINED
     writer.add_tokenizer_model(kind)
-    if kind == "gpt2":
-        writer.add_tokenizer_pre(_pre_name(spec))
+    writer.add_tokenizer_pre(_pre_name(spec) if kind == "gpt2" else "default")
+    if kind == "llama":
+        writer.add_add_space_prefix(not arch.startswith("gemma"))  # Gemma prepends no space
     writer.add_token_list(tokens)
     if kind == "llama":
         writer.add_token_scores([-float(i) for i in range(size)])
@@ -278,8 +288,8 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer, arch: str, rows: int) -> N
         writer.add_unk_token_id(vocab[unk])
     writer.add_add_bos_token(bool(tokenizer.add_bos_token))
     writer.add_add_eos_token(False)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    if template:
+        writer.add_chat_template(template)
 
 
 def _pre_name(spec: dict[str, Any]) -> str:

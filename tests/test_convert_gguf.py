@@ -309,3 +309,19 @@ def test_real_gemma_gguf_to_hf_and_back(gemma_gguf, tmp_path):
         ids = a.tokenizer.encode("The quick brown fox jumps over the lazy dog. 你好 🙂")
         np.testing.assert_allclose(_logits(b, ids), _logits(a, ids), rtol=1e-4, atol=1e-4)
         assert b.generate(ids, max_tokens=8).tokens == a.generate(ids, max_tokens=8).tokens
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_byte_level_gpt2_vocab_of_either_architecture(arch, tiny_dirs, tmp_path):
+    """The shared tiny dirs use GPT-2's byte-level regex (tokenizer.ggml.pre gpt-2), Gemma's too."""
+    out = convert(tiny_dirs[arch], tmp_path / "m.gguf")
+    md = read_header(out).metadata
+    assert (md["tokenizer.ggml.model"], md["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
+    reference = Tokenizer.from_file(str(tiny_dirs[arch] / "tokenizer.json"))
+    with lmx.load(tiny_dirs[arch]) as a, lmx.load(out) as b:
+        for text in TEXTS:
+            want = reference.encode(text, add_special_tokens=False).ids
+            assert b.tokenizer.encode(text, add_special_tokens=False) == want, text
+        ids = a.tokenizer.encode(TEXTS[0])
+        assert b.tokenizer.encode(TEXTS[0]) == ids
+        np.testing.assert_allclose(_logits(b, ids), _logits(a, ids), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,10 @@ the matrices take the asked type: F32, F16, BF16 or Q8_0. The hyperparameters go
 Token types follow llama.cpp: special added tokens are CONTROL, other added tokens USER_DEFINED,
 ``<0xAB>`` tokens BYTE; the vocabulary is padded with ``[PADn]`` (UNUSED) to the embedding's rows,
 as llama.cpp requires.
+
+Not written: YaRN's beta/attention-factor settings beyond type, factor and original context (lmx's
+reader takes their defaults), llama3-type RoPE (refused), and MLX-quantized sources (refused: the
+weights must be float).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 import lmx  # isort: skip
 import mlx.core as mx
 
-from lmx.errors import InvalidOptionError, ModelNotFoundError
+from lmx.errors import InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io.gguf import read_header
 from lmx.loading.convert import convert
 from lmx.tokenizer.gguf import SPLIT_REGEXES
@@ -284,7 +284,10 @@ def test_gguf_output_errors(sources, tmp_path):
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(InvalidOptionError, match="is a directory"):
         convert(src, tmp_path / "dir.gguf", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "m.gguf"]
+    quantized = convert(src, tmp_path / "mlx-q8", q_bits=8, q_group_size=32)
+    with pytest.raises(UnsupportedModelError, match=r"lm_head\.biases.*only float"):
+        convert(quantized, tmp_path / "z.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf", "m.gguf", "mlx-q8"]
 
 
 @pytest.mark.slow

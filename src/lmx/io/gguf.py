@@ -470,6 +470,18 @@ def hf_name(gguf_name: str, spec: GGUFArchitecture) -> str | None:
     return f"model.layers.{m[1]}.{part}.{m[3]}" if part else None
 
 
+def gguf_names(spec: GGUFArchitecture, n_layers: int) -> dict[str, str]:
+    """HF tensor name -> GGUF tensor name for every tensor a model of ``n_layers`` layers may have
+    (the inverse of :func:`hf_name`)."""
+    out = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+    parts = {**_LAYER_NAMES, **spec.layer_names}
+    for i in range(n_layers):
+        for part, hf_part in parts.items():
+            for suffix in ("weight", "bias"):
+                out[f"model.layers.{i}.{hf_part}.{suffix}"] = f"blk.{i}.{part}.{suffix}"
+    return out
+
+
 def _unpermute(w: mx.array, n_heads: int) -> mx.array:
     """Undo llama.cpp's Q/K row order for llama (it interleaves each head's two rotary halves)."""
     rows, rest = w.shape[0], w.shape[1:]
@@ -621,6 +633,7 @@ __all__ = [
     "GGUFTensorInfo",
     "architecture_of",
     "gguf_config",
+    "gguf_names",
     "hf_name",
     "info_metadata",
     "kept_blocks",

@@ -1,4 +1,4 @@
-"""``lmx convert``: a GGUF file or HF directory -> an HF-layout directory, written atomically."""
+"""``lmx convert``: a GGUF file or HF directory -> an HF-layout directory or a GGUF file, written atomically."""
 
 from __future__ import annotations
 
@@ -34,18 +34,22 @@ def convert(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Convert ``src`` (GGUF file or HF dir) to an HF-layout directory at ``out``.
+    """Convert ``src`` (GGUF file or HF dir) to an HF-layout directory, or a GGUF file, at ``out``.
 
-    The directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+    An ``out`` ending in ``.gguf`` is written as one GGUF file (see :mod:`lmx.loading.convert_gguf`):
+    matrices in ``dtype`` (F32/F16/BF16), or Q8_0 with ``q_bits=8``; its vocabulary, special tokens
+    and chat template are the source tokenizer's. Otherwise the directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     generation_config.json) is built in a temporary sibling and renamed into place, so an
     interrupted conversion leaves no half-written ``out``.
 
     Args:
         src: the model to read.
-        out: the directory to create.
+        out: the directory to create, or a ``.gguf`` file.
         dtype: float32, bfloat16 or float16 for the (non-quantized) weights.
-        q_bits: 4 or 8 to store Linear/Embedding weights MLX-quantized (affine), else None.
-        q_group_size: quantization group size (32, 64 or 128).
+        q_bits: 4 or 8 to store Linear/Embedding weights MLX-quantized (affine), else None; for a
+            ``.gguf`` out only 8 (Q8_0).
+        q_group_size: quantization group size (32, 64 or 128); a ``.gguf`` out ignores it (Q8_0
+            blocks are 32 values).
         overwrite: replace an existing ``out``.
         progress: called as ``progress(done, total)`` while tensors are written.
 
@@ -53,8 +57,8 @@ def convert(
         The output directory.
 
     Raises:
-        InvalidOptionError: a bad dtype, bit width or group size, ``out`` exists, or it ends in
-            ``.gguf`` (writing GGUF is not supported).
+        InvalidOptionError: a bad dtype, bit width or group size (for GGUF: any but 8), or ``out`` exists.
+        UnsupportedModelError: a GGUF ``out`` for a model or tokenizer GGUF cannot describe.
         and the load errors of :func:`lmx.load`.
     """
     if dtype not in DTYPES:
@@ -64,10 +68,10 @@ def convert(
     if q_group_size not in Q_GROUP_SIZES:
         raise InvalidOptionError(f"q_group_size must be one of {Q_GROUP_SIZES}, got {q_group_size!r}")
     out = Path(out).expanduser()
-    if out.suffix.lower() == ".gguf":  # a directory named x.gguf would fool every later load
-        raise InvalidOptionError(f"convert writes an HF-layout directory, not a GGUF file; got out={str(out)!r}")
     if os.path.lexists(out) and not overwrite:
         raise InvalidOptionError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.suffix.lower() == ".gguf":
+        return _convert_to_gguf(src, out, dtype, q_bits, progress)
     loaded = load_path(src, dtype=dtype, cpu_kernels=False, gguf_on_device="float")  # writes float weights
     quant = None
     if q_bits is not None:
@@ -75,6 +79,28 @@ def convert(
         nn.quantize(loaded.model, group_size=q_group_size, bits=q_bits)
     with staged_dir(out) as tmp:
         write_hf_dir(loaded, tmp, quant or loaded.quantization, progress)
+    return out
+
+
+def _convert_to_gguf(
+    src: str | os.PathLike,
+    out: Path,
+    dtype: str,
+    q_bits: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> Path:
+    from lmx.loading.convert_gguf import GGUF_Q_BITS, write_gguf
+
+    if q_bits is not None and q_bits not in GGUF_Q_BITS:
+        raise InvalidOptionError(
+            f"a .gguf out is quantized to Q8_0 only (q_bits=8, --q-bits 8); got q_bits={q_bits!r}. "
+            "For 4-bit weights convert to a directory (MLX affine) instead"
+        )
+    if out.is_dir() and not os.path.islink(out):
+        raise InvalidOptionError(f"{out} is a directory; a .gguf out must be a file (remove the directory first)")
+    # float32 weights in: each matrix is rounded once, to the type written
+    loaded = load_path(src, dtype="float32", cpu_kernels=False, gguf_on_device="float")
+    write_gguf(loaded, get_architecture(loaded.config).GGUF, out, dtype=dtype, q_bits=q_bits, progress=progress)
     return out
 
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-from mlx.utils import tree_flatten
 import pytest
+from mlx.utils import tree_flatten
 
 import lmx  # isort: skip
 import mlx.core as mx

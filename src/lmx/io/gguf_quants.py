@@ -216,6 +216,16 @@ def block_geometry(ggml_type: int) -> tuple[int, int]:
         raise WeightsError(f"unknown GGML tensor type {ggml_type}; known types: {known}") from None
 
 
+def _each_chunk(run: Callable[[int], None], starts: range, executor: Executor | None) -> None:
+    """``run(start)`` for every chunk start, on ``executor``'s threads when there are several."""
+    if executor is not None and len(starts) > 1:
+        for future in [executor.submit(run, s) for s in starts]:
+            future.result()
+    else:
+        for s in starts:
+            run(s)
+
+
 def dequantize(
     raw: np.ndarray,
     ggml_type: int,
@@ -269,13 +279,7 @@ def dequantize(
         with np.errstate(invalid="ignore", over="ignore"):
             rows[start : start + step] = kernel(blocks[start : start + step])
 
-    starts = range(0, blocks.shape[0], step)
-    if executor is not None and len(starts) > 1:
-        for future in [executor.submit(run, s) for s in starts]:
-            future.result()
-    else:
-        for s in starts:
-            run(s)
+    _each_chunk(run, range(0, blocks.shape[0], step), executor)
     return flat
 
 
@@ -426,13 +430,7 @@ def to_affine(
         scales[start : start + n] = s.reshape(n, -1)
         biases[start : start + n] = b.reshape(n, -1)
 
-    starts = range(0, rows, step)
-    if executor is not None and len(starts) > 1:
-        for future in [executor.submit(run, s) for s in starts]:
-            future.result()
-    else:
-        for s in starts:
-            run(s)
+    _each_chunk(run, range(0, rows, step), executor)
     return weight, scales, biases
 
 

@@ -27,15 +27,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from lmx.errors import AdapterInUseError, InvalidOptionError, ModelNotFoundError, WeightsError
+from lmx.errors import AdapterInUseError, InvalidOptionError, WeightsError
 from lmx.generate.options import nearest_name
 from lmx.train.lora import (
-    ADAPTER_WEIGHTS,
     LINEAR_TYPES,
     AdapterConfig,
     LoRALinear,
     linear_shape,
-    read_adapter_config,
+    read_adapter,
 )
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
@@ -208,14 +207,7 @@ class AdapterSet:
         """
         directory = Path(path)
         name = check_name(default_name(path) if name is None else name)
-        config = read_adapter_config(directory)
-        weights_path = directory / ADAPTER_WEIGHTS
-        if not weights_path.is_file():
-            raise ModelNotFoundError(f"adapter {str(path)!r} has no {ADAPTER_WEIGHTS}")
-        try:
-            weights = mx.load(str(weights_path), format="safetensors")
-        except (RuntimeError, ValueError, OSError) as e:
-            raise WeightsError(f"cannot read {weights_path}: {e}") from e
+        config, weights = read_adapter(directory)
         weights = {k: v.astype(mx.float32) for k, v in weights.items()}
         mx.eval(list(weights.values()))
         return LoadedAdapter(name, str(path), config, weights)

@@ -384,6 +384,24 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     )
 
 
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    """An adapter directory's config and weights, as saved (not checked against any model).
+
+    Raises:
+        ModelNotFoundError: no adapter config or weights file there.
+        InvalidOptionError, WeightsError: the config or the weights file is unreadable or bad.
+    """
+    config = read_adapter_config(path)
+    weights_path = Path(path) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise ModelNotFoundError(f"adapter {str(path)!r} has no {ADAPTER_WEIGHTS}")
+    try:
+        weights = mx.load(str(weights_path), format="safetensors")
+    except (RuntimeError, ValueError, OSError) as e:
+        raise WeightsError(f"cannot read {weights_path}: {e}") from e
+    return config, weights
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterConfig:
     """Load the adapter in directory ``path`` onto ``model`` (replacing any adapter it had).
 
@@ -398,19 +416,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdapterConfig:
         WeightsError: the files are corrupt, or a tensor is missing, unexpected or
             mis-shaped for this model (named in the message).
     """
-    config = read_adapter_config(path)
-    weights_path = Path(path) / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise ModelNotFoundError(f"adapter {str(path)!r} has no {ADAPTER_WEIGHTS}")
-    try:
-        weights = mx.load(str(weights_path), format="safetensors")
-    except (RuntimeError, ValueError, OSError) as e:
-        raise WeightsError(f"cannot read {weights_path}: {e}") from e
+    config, weights = read_adapter(path)
     previous = [(p, layer) for p, layer in lora_layers(model)]
     unload_adapter(model)
     try:
         apply_lora(model, rank=config.rank, alpha=config.alpha, dropout=0.0, modules=config.modules)
-        _load_weights_strict(model, weights, str(weights_path))
+        _load_weights_strict(model, weights, str(Path(path) / ADAPTER_WEIGHTS))
     except Exception:
         unload_adapter(model)
         if previous:

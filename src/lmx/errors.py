@@ -43,6 +43,11 @@ class ContextLengthError(LmxError, ValueError):
     """The prompt (plus the requested tokens) does not fit the model's context."""
 
 
+class ImageError(LmxError, ValueError):
+    """An image input could not be used: not an image, truncated, zero-sized, larger than the
+    pixel limit (a decompression bomb), or given to a model that reads no images."""
+
+
 class InvalidOptionError(LmxError, ValueError):
     """A generation or engine option has a bad value: the message names it and the allowed range."""
 

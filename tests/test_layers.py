@@ -156,8 +156,9 @@ def test_every_architecture_declares_its_loading_side():
     for model_type, module in ARCHITECTURES.items():
         assert isinstance(module.GGUF, GGUFArchitecture), model_type
         assert GGUF_ARCHITECTURES[module.GGUF.name] is module.GGUF
-        assert ARCHITECTURES[module.GGUF.model_type] is module
-        assert module.HF_ARCHITECTURE.endswith("ForCausalLM")
+        text_module = ARCHITECTURES[module.GGUF.model_type]  # itself, or a multimodal model's text half
+        assert text_module.GGUF is module.GGUF
+        assert text_module.HF_ARCHITECTURE.endswith("ForCausalLM")
         assert isinstance(module.CHAT_TEMPLATE, str) and module.EXTRA_EOS_TOKENS
         assert module.NEUTRAL_NORM_WEIGHT in (0.0, 1.0)
         for name, config in module.BENCH_CONFIGS.items():

@@ -121,17 +121,23 @@ def test_padded_batch_matches_single_rows(arch, tiny_dirs):
 
 
 def test_multimodal_gemma3_config_and_names(tiny_dirs):
-    from tiny_models import gemma_config
+    """A multimodal ``gemma3`` checkpoint (transformers 5 names) runs text prompts as its text half does."""
+    from mlx.utils import tree_flatten
+    from tiny_models import VISION, gemma_config
 
     text = load_tiny(tiny_dirs["gemma3"])
     weights = dict(hf.read_safetensors(hf.weight_files(tiny_dirs["gemma3"])))
     mm_weights = {k.replace("model.", "model.language_model.", 1): v for k, v in weights.items()}
-    mm_weights["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = mx.zeros((4, 4))
-    mm_weights["model.multi_modal_projector.mm_input_projection_weight"] = mx.zeros((4, 4))
-    config = {"model_type": "gemma3", "text_config": gemma_config(), "vision_config": {}}
+    config = {"model_type": "gemma3", "text_config": gemma_config(), "vision_config": VISION, "mm_tokens_per_image": 16}
     model = build_model(config)
+    for name, w in tree_flatten(model.parameters()):
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            mm_weights["model." + name] = w
     hf.apply_weights(model, model.sanitize(mm_weights), "mm")
     assert np.array_equal(np.array(model(mx.array(IDS))), np.array(text(mx.array(IDS))))
+    del mm_weights["model.multi_modal_projector.mm_input_projection_weight"]
+    with pytest.raises(WeightsError, match="mm_input_projection_weight"):
+        hf.apply_weights(build_model(config), build_model(config).sanitize(mm_weights), "mm")
 
 
 def test_strict_loading_names_the_tensor(tiny_dirs):

@@ -117,13 +117,13 @@ def build_reference(arch: str, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
-def train_tokenizer() -> Tokenizer:
+def train_tokenizer(specials: list[str] = SPECIALS) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB - 8,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -153,4 +153,72 @@ def save_tiny(arch: str, out: Path, **overrides) -> torch.nn.Module:
             "chat_template": QWEN_TEMPLATE,
         }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return model
+
+
+IMAGE_SPECIALS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+# A chat template that renders image parts as <start_of_image> (as the published Gemma 3 ones do).
+GEMMA_MM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=4,
+    vision_use_head=False,
+)
+IMAGE_TOKENS = 16  # 4 x 4 soft tokens pooled from the 8 x 8 patch grid
+IMAGE_SIZE = 32
+
+
+def save_tiny_multimodal(out: Path, **text_overrides) -> torch.nn.Module:
+    """A random ``Gemma3ForConditionalGeneration`` saved as an HF directory: weights, config,
+    tokenizer (with the image tokens), chat template and preprocessor_config.json."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tok = train_tokenizer(SPECIALS + IMAGE_SPECIALS)
+    boi, eoi, soft = (tok.token_to_id(t) for t in IMAGE_SPECIALS)
+    config = Gemma3Config(
+        text_config=gemma_config(**text_overrides),
+        vision_config=VISION,
+        mm_tokens_per_image=IMAGE_TOKENS,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=soft,
+    )
+    torch.manual_seed(3)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.3 if "norm" in name else 0.08
+            layer_norm = "layer_norm" in name or "post_layernorm" in name
+            p.copy_(torch.randn_like(p) * std + (1.0 if layer_norm and name.endswith("weight") else 0.0))
+    model.eval()
+    model.save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    tok_config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "chat_template": GEMMA_MM_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    preprocessor = {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "rescale_factor": 1 / 255,
+        "resample": 2,
+        "do_pan_and_scan": None,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return model

@@ -14,18 +14,21 @@ from typing import Any
 
 from lmx.errors import UnsupportedModelError
 from lmx.io.gguf import GGUFArchitecture
-from lmx.models import gemma3_text, qwen3, qwen3_moe
+from lmx.models import gemma3, gemma3_text, qwen3, qwen3_moe
 
-# model_type -> module exporting ModelArgs and Model. "gemma3" is the multimodal
-# checkpoint whose text half gemma3_text runs.
+# model_type -> module exporting ModelArgs and Model. "gemma3" is the multimodal checkpoint
+# (vision tower and projector beside gemma3_text's text model).
 ARCHITECTURES: dict[str, ModuleType] = {
     "gemma3_text": gemma3_text,
-    "gemma3": gemma3_text,
+    "gemma3": gemma3,
     "qwen3": qwen3,
     "qwen3_moe": qwen3_moe,
 }
-# GGUF general.architecture -> its module, and the declarations lmx.io.gguf reads files with.
-GGUF_MODULES: dict[str, ModuleType] = {module.GGUF.name: module for module in ARCHITECTURES.values()}
+# GGUF general.architecture -> its module, and the declarations lmx.io.gguf reads files with. A GGUF
+# file holds a text model only (a multimodal module reads its GGUF through its text module).
+GGUF_MODULES: dict[str, ModuleType] = {
+    module.GGUF.name: module for name, module in ARCHITECTURES.items() if module.GGUF.model_type == name
+}
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {name: module.GGUF for name, module in GGUF_MODULES.items()}
 # `lmx bench --config NAME` shapes of every architecture.
 BENCH_CONFIGS: dict[str, dict[str, Any]] = {
@@ -57,7 +60,8 @@ def get_architecture(config: dict[str, Any], source: str = "config.json") -> Mod
 
 def build_model(config: dict[str, Any], source: str = "config.json") -> Any:
     """Build an uninitialised model (random weights) from an HF config dict."""
-    config = text_config(config)
+    if config.get("model_type") == "gemma3":
+        config = gemma3.from_config(config)
     arch = get_architecture(config, source)
     args = arch.ModelArgs.from_dict(config, source)
     return arch.Model(args)

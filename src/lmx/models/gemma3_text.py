@@ -1,7 +1,7 @@
 """Gemma 3 (text): transformers' ``Gemma3ForCausalLM`` semantics on MLX.
 
-Also serves multimodal ``gemma3`` checkpoints: the text config is taken from
-``text_config`` and the vision tower's weights are dropped.
+Its ``from_config`` takes the text part of a multimodal ``gemma3`` config, and ``sanitize`` drops a
+vision tower's weights: :mod:`lmx.models.gemma3` (images) builds on this model.
 """
 
 from __future__ import annotations

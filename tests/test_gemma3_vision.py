@@ -10,15 +10,15 @@ import pytest
 import torch
 
 pytest.importorskip("PIL")
-import lmx  # noqa: F401,E402  # isort: skip
-import mlx.core as mx  # noqa: E402
-from PIL import Image  # noqa: E402
+import lmx  # noqa: F401  # isort: skip
+import mlx.core as mx
+from PIL import Image
 
-from lmx.io import hf  # noqa: E402
-from lmx.io.image import ImageProcessor, decode_image  # noqa: E402
-from lmx.models import build_model  # noqa: E402
-from lmx.models.image_prompt import ImagePrompt, image_digest  # noqa: E402
-from tiny_models import IMAGE_SIZE, IMAGE_TOKENS, save_tiny_multimodal  # noqa: E402
+from lmx.io import hf
+from lmx.io.image import ImageProcessor, decode_image
+from lmx.models import build_model
+from lmx.models.image_prompt import ImagePrompt, image_digest
+from tiny_models import IMAGE_SIZE, IMAGE_TOKENS, save_tiny_multimodal
 
 
 @pytest.fixture(scope="module")

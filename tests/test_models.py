@@ -123,6 +123,7 @@ def test_padded_batch_matches_single_rows(arch, tiny_dirs):
 def test_multimodal_gemma3_config_and_names(tiny_dirs):
     """A multimodal ``gemma3`` checkpoint (transformers 5 names) runs text prompts as its text half does."""
     from mlx.utils import tree_flatten
+
     from tiny_models import VISION, gemma_config
 
     text = load_tiny(tiny_dirs["gemma3"])

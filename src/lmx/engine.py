@@ -15,11 +15,13 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.classify import Classification
-from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
+from lmx.errors import ContextLengthError, EngineClosedError, ImageError, InvalidOptionError
+from lmx.generate.images import ImageTokens, block_starts, expand_prompt, has_images, split_images
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
+from lmx.models.image_prompt import ImagePrompt, image_digest
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime import memory
 from lmx.runtime.device import choose_device, device_name
@@ -237,10 +239,16 @@ class Engine:
         opts = self.options(options)
         kwargs = chat_template_kwargs or {}
         plan = plan_tools(self.tokenizer, messages, tools, tool_choice, kwargs.get("chat_template"))
-        ids = self.tokenizer.encode_chat(plan.messages, add_generation_prompt=True, tools=plan.template_tools, **kwargs)
+        images = None
+        if has_images(plan.messages):
+            ids, images = self._image_prompt(plan.messages, plan.template_tools, kwargs)
+        else:
+            ids = self.tokenizer.encode_chat(
+                plan.messages, add_generation_prompt=True, tools=plan.template_tools, **kwargs
+            )
         if plan.prefix:  # a required call: the reply starts inside it
             ids = ids + self.tokenizer.encode(plan.prefix, add_special_tokens=False)
-        return self._submit(self.encode_prompt(ids), opts, sink)
+        return self._submit(self.encode_prompt(ids), opts, sink, images)
 
     def batch_generate(self, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:
         """Generate for several prompts at once (rows of one batch); each result equals
@@ -506,19 +514,57 @@ class Engine:
             )
         return ids
 
-    def submit(self, ids: list[int], options: GenerationOptions, sink: Any) -> Request:
+    def submit(
+        self, ids: list[int], options: GenerationOptions, sink: Any, images: ImagePrompt | None = None
+    ) -> Request:
         """Queue a request of checked ``ids`` and ``options`` (see :meth:`encode_prompt`,
-        :meth:`options`) whose tokens go to ``sink`` (a :class:`lmx.scheduler.Sink`).
+        :meth:`options`) whose tokens go to ``sink`` (a :class:`lmx.scheduler.Sink`); ``images``:
+        the prompt's images (see :meth:`stream_chat`).
 
         Raises:
             QueueFullError, OutOfMemoryError, EngineClosedError.
         """
         self.loaded  # noqa: B018 - raises EngineClosedError when closed
-        return self.scheduler.submit(make_request(ids, options, sink, self.context_length))
+        return self.scheduler.submit(make_request(ids, options, sink, self.context_length, images))
 
-    def _submit(self, ids: list[int], opts: GenerationOptions, sink: Any = None) -> TokenStream:
+    def _submit(
+        self, ids: list[int], opts: GenerationOptions, sink: Any = None, images: ImagePrompt | None = None
+    ) -> TokenStream:
         sink = QueueSink() if sink is None else sink
-        return TokenStream(self, self.submit(ids, opts, sink), sink)
+        return TokenStream(self, self.submit(ids, opts, sink, images), sink)
+
+    def _image_prompt(
+        self, messages: list[Message], tools: Any, kwargs: dict[str, Any]
+    ) -> tuple[list[int], ImagePrompt]:
+        """Token ids of a chat with image parts, and its images encoded by the vision tower (on
+        the scheduler's worker, between two decode steps): see :mod:`lmx.generate.images`.
+
+        Raises:
+            ImageError: the model reads no images, or an image cannot be used.
+        """
+        model, processor = self.model, self.loaded.image_processor
+        if processor is None or not hasattr(model, "encode_images"):
+            raise ImageError(f"{self.loaded.name} reads no images (it has no vision tower); send text only")
+        template_messages, decoded = split_images(messages)
+        pixels, n_crops = processor(decoded)
+        args, tok = model.args, self.tokenizer
+        names = [tok.id_to_token(i) for i in (args.boi_token_index, args.eoi_token_index, args.image_token_index)]
+        if None in names:
+            raise ImageError(f"the tokenizer lacks the model's image tokens (ids {args.boi_token_index}, ...)")
+        tokens = ImageTokens(*names, args.image_token_index, model.image_tokens)  # type: ignore[arg-type]
+        text = tok.apply_chat_template(template_messages, add_generation_prompt=True, tools=tools, **kwargs)
+        ids = tok.encode(expand_prompt(text, n_crops, tokens), add_special_tokens=False)
+        starts = block_starts(ids, tokens)
+        if len(starts) != len(pixels):
+            raise ImageError(f"the prompt holds {len(starts)} image blocks for {len(pixels)} images and crops")
+
+        def encode() -> mx.array:
+            features = model.encode_images(mx.array(pixels))
+            mx.eval(features)
+            return features
+
+        features = self.run_exclusive(encode)
+        return ids, ImagePrompt(starts, features, [image_digest(p) for p in pixels])
 
 
 _CLASSIFY_OPTIONS = (

@@ -16,6 +16,7 @@ import mlx.core as mx
 from lmx.generate.segments import SegmentedDecode
 from lmx.models.base import LanguageModel
 from lmx.models.cache import DecodeSlot, KVCache
+from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime.profile import StepPlan
 
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -169,6 +170,14 @@ class Decoder:
     def prefill(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None, step_size: int) -> mx.array:
         """:func:`prefill` as the plan says (chunks of ``step_size``, layer by layer or whole)."""
         return prefill(self.model, tokens, cache, pad, step_size, layerwise=self.layerwise)
+
+    def prefill_images(self, tokens: mx.array, cache: list[KVCache], images: ImagePrompt) -> mx.array:
+        """Last-position logits (1, V) of one prompt chunk ``tokens`` (1, L) of a prompt with
+        images (the model's ``hidden_images``: soft tokens in, image blocks bidirectional). The
+        caller chunks it so that no image block is split (:meth:`ImagePrompt.chunk_end`)."""
+        each_layer = mx.async_eval if self.layerwise else None
+        h = self.model.hidden_images(tokens, cache, images, each_layer)  # type: ignore[attr-defined]
+        return self.model.head(h[:, -1:, :])[:, 0, :]
 
     def __call__(
         self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None, *, eager: bool = False

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lmx.errors import ImageError
+from lmx.errors import ConfigError, ImageError
 
 # An image this many pixels or more is refused before it is decoded (a decompression bomb: a
 # small file that expands to gigabytes). 40 megapixels is a 7,000 x 5,700 photo.
@@ -122,6 +122,13 @@ class ImageProcessor:
     def from_config(cls, config: dict[str, Any], image_size: int | None = None) -> ImageProcessor:
         """Build from ``preprocessor_config.json`` (``image_size``: the vision tower's, when the
         file is absent or names no size)."""
+        try:
+            return cls._from_config(config, image_size)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"preprocessor_config.json holds a value of the wrong type: {e}") from e
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], image_size: int | None) -> ImageProcessor:
         size = config.get("size") or {}
         side = image_size or cls.height
         kw: dict[str, Any] = {

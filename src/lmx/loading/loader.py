@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 from lmx.io import hf
+from lmx.io.image import ImageProcessor
 from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
 from lmx.runtime import memory
 from lmx.runtime.device import backend_name, device_name
@@ -40,6 +41,7 @@ class LoadedModel:
     gguf_affine: dict[str, int] = field(default_factory=dict)  # layer path -> GGML type, held in MLX affine form
     profile: DeviceProfile = field(default_factory=DeviceProfile)  # chosen once, at load
     own_chat_template: bool = True  # False: a GGUF without one runs on its architecture's template
+    image_processor: ImageProcessor | None = None  # a model that reads images: its preprocessing
 
     @property
     def chat_template_origin(self) -> str:
@@ -161,8 +163,20 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> Lo
     model.set_ops(profile_ops(profile))
     tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
     mx.eval(model.parameters())
+    image_processor = None
+    if hasattr(model, "encode_images"):  # a model with a vision tower: preprocessor_config.json (or its defaults)
+        preprocessor = hf.read_json(model_dir / "preprocessor_config.json", required=False)
+        image_processor = ImageProcessor.from_config(preprocessor, model.image_size)
     return LoadedModel(
-        model, tokenizer, text_config(config), generation_config, str(model_dir), model_dir.name, quant, profile=profile
+        model,
+        tokenizer,
+        text_config(config),
+        generation_config,
+        str(model_dir),
+        model_dir.name,
+        quant,
+        profile=profile,
+        image_processor=image_processor,
     )
 
 

@@ -39,6 +39,7 @@ from lmx.generate.sampling import top_logprobs
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
 from lmx.models.cache import KVCache
+from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
@@ -387,7 +388,7 @@ class Scheduler:
         for i in ended:
             row = batch.rows[i]
             n = offset - row.start
-            seen = (row.request.ids + row.request.generated)[:n]
+            seen = (row.request.cache_ids + row.request.generated)[:n]
             if row.done != "cancelled" and len(seen) == n and self.prefix_cache.max_bytes:
                 self.prefix_cache.store(
                     seen, batch_cache.extract(batch.caches, i, row.start), row.request.options.adapter
@@ -432,9 +433,16 @@ class Scheduler:
                 self._prefill = None
                 return
             step = self.config.prefill_step_size
+            images = job.rows[0].request.images
+            if images is not None:  # alone; a chunk never splits an image block
+                start = job.caches[0].offset
+                step = images.chunk_end(start, start + step) - start
             chunk, rest = job.tokens[:, :step], job.tokens[:, step:]
             with self._routed(job.rows):
-                logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
+                if images is not None:
+                    logits = self.decoder.prefill_images(chunk, job.caches, images)
+                else:
+                    logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
             if rest.shape[1]:
                 job.tokens = rest
                 mx.async_eval([c.state for c in job.caches])
@@ -459,12 +467,14 @@ class Scheduler:
             return
         if len(job.rows) == 1:
             request = job.rows[0].request
-            ids = request.ids
+            ids = request.cache_ids
             self.prefix_cache.store(ids, batch_cache.copy_prefix(job.caches, len(ids)), request.options.adapter)
             return
         for i, row in enumerate(job.rows):
             request = row.request
-            self.prefix_cache.store(request.ids, batch_cache.extract(job.caches, i, row.start), request.options.adapter)
+            self.prefix_cache.store(
+                request.cache_ids, batch_cache.extract(job.caches, i, row.start), request.options.adapter
+            )
 
     def _start_prefill(self) -> _Prefill | None:
         """Take the next waiting requests that may start now (see :meth:`_admit`)."""
@@ -481,10 +491,11 @@ class Scheduler:
                 if live >= self.config.max_batch:
                     break
                 adapter = request.options.adapter  # keys and values depend on the adapter
-                cached, n_cached = self.prefix_cache.lookup(request.ids, adapter) if not taken else (None, 0)
+                cached, n_cached = self.prefix_cache.lookup(request.cache_ids, adapter) if not taken else (None, 0)
                 if cached is not None and len(self._waiting) > 1 and not self._worth_it(n_cached, len(request.ids)):
                     cached, n_cached = None, 0  # a few shared tokens: prefilled with the others instead
-                fresh_short = cached is None and len(request.ids) <= budget
+                # a prompt with images is prefilled alone (unpadded, chunked around its image blocks)
+                fresh_short = cached is None and len(request.ids) <= budget and request.images is None
                 if taken and not fresh_short:
                     break  # a group holds only short prompts without a cached prefix
                 width = max([len(r.ids) for r, _, _ in taken] + [len(request.ids)])
@@ -633,9 +644,12 @@ class Scheduler:
         self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
 
 
-def make_request(ids: Sequence[int], options: GenerationOptions, sink: Sink, context_length: int) -> Request:
-    """A :class:`Request` for ``ids``, its token limit set by ``max_tokens`` and the context."""
-    return Request(ids, options, sink, max(1, min(options.max_tokens, context_length - len(ids))))
+def make_request(
+    ids: Sequence[int], options: GenerationOptions, sink: Sink, context_length: int, images: ImagePrompt | None = None
+) -> Request:
+    """A :class:`Request` for ``ids`` (with ``images``, if any), its token limit set by
+    ``max_tokens`` and the context."""
+    return Request(ids, options, sink, max(1, min(options.max_tokens, context_length - len(ids))), images)
 
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats", "make_request"]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from lmx.generate.options import GenerationOptions
+from lmx.models.image_prompt import ImagePrompt
 from lmx.results import GenerationMetrics, Token
 
 
@@ -39,8 +40,14 @@ class AdapterRouter(Protocol):
 class Request:
     """One generation request: prompt ids, options, and what the scheduler records of it."""
 
-    def __init__(self, ids: Sequence[int], options: GenerationOptions, sink: Sink, limit: int) -> None:
+    def __init__(
+        self, ids: Sequence[int], options: GenerationOptions, sink: Sink, limit: int, images: ImagePrompt | None = None
+    ) -> None:
         self.ids = list(ids)
+        self.images = images  # the prompt's images (their soft tokens' positions and features), if any
+        # What the prefix cache keys this prompt by: the ids, each image soft token replaced by a
+        # key of its image's content (the same text with another image must not hit).
+        self.cache_ids = self.ids if images is None else images.cache_ids(self.ids)
         self.options = options
         self.sink = sink
         self.limit = limit  # the most tokens it may generate (max_tokens within the context)

@@ -1,0 +1,144 @@
+"""Image parts of a chat: taking them out of the messages, preprocessing them, and laying out their
+soft tokens in the prompt as transformers' ``Gemma3Processor`` does.
+
+A message's ``content`` may be a list of parts. An image part is ``{"type": "image", "image": ...}``
+where the value is the encoded file's bytes, or ``{"type": "image", "path": "cat.png"}`` (a local
+file: the library's caller is trusted; the server allows paths only under a directory it is told).
+The chat template renders each image part as the model's begin-of-image token (Gemma 3's templates
+write ``<start_of_image>``); each is then replaced by ``"\\n\\n" + boi + soft * n + eoi + "\\n\\n"``
+(with pan and scan, the original image's block and one per crop) before the text is tokenized.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmx.errors import ImageError
+from lmx.io.image import ImageProcessor, decode_image, read_image_file
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """A model's image tokens: begin, end, and the soft-token placeholder (as text), and how many
+    soft tokens one image (or crop) takes."""
+
+    boi: str
+    eoi: str
+    soft: str
+    soft_id: int
+    per_image: int
+
+    def block(self) -> str:
+        return f"\n\n{self.boi}{self.soft * self.per_image}{self.eoi}\n\n"
+
+    def expansion(self, n_crops: int) -> str:
+        """What one image's begin-of-image token becomes (transformers' ``replace_image_token``)."""
+        if not n_crops:
+            return self.block()
+        crops = " ".join([self.block()] * n_crops)
+        return f"Here is the original image {self.block()} and here are some crops to help you see better {crops}"
+
+
+def has_images(messages: Any) -> bool:
+    """Whether any message holds an image part."""
+    if not isinstance(messages, list):
+        return False
+    return any(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        for m in messages
+    )
+
+
+def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """The messages with each image part reduced to ``{"type": "image"}`` (what templates read),
+    and the images, decoded to RGB (H, W, 3) uint8, in order.
+
+    Raises:
+        ImageError: an image part without an image, or an image that cannot be used.
+    """
+    out, images = [], []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                images.append(_decode(part, len(images)))
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        out.append({**m, "content": parts})
+    return out, images
+
+
+def _decode(part: dict[str, Any], index: int) -> np.ndarray:
+    if "image" in part:
+        data = part["image"]
+        if isinstance(data, np.ndarray):
+            if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3 or 0 in data.shape:
+                raise ImageError(f"image {index}: an array must be RGB (H, W, 3) uint8, got {data.dtype} {data.shape}")
+            return data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageError(f"image {index}: 'image' must be the file's bytes, got {type(data).__name__}")
+        return decode_image(bytes(data))
+    if "path" in part:
+        path = part["path"]
+        if not isinstance(path, (str, os.PathLike)):
+            raise ImageError(f"image {index}: 'path' must be a file path, got {type(path).__name__}")
+        return read_image_file(os.fspath(path))
+    raise ImageError(f"image {index}: an image part needs 'image' (the file's bytes) or 'path'")
+
+
+def expand_prompt(text: str, n_crops: list[int], tokens: ImageTokens) -> str:
+    """Replace the ``len(n_crops)`` begin-of-image tokens the template wrote with their blocks.
+
+    Raises:
+        ImageError: the template wrote another number of them (it renders no image parts, or the
+            text holds the token itself).
+    """
+    pieces = text.split(tokens.boi)
+    if len(pieces) - 1 != len(n_crops):
+        raise ImageError(
+            f"the chat template wrote {len(pieces) - 1} {tokens.boi} tokens for {len(n_crops)} images; "
+            "it must render each image part as one (as Gemma 3's templates do)"
+        )
+    out = [pieces[0]]
+    for crops, rest in zip(n_crops, pieces[1:]):
+        out += [tokens.expansion(crops), rest]
+    return "".join(out)
+
+
+def block_starts(ids: list[int], tokens: ImageTokens) -> list[int]:
+    """The first position of each run of soft tokens (each ``per_image`` long).
+
+    Raises:
+        ImageError: a run of another length (the text held soft tokens of its own).
+    """
+    starts, i = [], 0
+    while i < len(ids):
+        if ids[i] != tokens.soft_id:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == tokens.soft_id:
+            j += 1
+        if j - i != tokens.per_image:
+            raise ImageError(
+                f"the prompt holds a run of {j - i} {tokens.soft} tokens; each image takes exactly {tokens.per_image}"
+            )
+        starts.append(i)
+        i = j
+    return starts
+
+
+def preprocess(processor: ImageProcessor, images: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Pixel values (blocks, 3, H, W) of every image and its crops, and each image's crop count."""
+    return processor(images)

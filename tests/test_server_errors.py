@@ -127,9 +127,23 @@ UNIQUE_ITEMS_TOOL = {
         ({"messages": []}, "messages", "invalid_parameter"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]", "invalid_parameter"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
             "messages[0].content",
             "unsupported_parameter",
+        ),
+        (  # local paths are off unless the server allows a directory
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+            "invalid_parameter",
+        ),
+        (  # remote URLs are never fetched
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://h/a.png"}}]}
+                ]
+            },
+            "messages[0].content[0]",
+            "invalid_parameter",
         ),
         ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_parameter"),
     ],

@@ -99,6 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="let requests replace the chat template (chat_template_kwargs.chat_template); off by default",
     )
     p.add_argument(
+        "--allow-local-images",
+        metavar="DIR",
+        default=None,
+        help="let image_url parts name image files under DIR (off by default: data: URLs only; "
+        "remote URLs are never fetched)",
+    )
+    p.add_argument(
         "--chat-template-timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         lab=not args.no_lab,
         public_metrics=args.public_metrics,
         allow_request_chat_template=args.allow_request_chat_template,
+        allow_local_images=args.allow_local_images,
         chat_template_timeout=args.chat_template_timeout,
         chat_template_max_chars=args.chat_template_max_chars,
     )

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -43,6 +44,12 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     refusals: RefusalLog = field(default_factory=RefusalLog)
     keep_alive: KeepAlive = field(default_factory=KeepAlive)  # Ollama's, as /api/ps reports it
+
+    @property
+    def image_dir(self) -> Path | None:
+        """Where ``image_url`` parts may name local files (``--allow-local-images``), or None."""
+        d = self.settings.allow_local_images
+        return Path(d) if d is not None else None
 
     @property
     def default_max_tokens(self) -> int:

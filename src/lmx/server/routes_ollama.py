@@ -143,9 +143,11 @@ async def generate(request: Request) -> Response:
     state = server_state(request)
     req = parse_body(OllamaGenerateRequest, await read_body(request, state.settings.max_body_bytes))
     adapter = state.adapter_for(req.model)
-    for name in ("images", "template", "context", "suffix"):
+    for name in ("template", "context", "suffix"):
         if getattr(req, name):
             raise UnsupportedParameterError(f"{name} is not supported", param=name)
+    if req.images and req.raw:
+        raise UnsupportedParameterError("images need the chat template: not with raw", param="images")
     options = {**ollama_options(req, state.default_max_tokens), "adapter": adapter}
     check_options(options, OLLAMA_PARAMS, state.info.vocab_size)
     await check_constraint(state.engine, options, "format")
@@ -161,9 +163,8 @@ async def generate(request: Request) -> Response:
         def make(sink: Any) -> Any:
             return engine.stream(prompt, sink=sink, **options)
     else:
-        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-            {"role": "user", "content": req.prompt}
-        ]
+        user = {"role": "user", "content": req.prompt, "images": req.images}
+        messages = chat_messages(([{"role": "system", "content": req.system}] if req.system else []) + [user])
         kwargs = state.template_kwargs({"enable_thinking": req.think} if isinstance(req.think, bool) else {})
 
         def make(sink: Any) -> Any:

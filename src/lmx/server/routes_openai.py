@@ -203,7 +203,7 @@ async def chat_completions(request: Request) -> Response:
     state = server_state(request)
     req = parse_body(ChatCompletionRequest, await read_body(request, state.settings.max_body_bytes))
     adapter = state.adapter_for(req.model)
-    messages = chat_messages(req.messages)
+    messages = chat_messages(req.messages, image_dir=state.image_dir)
     options = {**openai_options(req, state.default_max_tokens), "adapter": adapter}
     params = {**OPENAI_PARAMS, "logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:

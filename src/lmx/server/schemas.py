@@ -9,11 +9,13 @@ requests are lenient about unknown fields and options, as Ollama itself is.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmx.server.errors import ApiRequestError, MalformedBodyError, UnsupportedParameterError
+from lmx.server.images import image_url_part, ollama_images
 from lmx.server.structured import ollama_constraint, openai_constraint
 from lmx.server.tool_choice import tool_message_fields
 
@@ -219,14 +221,18 @@ def _param_name(loc: tuple[Any, ...]) -> str:
 
 
 # ---------------------------------------------------------------- messages
-def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> list[dict[str, Any]]:
-    """OpenAI/Ollama messages -> engine messages (``{"role", "content"}`` with text content).
+def chat_messages(
+    messages: list[dict[str, Any]], param: str = "messages", image_dir: Path | None = None
+) -> list[dict[str, Any]]:
+    """OpenAI/Ollama messages -> engine messages (``{"role", "content"}``).
 
-    ``developer`` becomes ``system``; content parts of type ``text`` are joined.
+    ``developer`` becomes ``system``; content parts of type ``text`` are joined. A message with
+    images (OpenAI ``image_url`` parts, Ollama ``images``) keeps a list of text and image parts
+    (see :mod:`lmx.server.images`; ``image_dir``: where local image paths may point, None: nowhere).
 
     Raises:
-        ApiRequestError: a message is malformed.
-        UnsupportedParameterError: a content part is not text (images, audio...).
+        ApiRequestError: a message or an image part is malformed.
+        UnsupportedParameterError: a content part is neither text nor an image (audio...).
     """
     out = []
     for i, message in enumerate(messages):
@@ -235,17 +241,21 @@ def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> li
         if role not in ROLES:
             raise ApiRequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}", param=where)
         content = message.get("content")
+        parts: list[dict[str, Any]] = []
         if isinstance(content, list):
-            texts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    parts.append(image_url_part(part, f"{where}.content[{j}]", image_dir))
+                    continue
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise UnsupportedParameterError(
-                        f"{where}.content[{j}]: only text content parts are supported, got type {kind!r:.40}",
+                        f"{where}.content[{j}]: only text and image_url content parts are supported, "
+                        f"got type {kind!r:.40}",
                         param=f"{where}.content",
                     )
-                texts.append(part["text"])
-            content = "".join(texts)
+                parts.append({"type": "text", "text": part["text"]})
+            content = "".join(p["text"] for p in parts if p["type"] == "text")
         if content is None:
             content = ""
         if not isinstance(content, str):
@@ -253,9 +263,10 @@ def chat_messages(messages: list[dict[str, Any]], param: str = "messages") -> li
                 f"{where}.content must be a string or a list of text parts, got {type(content).__name__}",
                 param=f"{where}.content",
             )
-        if message.get("images"):
-            raise UnsupportedParameterError(f"{where}.images: images are not supported", param=f"{where}.images")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        if message.get("images"):  # Ollama: the images go before the message's text
+            parts = ollama_images(message["images"], f"{where}.images") + (parts or [{"type": "text", "text": content}])
+        has_image = any(p["type"] == "image" for p in parts)
+        out.append({"role": "system" if role == "developer" else role, "content": parts if has_image else content})
         out[-1].update(tool_message_fields(message, where))
     return out
 

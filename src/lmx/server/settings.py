@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmx.errors import InvalidOptionError
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S, TemplateLimits
@@ -70,6 +71,9 @@ class ServerSettings:
         allow_request_chat_template: let a request replace the model's chat template with
             ``chat_template_kwargs.chat_template`` (Jinja source or a template name). Off by
             default, as in llama.cpp and vLLM: such a request is answered 400.
+        allow_local_images: a directory: OpenAI ``image_url`` parts may name image files under
+            it (a path or ``file://`` URL). None (default): only ``data:`` URLs are taken. Remote
+            URLs are never fetched.
         chat_template_timeout: seconds one chat template render may take (from a request or
             the model's own); a longer one is stopped and answered 400.
         chat_template_max_chars: the longest prompt a chat template may render, and the
@@ -101,6 +105,7 @@ class ServerSettings:
     public_metrics: bool = False
     warm_up: bool = True
     allow_request_chat_template: bool = False
+    allow_local_images: str | None = None
     chat_template_timeout: float = DEFAULT_TIMEOUT_S
     chat_template_max_chars: int = DEFAULT_MAX_OUTPUT_CHARS
 
@@ -128,6 +133,8 @@ class ServerSettings:
         _check_int("max_classify_labels", self.max_classify_labels, 1, None)
         _check_int("max_embed_inputs", self.max_embed_inputs, 1, None)
         _check_int("max_n", self.max_n, 1, 256)
+        if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
+            raise InvalidOptionError(f"allow_local_images must be a directory, got {self.allow_local_images!r}")
         for name in ("keep_alive_timeout", "body_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -160,8 +160,10 @@ def test_ollama_images(server, mm_engine):
 
 def test_a_text_model_answers_images_with_400(engine):
     settings = ServerSettings(port=0, model_name="tiny", warm_up=False)
-    with BackgroundServer(settings, engine) as server, openai.OpenAI(base_url=server.url + "/v1", api_key="x") as c:
+    with BackgroundServer(settings, engine) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="tiny", messages=image_message(data_url(png(0)), "Hi"), max_tokens=2)
+        c.close()
     assert e.value.body["code"] == "invalid_image"  # type: ignore[index]
     assert "reads no images" in e.value.body["message"]  # type: ignore[index]

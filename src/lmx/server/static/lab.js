@@ -14,6 +14,7 @@ const ui = {
   topP: $("top-p"), topPValue: $("top-p-value"), topK: $("top-k"), maxTokens: $("max-tokens"), seed: $("seed"),
   sidebarToggle: $("sidebar-toggle"), backdrop: $("backdrop"),
   modelSelect: $("model-select"), jsonMode: $("json-mode"), banner: $("banner"),
+  attach: $("attach"), imageInput: $("image-input"), attachments: $("attachments"),
   keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
 };
 
@@ -21,6 +22,7 @@ let model = null;          // the model id requests name: the picker's choice am
 let models = [];           // /v1/models entries: the base model, then adapters when served
 let preferredModel = "";   // the choice kept in settings, applied once the list has loaded
 let controller = null;     // AbortController of the reply being streamed
+let pendingImages = [];    // data: URLs of the images attached to the next message
 let chats = load(KEYS.chats, {});
 let currentId = localStorage.getItem(KEYS.current);
 
@@ -30,7 +32,13 @@ function load(key, fallback) {
 function save() {
   // Empty chats are not worth keeping.
   const kept = Object.fromEntries(Object.entries(chats).filter(([, c]) => c.messages.length > 0));
-  localStorage.setItem(KEYS.chats, JSON.stringify(kept));
+  try {
+    localStorage.setItem(KEYS.chats, JSON.stringify(kept));
+  } catch {
+    // Images can fill localStorage's few megabytes: keep the chats without them.
+    const bare = JSON.stringify(kept, (k, v) => (k === "images" ? undefined : v));
+    try { localStorage.setItem(KEYS.chats, bare); } catch { /* storage full: this tab still holds the chats */ }
+  }
   if (currentId) localStorage.setItem(KEYS.current, currentId);
 }
 function newId() { return Date.now().toString(36) + Math.random().toString(36).slice(2, 7); }
@@ -112,6 +120,8 @@ function updateMessage(row, msg) {
     content.innerHTML = renderMarkdown(msg.content);
   } else {
     content.textContent = msg.content;
+    row.querySelector(".images")?.remove();
+    if (msg.images?.length) content.before(imageStrip(msg.images));
   }
   const meta = row.querySelector(".meta");
   if (meta) {
@@ -120,6 +130,43 @@ function updateMessage(row, msg) {
     if (m.tokens) parts.push(`${m.tokens} tokens`);
     if (m.tps) parts.push(`${m.tps.toFixed(1)} tok/s`);
     meta.innerHTML = parts.map(escapeHtml).join(" · ") + (m.stopped ? ' <span class="stopped">· stopped</span>' : "");
+  }
+}
+function imageStrip(urls, removable = false) {
+  // Only data:image/ URLs the user attached here are shown (never a remote address).
+  const strip = document.createElement("div");
+  strip.className = "images";
+  urls.filter((u) => typeof u === "string" && u.startsWith("data:image/")).forEach((url, i) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.alt = "attached image";
+    img.src = url;
+    figure.appendChild(img);
+    if (removable) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.title = "Remove image";
+      remove.textContent = "×";
+      remove.dataset.index = i;
+      figure.appendChild(remove);
+    }
+    strip.appendChild(figure);
+  });
+  return strip;
+}
+function renderAttachments() {
+  ui.attachments.innerHTML = "";
+  ui.attachments.hidden = pendingImages.length === 0;
+  if (pendingImages.length) ui.attachments.appendChild(imageStrip(pendingImages, true));
+}
+function attachFiles(files) {
+  for (const file of files) {
+    if (!file.type.startsWith("image/")) continue;
+    const reader = new FileReader();
+    reader.onload = () => { pendingImages.push(reader.result); renderAttachments(); };
+    reader.readAsDataURL(file);
   }
 }
 function renderChat() {
@@ -184,7 +231,7 @@ function settingsChanged() {
 function requestBody(chat) {
   const s = readSettings();
   const history = chat.messages.filter((m) => !m.error && (m.role === "user" || m.content))
-    .map((m) => ({ role: m.role, content: m.content }));
+    .map((m) => ({ role: m.role, content: m.images?.length ? contentParts(m) : m.content }));
   const body = {
     model, messages: s.system.trim() ? [{ role: "system", content: s.system }, ...history] : history,
     stream: true, stream_options: { include_usage: true },
@@ -196,10 +243,18 @@ function requestBody(chat) {
   return body;
 }
 
-function send(text) {
+function contentParts(m) {
+  // OpenAI content parts: the images (data: URLs), then the text
+  const parts = m.images.map((url) => ({ type: "image_url", image_url: { url } }));
+  if (m.content) parts.push({ type: "text", text: m.content });
+  return parts;
+}
+function send(text, images = []) {
   const chat = current();
-  if (chat.messages.length === 0) chat.title = text.slice(0, 48);
-  chat.messages.push({ role: "user", content: text });
+  if (chat.messages.length === 0) chat.title = text.slice(0, 48) || "Image";
+  const msg = { role: "user", content: text };
+  if (images.length) msg.images = images;
+  chat.messages.push(msg);
   return generate(chat);
 }
 function regenerate() {
@@ -211,9 +266,10 @@ function regenerate() {
 function resend(index, text) {
   // Editing a user turn drops it and everything after it, then sends the new text in its place.
   const chat = current();
-  if (controller || !text || chat.messages[index]?.role !== "user") return;
+  const images = chat.messages[index]?.images || [];
+  if (controller || !(text || images.length) || chat.messages[index]?.role !== "user") return;
   chat.messages.splice(index);
-  send(text);
+  send(text, images);
 }
 function startEdit(row) {
   const msg = current().messages[Number(row.dataset.index)];
@@ -399,10 +455,23 @@ function fmtBytes(n) {
 ui.form.addEventListener("submit", (e) => {
   e.preventDefault();
   const text = ui.input.value.trim();
-  if (!text || controller || !model) return;
+  if (!(text || pendingImages.length) || controller || !model) return;
+  const images = pendingImages;
+  pendingImages = [];
+  renderAttachments();
   ui.input.value = "";
   autoGrow();
-  send(text);
+  send(text, images);
+});
+ui.attach.addEventListener("click", () => ui.imageInput.click());
+ui.imageInput.addEventListener("change", () => {
+  attachFiles(ui.imageInput.files);
+  ui.imageInput.value = "";  // the same file can be attached again
+});
+ui.attachments.addEventListener("click", (e) => {
+  if (!e.target.classList.contains("remove")) return;
+  pendingImages.splice(Number(e.target.dataset.index), 1);
+  renderAttachments();
 });
 ui.input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {

@@ -178,12 +178,13 @@ IMAGE_TOKENS = 16  # 4 x 4 soft tokens pooled from the 8 x 8 patch grid
 IMAGE_SIZE = 32
 
 
-def save_tiny_multimodal(out: Path, **text_overrides) -> torch.nn.Module:
+def save_tiny_multimodal(out: Path, tokenizer: Tokenizer | None = None, **text_overrides) -> torch.nn.Module:
     """A random ``Gemma3ForConditionalGeneration`` saved as an HF directory: weights, config,
-    tokenizer (with the image tokens), chat template and preprocessor_config.json."""
+    tokenizer (with the image tokens; ``tokenizer``: this one, which must hold them), chat
+    template and preprocessor_config.json."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    tok = train_tokenizer(SPECIALS + IMAGE_SPECIALS)
+    tok = tokenizer or train_tokenizer(SPECIALS + IMAGE_SPECIALS)
     boi, eoi, soft = (tok.token_to_id(t) for t in IMAGE_SPECIALS)
     config = Gemma3Config(
         text_config=gemma_config(**text_overrides),

@@ -581,6 +581,26 @@ def load_weights(
     return weights
 
 
+def read_gguf_tensors(path: str | os.PathLike, dtype: mx.Dtype = mx.float32) -> tuple[GGUFHeader, dict[str, mx.array]]:
+    """Every tensor of a GGUF file, dequantized, under the file's own names (a file that is no
+    text model, such as llama.cpp's ``mmproj`` vision tower: the caller maps the names).
+
+    Raises:
+        ModelNotFoundError: no such file.
+        WeightsError: the file is corrupt or a tensor cannot be read.
+    """
+    header = read_header(path)
+    data = np.memmap(header.path, dtype=np.uint8, mode="r")
+    tensors: dict[str, mx.array] = {}
+    for info in header.tensors.values():
+        raw = data[info.offset : info.offset + info.nbytes]
+        array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape)
+        tensors[info.name] = array if dtype == mx.float32 else array.astype(dtype)
+        mx.eval(tensors[info.name])
+    del data
+    return header, tensors
+
+
 def read_gguf(
     path: str | os.PathLike,
     architectures: Mapping[str, GGUFArchitecture],
@@ -642,5 +662,6 @@ __all__ = [
     "positive",
     "read_gguf",
     "read_gguf_metadata",
+    "read_gguf_tensors",
     "read_header",
 ]

@@ -139,6 +139,11 @@ def _tensors(
 
     names = gguf_names(spec, n_layers)
     params = dict(tree_flatten(loaded.model.parameters()))
+    # a GGUF file holds the text model; llama.cpp keeps a vision tower in a separate mmproj file
+    vision = tuple(getattr(loaded.model, "vision_prefixes", ()))
+    if vision:
+        params = {k: v for k, v in params.items() if not k.startswith(vision)}
+        logger.info("%s: the vision tower is not written (a GGUF file holds the text model)", loaded.source)
     unknown = sorted(set(params) - set(names))
     if unknown:
         raise UnsupportedModelError(

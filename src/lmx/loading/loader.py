@@ -238,17 +238,6 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
 
     affine = affine_widths_here(dtype) if profile.gguf_on_device == "quantized" else {}
     gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types, affine=affine)
-    model = _build(gguf.config, str(path))
-    weights = model.sanitize(gguf.weights)
-    blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
-    use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
-    affine_layers = _use_affine(model, weights, gguf.affine_types, gguf.affine_bits)
-    model.set_ops(profile_ops(profile))
-    if blocks:
-        logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
-    if affine_layers:
-        logger.info("%s: %d matrices run as MLX affine quantized layers", path, len(affine_layers))
-    hf.apply_weights(model, weights, str(path), dtype)
     arch = get_architecture(gguf.config, str(path))
     # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
     spec = tokenizer_from_gguf(
@@ -263,7 +252,26 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
         chat_template=spec.chat_template,
         name=path.name,
     )
+    config, gguf_weights, preprocessor = gguf.config, gguf.weights, None
+    projector = find_mmproj(path)
+    if projector is not None:  # llama.cpp's vision tower beside the text model
+        config, vision, preprocessor = _read_mmproj(projector, gguf.config, tokenizer, dtype)
+        gguf_weights = {**gguf.weights, **vision}
+    model = _build(config, str(path))
+    weights = model.sanitize(gguf_weights)
+    blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
+    use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
+    affine_layers = _use_affine(model, weights, gguf.affine_types, gguf.affine_bits)
+    model.set_ops(profile_ops(profile))
+    if blocks:
+        logger.info("%s: %d matrices run as GGUF blocks on lmx's CPU kernels", path, len(blocks))
+    if affine_layers:
+        logger.info("%s: %d matrices run as MLX affine quantized layers", path, len(affine_layers))
+    hf.apply_weights(model, weights, str(path), dtype)
     mx.eval(model.parameters())
+    image_processor = None
+    if preprocessor is not None and hasattr(model, "encode_images"):
+        image_processor = ImageProcessor.from_config(preprocessor, model.image_size)
     return LoadedModel(
         model,
         tokenizer,
@@ -275,7 +283,47 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
         gguf_affine=affine_layers,
         profile=profile,
         own_chat_template=bool(gguf.header.metadata.get("tokenizer.chat_template")),
+        image_processor=image_processor,
     )
+
+
+def find_mmproj(path: Path) -> Path | None:
+    """llama.cpp's vision-tower file beside the GGUF text model ``path``: the one ``mmproj*.gguf``
+    in its directory. None when there is none, or several (which one is meant cannot be told: the
+    text model loads alone, with a warning)."""
+    found = sorted(p for p in path.parent.glob("mmproj*.gguf") if p.is_file() and p != path)
+    if len(found) > 1:
+        logger.warning(
+            "%s: several mmproj files beside it (%s); loading the text model only",
+            path,
+            ", ".join(p.name for p in found),
+        )
+        return None
+    return found[0] if found else None
+
+
+def _read_mmproj(
+    path: Path, text_config: dict[str, Any], tokenizer: Tokenizer, dtype: mx.Dtype
+) -> tuple[dict[str, Any], dict[str, mx.array], dict[str, Any]]:
+    """The multimodal config, the vision weights (HF-side names) and the preprocessing of an mmproj file.
+
+    Raises:
+        UnsupportedModelError: its projector type is not one lmx reads.
+        ConfigError, WeightsError: as the architecture's reader raises them.
+    """
+    from lmx.io.gguf import read_gguf_tensors
+    from lmx.models import MMPROJ_MODULES
+
+    header, tensors = read_gguf_tensors(path, dtype)
+    md = header.metadata
+    kind = md.get("clip.projector_type") or md.get("clip.vision.projector_type")
+    module = MMPROJ_MODULES.get(kind) if isinstance(kind, str) else None
+    if module is None:
+        raise UnsupportedModelError(
+            f"{path}: mmproj projector type {kind!r} is not supported; supported: {', '.join(sorted(MMPROJ_MODULES))}"
+        )
+    config, preprocessor = module.mmproj_config(text_config, md, tokenizer.token_to_id, str(path))
+    return config, module.mmproj_weights(tensors, str(path)), preprocessor
 
 
 def _use_affine(

@@ -30,6 +30,8 @@ GGUF_MODULES: dict[str, ModuleType] = {
     module.GGUF.name: module for name, module in ARCHITECTURES.items() if module.GGUF.model_type == name
 }
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {name: module.GGUF for name, module in GGUF_MODULES.items()}
+# llama.cpp mmproj files (a vision tower beside a text GGUF): clip.projector_type -> the module reading it.
+MMPROJ_MODULES: dict[str, ModuleType] = {gemma3.MMPROJ_TYPE: gemma3}
 # `lmx bench --config NAME` shapes of every architecture.
 BENCH_CONFIGS: dict[str, dict[str, Any]] = {
     name: config for module in GGUF_MODULES.values() for name, config in module.BENCH_CONFIGS.items()

@@ -29,6 +29,7 @@ EXTRA_EOS_TOKENS = gemma3_text.EXTRA_EOS_TOKENS
 NEUTRAL_NORM_WEIGHT = gemma3_text.NEUTRAL_NORM_WEIGHT
 HF_ARCHITECTURE = "Gemma3ForConditionalGeneration"
 BENCH_CONFIGS: dict[str, dict[str, Any]] = {}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")  # parameters a GGUF text file does not hold
 
 
 @dataclasses.dataclass
@@ -227,6 +228,8 @@ class Model(gemma3_text.Model):
     """Gemma 3 with its vision tower. Text-only prompts run exactly as :class:`gemma3_text.Model`;
     a prompt with images runs :meth:`hidden_images` for the chunks that hold image positions."""
 
+    vision_prefixes = VISION_PREFIXES  # what a GGUF text file leaves out (llama.cpp: the mmproj file)
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__(args)
         self.vision_tower = VisionTower(args.vision)
@@ -283,3 +286,100 @@ class Model(gemma3_text.Model):
             else:
                 text[name] = w
         return {**super().sanitize(text), **vision}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp's mmproj GGUF file (the vision tower beside a text GGUF): general.architecture "clip",
+# clip.projector_type "gemma3", tensors v.* and mm.* (the names of gguf-py's MODEL_ARCH.MMPROJ).
+
+MMPROJ_TYPE = "gemma3"
+IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+_MMPROJ_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "ln1": "layer_norm1",
+    "ln2": "layer_norm2",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+_MMPROJ_GLOBAL = {
+    "v.patch_embd": "vision_tower.embeddings.patch_embedding",
+    "v.position_embd": "vision_tower.embeddings.position_embedding",
+    "v.post_ln": "vision_tower.post_layernorm",
+    "mm.input_projection": "multi_modal_projector.mm_input_projection_weight",
+    "mm.soft_emb_norm": "multi_modal_projector.mm_soft_emb_norm",
+}
+
+
+def mmproj_config(
+    text_config: dict[str, Any], md: dict[str, Any], token_id: Callable[[str], int | None], source: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The multimodal config (the text GGUF's config plus the mmproj file's vision keys and the
+    vocabulary's image tokens) and a ``preprocessor_config.json`` equivalent.
+
+    Raises:
+        ConfigError: a key the vision tower needs is missing, or the vocabulary lacks an image token.
+    """
+
+    def key(name: str, default: Any = None) -> Any:
+        value = md.get(f"clip.vision.{name}", default)
+        if value is None:
+            raise ConfigError(f"{source}: the mmproj file lacks clip.vision.{name}")
+        return value
+
+    image_size, patch = int(key("image_size")), int(key("patch_size"))
+    vision = {
+        "hidden_size": int(key("embedding_length")),
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": int(key("attention.head_count")),
+        "layer_norm_eps": float(key("attention.layer_norm_epsilon", 1e-6)),
+        "image_size": image_size,
+        "patch_size": patch,
+    }
+    scale = int(key("projector.scale_factor", 4))  # llama.cpp writes it only when it is not 4
+    side = (image_size // patch) // scale
+    ids = [token_id(t) for t in IMAGE_TOKENS]
+    missing = [t for t, i in zip(IMAGE_TOKENS, ids) if i is None]
+    if missing:
+        raise ConfigError(f"{source}: the text model's vocabulary lacks {', '.join(missing)}")
+    config = {
+        "model_type": "gemma3",
+        "text_config": text_config,
+        "vision_config": vision,
+        "mm_tokens_per_image": side * side,
+        "boi_token_index": ids[0],
+        "eoi_token_index": ids[1],
+        "image_token_index": ids[2],
+    }
+    preprocessor = {"size": {"height": image_size, "width": image_size}}
+    for name in ("image_mean", "image_std"):
+        if md.get(f"clip.vision.{name}") is not None:
+            preprocessor[name] = [float(v) for v in md[f"clip.vision.{name}"]]
+    return config, preprocessor
+
+
+def mmproj_weights(tensors: dict[str, mx.array], source: str) -> dict[str, mx.array]:
+    """This module's names for an mmproj file's tensors.
+
+    Raises:
+        WeightsError: a tensor has no counterpart here.
+    """
+    from lmx.errors import WeightsError
+
+    out = {}
+    for name, w in tensors.items():
+        base, _, suffix = name.rpartition(".")
+        parts = base.split(".")
+        if base in _MMPROJ_GLOBAL:
+            ours = _MMPROJ_GLOBAL[base]
+        elif len(parts) == 4 and parts[:2] == ["v", "blk"] and parts[3] in _MMPROJ_LAYER:
+            ours = f"vision_tower.encoder.layers.{parts[2]}.{_MMPROJ_LAYER[parts[3]]}"
+        else:
+            raise WeightsError(f"{source}: mmproj tensor {name!r} has no Gemma 3 vision counterpart")
+        if base == "mm.soft_emb_norm":
+            w = w - 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
+        out[ours if base == "mm.input_projection" else f"{ours}.{suffix}"] = w
+    return out

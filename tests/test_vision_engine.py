@@ -104,6 +104,39 @@ def test_prefix_cache_is_keyed_by_image_content(mm):
     assert fresh.metrics.cached_tokens == 0 and fresh.tokens == other.tokens
 
 
+def test_each_image_is_encoded_once_across_turns(mm):
+    d, ref, engine = mm
+    a, b = png(30), png(31)
+    misses, hits = engine.image_cache.misses, engine.image_cache.hits
+    first = engine.chat(messages(a, "Hello world"), max_tokens=4, temperature=0)
+    turn2 = messages(a, "Hello world") + [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": [{"type": "image", "image": b}, {"type": "text", "text": "and this?"}]},
+    ]
+    second = engine.chat(turn2, max_tokens=6, temperature=0)
+    assert engine.image_cache.misses - misses == 2  # a once, b once
+    assert engine.image_cache.hits - hits == 1  # a again in the second turn
+    # the kept features are the tower's: the second turn still equals transformers
+    proc = reference_processor(d)
+    hf_msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.open(io.BytesIO(a))}, {"type": "text", "text": "Hello world"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.open(io.BytesIO(b))}, {"type": "text", "text": "and this?"}],
+        },
+    ]
+    inputs = proc.apply_chat_template(
+        hf_msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert second.tokens == out[0, inputs["input_ids"].shape[1] :].tolist()[: len(second.tokens)]
+
+
 def test_image_and_text_requests_batch_together(mm):
     d, ref, engine = mm
     import threading

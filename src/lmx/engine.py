@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from lmx.classify import Classification
 from lmx.errors import ContextLengthError, EngineClosedError, ImageError, InvalidOptionError
-from lmx.generate.images import ImageTokens, block_starts, expand_prompt, has_images, split_images
+from lmx.generate.images import FeatureCache, ImageTokens, block_starts, expand_prompt, has_images, split_images
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
@@ -166,6 +166,7 @@ class Engine:
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
         self._lock = threading.Lock()
         self._adapters: Any = None  # the AdapterSet, made when the first adapter loads
+        self.image_cache = FeatureCache()  # the vision tower's output for the last images seen
 
     # ----------------------------------------------------------------- properties
     @property
@@ -453,6 +454,7 @@ class Engine:
         with self._lock:
             self.scheduler.close()
             self._loaded = None
+            self.image_cache.clear()
         memory.clear_cache()
 
     def __enter__(self) -> Engine:
@@ -558,13 +560,14 @@ class Engine:
         if len(starts) != len(pixels):
             raise ImageError(f"the prompt holds {len(starts)} image blocks for {len(pixels)} images and crops")
 
-        def encode() -> mx.array:
-            features = model.encode_images(mx.array(pixels))
+        digests = [image_digest(p) for p in pixels]
+
+        def work() -> mx.array:  # on the scheduler's worker: MLX arrays are made where they are evaluated
+            features = self.image_cache.features(digests, pixels, lambda todo: model.encode_images(mx.array(todo)))
             mx.eval(features)
             return features
 
-        features = self.run_exclusive(encode)
-        return ids, ImagePrompt(starts, features, [image_digest(p) for p in pixels])
+        return ids, ImagePrompt(starts, self.run_exclusive(work), digests)
 
 
 _CLASSIFY_OPTIONS = (

@@ -11,10 +11,14 @@ write ``<start_of_image>``); each is then replaced by ``"\\n\\n" + boi + soft * 
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from lmx.errors import ImageError
@@ -137,6 +141,51 @@ def block_starts(ids: list[int], tokens: ImageTokens) -> list[int]:
         starts.append(i)
         i = j
     return starts
+
+
+class FeatureCache:
+    """The vision tower's output for the last images seen, by content digest: a chat sends its
+    earlier turns' images again with every turn, and each is encoded once.
+
+    Args:
+        max_entries: the most images kept (one Gemma 3 4B image: 256 x 2560 values).
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[str, mx.array] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def features(self, digests: list[str], pixels: np.ndarray, encode: Callable[[np.ndarray], mx.array]) -> mx.array:
+        """Soft tokens (n, tokens, hidden) of the images ``pixels`` (n, 3, H, W) whose digests are
+        ``digests``: those not kept are encoded (``encode``, one call for all of them)."""
+        with self._lock:
+            missing = [i for i, d in enumerate(digests) if d not in self._entries]
+            self.hits += len(digests) - len(missing)
+            self.misses += len(missing)
+        found: dict[str, mx.array] = {}
+        if missing:
+            new = encode(pixels[missing])
+            found = {digests[i]: new[j] for j, i in enumerate(missing)}
+        with self._lock:
+            for d in digests:
+                if d in found:
+                    self._entries[d] = found[d]
+                elif d in self._entries:
+                    found[d] = self._entries[d]
+                self._entries.move_to_end(d)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return mx.stack([found[d] for d in digests])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 def preprocess(processor: ImageProcessor, images: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:

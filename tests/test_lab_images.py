@@ -103,3 +103,27 @@ def test_removing_an_attachment(browser: Any, server: BackgroundServer, tmp_path
     page.click("#attachments .remove")
     assert page.is_hidden("#attachments") and page.locator("#attachments .thumb").count() == 0
     page.context.close()
+
+
+def test_a_large_photo_is_sent_smaller(browser: Any, server: BackgroundServer, tmp_path) -> None:
+    """A 9 MB PNG would pass the 4 MiB body limit as base64: the page sends it as a smaller JPEG."""
+    arr = np.random.RandomState(1).randint(0, 256, size=(1500, 2000, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.png")
+    assert (tmp_path / "big.png").stat().st_size > 8 * 2**20
+    page = open_page(browser, server.url + "/")
+    wait_for_model(page, "tiny-vision")
+    page.fill("#max-tokens", "4")
+    page.set_input_files("#image-input", str(tmp_path / "big.png"))
+    page.wait_for_selector("#attachments .thumb")
+    page.fill("#input", "What is this?")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "document.body.dataset.state === 'idle' && document.querySelectorAll('.msg.assistant').length === 1",
+        timeout=120_000,
+    )
+    messages = stored_messages(page)
+    assert not messages[1].get("error"), messages[1]
+    sent = messages[0]["images"][0]
+    assert sent.startswith("data:image/jpeg;base64,") and len(sent) < 4 * 2**20
+    assert page.errors == []
+    page.context.close()

@@ -161,11 +161,35 @@ function renderAttachments() {
   ui.attachments.hidden = pendingImages.length === 0;
   if (pendingImages.length) ui.attachments.appendChild(imageStrip(pendingImages, true));
 }
+// A large photo is sent smaller: the request body is bounded (--max-body-bytes, 4 MiB by default,
+// base64 included) and the model sees 896 x 896 pixels anyway.
+const MAX_IMAGE_BYTES = 2 * 2 ** 20, MAX_IMAGE_SIDE = 1792;
+function shrink(url) {
+  return new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => {
+      const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+      const canvas = document.createElement("canvas");
+      canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+      canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+      const ctx = canvas.getContext("2d");
+      ctx.fillStyle = "#fff";  // transparency over white, as the server's decoder does
+      ctx.fillRect(0, 0, canvas.width, canvas.height);
+      ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+      resolve(canvas.toDataURL("image/jpeg", 0.9));
+    };
+    img.onerror = () => resolve(url);  // not decodable here: the server says what is wrong with it
+    img.src = url;
+  });
+}
 function attachFiles(files) {
   for (const file of files) {
     if (!file.type.startsWith("image/")) continue;
     const reader = new FileReader();
-    reader.onload = () => { pendingImages.push(reader.result); renderAttachments(); };
+    reader.onload = async () => {
+      pendingImages.push(file.size > MAX_IMAGE_BYTES ? await shrink(reader.result) : reader.result);
+      renderAttachments();
+    };
     reader.readAsDataURL(file);
   }
 }

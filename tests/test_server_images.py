@@ -167,3 +167,16 @@ def test_a_text_model_answers_images_with_400(engine):
         c.close()
     assert e.value.body["code"] == "invalid_image"  # type: ignore[index]
     assert "reads no images" in e.value.body["message"]  # type: ignore[index]
+
+
+def test_remote_backend_sends_image_parts(server, mm_engine, tmp_path):
+    from lmx.errors import ImageError
+    from lmx.remote import RemoteBackend
+
+    (tmp_path / "p.png").write_bytes(png(8))
+    with RemoteBackend(server.url) as remote:
+        for part in ({"type": "image", "image": png(8)}, {"type": "image", "path": str(tmp_path / "p.png")}):
+            msgs = [{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}]
+            assert remote.chat(msgs, max_tokens=5, temperature=0).tokens == engine_reply(mm_engine, png(8), "Hi", 5)
+        with pytest.raises(ImageError, match="not an image"):
+            remote.chat([{"role": "user", "content": [{"type": "image", "image": b"nope"}]}], max_tokens=2)

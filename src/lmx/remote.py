@@ -13,6 +13,7 @@ and metrics hold only the token counts.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +23,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from lmx.classify import Classification, Example
-from lmx.errors import ContextLengthError, InvalidOptionError, LmxError, ModelNotFoundError, OutOfMemoryError
+from lmx.errors import (
+    ContextLengthError,
+    ImageError,
+    InvalidOptionError,
+    LmxError,
+    ModelNotFoundError,
+    OutOfMemoryError,
+)
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, TopLogprob
 
@@ -88,6 +96,8 @@ def _error(status: int, body: Any, url: str) -> LmxError:
     message = f"{message} (HTTP {status} from {url})"
     if status == 400 and code == "context_length_exceeded":
         return ContextLengthError(message)
+    if status == 400 and code == "invalid_image":
+        return ImageError(message)
     if status in (400, 422):
         return InvalidOptionError(message)
     if status == 404 and code == "model_not_found":
@@ -411,10 +421,35 @@ class RemoteBackend:
     def _chat_body(
         self, messages: list[Message], template_kwargs: dict | None, options: dict[str, Any]
     ) -> dict[str, Any]:
-        body = {**self._body(options, chat=True), "messages": messages}
+        body = {**self._body(options, chat=True), "messages": [_wire_message(m) for m in messages]}
         if template_kwargs:
             body["chat_template_kwargs"] = template_kwargs
         return body
+
+
+def _wire_message(message: Message) -> Message:
+    """A message as JSON can carry it: image parts (the file's bytes, or a local path read here)
+    become OpenAI ``image_url`` parts with a ``data:`` URL (the server fetches no URL)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "image"):
+            parts.append(part)
+            continue
+        data = part.get("image")
+        if data is None and "path" in part:
+            try:
+                with open(part["path"], "rb") as f:
+                    data = f.read()
+            except (OSError, TypeError) as e:
+                raise ImageError(f"image {i}: cannot read the image file {part['path']!r}: {e}") from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"image {i}: an image part needs 'image' (the file's bytes) or 'path'")
+        url = "data:application/octet-stream;base64," + base64.b64encode(bytes(data)).decode("ascii")
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return {**message, "content": parts}
 
 
 def _prompt(prompt: Prompt) -> str | list[int]:

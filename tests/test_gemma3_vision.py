@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("PIL")
 import lmx  # noqa: F401  # isort: skip
 import mlx.core as mx
 from PIL import Image

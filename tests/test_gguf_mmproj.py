@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import AddedToken
-
-pytest.importorskip("PIL")
 from PIL import Image
+from tokenizers import AddedToken
 
 import lmx
 from lmx.errors import UnsupportedModelError

@@ -6,12 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
-PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
-
-from lmx.errors import ImageError  # noqa: E402
-from lmx.io.image import ImageProcessor, decode_image  # noqa: E402
+from lmx.errors import ImageError
+from lmx.io.image import ImageProcessor, decode_image
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -13,13 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lmx.server import BackgroundServer, ServerSettings
 from test_lab_page import ARGS, ARTIFACTS, CHROMIUM, open_page, stored_messages, wait_for_model
-
-pytest.importorskip("PIL")
-from PIL import Image
-
 from tiny_models import save_tiny_multimodal
 
 pytestmark = pytest.mark.skipif(

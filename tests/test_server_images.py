@@ -11,8 +11,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
-pytest.importorskip("PIL")
 from PIL import Image
 
 import lmx

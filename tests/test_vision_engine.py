@@ -8,8 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("PIL")
 from PIL import Image
 
 import lmx

@@ -57,6 +57,28 @@ class RowSampler:
         if self.history is not None:
             self.history = mx.concatenate([self.history, token[:, None].astype(self.history.dtype)], axis=1)
 
+    def process_drafts(self, logits: mx.array, drafts: Sequence[int]) -> mx.array:
+        """Apply the row's processors to the (k + 1, V) logits of a speculative verify pass:
+        position ``j`` sees the history plus ``drafts[:j]``, as plain decoding would have."""
+        if not self.processors:
+            return logits
+        assert self.history is not None
+        rows = []
+        for j in range(logits.shape[0]):
+            extra = mx.array([list(drafts[:j])], dtype=self.history.dtype)  # (1, j)
+            history = mx.concatenate([self.history, extra], axis=1) if j else self.history
+            row = logits[j : j + 1]
+            for proc in self.processors:
+                row = proc(history, row)
+            rows.append(row)
+        return mx.concatenate(rows, axis=0)
+
+    def take_ids(self, ids: Sequence[int]) -> None:
+        """Record several chosen tokens (a verify pass's accepted run) in the history."""
+        if self.history is not None and ids:
+            extra = mx.array([list(ids)], dtype=self.history.dtype)  # (1, n)
+            self.history = mx.concatenate([self.history, extra], axis=1)
+
 
 def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumExp) -> tuple[mx.array, mx.array]:
     """Choose every row's next token from one step's ``logits`` (B, V).

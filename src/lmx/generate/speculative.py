@@ -38,7 +38,7 @@ LogSumExp = Callable[[mx.array], mx.array]
 class Drafter(Protocol):
     """Proposes up to ``k`` tokens to follow ``seq`` (the row's prompt and output so far)."""
 
-    def propose(self, seq: Sequence[int], k: int) -> list[int]: ...
+    def propose(self, seq: Sequence[int], k: int, sampler: RowSampler) -> list[int]: ...
 
 
 def prompt_lookup(seq: Sequence[int] | np.ndarray, k: int, ngram: int) -> list[int]:
@@ -66,12 +66,13 @@ class PromptLookup:
     def __init__(self, ngram: int) -> None:
         self.ngram = ngram
 
-    def propose(self, seq: Sequence[int], k: int) -> list[int]:
+    def propose(self, seq: Sequence[int], k: int, sampler: RowSampler) -> list[int]:
         return prompt_lookup(seq, k, self.ngram)
 
 
 class ModelDrafter:
-    """Drafts with a small model: ``k`` greedy tokens from caches of its own.
+    """Drafts with a small model: ``k`` greedy tokens from caches of its own, chosen after the
+    row's logits processors (penalties, bias) where the draft's vocabulary has the model's size.
 
     The caches hold the keys and values of ``self.fed`` (a prefix of the row's sequence plus
     earlier drafts); each proposal first drops what no longer matches the row's sequence, feeds
@@ -81,10 +82,12 @@ class ModelDrafter:
     Args:
         model: the draft model (the :class:`lmx.models.base.LanguageModel` contract).
         prefill_step_size: chunk size for feeding many tokens at once.
+        vocab_size: the size of the model's logits (the one drafted for).
     """
 
-    def __init__(self, model: Any, prefill_step_size: int) -> None:
+    def __init__(self, model: Any, prefill_step_size: int, vocab_size: int) -> None:
         self.model = model
+        self.vocab_size = vocab_size
         self.step_size = prefill_step_size
         self.cache: list[KVCache] | None = None
         self.fed: list[int] = []
@@ -102,7 +105,7 @@ class ModelDrafter:
         self.fed = list(seq[:common])
         return list(seq[common:])
 
-    def propose(self, seq: Sequence[int], k: int) -> list[int]:
+    def propose(self, seq: Sequence[int], k: int, sampler: RowSampler) -> list[int]:
         todo = self._sync(seq)
         assert self.cache is not None
         m, cache = self.model, self.cache
@@ -115,6 +118,8 @@ class ModelDrafter:
         self.fed += todo
         out: list[int] = []
         while True:
+            if logits.shape[-1] == self.vocab_size:  # the processors index the model's vocabulary
+                logits = sampler.process_after(logits.astype(mx.float32), out)
             token = int(mx.argmax(logits, axis=-1).item())
             out.append(token)
             if len(out) == k:

@@ -432,11 +432,11 @@ class Scheduler:
             row.drafter = (
                 PromptLookup(opts.prompt_lookup_ngram)
                 if opts.speculative == "prompt-lookup"
-                else ModelDrafter(self.draft_model, self.config.prefill_step_size)
+                else ModelDrafter(self.draft_model, self.config.prefill_step_size, self.model.args.vocab_size)
             )
         seq = request.ids + request.generated  # the pending token last: not yet in the caches
         room = request.limit - len(request.generated) - 1  # drafts past max_tokens would be cut anyway
-        drafts = row.drafter.propose(seq, min(opts.num_draft_tokens, room)) if room > 0 else []
+        drafts = row.drafter.propose(seq, min(opts.num_draft_tokens, room), row.sampler) if room > 0 else []
         with self._routed(batch.rows):
             done = verify(self.model, batch.caches, seq[-1], drafts, row.sampler, self.decoder.logsumexp)
         s = self._stats

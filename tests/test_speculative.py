@@ -77,10 +77,12 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
     seq = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7]
     assert prompt_lookup(seq, 3, 3) == [2, 3, 5]  # the latest earlier "5 6 7" is followed by 2 3 5
     assert prompt_lookup(seq, 1, 3) == [2]
-    assert prompt_lookup([1, 2, 3, 9, 2, 3], 4, 3) == [9, 2, 3]  # no earlier "9 2 3": "2 3" matches
-    assert prompt_lookup([4, 4, 1, 2, 3], 2, 2) == []  # no earlier 3, "2 3" or "1 2 3"
-    assert prompt_lookup([7, 1, 7], 5, 3) == [1, 7]  # falls back to one token; stops at the end
-    assert prompt_lookup([7], 5, 3) == []
+    assert prompt_lookup(seq, 9, 4) == []  # "3 5 6 7" occurs only at the end
+    assert prompt_lookup([1, 5, 6, 7, 8, 1, 5, 6, 7], 9, 4) == [8, 1, 5, 6, 7]  # up to the end, not past it
+    assert prompt_lookup([1, 2, 3, 9, 2, 3], 4, 3) == []  # no earlier "9 2 3", and no shorter n-gram is tried
+    assert prompt_lookup([1, 2, 3, 9, 2, 3], 4, 2) == [9, 2, 3]  # "2 3" occurred at 1; the draft stops at the end
+    assert prompt_lookup([7, 1, 7], 5, 1) == [1, 7]
+    assert prompt_lookup([7, 1, 7], 5, 3) == []  # shorter than the n-gram and a token
 
 
 # ---------------------------------------------------------------------------- greedy identity

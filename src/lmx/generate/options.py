@@ -37,7 +37,7 @@ MAX_DRAFT_TOKENS = 32
 """The most tokens ``num_draft_tokens`` may draft per verify pass."""
 
 MAX_NGRAM = 16
-"""The longest n-gram ``prompt_lookup_ngram`` may match."""
+"""The longest n-gram ``prompt_lookup_ngram`` may ask to match."""
 
 SPECULATIVE_MODES = ("prompt-lookup", "draft-model")
 """Values of the ``speculative`` option (besides None: plain decoding)."""

@@ -322,3 +322,46 @@ def test_a_draft_model_of_another_vocabulary_is_refused(tiny_dirs: dict[str, Pat
     with pytest.raises(DraftModelError, match="the vocabularies differ: token") as err:
         lmx.load(tiny_dirs["gemma3"], draft_model=other)
     assert repr(a) in str(err.value) or repr(b) in str(err.value)
+
+
+# ---------------------------------------------------------------------------- server
+def test_server_default_and_per_request_field(tiny_dirs: dict[str, Path]) -> None:
+    import httpx
+
+    from lmx.server import BackgroundServer, ServerSettings
+
+    bias = {str(k): v for k, v in NO_EOS.items()}
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "logit_bias": bias}
+    with lmx.load(tiny_dirs["gemma3"], prompt_cache=False) as engine:
+        plain = engine.generate(PROMPT, max_tokens=40, logit_bias=NO_EOS)
+        settings = ServerSettings(port=0, model_name="tiny", speculative="prompt-lookup", warm_up=False)
+        with BackgroundServer(settings, engine) as server:
+            url = server.url + "/v1/completions"
+            default = httpx.post(url, json=body, timeout=60).json()
+            off = httpx.post(url, json={**body, "speculative": None}, timeout=60).json()
+            tuned = httpx.post(url, json={**body, "num_draft_tokens": 2, "prompt_lookup_ngram": 1}, timeout=60).json()
+            bad = httpx.post(url, json={**body, "speculative": "ngram"}, timeout=60)
+            no_draft = httpx.post(url, json={**body, "speculative": "draft-model"}, timeout=60)
+            ollama = httpx.post(
+                server.url + "/api/generate",
+                json={"model": "tiny", "prompt": PROMPT, "raw": True, "stream": False,
+                      "options": {"num_predict": 40, "temperature": 0, "speculative": "prompt-lookup"}},
+                timeout=60,
+            )  # fmt: skip
+    for reply in (default, off, tuned):
+        assert reply["choices"][0]["text"] == plain.text
+    assert default["metrics"]["draft_tokens"] > 0 and tuned["metrics"]["draft_tokens"] > 0
+    assert off["metrics"]["draft_tokens"] == 0
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    assert "'prompt-lookup' or 'draft-model', got 'ngram'" in bad.json()["error"]["message"]
+    assert no_draft.status_code == 400 and "needs a draft model" in no_draft.json()["error"]["message"]
+    assert ollama.status_code == 200 and ollama.json()["response"] == plain.text
+
+
+def test_server_settings_refuse_a_bad_default() -> None:
+    from lmx.server import ServerSettings
+
+    with pytest.raises(InvalidOptionError, match="speculative must be None"):
+        ServerSettings(speculative="fast")
+    with pytest.raises(InvalidOptionError, match="needs draft_model"):
+        ServerSettings(speculative="draft-model")

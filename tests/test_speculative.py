@@ -365,3 +365,21 @@ def test_server_settings_refuse_a_bad_default() -> None:
         ServerSettings(speculative="fast")
     with pytest.raises(InvalidOptionError, match="needs draft_model"):
         ServerSettings(speculative="draft-model")
+
+
+# ---------------------------------------------------------------------------- the real 270M
+@pytest.mark.slow
+def test_real_270m_copying_prompt_equals_plain_decoding() -> None:
+    """The bundled Gemma 3 270M (GGUF, lmx's CPU kernels on the CPU) editing a given piece of
+    code: prompt lookup drafts from the prompt, and the output is plain decoding's."""
+    from lmx.bench_speculative import TASKS
+
+    messages = [{"role": "user", "content": TASKS["rename-variable"]}]
+    with lmx.load(None, prompt_cache=False) as engine:
+        plain = engine.chat(messages, max_tokens=96, logprobs=1)
+        spec = engine.chat(messages, max_tokens=96, logprobs=1, speculative="prompt-lookup")
+    assert (spec.tokens, spec.text, spec.finish_reason) == (plain.tokens, plain.text, plain.finish_reason)
+    np.testing.assert_allclose(spec.logprobs, plain.logprobs, atol=2e-3, rtol=0)
+    assert "def variance(values):" in plain.text  # it copies the code it was given
+    m = spec.metrics
+    assert m.draft_tokens > 40 and m.accepted_tokens > 0.6 * m.draft_tokens

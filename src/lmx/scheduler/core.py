@@ -9,6 +9,9 @@ One worker thread owns the model. Each turn of its loop:
 4. hands the previous step's tokens to their requests, and lets finished or cancelled rows
    leave at once (their KV memory goes back).
 
+A lone greedy row that asks for speculative decoding drafts several tokens a turn and checks
+them in one pass instead (:meth:`Scheduler._speculative_turn`; docs/architecture.md says when).
+
 Each row has its own options (sampler, penalties, seed and random keys, stop strings,
 ``max_tokens``, ``logprobs``), so a request gets, token for token, what it gets alone; rows
 differ from running alone only by float rounding. Requests sharing a prefix with an earlier
@@ -709,7 +712,7 @@ class Scheduler:
     def _release(self) -> None:
         """Drop the model and every cached key/value (closed: the memory goes back now)."""
         self.prefix_cache.clear()
-        self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
+        self.model = self.tokenizer = self.decoder = self.draft_model = None  # type: ignore[assignment]
 
 
 def make_request(ids: Sequence[int], options: GenerationOptions, sink: Sink, context_length: int) -> Request:

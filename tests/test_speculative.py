@@ -383,3 +383,21 @@ def test_real_270m_copying_prompt_equals_plain_decoding() -> None:
     assert "def variance(values):" in plain.text  # it copies the code it was given
     m = spec.metrics
     assert m.draft_tokens > 40 and m.accepted_tokens > 0.6 * m.draft_tokens
+
+
+# ---------------------------------------------------------------------------- command line
+def test_generate_command_speculates_with_the_same_output(tiny_dirs: dict[str, Path]) -> None:
+    from test_cli import run
+
+    model = str(tiny_dirs["gemma3"])
+    common = ["generate", PROMPT, "--model", model, "-n", "40"]
+    plain = run(*common)
+    lookup = run(*common, "--speculative", "prompt-lookup", "--num-draft-tokens", "3")
+    drafted = run(*common, "--draft-model", model)
+    bad = run(*common, "--speculative", "draft-model")
+    for out in (plain, lookup, drafted):
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == plain.stdout
+    assert "drafted tokens accepted" in lookup.stderr and "drafted tokens accepted" in drafted.stderr
+    assert "drafted" not in plain.stderr
+    assert bad.returncode != 0 and "needs a draft model" in bad.stderr

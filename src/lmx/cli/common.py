@@ -93,7 +93,9 @@ def print_stats(metrics: Any) -> None:
     print(
         f"[{m.prompt_tokens} prompt tokens ({m.cached_tokens} cached), {m.generated_tokens} generated | "
         f"prefill {m.prefill_tokens_per_s:.1f} tok/s, decode {m.decode_tokens_per_s:.1f} tok/s, "
-        f"first token {m.time_to_first_token * 1000:.0f} ms | peak memory {m.peak_memory / 2**20:.0f} MiB]",
+        f"first token {m.time_to_first_token * 1000:.0f} ms | peak memory {m.peak_memory / 2**20:.0f} MiB"
+        + (f" | {m.accepted_tokens} of {m.draft_tokens} drafted tokens accepted" if m.draft_tokens else "")
+        + "]",
         file=sys.stderr,
     )
 

@@ -401,3 +401,21 @@ def test_generate_command_speculates_with_the_same_output(tiny_dirs: dict[str, P
     assert "drafted tokens accepted" in lookup.stderr and "drafted tokens accepted" in drafted.stderr
     assert "drafted" not in plain.stderr
     assert bad.returncode != 0 and "needs a draft model" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def test_speculative_bench_runs_pairs_and_checks_identity(tiny_dirs: dict[str, Path]) -> None:
+    from lmx.bench_speculative import run_speculative_benchmark
+
+    result = run_speculative_benchmark(str(tiny_dirs["gemma3"]), gen_tokens=12, repeat=2, tasks=["quote", "summarise"])
+    data = result.as_dict()
+    assert data["repeat"] == 2 and [r["task"] for r in data["runs"]] == ["quote", "summarise"] * 2
+    assert data["all"]["identical"] is True
+    for run in data["runs"]:
+        assert run["draft_tokens"] >= run["accepted_tokens"] >= 0 and run["verify_passes"] >= 1
+    total = data["all"]
+    drafted = sum(r["draft_tokens"] for r in data["runs"])
+    if drafted:
+        assert total["acceptance_rate"] == sum(r["accepted_tokens"] for r in data["runs"]) / drafted
+    with pytest.raises(InvalidOptionError, match="needs --draft-model"):
+        run_speculative_benchmark(str(tiny_dirs["gemma3"]), mode="draft-model")

@@ -149,7 +149,7 @@ def run_speculative_benchmark(
     Raises:
         InvalidOptionError: a bad mode, task name or count.
     """
-    import lmx
+    from lmx.engine import load
     from lmx.runtime.device import device_name
 
     if mode not in SPECULATIVE_MODES:
@@ -163,7 +163,7 @@ def run_speculative_benchmark(
     for opt, value, low in (("gen_tokens", gen_tokens, 2), ("repeat", repeat, 1)):
         if value < low:
             raise InvalidOptionError(f"{opt} must be >= {low}, got {value}")
-    engine = lmx.load(model, device=device, dtype=dtype, prompt_cache=False, draft_model=draft_model, speculative=None)
+    engine = load(model, device=device, dtype=dtype, prompt_cache=False, draft_model=draft_model, speculative=None)
     with engine:
         result = SpeculativeBench(
             model=engine.info().source,

@@ -27,6 +27,9 @@ FIELDS = [
     "logprobs",
     "adapter",
     "constraint",
+    "speculative",
+    "num_draft_tokens",
+    "prompt_lookup_ngram",
 ]
 
 

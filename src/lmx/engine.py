@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.classify import Classification
-from lmx.errors import ContextLengthError, EngineClosedError, ImageError, InvalidOptionError
+from lmx.errors import ContextLengthError, DraftModelError, EngineClosedError, ImageError, InvalidOptionError
 from lmx.generate.images import FeatureCache, ImageTokens, block_starts, expand_prompt, has_images, split_images
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
@@ -130,6 +130,11 @@ class Engine:
         max_batch: the most requests decoded together.
         max_queue: the most requests waiting to start (more: :class:`lmx.errors.QueueFullError`).
         prefix_cache_bytes: the prefix cache's bound.
+        draft: a small model of the same vocabulary that drafts for requests with
+            ``speculative="draft-model"`` (see :func:`lmx.load`'s ``draft_model``).
+
+    Raises:
+        DraftModelError: ``draft``'s vocabulary is not the model's.
     """
 
     def __init__(
@@ -141,7 +146,12 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 1024,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        draft: LoadedModel | None = None,
     ) -> None:
+        if draft is not None:
+            check_draft_vocabulary(loaded, draft)
+            mx.eval([v for _, v in _flatten(draft.model.parameters())])
+        self.draft = draft
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
         # None: the load profile's (512 tokens on a GPU, 128 on the CPU)
@@ -163,7 +173,9 @@ class Engine:
             kv_itemsize=itemsize,
         )
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
-        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
+        self.scheduler = Scheduler(
+            loaded.model, loaded.tokenizer, self.eos, config, decoder, draft_model=draft.model if draft else None
+        )
         self._lock = threading.Lock()
         self._adapters: Any = None  # the AdapterSet, made when the first adapter loads
         self.image_cache = FeatureCache()  # the vision tower's output for the last images seen
@@ -455,6 +467,7 @@ class Engine:
             self.scheduler.close()
             self._loaded = None
             self.image_cache.clear()
+            self.draft = None
         memory.clear_cache()
 
     def __enter__(self) -> Engine:
@@ -480,6 +493,11 @@ class Engine:
         """
         opts = GenerationOptions.from_kwargs(base=self.default_options, **options)
         opts.validate(vocab_size=int(self.loaded.config.get("vocab_size", 0)) or None)
+        if opts.speculative == "draft-model" and self.draft is None:
+            raise InvalidOptionError(
+                "speculative='draft-model' needs a draft model: load the engine with lmx.load(..., draft_model=PATH) "
+                "(lmx serve/generate --draft-model PATH), or use speculative='prompt-lookup'"
+            )
         if opts.adapter is not None and opts.adapter not in self.adapters():
             from lmx.train.adapters import unknown_adapter_message
 
@@ -607,6 +625,29 @@ def _collect(stream: TokenStream) -> Completion:
     )
 
 
+def check_draft_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    """Check that ``draft`` can draft for ``target``: the same token strings under the same ids.
+
+    Raises:
+        DraftModelError: the vocabularies differ (the message names the first difference).
+    """
+    a = target.tokenizer.backend.get_vocab(with_added_tokens=True)
+    b = draft.tokenizer.backend.get_vocab(with_added_tokens=True)
+    if a == b:
+        return
+    where = f"draft model {draft.source} for {target.source}"
+    if len(a) != len(b):
+        raise DraftModelError(
+            f"{where}: the vocabularies differ in size ({len(b)} tokens vs {len(a)}); "
+            "a draft model must share the model's tokenizer (Gemma 3 270M for a larger Gemma 3, Qwen 3 0.6B for Qwen 3)"
+        )
+    token = min((t for t in a if b.get(t) != a[t]), key=lambda t: a[t])
+    raise DraftModelError(
+        f"{where}: the vocabularies differ: token {token!r} is id {a[token]} in the model and "
+        f"{b.get(token)} in the draft model; a draft model must share the model's tokenizer"
+    )
+
+
 def _ids(value: Any) -> frozenset[int]:
     if value is None:
         return frozenset()
@@ -632,6 +673,8 @@ def load(
     gguf_on_device: str | None = None,
     max_batch: int = 32,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    draft_model: str | os.PathLike | None = None,
+    speculative: str | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -655,14 +698,31 @@ def load(
             ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
+        draft_model: a small model of the same vocabulary (an HF directory or ``.gguf`` file) that
+            drafts tokens for speculative decoding (Gemma 3 270M for a larger Gemma 3, Qwen 3 0.6B
+            for Qwen 3 8B); it is loaded as ``model`` is, and ``speculative`` defaults to
+            ``"draft-model"``.
+        speculative: the default ``speculative`` option of requests: None, ``"prompt-lookup"``
+            or ``"draft-model"`` (see :class:`lmx.GenerationOptions`); a request may override it.
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
-        TokenizerError, InvalidOptionError.
+        TokenizerError, InvalidOptionError, DraftModelError (a draft model of another vocabulary).
     """
     choose_device(device)
+    defaults = GenerationOptions(speculative=speculative or ("draft-model" if draft_model is not None else None))
+    if defaults.speculative == "draft-model" and draft_model is None:
+        raise InvalidOptionError(
+            "speculative='draft-model' needs draft_model=PATH (a small model of the same vocabulary)"
+        )
     loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
-    engine = Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+    draft = None
+    if draft_model is not None:
+        draft = load_model(draft_model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
+    engine = Engine(
+        loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes, draft=draft
+    )
+    engine.default_options = defaults
     if adapter is not None:
         try:
             name = engine.load_adapter(adapter)

@@ -69,6 +69,11 @@ class EngineClosedError(LmxError):
     """The engine was used after :meth:`lmx.Engine.close`."""
 
 
+class DraftModelError(LmxError, ValueError):
+    """A draft model cannot draft for the model it was paired with: their vocabularies differ
+    (speculative decoding checks the drafts as token ids of the target's vocabulary)."""
+
+
 class AdapterInUseError(LmxError):
     """A LoRA adapter cannot be unloaded: running or waiting requests use it."""
 
@@ -78,6 +83,7 @@ __all__ = [
     "ChatTemplateError",
     "ConfigError",
     "ContextLengthError",
+    "DraftModelError",
     "EngineClosedError",
     "InvalidOptionError",
     "LmxError",

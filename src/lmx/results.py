@@ -85,6 +85,8 @@ class GenerationMetrics:
     total_time: float = 0.0
     peak_memory: int = 0
     active_memory: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and how many of them were accepted
+    accepted_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

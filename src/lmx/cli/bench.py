@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", type=int, default=None, choices=[4, 8], help="quantize weights to this many bits")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    p.add_argument(
+        "--speculative",
+        choices=["prompt-lookup", "draft-model"],
+        default=None,
+        help="instead: greedy chat requests that copy from their prompt, plain vs speculative, interleaved "
+        "(tokens/s, acceptance, identical output)",
+    )
+    p.add_argument("--draft-model", default=None, help="with --speculative draft-model: the draft model's path")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="with --speculative: tokens drafted per pass")
+    p.add_argument("--prompt-lookup-ngram", type=int, default=3, help="with --speculative prompt-lookup")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -35,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmx.bench import run_benchmark
 
+    if args.speculative is not None:
+        return run_speculative(args)
     model = args.model  # neither a model nor a config: the bundled default, as `lmx run` loads it
 
     def progress(stats: object) -> None:
@@ -75,4 +88,46 @@ def run(args: argparse.Namespace) -> int:
         f"memory:     peak {data['peak_memory_bytes'] / mib:.0f} MiB = weights {data['weights_bytes'] / mib:.0f}"
         f" + KV {data['kv_cache_bytes'] / mib:.0f} MiB {data['memory_overhead']:+.1%}"
     )
+    return 0
+
+
+def run_speculative(args: argparse.Namespace) -> int:
+    from lmx.bench_speculative import run_speculative_benchmark
+
+    if args.config is not None:
+        print("lmx bench --speculative needs a real model (--model or the default), not --config", file=sys.stderr)
+        return 2
+
+    def progress(r: object) -> None:
+        logger.debug("run: %s", r)
+
+    result = run_speculative_benchmark(
+        args.model,
+        mode=args.speculative,
+        draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens,
+        prompt_lookup_ngram=args.prompt_lookup_ngram,
+        gen_tokens=args.gen_tokens,
+        repeat=args.repeat,
+        device=args.device,
+        dtype=args.dtype,
+        on_run=progress,
+    )
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    draft = f", draft {data['draft_model']}" if data["draft_model"] else ""
+    print(f"model:      {data['model']} ({data['device']}{draft})")
+    print(
+        f"shape:      {data['mode']}, {data['num_draft_tokens']} draft tokens, n-gram {data['prompt_lookup_ngram']},"
+        f" up to {data['gen_tokens']} tokens, {data['repeat']} runs per task (medians)"
+    )
+    print("task               plain tok/s  spec tok/s  speed-up (pairs, total)  acceptance  tokens/pass  identical")
+    for name, s in [*data["tasks"].items(), ("all", data["all"])]:
+        print(
+            f"{name:<18} {s['plain_tokens_per_s']:>11.1f} {s['speculative_tokens_per_s']:>11.1f}"
+            f" {s['speedup']:>13.2f}x {s['speedup_total_time']:>8.2f}x {s['acceptance_rate']:>11.0%}"
+            f" {s['tokens_per_verify_pass']:>12.2f}  {'yes' if s['identical'] else 'NO'}"
+        )
     return 0

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply, exit")
     p.add_argument("--no-stats", action="store_true", help="do not print statistics after each reply")
-    add_model_args(p)
+    add_model_args(p, draft=True)
     add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=run)
 

@@ -7,10 +7,18 @@ import sys
 from typing import Any
 
 
-def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False, draft: bool = False) -> None:
     p.add_argument("--model", "-m", default=None, help="HF model dir or .gguf file (default: bundled Gemma 3 270M)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    if draft:  # the commands that generate
+        p.add_argument(
+            "--draft-model",
+            default=None,
+            metavar="PATH",
+            help="a small model of the same vocabulary that drafts tokens for speculative decoding "
+            "(greedy output unchanged; turns on --speculative draft-model)",
+        )
     if named_adapters:  # lmx serve: several, each picked by a request's model name
         p.add_argument(
             "--adapter",
@@ -35,6 +43,18 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> N
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_speculative_args(p)
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        choices=["prompt-lookup", "draft-model"],
+        default=None,
+        help="speculative decoding for greedy requests: draft from the prompt (prompt-lookup) or a --draft-model, "
+        "verify in one pass; output unchanged",
+    )
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="tokens drafted per pass (default 4)")
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,13 +69,22 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         "frequency_penalty": args.frequency_penalty,
         "seed": args.seed,
         "stop": args.stop,
+        # only when given: the engine's default (draft-model with --draft-model) holds otherwise
+        **({"speculative": args.speculative} if args.speculative else {}),
+        **({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens is not None else {}),
     }
 
 
 def load_engine(args: argparse.Namespace) -> Any:
     import lmx
 
-    return lmx.load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return lmx.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        adapter=getattr(args, "adapter", None),
+        draft_model=getattr(args, "draft_model", None),
+    )
 
 
 def print_stats(metrics: Any) -> None:
@@ -64,7 +93,9 @@ def print_stats(metrics: Any) -> None:
     print(
         f"[{m.prompt_tokens} prompt tokens ({m.cached_tokens} cached), {m.generated_tokens} generated | "
         f"prefill {m.prefill_tokens_per_s:.1f} tok/s, decode {m.decode_tokens_per_s:.1f} tok/s, "
-        f"first token {m.time_to_first_token * 1000:.0f} ms | peak memory {m.peak_memory / 2**20:.0f} MiB]",
+        f"first token {m.time_to_first_token * 1000:.0f} ms | peak memory {m.peak_memory / 2**20:.0f} MiB"
+        + (f" | {m.accepted_tokens} of {m.draft_tokens} drafted tokens accepted" if m.draft_tokens else "")
+        + "]",
         file=sys.stderr,
     )
 

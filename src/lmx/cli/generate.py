@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or none reads stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
-    add_model_args(p)
+    add_model_args(p, draft=True)
     add_sampling_args(p)
     p.set_defaults(func=run)
 

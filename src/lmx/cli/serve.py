@@ -15,7 +15,14 @@ from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI/Ollama-compatible API with the Lab chat page")
-    add_model_args(p, named_adapters=True)
+    add_model_args(p, named_adapters=True, draft=True)
+    p.add_argument(
+        "--speculative",
+        choices=["prompt-lookup", "draft-model"],
+        default=None,
+        help="speculative decoding for greedy requests that give no speculative field of their own "
+        "(default: draft-model with --draft-model, else off)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", "-p", type=int, default=8090)
     p.add_argument(
@@ -140,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        draft_model=args.draft_model,
+        speculative=args.speculative,
         adapters=tuple(args.adapter),
         model_name=args.model_name,
         host=args.host,

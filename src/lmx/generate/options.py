@@ -33,6 +33,15 @@ MAX_STOPS = 4096
 MAX_STOP_CHARS = 262_144
 """The most characters all stop strings of one request may hold together."""
 
+MAX_DRAFT_TOKENS = 32
+"""The most tokens ``num_draft_tokens`` may draft per verify pass."""
+
+MAX_NGRAM = 16
+"""The longest n-gram ``prompt_lookup_ngram`` may ask to match."""
+
+SPECULATIVE_MODES = ("prompt-lookup", "draft-model")
+"""Values of the ``speculative`` option (besides None: plain decoding)."""
+
 _MAX_SEED = 2**64 - 1  # MLX random keys are built from a uint64 seed
 _MAX_INT32 = 2**31 - 1  # MLX slice indices are 32-bit: a larger window fails inside MLX
 _TOKEN_ID_STR = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() accepts "²", which int() rejects
@@ -91,6 +100,9 @@ class GenerationOptions:
     logprobs: int | None = None
     adapter: str | None = None
     constraint: Constraint | None = None
+    speculative: str | None = None
+    num_draft_tokens: int = 4
+    prompt_lookup_ngram: int = 3
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -296,6 +308,13 @@ def _check_constraint(name: str, value: Any) -> Constraint | None:
     )
 
 
+def _check_speculative(name: str, value: Any) -> str | None:
+    if value is None or value in SPECULATIVE_MODES:
+        return value
+    allowed = " or ".join(repr(m) for m in SPECULATIVE_MODES)
+    raise InvalidOptionError(f"{name} must be None, {allowed}, got {_describe(value)}")
+
+
 def check_token_ids(ids: Any, vocab_size: int, name: str = "prompt token ids") -> list[int]:
     """Check a list of token ids against the vocabulary.
 
@@ -341,15 +360,21 @@ _CHECKS: Mapping[str, Callable[[str, Any], Any]] = types.MappingProxyType(
         "logprobs": partial(_check_optional_int, lo=0, hi=MAX_LOGPROBS),
         "adapter": _check_adapter,
         "constraint": _check_constraint,
+        "speculative": _check_speculative,
+        "num_draft_tokens": partial(_check_int, lo=1, hi=MAX_DRAFT_TOKENS),
+        "prompt_lookup_ngram": partial(_check_int, lo=1, hi=MAX_NGRAM),
     }
 )
 assert tuple(_CHECKS) == tuple(f.name for f in dataclasses.fields(GenerationOptions)), "a field has no checker"
 
 __all__ = [
+    "MAX_DRAFT_TOKENS",
     "MAX_LOGIT_BIAS",
     "MAX_LOGPROBS",
+    "MAX_NGRAM",
     "MAX_STOPS",
     "MAX_STOP_CHARS",
+    "SPECULATIVE_MODES",
     "GenerationOptions",
     "check_token_ids",
     "show_int",

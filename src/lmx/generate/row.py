@@ -57,6 +57,33 @@ class RowSampler:
         if self.history is not None:
             self.history = mx.concatenate([self.history, token[:, None].astype(self.history.dtype)], axis=1)
 
+    def process_after(self, logits: mx.array, extra: Sequence[int]) -> mx.array:
+        """Apply the row's processors to (1, V) logits as if ``extra`` tokens followed its history
+        (a drafted position)."""
+        if not self.processors:
+            return logits
+        assert self.history is not None
+        history = self.history
+        if extra:
+            history = mx.concatenate([history, mx.array([list(extra)], dtype=history.dtype)], axis=1)  # (1, T + j)
+        for proc in self.processors:
+            logits = proc(history, logits)
+        return logits
+
+    def process_drafts(self, logits: mx.array, drafts: Sequence[int]) -> mx.array:
+        """Apply the row's processors to the (k + 1, V) logits of a speculative verify pass:
+        position ``j`` sees the history plus ``drafts[:j]``, as plain decoding would have."""
+        if not self.processors:
+            return logits
+        rows = [self.process_after(logits[j : j + 1], drafts[:j]) for j in range(logits.shape[0])]
+        return mx.concatenate(rows, axis=0)
+
+    def take_ids(self, ids: Sequence[int]) -> None:
+        """Record several chosen tokens (a verify pass's accepted run) in the history."""
+        if self.history is not None and ids:
+            extra = mx.array([list(ids)], dtype=self.history.dtype)  # (1, n)
+            self.history = mx.concatenate([self.history, extra], axis=1)
+
 
 def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumExp) -> tuple[mx.array, mx.array]:
     """Choose every row's next token from one step's ``logits`` (B, V).

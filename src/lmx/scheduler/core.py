@@ -9,6 +9,9 @@ One worker thread owns the model. Each turn of its loop:
 4. hands the previous step's tokens to their requests, and lets finished or cancelled rows
    leave at once (their KV memory goes back).
 
+A lone greedy row that asks for speculative decoding drafts several tokens a turn and checks
+them in one pass instead (:meth:`Scheduler._speculative_turn`; docs/architecture.md says when).
+
 Each row has its own options (sampler, penalties, seed and random keys, stop strings,
 ``max_tokens``, ``logprobs``), so a request gets, token for token, what it gets alone; rows
 differ from running alone only by float rounding. Requests sharing a prefix with an earlier
@@ -36,9 +39,10 @@ from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
+from lmx.generate.speculative import Drafter, ModelDrafter, PromptLookup, verify
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
-from lmx.models.cache import KVCache
+from lmx.models.cache import KVCache, trim_caches
 from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
@@ -62,6 +66,9 @@ class SchedulerStats:
     rejected: int = 0
     steps: int = 0
     batched_steps: int = 0  # decode steps that ran more than one row
+    speculative_steps: int = 0  # verify passes of a speculating row (counted in steps too)
+    draft_tokens: int = 0  # tokens drafted for them, and how many of those were accepted
+    accepted_tokens: int = 0
     max_batch_seen: int = 0
     kv_bytes: int = 0
     prefix: PrefixStats = field(default_factory=PrefixStats)
@@ -94,6 +101,7 @@ class _Row:
     def __init__(self, request: Request, sampler: RowSampler, output: RowOutput, start: int) -> None:
         self.request, self.sampler, self.output, self.start = request, sampler, output, start
         self.done: str | None = None  # finish reason once ended
+        self.drafter: Drafter | None = None  # made when the row first speculates
 
 
 @dataclass
@@ -154,6 +162,8 @@ class Scheduler:
         decoder: runs one-token decode steps (see :class:`lmx.generate.step.Decoder`).
         adapters: routes each row to its request's ``adapter`` before every forward pass
             (None: no adapters); rows' cached prefixes are kept apart by adapter.
+        draft_model: the model that drafts for rows with ``speculative="draft-model"`` (same
+            vocabulary; None: no such rows, see :meth:`lmx.Engine.options`).
     """
 
     def __init__(
@@ -164,9 +174,11 @@ class Scheduler:
         config: SchedulerConfig,
         decoder: Decoder,
         adapters: AdapterRouter | None = None,
+        draft_model: Any = None,
     ) -> None:
         self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
         self.adapters = adapters
+        self.draft_model = draft_model
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
         self.constraints = ConstraintCompiler(tokenizer, eos, args.vocab_size)  # compiled once per spec
@@ -248,6 +260,9 @@ class Scheduler:
                 rejected=s.rejected,
                 steps=s.steps,
                 batched_steps=s.batched_steps,
+                speculative_steps=s.speculative_steps,
+                draft_tokens=s.draft_tokens,
+                accepted_tokens=s.accepted_tokens,
                 max_batch_seen=s.max_batch_seen,
                 kv_bytes=batch_cache.nbytes(self._batch.caches),
                 prefix=self.prefix_cache.stats(),
@@ -318,6 +333,9 @@ class Scheduler:
     def _turn(self) -> None:
         """One turn of the loop: queue a decode step, prefill a chunk, emit, let rows join."""
         batch = self._batch
+        if len(batch.rows) == 1 and self._speculates(batch.rows[0]):
+            self._speculative_turn(batch)
+            return
         queued: tuple[mx.array, mx.array] | None = None
         clock = _Clock(self._stats.seconds)
         if batch.rows:
@@ -362,21 +380,85 @@ class Scheduler:
         chosen = mx.take_along_axis(batch.logprobs, batch.tokens[:, None], axis=-1)[:, 0].tolist()
         now = time.perf_counter()
         for i, row in enumerate(batch.rows):
-            request = row.request
-            if request.cancelled or self._closed:
-                row.done = "cancelled"
-                continue
-            top = None
-            if request.options.logprobs:
-                top_ids, top_vals = top_logprobs(batch.logprobs[i : i + 1], request.options.logprobs)
-                top = tuple(zip(top_ids[0].tolist(), top_vals[0].tolist()))
-            token = row.output.add(ids[i], chosen[i], top)
-            if not request.generated:
-                request.first_token_at = now
-            request.generated.append(ids[i])
-            request.sink.token(token)
-            if token.finish_reason is not None:
-                row.done = token.finish_reason
+            self._hand(row, ids[i], chosen[i], batch.logprobs[i : i + 1], now)
+
+    def _hand(self, row: _Row, tid: int, chosen: float, logprobs: mx.array, now: float) -> None:
+        """Give ``row`` its next token ``tid`` (chosen from ``logprobs`` (1, V)); mark it if it ends."""
+        request = row.request
+        if request.cancelled or self._closed:
+            row.done = "cancelled"
+            return
+        top = None
+        if request.options.logprobs:
+            top_ids, top_vals = top_logprobs(logprobs, request.options.logprobs)
+            top = tuple(zip(top_ids[0].tolist(), top_vals[0].tolist()))
+        token = row.output.add(tid, chosen, top)
+        if not request.generated:
+            request.first_token_at = now
+        request.generated.append(tid)
+        request.sink.token(token)
+        if token.finish_reason is not None:
+            row.done = token.finish_reason
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _speculates(self, row: _Row) -> bool:
+        """Whether a lone row drafts and verifies this turn: greedy, unconstrained, asked to."""
+        mode = row.request.options.speculative
+        if mode is None or not row.sampler.greedy or row.sampler.matcher is not None:
+            return False
+        return mode == "prompt-lookup" or self.draft_model is not None
+
+    def _speculative_turn(self, batch: _Batch) -> None:
+        """A turn for a lone speculating row: hand over its pending token, draft, verify the drafts
+        in one pass and hand over the accepted ones (the model's next choice becomes pending), then
+        prefill, leave and join as in a plain turn. A joining row ends the speculation: with two
+        rows the loop runs plain batched steps again."""
+        clock = _Clock(self._stats.seconds)
+        try:
+            self._emit(batch)
+            row = batch.rows[0]
+            if row.done is None:
+                self._speculate(batch, row)
+        except Exception as e:  # the error goes to the request, not the worker
+            self._fail_batch(e)
+        clock.lap("decode")
+        self._prefill_turn()
+        clock.lap("prefill")
+        if self._batch is batch and batch.rows:
+            self._leave(batch)
+        clock.lap("leave")
+        self._join()
+        clock.lap("join")
+
+    def _speculate(self, batch: _Batch, row: _Row) -> None:
+        request, opts = row.request, row.request.options
+        if row.drafter is None:
+            row.drafter = (
+                PromptLookup(opts.prompt_lookup_ngram)
+                if opts.speculative == "prompt-lookup"
+                else ModelDrafter(self.draft_model, self.config.prefill_step_size, self.model.args.vocab_size)
+            )
+        seq = request.ids + request.generated  # the pending token last: not yet in the caches
+        room = request.limit - len(request.generated) - 1  # drafts past max_tokens would be cut anyway
+        drafts = row.drafter.propose(seq, min(opts.num_draft_tokens, room), row.sampler) if room > 0 else []
+        with self._routed(batch.rows):
+            done = verify(self.model, batch.caches, seq[-1], drafts, row.sampler, self.decoder.logsumexp)
+        s = self._stats
+        s.steps += 1
+        s.speculative_steps += 1
+        s.draft_tokens += done.drafted
+        s.accepted_tokens += done.accepted
+        request.metrics.draft_tokens += done.drafted
+        request.metrics.accepted_tokens += done.accepted
+        lp = done.logprobs
+        chosen = mx.take_along_axis(lp, mx.array(done.tokens)[:, None], axis=-1)[:, 0].tolist()
+        now = time.perf_counter()
+        for j in range(done.accepted):
+            self._hand(row, done.tokens[j], chosen[j], lp[j : j + 1], now)
+            if row.done is not None:  # a stop inside the accepted run: the caches keep what was handed over
+                trim_caches(batch.caches, done.accepted - j - 1)
+                return
+        batch.tokens, batch.logprobs = mx.array(done.tokens[-1:], dtype=mx.uint32), lp[-1:]
 
     def _leave(self, batch: _Batch) -> None:
         """Rows that ended leave the batch: their prompt and output go to the prefix cache,
@@ -641,7 +723,7 @@ class Scheduler:
     def _release(self) -> None:
         """Drop the model and every cached key/value (closed: the memory goes back now)."""
         self.prefix_cache.clear()
-        self.model = self.tokenizer = self.decoder = None  # type: ignore[assignment]
+        self.model = self.tokenizer = self.decoder = self.draft_model = None  # type: ignore[assignment]
 
 
 def make_request(

@@ -208,7 +208,15 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     settings = settings or ServerSettings()
     owns = engine is None
     if engine is None:
-        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
+        engine = lmx.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            draft_model=settings.draft_model,
+            speculative=settings.speculative,
+        )
+    elif settings.speculative is not None:  # the server's default for requests that give none
+        engine.default_options = engine.options({"speculative": settings.speculative})
     # The server's limits are the scheduler's: rows decoded together, requests waiting.
     engine.scheduler.config.max_batch = settings.max_concurrency
     engine.scheduler.config.max_queue = settings.max_queue

@@ -50,6 +50,10 @@ class _OpenAISampling(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     grammar: dict[str, Any] | None = None  # lmx extension: {"type": "lark" | "regex", "value": ...}
+    # lmx extensions: speculative decoding ("prompt-lookup", "draft-model"; null: off for this request)
+    speculative: str | None = None
+    num_draft_tokens: int | None = None
+    prompt_lookup_ngram: int | None = None
     # Bookkeeping fields: accepted and ignored, they do not change the reply.
     user: str | None = None
     store: bool | None = None
@@ -332,10 +336,13 @@ def openai_options(req: ChatCompletionRequest | CompletionRequest, default_max_t
         raise ApiRequestError("stream_options is only allowed with stream=true", param="stream_options")
     opts: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size",
-                 "presence_penalty", "frequency_penalty", "seed", "logit_bias"):  # fmt: skip
+                 "presence_penalty", "frequency_penalty", "seed", "logit_bias",
+                 "num_draft_tokens", "prompt_lookup_ngram"):  # fmt: skip
         value = getattr(req, name)
         if value is not None:
             opts[name] = value
+    if "speculative" in req.model_fields_set:  # an explicit null turns the server's default off
+        opts["speculative"] = req.speculative
     if req.stop is not None:
         opts["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     max_tokens = req.max_tokens
@@ -401,6 +408,9 @@ OLLAMA_OPTIONS = {
     "repeat_last_n": "repetition_context_size",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
+    "speculative": "speculative",  # lmx extensions: speculative decoding
+    "num_draft_tokens": "num_draft_tokens",
+    "prompt_lookup_ngram": "prompt_lookup_ngram",
 }
 
 

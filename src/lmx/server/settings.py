@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmx.errors import InvalidOptionError
+from lmx.generate.options import GenerationOptions
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S, TemplateLimits
 
 DEFAULT_HOST = "127.0.0.1"
@@ -23,6 +24,10 @@ class ServerSettings:
             directory, a ``.gguf`` file, or None for the bundled default.
         device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
         dtype: weight dtype for loading (see :func:`lmx.load`).
+        draft_model: a small model of the same vocabulary that drafts for speculative decoding
+            (see :func:`lmx.load`); requests then speculate with it unless they say otherwise.
+        speculative: the ``speculative`` option of requests that give none: None,
+            ``"prompt-lookup"`` or ``"draft-model"`` (see :class:`lmx.GenerationOptions`).
         adapters: LoRA adapters (directories from ``lmx train``) to serve beside the model,
             each ``"NAME=PATH"`` or a bare ``"PATH"`` (named after its directory); a request
             whose ``model`` is an adapter's name runs with it (see :func:`parse_adapter`).
@@ -83,6 +88,8 @@ class ServerSettings:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    draft_model: str | None = None
+    speculative: str | None = None
     adapters: tuple[str, ...] = ()
     model_name: str | None = None
     host: str = DEFAULT_HOST
@@ -118,6 +125,9 @@ class ServerSettings:
         if twice:
             raise InvalidOptionError(f"adapter names must differ, got {', '.join(map(repr, twice))} more than once")
         self.template_limits  # noqa: B018 (builds TemplateLimits, which checks both values)
+        GenerationOptions(speculative=self.speculative)  # raises InvalidOptionError naming the allowed modes
+        if self.speculative == "draft-model" and self.draft_model is None:
+            raise InvalidOptionError("speculative='draft-model' needs draft_model (lmx serve --draft-model PATH)")
         if not self.host:
             raise InvalidOptionError("host must be an address or a host name, got ''")
         _check_int("port", self.port, 0, 65535)

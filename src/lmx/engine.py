@@ -341,6 +341,7 @@ class Engine:
             profile=loaded.profile.as_dict(),
             chat_template=loaded.chat_template_origin,
             compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
+            tensor_parallel=_parallel_report(loaded),
             **gguf,
         )
 
@@ -583,6 +584,8 @@ def load(
     gguf_on_device: str | None = None,
     max_batch: int = 32,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    tensor_parallel: int | None = None,
+    distributed_backend: str = "any",
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -606,13 +609,24 @@ def load(
             ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
+        tensor_parallel: split the model over this many processes, started together by
+            ``mlx.launch`` (each calls ``load`` with the same arguments and runs the same requests;
+            see the README). Float weights only (a GGUF file is dequantized); dense Gemma 3 and
+            Qwen 3. None: this process alone.
+        distributed_backend: the ``mlx.distributed`` backend to join with ``tensor_parallel``:
+            ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``.
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
         TokenizerError, InvalidOptionError.
     """
     choose_device(device)
-    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
+    group = None
+    if tensor_parallel is not None:
+        group = _join(tensor_parallel, distributed_backend)
+        if adapter is not None:
+            raise InvalidOptionError("adapter= is not supported with tensor_parallel (LoRA on split layers)")
+    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device, group=group)
     engine = Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
     if adapter is not None:
         try:
@@ -622,6 +636,29 @@ def load(
             raise
         engine.default_options = dataclasses.replace(engine.default_options, adapter=name)
     return engine
+
+
+def _join(size: int, backend: str) -> Any:
+    """The group of ``size`` processes this one was launched in, with one random state on every rank.
+
+    Raises:
+        InvalidOptionError: ``size`` < 1, or this process is not one of ``size`` launched together.
+    """
+    from lmx.runtime.distributed import join_group
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidOptionError(f"tensor_parallel must be an integer >= 1, got {size!r}")
+    group = join_group(backend)
+    if group.size != size:
+        raise InvalidOptionError(
+            f"tensor_parallel={size}, but this process was started in a group of {group.size}: start {size} "
+            f"processes together with mlx.launch (e.g. mlx.launch -n {size} --backend ring -- ...; see the README)"
+        )
+    if size > 1:
+        # rows without a seed draw from MLX's global random state: the same on every rank, so every
+        # rank samples the same tokens from the same (all-gathered) logits
+        mx.random.seed(group.broadcast_int(int.from_bytes(os.urandom(3), "little")))
+    return group
 
 
 def _affine_layer(modules: dict[str, Any], path: str) -> Any:
@@ -638,6 +675,14 @@ def _affine_values(loaded: LoadedModel) -> int:
         layer = _affine_layer(modules, path)
         total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
     return total
+
+
+def _parallel_report(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The group this rank belongs to and what of the model it holds (None: not split)."""
+    if loaded.group is None or loaded.shards is None:
+        return None
+    group = loaded.group
+    return {"size": group.size, "rank": group.rank, "backend": group.backend, "holds": dict(loaded.shards.holds)}
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""The process group of a tensor-parallel run: MLX's own ``mlx.distributed`` (ring, MPI, NCCL), nothing home-made.
+
+A run across N processes is started by ``mlx.launch`` (``lmx generate --tensor-parallel N`` does it
+for one host); each process calls :func:`join_group` once and gets a :class:`Group`: its rank, the
+size and the backend. Rank 0 is the one that talks to people (prints, serves HTTP); every rank
+runs the same model code on its own slices of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from lmx.errors import InvalidOptionError
+
+BACKENDS = ("any", "ring", "mpi", "nccl")
+
+
+@dataclass(frozen=True)
+class Group:
+    """The processes of one tensor-parallel run.
+
+    Attributes:
+        rank: this process's index, 0 to ``size - 1``.
+        size: how many processes share the model.
+        backend: the ``mlx.distributed`` backend asked for (``ring``, ``mpi``, ``nccl`` or ``any``).
+        handle: MLX's group object, passed to the collectives.
+    """
+
+    rank: int
+    size: int
+    backend: str
+    handle: Any = None
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        """The elementwise sum of ``x`` over the ranks (every rank gets the same bits)."""
+        return mx.distributed.all_sum(x, group=self.handle)
+
+    def all_gather(self, x: mx.array) -> mx.array:
+        """The ranks' ``x`` concatenated along the first axis, rank 0 first."""
+        return mx.distributed.all_gather(x, group=self.handle)
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (the others' is ignored)."""
+        mine = mx.array([value if self.rank == 0 else 0], dtype=mx.int64)
+        return int(self.all_sum(mine).item())
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size} ({self.backend})"
+
+
+def join_group(backend: str = "any") -> Group:
+    """Join the process group ``mlx.launch`` started this process in (a group of one when it did not).
+
+    Args:
+        backend: one of ``any``, ``ring``, ``mpi``, ``nccl``.
+
+    Raises:
+        InvalidOptionError: an unknown backend, or one MLX cannot start here.
+    """
+    if backend not in BACKENDS:
+        raise InvalidOptionError(f"distributed backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    try:
+        handle = mx.distributed.init(strict=False, backend=backend)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidOptionError(f"cannot start the {backend!r} distributed backend: {e}") from e
+    return Group(rank=handle.rank(), size=handle.size(), backend=backend, handle=handle)
+
+
+__all__ = ["BACKENDS", "Group", "join_group"]

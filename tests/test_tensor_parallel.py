@@ -213,3 +213,44 @@ def test_real_270m_over_two_ranks_equals_one_process_with_half_the_weights_each(
         # resident memory: the process's own overhead (libraries, tokenizer) is the same, the weights halve
         assert r["rss"] < single["rss"] - 0.4 * single["weights_bytes"]
         assert r["max_rss"] < single["max_rss"] - 0.4 * single["weights_bytes"]  # no whole tensor read on the way
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def lmx_cli(*words: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lmx.cli.main", *words]
+    return subprocess.run(command, env=launch_env(), input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gemma_1kv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import save_tiny
+
+    out = tmp_path_factory.mktemp("gemma-1kv")
+    save_tiny("gemma3", out, num_key_value_heads=1)
+    return out
+
+
+@pytest.mark.slow
+def test_cli_generate_tensor_parallel_prints_the_single_process_text_once(gemma_1kv):
+    one = lmx_cli("generate", "-m", str(gemma_1kv), "-n", "12", "-", stdin="Hello world! How are")
+    two = lmx_cli(
+        "generate", "-m", str(gemma_1kv), "-n", "12", "--tensor-parallel", "2", "-", stdin="Hello world! How are"
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert one.stdout.strip() and two.stdout == one.stdout  # the prompt read from stdin reached both ranks
+    assert two.stderr.count("generated |") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_cli_info_tensor_parallel_shows_the_group_and_what_each_rank_holds(gemma_1kv):
+    out = lmx_cli("info", "-m", str(gemma_1kv), "--tensor-parallel", "2", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    group = json.loads(out.stdout)["model"]["tensor_parallel"]  # one JSON document: rank 0's
+    assert (group["size"], group["rank"], group["backend"]) == (2, 0, "ring")
+    assert [r["attention"] for r in group["ranks"]] == [
+        "query heads 0-1 of 4; KV head 0 of 1 (replicated)",
+        "query heads 2-3 of 4; KV head 0 of 1 (replicated)",
+    ]
+    assert group["ranks"][1]["mlp"] == "hidden units 64-127 of 128"

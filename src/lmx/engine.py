@@ -682,7 +682,13 @@ def _parallel_report(loaded: LoadedModel) -> dict[str, Any] | None:
     if loaded.group is None or loaded.shards is None:
         return None
     group = loaded.group
-    return {"size": group.size, "rank": group.rank, "backend": group.backend, "holds": dict(loaded.shards.holds)}
+    return {
+        "size": group.size,
+        "rank": group.rank,
+        "backend": group.backend,
+        "holds": dict(loaded.shards.holds),
+        "ranks": [dict(h) for h in loaded.shards.ranks],
+    }
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:

@@ -24,6 +24,54 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False) 
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply (from lmx train)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """``--tensor-parallel N`` and ``--distributed-backend``, for the commands that load a model."""
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the model over N processes; run alone, lmx starts them on this host through mlx.launch "
+        "(ring backend); started by mlx.launch (several hosts), it joins their group (see the README)",
+    )
+    p.add_argument(
+        "--distributed-backend",
+        default="any",
+        choices=["any", "ring", "mpi", "nccl"],
+        help="the mlx.distributed backend to join with --tensor-parallel (any: the one mlx.launch set up)",
+    )
+
+
+def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = None) -> int | None:
+    """With ``--tensor-parallel N`` (N > 1) in a process mlx.launch did not start: run this same command
+    in N ring processes on this host through ``mlx.launch`` and return its exit code. None: go on here
+    (no split asked for, or this process is one of the N).
+
+    Args:
+        args: the parsed command line (``args.argv``: its words, as :func:`lmx.cli.main.main` keeps them).
+        extra: words to add to the command line the N processes get.
+    """
+    n = getattr(args, "tensor_parallel", None)
+    if n is None or n <= 1:
+        return None
+    from lmx.runtime.distributed import join_group, launch_command
+
+    if join_group(args.distributed_backend).size > 1:
+        return None
+    words = [*args.argv, *(extra or [])]
+    if args.distributed_backend == "any":
+        words += ["--distributed-backend", "ring"]
+    import subprocess
+
+    return subprocess.call(launch_command(n, [sys.executable, "-m", "lmx.cli.main", *words]))
+
+
+def is_leader(engine: Any) -> bool:
+    """Whether this process speaks for the run: always, but for ranks 1.. of a tensor-parallel group."""
+    group = engine.loaded.group
+    return group is None or group.rank == 0
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -55,7 +103,14 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_engine(args: argparse.Namespace) -> Any:
     import lmx
 
-    return lmx.load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return lmx.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        adapter=getattr(args, "adapter", None),
+        tensor_parallel=getattr(args, "tensor_parallel", None),
+        distributed_backend=getattr(args, "distributed_backend", "any"),
+    )
 
 
 def print_stats(metrics: Any) -> None:

@@ -7,7 +7,10 @@ import sys
 
 from lmx.cli.common import (
     add_model_args,
+    add_parallel_args,
     add_sampling_args,
+    is_leader,
+    launch_tensor_parallel,
     load_engine,
     print_stats,
     sampling_options,
@@ -22,13 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     add_model_args(p)
     add_sampling_args(p)
+    add_parallel_args(p)
+    p.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)  # the prompt, for --tensor-parallel ranks
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
-    if prompt is None or prompt == "-":
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif prompt is None or prompt == "-":
         prompt = sys.stdin.read()
+    if args.tensor_parallel and args.tensor_parallel > 1 and args.prompt_file is None:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:
+            f.write(prompt)  # the ranks read stdin's prompt from here (mlx.launch gives them no stdin of ours)
+            f.flush()
+            code = launch_tensor_parallel(args, ["--prompt-file", f.name])
+    else:
+        code = launch_tensor_parallel(args)
+    if code is not None:
+        return code
     engine = load_engine(args)
     with engine:
         opts = sampling_options(args)
@@ -39,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
             stream = engine.stream_chat(messages, **opts)
         else:
             stream = engine.stream(prompt, **opts)
+        if not is_leader(engine):  # the other ranks of a split model compute the same tokens, silently
+            for _ in stream:
+                pass
+            return 0
         stream_to_stdout(stream)
         print_stats(stream.metrics)
     return 0

@@ -89,12 +89,14 @@ class ShardPlan:
         rank, size: this rank and the group's size.
         slices: parameter name (as the model names it) -> (axis, start, stop) of the full tensor.
         holds: what the rank holds, in words (for ``lmx info``).
+        ranks: what each rank of the group holds, rank 0 first.
     """
 
     rank: int
     size: int
     slices: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     holds: dict[str, str] = field(default_factory=dict)
+    ranks: list[dict[str, str]] = field(default_factory=list)  # what every rank holds
 
     def add(self, path: str, axis: int, start: int, stop: int, bias: bool = False) -> None:
         self.slices[f"{path}.weight"] = (axis, start, stop)
@@ -132,6 +134,59 @@ def _split(total: int, size: int, what: str, key: str) -> int:
     return total // size
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The sizes and offsets of one rank's part of a model."""
+
+    heads: int  # query heads on this rank
+    kv: int  # KV heads on this rank
+    first_kv: int  # the first KV head it holds
+    replicated_kv: bool  # fewer KV heads than ranks: each is held by several
+    hidden: int  # MLP hidden units on this rank
+    vocab: int  # vocabulary rows on this rank
+
+
+def _layout(args: Any, rank: int, size: int) -> _Layout:
+    if args.model_type not in SHARDABLE:
+        raise UnsupportedModelError(
+            f"tensor parallel runs {', '.join(SHARDABLE)} models; {args.model_type!r} is not supported "
+            "(mixture-of-experts layers have no tensor-parallel split in lmx)"
+        )
+    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
+    local_heads = _split(heads, size, "num_attention_heads", "num_attention_heads")
+    if kv_heads % size == 0:
+        local_kv, first_kv = kv_heads // size, rank * (kv_heads // size)
+    elif size % kv_heads == 0:
+        # fewer KV heads than ranks: a rank keeps the one KV head its query heads read
+        local_kv, first_kv = 1, rank * kv_heads // size
+    else:
+        raise UnsupportedModelError(
+            f"tensor parallel over {size} ranks needs num_key_value_heads ({kv_heads}) to divide or be divided by {size}"
+        )
+    hidden = _split(args.intermediate_size, size, "intermediate_size", "intermediate_size")
+    vocab = _split(args.vocab_size, size, "vocab_size", "vocab_size")
+    return _Layout(local_heads, local_kv, first_kv, kv_heads % size != 0, hidden, vocab)
+
+
+def holdings(args: Any, rank: int, size: int) -> dict[str, str]:
+    """What rank ``rank`` of ``size`` holds of a model with config ``args``, in words (``lmx info``).
+
+    Raises:
+        UnsupportedModelError: as :func:`shard_model`.
+    """
+    lay = _layout(args, rank, size)
+    h0, v0 = rank * lay.hidden, rank * lay.vocab
+    kv = f"KV heads {lay.first_kv}-{lay.first_kv + lay.kv - 1}" if lay.kv > 1 else f"KV head {lay.first_kv}"
+    return {
+        "attention": f"query heads {rank * lay.heads}-{(rank + 1) * lay.heads - 1} of {args.num_attention_heads}; "
+        f"{kv} of {args.num_key_value_heads}" + (" (replicated)" if lay.replicated_kv else ""),
+        "mlp": f"hidden units {h0}-{h0 + lay.hidden - 1} of {args.intermediate_size}",
+        "vocabulary": f"tokens {v0}-{v0 + lay.vocab - 1} of {args.vocab_size}"
+        + (" (embedding, tied LM head)" if args.tie_word_embeddings else " (embedding, LM head)"),
+        "replicated": "norms" + (", KV projections" if lay.replicated_kv else ""),
+    }
+
+
 def shard_model(model: Any, group: Group) -> ShardPlan:
     """Rebuild ``model``'s layers at this rank's shapes (in place; before any weight is loaded).
 
@@ -148,67 +203,40 @@ def shard_model(model: Any, group: Group) -> ShardPlan:
     """
     args = model.args
     size, rank = group.size, group.rank
-    if args.model_type not in SHARDABLE:
-        raise UnsupportedModelError(
-            f"tensor parallel runs {', '.join(SHARDABLE)} models; {args.model_type!r} is not supported "
-            "(mixture-of-experts layers have no tensor-parallel split in lmx)"
-        )
-    dim, heads, kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
-    local_heads = _split(heads, size, "num_attention_heads", "num_attention_heads")
-    if kv_heads % size == 0:
-        local_kv, first_kv = kv_heads // size, rank * (kv_heads // size)
-    elif size % kv_heads == 0:
-        # fewer KV heads than ranks: a rank keeps the one KV head its query heads read
-        local_kv, first_kv = 1, rank * kv_heads // size
-    else:
-        raise UnsupportedModelError(
-            f"tensor parallel over {size} ranks needs num_key_value_heads ({kv_heads}) to divide or be divided by {size}"
-        )
-    hidden = _split(args.intermediate_size, size, "intermediate_size", "intermediate_size")
-    vocab = _split(args.vocab_size, size, "vocab_size", "vocab_size")
+    lay = _layout(args, rank, size)
+    dim = args.hidden_size
     plan = ShardPlan(rank, size)
     paths = {id(m): p for p, m in model.named_modules()}
+    q_rows, kv_rows, h0 = lay.heads, lay.kv, rank * lay.hidden
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         a, m = paths[id(attn)], paths[id(mlp)]
         hd, bias = attn.head_dim, "bias" in attn.q_proj
-        attn.n_heads, attn.n_kv_heads = local_heads, local_kv
-        attn.q_proj = Linear(dim, local_heads * hd, bias=bias)
-        attn.k_proj = Linear(dim, local_kv * hd, bias=bias)
-        attn.v_proj = Linear(dim, local_kv * hd, bias=bias)
-        attn.o_proj = ShardedToAllLinear(local_heads * hd, dim, bias, group)
-        q0, kv0 = rank * local_heads * hd, first_kv * hd
-        plan.add(f"{a}.q_proj", 0, q0, q0 + local_heads * hd, bias)
-        plan.add(f"{a}.k_proj", 0, kv0, kv0 + local_kv * hd, bias)
-        plan.add(f"{a}.v_proj", 0, kv0, kv0 + local_kv * hd, bias)
-        plan.add(f"{a}.o_proj", 1, q0, q0 + local_heads * hd)
-        mlp.gate_proj = Linear(dim, hidden, bias=False)
-        mlp.up_proj = Linear(dim, hidden, bias=False)
-        mlp.down_proj = ShardedToAllLinear(hidden, dim, False, group)
-        h0 = rank * hidden
+        attn.n_heads, attn.n_kv_heads = q_rows, kv_rows
+        attn.q_proj = Linear(dim, q_rows * hd, bias=bias)
+        attn.k_proj = Linear(dim, kv_rows * hd, bias=bias)
+        attn.v_proj = Linear(dim, kv_rows * hd, bias=bias)
+        attn.o_proj = ShardedToAllLinear(q_rows * hd, dim, bias, group)
+        q0, kv0 = rank * q_rows * hd, lay.first_kv * hd
+        plan.add(f"{a}.q_proj", 0, q0, q0 + q_rows * hd, bias)
+        plan.add(f"{a}.k_proj", 0, kv0, kv0 + kv_rows * hd, bias)
+        plan.add(f"{a}.v_proj", 0, kv0, kv0 + kv_rows * hd, bias)
+        plan.add(f"{a}.o_proj", 1, q0, q0 + q_rows * hd)
+        mlp.gate_proj = Linear(dim, lay.hidden, bias=False)
+        mlp.up_proj = Linear(dim, lay.hidden, bias=False)
+        mlp.down_proj = ShardedToAllLinear(lay.hidden, dim, False, group)
         for name in ("gate_proj", "up_proj"):
-            plan.add(f"{m}.{name}", 0, h0, h0 + hidden)
-        plan.add(f"{m}.down_proj", 1, h0, h0 + hidden)
-    v0 = rank * vocab
+            plan.add(f"{m}.{name}", 0, h0, h0 + lay.hidden)
+        plan.add(f"{m}.down_proj", 1, h0, h0 + lay.hidden)
+    v0 = rank * lay.vocab
     stack = model.model
-    stack.embed_tokens = VocabShardedEmbedding(vocab, dim, v0, group)
-    plan.add(f"{paths[id(stack)]}.embed_tokens", 0, v0, v0 + vocab)
+    stack.embed_tokens = VocabShardedEmbedding(lay.vocab, dim, v0, group)
+    plan.add(f"{paths[id(stack)]}.embed_tokens", 0, v0, v0 + lay.vocab)
     if not args.tie_word_embeddings:
-        model.lm_head = VocabShardedHead(dim, vocab, group)
-        plan.add("lm_head", 0, v0, v0 + vocab)
-    kv_note = (
-        (f"KV heads {first_kv}-{first_kv + local_kv - 1}" if local_kv > 1 else f"KV head {first_kv}")
-        + f" of {kv_heads}"
-        if kv_heads % size == 0
-        else f"KV head {first_kv} of {kv_heads} (replicated)"
-    )
-    plan.holds = {
-        "attention": f"query heads {rank * local_heads}-{(rank + 1) * local_heads - 1} of {heads}; {kv_note}",
-        "mlp": f"hidden units {h0}-{h0 + hidden - 1} of {args.intermediate_size}",
-        "vocabulary": f"tokens {v0}-{v0 + vocab - 1} of {args.vocab_size}"
-        + (" (embedding, tied LM head)" if args.tie_word_embeddings else " (embedding, LM head)"),
-        "replicated": "norms" + ("" if kv_heads % size == 0 else ", KV projections"),
-    }
+        model.lm_head = VocabShardedHead(dim, lay.vocab, group)
+        plan.add("lm_head", 0, v0, v0 + lay.vocab)
+    plan.holds = holdings(args, rank, size)
+    plan.ranks = [holdings(args, r, size) for r in range(size)]
     return plan
 
 
@@ -218,5 +246,6 @@ __all__ = [
     "ShardedToAllLinear",
     "VocabShardedEmbedding",
     "VocabShardedHead",
+    "holdings",
     "shard_model",
 ]

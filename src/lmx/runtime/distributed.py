@@ -8,7 +8,10 @@ runs the same model code on its own slices of the weights.
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -69,4 +72,56 @@ def join_group(backend: str = "any") -> Group:
     return Group(rank=handle.rank(), size=handle.size(), backend=backend, handle=handle)
 
 
-__all__ = ["BACKENDS", "Group", "join_group"]
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """A port p such that p .. p + count - 1 are free on ``host`` (the ring backend listens on one per rank).
+
+    Raises:
+        InvalidOptionError: none found in 50 tries.
+    """
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port + count > 65536:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for i in range(count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind((host, port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise InvalidOptionError(f"found no {count} consecutive free ports on {host} for the ring backend")
+
+
+def launcher() -> list[str]:
+    """The ``mlx.launch`` command of this Python environment."""
+    script = Path(sys.executable).parent / "mlx.launch"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+
+
+def launch_command(n: int, command: list[str], host: str = "127.0.0.1") -> list[str]:
+    """``mlx.launch`` running ``command`` in ``n`` ring processes on ``host``, on free ports."""
+    return [
+        *launcher(),
+        "--backend",
+        "ring",
+        "--hosts",
+        host,
+        "-n",
+        str(n),
+        "--starting-port",
+        str(free_ports(n, host)),
+        "--",
+        *command,
+    ]
+
+
+__all__ = ["BACKENDS", "Group", "free_ports", "join_group", "launch_command", "launcher"]

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import lmx  # isort: skip
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -183,7 +188,10 @@ def test_two_ranks_generate_the_single_process_greedy_tokens(arch, overrides, tm
     single = run_single(tmp_path / "one", values)
     ranks = run_ranks(tmp_path / "two", values)
     assert [r["tensor_parallel"]["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["tokens"] == single["tokens"] == ranks[1]["tokens"]
+    assert ranks[0]["tokens"] == single["tokens"]
+    # rank 1 replayed rank 0's requests, step for step
+    assert ranks[1]["completed"] == ranks[0]["completed"] == len(PROMPTS)
+    assert ranks[1]["steps"] == ranks[0]["steps"] == single["steps"]
     # and the reference agrees with the split model, prompt by prompt
     with lmx.load(model_dir) as engine:
         ids = [engine.tokenizer.encode(p) for p in PROMPTS]
@@ -201,7 +209,8 @@ def test_real_270m_over_two_ranks_equals_one_process_with_half_the_weights_each(
     (tmp_path / "two").mkdir()
     single = run_single(tmp_path / "one", values)
     ranks = run_ranks(tmp_path / "two", values)
-    assert ranks[0]["tokens"] == single["tokens"] == ranks[1]["tokens"]
+    assert ranks[0]["tokens"] == single["tokens"]
+    assert ranks[1]["steps"] == ranks[0]["steps"] == single["steps"]
     assert len(single["tokens"][0]) == 16
     holds = ranks[1]["tensor_parallel"]["holds"]
     assert holds["attention"] == "query heads 2-3 of 4; KV head 0 of 1 (replicated)"
@@ -254,3 +263,72 @@ def test_cli_info_tensor_parallel_shows_the_group_and_what_each_rank_holds(gemma
         "query heads 2-3 of 4; KV head 0 of 1 (replicated)",
     ]
     assert group["ranks"][1]["mlp"] == "hidden units 64-127 of 128"
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+@contextlib.contextmanager
+def serving(*words: str) -> Iterator[str]:
+    """``lmx serve`` (its own process group) until the block ends; its base URL."""
+    port = free_port_pair()
+    command = [sys.executable, "-m", "lmx.cli.main", "serve", *words, "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(
+        command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lmx serve exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("lmx serve did not answer /health within 240 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process of the group
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _two_at_once(url: str) -> list[str]:
+    """Two completions asked at the same time through the openai client (greedy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="none")
+
+    def ask(prompt: str) -> str:
+        r = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(ask, PROMPTS))
+
+
+@pytest.mark.slow
+def test_serve_tensor_parallel_answers_concurrent_openai_requests_as_one_process(gemma_1kv):
+    with serving("-m", str(gemma_1kv)) as url:
+        alone = _two_at_once(url)
+    with serving("-m", str(gemma_1kv), "--tensor-parallel", "2") as url:
+        split = _two_at_once(url)
+        stats = httpx.get(url + "/health").json()
+        models = httpx.get(url + "/v1/models").json()
+        # what rank 0 cannot replay on the other ranks is refused with an OpenAI-shaped 400
+        r = httpx.post(url + "/v1/embeddings", json={"model": "m", "input": "hi"})
+    assert split == alone and all(alone)
+    assert models["data"]
+    # continuous batching as alone: the two requests were decoded together (beside the 2 warm-up ones)
+    assert stats["requests"]["completed"] == 4 and stats["requests"]["batches"] > 0
+    assert r.status_code == 400 and "tensor parallel" in r.json()["error"]["message"]

@@ -23,24 +23,33 @@ def _rss() -> int:
 
 def main() -> None:
     out, values = sys.argv[1], json.loads(sys.argv[2])
-    with lmx.load(values.get("model"), tensor_parallel=values.get("tensor_parallel"), cpu_kernels=False) as engine:
-        tokens = [
-            engine.generate(p, max_tokens=values["max_tokens"], temperature=0.0, seed=values.get("seed")).tokens
-            for p in values["prompts"]
-        ]
-        info = engine.info()
-        rank = 0 if info.tensor_parallel is None else info.tensor_parallel["rank"]
-        record = {
-            "tokens": tokens,
-            "tensor_parallel": info.tensor_parallel,
-            "weights_bytes": info.weights_bytes,
-            "num_parameters": info.num_parameters,
-            "active_memory": mx.get_active_memory(),
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss": _rss(),
-        }
-    with open(f"{out}/rank{rank}.json", "w") as f:
+    engine = lmx.load(values.get("model"), tensor_parallel=values.get("tensor_parallel"), cpu_kernels=False)
+    record = _describe(engine)
+    if not engine.is_leader:
+        engine.follow()  # runs rank 0's requests until rank 0 closes its engine
+    else:
+        with engine:
+            record["tokens"] = [
+                engine.generate(p, max_tokens=values["max_tokens"], temperature=0.0, seed=values.get("seed")).tokens
+                for p in values["prompts"]
+            ]
+    stats = engine.scheduler.stats()  # what this rank ran (a follower: rank 0's requests, replayed)
+    record.update(completed=stats.completed, steps=stats.steps, rss_end=_rss())
+    with open(f"{out}/rank{record['rank']}.json", "w") as f:
         json.dump(record, f)
+
+
+def _describe(engine: lmx.Engine) -> dict:
+    info = engine.info()
+    return {
+        "rank": 0 if info.tensor_parallel is None else info.tensor_parallel["rank"],
+        "tensor_parallel": info.tensor_parallel,
+        "weights_bytes": info.weights_bytes,
+        "num_parameters": info.num_parameters,
+        "active_memory": mx.get_active_memory(),
+        "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss": _rss(),
+    }
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ class Engine:
             kv_itemsize=itemsize,
         )
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
-        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder, sync=loaded.group)
         self._lock = threading.Lock()
         self._adapters: Any = None  # the AdapterSet, made when the first adapter loads
 
@@ -439,6 +439,28 @@ class Engine:
             return held
 
         return self.run_exclusive(work)
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this process takes requests: always, but on ranks 1.. of a tensor-parallel group."""
+        group = self.loaded.group
+        return group is None or group.leader
+
+    def follow(self) -> None:
+        """On ranks 1.. of a tensor-parallel group: run rank 0's requests in step with it (its
+        batches, its decisions) until rank 0 closes its engine; then close this one.
+
+        Raises:
+            InvalidOptionError: this engine is not a follower.
+        """
+        if self.is_leader:
+            raise InvalidOptionError(
+                "follow() runs on ranks 1.. of a tensor-parallel group; this engine takes requests"
+            )
+        try:
+            self.scheduler.follow()
+        finally:
+            self.close()
 
     def close(self) -> None:
         """End every running request (they finish ``cancelled``), then free the model, its

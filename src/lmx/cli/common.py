@@ -66,12 +66,6 @@ def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = N
     return subprocess.call(launch_command(n, [sys.executable, "-m", "lmx.cli.main", *words]))
 
 
-def is_leader(engine: Any) -> bool:
-    """Whether this process speaks for the run: always, but for ranks 1.. of a tensor-parallel group."""
-    group = engine.loaded.group
-    return group is None or group.rank == 0
-
-
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -107,7 +101,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         args.model,
         device=args.device,
         dtype=args.dtype,
-        adapter=getattr(args, "adapter", None),
+        adapter=adapter if isinstance(adapter := getattr(args, "adapter", None), str) else None,  # serve's are named
         tensor_parallel=getattr(args, "tensor_parallel", None),
         distributed_backend=getattr(args, "distributed_backend", "any"),
     )

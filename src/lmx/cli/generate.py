@@ -9,7 +9,6 @@ from lmx.cli.common import (
     add_model_args,
     add_parallel_args,
     add_sampling_args,
-    is_leader,
     launch_tensor_parallel,
     load_engine,
     print_stats,
@@ -49,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     engine = load_engine(args)
+    if not engine.is_leader:  # ranks 1.. of a split model compute rank 0's tokens, silently
+        engine.follow()
+        return 0
     with engine:
         opts = sampling_options(args)
         if args.chat:
@@ -58,10 +60,6 @@ def run(args: argparse.Namespace) -> int:
             stream = engine.stream_chat(messages, **opts)
         else:
             stream = engine.stream(prompt, **opts)
-        if not is_leader(engine):  # the other ranks of a split model compute the same tokens, silently
-            for _ in stream:
-                pass
-            return 0
         stream_to_stdout(stream)
         print_stats(stream.metrics)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from lmx.errors import InvalidOptionError
 
@@ -45,10 +46,23 @@ class Group:
         """The ranks' ``x`` concatenated along the first axis, rank 0 first."""
         return mx.distributed.all_gather(x, group=self.handle)
 
+    @property
+    def leader(self) -> bool:
+        """Whether this is rank 0 (the one that talks to people)."""
+        return self.rank == 0
+
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (the others' is ignored)."""
         mine = mx.array([value if self.rank == 0 else 0], dtype=mx.int64)
         return int(self.all_sum(mine).item())
+
+    def share_bytes(self, data: bytes) -> bytes:
+        """Rank 0's ``data`` on every rank (the others' is ignored)."""
+        n = self.broadcast_int(len(data))
+        if n == 0:
+            return b""
+        mine = np.frombuffer(data, dtype=np.uint8) if self.rank == 0 else np.zeros(n, dtype=np.uint8)
+        return np.array(self.all_sum(mx.array(mine))).astype(np.uint8).tobytes()
 
     def describe(self) -> str:
         return f"rank {self.rank} of {self.size} ({self.backend})"

@@ -43,6 +43,7 @@ from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
 from lmx.scheduler.request import AdapterRouter, Request, Sink
+from lmx.scheduler.sync import NullSink, TurnSync, decode_turn, encode_turn, options_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ class Scheduler:
         decoder: runs one-token decode steps (see :class:`lmx.generate.step.Decoder`).
         adapters: routes each row to its request's ``adapter`` before every forward pass
             (None: no adapters); rows' cached prefixes are kept apart by adapter.
+        sync: the tensor-parallel group this scheduler runs in step with (:mod:`lmx.scheduler.sync`);
+            None: it runs alone. A follower (rank > 0) takes no requests: :meth:`follow` replays
+            the leader's.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class Scheduler:
         config: SchedulerConfig,
         decoder: Decoder,
         adapters: AdapterRouter | None = None,
+        sync: TurnSync | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
         self.adapters = adapters
@@ -182,6 +187,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopped = threading.Event()
+        self._sync = sync
+        self._inbox: list[Request] = []  # submitted, not yet shared with the group (sync only)
+        self._by_id: dict[int, Request] = {}  # requests the group knows, by sync_id
+        self._next_id = 0
+        self._ending = False  # closing, as the group agreed (sync only)
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, request: Request) -> Request:
@@ -193,22 +203,51 @@ class Scheduler:
             EngineClosedError: the scheduler is closed.
             InvalidOptionError: its ``constraint`` does not compile (an unsupported feature).
         """
+        if self._sync is not None:
+            self._check_shareable(request)
         self._check_fits_alone(request)
         if request.options.constraint is not None:
             self.constraints.compile(request.options.constraint)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(self._inbox) >= self.config.max_queue:
                 self._stats.rejected += 1
                 raise QueueFullError(
                     f"server busy: {len(self._waiting)} requests already wait (max_queue={self.config.max_queue}); "
                     "retry later"
                 )
-            self._waiting.append(request)
+            if self._sync is None:
+                self._waiting.append(request)
+            else:  # it joins the waiting line when the group learns of it, at the next turn
+                request.defer_cancel = True
+                self._inbox.append(request)
             self._start_worker()
             self._wake.notify()
         return request
+
+    def _check_shareable(self, request: Request) -> None:
+        """In a tensor-parallel group: refuse what the followers cannot replay.
+
+        Raises:
+            EngineClosedError: this is a follower (it takes no requests).
+            InvalidOptionError: a ``constraint`` or ``adapter`` (not supported with tensor parallel).
+        """
+        from lmx.errors import InvalidOptionError
+
+        assert self._sync is not None
+        if not self._sync.leader:
+            raise EngineClosedError("this rank of a tensor-parallel group follows rank 0; submit requests there")
+        for name in ("constraint", "adapter"):
+            if getattr(request.options, name) is not None:
+                raise InvalidOptionError(f"{name} is not supported with tensor parallel; run without it")
+
+    def follow(self) -> None:
+        """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends)."""
+        assert self._sync is not None and not self._sync.leader
+        with self._lock:
+            self._start_worker()
+        self._stopped.wait()
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: it ends (finish reason ``cancelled``) at the next step."""
@@ -221,6 +260,10 @@ class Scheduler:
         return its result or raise its error. Other requests pause meanwhile."""
         if threading.current_thread() is self._thread:
             return fn()
+        if self._sync is not None:
+            from lmx.errors import InvalidOptionError
+
+            raise InvalidOptionError("classify and embeddings are not supported with tensor parallel")
         job = _Exclusive(fn)
         with self._lock:
             if self._closed:
@@ -240,7 +283,7 @@ class Scheduler:
             prefill = len(self._prefill.rows) if self._prefill else 0
             return SchedulerStats(
                 running=len(self._batch.rows) + prefill + sum(len(j.rows) for j in self._joiners),
-                waiting=len(self._waiting),
+                waiting=len(self._waiting) + len(self._inbox),
                 completed=s.completed,
                 cancelled=s.cancelled,
                 failed=s.failed,
@@ -260,7 +303,7 @@ class Scheduler:
             requests += [
                 r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows
             ]
-            requests += list(self._waiting)
+            requests += list(self._waiting) + self._inbox
         return collections.Counter(r.options.adapter for r in requests if r.options.adapter is not None)
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -283,18 +326,25 @@ class Scheduler:
             self._thread.start()
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._exclusive or self._prefill or self._joiners or self._batch.rows)
+        return bool(
+            self._waiting or self._inbox or self._exclusive or self._prefill or self._joiners or self._batch.rows
+        )
 
     def _work(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._has_work() and not self._closed:
-                        self._wake.wait()
-                    if self._closed:
+                    if self._sync is None or self._sync.leader:  # a follower waits in the exchange instead
+                        while not self._has_work() and not self._closed:
+                            self._wake.wait()
+                    if self._sync is None and self._closed:
                         break
                     exclusive = list(self._exclusive)
                     self._exclusive.clear()
+                if self._sync is not None:
+                    self._exchange()
+                    if self._ending:
+                        break
                 for job in exclusive:
                     self._run_exclusive_job(job)
                 self._turn()
@@ -305,6 +355,44 @@ class Scheduler:
         # the GIL when the thread ends; during interpreter shutdown that aborts the process
         # (mlx 0.32). A parked daemon thread never runs it.
         threading.Event().wait()
+
+    def _exchange(self) -> None:
+        """The turn's events, as the leader saw them, on every rank: new requests join the waiting
+        line, cancels take effect, a close ends the loop (see :mod:`lmx.scheduler.sync`)."""
+        assert self._sync is not None
+        data = b""
+        if self._sync.leader:
+            with self._lock:
+                new, self._inbox = self._inbox, []
+                closing = self._closed
+            for request in new:
+                request.sync_id, self._next_id = self._next_id, self._next_id + 1
+                self._by_id[request.sync_id] = request
+            asked = sorted(i for i, r in self._by_id.items() if r.cancel_asked and not r.cancelled)
+            shared = [
+                {"id": r.sync_id, "ids": r.ids, "limit": r.limit, "options": options_to_dict(r.options)} for r in new
+            ]
+            data = encode_turn(shared, asked, closing)
+        turn = decode_turn(self._sync.share_bytes(data))
+        if not self._sync.leader:
+            new = []
+            for item in turn["new"]:
+                request = Request(item["ids"], GenerationOptions(**item["options"]), NullSink(), item["limit"])
+                request.sync_id, request.defer_cancel = item["id"], True
+                self._by_id[request.sync_id] = request
+                new.append(request)
+        with self._lock:
+            self._waiting.extend(new)
+        for i in turn["cancelled"]:
+            if i in self._by_id:
+                self._by_id[i].confirm_cancel()
+        self._ending = bool(turn["close"])
+
+    def _free(self, held: int) -> int:
+        """Bytes free for KV storage (see :meth:`KVBudget.free`); in a group, the leader's count, so
+        that every rank admits and evicts alike."""
+        free = self._kv.free(held)
+        return free if self._sync is None else self._sync.broadcast_int(free)
 
     def _run_exclusive_job(self, job: _Exclusive) -> None:
         try:
@@ -362,7 +450,7 @@ class Scheduler:
         now = time.perf_counter()
         for i, row in enumerate(batch.rows):
             request = row.request
-            if request.cancelled or self._closed:
+            if request.cancelled or (self._closed if self._sync is None else self._ending):
                 row.done = "cancelled"
                 continue
             top = None
@@ -586,10 +674,12 @@ class Scheduler:
         if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
             need += self._kv.bytes(len(request.ids))
         held = batch_cache.nbytes(batch.caches)
-        if need > self._kv.free(held) and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
-            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - self._kv.free(held))))
+        free = self._free(held)
+        if need > free and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
+            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - free)))
             memory.clear_cache()
-        return need <= self._kv.free(held)
+            free = self._free(held)
+        return need <= free
 
     # ------------------------------------------------------------------ ends
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
@@ -609,14 +699,17 @@ class Scheduler:
         counter = "failed" if error is not None else ("cancelled" if reason == "cancelled" else "completed")
         setattr(self._stats, counter, getattr(self._stats, counter) + 1)
         request.sink.end(error)
+        if request.sync_id is not None:
+            self._by_id.pop(request.sync_id, None)
 
     def _shutdown(self) -> None:
         """End every request still here (closed: they finish ``cancelled``) and drop all caches."""
         rows = [r.request for r in self._batch.rows]
         rows += [r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows]
         with self._lock:
-            rows += list(self._waiting)
+            rows += list(self._waiting) + self._inbox
             self._waiting.clear()
+            self._inbox = []
             exclusive = list(self._exclusive)
             self._exclusive.clear()
         for request in rows:

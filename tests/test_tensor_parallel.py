@@ -332,3 +332,96 @@ def test_serve_tensor_parallel_answers_concurrent_openai_requests_as_one_process
     # continuous batching as alone: the two requests were decoded together (beside the 2 warm-up ones)
     assert stats["requests"]["completed"] == 4 and stats["requests"]["batches"] > 0
     assert r.status_code == 400 and "tensor parallel" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------ a rank that dies
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"a rank ended early ({p.returncode}): {p.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0], ids=["follower-dies", "leader-dies"])
+def test_a_rank_that_dies_gives_the_survivor_a_clear_error_not_a_hang(gemma_1kv, tmp_path, victim):
+    # The two ranks are started by hand (the ring backend reads MLX_RANK and MLX_HOSTFILE), not by
+    # mlx.launch, which would stop the survivor itself: here the survivor has to notice on its own.
+    port = free_port_pair()
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    values = {"model": str(gemma_1kv), "prompts": ["Hello"], "max_tokens": 400, "tensor_parallel": 2}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), json.dumps(values)],
+            # a step stuck on the dead peer inside MLX ends after LMX_TP_STEP_TIMEOUT; else the ring's error ends it
+            env={**launch_env(), "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts), "LMX_TP_STEP_TIMEOUT": "10"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for rank in (0, 1):
+            _wait_for(tmp_path / f"rank{rank}.pid", procs)
+        time.sleep(1.0)  # rank 0 is generating: both ranks are inside the model's collectives
+        assert all(p.poll() is None for p in procs)
+        procs[victim].kill()
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=60)  # bounded: no hang
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert survivor.returncode == 3, err[-3000:]
+    assert (
+        f"rank {1 - victim}: GroupLostError: rank {1 - victim} of 2: another rank of the tensor-parallel group" in err
+    )
+
+
+@pytest.mark.slow
+def test_cli_group_reports_a_killed_rank(gemma_1kv, tmp_path):
+    """Under ``lmx generate --tensor-parallel 2`` (mlx.launch), killing rank 1 ends the command with an error."""
+    (tmp_path / "prompt.txt").write_text("Hello")
+    command = [sys.executable, "-m", "lmx.cli.main", "generate", "-m", str(gemma_1kv), "-n", "400"]
+    command += ["--tensor-parallel", "2", "--prompt-file", str(tmp_path / "prompt.txt")]
+    proc = subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = None
+        deadline = time.monotonic() + 120
+        while rank1 is None:
+            assert proc.poll() is None and time.monotonic() < deadline
+            rank1 = _rank_process(1, str(tmp_path / "prompt.txt"))
+            time.sleep(0.2)
+        time.sleep(3.0)  # loaded and generating
+        os.kill(rank1, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "Node with rank 1 exited with code -9" in err  # mlx.launch names the dead rank, then stops rank 0
+    assert "lmx: error: the tensor-parallel group of 2 failed: rank(s) 0, 1 ended without finishing" in err
+
+
+def _rank_process(rank: int, marker: str) -> int | None:
+    """The pid of the rank ``rank`` process whose command line holds ``marker`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"MLX_RANK={rank}".encode() in environ and b"lmx.cli.main" in cmdline:
+            return int(entry.name)
+    return None

@@ -6,8 +6,11 @@ writes ``OUT_DIR/rank<r>.json`` (the tokens of every prompt, what ``info()`` say
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import resource
+import signal
 import sys
 
 import mlx.core as mx
@@ -22,17 +25,24 @@ def _rss() -> int:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # a stuck rank shows where it is (kill -USR1)
     out, values = sys.argv[1], json.loads(sys.argv[2])
     engine = lmx.load(values.get("model"), tensor_parallel=values.get("tensor_parallel"), cpu_kernels=False)
     record = _describe(engine)
-    if not engine.is_leader:
-        engine.follow()  # runs rank 0's requests until rank 0 closes its engine
-    else:
-        with engine:
-            record["tokens"] = [
-                engine.generate(p, max_tokens=values["max_tokens"], temperature=0.0, seed=values.get("seed")).tokens
-                for p in values["prompts"]
-            ]
+    with open(f"{out}/rank{record['rank']}.pid", "w") as f:
+        f.write(str(os.getpid()))  # for a test that kills a rank
+    try:
+        if not engine.is_leader:
+            engine.follow()  # runs rank 0's requests until rank 0 closes its engine
+        else:
+            with engine:
+                record["tokens"] = [
+                    engine.generate(p, max_tokens=values["max_tokens"], temperature=0.0, seed=values.get("seed")).tokens
+                    for p in values["prompts"]
+                ]
+    except lmx.LmxError as e:
+        print(f"rank {record['rank']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     stats = engine.scheduler.stats()  # what this rank ran (a follower: rank 0's requests, replayed)
     record.update(completed=stats.completed, steps=stats.steps, rss_end=_rss())
     with open(f"{out}/rank{record['rank']}.json", "w") as f:

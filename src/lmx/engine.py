@@ -7,6 +7,7 @@ Every call (generate, stream, chat, batch_generate, classify) becomes requests o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -21,12 +22,13 @@ from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
-from lmx.runtime import memory
+from lmx.runtime import memory, settings
 from lmx.runtime.device import choose_device, device_name
 from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
@@ -160,6 +162,8 @@ class Engine:
             prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
             kv_itemsize=itemsize,
         )
+        if loaded.group is not None:
+            config.step_timeout = settings.LMX_TP_STEP_TIMEOUT.get()
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder, sync=loaded.group)
         self._lock = threading.Lock()
@@ -466,9 +470,15 @@ class Engine:
         """End every running request (they finish ``cancelled``), then free the model, its
         caches and MLX's cached buffers. Idempotent; safe with streams still open."""
         with self._lock:
+            split = self._loaded is not None and self._loaded.group is not None
             self.scheduler.close()
             self._loaded = None
-        memory.clear_cache()
+        try:
+            memory.clear_cache()
+        except RuntimeError as e:  # a collective that lost its peer reports it at MLX's next sync point
+            if not split:
+                raise
+            logger.debug("after the tensor-parallel group was lost: %s", e)
 
     def __enter__(self) -> Engine:
         return self

@@ -64,6 +64,11 @@ class EngineClosedError(LmxError):
     """The engine was used after :meth:`lmx.Engine.close`."""
 
 
+class GroupLostError(LmxError):
+    """A rank of a tensor-parallel group ended or became unreachable: the others cannot go on
+    alone (each holds only its slices of the model); restart every rank."""
+
+
 class AdapterInUseError(LmxError):
     """A LoRA adapter cannot be unloaded: running or waiting requests use it."""
 
@@ -74,6 +79,7 @@ __all__ = [
     "ConfigError",
     "ContextLengthError",
     "EngineClosedError",
+    "GroupLostError",
     "InvalidOptionError",
     "LmxError",
     "ModelNotFoundError",

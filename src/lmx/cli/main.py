@@ -69,14 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     from lmx.errors import LmxError
 
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except LmxError as e:
         print(f"lmx: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        from lmx.cli.common import report_rank_status
+
+        report_rank_status(args, code)
+    return code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from lmx.errors import InvalidOptionError
+from lmx.errors import GroupLostError, InvalidOptionError
 
 BACKENDS = ("any", "ring", "mpi", "nccl")
 
@@ -57,12 +57,26 @@ class Group:
         return int(self.all_sum(mine).item())
 
     def share_bytes(self, data: bytes) -> bytes:
-        """Rank 0's ``data`` on every rank (the others' is ignored)."""
-        n = self.broadcast_int(len(data))
-        if n == 0:
-            return b""
-        mine = np.frombuffer(data, dtype=np.uint8) if self.rank == 0 else np.zeros(n, dtype=np.uint8)
-        return np.array(self.all_sum(mx.array(mine))).astype(np.uint8).tobytes()
+        """Rank 0's ``data`` on every rank (the others' is ignored).
+
+        Raises:
+            GroupLostError: a rank is gone (its connection closed).
+        """
+        try:
+            n = self.broadcast_int(len(data))
+            if n == 0:
+                return b""
+            mine = np.frombuffer(data, dtype=np.uint8) if self.rank == 0 else np.zeros(n, dtype=np.uint8)
+            return np.array(self.all_sum(mx.array(mine))).astype(np.uint8).tobytes()
+        except RuntimeError as e:
+            raise self.lost(e) from e
+
+    def lost(self, error: BaseException) -> GroupLostError:
+        """The error saying this group lost a rank (``error``: what the backend raised)."""
+        return GroupLostError(
+            f"rank {self.rank} of {self.size}: another rank of the tensor-parallel group ended or is unreachable "
+            f"({error}); this rank holds only its slices of the model and stops: restart every rank"
+        )
 
     def describe(self) -> str:
         return f"rank {self.rank} of {self.size} ({self.backend})"

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from lmx.errors import EngineClosedError, QueueFullError
+from lmx.errors import EngineClosedError, GroupLostError, QueueFullError
 from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
@@ -79,6 +79,9 @@ class SchedulerConfig:
         prefill_step_size: prompt tokens prefilled per turn of the loop (one chunk).
         prefix_cache_bytes: the prefix cache's bound (0: off).
         kv_itemsize: bytes per element of the keys and values.
+        step_timeout: in a tensor-parallel group, seconds after which a turn that has not finished
+            means a rank is gone (a collective waiting on a dead peer may never return): every
+            request ends with :class:`GroupLostError` and the scheduler stops.
     """
 
     max_batch: int = 32
@@ -86,6 +89,7 @@ class SchedulerConfig:
     prefill_step_size: int = 512
     prefix_cache_bytes: int = 1 << 30
     kv_itemsize: int = 4
+    step_timeout: float = 120.0
 
 
 class _Row:
@@ -192,6 +196,8 @@ class Scheduler:
         self._by_id: dict[int, Request] = {}  # requests the group knows, by sync_id
         self._next_id = 0
         self._ending = False  # closing, as the group agreed (sync only)
+        self._broken: GroupLostError | None = None  # the group lost a rank: nothing runs any more
+        self._turn_started: float | None = None  # when the running turn began (sync: the watchdog reads it)
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, request: Request) -> Request:
@@ -209,6 +215,8 @@ class Scheduler:
         if request.options.constraint is not None:
             self.constraints.compile(request.options.constraint)
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
             if len(self._waiting) + len(self._inbox) >= self.config.max_queue:
@@ -243,11 +251,17 @@ class Scheduler:
                 raise InvalidOptionError(f"{name} is not supported with tensor parallel; run without it")
 
     def follow(self) -> None:
-        """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends)."""
+        """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends).
+
+        Raises:
+            GroupLostError: another rank ended or became unreachable.
+        """
         assert self._sync is not None and not self._sync.leader
         with self._lock:
             self._start_worker()
         self._stopped.wait()
+        if self._broken is not None:
+            raise self._broken
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: it ends (finish reason ``cancelled``) at the next step."""
@@ -324,6 +338,32 @@ class Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="lmx-scheduler", daemon=True)
             self._thread.start()
+            if self._sync is not None:
+                threading.Thread(target=self._watch, name="lmx-scheduler-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """In a group: end everything when a turn outlasts ``step_timeout`` (a rank died while this
+        one waited on it inside a collective, which MLX may never return from)."""
+        assert self._sync is not None
+        timeout = self.config.step_timeout
+        while not self._stopped.wait(min(1.0, timeout / 4)):
+            started = self._turn_started
+            if started is None or time.monotonic() - started <= timeout:
+                continue
+            self._broken = self._sync.lost(TimeoutError(f"a step has not finished after {timeout:g} s"))
+            logger.error("%s", self._broken)
+            with self._lock:
+                requests = [r.request for r in self._batch.rows]
+                requests += [
+                    r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows
+                ]
+                requests += list(self._waiting) + self._inbox
+                self._waiting.clear()
+                self._inbox = []
+            for request in requests:
+                self._finish(request, None, self._broken)
+            self._stopped.set()  # the worker stays where it is stuck; nothing waits for it
+            return
 
     def _has_work(self) -> bool:
         return bool(
@@ -342,14 +382,29 @@ class Scheduler:
                     exclusive = list(self._exclusive)
                     self._exclusive.clear()
                 if self._sync is not None:
-                    self._exchange()
+                    try:
+                        self._exchange()
+                    except GroupLostError as e:
+                        self._broken = e
+                        break
                     if self._ending:
                         break
                 for job in exclusive:
                     self._run_exclusive_job(job)
-                self._turn()
+                self._turn_started = time.monotonic()
+                try:
+                    self._turn()
+                except Exception as e:  # in a group: whatever failed a turn leaves the ranks apart
+                    if self._sync is None:
+                        raise
+                    self._broken = e if isinstance(e, GroupLostError) else self._sync.lost(e)
+                    break
+                finally:
+                    self._turn_started = None
         finally:
-            self._shutdown()
+            if self._broken is not None:
+                logger.error("%s", self._broken)
+            self._shutdown(self._broken)
             self._stopped.set()
         # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
         # the GIL when the thread ends; during interpreter shutdown that aborts the process
@@ -388,11 +443,25 @@ class Scheduler:
                 self._by_id[i].confirm_cancel()
         self._ending = bool(turn["close"])
 
+    def _eval(self, *arrays: Any) -> None:
+        """Start computing ``arrays``: in the background alone; in a tensor-parallel group, now
+        (a collective that loses its peer raises only in a waited-for evaluation; in the background
+        it leaves the step waiting forever, mlx 0.32)."""
+        if self._sync is None:
+            mx.async_eval(*arrays)
+        else:
+            mx.eval(*arrays)
+
     def _free(self, held: int) -> int:
         """Bytes free for KV storage (see :meth:`KVBudget.free`); in a group, the leader's count, so
         that every rank admits and evicts alike."""
         free = self._kv.free(held)
-        return free if self._sync is None else self._sync.broadcast_int(free)
+        if self._sync is None:
+            return free
+        try:
+            return self._sync.broadcast_int(free)
+        except RuntimeError as e:
+            raise self._sync.lost(e) from e
 
     def _run_exclusive_job(self, job: _Exclusive) -> None:
         try:
@@ -435,7 +504,7 @@ class Scheduler:
         with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
         tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
-        mx.async_eval(tokens, logprobs)
+        self._eval(tokens, logprobs)
         s = self._stats
         s.steps += 1
         s.batched_steps += len(batch.rows) > 1
@@ -500,8 +569,15 @@ class Scheduler:
             for r in batch.rows:
                 r.start -= lead
 
+    def _group_error(self, error: BaseException) -> None:
+        """In a tensor-parallel group, a step that fails fails the group: the ranks may no longer
+        agree (a collective lost its peer); raise :class:`GroupLostError`."""
+        if self._sync is not None:
+            raise self._sync.lost(error) from error
+
     def _fail_batch(self, error: BaseException) -> None:
         logger.debug("decode step failed: %r", error)
+        self._group_error(error)
         for row in self._batch.rows:
             self._finish(row.request, None, error)
         self._batch = _Batch()
@@ -525,14 +601,15 @@ class Scheduler:
                 logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
             if rest.shape[1]:
                 job.tokens = rest
-                mx.async_eval([c.state for c in job.caches])
+                self._eval([c.state for c in job.caches])
                 return
             tokens, logprobs = sample_rows(logits, [r.sampler for r in job.rows], self.decoder.logsumexp)
-            mx.async_eval(tokens, logprobs)
+            self._eval(tokens, logprobs)
             job.first = (tokens, logprobs)
             self._store_prompts(job)
         except Exception as e:  # the error goes to the requests being prefilled
             logger.debug("prefill failed: %r", e)
+            self._group_error(e)
             for row in job.rows:
                 self._finish(row.request, None, e)
             self._prefill = None
@@ -702,8 +779,9 @@ class Scheduler:
         if request.sync_id is not None:
             self._by_id.pop(request.sync_id, None)
 
-    def _shutdown(self) -> None:
-        """End every request still here (closed: they finish ``cancelled``) and drop all caches."""
+    def _shutdown(self, error: BaseException | None = None) -> None:
+        """End every request still here (closed: they finish ``cancelled``; ``error``: with it) and
+        drop all caches."""
         rows = [r.request for r in self._batch.rows]
         rows += [r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows]
         with self._lock:
@@ -713,7 +791,7 @@ class Scheduler:
             exclusive = list(self._exclusive)
             self._exclusive.clear()
         for request in rows:
-            self._finish(request, "cancelled")
+            self._finish(request, "cancelled", error)
         for job in exclusive:
             job.error = EngineClosedError("the engine was closed before this job ran")
             job.done.set()

@@ -33,6 +33,10 @@ class TurnSync(Protocol):
         """The leader's ``value`` on every rank."""
         ...
 
+    def lost(self, error: BaseException) -> Exception:
+        """The error (an :class:`lmx.errors.GroupLostError`) for a collective that failed with ``error``."""
+        ...
+
 
 class NullSink:
     """Where a follower's tokens go: nowhere (the leader's sink has them)."""

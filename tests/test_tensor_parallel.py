@@ -220,8 +220,8 @@ def test_real_270m_over_two_ranks_equals_one_process_with_half_the_weights_each(
         assert 0.5 * single["weights_bytes"] <= r["weights_bytes"] < 0.52 * single["weights_bytes"]
         assert r["active_memory"] < 0.55 * single["active_memory"]
         # resident memory: the process's own overhead (libraries, tokenizer) is the same, the weights halve
-        assert r["rss"] < single["rss"] - 0.4 * single["weights_bytes"]
-        assert r["max_rss"] < single["max_rss"] - 0.4 * single["weights_bytes"]  # no whole tensor read on the way
+        assert r["rss"] < single["rss"] - 0.35 * single["weights_bytes"]
+        assert r["max_rss"] < single["max_rss"] - 0.35 * single["weights_bytes"]  # no whole tensor read on the way
 
 
 # ------------------------------------------------------------------------------------------ the command line

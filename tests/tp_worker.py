@@ -6,6 +6,8 @@ writes ``OUT_DIR/rank<r>.json`` (the tokens of every prompt, what ``info()`` say
 
 from __future__ import annotations
 
+import lmx  # first: it routes MLX's BLAS to OpenBLAS before mlx.core loads  # isort: skip
+
 import faulthandler
 import json
 import os
@@ -14,8 +16,6 @@ import signal
 import sys
 
 import mlx.core as mx
-
-import lmx
 
 
 def _rss() -> int:

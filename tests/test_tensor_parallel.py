@@ -425,3 +425,18 @@ def _rank_process(rank: int, marker: str) -> int | None:
         if marker.encode() in cmdline and f"MLX_RANK={rank}".encode() in environ and b"lmx.cli.main" in cmdline:
             return int(entry.name)
     return None
+
+
+@pytest.mark.slow
+def test_two_ranks_split_a_quantized_gguf_dequantized_as_one_process_reads_it(gemma_1kv, tmp_path):
+    gguf = tmp_path / "tiny-q8.gguf"
+    made = lmx_cli("convert", str(gemma_1kv), str(gguf), "-q", "--q-bits", "8")
+    assert made.returncode == 0, made.stderr[-3000:]
+    values = {"model": str(gguf), "prompts": PROMPTS, "max_tokens": 12}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = run_single(tmp_path / "one", values)  # cpu_kernels=False: the Q8_0 matrices dequantized
+    ranks = run_ranks(tmp_path / "two", values)
+    assert ranks[0]["tokens"] == single["tokens"]
+    for r in ranks:
+        assert r["weights_bytes"] < 0.6 * single["weights_bytes"]

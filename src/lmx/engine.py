@@ -7,6 +7,7 @@ Every call (generate, stream, chat, batch_generate, classify) becomes requests o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -23,12 +24,13 @@ from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
 from lmx.models.image_prompt import ImagePrompt, image_digest
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
-from lmx.runtime import memory
+from lmx.runtime import memory, settings
 from lmx.runtime.device import choose_device, device_name
 from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
@@ -172,9 +174,17 @@ class Engine:
             prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
             kv_itemsize=itemsize,
         )
+        if loaded.group is not None:
+            config.step_timeout = settings.LMX_TP_STEP_TIMEOUT.get()
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
         self.scheduler = Scheduler(
-            loaded.model, loaded.tokenizer, self.eos, config, decoder, draft_model=draft.model if draft else None
+            loaded.model,
+            loaded.tokenizer,
+            self.eos,
+            config,
+            decoder,
+            draft_model=draft.model if draft else None,
+            sync=loaded.group,
         )
         self._lock = threading.Lock()
         self._adapters: Any = None  # the AdapterSet, made when the first adapter loads
@@ -362,6 +372,7 @@ class Engine:
             profile=loaded.profile.as_dict(),
             chat_template=loaded.chat_template_origin,
             compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
+            tensor_parallel=_parallel_report(loaded),
             **gguf,
         )
 
@@ -460,15 +471,43 @@ class Engine:
 
         return self.run_exclusive(work)
 
+    @property
+    def is_leader(self) -> bool:
+        """Whether this process takes requests: always, but on ranks 1.. of a tensor-parallel group."""
+        group = self.loaded.group
+        return group is None or group.leader
+
+    def follow(self) -> None:
+        """On ranks 1.. of a tensor-parallel group: run rank 0's requests in step with it (its
+        batches, its decisions) until rank 0 closes its engine; then close this one.
+
+        Raises:
+            InvalidOptionError: this engine is not a follower.
+        """
+        if self.is_leader:
+            raise InvalidOptionError(
+                "follow() runs on ranks 1.. of a tensor-parallel group; this engine takes requests"
+            )
+        try:
+            self.scheduler.follow()
+        finally:
+            self.close()
+
     def close(self) -> None:
         """End every running request (they finish ``cancelled``), then free the model, its
         caches and MLX's cached buffers. Idempotent; safe with streams still open."""
         with self._lock:
+            split = self._loaded is not None and self._loaded.group is not None
             self.scheduler.close()
             self._loaded = None
             self.image_cache.clear()
             self.draft = None
-        memory.clear_cache()
+        try:
+            memory.clear_cache()
+        except RuntimeError as e:  # a collective that lost its peer reports it at MLX's next sync point
+            if not split:
+                raise
+            logger.debug("after the tensor-parallel group was lost: %s", e)
 
     def __enter__(self) -> Engine:
         return self
@@ -675,6 +714,8 @@ def load(
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     draft_model: str | os.PathLike | None = None,
     speculative: str | None = None,
+    tensor_parallel: int | None = None,
+    distributed_backend: str = "any",
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -704,6 +745,12 @@ def load(
             ``"draft-model"``.
         speculative: the default ``speculative`` option of requests: None, ``"prompt-lookup"``
             or ``"draft-model"`` (see :class:`lmx.GenerationOptions`); a request may override it.
+        tensor_parallel: split the model over this many processes, started together by
+            ``mlx.launch`` (each calls ``load`` with the same arguments and runs the same requests;
+            see the README). Float weights only (a GGUF file is dequantized); dense Gemma 3 and
+            Qwen 3. None: this process alone.
+        distributed_backend: the ``mlx.distributed`` backend to join with ``tensor_parallel``:
+            ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``.
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
@@ -715,7 +762,14 @@ def load(
         raise InvalidOptionError(
             "speculative='draft-model' needs draft_model=PATH (a small model of the same vocabulary)"
         )
-    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
+    group = None
+    if tensor_parallel is not None:
+        if adapter is not None:
+            raise InvalidOptionError("adapter= is not supported with tensor_parallel (LoRA on split layers)")
+        if draft_model is not None:
+            raise InvalidOptionError("draft_model= is not supported with tensor_parallel (rows decode plainly)")
+        group = _join(tensor_parallel, distributed_backend)
+    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device, group=group)
     draft = None
     if draft_model is not None:
         draft = load_model(draft_model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
@@ -733,6 +787,29 @@ def load(
     return engine
 
 
+def _join(size: int, backend: str) -> Any:
+    """The group of ``size`` processes this one was launched in, with one random state on every rank.
+
+    Raises:
+        InvalidOptionError: ``size`` < 1, or this process is not one of ``size`` launched together.
+    """
+    from lmx.runtime.distributed import join_group
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidOptionError(f"tensor_parallel must be an integer >= 1, got {size!r}")
+    group = join_group(backend)
+    if group.size != size:
+        raise InvalidOptionError(
+            f"tensor_parallel={size}, but this process was started in a group of {group.size}: start {size} "
+            f"processes together with mlx.launch (e.g. mlx.launch -n {size} --backend ring -- ...; see the README)"
+        )
+    if size > 1:
+        # rows without a seed draw from MLX's global random state: the same on every rank, so every
+        # rank samples the same tokens from the same (all-gathered) logits
+        mx.random.seed(group.broadcast_int(int.from_bytes(os.urandom(3), "little")))
+    return group
+
+
 def _affine_layer(modules: dict[str, Any], path: str) -> Any:
     """The quantized layer at ``path``, under a LoRA wrapper if one adapts it."""
     layer = modules[path]
@@ -747,6 +824,20 @@ def _affine_values(loaded: LoadedModel) -> int:
         layer = _affine_layer(modules, path)
         total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
     return total
+
+
+def _parallel_report(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The group this rank belongs to and what of the model it holds (None: not split)."""
+    if loaded.group is None or loaded.shards is None:
+        return None
+    group = loaded.group
+    return {
+        "size": group.size,
+        "rank": group.rank,
+        "backend": group.backend,
+        "holds": dict(loaded.shards.holds),
+        "ranks": [dict(h) for h in loaded.shards.ranks],
+    }
 
 
 def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:

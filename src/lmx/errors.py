@@ -74,6 +74,11 @@ class DraftModelError(LmxError, ValueError):
     (speculative decoding checks the drafts as token ids of the target's vocabulary)."""
 
 
+class GroupLostError(LmxError):
+    """A rank of a tensor-parallel group ended or became unreachable: the others cannot go on
+    alone (each holds only its slices of the model); restart every rank."""
+
+
 class AdapterInUseError(LmxError):
     """A LoRA adapter cannot be unloaded: running or waiting requests use it."""
 
@@ -85,6 +90,7 @@ __all__ = [
     "ContextLengthError",
     "DraftModelError",
     "EngineClosedError",
+    "GroupLostError",
     "InvalidOptionError",
     "LmxError",
     "ModelNotFoundError",

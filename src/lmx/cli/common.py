@@ -32,6 +32,85 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False, 
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply (from lmx train)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """``--tensor-parallel N`` and ``--distributed-backend``, for the commands that load a model."""
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the model over N processes; run alone, lmx starts them on this host through mlx.launch "
+        "(ring backend); started by mlx.launch (several hosts), it joins their group (see the README)",
+    )
+    p.add_argument(
+        "--distributed-backend",
+        default="any",
+        choices=["any", "ring", "mpi", "nccl"],
+        help="the mlx.distributed backend to join with --tensor-parallel (any: the one mlx.launch set up)",
+    )
+    p.add_argument("--tp-status", default=None, help=argparse.SUPPRESS)  # where ranks leave their exit codes
+
+
+def report_rank_status(args: argparse.Namespace, code: int) -> None:
+    """A rank started by :func:`launch_tensor_parallel` leaves its exit code for the process that started it."""
+    if getattr(args, "tp_status", None) is None:
+        return
+    from lmx.runtime.distributed import join_group
+
+    rank = join_group(args.distributed_backend).rank
+    with open(f"{args.tp_status}/rank{rank}", "w", encoding="utf-8") as f:
+        f.write(str(code))
+
+
+def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = None) -> int | None:
+    """With ``--tensor-parallel N`` (N > 1) in a process mlx.launch did not start: run this same command
+    in N ring processes on this host through ``mlx.launch`` and return its exit code. None: go on here
+    (no split asked for, or this process is one of the N).
+
+    Args:
+        args: the parsed command line (``args.argv``: its words, as :func:`lmx.cli.main.main` keeps them).
+        extra: words to add to the command line the N processes get.
+    """
+    n = getattr(args, "tensor_parallel", None)
+    if n is None or n <= 1:
+        return None
+    from lmx.runtime.distributed import join_group, launch_command
+
+    if join_group(args.distributed_backend).size > 1:
+        return None
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lmx-tp-") as status:
+        words = [*args.argv, *(extra or []), "--tp-status", status]
+        if args.distributed_backend == "any":
+            words += ["--distributed-backend", "ring"]
+        code = subprocess.call(launch_command(n, [sys.executable, "-m", "lmx.cli.main", *words]))
+        return _group_exit(n, status, code)
+
+
+def _group_exit(n: int, status: str, launch_code: int) -> int:
+    """The exit code of a group of ``n`` ranks (mlx.launch returns 0 whatever they returned): 0 when
+    every rank finished with 0; else a message on stderr naming the ranks that did not."""
+    from pathlib import Path
+
+    codes = {}
+    for rank in range(n):
+        path = Path(status) / f"rank{rank}"
+        codes[rank] = int(path.read_text()) if path.is_file() else None
+    if launch_code == 0 and all(c == 0 for c in codes.values()):
+        return 0
+    failed = [f"rank {r} exited with code {c}" for r, c in codes.items() if c not in (0, None)]
+    gone = [str(r) for r, c in codes.items() if c is None]
+    if gone:
+        failed.append(
+            f"rank(s) {', '.join(gone)} ended without finishing (killed or crashed; mlx.launch stops every rank "
+            "when one ends)"
+        )
+    print(f"lmx: error: the tensor-parallel group of {n} failed: {'; '.join(failed)}", file=sys.stderr)
+    return next((c for c in codes.values() if c not in (0, None)), 1)
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -82,8 +161,10 @@ def load_engine(args: argparse.Namespace) -> Any:
         args.model,
         device=args.device,
         dtype=args.dtype,
-        adapter=getattr(args, "adapter", None),
+        adapter=adapter if isinstance(adapter := getattr(args, "adapter", None), str) else None,  # serve's are named
         draft_model=getattr(args, "draft_model", None),
+        tensor_parallel=getattr(args, "tensor_parallel", None),
+        distributed_backend=getattr(args, "distributed_backend", "any"),
     )
 
 

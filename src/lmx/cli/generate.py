@@ -7,7 +7,9 @@ import sys
 
 from lmx.cli.common import (
     add_model_args,
+    add_parallel_args,
     add_sampling_args,
+    launch_tensor_parallel,
     load_engine,
     print_stats,
     sampling_options,
@@ -22,14 +24,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     add_model_args(p, draft=True)
     add_sampling_args(p)
+    add_parallel_args(p)
+    p.add_argument("--prompt-file", default=None, help=argparse.SUPPRESS)  # the prompt, for --tensor-parallel ranks
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
-    if prompt is None or prompt == "-":
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif prompt is None or prompt == "-":
         prompt = sys.stdin.read()
+    if args.tensor_parallel and args.tensor_parallel > 1 and args.prompt_file is None:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:
+            f.write(prompt)  # the ranks read stdin's prompt from here (mlx.launch gives them no stdin of ours)
+            f.flush()
+            code = launch_tensor_parallel(args, ["--prompt-file", f.name])
+    else:
+        code = launch_tensor_parallel(args)
+    if code is not None:
+        return code
     engine = load_engine(args)
+    if not engine.is_leader:  # ranks 1.. of a split model compute rank 0's tokens, silently
+        engine.follow()
+        return 0
     with engine:
         opts = sampling_options(args)
         if args.chat:

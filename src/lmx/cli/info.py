@@ -9,16 +9,24 @@ import platform
 import sys
 from typing import Any
 
+from lmx.cli.common import add_parallel_args, launch_tensor_parallel
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show versions, device, BLAS and memory (and a model's details)")
     p.add_argument("--model", "-m", default=None, help="also load and describe this model")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_parallel_args(p)
     p.set_defaults(func=run)
 
 
-def collect(model: str | None = None, device: str | None = None) -> dict[str, Any]:
+def collect(
+    model: str | None = None,
+    device: str | None = None,
+    tensor_parallel: int | None = None,
+    distributed_backend: str = "any",
+) -> dict[str, Any]:
     import mlx.core as mx
 
     import lmx
@@ -49,7 +57,8 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
 
         out["default_model"] = describe_default_model()
     else:
-        with lmx.load(model, device=device) as engine:
+        split = {"tensor_parallel": tensor_parallel, "distributed_backend": distributed_backend}
+        with lmx.load(model, device=device, **(split if tensor_parallel else {})) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
             out["profile"] = engine.loaded.profile.as_dict()
@@ -70,7 +79,17 @@ def _kernels(device: str, status: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = collect(args.model, args.device)
+    if args.tensor_parallel and args.model is None:
+        from lmx.errors import InvalidOptionError
+
+        raise InvalidOptionError("--tensor-parallel needs --model (the model to split)")
+    code = launch_tensor_parallel(args)
+    if code is not None:
+        return code
+    info = collect(args.model, args.device, args.tensor_parallel, args.distributed_backend)
+    group = info.get("model", {}).get("tensor_parallel")
+    if group is not None and group["rank"] != 0:
+        return 0  # rank 0 describes the whole group
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -112,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
         note = chat_template_note(model)
         if note:
             print(note)
+    if group is not None:
+        print(
+            f"parallel: tensor parallel over {group['size']} ranks ({group['backend']} backend); numbers below are rank 0's"
+        )
+        for rank, holds in enumerate(group["ranks"]):
+            print(f"  rank {rank}: " + "; ".join(f"{part}: {what}" for part, what in holds.items()))
     for key, value in info.get("model", {}).items():
-        if key != "profile":  # printed above
+        if key not in ("profile", "tensor_parallel"):  # printed above
             print(f"model.{key}: {value}")
     return 0
 

@@ -61,20 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
+    args.argv = words  # the command's own words, for a command that runs itself again (--tensor-parallel)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     from lmx.errors import LmxError
 
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except LmxError as e:
         print(f"lmx: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        from lmx.cli.common import report_rank_status
+
+        report_rank_status(args, code)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from lmx.cli.common import add_model_args
+from lmx.cli.common import add_model_args, add_parallel_args, launch_tensor_parallel, load_engine
 from lmx.runtime import settings as env_settings
 from lmx.server.settings import DEFAULT_MAX_TOKENS
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
@@ -137,11 +137,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="uvicorn's and lmx.server's log level; info logs one line per request (method, path, status, "
         "tokens, tok/s, ms)",
     )
+    add_parallel_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmx.server import ServerSettings, serve
+
+    if args.tensor_parallel and args.adapter:
+        from lmx.errors import InvalidOptionError
+
+        raise InvalidOptionError("--adapter is not supported with --tensor-parallel")
+    code = launch_tensor_parallel(args)
+    if code is not None:
+        return code
 
     settings = ServerSettings(
         model=args.model,
@@ -176,9 +185,19 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("lmx.server").setLevel(args.log_level.upper())  # the root logger stays at warning
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    engine = None
+    if args.tensor_parallel:
+        # every rank loads its slices; rank 0 serves, the others replay its batches until it closes
+        engine = load_engine(args)
+        if not engine.is_leader:
+            engine.follow()
+            return 0
     print(f"lmx: loading the model, then serving on http://{host}:{settings.port}", file=sys.stderr)
     try:
-        serve(settings, log_level=args.log_level)
+        serve(settings, engine, log_level=args.log_level)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop
         print("lmx: server stopped", file=sys.stderr)
+    finally:
+        if engine is not None:
+            engine.close()  # the other ranks end with it
     return 0

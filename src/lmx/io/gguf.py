@@ -524,6 +524,7 @@ def load_weights(
     threads: int | None = None,
     keep_blocks: Collection[int] = (),
     affine: Mapping[int, int] | Collection[int] = (),
+    select: Callable[[str, mx.array], mx.array] | None = None,
 ) -> dict[str, mx.array]:
     """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
 
@@ -575,6 +576,8 @@ def load_weights(
             else:
                 array = gguf_quants.dequantize_to_mlx(raw, info.ggml_type, info.shape, executor=pool)
             array = _fix(array, gguf_name, spec, config)
+            if select is not None and name not in raw_names:
+                array = select(name, array)
             weights[name] = array if dtype == mx.float32 or name in raw_names else array.astype(dtype)
             mx.eval(weights[name])  # materialize now, so an intermediate float32 copy can go
     del data
@@ -608,6 +611,7 @@ def read_gguf(
     dtype: mx.Dtype = mx.float32,
     keep_blocks: Collection[int] = (),
     affine: Mapping[int, int] | Collection[int] = (),
+    select: Callable[[str, mx.array], mx.array] | None = None,
 ) -> GGUFModel:
     """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
@@ -619,6 +623,7 @@ def read_gguf(
             model's ``block_types`` names them.
         affine: GGML types whose matrices come in MLX's affine layout (see :func:`load_weights`);
             the model's ``affine_types`` names them.
+        select: see :func:`load_weights`.
 
     Returns:
         A :class:`GGUFModel` in Hugging Face terms.
@@ -631,7 +636,7 @@ def read_gguf(
     header = read_header(path)
     spec = architecture_of(header, architectures)
     config = gguf_config(header, architectures)
-    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine)
+    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine, select=select)
     blocks = kept_blocks(header, keep_blocks, spec)
     widths = gguf_quants.affine_widths(affine)
     affine_types = {k: t for k, t in kept_blocks(header, widths, spec).items() if k not in blocks}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lmx.errors import ConfigError, ModelNotFoundError, WeightsError
@@ -197,17 +199,30 @@ def safetensors_nbytes(files: list[Path], dtype: mx.Dtype | None = None) -> int:
     return total
 
 
-def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
+# safetensors dtypes read by slice straight from the file (numpy holds bfloat16 as its bits)
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+# One tensor's slice to read: (axis, start, stop); None reads it whole.
+SliceOf = Callable[[str], "tuple[int, int, int] | None"]
+
+
+def read_safetensors(files: list[Path], slice_of: SliceOf | None = None) -> dict[str, mx.array]:
     """Load tensors from safetensors files (never pickle); a name in two files is an error.
 
     Each header is checked by :func:`read_safetensors_header` before MLX reads the file.
+
+    Args:
+        files: the files.
+        slice_of: for a tensor's name, the part of it to read, ``(axis, start, stop)``, or None
+            for all of it. A sliced float tensor is read from the file by its slice alone (the
+            rest of it never enters memory): a rank of a tensor-parallel run holds only its part.
 
     Raises:
         WeightsError: a file is corrupt or truncated, or two files hold the same tensor.
     """
     weights: dict[str, mx.array] = {}
     for path in files:
-        read_safetensors_header(path)
+        entries = read_safetensors_header(path)
         try:
             part = mx.load(str(path), format="safetensors")
         except (RuntimeError, ValueError, OSError) as e:
@@ -215,8 +230,30 @@ def read_safetensors(files: list[Path]) -> dict[str, mx.array]:
         dup = sorted(set(part) & set(weights))
         if dup:
             raise WeightsError(f"{path} repeats tensor(s) already loaded: {', '.join(dup[:5])}")
+        for name, entry in entries.items():
+            where = None if slice_of is None else slice_of(name)
+            if where is not None:
+                part[name] = _read_slice(path, entry, where, part[name])
         weights.update(part)
     return weights
+
+
+def _read_slice(path: Path, entry: SafetensorsEntry, where: tuple[int, int, int], lazy: mx.array) -> mx.array:
+    """``entry[start:stop]`` along ``axis``, read from the file alone (a float tensor), else cut
+    from MLX's whole read (``lazy``) as its own copy."""
+    axis, start, stop = where
+    if not 0 <= axis < len(entry.shape) or not 0 <= start < stop <= entry.shape[axis]:
+        raise WeightsError(f"{path}: cannot take [{start}, {stop}) of axis {axis} of {entry.name} {entry.shape}")
+    index: list[Any] = [slice(None)] * len(entry.shape)
+    index[axis] = slice(start, stop)
+    if entry.dtype not in _NUMPY_DTYPES:
+        out = mx.contiguous(lazy[tuple(index)])
+        mx.eval(out)
+        return out
+    mapped = np.memmap(path, dtype=_NUMPY_DTYPES[entry.dtype], mode="r", offset=entry.start, shape=entry.shape)
+    out = mx.array(np.ascontiguousarray(mapped[tuple(index)]))
+    del mapped
+    return out.view(mx.bfloat16) if entry.dtype == "BF16" else out
 
 
 def quantization_of(config: dict[str, Any], source: str = "config.json") -> dict[str, int] | None:

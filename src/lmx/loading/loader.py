@@ -15,8 +15,10 @@ from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, Unsu
 from lmx.io import hf
 from lmx.io.image import ImageProcessor
 from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
+from lmx.models.tensor_parallel import ShardPlan, shard_model
 from lmx.runtime import memory
 from lmx.runtime.device import backend_name, device_name
+from lmx.runtime.distributed import Group
 from lmx.runtime.ops import Ops
 from lmx.runtime.profile import AUTO_DTYPE, DeviceProfile, choose_profile, make_ops
 from lmx.tokenizer import Tokenizer, load_tokenizer
@@ -42,6 +44,8 @@ class LoadedModel:
     profile: DeviceProfile = field(default_factory=DeviceProfile)  # chosen once, at load
     own_chat_template: bool = True  # False: a GGUF without one runs on its architecture's template
     image_processor: ImageProcessor | None = None  # a model that reads images: its preprocessing
+    group: Group | None = None  # the ranks sharing the model (tensor parallel), None: this process alone
+    shards: ShardPlan | None = None  # what of the model this rank holds (tensor parallel)
 
     @property
     def chat_template_origin(self) -> str:
@@ -71,6 +75,7 @@ def load_path(
     dtype: str | None = "auto",
     cpu_kernels: bool | None = None,
     gguf_on_device: str | None = None,
+    group: Group | None = None,
 ) -> LoadedModel:
     """Load a model from an HF directory or a ``.gguf`` file.
 
@@ -87,20 +92,36 @@ def load_path(
             Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices as MLX affine quantized layers (the same
             values; scales in the weights' dtype), ``"float"`` dequantizes them. None:
             ``LMX_GGUF_ON_DEVICE``, whose ``auto`` is quantized on a GPU, float on the CPU.
+        group: split the model over these ranks (tensor parallel, :mod:`lmx.models.tensor_parallel`):
+            each rank reads only its slices. Float weights only: a GGUF file is dequantized
+            (``cpu_kernels`` and ``gguf_on_device="quantized"`` are refused), a quantized HF
+            checkpoint is refused; every step decodes eagerly. None or a group of one: no split.
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
-        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run; a bad ``gguf_on_device``.
+        InvalidOptionError: ``cpu_kernels=True`` where the kernels cannot run; a bad ``gguf_on_device``;
+            quantized layers asked for under tensor parallel.
         UnsupportedModelError, ConfigError, WeightsError, TokenizerError: as named.
     """
     mx_dtype = resolve_dtype(dtype)
+    if group is not None and group.size > 1:
+        if cpu_kernels or gguf_on_device == "quantized":
+            raise InvalidOptionError(
+                "tensor parallel runs float weights only: cpu_kernels=True and gguf_on_device='quantized' "
+                "are not supported with it (a GGUF file is dequantized)"
+            )
+        cpu_kernels, gguf_on_device = False, "float"
+    else:
+        group = None
     kernel_types = kernel_types_for(cpu_kernels)
     profile = load_profile(dtype, cpu_kernels=bool(kernel_types), gguf_on_device=gguf_on_device)
+    if group is not None:
+        profile = profile.replace(decode_mode="eager")  # collectives run op by op, not inside compiled graphs
     target = Path(path).expanduser()
     if target.is_dir():
-        return _load_hf_dir(target, mx_dtype, profile)
+        return _load_hf_dir(target, mx_dtype, profile, group)
     if target.is_file() and target.suffix.lower() == ".gguf":
-        return _load_gguf(target, mx_dtype, profile, kernel_types)
+        return _load_gguf(target, mx_dtype, profile, kernel_types, group)
     if target.is_file():
         raise ModelNotFoundError(f"{target} is a file but not a .gguf; give an HF model directory or a .gguf file")
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
@@ -145,7 +166,12 @@ def profile_ops(profile: DeviceProfile) -> Ops:
     return make_ops(profile)
 
 
-def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> LoadedModel:
+def _shard(model: nn.Module, group: Group | None) -> ShardPlan | None:
+    """Split ``model`` over ``group`` (None: keep it whole)."""
+    return None if group is None else shard_model(model, group)
+
+
+def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile, group: Group | None) -> LoadedModel:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
@@ -153,10 +179,16 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> Lo
     _check_config_shape(config, config_path)
     generation_config = hf.read_json(model_dir / "generation_config.json", required=False)
     model = _build(config, str(config_path))
-    files = hf.weight_files(model_dir)
-    memory.check_allocation(hf.safetensors_nbytes(files, dtype), f"loading the weights of {model_dir}")
-    weights = model.sanitize(hf.read_safetensors(files))
     quant = hf.quantization_of(config, str(config_path))
+    if quant and group is not None:
+        raise UnsupportedModelError(
+            f"{model_dir} is quantized ({quant['bits']}-bit); tensor parallel runs float weights only"
+        )
+    plan = _shard(model, group)
+    files = hf.weight_files(model_dir)
+    size = 1 if group is None else group.size
+    memory.check_allocation(hf.safetensors_nbytes(files, dtype) // size, f"loading the weights of {model_dir}")
+    weights = model.sanitize(hf.read_safetensors(files, None if plan is None else plan.slice_of))
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
@@ -177,6 +209,8 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile) -> Lo
         quant,
         profile=profile,
         image_processor=image_processor,
+        group=group,
+        shards=plan,
     )
 
 
@@ -230,14 +264,24 @@ def kernel_types_for(cpu_kernels: bool | None) -> frozenset[int]:
     return frozenset(GGML_TYPES.values())
 
 
-def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types: frozenset[int]) -> LoadedModel:
+def _load_gguf(
+    path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types: frozenset[int], group: Group | None
+) -> LoadedModel:
     from lmx.io.gguf import read_gguf
     from lmx.kernels import int8_by_env
     from lmx.models.gguf_layers import use_gguf_blocks
     from lmx.tokenizer.gguf import tokenizer_from_gguf
 
     affine = affine_widths_here(dtype) if profile.gguf_on_device == "quantized" else {}
-    gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types, affine=affine)
+    model, plan = None, None
+    if group is None:
+        gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, keep_blocks=kernel_types, affine=affine)
+    else:  # the config first, to know the slices; then each tensor is dequantized and sliced in turn
+        from lmx.io.gguf import gguf_config, read_header
+
+        model = _build(gguf_config(read_header(path), GGUF_ARCHITECTURES), str(path))
+        plan = shard_model(model, group)
+        gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, select=plan.take)
     arch = get_architecture(gguf.config, str(path))
     # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
     spec = tokenizer_from_gguf(
@@ -254,10 +298,13 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
     )
     config, gguf_weights, preprocessor = gguf.config, gguf.weights, None
     projector = find_mmproj(path)
-    if projector is not None:  # llama.cpp's vision tower beside the text model
+    if projector is not None and group is not None:
+        logger.warning("%s: images are not read under tensor parallel; %s is not loaded", path, projector.name)
+    elif projector is not None:  # llama.cpp's vision tower beside the text model
         config, vision, preprocessor = _read_mmproj(projector, gguf.config, tokenizer, dtype)
         gguf_weights = {**gguf.weights, **vision}
-    model = _build(config, str(path))
+    if model is None:
+        model = _build(config, str(path))
     weights = model.sanitize(gguf_weights)
     blocks = {name: t for name, t in gguf.block_types.items() if name in weights}
     use_gguf_blocks(model, blocks, dtype, str(path), int8_activations=bool(blocks) and int8_by_env())
@@ -284,6 +331,8 @@ def _load_gguf(path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types
         profile=profile,
         own_chat_template=bool(gguf.header.metadata.get("tokenizer.chat_template")),
         image_processor=image_processor,
+        group=group,
+        shards=plan,
     )
 
 

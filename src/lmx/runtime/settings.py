@@ -107,6 +107,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
 def _path(text: str) -> Path:
     return Path(text).expanduser()
 
@@ -209,6 +216,14 @@ LMX_API_KEY: Setting[str | None] = Setting(
     default_doc="none: no key",
     secret=True,
 )
+LMX_TP_STEP_TIMEOUT: Setting[float] = Setting(
+    "LMX_TP_STEP_TIMEOUT",
+    "a number of seconds > 0",
+    120.0,
+    "tensor parallel: a step that has not finished after this long means a rank is gone; the others stop "
+    "with an error (a step waiting on a dead peer can hang inside MLX)",
+    _positive_float,
+)
 
 SETTINGS: tuple[Setting[Any], ...] = (
     LMX_HOME,
@@ -222,6 +237,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
     LMX_API_KEY,
+    LMX_TP_STEP_TIMEOUT,
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 

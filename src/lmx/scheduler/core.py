@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
-from lmx.errors import EngineClosedError, QueueFullError
+from lmx.errors import EngineClosedError, GroupLostError, QueueFullError
 from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
@@ -48,6 +48,7 @@ from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
 from lmx.scheduler.request import AdapterRouter, Request, Sink
+from lmx.scheduler.sync import NullSink, TurnSync, decode_turn, encode_turn, options_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class SchedulerConfig:
         prefill_step_size: prompt tokens prefilled per turn of the loop (one chunk).
         prefix_cache_bytes: the prefix cache's bound (0: off).
         kv_itemsize: bytes per element of the keys and values.
+        step_timeout: in a tensor-parallel group, seconds after which a turn that has not finished
+            means a rank is gone (a collective waiting on a dead peer may never return): every
+            request ends with :class:`GroupLostError` and the scheduler stops.
     """
 
     max_batch: int = 32
@@ -93,6 +97,7 @@ class SchedulerConfig:
     prefill_step_size: int = 512
     prefix_cache_bytes: int = 1 << 30
     kv_itemsize: int = 4
+    step_timeout: float = 120.0
 
 
 class _Row:
@@ -164,6 +169,9 @@ class Scheduler:
             (None: no adapters); rows' cached prefixes are kept apart by adapter.
         draft_model: the model that drafts for rows with ``speculative="draft-model"`` (same
             vocabulary; None: no such rows, see :meth:`lmx.Engine.options`).
+        sync: the tensor-parallel group this scheduler runs in step with (:mod:`lmx.scheduler.sync`);
+            None: it runs alone. A follower (rank > 0) takes no requests: :meth:`follow` replays
+            the leader's.
     """
 
     def __init__(
@@ -175,6 +183,7 @@ class Scheduler:
         decoder: Decoder,
         adapters: AdapterRouter | None = None,
         draft_model: Any = None,
+        sync: TurnSync | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos, self.config, self.decoder = model, tokenizer, eos, config, decoder
         self.adapters = adapters
@@ -195,6 +204,13 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopped = threading.Event()
+        self._sync = sync
+        self._inbox: list[Request] = []  # submitted, not yet shared with the group (sync only)
+        self._by_id: dict[int, Request] = {}  # requests the group knows, by sync_id
+        self._next_id = 0
+        self._ending = False  # closing, as the group agreed (sync only)
+        self._broken: GroupLostError | None = None  # the group lost a rank: nothing runs any more
+        self._turn_started: float | None = None  # when the running turn began (sync: the watchdog reads it)
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, request: Request) -> Request:
@@ -206,22 +222,59 @@ class Scheduler:
             EngineClosedError: the scheduler is closed.
             InvalidOptionError: its ``constraint`` does not compile (an unsupported feature).
         """
+        if self._sync is not None:
+            self._check_shareable(request)
         self._check_fits_alone(request)
         if request.options.constraint is not None:
             self.constraints.compile(request.options.constraint)
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(self._inbox) >= self.config.max_queue:
                 self._stats.rejected += 1
                 raise QueueFullError(
                     f"server busy: {len(self._waiting)} requests already wait (max_queue={self.config.max_queue}); "
                     "retry later"
                 )
-            self._waiting.append(request)
+            if self._sync is None:
+                self._waiting.append(request)
+            else:  # it joins the waiting line when the group learns of it, at the next turn
+                request.defer_cancel = True
+                self._inbox.append(request)
             self._start_worker()
             self._wake.notify()
         return request
+
+    def _check_shareable(self, request: Request) -> None:
+        """In a tensor-parallel group: refuse what the followers cannot replay.
+
+        Raises:
+            EngineClosedError: this is a follower (it takes no requests).
+            InvalidOptionError: a ``constraint`` or ``adapter`` (not supported with tensor parallel).
+        """
+        from lmx.errors import InvalidOptionError
+
+        assert self._sync is not None
+        if not self._sync.leader:
+            raise EngineClosedError("this rank of a tensor-parallel group follows rank 0; submit requests there")
+        for name in ("constraint", "adapter"):
+            if getattr(request.options, name) is not None:
+                raise InvalidOptionError(f"{name} is not supported with tensor parallel; run without it")
+
+    def follow(self) -> None:
+        """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends).
+
+        Raises:
+            GroupLostError: another rank ended or became unreachable.
+        """
+        assert self._sync is not None and not self._sync.leader
+        with self._lock:
+            self._start_worker()
+        self._stopped.wait()
+        if self._broken is not None:
+            raise self._broken
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: it ends (finish reason ``cancelled``) at the next step."""
@@ -234,6 +287,10 @@ class Scheduler:
         return its result or raise its error. Other requests pause meanwhile."""
         if threading.current_thread() is self._thread:
             return fn()
+        if self._sync is not None:
+            from lmx.errors import InvalidOptionError
+
+            raise InvalidOptionError("classify and embeddings are not supported with tensor parallel")
         job = _Exclusive(fn)
         with self._lock:
             if self._closed:
@@ -253,7 +310,7 @@ class Scheduler:
             prefill = len(self._prefill.rows) if self._prefill else 0
             return SchedulerStats(
                 running=len(self._batch.rows) + prefill + sum(len(j.rows) for j in self._joiners),
-                waiting=len(self._waiting),
+                waiting=len(self._waiting) + len(self._inbox),
                 completed=s.completed,
                 cancelled=s.cancelled,
                 failed=s.failed,
@@ -276,7 +333,7 @@ class Scheduler:
             requests += [
                 r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows
             ]
-            requests += list(self._waiting)
+            requests += list(self._waiting) + self._inbox
         return collections.Counter(r.options.adapter for r in requests if r.options.adapter is not None)
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -297,30 +354,130 @@ class Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="lmx-scheduler", daemon=True)
             self._thread.start()
+            if self._sync is not None:
+                threading.Thread(target=self._watch, name="lmx-scheduler-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """In a group: end everything when a turn outlasts ``step_timeout`` (a rank died while this
+        one waited on it inside a collective, which MLX may never return from)."""
+        assert self._sync is not None
+        timeout = self.config.step_timeout
+        while not self._stopped.wait(min(1.0, timeout / 4)):
+            started = self._turn_started
+            if started is None or time.monotonic() - started <= timeout:
+                continue
+            self._broken = self._sync.lost(TimeoutError(f"a step has not finished after {timeout:g} s"))
+            logger.error("%s", self._broken)
+            with self._lock:
+                requests = [r.request for r in self._batch.rows]
+                requests += [
+                    r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows
+                ]
+                requests += list(self._waiting) + self._inbox
+                self._waiting.clear()
+                self._inbox = []
+            for request in requests:
+                self._finish(request, None, self._broken)
+            self._stopped.set()  # the worker stays where it is stuck; nothing waits for it
+            return
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._exclusive or self._prefill or self._joiners or self._batch.rows)
+        return bool(
+            self._waiting or self._inbox or self._exclusive or self._prefill or self._joiners or self._batch.rows
+        )
 
     def _work(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._has_work() and not self._closed:
-                        self._wake.wait()
-                    if self._closed:
+                    if self._sync is None or self._sync.leader:  # a follower waits in the exchange instead
+                        while not self._has_work() and not self._closed:
+                            self._wake.wait()
+                    if self._sync is None and self._closed:
                         break
                     exclusive = list(self._exclusive)
                     self._exclusive.clear()
+                if self._sync is not None:
+                    try:
+                        self._exchange()
+                    except GroupLostError as e:
+                        self._broken = e
+                        break
+                    if self._ending:
+                        break
                 for job in exclusive:
                     self._run_exclusive_job(job)
-                self._turn()
+                self._turn_started = time.monotonic()
+                try:
+                    self._turn()
+                except Exception as e:  # in a group: whatever failed a turn leaves the ranks apart
+                    if self._sync is None:
+                        raise
+                    self._broken = e if isinstance(e, GroupLostError) else self._sync.lost(e)
+                    break
+                finally:
+                    self._turn_started = None
         finally:
-            self._shutdown()
+            if self._broken is not None:
+                logger.error("%s", self._broken)
+            self._shutdown(self._broken)
             self._stopped.set()
         # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
         # the GIL when the thread ends; during interpreter shutdown that aborts the process
         # (mlx 0.32). A parked daemon thread never runs it.
         threading.Event().wait()
+
+    def _exchange(self) -> None:
+        """The turn's events, as the leader saw them, on every rank: new requests join the waiting
+        line, cancels take effect, a close ends the loop (see :mod:`lmx.scheduler.sync`)."""
+        assert self._sync is not None
+        data = b""
+        if self._sync.leader:
+            with self._lock:
+                new, self._inbox = self._inbox, []
+                closing = self._closed
+            for request in new:
+                request.sync_id, self._next_id = self._next_id, self._next_id + 1
+                self._by_id[request.sync_id] = request
+            asked = sorted(i for i, r in self._by_id.items() if r.cancel_asked and not r.cancelled)
+            shared = [
+                {"id": r.sync_id, "ids": r.ids, "limit": r.limit, "options": options_to_dict(r.options)} for r in new
+            ]
+            data = encode_turn(shared, asked, closing)
+        turn = decode_turn(self._sync.share_bytes(data))
+        if not self._sync.leader:
+            new = []
+            for item in turn["new"]:
+                request = Request(item["ids"], GenerationOptions(**item["options"]), NullSink(), item["limit"])
+                request.sync_id, request.defer_cancel = item["id"], True
+                self._by_id[request.sync_id] = request
+                new.append(request)
+        with self._lock:
+            self._waiting.extend(new)
+        for i in turn["cancelled"]:
+            if i in self._by_id:
+                self._by_id[i].confirm_cancel()
+        self._ending = bool(turn["close"])
+
+    def _eval(self, *arrays: Any) -> None:
+        """Start computing ``arrays``: in the background alone; in a tensor-parallel group, now
+        (a collective that loses its peer raises only in a waited-for evaluation; in the background
+        it leaves the step waiting forever, mlx 0.32)."""
+        if self._sync is None:
+            mx.async_eval(*arrays)
+        else:
+            mx.eval(*arrays)
+
+    def _free(self, held: int) -> int:
+        """Bytes free for KV storage (see :meth:`KVBudget.free`); in a group, the leader's count, so
+        that every rank admits and evicts alike."""
+        free = self._kv.free(held)
+        if self._sync is None:
+            return free
+        try:
+            return self._sync.broadcast_int(free)
+        except RuntimeError as e:
+            raise self._sync.lost(e) from e
 
     def _run_exclusive_job(self, job: _Exclusive) -> None:
         try:
@@ -366,7 +523,7 @@ class Scheduler:
         with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
         tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
-        mx.async_eval(tokens, logprobs)
+        self._eval(tokens, logprobs)
         s = self._stats
         s.steps += 1
         s.batched_steps += len(batch.rows) > 1
@@ -385,7 +542,7 @@ class Scheduler:
     def _hand(self, row: _Row, tid: int, chosen: float, logprobs: mx.array, now: float) -> None:
         """Give ``row`` its next token ``tid`` (chosen from ``logprobs`` (1, V)); mark it if it ends."""
         request = row.request
-        if request.cancelled or self._closed:
+        if request.cancelled or (self._closed if self._sync is None else self._ending):
             row.done = "cancelled"
             return
         top = None
@@ -402,9 +559,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ speculative decoding
     def _speculates(self, row: _Row) -> bool:
-        """Whether a lone row drafts and verifies this turn: greedy, unconstrained, asked to."""
+        """Whether a lone row drafts and verifies this turn: greedy, unconstrained, asked to, and
+        not in a tensor-parallel group (there every row decodes plainly)."""
         mode = row.request.options.speculative
-        if mode is None or not row.sampler.greedy or row.sampler.matcher is not None:
+        if mode is None or not row.sampler.greedy or row.sampler.matcher is not None or self._sync is not None:
             return False
         return mode == "prompt-lookup" or self.draft_model is not None
 
@@ -495,8 +653,15 @@ class Scheduler:
             for r in batch.rows:
                 r.start -= lead
 
+    def _group_error(self, error: BaseException) -> None:
+        """In a tensor-parallel group, a step that fails fails the group: the ranks may no longer
+        agree (a collective lost its peer); raise :class:`GroupLostError`."""
+        if self._sync is not None:
+            raise self._sync.lost(error) from error
+
     def _fail_batch(self, error: BaseException) -> None:
         logger.debug("decode step failed: %r", error)
+        self._group_error(error)
         for row in self._batch.rows:
             self._finish(row.request, None, error)
         self._batch = _Batch()
@@ -527,14 +692,15 @@ class Scheduler:
                     logits = self.decoder.prefill(chunk, job.caches, job.pad, step)
             if rest.shape[1]:
                 job.tokens = rest
-                mx.async_eval([c.state for c in job.caches])
+                self._eval([c.state for c in job.caches])
                 return
             tokens, logprobs = sample_rows(logits, [r.sampler for r in job.rows], self.decoder.logsumexp)
-            mx.async_eval(tokens, logprobs)
+            self._eval(tokens, logprobs)
             job.first = (tokens, logprobs)
             self._store_prompts(job)
         except Exception as e:  # the error goes to the requests being prefilled
             logger.debug("prefill failed: %r", e)
+            self._group_error(e)
             for row in job.rows:
                 self._finish(row.request, None, e)
             self._prefill = None
@@ -679,10 +845,12 @@ class Scheduler:
         if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
             need += self._kv.bytes(len(request.ids))
         held = batch_cache.nbytes(batch.caches)
-        if need > self._kv.free(held) and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
-            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - self._kv.free(held))))
+        free = self._free(held)
+        if need > free and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
+            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - free)))
             memory.clear_cache()
-        return need <= self._kv.free(held)
+            free = self._free(held)
+        return need <= free
 
     # ------------------------------------------------------------------ ends
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
@@ -702,18 +870,22 @@ class Scheduler:
         counter = "failed" if error is not None else ("cancelled" if reason == "cancelled" else "completed")
         setattr(self._stats, counter, getattr(self._stats, counter) + 1)
         request.sink.end(error)
+        if request.sync_id is not None:
+            self._by_id.pop(request.sync_id, None)
 
-    def _shutdown(self) -> None:
-        """End every request still here (closed: they finish ``cancelled``) and drop all caches."""
+    def _shutdown(self, error: BaseException | None = None) -> None:
+        """End every request still here (closed: they finish ``cancelled``; ``error``: with it) and
+        drop all caches."""
         rows = [r.request for r in self._batch.rows]
         rows += [r.request for j in [*self._joiners, *([self._prefill] if self._prefill else [])] for r in j.rows]
         with self._lock:
-            rows += list(self._waiting)
+            rows += list(self._waiting) + self._inbox
             self._waiting.clear()
+            self._inbox = []
             exclusive = list(self._exclusive)
             self._exclusive.clear()
         for request in rows:
-            self._finish(request, "cancelled")
+            self._finish(request, "cancelled", error)
         for job in exclusive:
             job.error = EngineClosedError("the engine was closed before this job ran")
             job.done.set()

@@ -57,14 +57,29 @@ class Request:
         self.first_token_at = 0.0
         self.generated: list[int] = []
         self.finish_reason: str | None = None
+        self.sync_id: int | None = None  # its number in a tensor-parallel group (lmx.scheduler.sync)
+        # In a tensor-parallel group a cancel takes effect when the leader shares it, at a turn's start
+        self.defer_cancel = False
+        self._asked = threading.Event()
         self._cancelled = threading.Event()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def cancel_asked(self) -> bool:
+        """Whether :meth:`cancel` was called (``cancelled`` may follow later, see ``defer_cancel``)."""
+        return self._asked.is_set()
+
     def cancel(self) -> None:
         """Ask the scheduler to stop this request (it ends with finish reason ``cancelled``)."""
+        self._asked.set()
+        if not self.defer_cancel:
+            self._cancelled.set()
+
+    def confirm_cancel(self) -> None:
+        """Make an asked cancel take effect (the scheduler does, when every rank knows of it)."""
         self._cancelled.set()
 
 

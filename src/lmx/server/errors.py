@@ -11,6 +11,7 @@ from lmx.errors import (
     ChatTemplateError,
     ContextLengthError,
     EngineClosedError,
+    GroupLostError,
     ImageError,
     InvalidOptionError,
     LmxError,
@@ -110,6 +111,7 @@ ERROR_KINDS: tuple[tuple[type[BaseException], ErrorKind], ...] = (
     (TooManyConnectionsError, ErrorKind(503, "server_overloaded", "too_many_connections")),
     (OutOfMemoryError, ErrorKind(503, "server_overloaded", "out_of_memory")),
     (EngineClosedError, ErrorKind(503, "server_error", "engine_closed")),
+    (GroupLostError, ErrorKind(503, "server_error", "tensor_parallel_group_lost")),
     (LmxError, ErrorKind(500, "server_error", "internal_error")),
 )
 INTERNAL = ErrorKind(500, "server_error", "internal_error")

@@ -20,8 +20,9 @@ from lmx.generate.options import GenerationOptions, check_token_ids, nearest_nam
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
+from lmx.models.cache import kv_quant
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
-from lmx.runtime import memory
+from lmx.runtime import memory, settings
 from lmx.runtime.device import choose_device, device_name
 from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 
@@ -128,6 +129,8 @@ class Engine:
         max_batch: the most requests decoded together.
         max_queue: the most requests waiting to start (more: :class:`lmx.errors.QueueFullError`).
         prefix_cache_bytes: the prefix cache's bound.
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: in the model's dtype).
+        kv_group_size: elements of a head per scale and bias of quantized keys and values.
     """
 
     def __init__(
@@ -139,6 +142,8 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 1024,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
@@ -159,6 +164,8 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
             kv_itemsize=itemsize,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
         )
         decoder = Decoder(DecodeState(loaded.model, loaded.profile))  # the step loop's plan and its traces
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.eos, config, decoder)
@@ -325,6 +332,7 @@ class Engine:
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
         gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
+        quant, kv = self.scheduler.kv_quant, self.scheduler.kv_budget
         return ModelInfo(
             name=loaded.name,
             source=loaded.source,
@@ -341,6 +349,9 @@ class Engine:
             profile=loaded.profile.as_dict(),
             chat_template=loaded.chat_template_origin,
             compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
+            kv_bits=quant.bits if quant else None,
+            kv_group_size=quant.group_size if quant else None,
+            kv_bytes_per_token=kv.position_bytes(),
             **gguf,
         )
 
@@ -583,6 +594,8 @@ def load(
     gguf_on_device: str | None = None,
     max_batch: int = 32,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -606,14 +619,29 @@ def load(
             ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
+        kv_bits: keep the KV cache quantized to 8 or 4 bits (about 3.5x or 6x less memory than
+            float32 keys and values; attention reads them quantized). None: ``LMX_KV_BITS``
+            (unset: off, keys and values in the model's dtype).
+        kv_group_size: elements of a head per scale and bias of the quantized keys and values
+            (32, 64 or 128; it must divide the model's head_dim).
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
         TokenizerError, InvalidOptionError.
     """
+    if kv_bits is None:
+        kv_bits = settings.LMX_KV_BITS.get()
+    kv_quant(kv_bits, kv_group_size)  # a bad value fails before the model loads
     choose_device(device)
     loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
-    engine = Engine(loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+    engine = Engine(
+        loaded,
+        prompt_cache=prompt_cache,
+        max_batch=max_batch,
+        prefix_cache_bytes=prefix_cache_bytes,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+    )
     if adapter is not None:
         try:
             name = engine.load_adapter(adapter)

@@ -141,6 +141,11 @@ class ModelInfo:
     # GGUF matrices held as MLX affine quantized layers, per GGML type: {"Q4_K": {"runs_as": "mlx affine
     # q4 g32", "matrices": 27}}; the other GGUF types were dequantized to ``dtype``
     affine_types: dict[str, dict[str, Any]] | None = None
+    # the KV cache: bits of its keys and values (None: the compute dtype), elements per scale when
+    # quantized, and bytes one position of context takes in one row (every layer, keys and values)
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
+    kv_bytes_per_token: int = 0
 
     @property
     def runs_as(self) -> str:

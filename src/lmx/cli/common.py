@@ -11,6 +11,7 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False) 
     p.add_argument("--model", "-m", default=None, help="HF model dir or .gguf file (default: bundled Gemma 3 270M)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    add_kv_args(p)
     if named_adapters:  # lmx serve: several, each picked by a request's model name
         p.add_argument(
             "--adapter",
@@ -22,6 +23,19 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False) 
         )
         return
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply (from lmx train)")
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """``--kv-bits`` and ``--kv-group-size``: a quantized KV cache (see :func:`lmx.load`)."""
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="keep the KV cache quantized to 8 or 4 bits (default: LMX_KV_BITS, unset: float)",
+    )
+    p.add_argument(
+        "--kv-group-size", type=int, default=64, help="elements per scale of a quantized KV cache: 32, 64 or 128"
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
@@ -55,7 +69,14 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_engine(args: argparse.Namespace) -> Any:
     import lmx
 
-    return lmx.load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return lmx.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        adapter=getattr(args, "adapter", None),
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+    )
 
 
 def print_stats(metrics: Any) -> None:

@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         adapters=tuple(args.adapter),
         model_name=args.model_name,
         host=args.host,

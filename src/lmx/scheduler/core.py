@@ -38,7 +38,7 @@ from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
-from lmx.models.cache import KVCache
+from lmx.models.cache import KVCache, kv_quant
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
 from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
@@ -77,7 +77,9 @@ class SchedulerConfig:
             raises :class:`QueueFullError`.
         prefill_step_size: prompt tokens prefilled per turn of the loop (one chunk).
         prefix_cache_bytes: the prefix cache's bound (0: off).
-        kv_itemsize: bytes per element of the keys and values.
+        kv_itemsize: bytes per element of the keys and values (of their scales, when quantized).
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: in float).
+        kv_group_size: elements of a head per scale and bias of the quantized keys and values.
     """
 
     max_batch: int = 32
@@ -85,6 +87,8 @@ class SchedulerConfig:
     prefill_step_size: int = 512
     prefix_cache_bytes: int = 1 << 30
     kv_itemsize: int = 4
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
 
 class _Row:
@@ -169,8 +173,11 @@ class Scheduler:
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
         self.constraints = ConstraintCompiler(tokenizer, eos, args.vocab_size)  # compiled once per spec
+        self.kv_quant = kv_quant(config.kv_bits, config.kv_group_size, args.head_dim)
         windows = [c.window for c in model.make_cache()]
-        self._kv = KVBudget(windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize)
+        self.kv_budget = KVBudget(
+            windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize, config.kv_bits, config.kv_group_size
+        )
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -493,7 +500,7 @@ class Scheduler:
                 if not self._admit(request, extra_rows=len(taken)):
                     if live == 0:  # nothing runs that could give memory back: it will never fit
                         self._waiting.popleft()
-                        self._finish(request, None, self._kv.refusal(len(request.ids) + request.limit))
+                        self._finish(request, None, self.kv_budget.refusal(len(request.ids) + request.limit))
                         continue
                     break
                 self._waiting.popleft()
@@ -511,7 +518,7 @@ class Scheduler:
             rows.append(_Row(request, RowSampler(opts, request.ids, matcher), output, 0))
         if len(taken) == 1:
             request, cached, n_cached = taken[0]
-            caches = cached if cached is not None else self.model.make_cache()
+            caches = cached if cached is not None else self.model.make_cache(self.kv_quant)
             return _Prefill(rows, caches, mx.array([request.ids[n_cached:]]), None)
         width = max(len(r.ids) for r, _, _ in taken)
         pads = [width - len(r.ids) for r, _, _ in taken]
@@ -519,7 +526,7 @@ class Scheduler:
         tokens = mx.array([[pad_id] * p + r.ids for p, (r, _, _) in zip(pads, taken)])  # (G, width)
         for row, p in zip(rows, pads):
             row.start = p
-        return _Prefill(rows, self.model.make_cache(), tokens, mx.array(pads, dtype=mx.int32))
+        return _Prefill(rows, self.model.make_cache(self.kv_quant), tokens, mx.array(pads, dtype=mx.int32))
 
     @contextlib.contextmanager
     def _routed(self, rows: Sequence[_Row]) -> Iterator[bool]:
@@ -571,8 +578,8 @@ class Scheduler:
         """Refuse at once a request whose KV cache could not fit even with nothing else running."""
         held = batch_cache.nbytes(self._batch.caches) + self.prefix_cache.nbytes
         positions = len(request.ids) + request.limit
-        if self._kv.bytes(positions) > self._kv.free(held):
-            raise self._kv.refusal(positions, held)
+        if self.kv_budget.bytes(positions) > self.kv_budget.free(held):
+            raise self.kv_budget.refusal(positions, held)
 
     def _admit(self, request: Request, extra_rows: int) -> bool:
         """Whether ``request`` may start now: the batch's KV cache with it, to the end of every
@@ -582,14 +589,14 @@ class Scheduler:
         offset = batch.caches[0].offset if batch.caches else 0
         remaining = [r.request.limit - len(r.request.generated) for r in rows]
         width = max([offset, len(request.ids)] + [j.caches[0].offset for j in self._joiners if j.caches])
-        need = self._kv.bytes(width + max([request.limit, *remaining]), len(rows) + extra_rows + 1)
+        need = self.kv_budget.bytes(width + max([request.limit, *remaining]), len(rows) + extra_rows + 1)
         if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
-            need += self._kv.bytes(len(request.ids))
+            need += self.kv_budget.bytes(len(request.ids))
         held = batch_cache.nbytes(batch.caches)
-        if need > self._kv.free(held) and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
-            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - self._kv.free(held))))
+        if need > self.kv_budget.free(held) and self.prefix_cache.nbytes:  # the prefix cache gives memory back first
+            self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - self.kv_budget.free(held))))
             memory.clear_cache()
-        return need <= self._kv.free(held)
+        return need <= self.kv_budget.free(held)
 
     # ------------------------------------------------------------------ ends
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:

@@ -208,7 +208,13 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
     settings = settings or ServerSettings()
     owns = engine is None
     if engine is None:
-        engine = lmx.load(settings.model, device=settings.device, dtype=settings.dtype)
+        engine = lmx.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            kv_bits=settings.kv_bits,
+            kv_group_size=settings.kv_group_size,
+        )
     # The server's limits are the scheduler's: rows decoded together, requests waiting.
     engine.scheduler.config.max_batch = settings.max_concurrency
     engine.scheduler.config.max_queue = settings.max_queue

@@ -22,6 +22,8 @@ class ServerSettings:
             directory, a ``.gguf`` file, or None for the bundled default.
         device: ``"cpu"``, ``"gpu"`` or None (``LMX_DEVICE``, else the GPU if present).
         dtype: weight dtype for loading (see :func:`lmx.load`).
+        kv_bits: keep the KV cache quantized to 8 or 4 bits (None: ``LMX_KV_BITS``, unset: float);
+            ``kv_group_size`` elements per scale (see :func:`lmx.load`).
         adapters: LoRA adapters (directories from ``lmx train``) to serve beside the model,
             each ``"NAME=PATH"`` or a bare ``"PATH"`` (named after its directory); a request
             whose ``model`` is an adapter's name runs with it (see :func:`parse_adapter`).
@@ -79,6 +81,8 @@ class ServerSettings:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
+    kv_bits: int | None = None
+    kv_group_size: int = 64
     adapters: tuple[str, ...] = ()
     model_name: str | None = None
     host: str = DEFAULT_HOST

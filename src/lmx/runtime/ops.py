@@ -161,11 +161,13 @@ class CpuKernelOps(MlxOps):
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
     ) -> mx.array:
-        # Dequantizing, then the float kernel, measured faster on the CPU than MLX's quantized
-        # products (one query over 8k 8-bit keys of Gemma 3 270M: 7.8 ms vs 9.3; RESULTS.md).
+        # One op reading the quantized bytes (each row dequantized in registers): MLX's quantized
+        # products, or dequantizing then attending, cost 4-5x the float kernel here (RESULTS.md).
+        if not isinstance(mask, mx.array):
+            return self.kernels.quantized_attention(q, *k, *v, scale, mask == "causal", group_size, bits)
         keys = mx.dequantize(*k, group_size=group_size, bits=bits)  # (B, n_kv, S, D)
         values = mx.dequantize(*v, group_size=group_size, bits=bits)
-        return self.attention(q, keys, values, scale, mask)
+        return super().attention(q, keys, values, scale, mask)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary

@@ -16,6 +16,7 @@ Two references, each independent of the code under test:
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,3 +357,51 @@ def test_segmented_decode_over_quantized_caches_equals_the_eager_step(kv_engine,
             list(s)
         results.append([s.tokens for s in streams])
     assert results[0] == results[1]
+
+
+def test_kv_bits_flag_on_every_command_that_runs_a_model() -> None:
+    from lmx.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("serve", "generate", "chat", "bench", "eval", "info"):
+        assert "--kv-bits" in sub.choices[name]._option_string_actions, name
+
+
+def test_serve_loads_with_its_kv_bits(kv_dirs: dict[str, Path]) -> None:
+    from lmx.server import ServerSettings, create_app
+
+    app = create_app(ServerSettings(model=str(kv_dirs["qwen3"]), kv_bits=4, warm_up=False))
+    try:
+        assert app.state.lmx.info.kv_bits == 4
+        assert app.state.lmx.engine.scheduler.kv_quant == KVQuant(4, 64)
+    finally:
+        app.state.lmx.engine.close()
+    with pytest.raises(InvalidOptionError, match="kv_bits"):
+        create_app(ServerSettings(model=str(kv_dirs["qwen3"]), kv_bits=3, warm_up=False))
+
+
+def test_lmx_bench_reports_the_quantized_cache(kv_dirs: dict[str, Path]) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["bench", "--model", str(kv_dirs["gemma3"]), "--prompt-tokens", "300", "--gen-tokens", "4"]
+    args += ["--repeat", "1", "--kv-bits", "8", "--json"]
+    out = subprocess.run([sys.executable, "-m", "lmx.cli.main", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    model = load_model(kv_dirs["gemma3"]).model
+    args_ = model.args
+    windows = [c.window for c in model.make_cache()]
+    want = memory.kv_cache_bytes(windows, args_.num_key_value_heads, HEAD_DIM, 303, 4, bits=8, group_size=64)
+    assert (data["kv_bits"], data["kv_cache_bytes"]) == (8, want)  # 300 prompt + 3 decoded positions
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmx.cli.main", *args[:-3], "--kv-bits", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert bad.returncode != 0 and "kv_bits must be one of 8, 4" in bad.stderr

@@ -11,14 +11,19 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmx.cli.common import add_kv_args
+
     p = sub.add_parser("info", help="show versions, device, BLAS and memory (and a model's details)")
     p.add_argument("--model", "-m", default=None, help="also load and describe this model")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_kv_args(p)
     p.set_defaults(func=run)
 
 
-def collect(model: str | None = None, device: str | None = None) -> dict[str, Any]:
+def collect(
+    model: str | None = None, device: str | None = None, kv_bits: int | None = None, kv_group_size: int = 64
+) -> dict[str, Any]:
     import mlx.core as mx
 
     import lmx
@@ -49,7 +54,7 @@ def collect(model: str | None = None, device: str | None = None) -> dict[str, An
 
         out["default_model"] = describe_default_model()
     else:
-        with lmx.load(model, device=device) as engine:
+        with lmx.load(model, device=device, kv_bits=kv_bits, kv_group_size=kv_group_size) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
             out["profile"] = engine.loaded.profile.as_dict()
@@ -70,7 +75,7 @@ def _kernels(device: str, status: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = collect(args.model, args.device)
+    info = collect(args.model, args.device, args.kv_bits, args.kv_group_size)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -1,0 +1,134 @@
+"""Quantized KV cache (issue 17 part 4): perplexity, KV bytes and decode speed, float vs 8-bit vs 4-bit.
+
+Every figure is one ``lmx`` command run in a fresh process, so each is reproduced by that command alone:
+
+- perplexity: ``lmx eval --kv-bits {none,8,4}`` of the bundled Gemma 3 270M on a fixed text (the GPL-3
+  text Debian and Ubuntu ship at /usr/share/common-licenses/GPL-3, its sha256 recorded), cut into
+  pieces of about 2,000 tokens, each scored as one sequence (every token attends to all the keys and
+  values before it, as a quantized cache holds them);
+- KV bytes and decode speed at long context: ``lmx bench --prompt-tokens N --kv-bits {none,8,4}``
+  (``kv_cache_bytes`` is the storage the caches hold at the end, measured, not computed); float and
+  8-bit runs alternate, round after round, so a machine whose load changes treats both alike.
+
+Usage::
+
+    python benchmarks/kv_quant.py --part ppl > benchmarks/kv_quant_ppl_cpu.json
+    python benchmarks/kv_quant.py --part decode --context 4096 --rounds 3 > benchmarks/kv_quant_decode_cpu_4k.json
+    python benchmarks/kv_quant.py --part decode --context 8192 --rounds 1 --bits none,8,4 > ...
+
+Prints one JSON object; ``uptime``'s load average is recorded before and after (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+PIECE_CHARS = 8000  # about 2,000 Gemma tokens of this text
+
+
+def _lmx(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "lmx.cli.main", *args, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy()).stdout
+    return json.loads(out)
+
+
+def _bits_arg(bits: str) -> list[str]:
+    return [] if bits == "none" else ["--kv-bits", bits]
+
+
+def perplexity(bits: list[str]) -> dict:
+    text = TEXT.read_text()
+    pieces = [text[i : i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS)]
+    pieces = [p for p in pieces if len(p) > PIECE_CHARS // 2]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "test.jsonl"
+        data.write_text("".join(json.dumps({"text": p}) + "\n" for p in pieces))
+        runs = {
+            b: _lmx(["eval", "--data", str(data), "--batch-size", "1", "--max-seq-len", "4096", *_bits_arg(b)])
+            for b in bits
+        }
+    base = runs.get("none")
+    for run in runs.values():
+        run.pop("data", None)
+        if base is not None:
+            run["perplexity_change"] = run["perplexity"] / base["perplexity"] - 1.0
+    return {
+        "text": str(TEXT),
+        "text_sha256": hashlib.sha256(TEXT.read_bytes()).hexdigest(),
+        "pieces": len(pieces),
+        "piece_chars": PIECE_CHARS,
+        "command": "lmx eval --data <pieces>.jsonl --batch-size 1 --max-seq-len 4096 [--kv-bits B] --json",
+        "runs": runs,
+    }
+
+
+def decode(bits: list[str], context: int, gen: int, rounds: int) -> dict:
+    runs: dict[str, list[dict]] = {b: [] for b in bits}
+    for _ in range(rounds):
+        for b in bits:
+            r = _lmx(
+                ["bench", "--prompt-tokens", str(context), "--gen-tokens", str(gen), "--repeat", "1", *_bits_arg(b)]
+            )
+            runs[b].append(
+                {
+                    k: r[k]
+                    for k in (
+                        "decode_tokens_per_s",
+                        "prefill_tokens_per_s",
+                        "kv_cache_bytes",
+                        "peak_memory_bytes",
+                        "weights_bytes",
+                    )
+                }
+            )
+            print(f"{b}: {runs[b][-1]}", file=sys.stderr)
+    summary = {
+        b: {
+            "decode_tok_s_median": statistics.median(r["decode_tokens_per_s"] for r in rs),
+            "prefill_tok_s_median": statistics.median(r["prefill_tokens_per_s"] for r in rs),
+            "kv_cache_bytes": rs[0]["kv_cache_bytes"],
+        }
+        for b, rs in runs.items()
+    }
+    if "none" in summary:
+        for s in summary.values():
+            s["kv_bytes_ratio"] = s["kv_cache_bytes"] / summary["none"]["kv_cache_bytes"]
+            s["decode_change"] = s["decode_tok_s_median"] / summary["none"]["decode_tok_s_median"] - 1.0
+    return {
+        "context": context,
+        "gen_tokens": gen,
+        "rounds": rounds,
+        "order": "interleaved: each round runs every setting once, in the order given",
+        "command": f"lmx bench --prompt-tokens {context} --gen-tokens {gen} --repeat 1 [--kv-bits B] --json",
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ppl", "decode"], required=True)
+    parser.add_argument("--bits", default="none,8,4", help="settings, comma-separated: none, 8, 4")
+    parser.add_argument("--context", type=int, default=4096, help="decode: prompt tokens before decoding")
+    parser.add_argument("--gen", type=int, default=64, help="decode: tokens generated per run")
+    parser.add_argument("--rounds", type=int, default=3, help="decode: rounds of every setting")
+    args = parser.parse_args()
+    bits = args.bits.split(",")
+    load_before = os.getloadavg()
+    result = perplexity(bits) if args.part == "ppl" else decode(bits, args.context, args.gen, args.rounds)
+    result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()
+    result["cpu_count"] = os.cpu_count()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

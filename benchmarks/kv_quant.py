@@ -16,6 +16,14 @@ Usage::
     python benchmarks/kv_quant.py --part decode --context 4096 --rounds 3 > benchmarks/kv_quant_decode_cpu_4k.json
     python benchmarks/kv_quant.py --part decode --context 8192 --rounds 1 --bits none,8,4 > ...
 
+``--part steps`` times decode steps in one process instead, finely interleaved: the model is loaded
+once, one float and one 8-bit cache are prefilled with the same random prompt of ``--context``
+tokens, then (after one untimed round) each round times ``--gen`` greedy decode steps (the engine's eager step,
+``lmx.generate.step.Decoder``) on one cache, then on the other, alternating which goes first; a
+shared machine whose load changes from second to second then weighs on both alike::
+
+    python benchmarks/kv_quant.py --part steps --context 4096 --gen 16 --rounds 12 --bits none,8
+
 Prints one JSON object; ``uptime``'s load average is recorded before and after (the machine is shared).
 """
 
@@ -114,9 +122,106 @@ def decode(bits: list[str], context: int, gen: int, rounds: int) -> dict:
     }
 
 
+def steps(bits: list[str], context: int, gen: int, rounds: int) -> dict:
+    import time
+
+    # lmx first: it routes MLX's BLAS to OpenBLAS before mlx.core loads
+    import lmx  # noqa: F401 # isort: skip
+    import mlx.core as mx
+
+    from lmx.generate.step import Decoder, DecodeState
+    from lmx.loading import load_model
+    from lmx.models.cache import kv_quant
+
+    loaded = load_model(None)
+    model = loaded.model
+    decoder = Decoder(DecodeState(model, loaded.profile))
+    prompt = mx.random.randint(0, int(loaded.config["vocab_size"]), (1, context), key=mx.random.key(0))
+    state = {}
+    for b in bits:
+        caches = model.make_cache(kv_quant(None if b == "none" else int(b), 64, model.args.head_dim))
+        logits = decoder.prefill(prompt, caches, None, loaded.profile.prefill_step_size)
+        token = mx.argmax(logits, axis=-1)
+        mx.eval(token, [c.state for c in caches])
+        state[b] = (caches, token)
+    times: dict[str, list[float]] = {b: [] for b in bits}
+    for r in range(-1, rounds):  # round -1: a warm-up (first calls), not timed
+        for b in bits if r % 2 == 0 else bits[::-1]:
+            caches, token = state[b]
+            t0 = time.perf_counter()
+            for _ in range(gen):
+                token = mx.argmax(decoder(token, caches, None), axis=-1)
+                token.tolist()  # the host read of every step, as the engine makes it
+            if r >= 0:
+                times[b].append(gen / (time.perf_counter() - t0))
+            state[b] = (caches, token)
+    summary = {
+        b: {
+            "decode_tok_s_median": statistics.median(ts),
+            "kv_cache_bytes": sum(c.nbytes for c in state[b][0]),
+            "context_at_end": state[b][0][0].offset,
+        }
+        for b, ts in times.items()
+    }
+    if "none" in summary:
+        for s in summary.values():
+            s["decode_change"] = s["decode_tok_s_median"] / summary["none"]["decode_tok_s_median"] - 1.0
+    return {
+        "context": context,
+        "steps_per_round": gen,
+        "rounds": rounds,
+        "profile": str(loaded.profile),
+        "order": "one process; each round times every setting, the order reversed every other round",
+        "command": f"python benchmarks/kv_quant.py --part steps --context {context} --gen {gen} --rounds {rounds}",
+        "summary": summary,
+        "decode_tok_s": times,
+    }
+
+
+def attention(lengths: list[int], rounds: int) -> dict:
+    """One layer's one-query attention of Gemma 3 270M's shape (4 query heads, 1 key head of 256) on
+    lmx's CPU kernels: float32 keys/values vs 8- and 4-bit, calls alternating round by round."""
+    import time
+
+    # lmx first: it routes MLX's BLAS to OpenBLAS before mlx.core loads
+    import lmx  # noqa: F401 # isort: skip
+    import mlx.core as mx
+
+    from lmx.kernels import kernels
+
+    k = kernels()
+    assert k is not None, "lmx's CPU kernels are not built"
+    out: dict = {}
+    for n in lengths:
+        q = mx.random.normal((1, 4, 1, 256))
+        keys, values = mx.random.normal((1, 1, n, 256)), mx.random.normal((1, 1, n, 256))
+        calls = {"none": lambda q=q, keys=keys, values=values: k.attention(q, keys, values, 0.0625, False)}
+        for bits in (8, 4):
+            kq, vq = mx.quantize(keys, group_size=64, bits=bits), mx.quantize(values, group_size=64, bits=bits)
+            mx.eval(kq, vq)
+            calls[str(bits)] = lambda q=q, kq=kq, vq=vq, bits=bits: k.quantized_attention(
+                q, *kq, *vq, 0.0625, False, 64, bits
+            )
+        mx.eval(q, keys, values)
+        times: dict[str, list[float]] = {b: [] for b in calls}
+        for r in range(rounds):
+            for b, fn in calls.items() if r % 2 == 0 else reversed(calls.items()):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    mx.eval(fn())
+                times[b].append((time.perf_counter() - t0) / 20 * 1e3)
+        out[str(n)] = {b: statistics.median(ts) for b, ts in times.items()}
+    return {
+        "unit": "ms per call, median of rounds of 20 calls",
+        "command": "python benchmarks/kv_quant.py --part attention",
+        "rounds": rounds,
+        "ms": out,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["ppl", "decode"], required=True)
+    parser.add_argument("--part", choices=["ppl", "decode", "steps", "attention"], required=True)
     parser.add_argument("--bits", default="none,8,4", help="settings, comma-separated: none, 8, 4")
     parser.add_argument("--context", type=int, default=4096, help="decode: prompt tokens before decoding")
     parser.add_argument("--gen", type=int, default=64, help="decode: tokens generated per run")
@@ -124,7 +229,14 @@ def main() -> None:
     args = parser.parse_args()
     bits = args.bits.split(",")
     load_before = os.getloadavg()
-    result = perplexity(bits) if args.part == "ppl" else decode(bits, args.context, args.gen, args.rounds)
+    if args.part == "ppl":
+        result = perplexity(bits)
+    elif args.part == "decode":
+        result = decode(bits, args.context, args.gen, args.rounds)
+    elif args.part == "steps":
+        result = steps(bits, args.context, args.gen, args.rounds)
+    else:
+        result = attention([768, 4096, 8192], args.rounds)
     result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()
     result["cpu_count"] = os.cpu_count()
     print(json.dumps(result, indent=2))

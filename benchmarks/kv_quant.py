@@ -180,7 +180,9 @@ def steps(bits: list[str], context: int, gen: int, rounds: int) -> dict:
 
 def attention(lengths: list[int], rounds: int) -> dict:
     """One layer's one-query attention of Gemma 3 270M's shape (4 query heads, 1 key head of 256) on
-    lmx's CPU kernels: float32 keys/values vs 8- and 4-bit, calls alternating round by round."""
+    lmx's CPU kernels: float32 keys/values vs 8- and 4-bit, calls alternating round by round; warm
+    (the same keys and values call after call: they stay in the CPU's caches) and cold (128 MiB
+    touched before each call, as a decode step's weights pass between two attention calls)."""
     import time
 
     # lmx first: it routes MLX's BLAS to OpenBLAS before mlx.core loads
@@ -192,6 +194,8 @@ def attention(lengths: list[int], rounds: int) -> dict:
     k = kernels()
     assert k is not None, "lmx's CPU kernels are not built"
     out: dict = {}
+    flush = mx.zeros((32 * 2**20,))  # 128 MiB: evicts the keys and values from the CPU's caches
+    mx.eval(flush)
     for n in lengths:
         q = mx.random.normal((1, 4, 1, 256))
         keys, values = mx.random.normal((1, 1, n, 256)), mx.random.normal((1, 1, n, 256))
@@ -203,14 +207,19 @@ def attention(lengths: list[int], rounds: int) -> dict:
                 q, *kq, *vq, 0.0625, False, 64, bits
             )
         mx.eval(q, keys, values)
-        times: dict[str, list[float]] = {b: [] for b in calls}
-        for r in range(rounds):
-            for b, fn in calls.items() if r % 2 == 0 else reversed(calls.items()):
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    mx.eval(fn())
-                times[b].append((time.perf_counter() - t0) / 20 * 1e3)
-        out[str(n)] = {b: statistics.median(ts) for b, ts in times.items()}
+        for cold in (False, True):
+            times: dict[str, list[float]] = {b: [] for b in calls}
+            for r in range(rounds):
+                for b, fn in calls.items() if r % 2 == 0 else reversed(calls.items()):
+                    spent = 0.0
+                    for _ in range(20):
+                        if cold:  # as in a decode step, where the weights stream through between two layers
+                            mx.eval(flush + 1)
+                        t0 = time.perf_counter()
+                        mx.eval(fn())
+                        spent += time.perf_counter() - t0
+                    times[b].append(spent / 20 * 1e3)
+            out[f"{n}{' cold' if cold else ''}"] = {b: statistics.median(ts) for b, ts in times.items()}
     return {
         "unit": "ms per call, median of rounds of 20 calls",
         "command": "python benchmarks/kv_quant.py --part attention",

@@ -49,6 +49,9 @@ def _lmx(args: list[str]) -> dict:
     return json.loads(out)
 
 
+EXTRA: list[str] = []  # --bench-args: more `lmx bench` arguments (a GPU run: --config gemma3-270m --device gpu)
+
+
 def _bits_arg(bits: str) -> list[str]:
     return [] if bits == "none" else ["--kv-bits", bits]
 
@@ -84,7 +87,17 @@ def decode(bits: list[str], context: int, gen: int, rounds: int) -> dict:
     for _ in range(rounds):
         for b in bits:
             r = _lmx(
-                ["bench", "--prompt-tokens", str(context), "--gen-tokens", str(gen), "--repeat", "1", *_bits_arg(b)]
+                [
+                    "bench",
+                    "--prompt-tokens",
+                    str(context),
+                    "--gen-tokens",
+                    str(gen),
+                    "--repeat",
+                    "1",
+                    *_bits_arg(b),
+                    *EXTRA,
+                ]
             )
             runs[b].append(
                 {
@@ -228,15 +241,46 @@ def attention(lengths: list[int], rounds: int) -> dict:
     }
 
 
+def check() -> dict:
+    """``MlxOps.quantized_attention`` (``mx.quantized_matmul``, the path off lmx's CPU kernels: a GPU)
+    against MLX's attention over the dequantized keys and values, on the default device."""
+    # lmx first: it routes MLX's BLAS to OpenBLAS before mlx.core loads
+    import lmx  # noqa: F401 # isort: skip
+    import mlx.core as mx
+
+    from lmx.runtime.ops import MLX_OPS
+
+    out = {"device": str(mx.default_device())}
+    for dtype in (mx.float32, mx.bfloat16):
+        for bits in (8, 4):
+            for lq, mask in ((1, None), (5, "causal"), (3, "array")):
+                q = mx.random.normal((2, 8, lq, 256), key=mx.random.key(1)).astype(dtype)
+                kv = mx.random.normal((2, 2, 700, 256), key=mx.random.key(2)).astype(dtype)
+                kq = mx.quantize(kv, group_size=64, bits=bits)
+                vq = mx.quantize(kv * 0.5 + 1, group_size=64, bits=bits)
+                m = mask
+                if mask == "array":
+                    m = mx.random.uniform(shape=(2, 1, lq, 700), key=mx.random.key(3)) > 0.3
+                keys = mx.dequantize(*kq, group_size=64, bits=bits)
+                values = mx.dequantize(*vq, group_size=64, bits=bits)
+                want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.0625, mask=m)
+                got = MLX_OPS.quantized_attention(q, tuple(kq), tuple(vq), 0.0625, m, 64, bits)
+                err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+                out[f"{dtype} {bits}-bit lq={lq} mask={mask}"] = err
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["ppl", "decode", "steps", "attention"], required=True)
+    parser.add_argument("--part", choices=["ppl", "decode", "steps", "attention", "check"], required=True)
     parser.add_argument("--bits", default="none,8,4", help="settings, comma-separated: none, 8, 4")
     parser.add_argument("--context", type=int, default=4096, help="decode: prompt tokens before decoding")
     parser.add_argument("--gen", type=int, default=64, help="decode: tokens generated per run")
     parser.add_argument("--rounds", type=int, default=3, help="decode: rounds of every setting")
+    parser.add_argument("--bench-args", default="", help="decode: more lmx bench arguments, space-separated")
     args = parser.parse_args()
     bits = args.bits.split(",")
+    EXTRA.extend(args.bench_args.split())
     load_before = os.getloadavg()
     if args.part == "ppl":
         result = perplexity(bits)
@@ -244,8 +288,10 @@ def main() -> None:
         result = decode(bits, args.context, args.gen, args.rounds)
     elif args.part == "steps":
         result = steps(bits, args.context, args.gen, args.rounds)
-    else:
+    elif args.part == "attention":
         result = attention([768, 4096, 8192], args.rounds)
+    else:
+        result = check()
     result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()
     result["cpu_count"] = os.cpu_count()
     print(json.dumps(result, indent=2))

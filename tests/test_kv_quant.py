@@ -171,6 +171,21 @@ def test_kernel_equals_mlx_over_dequantized_values() -> None:
         np.testing.assert_allclose(np.array(via_mlx), np.array(want), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mlx_path_in_bfloat16_stays_accurate(bits: int) -> None:
+    """A GPU's dtype: the quantized products run in float32 (in bfloat16 MLX's CPU products were 20% off).
+    atol 1e-2 on outputs of size ~1: bfloat16's rounding of the output (2^-8 relative) and of the queries."""
+    q = mx.random.normal((2, 8, 1, 256), key=mx.random.key(1)).astype(mx.bfloat16)
+    kv = mx.random.normal((2, 2, 700, 256), key=mx.random.key(2)).astype(mx.bfloat16)
+    kq, vq = mx.quantize(kv, group_size=64, bits=bits), mx.quantize(kv * 0.5 + 1, group_size=64, bits=bits)
+    keys = mx.dequantize(*kq, group_size=64, bits=bits).astype(mx.float32)
+    values = mx.dequantize(*vq, group_size=64, bits=bits).astype(mx.float32)
+    want = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), keys, values, scale=0.0625)
+    got = MLX_OPS.quantized_attention(q, tuple(kq), tuple(vq), 0.0625, None, 64, bits)
+    assert got.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want), atol=1e-2, rtol=0)
+
+
 def test_eval_scores_what_the_quantized_cache_computes(models, arch: str) -> None:
     """``lmx eval --kv-bits``: a whole-sequence pass reads the values a quantized cache holds."""
     model = models[arch]

@@ -94,7 +94,14 @@ class MlxOps:
     ) -> mx.array:
         """:meth:`attention` over keys and values held quantized (``mx.quantize`` triples, quantized
         along the head dimension), computed on the quantized values with ``mx.quantized_matmul``
-        (no float copy of the keys and values is made)."""
+        (no float copy of the keys and values is made). Computed in float32 whatever the dtype: MLX's
+        quantized products in bfloat16 accumulate coarsely (on the CPU, outputs 20% off over 700
+        keys; float32: 0.1%); only the queries, scales and biases are converted, not the packed values."""
+        dtype = q.dtype
+        if dtype != mx.float32:
+            q = q.astype(mx.float32)
+            k = (k[0], *(a.astype(mx.float32) for a in k[1:]))
+            v = (v[0], *(a.astype(mx.float32) for a in v[1:]))
         batch, n_heads, n_q, dim = q.shape
         n_kv = k[0].shape[1]
         q = (q * scale).reshape(batch, n_kv, n_heads // n_kv, n_q, dim)  # (B, n_kv, rep, Lq, D)
@@ -112,7 +119,7 @@ class MlxOps:
         out = mx.quantized_matmul(
             weights, *vq, transpose=False, group_size=group_size, bits=bits
         )  # (B, n_kv, rep, Lq, D)
-        return out.reshape(batch, n_heads, n_q, dim)
+        return out.reshape(batch, n_heads, n_q, dim).astype(dtype)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""

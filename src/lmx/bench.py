@@ -29,6 +29,7 @@ from lmx.errors import InvalidOptionError
 from lmx.generate.sampling import KeySequence, make_sampler
 from lmx.generate.step import DecodeState, generate_step
 from lmx.models import ARCHITECTURES, BENCH_CONFIGS
+from lmx.models.cache import KVQuant, kv_quant
 from lmx.runtime.profile import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class BenchResult:
         load_time: seconds to load the checkpoint (or build and initialise a config).
         weights_bytes: bytes held by the model's parameters.
         runs: the timed runs (warm-up excluded).
+        kv_bits, kv_group_size: the KV cache's quantization (None: float keys and values).
     """
 
     model: str
@@ -83,6 +85,8 @@ class BenchResult:
     load_time: float
     weights_bytes: int
     runs: list[RunStats] = field(default_factory=list)
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
 
     def _median(self, name: str) -> float:
         return statistics.median(getattr(r, name) for r in self.runs) if self.runs else 0.0
@@ -120,6 +124,8 @@ class BenchResult:
             "device": self.device,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "kv_bits": self.kv_bits,
+            "kv_group_size": self.kv_group_size,
             "batch": self.batch,
             "prompt_tokens": self.prompt_tokens,
             "gen_tokens": self.gen_tokens,
@@ -251,9 +257,15 @@ def greedy_stamps(
 
 
 def _one_run(
-    model: nn.Module, prompt: mx.array, gen_tokens: int, prefill_step_size: int, compile: bool, state: DecodeState
+    model: nn.Module,
+    prompt: mx.array,
+    gen_tokens: int,
+    prefill_step_size: int,
+    compile: bool,
+    state: DecodeState,
+    quant: KVQuant | None = None,
 ) -> RunStats:
-    cache = model.make_cache()
+    cache = model.make_cache(quant)
     mx.clear_cache()
     mx.reset_peak_memory()
     batch, length = prompt.shape
@@ -295,6 +307,8 @@ def run_benchmark(
     compile: bool = False,
     seed: int = 0,
     on_run: Callable[[RunStats], None] | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> BenchResult:
     """Load a model, warm it up, then time ``repeat`` generations of a random prompt.
 
@@ -314,6 +328,8 @@ def run_benchmark(
         compile: decode with the compiled step (see :func:`lmx.generate.step.generate_step`).
         seed: seed of the random prompt.
         on_run: called with each timed run as it finishes (progress reports).
+        kv_bits: keep the KV cache quantized to 8 or 4 bits (None: float), ``kv_group_size``
+            elements per scale (see :func:`lmx.load`).
 
     Returns:
         A :class:`BenchResult`.
@@ -330,8 +346,10 @@ def run_benchmark(
     for opt, value in (("batch", batch), ("repeat", repeat), ("prefill_step_size", prefill_step_size)):
         if value is not None and value < 1:
             raise InvalidOptionError(f"{opt} must be >= 1, got {value}")
+    kv_quant(kv_bits, kv_group_size)  # a bad value fails before the model loads
     choose_device(device)
     loaded = _load(model, config, dtype, num_layers, quantize)
+    quant = kv_quant(kv_bits, kv_group_size, loaded.model.args.head_dim)
     prefill_step_size = prefill_step_size or loaded.profile.prefill_step_size
     state = DecodeState(loaded.model, loaded.profile)
     params = tree_flatten(loaded.model.parameters())
@@ -346,12 +364,15 @@ def run_benchmark(
         gen_tokens=gen_tokens,
         load_time=loaded.load_time,
         weights_bytes=sum(v.nbytes for _, v in params),
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size if kv_bits else None,
     )
     prompt = mx.random.randint(0, loaded.vocab_size, (batch, prompt_tokens), key=mx.random.key(seed))
     # Warm-up: the first call pays for kernel compilation and allocations.
-    _one_run(loaded.model, prompt[:, : min(prompt_tokens, 16)], min(gen_tokens, 8), prefill_step_size, compile, state)
+    warm = prompt[:, : min(prompt_tokens, 16)]
+    _one_run(loaded.model, warm, min(gen_tokens, 8), prefill_step_size, compile, state, quant)
     for _ in range(repeat):
-        stats = _one_run(loaded.model, prompt, gen_tokens, prefill_step_size, compile, state)
+        stats = _one_run(loaded.model, prompt, gen_tokens, prefill_step_size, compile, state, quant)
         result.runs.append(stats)
         logger.debug("run: %s", stats)
         if on_run is not None:

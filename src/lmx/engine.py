@@ -22,6 +22,7 @@ from lmx.generate.options import GenerationOptions, check_token_ids, nearest_nam
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
 from lmx.loading import LoadedModel, load_model
+from lmx.models.cache import kv_quant
 from lmx.models.image_prompt import ImagePrompt, image_digest
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
 from lmx.runtime import memory, settings
@@ -137,6 +138,8 @@ class Engine:
 
     Raises:
         DraftModelError: ``draft``'s vocabulary is not the model's.
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: in the model's dtype).
+        kv_group_size: elements of a head per scale and bias of quantized keys and values.
     """
 
     def __init__(
@@ -149,6 +152,8 @@ class Engine:
         max_queue: int = 1024,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         draft: LoadedModel | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ) -> None:
         if draft is not None:
             check_draft_vocabulary(loaded, draft)
@@ -173,6 +178,8 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             prefix_cache_bytes=prefix_cache_bytes if prompt_cache else 0,
             kv_itemsize=itemsize,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
         )
         if loaded.group is not None:
             config.step_timeout = settings.LMX_TP_STEP_TIMEOUT.get()
@@ -356,6 +363,7 @@ class Engine:
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
         gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
+        quant, kv = self.scheduler.kv_quant, self.scheduler.kv_budget
         return ModelInfo(
             name=loaded.name,
             source=loaded.source,
@@ -373,6 +381,9 @@ class Engine:
             chat_template=loaded.chat_template_origin,
             compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
             tensor_parallel=_parallel_report(loaded),
+            kv_bits=quant.bits if quant else None,
+            kv_group_size=quant.group_size if quant else None,
+            kv_bytes_per_token=kv.position_bytes(),
             **gguf,
         )
 
@@ -716,6 +727,8 @@ def load(
     speculative: str | None = None,
     tensor_parallel: int | None = None,
     distributed_backend: str = "any",
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -751,11 +764,19 @@ def load(
             Qwen 3. None: this process alone.
         distributed_backend: the ``mlx.distributed`` backend to join with ``tensor_parallel``:
             ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``.
+        kv_bits: keep the KV cache quantized to 8 or 4 bits (about 3.5x or 6x less memory than
+            float32 keys and values; attention reads them quantized). None: ``LMX_KV_BITS``
+            (unset: off, keys and values in the model's dtype).
+        kv_group_size: elements of a head per scale and bias of the quantized keys and values
+            (32, 64 or 128; it must divide the model's head_dim).
 
     Raises:
         ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
         TokenizerError, InvalidOptionError, DraftModelError (a draft model of another vocabulary).
     """
+    if kv_bits is None:
+        kv_bits = settings.LMX_KV_BITS.get()
+    kv_quant(kv_bits, kv_group_size)  # a bad value fails before the model loads
     choose_device(device)
     defaults = GenerationOptions(speculative=speculative or ("draft-model" if draft_model is not None else None))
     if defaults.speculative == "draft-model" and draft_model is None:
@@ -768,13 +789,21 @@ def load(
             raise InvalidOptionError("adapter= is not supported with tensor_parallel (LoRA on split layers)")
         if draft_model is not None:
             raise InvalidOptionError("draft_model= is not supported with tensor_parallel (rows decode plainly)")
+        if kv_quant(kv_bits, kv_group_size) is not None:
+            raise InvalidOptionError(f"kv_bits={kv_bits} is not supported with tensor_parallel (float KV caches only)")
         group = _join(tensor_parallel, distributed_backend)
     loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device, group=group)
     draft = None
     if draft_model is not None:
         draft = load_model(draft_model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
     engine = Engine(
-        loaded, prompt_cache=prompt_cache, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes, draft=draft
+        loaded,
+        prompt_cache=prompt_cache,
+        max_batch=max_batch,
+        prefix_cache_bytes=prefix_cache_bytes,
+        draft=draft,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
     )
     engine.default_options = defaults
     if adapter is not None:

@@ -146,6 +146,11 @@ class ModelInfo:
     # split over processes (tensor parallel): {"size", "rank", "backend", "holds": {part: what this
     # rank holds}}; num_parameters and weights_bytes then count this rank's slices
     tensor_parallel: dict[str, Any] | None = None
+    # the KV cache: bits of its keys and values (None: the compute dtype), elements per scale when
+    # quantized, and bytes one position of context takes in one row (every layer, keys and values)
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
+    kv_bytes_per_token: int = 0
 
     @property
     def runs_as(self) -> str:

@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     from lmx.bench import CONFIGS
+    from lmx.cli.common import add_kv_args
 
     p = sub.add_parser("bench", help="measure load time, prefill/decode speed, first-token latency and memory")
     src = p.add_mutually_exclusive_group()
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", help="decode with the compiled step (off by default, as measured)")
     p.add_argument("--quantize", type=int, default=None, choices=[4, 8], help="quantize weights to this many bits")
+    add_kv_args(p)
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="default: LMX_DEVICE, else GPU if present")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     p.add_argument(
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmx.bench import run_benchmark
+    from lmx.runtime import settings
 
     if args.speculative is not None:
         return run_speculative(args)
@@ -67,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         prefill_step_size=args.prefill_step_size,
         compile=args.compile,
         on_run=progress,
+        kv_bits=args.kv_bits if args.kv_bits is not None else settings.LMX_KV_BITS.get(),
+        kv_group_size=args.kv_group_size,
     )
     data = result.as_dict()
     if args.json:
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mib = 2**20
     quant = f", q{data['quantization']}" if data["quantization"] else ""
-    print(f"model:      {data['model']} ({data['device']}, {data['dtype']}{quant})")
+    kv = f", KV {data['kv_bits']}-bit (group {data['kv_group_size']})" if data["kv_bits"] else ""
+    print(f"model:      {data['model']} ({data['device']}, {data['dtype']}{quant}{kv})")
     print(
         f"shape:      batch {data['batch']}, {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated,"
         f" {data['repeat']} runs (medians)"

@@ -19,6 +19,7 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False, 
             help="a small model of the same vocabulary that drafts tokens for speculative decoding "
             "(greedy output unchanged; turns on --speculative draft-model)",
         )
+    add_kv_args(p)
     if named_adapters:  # lmx serve: several, each picked by a request's model name
         p.add_argument(
             "--adapter",
@@ -111,6 +112,19 @@ def _group_exit(n: int, status: str, launch_code: int) -> int:
     return next((c for c in codes.values() if c not in (0, None)), 1)
 
 
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """``--kv-bits`` and ``--kv-group-size``: a quantized KV cache (see :func:`lmx.load`)."""
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="keep the KV cache quantized to 8 or 4 bits (default: LMX_KV_BITS, unset: float)",
+    )
+    p.add_argument(
+        "--kv-group-size", type=int, default=64, help="elements per scale of a quantized KV cache: 32, 64 or 128"
+    )
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=max_tokens)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -165,6 +179,8 @@ def load_engine(args: argparse.Namespace) -> Any:
         draft_model=getattr(args, "draft_model", None),
         tensor_parallel=getattr(args, "tensor_parallel", None),
         distributed_backend=getattr(args, "distributed_backend", "any"),
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
     )
 
 

@@ -13,11 +13,14 @@ from lmx.cli.common import add_parallel_args, launch_tensor_parallel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmx.cli.common import add_kv_args
+
     p = sub.add_parser("info", help="show versions, device, BLAS and memory (and a model's details)")
     p.add_argument("--model", "-m", default=None, help="also load and describe this model")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
     add_parallel_args(p)
+    add_kv_args(p)
     p.set_defaults(func=run)
 
 
@@ -26,6 +29,8 @@ def collect(
     device: str | None = None,
     tensor_parallel: int | None = None,
     distributed_backend: str = "any",
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
@@ -58,7 +63,9 @@ def collect(
         out["default_model"] = describe_default_model()
     else:
         split = {"tensor_parallel": tensor_parallel, "distributed_backend": distributed_backend}
-        with lmx.load(model, device=device, **(split if tensor_parallel else {})) as engine:
+        with lmx.load(
+            model, device=device, kv_bits=kv_bits, kv_group_size=kv_group_size, **(split if tensor_parallel else {})
+        ) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
             out["profile"] = engine.loaded.profile.as_dict()
@@ -86,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     code = launch_tensor_parallel(args)
     if code is not None:
         return code
-    info = collect(args.model, args.device, args.tensor_parallel, args.distributed_backend)
+    info = collect(
+        args.model, args.device, args.tensor_parallel, args.distributed_backend, args.kv_bits, args.kv_group_size
+    )
     group = info.get("model", {}).get("tensor_parallel")
     if group is not None and group["rank"] != 0:
         return 0  # rank 0 describes the whole group

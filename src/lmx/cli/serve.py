@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         draft_model=args.draft_model,
         speculative=args.speculative,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         adapters=tuple(args.adapter),
         model_name=args.model_name,
         host=args.host,

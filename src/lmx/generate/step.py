@@ -225,7 +225,8 @@ def generate_step(
         prefill_step_size: prompt chunk size (None: the plan's).
         compile: run each decode step as one compiled graph (:class:`CompiledDecode`); None: as
             the plan says (``decode_mode="compiled"``: off by default, as measured in
-            benchmarks/RESULTS.md).
+            benchmarks/RESULTS.md). Quantized caches decode eagerly (the compiled step writes
+            float storage).
         segments: run each decode step as compiled segments around eager attention
             (:class:`lmx.generate.segments.SegmentedDecode`); None: as the plan says
             (``decode_mode="segmented"``). Used only for rows without padding, and not with
@@ -237,6 +238,7 @@ def generate_step(
     plan = state.plan
     if compile is None:
         compile = plan.decode_mode == "compiled"
+    compile = compile and all(c.quant is None for c in cache)
     if segments is None:
         segments = plan.decode_mode == "segmented"
     history = prompt if history is None else history

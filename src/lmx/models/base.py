@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.errors import ConfigError
-from lmx.models.cache import KVCache, RotatingKVCache
+from lmx.models.cache import KVCache, KVQuant, RotatingKVCache, Storage
 from lmx.runtime.ops import MLX_OPS, Ops
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,10 @@ class QKNormAttention(nn.Module):
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
         """Store ``k``/``v`` in ``cache`` (a KV cache); attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
-        return attention(q, k, v, self.scale, cache.make_mask(q.shape[2], pad), self.softcap, self.ops_slot.ops)
+        mask = cache.make_mask(q.shape[2], pad)
+        if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)
+            return quantized_attention(q, k, v, self.scale, mask, cache.quant, self.softcap, self.ops_slot.ops)
+        return attention(q, k, v, self.scale, mask, self.softcap, self.ops_slot.ops)
 
     def output(self, out: mx.array, ndim: int = 3) -> mx.array:
         """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
@@ -330,6 +333,29 @@ def attention(
     if mask is not None:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     return mx.softmax(scores, axis=-1, precise=True) @ values
+
+
+def quantized_attention(
+    queries: mx.array,
+    keys: Storage,
+    values: Storage,
+    scale: float,
+    mask: mx.array | str | None,
+    quant: KVQuant,
+    softcap: float | None = None,
+    ops: Ops = MLX_OPS,
+) -> mx.array:
+    """:func:`attention` over keys and values held quantized (triples of a quantized cache).
+
+    Without ``softcap`` it is one call of ``ops.quantized_attention`` (which computes over the
+    quantized values or dequantizes them, whichever the device runs faster); with it, the keys
+    and values are dequantized and go through :func:`attention`.
+    """
+    if softcap is None:
+        return ops.quantized_attention(queries, keys, values, scale, mask, quant.group_size, quant.bits)
+    k = mx.dequantize(*keys, group_size=quant.group_size, bits=quant.bits)  # (B, n_kv, S, D)
+    v = mx.dequantize(*values, group_size=quant.group_size, bits=quant.bits)
+    return attention(queries, k, v, scale, mask, softcap, ops)
 
 
 def layer_types_from(config_layer_types: list[str] | None, n_layers: int, default: list[str]) -> list[str]:
@@ -395,8 +421,8 @@ class LanguageModel(Protocol):
         """Final-norm hidden states (B, L, dim); ``each_layer`` is called with each layer's output."""
         ...
 
-    def make_cache(self) -> list[KVCache]:
-        """One fresh cache per layer."""
+    def make_cache(self, quant: KVQuant | None = None) -> list[KVCache]:
+        """One fresh cache per layer (holding keys and values quantized, given ``quant``)."""
         ...
 
     def constants(self) -> list[mx.array]:
@@ -481,10 +507,11 @@ class CausalLM(nn.Module):
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
         return self.head(self.hidden(inputs, cache or self.make_cache(), pad))
 
-    def make_cache(self) -> list[KVCache]:
-        """One cache per layer: rotating for sliding layers, growing for global ones."""
+    def make_cache(self, quant: KVQuant | None = None) -> list[KVCache]:
+        """One cache per layer: rotating for sliding layers, growing for global ones; with
+        ``quant``, their keys and values are stored quantized."""
         return [
-            RotatingKVCache(self.args.sliding_window) if t == "sliding_attention" else KVCache()
+            RotatingKVCache(self.args.sliding_window, quant=quant) if t == "sliding_attention" else KVCache(quant)
             for t in self.args.layer_types
         ]
 

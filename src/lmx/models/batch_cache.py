@@ -18,6 +18,8 @@ The functions here move rows between such cache sets without touching a row's va
 
 A cache's storage slots ``[0, held)`` hold positions ``[offset - held, offset)``; ``held`` is
 ``offset`` for a growing cache and the slots in use for a rotating (sliding-window) one.
+Quantized caches move the same way: each array of their storage triple takes the same slot
+operation (:func:`lmx.models.cache.smap`), so a row's quantized values are never requantized.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from lmx.models.cache import KVCache, RotatingKVCache
+from lmx.models.cache import KVCache, RotatingKVCache, Storage, smap
 
 
 def held(cache: KVCache) -> int:
@@ -43,14 +45,18 @@ def _keep(cache: KVCache) -> int | None:
     return None
 
 
-def _set(cache: KVCache, keys: mx.array | None, values: mx.array | None, offset: int, n_held: int) -> None:
+def _set(cache: KVCache, keys: Storage | None, values: Storage | None, offset: int, n_held: int) -> None:
     cache.keys, cache.values, cache.offset = keys, values, offset
     if isinstance(cache, RotatingKVCache):
         cache.used = n_held
 
 
-def _tail(x: mx.array, n_held: int, k: int) -> mx.array:
-    """The last ``k`` slots of ``x``'s first ``n_held``, left-padded with zeros to ``k``."""
+def _tail(storage: Storage, n_held: int, k: int) -> Storage:
+    """The last ``k`` slots of the storage's first ``n_held``, left-padded with zeros to ``k``."""
+    return smap(lambda x: _tail_array(x, n_held, k), storage)
+
+
+def _tail_array(x: mx.array, n_held: int, k: int) -> mx.array:
     part = x[..., max(0, n_held - k) : n_held, :]
     short = k - part.shape[2]
     if short > 0:
@@ -77,10 +83,14 @@ def merge(
         cap = _keep(ca)
         if cap is not None:
             k = min(k, max(cap, 1))
-        keys = mx.concatenate([_tail(ca.keys, ha, k), _tail(cb.keys, hb, k)], axis=0)  # (Ba + Bb, n_kv, k, D)
-        values = mx.concatenate([_tail(ca.values, ha, k), _tail(cb.values, hb, k)], axis=0)
+        keys = smap(_stack, _tail(ca.keys, ha, k), _tail(cb.keys, hb, k))  # (Ba + Bb, n_kv, k, D)
+        values = smap(_stack, _tail(ca.values, ha, k), _tail(cb.values, hb, k))
         _set(ca, keys, values, offset, k)
     return [s + offset - offset_a for s in a_starts], [s + offset - offset_b for s in b_starts]
+
+
+def _stack(a: mx.array, b: mx.array) -> mx.array:
+    return mx.concatenate([a, b], axis=0)
 
 
 def select(caches: Sequence[KVCache], rows: Sequence[int]) -> None:
@@ -88,7 +98,8 @@ def select(caches: Sequence[KVCache], rows: Sequence[int]) -> None:
     index = mx.array(list(rows), dtype=mx.int32)
     for c in caches:
         if c.keys is not None and c.values is not None:
-            c.keys, c.values = c.keys[index], c.values[index]  # (len(rows), n_kv, S, D)
+            c.keys = smap(lambda a: a[index], c.keys)  # (len(rows), n_kv, S, D)
+            c.values = smap(lambda a: a[index], c.values)
 
 
 def trim_front(caches: Sequence[KVCache], n: int) -> None:
@@ -105,7 +116,7 @@ def trim_front(caches: Sequence[KVCache], n: int) -> None:
         keep = min(h, offset)  # slots before the new index 0 are padding of every row
         if c.keys is None or c.values is None:
             continue
-        _set(c, c.keys[..., h - keep : h, :], c.values[..., h - keep : h, :], offset, keep)
+        _set(c, _slots(c.keys, h - keep, h), _slots(c.values, h - keep, h), offset, keep)
 
 
 def extract(caches: Sequence[KVCache], row: int, start: int) -> list[KVCache]:
@@ -117,8 +128,8 @@ def extract(caches: Sequence[KVCache], row: int, start: int) -> list[KVCache]:
         assert c.keys is not None and c.values is not None
         h = held(c)
         n = min(h, c.offset - start)  # the row's own positions still held
-        keys = mx.array(c.keys[row : row + 1, :, h - n : h, :])  # (1, n_kv, n, D), a copy
-        values = mx.array(c.values[row : row + 1, :, h - n : h, :])
+        keys = smap(lambda a, s=h - n, e=h: mx.array(a[row : row + 1, :, s:e, :]), c.keys)  # (1, n_kv, n, D), a copy
+        values = smap(lambda a, s=h - n, e=h: mx.array(a[row : row + 1, :, s:e, :]), c.values)
         _set(clone, keys, values, c.offset - start, n)
         out.append(clone)
     return out
@@ -140,7 +151,7 @@ def copy_prefix(caches: Sequence[KVCache], n: int) -> list[KVCache]:
         drop = c.offset - n
         keep = h - drop
         # Slicing makes new arrays: writes into the clone never reach the stored entry.
-        _set(clone, c.keys[..., :keep, :], c.values[..., :keep, :], n, keep)
+        _set(clone, _slots(c.keys, 0, keep), _slots(c.values, 0, keep), n, keep)
         out.append(clone)
     return out
 
@@ -150,10 +161,14 @@ def nbytes(caches: Sequence[KVCache]) -> int:
     return sum(c.nbytes for c in caches)
 
 
+def _slots(storage: Storage, start: int, stop: int) -> Storage:
+    return smap(lambda a: a[..., start:stop, :], storage)
+
+
 def _empty_like(cache: KVCache) -> KVCache:
     if isinstance(cache, RotatingKVCache):
-        return RotatingKVCache(cache.window, cache.slack)
-    return KVCache()
+        return RotatingKVCache(cache.window, cache.slack, cache.quant)
+    return KVCache(cache.quant)
 
 
 __all__ = ["can_copy_prefix", "copy_prefix", "extract", "held", "merge", "nbytes", "select", "trim_front"]

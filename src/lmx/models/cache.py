@@ -2,11 +2,103 @@
 
 Both caches return keys/values in temporal order, the last key being position ``offset - 1``.
 That single invariant lets one mask builder serve every layer, batch padding included.
+
+A cache made with a :class:`KVQuant` stores its keys and values quantized (MLX's affine
+layout, ``mx.quantize`` along the head dimension): its storage is then a triple of arrays
+(packed values, scales, biases), each (B, n_kv, S, ·), and ``update_and_fetch`` returns such
+triples, which attention takes as they are (:func:`lmx.models.base.attention`). The helpers
+:func:`smap` and :func:`storage_nbytes` let code that moves slots around (``batch_cache``)
+treat both kinds of storage alike: every slot operation is the same on each array.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import mlx.core as mx
+
+from lmx.errors import InvalidOptionError
+
+KV_BITS = (8, 4)
+KV_GROUP_SIZES = (32, 64, 128)
+
+# One layer's keys or values: an array (B, n_kv, S, D), or a quantized triple of arrays
+# (packed (B, n_kv, S, D * bits / 32) uint32, scales and biases (B, n_kv, S, D / group_size)).
+Storage = mx.array | tuple[mx.array, ...]
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How a cache quantizes its keys and values: ``bits`` per element, one scale and bias per
+    ``group_size`` elements of a head (``mx.quantize``'s affine layout)."""
+
+    bits: int
+    group_size: int = 64
+
+    def row_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Bytes one position of one head takes (keys or values): packed values, scales and biases
+        (scales and biases take the keys' dtype, ``itemsize`` bytes each)."""
+        return head_dim * self.bits // 8 + 2 * (head_dim // self.group_size) * itemsize
+
+
+def kv_quant(bits: int | None, group_size: int = 64, head_dim: int | None = None) -> KVQuant | None:
+    """The :class:`KVQuant` for ``bits`` (None: keys and values stay in float).
+
+    Raises:
+        InvalidOptionError: ``bits`` not 8, 4 or None; ``group_size`` not 32, 64 or 128; a
+            ``head_dim`` that ``group_size`` does not divide.
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or bits not in KV_BITS:
+        raise InvalidOptionError(f"kv_bits must be one of 8, 4 or None (float), got {bits!r}")
+    if isinstance(group_size, bool) or group_size not in KV_GROUP_SIZES:
+        raise InvalidOptionError(f"kv_group_size must be one of 32, 64, 128, got {group_size!r}")
+    if head_dim is not None and head_dim % group_size:
+        raise InvalidOptionError(
+            f"kv_group_size must divide the model's head_dim ({head_dim}), got {group_size}; try 32"
+        )
+    return KVQuant(bits, group_size)
+
+
+def smap(fn: Callable[..., mx.array], *storages: Storage) -> Storage:
+    """``fn`` applied to each array of the storages (one array each, or triples taken in step)."""
+    if isinstance(storages[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*storages, strict=True))
+    return fn(*storages)
+
+
+def storage_nbytes(storage: Storage | None) -> int:
+    """Bytes of a storage (all three arrays of a quantized one)."""
+    if storage is None:
+        return 0
+    if isinstance(storage, tuple):
+        return sum(a.nbytes for a in storage)
+    return storage.nbytes
+
+
+def slots(storage: Storage) -> int:
+    """Positions a storage has room for (its axis 2)."""
+    return (storage[0] if isinstance(storage, tuple) else storage).shape[2]
+
+
+def _write(storage: Storage, new: Storage, start: int) -> None:
+    """Write ``new`` into ``storage``'s slots from ``start``, in place."""
+    if isinstance(storage, tuple):
+        for dst, src in zip(storage, new, strict=True):
+            dst[..., start : start + src.shape[2], :] = src
+    else:
+        storage[..., start : start + new.shape[2], :] = new
+
+
+def _zeros(like: Storage, size: int) -> Storage:
+    """Zeroed storage of ``size`` slots, shaped like ``like`` on every other axis."""
+    return smap(lambda a: mx.zeros((a.shape[0], a.shape[1], size, a.shape[3]), a.dtype), like)  # (B, n_kv, size, ·)
+
+
+def _cut(storage: Storage, start: int, stop: int) -> Storage:
+    return smap(lambda a: a[..., start:stop, :], storage)
 
 
 def build_mask(
@@ -39,33 +131,49 @@ def build_mask(
 
 
 class KVCache:
-    """A growing cache: storage is allocated in steps of ``step`` positions."""
+    """A growing cache: storage is allocated in steps of ``step`` positions.
+
+    Args:
+        quant: store keys and values quantized (None: in their own dtype).
+    """
 
     step = 256
     window: int | None = None
     # Set by a caller for one step: caches of the same layout share the masks built for it.
     masks: dict | None = None
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, quant: KVQuant | None = None) -> None:
+        self.quant = quant
+        self.keys: Storage | None = None
+        self.values: Storage | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def _stored(self, keys: mx.array, values: mx.array) -> tuple[Storage, Storage]:
+        """New keys/values as the storage holds them (quantized along the head dimension, or as they are)."""
+        if self.quant is None:
+            return keys, values
+        q = self.quant
+        return (
+            tuple(mx.quantize(keys, group_size=q.group_size, bits=q.bits)),
+            tuple(mx.quantize(values, group_size=q.group_size, bits=q.bits)),
+        )
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Storage, Storage]:
         """Append (B, n_kv, L, D) keys/values; return all cached ones, oldest first."""
-        prev, n_new = self.offset, keys.shape[2]
-        if self.keys is None or prev + n_new > self.keys.shape[2]:
+        keys, values = self._stored(keys, values)
+        prev, n_new = self.offset, slots(keys)
+        if self.keys is None or prev + n_new > slots(self.keys):
             self._grow(keys, values, n_new)
         self.offset += n_new
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        _write(self.keys, keys, prev)
+        _write(self.values, values, prev)
+        return _cut(self.keys, 0, self.offset), _cut(self.values, 0, self.offset)
 
     def reserve(self, n_new: int) -> int:
         """Make room for ``n_new`` more positions (the cache must hold some); return the
         storage index the first of them will take. Used by :class:`DecodeSlot`."""
         assert self.keys is not None and self.values is not None, "reserve() needs a filled cache"
-        if self.offset + n_new > self.keys.shape[2]:
+        if self.offset + n_new > slots(self.keys):
             self._grow(self.keys, self.values, n_new)
         return self.offset
 
@@ -74,17 +182,15 @@ class KVCache:
         self.keys, self.values = keys, values
         self.offset += n_new
 
-    def _grow(self, keys: mx.array, values: mx.array, n_new: int) -> None:
-        batch, n_kv, _, k_dim = keys.shape
+    def _grow(self, keys: Storage, values: Storage, n_new: int) -> None:
         size = ((n_new + self.step - 1) // self.step) * self.step
-        new_k = mx.zeros((batch, n_kv, size, k_dim), keys.dtype)  # (B, n_kv, size, D)
-        new_v = mx.zeros((batch, n_kv, size, values.shape[3]), values.dtype)
-        if self.keys is None:
+        new_k, new_v = _zeros(keys, size), _zeros(values, size)
+        if self.keys is None or self.values is None:
             self.keys, self.values = new_k, new_v
             return
-        kept_k, kept_v = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-        self.keys = mx.concatenate([kept_k, new_k], axis=2)
-        self.values = mx.concatenate([kept_v, new_v], axis=2)
+        kept_k, kept_v = _cut(self.keys, 0, self.offset), _cut(self.values, 0, self.offset)
+        self.keys = smap(lambda a, b: mx.concatenate([a, b], axis=2), kept_k, new_k)
+        self.values = smap(lambda a, b: mx.concatenate([a, b], axis=2), kept_v, new_v)
 
     def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
         """Mask for the queries just added (call after :meth:`update_and_fetch`); ``"causal"``
@@ -112,16 +218,16 @@ class KVCache:
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+    def state(self) -> tuple[Storage, Storage] | tuple[()]:
         """The cached (keys, values), trimmed to ``offset``; ``()`` when empty."""
-        if self.keys is None or self.offset == 0:
+        if self.keys is None or self.values is None or self.offset == 0:
             return ()
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return _cut(self.keys, 0, self.offset), _cut(self.values, 0, self.offset)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the storage (allocated, not only used)."""
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        """Bytes held by the storage (allocated, not only used; all arrays of a quantized one)."""
+        return storage_nbytes(self.keys) + storage_nbytes(self.values)
 
 
 class RotatingKVCache(KVCache):
@@ -135,38 +241,38 @@ class RotatingKVCache(KVCache):
     queries, exactly the ``window`` positions before it.
     """
 
-    def __init__(self, window: int, slack: int = 256) -> None:
-        super().__init__()
+    def __init__(self, window: int, slack: int = 256, quant: KVQuant | None = None) -> None:
+        super().__init__(quant)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window
         self.slack = slack
         self.used = 0  # positions held in storage; the oldest is offset - used
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Storage, Storage]:
         """Append keys/values; return those the new queries can see, oldest first."""
-        n_new = keys.shape[2]
+        keys, values = self._stored(keys, values)
+        n_new = slots(keys)
         self._make_room(keys, values, n_new)
         start = self.used
         self.used += n_new
         self.offset += n_new
-        self.keys[..., start : self.used, :] = keys
-        self.values[..., start : self.used, :] = values
+        _write(self.keys, keys, start)
+        _write(self.values, values, start)
         # The first new query needs the window - 1 positions before it.
         first = max(0, self.used - n_new - (self.window - 1))
-        return self.keys[..., first : self.used, :], self.values[..., first : self.used, :]
+        return _cut(self.keys, first, self.used), _cut(self.values, first, self.used)
 
-    def _make_room(self, keys: mx.array, values: mx.array, n_new: int) -> None:
-        capacity = 0 if self.keys is None else self.keys.shape[2]
+    def _make_room(self, keys: Storage, values: Storage, n_new: int) -> None:
+        capacity = 0 if self.keys is None else slots(self.keys)
         if self.used + n_new > capacity:
             keep = min(self.used, self.window - 1 + self.slack // 2)
             size = max(self.window + self.slack, keep + n_new)
-            batch, n_kv, _, k_dim = keys.shape
-            new_k = mx.zeros((batch, n_kv, size, k_dim), keys.dtype)  # (B, n_kv, size, D)
-            new_v = mx.zeros((batch, n_kv, size, values.shape[3]), values.dtype)
+            new_k, new_v = _zeros(keys, size), _zeros(values, size)
             if keep:
-                new_k[..., :keep, :] = self.keys[..., self.used - keep : self.used, :]
-                new_v[..., :keep, :] = self.values[..., self.used - keep : self.used, :]
+                assert self.keys is not None and self.values is not None
+                _write(new_k, _cut(self.keys, self.used - keep, self.used), 0)
+                _write(new_v, _cut(self.values, self.used - keep, self.used), 0)
             self.keys, self.values, self.used = new_k, new_v, keep
 
     def reserve(self, n_new: int) -> int:
@@ -204,11 +310,11 @@ class RotatingKVCache(KVCache):
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+    def state(self) -> tuple[Storage, Storage] | tuple[()]:
         """The held (keys, values), oldest first; ``()`` when empty."""
-        if self.keys is None or self.used == 0:
+        if self.keys is None or self.values is None or self.used == 0:
             return ()
-        return self.keys[..., : self.used, :], self.values[..., : self.used, :]
+        return _cut(self.keys, 0, self.used), _cut(self.values, 0, self.used)
 
 
 class DecodeSlot:
@@ -219,6 +325,8 @@ class DecodeSlot:
     hides the slots not (or no longer) in use. The step's graph can then be compiled once
     and replayed, instead of being rebuilt op by op for every token. Masked slots add
     exactly nothing to the attention (their softmax weight is 0).
+
+    Float caches only (the compiled step is not used with quantized ones).
 
     Args:
         keys, values: the cache's whole storage (B, n_kv, S, D).

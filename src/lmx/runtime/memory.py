@@ -106,6 +106,8 @@ def kv_cache_bytes(
     *,
     batch: int = 1,
     step: int = 256,
+    bits: int | None = None,
+    group_size: int = 64,
 ) -> int:
     """Bytes the keys and values of ``n_tokens`` positions take in a KV cache.
 
@@ -118,9 +120,12 @@ def kv_cache_bytes(
         n_kv_heads: key/value heads per layer.
         head_dim: size of one head.
         n_tokens: positions to hold (prompt plus generated tokens).
-        itemsize: bytes per element (4 for float32, 2 for bfloat16).
+        itemsize: bytes per element (4 for float32, 2 for bfloat16); of a quantized cache's
+            scales and biases.
         batch: rows in the batch.
         step: the caches' allocation block.
+        bits: a quantized cache's bits per key/value element (None: float, ``itemsize`` each).
+        group_size: a quantized cache's elements per scale and bias.
 
     Returns:
         The bytes, keys and values of every layer together.
@@ -129,4 +134,19 @@ def kv_cache_bytes(
     if n_tokens <= 0:
         return 0
     positions = sum(blocks if w is None else w + step for w in windows)
-    return 2 * batch * n_kv_heads * head_dim * itemsize * positions
+    return 2 * batch * n_kv_heads * kv_row_bytes(head_dim, itemsize, bits, group_size) * positions
+
+
+def kv_row_bytes(head_dim: int, itemsize: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Bytes one position of one head takes in a KV cache (keys or values).
+
+    Args:
+        head_dim: size of one head.
+        itemsize: bytes per float element (of a quantized cache's scales and biases).
+        bits: a quantized cache's bits per element (None: float).
+        group_size: a quantized cache's elements per scale and bias.
+    """
+    if bits is None:
+        return head_dim * itemsize
+    # packed values, then one scale and one bias per group (as mx.quantize lays them out)
+    return head_dim * bits // 8 + 2 * (head_dim // group_size) * itemsize

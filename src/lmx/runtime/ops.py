@@ -26,6 +26,7 @@ from typing import Protocol
 import mlx.core as mx
 
 Mask = mx.array | str | None
+Quantized = tuple[mx.array, ...]  # mx.quantize's (packed, scales, biases) of (B, n_kv, S, D) keys or values
 
 
 class Ops(Protocol):
@@ -48,6 +49,10 @@ class Ops(Protocol):
     ) -> mx.array: ...
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array: ...
+
+    def quantized_attention(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
+    ) -> mx.array: ...
 
     def logsumexp(self, x: mx.array) -> mx.array: ...
 
@@ -83,6 +88,38 @@ class MlxOps:
         """Scaled dot-product attention over (B, heads, L, D) inputs (grouped-query aware); ``mask`` is
         a boolean array, None or ``"causal"``."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def quantized_attention(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
+    ) -> mx.array:
+        """:meth:`attention` over keys and values held quantized (``mx.quantize`` triples, quantized
+        along the head dimension), computed on the quantized values with ``mx.quantized_matmul``
+        (no float copy of the keys and values is made). Computed in float32 whatever the dtype: MLX's
+        quantized products in bfloat16 accumulate coarsely (on the CPU, outputs 20% off over 700
+        keys; float32: 0.1%); only the queries, scales and biases are converted, not the packed values."""
+        dtype = q.dtype
+        if dtype != mx.float32:
+            q = q.astype(mx.float32)
+            k = (k[0], *(a.astype(mx.float32) for a in k[1:]))
+            v = (v[0], *(a.astype(mx.float32) for a in v[1:]))
+        batch, n_heads, n_q, dim = q.shape
+        n_kv = k[0].shape[1]
+        q = (q * scale).reshape(batch, n_kv, n_heads // n_kv, n_q, dim)  # (B, n_kv, rep, Lq, D)
+        kq = [a[:, :, None] for a in k]  # (B, n_kv, 1, S, ·): one key head serves rep query heads
+        vq = [a[:, :, None] for a in v]
+        scores = mx.quantized_matmul(q, *kq, transpose=True, group_size=group_size, bits=bits)  # (B, n_kv, rep, Lq, S)
+        if isinstance(mask, str):
+            n_k = scores.shape[-1]
+            mask = mx.arange(n_k - n_q, n_k)[:, None] >= mx.arange(n_k)[None]  # (Lq, S)
+        if mask is not None:
+            if mask.ndim == 4:
+                mask = mask[:, :, None]  # (B or 1, 1, 1, Lq, S)
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        out = mx.quantized_matmul(
+            weights, *vq, transpose=False, group_size=group_size, bits=bits
+        )  # (B, n_kv, rep, Lq, D)
+        return out.reshape(batch, n_heads, n_q, dim).astype(dtype)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""
@@ -128,6 +165,17 @@ class CpuKernelOps(MlxOps):
             return self.kernels.attention(q, k, v, scale, mask == "causal")
         return super().attention(q, k, v, scale, mask)
 
+    def quantized_attention(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
+    ) -> mx.array:
+        # One op reading the quantized bytes (each row dequantized in registers): MLX's quantized
+        # products, or dequantizing then attending, cost 4-5x the float kernel here (RESULTS.md).
+        if not isinstance(mask, mx.array):
+            return self.kernels.quantized_attention(q, *k, *v, scale, mask == "causal", group_size, bits)
+        keys = mx.dequantize(*k, group_size=group_size, bits=bits)  # (B, n_kv, S, D)
+        values = mx.dequantize(*v, group_size=group_size, bits=bits)
+        return super().attention(q, keys, values, scale, mask)
+
     def logsumexp(self, x: mx.array) -> mx.array:
         # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary
         # (benchmarks/RESULTS.md, change 11).
@@ -160,4 +208,4 @@ class CudaOps(MlxOps):
 
 MLX_OPS = MlxOps()  # stateless: one shared instance is the default of every model
 
-__all__ = ["MLX_OPS", "CpuKernelOps", "CudaOps", "Mask", "MlxOps", "Ops"]
+__all__ = ["MLX_OPS", "CpuKernelOps", "CudaOps", "Mask", "MlxOps", "Ops", "Quantized"]

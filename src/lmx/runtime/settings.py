@@ -207,6 +207,25 @@ LMX_CUDA_ATTENTION: Setting[bool] = Setting(
     "lmx's one-query CUDA attention kernel for head dims MLX does not fuse (Gemma 3's 256)",
     _bool,
 )
+
+
+def _kv_bits(text: str) -> int | None:
+    low = text.lower()
+    if low in ("off", "none", "float"):
+        return None
+    if low in ("8", "4"):
+        return int(low)
+    raise ValueError(text)
+
+
+LMX_KV_BITS: Setting[int | None] = Setting(
+    "LMX_KV_BITS",
+    "one of 8, 4, off",
+    None,
+    "keep the KV cache quantized to this many bits when none is passed (`--kv-bits`, `kv_bits=`)",
+    _kv_bits,
+    default_doc="off (keys and values in the model's dtype)",
+)
 LMX_API_KEY: Setting[str | None] = Setting(
     "LMX_API_KEY",
     "a string",
@@ -236,6 +255,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CPU_INT8,
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
+    LMX_KV_BITS,
     LMX_API_KEY,
     LMX_TP_STEP_TIMEOUT,
 )

@@ -19,15 +19,39 @@ class KVBudget:
     Args:
         windows: each layer's sliding window (None for a global layer).
         n_kv_heads, head_dim: the keys' and values' shape per position.
-        itemsize: bytes per element.
+        itemsize: bytes per element (of the scales and biases, for quantized caches).
+        bits, group_size: a quantized cache's bits per element and elements per scale (None: float).
     """
 
-    def __init__(self, windows: Sequence[int | None], n_kv_heads: int, head_dim: int, itemsize: int) -> None:
+    def __init__(
+        self,
+        windows: Sequence[int | None],
+        n_kv_heads: int,
+        head_dim: int,
+        itemsize: int,
+        bits: int | None = None,
+        group_size: int = 64,
+    ) -> None:
         self.windows, self.n_kv_heads, self.head_dim, self.itemsize = list(windows), n_kv_heads, head_dim, itemsize
+        self.bits, self.group_size = bits, group_size
 
     def bytes(self, positions: int, rows: int = 1) -> int:
         """Storage of ``rows`` rows of ``positions`` positions (as the caches allocate it)."""
-        return memory.kv_cache_bytes(self.windows, self.n_kv_heads, self.head_dim, positions, self.itemsize, batch=rows)
+        return memory.kv_cache_bytes(
+            self.windows,
+            self.n_kv_heads,
+            self.head_dim,
+            positions,
+            self.itemsize,
+            batch=rows,
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+    def position_bytes(self) -> int:
+        """Bytes one position of one row takes in every layer (keys and values)."""
+        row = memory.kv_row_bytes(self.head_dim, self.itemsize, self.bits, self.group_size)
+        return 2 * self.n_kv_heads * row * len(self.windows)
 
     @staticmethod
     def free(held: int = 0) -> int:

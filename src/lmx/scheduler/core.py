@@ -42,7 +42,7 @@ from lmx.generate.sampling import top_logprobs
 from lmx.generate.speculative import Drafter, ModelDrafter, PromptLookup, verify
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
-from lmx.models.cache import KVCache, trim_caches
+from lmx.models.cache import KVCache, kv_quant, trim_caches
 from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
@@ -90,6 +90,9 @@ class SchedulerConfig:
         step_timeout: in a tensor-parallel group, seconds after which a turn that has not finished
             means a rank is gone (a collective waiting on a dead peer may never return): every
             request ends with :class:`GroupLostError` and the scheduler stops.
+        kv_itemsize: bytes per element of the keys and values (of their scales, when quantized).
+        kv_bits: store keys and values quantized to 8 or 4 bits (None: in float).
+        kv_group_size: elements of a head per scale and bias of the quantized keys and values.
     """
 
     max_batch: int = 32
@@ -98,6 +101,8 @@ class SchedulerConfig:
     prefix_cache_bytes: int = 1 << 30
     kv_itemsize: int = 4
     step_timeout: float = 120.0
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
 
 class _Row:
@@ -191,8 +196,11 @@ class Scheduler:
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         args = model.args
         self.constraints = ConstraintCompiler(tokenizer, eos, args.vocab_size)  # compiled once per spec
+        self.kv_quant = kv_quant(config.kv_bits, config.kv_group_size, args.head_dim)
         windows = [c.window for c in model.make_cache()]
-        self._kv = KVBudget(windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize)
+        self.kv_budget = KVBudget(
+            windows, args.num_key_value_heads, args.head_dim, config.kv_itemsize, config.kv_bits, config.kv_group_size
+        )
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Request] = collections.deque()
@@ -471,7 +479,7 @@ class Scheduler:
     def _free(self, held: int) -> int:
         """Bytes free for KV storage (see :meth:`KVBudget.free`); in a group, the leader's count, so
         that every rank admits and evicts alike."""
-        free = self._kv.free(held)
+        free = self.kv_budget.free(held)
         if self._sync is None:
             return free
         try:
@@ -752,7 +760,7 @@ class Scheduler:
                 if not self._admit(request, extra_rows=len(taken)):
                     if live == 0:  # nothing runs that could give memory back: it will never fit
                         self._waiting.popleft()
-                        self._finish(request, None, self._kv.refusal(len(request.ids) + request.limit))
+                        self._finish(request, None, self.kv_budget.refusal(len(request.ids) + request.limit))
                         continue
                     break
                 self._waiting.popleft()
@@ -770,7 +778,7 @@ class Scheduler:
             rows.append(_Row(request, RowSampler(opts, request.ids, matcher), output, 0))
         if len(taken) == 1:
             request, cached, n_cached = taken[0]
-            caches = cached if cached is not None else self.model.make_cache()
+            caches = cached if cached is not None else self.model.make_cache(self.kv_quant)
             return _Prefill(rows, caches, mx.array([request.ids[n_cached:]]), None)
         width = max(len(r.ids) for r, _, _ in taken)
         pads = [width - len(r.ids) for r, _, _ in taken]
@@ -778,7 +786,7 @@ class Scheduler:
         tokens = mx.array([[pad_id] * p + r.ids for p, (r, _, _) in zip(pads, taken)])  # (G, width)
         for row, p in zip(rows, pads):
             row.start = p
-        return _Prefill(rows, self.model.make_cache(), tokens, mx.array(pads, dtype=mx.int32))
+        return _Prefill(rows, self.model.make_cache(self.kv_quant), tokens, mx.array(pads, dtype=mx.int32))
 
     @contextlib.contextmanager
     def _routed(self, rows: Sequence[_Row]) -> Iterator[bool]:
@@ -830,8 +838,8 @@ class Scheduler:
         """Refuse at once a request whose KV cache could not fit even with nothing else running."""
         held = batch_cache.nbytes(self._batch.caches) + self.prefix_cache.nbytes
         positions = len(request.ids) + request.limit
-        if self._kv.bytes(positions) > self._kv.free(held):
-            raise self._kv.refusal(positions, held)
+        if self.kv_budget.bytes(positions) > self.kv_budget.free(held):
+            raise self.kv_budget.refusal(positions, held)
 
     def _admit(self, request: Request, extra_rows: int) -> bool:
         """Whether ``request`` may start now: the batch's KV cache with it, to the end of every
@@ -841,9 +849,9 @@ class Scheduler:
         offset = batch.caches[0].offset if batch.caches else 0
         remaining = [r.request.limit - len(r.request.generated) for r in rows]
         width = max([offset, len(request.ids)] + [j.caches[0].offset for j in self._joiners if j.caches])
-        need = self._kv.bytes(width + max([request.limit, *remaining]), len(rows) + extra_rows + 1)
+        need = self.kv_budget.bytes(width + max([request.limit, *remaining]), len(rows) + extra_rows + 1)
         if rows or extra_rows:  # joining a batch: its own prefill cache lives beside the batch's until merged
-            need += self._kv.bytes(len(request.ids))
+            need += self.kv_budget.bytes(len(request.ids))
         held = batch_cache.nbytes(batch.caches)
         free = self._free(held)
         if need > free and self.prefix_cache.nbytes:  # the prefix cache gives memory back first

@@ -214,6 +214,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None) -> St
             dtype=settings.dtype,
             draft_model=settings.draft_model,
             speculative=settings.speculative,
+            kv_bits=settings.kv_bits,
+            kv_group_size=settings.kv_group_size,
         )
     elif settings.speculative is not None:  # the server's default for requests that give none
         engine.default_options = engine.options({"speculative": settings.speculative})

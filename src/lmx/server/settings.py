@@ -28,6 +28,8 @@ class ServerSettings:
             (see :func:`lmx.load`); requests then speculate with it unless they say otherwise.
         speculative: the ``speculative`` option of requests that give none: None,
             ``"prompt-lookup"`` or ``"draft-model"`` (see :class:`lmx.GenerationOptions`).
+        kv_bits: keep the KV cache quantized to 8 or 4 bits (None: ``LMX_KV_BITS``, unset: float);
+            ``kv_group_size`` elements per scale (see :func:`lmx.load`).
         adapters: LoRA adapters (directories from ``lmx train``) to serve beside the model,
             each ``"NAME=PATH"`` or a bare ``"PATH"`` (named after its directory); a request
             whose ``model`` is an adapter's name runs with it (see :func:`parse_adapter`).
@@ -90,6 +92,8 @@ class ServerSettings:
     dtype: str = "auto"
     draft_model: str | None = None
     speculative: str | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
     adapters: tuple[str, ...] = ()
     model_name: str | None = None
     host: str = DEFAULT_HOST

@@ -8,6 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from lmx.models.cache import KVQuant
 from lmx.train.data import Dataset, collate, eval_batches
 from lmx.train.losses import loss_sum
 from lmx.train.optim import all_sum
@@ -34,6 +35,7 @@ def evaluate(
     max_batches: int = -1,
     pad_id: int = 0,
     group: mx.distributed.Group | None = None,
+    kv_quant: KVQuant | None = None,
 ) -> EvalResult:
     """Score ``dataset`` (its target tokens) in batches; no gradients, no dropout.
 
@@ -45,6 +47,7 @@ def evaluate(
         pad_id: the padding token id.
         group: with several processes, each scores a share of the batches and the sums are
             combined, so every process gets the same result.
+        kv_quant: score with keys and values as a quantized KV cache holds them (None: float).
 
     Returns:
         The :class:`EvalResult`.
@@ -59,7 +62,7 @@ def evaluate(
     try:
         for indices in batches[rank::world]:
             batch = collate([dataset.examples[i] for i in indices], pad_id)
-            s, n = loss_sum(model, batch.inputs, batch.targets, batch.weights)
+            s, n = loss_sum(model, batch.inputs, batch.targets, batch.weights, kv_quant)
             total, count = total + s, count + n
             mx.eval(total, count)
             examples += len(indices)

@@ -30,6 +30,10 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for up to 8 float32 queries.");
+  m.def("quantized_attention", &lmx::quantized_attention, "q"_a, "kw"_a, "ks"_a, "kb"_a, "vw"_a, "vs"_a, "vb"_a,
+        "scale"_a, "causal"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "attention over mx.quantize'd keys and values (8 or 4 bits; no mask or causal) as one CPU op for up to 8 "
+        "float32 queries.");
   m.def("set_num_threads", &lmx::set_num_threads, "n"_a, "Threads the kernels use (the caller included).");
   m.def("num_threads", &lmx::num_threads);
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");

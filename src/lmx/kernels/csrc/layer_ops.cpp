@@ -58,6 +58,29 @@ struct Rows4 {
   }
 };
 
+// A 4-D array's rows (b, h, j, :) of element type T, its last axis contiguous (see Rows4): the
+// array's own memory when its last stride is 1, else a row-major copy held in `tmp`.
+template <typename T>
+struct RowsOf {
+  const T* p;
+  int64_t s0, s1, s2;
+  RowsOf(const mx::array& a, std::vector<T>& tmp) {
+    if (a.strides()[3] == 1) {
+      p = a.data<T>();
+      s0 = a.strides()[0], s1 = a.strides()[1], s2 = a.strides()[2];
+    } else {
+      tmp.resize(a.size());
+      const T* src = a.data<T>();
+      for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) tmp[i] = src[strided_offset(a, i)];
+      p = tmp.data();
+      s2 = a.shape(3), s1 = s2 * a.shape(2), s0 = s1 * a.shape(1);
+    }
+  }
+  const T* at(int64_t b, int64_t h, int64_t j) const {
+    return p + b * s0 + h * s1 + j * s2;
+  }
+};
+
 // The attention's two inner loops, also compiled for AVX2 (picked at load time where the CPU has it).
 #define LMX_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 
@@ -74,6 +97,29 @@ LMX_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
 
 LMX_SIMD_CLONES void add_scaled(float* y, const float* x, float w, int64_t n) {  // y += w * x
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// One row of mx.quantize's affine layout back to float32: value i = scales[i / g] * q_i + biases[i / g],
+// q_i the i-th `bits`-bit field of the packed words, lowest bits first (as mx.dequantize reads it).
+LMX_SIMD_CLONES void dequantize_row8(float* out, const uint32_t* packed, const float* scales, const float* biases,
+                                     int64_t n, int64_t g) {
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(packed);  // little-endian: byte i is field i
+  for (int64_t start = 0; start < n; start += g) {
+    const float s = scales[start / g], b = biases[start / g];
+    for (int64_t i = start; i < start + g; ++i) out[i] = s * static_cast<float>(q[i]) + b;
+  }
+}
+
+LMX_SIMD_CLONES void dequantize_row4(float* out, const uint32_t* packed, const float* scales, const float* biases,
+                                     int64_t n, int64_t g) {
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(packed);  // byte i holds fields 2i (low) and 2i + 1
+  for (int64_t start = 0; start < n; start += g) {
+    const float s = scales[start / g], b = biases[start / g];
+    for (int64_t i = start / 2; i < (start + g) / 2; ++i) {
+      out[2 * i] = s * static_cast<float>(q[i] & 15) + b;
+      out[2 * i + 1] = s * static_cast<float>(q[i] >> 4) + b;
+    }
+  }
 }
 
 // exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r,
@@ -349,6 +395,101 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 bool Attention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const Attention&>(other);
   return scale_ == o.scale_ && causal_ == o.causal_;
+}
+
+mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx::array& ks, const mx::array& kb,
+                              const mx::array& vw, const mx::array& vs, const mx::array& vb, float scale,
+                              bool causal, int group_size, int bits, mx::StreamOrDevice s) {
+  auto mlx_attention = [scale, causal, group_size, bits, s](const std::vector<mx::array>& in) {
+    auto k = mx::dequantize(in[1], in[2], in[3], group_size, bits, "affine", std::nullopt, std::nullopt, s);
+    auto v = mx::dequantize(in[4], in[5], in[6], group_size, bits, "affine", std::nullopt, std::nullopt, s);
+    return std::vector<mx::array>{
+        mx::fast::scaled_dot_product_attention(in[0], k, v, scale, causal ? "causal" : "", {}, {}, false, s)};
+  };
+  const std::vector<mx::array> inputs{q, kw, ks, kb, vw, vs, vb};
+  bool here = (bits == 8 || bits == 4) && group_size > 0 && group_size % 2 == 0 && q.dtype() == mx::float32 &&
+              q.ndim() == 4 && q.shape(2) <= 8 && q.shape(3) % group_size == 0;
+  for (int i = 1; here && i < 7; ++i) {
+    const auto& a = inputs[i];
+    const bool words = i == 1 || i == 4;
+    here = a.ndim() == 4 && a.dtype() == (words ? mx::uint32 : mx::float32) && a.shape(0) == q.shape(0) &&
+           a.shape(1) == kw.shape(1) && a.shape(2) == kw.shape(2) &&
+           a.shape(3) == (words ? q.shape(3) * bits / 32 : q.shape(3) / group_size);
+  }
+  here = here && kw.shape(1) > 0 && q.shape(1) % kw.shape(1) == 0 && kw.shape(2) >= q.shape(2);
+  if (!here) {
+    return mlx_attention(inputs)[0];
+  }
+  return mx::array(q.shape(), mx::float32,
+                   std::make_shared<QuantizedAttention>(mx::to_stream(s), mlx_attention, scale, causal, group_size,
+                                                        bits),
+                   inputs);
+}
+
+void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([inputs, y = out.data<float>(), scale = scale_, causal = causal_, g = group_size_,
+                    bits = bits_]() {
+    const auto& q = inputs[0];
+    std::vector<float> tq, tks, tkb, tvs, tvb;
+    std::vector<uint32_t> tkw, tvw;
+    const Rows4 qr(q, tq);
+    const RowsOf<uint32_t> kwr(inputs[1], tkw), vwr(inputs[4], tvw);
+    const RowsOf<float> ksr(inputs[2], tks), kbr(inputs[3], tkb), vsr(inputs[5], tvs), vbr(inputs[6], tvb);
+    const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
+    const int64_t n_kv = inputs[1].shape(1), groups = heads / n_kv, lk = inputs[1].shape(2);
+    const int64_t rows = groups * lq;  // the queries one key head serves: (query head of the group, position)
+    auto dequantize = bits == 8 ? dequantize_row8 : dequantize_row4;
+    std::vector<float> row(d), p(rows * lk), total(rows);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t hk = 0; hk < n_kv; ++hk) {
+        // Scores: each key row dequantized once, for every query it serves.
+        for (int64_t j = 0; j < lk; ++j) {
+          dequantize(row.data(), kwr.at(b, hk, j), ksr.at(b, hk, j), kbr.at(b, hk, j), d, g);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t h = hk * groups + r / lq, i = r % lq;
+            const bool seen = !causal || j <= lk - lq + i;
+            p[r * lk + j] = seen ? dot(qr.at(b, h, i), row.data(), d) * scale
+                                 : -std::numeric_limits<float>::infinity();
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* pr = p.data() + r * lk;
+          const float top = max_of(pr, lk);
+          float sum = 0.0f;
+          for (int64_t j = 0; j < lk; ++j) {
+            pr[j] = std::exp(pr[j] - top);
+            sum += pr[j];
+          }
+          total[r] = sum;
+          const int64_t h = hk * groups + r / lq, i = r % lq;
+          float* yr = y + ((b * heads + h) * lq + i) * d;
+          std::fill(yr, yr + d, 0.0f);
+        }
+        // Outputs: each value row dequantized once, added to every query's output with its weight.
+        for (int64_t j = 0; j < lk; ++j) {
+          dequantize(row.data(), vwr.at(b, hk, j), vsr.at(b, hk, j), vbr.at(b, hk, j), d, g);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float w = p[r * lk + j];
+            if (w == 0.0f) continue;  // a masked (causal) key
+            const int64_t h = hk * groups + r / lq, i = r % lq;
+            add_scaled(y + ((b * heads + h) * lq + i) * d, row.data(), w, d);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t h = hk * groups + r / lq, i = r % lq;
+          float* yr = y + ((b * heads + h) * lq + i) * d;
+          const float inv = 1.0f / total[r];
+          for (int64_t c = 0; c < d; ++c) yr[c] *= inv;
+        }
+      }
+    }
+  });
+}
+
+bool QuantizedAttention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedAttention&>(other);
+  return scale_ == o.scale_ && causal_ == o.causal_ && group_size_ == o.group_size_ && bits_ == o.bits_;
 }
 
 }  // namespace lmx

@@ -34,6 +34,16 @@ mx::array rope(const mx::array& x, int dims, const mx::array& periods, float sca
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 
+// attention() over keys and values held quantized, as mx.quantize lays them out along the head
+// dimension (a quantized KV cache): kw/vw (B, KV, Lk, D * bits / 32) uint32, ks/kb and vs/vb
+// (B, KV, Lk, D / group_size) float32 scales and biases; bits 8 or 4. Each key and value row is
+// dequantized once, in registers, for every query head of its group: the keys and values are read
+// at a quarter (8-bit) or an eighth (4-bit) of their float32 bytes. Float32 queries of up to 8
+// positions run here; anything else goes to MLX (dequantize, then scaled_dot_product_attention).
+mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx::array& ks, const mx::array& kb,
+                              const mx::array& vw, const mx::array& vs, const mx::array& vb, float scale,
+                              bool causal, int group_size, int bits, mx::StreamOrDevice s = {});
+
 // log(sum(exp(x))) over the last axis, keeping it (size 1). MLX's CPU exp costs ~29 ns a value here
 // (7.4 ms for Gemma 3's 262144 logits, every decode step); this one is vectorised (a Cephes-style
 // exp, within 2 ulp) and takes ~0.3 ms. Float32 runs here; anything else goes to mx.logsumexp.
@@ -109,6 +119,23 @@ class Attention : public CpuOp {
  private:
   float scale_;
   bool causal_;
+};
+
+class QuantizedAttention : public CpuOp {
+ public:
+  QuantizedAttention(mx::Stream stream, Fn fallback, float scale, bool causal, int group_size, int bits)
+      : CpuOp(stream, std::move(fallback)), scale_(scale), causal_(causal), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "LmxQuantizedAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+  bool causal_;
+  int group_size_;
+  int bits_;
 };
 
 }  // namespace lmx

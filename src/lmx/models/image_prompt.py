@@ -105,6 +105,7 @@ class BlockMaskCache:
         self.cache = cache
         self.blocks = blocks
         self.window = cache.window
+        self.quant = cache.quant  # attention reads a quantized cache's triples with its layout
 
     @property
     def offset(self) -> int:

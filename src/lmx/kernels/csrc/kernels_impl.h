@@ -150,6 +150,30 @@ struct RowDot {
   }
 };
 
+// The same sink for M rows of x at once (x + i * stride, i < M): each group of 8 decoded weights is
+// multiplied into all M dot products while it sits in a register, so a W row is decoded once per M rows
+// of x instead of once per row (or stored and read back M times). Row i's four accumulators see exactly
+// the products RowDot's would, in the same order: sum(i) is RowDot's sum for that row, bit for bit.
+template <int M>
+struct RowsDot {
+  const float* x;
+  int64_t stride;
+  __m256 acc[M][4];
+  LMX_INLINE RowsDot(const float* x_, int64_t stride_) : x(x_), stride(stride_) {
+    for (int i = 0; i < M; ++i) {
+      for (int l = 0; l < 4; ++l) acc[i][l] = _mm256_setzero_ps();
+    }
+  }
+  LMX_INLINE void put(int64_t at, int lane, __m256 w) {
+    for (int i = 0; i < M; ++i) {
+      acc[i][lane] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * stride + at), acc[i][lane]);
+    }
+  }
+  LMX_INLINE float sum(int i) const {
+    return hsum4(acc[i]);
+  }
+};
+
 LMX_INLINE __m256 i8x8_times(__m128i q, __m256 s) {  // the low 8 int8 of q, as floats, times s
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s);
 }
@@ -447,6 +471,22 @@ LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
 // ---- row-range workers: rows [r0, r1) of W against m rows of x ----
 
 
+#if LMX_IMPL_AVX2
+// W row r against rows [i0, i0 + M) of x: the row decoded once into M dot products.
+template <int T, int M>
+LMX_INLINE void gemv_row_m(const Gemv& g, int64_t i0, int64_t r) {
+  RowsDot<M> out(g.x + i0 * g.k, g.k);
+  decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);
+  for (int i = 0; i < M; ++i) g.y[(i0 + i) * g.n + r] = out.sum(i);
+}
+
+// Rows of x per decode of a W row. 4 x 4 accumulators, a weight and an x vector are more than AVX2's 16
+// vector registers, so 4 spills a little, yet measured as fast as 2 + 2 and faster than 3 + 1 on a Zen 4
+// (benchmarks/cpu_kernels_rows.py; compiling this with AVX-512VL's 32 registers and 8 rows per pass
+// gained only 5-12% there, not worth a third copy of the kernels).
+constexpr int kRowsPerPass = 4;
+#endif
+
 template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_AVX2
@@ -458,7 +498,25 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
     }
     return;
   }
-#endif
+  // m rows of x: each W row decoded once per kRowsPerPass rows of x (while it is still in L1), the
+  // rows split as evenly as possible (8 = 4 + 4, 5 = 3 + 2 with 4 per pass).
+  const int64_t passes = (g.m + kRowsPerPass - 1) / kRowsPerPass;
+  int64_t split[kGemvMaxRows];
+  for (int64_t p = 0, i0 = 0; p < passes; ++p) {
+    split[p] = (g.m - i0) / (passes - p);
+    i0 += split[p];
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t p = 0, i0 = 0; p < passes; i0 += split[p], ++p) {
+      switch (split[p]) {
+        case 1: gemv_row_m<T, 1>(g, i0, r); break;
+        case 2: gemv_row_m<T, 2>(g, i0, r); break;
+        case 3: gemv_row_m<T, 3>(g, i0, r); break;
+        default: gemv_row_m<T, 4>(g, i0, r); break;
+      }
+    }
+  }
+#else
   alignas(64) float buf[kMaxK];
   for (int64_t r = r0; r < r1; ++r) {
     decode_row<T>(g.w + r * g.row_bytes, g.k, buf);
@@ -466,6 +524,7 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
       g.y[i * g.n + r] = dot(buf, g.x + i * g.k, g.k);
     }
   }
+#endif
 }
 
 #if LMX_IMPL_AVX2

@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", default="1,2,3,4,5,6,7,8")
     p.add_argument("--shapes", default="", help="comma-separated names to keep (default all)")
+    p.add_argument("--no-avx512", action="store_true", help="keep the new build to its AVX2 copy")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if args.new:
@@ -71,11 +72,12 @@ def main() -> int:
     builds = {"base": load(args.base, "lmx_base"), "new": new}
     for module in builds.values():
         module.set_num_threads(args.threads)
+    avx512 = new.set_avx512(not args.no_avx512) if hasattr(new, "set_avx512") else False
     rows_list = [int(r) for r in args.rows.split(",")]
     keep = set(args.shapes.split(",")) if args.shapes else None
     rng = np.random.default_rng(0)
     results = []
-    print(f"load average {os.getloadavg()}, threads {args.threads}, repeat {args.repeat}")
+    print(f"load average {os.getloadavg()}, threads {args.threads}, repeat {args.repeat}, new uses AVX-512VL: {avx512}")
     for qtype, n, k, what in SHAPES:
         if keep and what not in keep:
             continue
@@ -135,7 +137,10 @@ def main() -> int:
             )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"loadavg": os.getloadavg(), "threads": args.threads, "results": results}, indent=1) + "\n"
+            json.dumps(
+                {"loadavg": os.getloadavg(), "threads": args.threads, "avx512": avx512, "results": results}, indent=1
+            )
+            + "\n"
         )
     return 0
 

@@ -110,9 +110,14 @@ def test_m_rows_equal_m_one_row_products_bit_for_bit(K, qtype):
     x = rng.standard_normal((8, k)).astype(np.float32)
     one_row = np.concatenate([np.array(K.qmatmul(mx.array(x[i : i + 1]), w, int(qtype), k)) for i in range(8)])
     close(one_row, x.astype(np.float64) @ want.T)
-    for m in range(1, 9):
-        got = np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k))
-        np.testing.assert_array_equal(got, one_row[:m], err_msg=f"m={m}")
+    try:
+        for avx512 in (True, False):  # where the CPU has AVX-512VL, its copy (8 rows a pass) and AVX2's (4)
+            K.set_avx512(avx512)
+            for m in range(1, 9):
+                got = np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k))
+                np.testing.assert_array_equal(got, one_row[:m], err_msg=f"m={m}, avx512 allowed: {avx512}")
+    finally:
+        K.set_avx512(True)
 
 
 @needs_kernels

@@ -1,8 +1,10 @@
-// The kernels' portable body, included twice by qmatmul.cpp: once as namespace lmx::generic, once as
-// lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots).
+// The kernels' portable body, included three times by qmatmul.cpp: as namespace lmx::generic; as
+// lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots); and
+// as lmx::avx512, the same 256-bit code with AVX-512VL's 32 vector registers (more rows of x per pass).
 // Block layouts and the float operation order of every decoder follow ggml's dequantize_row_*
 // (ggml-quants.c), so a decoded weight is bit-identical to gguf-py's numpy dequantize.
-// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, Gemv, kMaxK and the GgmlType ids.
+// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, LMX_IMPL_ROWS_PER_PASS, Gemv, kMaxK and
+// the GgmlType ids.
 
 namespace lmx::LMX_IMPL_NS {
 
@@ -480,11 +482,11 @@ LMX_INLINE void gemv_row_m(const Gemv& g, int64_t i0, int64_t r) {
   for (int i = 0; i < M; ++i) g.y[(i0 + i) * g.n + r] = out.sum(i);
 }
 
-// Rows of x per decode of a W row. 4 x 4 accumulators, a weight and an x vector are more than AVX2's 16
-// vector registers, so 4 spills a little, yet measured as fast as 2 + 2 and faster than 3 + 1 on a Zen 4
-// (benchmarks/cpu_kernels_rows.py; compiling this with AVX-512VL's 32 registers and 8 rows per pass
-// gained only 5-12% there, not worth a third copy of the kernels).
-constexpr int kRowsPerPass = 4;
+// Rows of x per decode of a W row (LMX_IMPL_ROWS_PER_PASS, set by qmatmul.cpp per copy). M x 4
+// accumulators, a weight and an x vector: 4 rows spill a little from AVX2's 16 vector registers yet
+// measured as fast as 2 + 2; with AVX-512VL's 32 (the avx512 copy) all 8 rows go in one pass, 1.1-1.45x
+// faster than 4 + 4 on a Zen 4 (benchmarks/cpu_kernels_rows.py, RESULTS.md "CPU products of 2-8 rows").
+constexpr int kRowsPerPass = LMX_IMPL_ROWS_PER_PASS;
 #endif
 
 template <int T>
@@ -512,7 +514,11 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
         case 1: gemv_row_m<T, 1>(g, i0, r); break;
         case 2: gemv_row_m<T, 2>(g, i0, r); break;
         case 3: gemv_row_m<T, 3>(g, i0, r); break;
-        default: gemv_row_m<T, 4>(g, i0, r); break;
+        case 4: gemv_row_m<T, 4>(g, i0, r); break;
+        case 5: if constexpr (kRowsPerPass >= 5) gemv_row_m<T, 5>(g, i0, r); break;
+        case 6: if constexpr (kRowsPerPass >= 6) gemv_row_m<T, 6>(g, i0, r); break;
+        case 7: if constexpr (kRowsPerPass >= 7) gemv_row_m<T, 7>(g, i0, r); break;
+        default: if constexpr (kRowsPerPass >= 8) gemv_row_m<T, 8>(g, i0, r); break;
       }
     }
   }
@@ -541,7 +547,7 @@ LMX_INLINE void gemv_rows_int8(const Gemv& g, const int8_t* xq, const float* xs,
   }
 }
 
-void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
+[[maybe_unused]] void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
                int64_t r1) {
   switch (type) {
     case Q8_0: return gemv_rows_int8<Q8_0>(g, xq, xs, xsum, r0, r1);
@@ -552,7 +558,7 @@ void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const
   }
 }
 
-void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+[[maybe_unused]] void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int32_t* sum) {
   for (int64_t i = 0; i < m; ++i) quantize_x(x + i * k, k, q + i * k, scale + i * (k / 32), sum + i * (k / 32));
 }
 #endif
@@ -572,7 +578,7 @@ LMX_INLINE void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, flo
   for (int64_t r = r0; r < r1; ++r) decode_row<T>(w + r * row_bytes, k, y + r * k);
 }
 
-void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int64_t r0, int64_t r1) {
+[[maybe_unused]] void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int64_t r0, int64_t r1) {
   switch (type) {
     case Q8_0: return dequant_rows<Q8_0>(w, rb, k, y, r0, r1);
     case Q4_0: return dequant_rows<Q4_0>(w, rb, k, y, r0, r1);

@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", default="1,2,3,4,5,6,7,8")
     p.add_argument("--shapes", default="", help="comma-separated names to keep (default all)")
+    p.add_argument("--int8", action="store_true", help="time the opt-in int8-activation path instead")
     p.add_argument("--no-avx512", action="store_true", help="keep the new build to its AVX2 copy")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -77,7 +78,9 @@ def main() -> int:
     keep = set(args.shapes.split(",")) if args.shapes else None
     rng = np.random.default_rng(0)
     results = []
-    print(f"load average {os.getloadavg()}, threads {args.threads}, repeat {args.repeat}, new uses AVX-512VL: {avx512}")
+    print(
+        f"load average {os.getloadavg()}, threads {args.threads}, repeat {args.repeat}, new uses AVX-512VL: {avx512}, int8: {args.int8}"
+    )
     for qtype, n, k, what in SHAPES:
         if keep and what not in keep:
             continue
@@ -98,19 +101,24 @@ def main() -> int:
         x_all = mx.array(rng.standard_normal((max(rows_list), k)).astype(np.float32))
         mx.eval(w, x_all)
         one_row = np.concatenate(
-            [np.array(builds["new"].qmatmul(x_all[i : i + 1], w, int(qtype), k)) for i in range(x_all.shape[0])]
+            [
+                np.array(builds["new"].qmatmul(x_all[i : i + 1], w, int(qtype), k, int8_activations=args.int8))
+                for i in range(x_all.shape[0])
+            ]
         )
         base_t1 = new_t1 = None
         for m in rows_list:
             x = x_all[:m]
-            outs = {name: np.array(b.qmatmul(x, w, int(qtype), k)) for name, b in builds.items()}
+            outs = {
+                name: np.array(b.qmatmul(x, w, int(qtype), k, int8_activations=args.int8)) for name, b in builds.items()
+            }
             same_builds = bool(np.array_equal(outs["base"], outs["new"]))
             same_rows = bool(np.array_equal(outs["new"], one_row[:m]))
             times: dict[str, list[float]] = {name: [] for name in builds}
             for _ in range(args.repeat):
                 for name, b in builds.items():
                     start = time.perf_counter()
-                    mx.eval(b.qmatmul(x, w, int(qtype), k))
+                    mx.eval(b.qmatmul(x, w, int(qtype), k, int8_activations=args.int8))
                     times[name].append(time.perf_counter() - start)
             tb, tn = statistics.median(times["base"]) * 1e3, statistics.median(times["new"]) * 1e3
             base_t1 = base_t1 or tb
@@ -138,7 +146,14 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"loadavg": os.getloadavg(), "threads": args.threads, "avx512": avx512, "results": results}, indent=1
+                {
+                    "loadavg": os.getloadavg(),
+                    "threads": args.threads,
+                    "avx512": avx512,
+                    "int8": args.int8,
+                    "results": results,
+                },
+                indent=1,
             )
             + "\n"
         )

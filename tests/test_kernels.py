@@ -118,6 +118,14 @@ def test_m_rows_equal_m_one_row_products_bit_for_bit(K, qtype):
                 np.testing.assert_array_equal(got, one_row[:m], err_msg=f"m={m}, avx512 allowed: {avx512}")
     finally:
         K.set_avx512(True)
+    if K.has_avx2():  # the opt-in int8 path unpacks each W row once for all m rows too
+        one_int8 = [
+            np.array(K.qmatmul(mx.array(x[i : i + 1]), w, int(qtype), k, int8_activations=True)) for i in range(8)
+        ]
+        one_int8 = np.concatenate(one_int8)
+        for m in range(1, 9):
+            got = np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k, int8_activations=True))
+            np.testing.assert_array_equal(got, one_int8[:m], err_msg=f"int8, m={m}")
 
 
 @needs_kernels

@@ -353,9 +353,13 @@ struct XQ {  // a quantized row of x
   const int32_t* sum;
 };
 
-template <int T>
-LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
+// One W row against M quantized rows of x: each block of W is unpacked to int8 once and multiplied into
+// all M rows, row i's arithmetic exactly that of M = 1 (one accumulator per row, the same order).
+template <int T, int M>
+LMX_INLINE void dot_rows_int8(const uint8_t* row, const XQ* x, int64_t k, float* out) {
+  __m256 acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
   if constexpr (T == Q8_0 || T == Q5_0 || T == Q4_0) {
     constexpr int64_t bytes = T == Q8_0 ? 34 : T == Q5_0 ? 22 : 18;
     for (int64_t b = 0; b < k / 32; ++b, row += bytes) {
@@ -370,38 +374,45 @@ LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
       } else {
         qw = _mm256_sub_epi8(nibbles_32(row + 2), _mm256_set1_epi8(8));
       }
-      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-      const __m256 s = _mm256_set1_ps(half_f16c(row) * x.scale[b]);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8x32(qw, qx)), s, acc);
+      const float dw = half_f16c(row);
+      for (int i = 0; i < M; ++i) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].q + 32 * b));
+        const __m256 s = _mm256_set1_ps(dw * x[i].scale[b]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8x32(qw, qx)), s, acc[i]);
+      }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero});
   } else if constexpr (T == Q4_K) {
-    float mins = 0.0f;
+    float mins[M];
+    for (int i = 0; i < M; ++i) mins[i] = 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t i = 0; i < k; i += 256, row += 144) {
+    for (int64_t i0 = 0; i0 < k; i0 += 256, row += 144) {
       const float d = half_f16c(row), dmin = half_f16c(row + 2);
       const uint8_t* q = row + 16;
       for (int j = 0; j < 4; ++j, q += 32) {
-        const int64_t b = (i + 64 * j) / 32;  // x block of the low nibbles; b + 1: the high ones
+        const int64_t b = (i0 + 64 * j) / 32;  // x block of the low nibbles; b + 1: the high ones
         int sc1, m1, sc2, m2;
         scale_min_k4(2 * j, row + 4, &sc1, &m1);
         scale_min_k4(2 * j + 1, row + 4, &sc2, &m2);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
         const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b + 32));
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);  // lo is unsigned
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc1 * x.scale[b]), acc);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc2 * x.scale[b + 1]), acc);
-        mins += dmin * m1 * x.scale[b] * x.sum[b] + dmin * m2 * x.scale[b + 1] * x.sum[b + 1];
+        for (int i = 0; i < M; ++i) {
+          const XQ& xi = x[i];
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi.q + 32 * b));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi.q + 32 * b + 32));
+          const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);  // lo is unsigned
+          const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc1 * xi.scale[b]), acc[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc2 * xi.scale[b + 1]), acc[i]);
+          mins[i] += dmin * m1 * xi.scale[b] * xi.sum[b] + dmin * m2 * xi.scale[b + 1] * xi.sum[b + 1];
+        }
       }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}) - mins;
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero}) - mins[i];
   } else {
     static_assert(T == Q6_K);
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
-    for (int64_t i = 0; i < k; i += 256, row += 210) {
+    for (int64_t i0 = 0; i0 < k; i0 += 256, row += 210) {
       const uint8_t* ql = row;
       const uint8_t* qh = row + 128;
       const int8_t* sc = reinterpret_cast<const int8_t*>(row + 192);
@@ -417,17 +428,21 @@ LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                             _mm256_and_si256(_mm256_srli_epi16(h, 2), m2))};
         for (int g = 0; g < 4; ++g) {
-          const int64_t b = (i + n + 32 * g) / 32;
+          const int64_t b = (i0 + n + 32 * g) / 32;
           const __m256i qw = _mm256_sub_epi8(q[g], bias);
-          const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+          const __m256i aw = _mm256_sign_epi8(qw, qw);
           // 16-bit lanes 0-7 hold values 0-15 (scale sc[2g]), lanes 8-15 values 16-31 (sc[2g + 1])
           const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, scales)), _mm256_set1_ps(d * x.scale[b]), acc);
+          for (int i = 0; i < M; ++i) {
+            const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].q + 32 * b));
+            const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, scales)),
+                                     _mm256_set1_ps(d * x[i].scale[b]), acc[i]);
+          }
         }
       }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero});
   }
 }
 #else
@@ -534,16 +549,27 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 }
 
 #if LMX_IMPL_AVX2
-// Rows [r0, r1) of W against the m quantized rows of x (int8 activations).
+// Rows [r0, r1) of W against the m <= 8 quantized rows of x (int8 activations), each W row unpacked once.
 template <int T>
 LMX_INLINE void gemv_rows_int8(const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
                                int64_t r1) {
   const int64_t nb = g.k / 32;
+  XQ x[kGemvMaxRows];
+  for (int64_t i = 0; i < g.m; ++i) x[i] = XQ{xq + i * g.k, xs + i * nb, xsum + i * nb};
+  float out[kGemvMaxRows];
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t i = 0; i < g.m; ++i) {
-      const XQ x{xq + i * g.k, xs + i * nb, xsum + i * nb};
-      g.y[i * g.n + r] = dot_row_int8<T>(g.w + r * g.row_bytes, x, g.k);
+    const uint8_t* row = g.w + r * g.row_bytes;
+    switch (g.m) {  // one accumulator per row of x: all 8 fit the 16 registers
+      case 1: dot_rows_int8<T, 1>(row, x, g.k, out); break;
+      case 2: dot_rows_int8<T, 2>(row, x, g.k, out); break;
+      case 3: dot_rows_int8<T, 3>(row, x, g.k, out); break;
+      case 4: dot_rows_int8<T, 4>(row, x, g.k, out); break;
+      case 5: dot_rows_int8<T, 5>(row, x, g.k, out); break;
+      case 6: dot_rows_int8<T, 6>(row, x, g.k, out); break;
+      case 7: dot_rows_int8<T, 7>(row, x, g.k, out); break;
+      default: dot_rows_int8<T, 8>(row, x, g.k, out); break;
     }
+    for (int64_t i = 0; i < g.m; ++i) g.y[i * g.n + r] = out[i];
   }
 }
 

@@ -265,7 +265,8 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       });
       return;
     }
-    const bool avx512 = g.m > 1 && avx512_allowed && cpu_has_avx512vl();  // 32 vector registers: more rows of x per pass
+    // 2-8 rows: the copy with 32 vector registers takes them all in one pass over each decoded W row
+    const bool avx512 = g.m > 1 && avx512_allowed && cpu_has_avx512vl();
     parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
       avx512 ? avx512::gemv(type, g, r0, r1) : avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
     });

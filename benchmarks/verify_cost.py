@@ -6,7 +6,10 @@ L = 1..8 positions, the lengths interleaved and their order rotating, and drops 
 again. A verify pass of k drafts is L = k + 1; it pays off when the tokens it gives (accepted
 drafts + 1) over its cost beat one token per decode step.
 
-    python benchmarks/verify_cost.py --rounds 5 [--json out.json]
+    python benchmarks/verify_cost.py --rounds 5 [--json out.json] [--kernels /tmp/base/_lmx_kernels*.so]
+
+``--kernels`` runs another build of the CPU kernels (e.g. the ``main`` branch's module copied aside)
+instead of this tree's, to compare kernels before/after on the same machine.
 """
 
 from __future__ import annotations
@@ -22,12 +25,28 @@ import mlx.core as mx
 from lmx.loading import load_model
 
 
+def use_kernels(path: str) -> None:
+    """Make lmx load the kernel module built at ``path`` instead of its own."""
+    import importlib.util
+
+    import lmx.kernels
+
+    spec = importlib.util.spec_from_file_location("lmx_other_build._lmx_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_num_threads(lmx.kernels.load_module()[0].num_threads())
+    lmx.kernels.load_module = lambda: (module, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lengths", default="1,2,3,4,5,6,7,8,9")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", default=None, help="path of another build's _lmx_kernels*.so to use")
     args = ap.parse_args()
+    if args.kernels:
+        use_kernels(args.kernels)
     lengths = [int(x) for x in args.lengths.split(",")]
     model = load_model(None).model
     cache = model.make_cache()

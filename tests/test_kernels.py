@@ -98,6 +98,37 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch(K, qtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_m_rows_equal_m_one_row_products_bit_for_bit(K, qtype):
+    """m = 1..8 rows share each decoded W row (several rows of x per pass); every row of the product must
+    still be exactly its one-row product, which is what decode and a speculative verify pass compare."""
+    rng = np.random.default_rng(17 + int(qtype))
+    k = 3 * GGML_QUANT_SIZES[qtype][0] if qtype in (T.Q4_K, T.Q6_K) else 20 * GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, 45, k, rng)
+    want = reference(blocks, qtype, k).astype(np.float64)
+    w = mx.array(blocks)
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    one_row = np.concatenate([np.array(K.qmatmul(mx.array(x[i : i + 1]), w, int(qtype), k)) for i in range(8)])
+    close(one_row, x.astype(np.float64) @ want.T)
+    try:
+        for avx512 in (True, False):  # where the CPU has AVX-512VL, its copy (8 rows a pass) and AVX2's (4)
+            K.set_avx512(avx512)
+            for m in range(1, 9):
+                got = np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k))
+                np.testing.assert_array_equal(got, one_row[:m], err_msg=f"m={m}, avx512 allowed: {avx512}")
+    finally:
+        K.set_avx512(True)
+    if K.has_avx2():  # the opt-in int8 path unpacks each W row once for all m rows too
+        one_int8 = [
+            np.array(K.qmatmul(mx.array(x[i : i + 1]), w, int(qtype), k, int8_activations=True)) for i in range(8)
+        ]
+        one_int8 = np.concatenate(one_int8)
+        for m in range(1, 9):
+            got = np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k, int8_activations=True))
+            np.testing.assert_array_equal(got, one_int8[:m], err_msg=f"int8, m={m}")
+
+
+@needs_kernels
 def test_qmatmul_batched_shape_and_bfloat16_input(K):
     rng = np.random.default_rng(1)
     blocks = random_blocks(T.Q4_K, 96, 512, rng)
@@ -110,7 +141,7 @@ def test_qmatmul_batched_shape_and_bfloat16_input(K):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 24])  # 24: prefill, W's blocks of 256 rows shared out over the pool
+@pytest.mark.parametrize("rows", [1, 7, 24])  # 7: two passes of x rows; 24: prefill, W blocks shared out
 def test_multithreaded_rows_equal_single_thread(K, rows):
     rng = np.random.default_rng(2)
     blocks = mx.array(random_blocks(T.Q8_0, 4099, 640, rng))  # large enough to be split over the pool

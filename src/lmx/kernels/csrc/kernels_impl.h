@@ -1,8 +1,10 @@
-// The kernels' portable body, included twice by qmatmul.cpp: once as namespace lmx::generic, once as
-// lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots).
+// The kernels' portable body, included three times by qmatmul.cpp: as namespace lmx::generic; as
+// lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots); and
+// as lmx::avx512, the same 256-bit code with AVX-512VL's 32 vector registers (more rows of x per pass).
 // Block layouts and the float operation order of every decoder follow ggml's dequantize_row_*
 // (ggml-quants.c), so a decoded weight is bit-identical to gguf-py's numpy dequantize.
-// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, Gemv, kMaxK and the GgmlType ids.
+// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, LMX_IMPL_ROWS_PER_PASS, Gemv, kMaxK and
+// the GgmlType ids.
 
 namespace lmx::LMX_IMPL_NS {
 
@@ -147,6 +149,30 @@ struct RowDot {
   }
   LMX_INLINE float sum() const {
     return hsum4(acc);
+  }
+};
+
+// The same sink for M rows of x at once (x + i * stride, i < M): each group of 8 decoded weights is
+// multiplied into all M dot products while it sits in a register, so a W row is decoded once per M rows
+// of x instead of once per row (or stored and read back M times). Row i's four accumulators see exactly
+// the products RowDot's would, in the same order: sum(i) is RowDot's sum for that row, bit for bit.
+template <int M>
+struct RowsDot {
+  const float* x;
+  int64_t stride;
+  __m256 acc[M][4];
+  LMX_INLINE RowsDot(const float* x_, int64_t stride_) : x(x_), stride(stride_) {
+    for (int i = 0; i < M; ++i) {
+      for (int l = 0; l < 4; ++l) acc[i][l] = _mm256_setzero_ps();
+    }
+  }
+  LMX_INLINE void put(int64_t at, int lane, __m256 w) {
+    for (int i = 0; i < M; ++i) {
+      acc[i][lane] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * stride + at), acc[i][lane]);
+    }
+  }
+  LMX_INLINE float sum(int i) const {
+    return hsum4(acc[i]);
   }
 };
 
@@ -327,9 +353,13 @@ struct XQ {  // a quantized row of x
   const int32_t* sum;
 };
 
-template <int T>
-LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
+// One W row against M quantized rows of x: each block of W is unpacked to int8 once and multiplied into
+// all M rows, row i's arithmetic exactly that of M = 1 (one accumulator per row, the same order).
+template <int T, int M>
+LMX_INLINE void dot_rows_int8(const uint8_t* row, const XQ* x, int64_t k, float* out) {
+  __m256 acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
   if constexpr (T == Q8_0 || T == Q5_0 || T == Q4_0) {
     constexpr int64_t bytes = T == Q8_0 ? 34 : T == Q5_0 ? 22 : 18;
     for (int64_t b = 0; b < k / 32; ++b, row += bytes) {
@@ -344,38 +374,45 @@ LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
       } else {
         qw = _mm256_sub_epi8(nibbles_32(row + 2), _mm256_set1_epi8(8));
       }
-      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-      const __m256 s = _mm256_set1_ps(half_f16c(row) * x.scale[b]);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8x32(qw, qx)), s, acc);
+      const float dw = half_f16c(row);
+      for (int i = 0; i < M; ++i) {
+        const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].q + 32 * b));
+        const __m256 s = _mm256_set1_ps(dw * x[i].scale[b]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8x32(qw, qx)), s, acc[i]);
+      }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero});
   } else if constexpr (T == Q4_K) {
-    float mins = 0.0f;
+    float mins[M];
+    for (int i = 0; i < M; ++i) mins[i] = 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t i = 0; i < k; i += 256, row += 144) {
+    for (int64_t i0 = 0; i0 < k; i0 += 256, row += 144) {
       const float d = half_f16c(row), dmin = half_f16c(row + 2);
       const uint8_t* q = row + 16;
       for (int j = 0; j < 4; ++j, q += 32) {
-        const int64_t b = (i + 64 * j) / 32;  // x block of the low nibbles; b + 1: the high ones
+        const int64_t b = (i0 + 64 * j) / 32;  // x block of the low nibbles; b + 1: the high ones
         int sc1, m1, sc2, m2;
         scale_min_k4(2 * j, row + 4, &sc1, &m1);
         scale_min_k4(2 * j + 1, row + 4, &sc2, &m2);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
         const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b + 32));
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);  // lo is unsigned
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc1 * x.scale[b]), acc);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc2 * x.scale[b + 1]), acc);
-        mins += dmin * m1 * x.scale[b] * x.sum[b] + dmin * m2 * x.scale[b + 1] * x.sum[b + 1];
+        for (int i = 0; i < M; ++i) {
+          const XQ& xi = x[i];
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi.q + 32 * b));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi.q + 32 * b + 32));
+          const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);  // lo is unsigned
+          const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc1 * xi.scale[b]), acc[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc2 * xi.scale[b + 1]), acc[i]);
+          mins[i] += dmin * m1 * xi.scale[b] * xi.sum[b] + dmin * m2 * xi.scale[b + 1] * xi.sum[b + 1];
+        }
       }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}) - mins;
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero}) - mins[i];
   } else {
     static_assert(T == Q6_K);
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
-    for (int64_t i = 0; i < k; i += 256, row += 210) {
+    for (int64_t i0 = 0; i0 < k; i0 += 256, row += 210) {
       const uint8_t* ql = row;
       const uint8_t* qh = row + 128;
       const int8_t* sc = reinterpret_cast<const int8_t*>(row + 192);
@@ -391,17 +428,21 @@ LMX_INLINE float dot_row_int8(const uint8_t* row, const XQ& x, int64_t k) {
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                             _mm256_and_si256(_mm256_srli_epi16(h, 2), m2))};
         for (int g = 0; g < 4; ++g) {
-          const int64_t b = (i + n + 32 * g) / 32;
+          const int64_t b = (i0 + n + 32 * g) / 32;
           const __m256i qw = _mm256_sub_epi8(q[g], bias);
-          const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
-          const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+          const __m256i aw = _mm256_sign_epi8(qw, qw);
           // 16-bit lanes 0-7 hold values 0-15 (scale sc[2g]), lanes 8-15 values 16-31 (sc[2g + 1])
           const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[2 * g + 1]), _mm_set1_epi16(sc[2 * g]));
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, scales)), _mm256_set1_ps(d * x.scale[b]), acc);
+          for (int i = 0; i < M; ++i) {
+            const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i].q + 32 * b));
+            const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(qx, qw));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, scales)),
+                                     _mm256_set1_ps(d * x[i].scale[b]), acc[i]);
+          }
         }
       }
     }
-    return hsum4({acc, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()});
+    for (int i = 0; i < M; ++i) out[i] = hsum4({acc[i], zero, zero, zero});
   }
 }
 #else
@@ -447,6 +488,22 @@ LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
 // ---- row-range workers: rows [r0, r1) of W against m rows of x ----
 
 
+#if LMX_IMPL_AVX2
+// W row r against rows [i0, i0 + M) of x: the row decoded once into M dot products.
+template <int T, int M>
+LMX_INLINE void gemv_row_m(const Gemv& g, int64_t i0, int64_t r) {
+  RowsDot<M> out(g.x + i0 * g.k, g.k);
+  decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);
+  for (int i = 0; i < M; ++i) g.y[(i0 + i) * g.n + r] = out.sum(i);
+}
+
+// Rows of x per decode of a W row (LMX_IMPL_ROWS_PER_PASS, set by qmatmul.cpp per copy). M x 4
+// accumulators, a weight and an x vector: 4 rows spill a little from AVX2's 16 vector registers yet
+// measured as fast as 2 + 2; with AVX-512VL's 32 (the avx512 copy) all 8 rows go in one pass, 1.1-1.45x
+// faster than 4 + 4 on a Zen 4 (benchmarks/cpu_kernels_rows.py, RESULTS.md "CPU products of 2-8 rows").
+constexpr int kRowsPerPass = LMX_IMPL_ROWS_PER_PASS;
+#endif
+
 template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_AVX2
@@ -458,7 +515,29 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
     }
     return;
   }
-#endif
+  // m rows of x: each W row decoded once per kRowsPerPass rows of x (while it is still in L1), the
+  // rows split as evenly as possible (8 = 4 + 4, 5 = 3 + 2 with 4 per pass).
+  const int64_t passes = (g.m + kRowsPerPass - 1) / kRowsPerPass;
+  int64_t split[kGemvMaxRows];
+  for (int64_t p = 0, i0 = 0; p < passes; ++p) {
+    split[p] = (g.m - i0) / (passes - p);
+    i0 += split[p];
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t p = 0, i0 = 0; p < passes; i0 += split[p], ++p) {
+      switch (split[p]) {
+        case 1: gemv_row_m<T, 1>(g, i0, r); break;
+        case 2: gemv_row_m<T, 2>(g, i0, r); break;
+        case 3: gemv_row_m<T, 3>(g, i0, r); break;
+        case 4: gemv_row_m<T, 4>(g, i0, r); break;
+        case 5: if constexpr (kRowsPerPass >= 5) gemv_row_m<T, 5>(g, i0, r); break;
+        case 6: if constexpr (kRowsPerPass >= 6) gemv_row_m<T, 6>(g, i0, r); break;
+        case 7: if constexpr (kRowsPerPass >= 7) gemv_row_m<T, 7>(g, i0, r); break;
+        default: if constexpr (kRowsPerPass >= 8) gemv_row_m<T, 8>(g, i0, r); break;
+      }
+    }
+  }
+#else
   alignas(64) float buf[kMaxK];
   for (int64_t r = r0; r < r1; ++r) {
     decode_row<T>(g.w + r * g.row_bytes, g.k, buf);
@@ -466,23 +545,35 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
       g.y[i * g.n + r] = dot(buf, g.x + i * g.k, g.k);
     }
   }
+#endif
 }
 
 #if LMX_IMPL_AVX2
-// Rows [r0, r1) of W against the m quantized rows of x (int8 activations).
+// Rows [r0, r1) of W against the m <= 8 quantized rows of x (int8 activations), each W row unpacked once.
 template <int T>
 LMX_INLINE void gemv_rows_int8(const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
                                int64_t r1) {
   const int64_t nb = g.k / 32;
+  XQ x[kGemvMaxRows];
+  for (int64_t i = 0; i < g.m; ++i) x[i] = XQ{xq + i * g.k, xs + i * nb, xsum + i * nb};
+  float out[kGemvMaxRows];
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t i = 0; i < g.m; ++i) {
-      const XQ x{xq + i * g.k, xs + i * nb, xsum + i * nb};
-      g.y[i * g.n + r] = dot_row_int8<T>(g.w + r * g.row_bytes, x, g.k);
+    const uint8_t* row = g.w + r * g.row_bytes;
+    switch (g.m) {  // one accumulator per row of x: all 8 fit the 16 registers
+      case 1: dot_rows_int8<T, 1>(row, x, g.k, out); break;
+      case 2: dot_rows_int8<T, 2>(row, x, g.k, out); break;
+      case 3: dot_rows_int8<T, 3>(row, x, g.k, out); break;
+      case 4: dot_rows_int8<T, 4>(row, x, g.k, out); break;
+      case 5: dot_rows_int8<T, 5>(row, x, g.k, out); break;
+      case 6: dot_rows_int8<T, 6>(row, x, g.k, out); break;
+      case 7: dot_rows_int8<T, 7>(row, x, g.k, out); break;
+      default: dot_rows_int8<T, 8>(row, x, g.k, out); break;
     }
+    for (int64_t i = 0; i < g.m; ++i) g.y[i * g.n + r] = out[i];
   }
 }
 
-void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
+[[maybe_unused]] void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const int32_t* xsum, int64_t r0,
                int64_t r1) {
   switch (type) {
     case Q8_0: return gemv_rows_int8<Q8_0>(g, xq, xs, xsum, r0, r1);
@@ -493,7 +584,7 @@ void gemv_int8(int type, const Gemv& g, const int8_t* xq, const float* xs, const
   }
 }
 
-void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+[[maybe_unused]] void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int32_t* sum) {
   for (int64_t i = 0; i < m; ++i) quantize_x(x + i * k, k, q + i * k, scale + i * (k / 32), sum + i * (k / 32));
 }
 #endif
@@ -513,7 +604,7 @@ LMX_INLINE void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, flo
   for (int64_t r = r0; r < r1; ++r) decode_row<T>(w + r * row_bytes, k, y + r * k);
 }
 
-void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int64_t r0, int64_t r1) {
+[[maybe_unused]] void dequantize(int type, const uint8_t* w, int64_t rb, int64_t k, float* y, int64_t r0, int64_t r1) {
   switch (type) {
     case Q8_0: return dequant_rows<Q8_0>(w, rb, k, y, r0, r1);
     case Q4_0: return dequant_rows<Q4_0>(w, rb, k, y, r0, r1);

@@ -1,5 +1,6 @@
-// The kernels behind qmatmul.h: MLX primitives, the thread pool split, and the two compiled copies
-// (portable and AVX2/FMA/F16C, chosen at run time) of kernels_impl.h.
+// The kernels behind qmatmul.h: MLX primitives, the thread pool split, and the three compiled copies
+// (portable; AVX2/FMA/F16C; the same 256-bit code with AVX-512VL's 32 vector registers, for products of
+// 2-8 rows; chosen at run time) of kernels_impl.h.
 #include "qmatmul.h"
 
 #include <immintrin.h>
@@ -7,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -36,6 +38,13 @@ bool cpu_has_avx2() {
   return ok;
 }
 
+// AVX-512F/VL (with the AVX2 set): the same 256-bit code, compiled with 32 vector registers instead of 16.
+bool cpu_has_avx512vl() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+std::atomic<bool> avx512_allowed{true};
+
 // cblas_sgemm of the BLAS in the process's global symbol scope (OpenBLAS, which lmx loads with
 // RTLD_GLOBAL before MLX), or null: then many-row products go through MLX's matmul instead.
 using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
@@ -61,17 +70,32 @@ struct Gemv {
 
 #define LMX_IMPL_NS generic
 #define LMX_IMPL_AVX2 0
+#define LMX_IMPL_ROWS_PER_PASS 1
 #include "kernels_impl.h"
 #undef LMX_IMPL_NS
 #undef LMX_IMPL_AVX2
+#undef LMX_IMPL_ROWS_PER_PASS
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define LMX_IMPL_NS avx2
 #define LMX_IMPL_AVX2 1
+#define LMX_IMPL_ROWS_PER_PASS 4
 #include "kernels_impl.h"
 #undef LMX_IMPL_NS
 #undef LMX_IMPL_AVX2
+#undef LMX_IMPL_ROWS_PER_PASS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,prefer-vector-width=256")
+#define LMX_IMPL_NS avx512
+#define LMX_IMPL_AVX2 1
+#define LMX_IMPL_ROWS_PER_PASS 8
+#include "kernels_impl.h"
+#undef LMX_IMPL_NS
+#undef LMX_IMPL_AVX2
+#undef LMX_IMPL_ROWS_PER_PASS
 #pragma GCC pop_options
 
 namespace lmx {
@@ -129,6 +153,10 @@ int num_threads() {
 }
 bool has_avx2() {
   return cpu_has_avx2();
+}
+bool set_avx512(bool allowed) {
+  avx512_allowed = allowed;
+  return allowed && cpu_has_avx512vl();
 }
 
 mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevice s) {
@@ -237,8 +265,10 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       });
       return;
     }
+    // 2-8 rows: the copy with 32 vector registers takes them all in one pass over each decoded W row
+    const bool avx512 = g.m > 1 && avx512_allowed && cpu_has_avx512vl();
     parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
-      avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
+      avx512 ? avx512::gemv(type, g, r0, r1) : avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
     });
   });
 }

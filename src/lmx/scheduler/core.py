@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import mlx.core as mx
@@ -39,126 +38,21 @@ from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import RowOutput, RowSampler, sample_rows
 from lmx.generate.sampling import top_logprobs
-from lmx.generate.speculative import Drafter, ModelDrafter, PromptLookup, verify
+from lmx.generate.speculative import ModelDrafter, PromptLookup, verify
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
 from lmx.models.cache import KVCache, kv_quant, trim_caches
 from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
-from lmx.scheduler.prefix_cache import PrefixCache, PrefixStats
+from lmx.scheduler.prefix_cache import PrefixCache
 from lmx.scheduler.request import AdapterRouter, Request, Sink
+from lmx.scheduler.state import Batch, Clock, Exclusive, Prefill, Row, SchedulerConfig, SchedulerStats
 from lmx.scheduler.sync import NullSink, TurnSync, decode_turn, encode_turn, options_to_dict
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class SchedulerStats:
-    """Counts since the scheduler started, and its load now."""
-
-    running: int = 0
-    waiting: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    rejected: int = 0
-    steps: int = 0
-    batched_steps: int = 0  # decode steps that ran more than one row
-    speculative_steps: int = 0  # verify passes of a speculating row (counted in steps too)
-    draft_tokens: int = 0  # tokens drafted for them, and how many of those were accepted
-    accepted_tokens: int = 0
-    max_batch_seen: int = 0
-    kv_bytes: int = 0
-    prefix: PrefixStats = field(default_factory=PrefixStats)
-    seconds: dict[str, float] = field(default_factory=dict)  # time in each phase of the loop
-
-
-@dataclass
-class SchedulerConfig:
-    """How the scheduler runs.
-
-    Attributes:
-        max_batch: the most rows decoded together.
-        max_queue: the most requests waiting to start; beyond it :meth:`Scheduler.submit`
-            raises :class:`QueueFullError`.
-        prefill_step_size: prompt tokens prefilled per turn of the loop (one chunk).
-        prefix_cache_bytes: the prefix cache's bound (0: off).
-        kv_itemsize: bytes per element of the keys and values.
-        step_timeout: in a tensor-parallel group, seconds after which a turn that has not finished
-            means a rank is gone (a collective waiting on a dead peer may never return): every
-            request ends with :class:`GroupLostError` and the scheduler stops.
-        kv_itemsize: bytes per element of the keys and values (of their scales, when quantized).
-        kv_bits: store keys and values quantized to 8 or 4 bits (None: in float).
-        kv_group_size: elements of a head per scale and bias of the quantized keys and values.
-    """
-
-    max_batch: int = 32
-    max_queue: int = 1024
-    prefill_step_size: int = 512
-    prefix_cache_bytes: int = 1 << 30
-    kv_itemsize: int = 4
-    step_timeout: float = 120.0
-    kv_bits: int | None = None
-    kv_group_size: int = 64
-
-
-class _Row:
-    """A request in the decode batch."""
-
-    def __init__(self, request: Request, sampler: RowSampler, output: RowOutput, start: int) -> None:
-        self.request, self.sampler, self.output, self.start = request, sampler, output, start
-        self.done: str | None = None  # finish reason once ended
-        self.drafter: Drafter | None = None  # made when the row first speculates
-
-
-@dataclass
-class _Prefill:
-    """Requests being prefilled together (one, or several short fresh prompts left-padded)."""
-
-    rows: list[_Row]
-    caches: list[KVCache]
-    tokens: mx.array  # (G, L) not yet run
-    pad: mx.array | None
-    started: float = field(default_factory=time.perf_counter)
-    first: tuple[mx.array, mx.array] | None = None  # sampled first tokens and logprobs once done
-
-
-class _Batch:
-    """The live rows, their caches and their last step's (lazy) tokens."""
-
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.caches: list[KVCache] = []
-        self.tokens: mx.array | None = None  # (B,)
-        self.logprobs: mx.array | None = None  # (B, V)
-
-    def pad(self) -> mx.array | None:
-        starts = [r.start for r in self.rows]
-        return mx.array(starts, dtype=mx.int32) if any(starts) else None
-
-
-class _Clock:
-    """Adds the time since the last lap to ``totals[name]`` (the loop's phases, in stats)."""
-
-    def __init__(self, totals: dict[str, float]) -> None:
-        self.totals = totals
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + now - self.t
-        self.t = now
-
-
-class _Exclusive:
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 class Scheduler:
@@ -204,10 +98,10 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Request] = collections.deque()
-        self._exclusive: collections.deque[_Exclusive] = collections.deque()
-        self._prefill: _Prefill | None = None
-        self._joiners: list[_Prefill] = []
-        self._batch = _Batch()
+        self._exclusive: collections.deque[Exclusive] = collections.deque()
+        self._prefill: Prefill | None = None
+        self._joiners: list[Prefill] = []
+        self._batch = Batch()
         self._stats = SchedulerStats()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -299,7 +193,7 @@ class Scheduler:
             from lmx.errors import InvalidOptionError
 
             raise InvalidOptionError("classify and embeddings are not supported with tensor parallel")
-        job = _Exclusive(fn)
+        job = Exclusive(fn)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again with lmx.load()")
@@ -487,7 +381,7 @@ class Scheduler:
         except RuntimeError as e:
             raise self._sync.lost(e) from e
 
-    def _run_exclusive_job(self, job: _Exclusive) -> None:
+    def _run_exclusive_job(self, job: Exclusive) -> None:
         try:
             job.result = job.fn()
         except BaseException as e:  # handed to the caller, who raises it
@@ -502,7 +396,7 @@ class Scheduler:
             self._speculative_turn(batch)
             return
         queued: tuple[mx.array, mx.array] | None = None
-        clock = _Clock(self._stats.seconds)
+        clock = Clock(self._stats.seconds)
         if batch.rows:
             try:
                 queued = self._queue_decode(batch)
@@ -526,7 +420,7 @@ class Scheduler:
         clock.lap("join")
 
     # ------------------------------------------------------------------ decode
-    def _queue_decode(self, batch: _Batch) -> tuple[mx.array, mx.array]:
+    def _queue_decode(self, batch: Batch) -> tuple[mx.array, mx.array]:
         assert batch.tokens is not None
         with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
@@ -538,7 +432,7 @@ class Scheduler:
         s.max_batch_seen = max(s.max_batch_seen, len(batch.rows))
         return tokens, logprobs
 
-    def _emit(self, batch: _Batch) -> None:
+    def _emit(self, batch: Batch) -> None:
         """Hand every row its token of the last step; mark the rows that end."""
         assert batch.tokens is not None and batch.logprobs is not None
         ids = batch.tokens.tolist()
@@ -547,7 +441,7 @@ class Scheduler:
         for i, row in enumerate(batch.rows):
             self._hand(row, ids[i], chosen[i], batch.logprobs[i : i + 1], now)
 
-    def _hand(self, row: _Row, tid: int, chosen: float, logprobs: mx.array, now: float) -> None:
+    def _hand(self, row: Row, tid: int, chosen: float, logprobs: mx.array, now: float) -> None:
         """Give ``row`` its next token ``tid`` (chosen from ``logprobs`` (1, V)); mark it if it ends."""
         request = row.request
         if request.cancelled or (self._closed if self._sync is None else self._ending):
@@ -566,7 +460,7 @@ class Scheduler:
             row.done = token.finish_reason
 
     # ------------------------------------------------------------------ speculative decoding
-    def _speculates(self, row: _Row) -> bool:
+    def _speculates(self, row: Row) -> bool:
         """Whether a lone row drafts and verifies this turn: greedy, unconstrained, asked to, and
         not in a tensor-parallel group (there every row decodes plainly)."""
         mode = row.request.options.speculative
@@ -574,12 +468,12 @@ class Scheduler:
             return False
         return mode == "prompt-lookup" or self.draft_model is not None
 
-    def _speculative_turn(self, batch: _Batch) -> None:
+    def _speculative_turn(self, batch: Batch) -> None:
         """A turn for a lone speculating row: hand over its pending token, draft, verify the drafts
         in one pass and hand over the accepted ones (the model's next choice becomes pending), then
         prefill, leave and join as in a plain turn. A joining row ends the speculation: with two
         rows the loop runs plain batched steps again."""
-        clock = _Clock(self._stats.seconds)
+        clock = Clock(self._stats.seconds)
         try:
             self._emit(batch)
             row = batch.rows[0]
@@ -596,7 +490,7 @@ class Scheduler:
         self._join()
         clock.lap("join")
 
-    def _speculate(self, batch: _Batch, row: _Row) -> None:
+    def _speculate(self, batch: Batch, row: Row) -> None:
         request, opts = row.request, row.request.options
         if row.drafter is None:
             row.drafter = (
@@ -626,7 +520,7 @@ class Scheduler:
                 return
         batch.tokens, batch.logprobs = mx.array(done.tokens[-1:], dtype=mx.uint32), lp[-1:]
 
-    def _leave(self, batch: _Batch) -> None:
+    def _leave(self, batch: Batch) -> None:
         """Rows that ended leave the batch: their prompt and output go to the prefix cache,
         their requests end, and the caches keep the other rows only."""
         ended = [i for i, r in enumerate(batch.rows) if r.done is not None]
@@ -644,7 +538,7 @@ class Scheduler:
             self._finish(row.request, row.done)
         keep = [i for i, r in enumerate(batch.rows) if r.done is None]
         if not keep:
-            self._batch = _Batch()
+            self._batch = Batch()
             return
         batch.rows = [batch.rows[i] for i in keep]
         batch_cache.select(batch.caches, keep)
@@ -653,7 +547,7 @@ class Scheduler:
         batch.tokens, batch.logprobs = batch.tokens[index], batch.logprobs[index]
         self._compact(batch)
 
-    def _compact(self, batch: _Batch) -> None:
+    def _compact(self, batch: Batch) -> None:
         """Drop leading positions every row has as padding (a lone row then runs unpadded)."""
         lead = min(r.start for r in batch.rows)
         if lead > 0:
@@ -672,7 +566,7 @@ class Scheduler:
         self._group_error(error)
         for row in self._batch.rows:
             self._finish(row.request, None, error)
-        self._batch = _Batch()
+        self._batch = Batch()
 
     # ------------------------------------------------------------------ prefill
     def _prefill_turn(self) -> None:
@@ -718,7 +612,7 @@ class Scheduler:
         self._joiners.append(job)
         self._prefill = None
 
-    def _store_prompts(self, job: _Prefill) -> None:
+    def _store_prompts(self, job: Prefill) -> None:
         if not self.prefix_cache.max_bytes:
             return
         if len(job.rows) == 1:
@@ -732,7 +626,7 @@ class Scheduler:
                 request.cache_ids, batch_cache.extract(job.caches, i, row.start), request.options.adapter
             )
 
-    def _start_prefill(self) -> _Prefill | None:
+    def _start_prefill(self) -> Prefill | None:
         """Take the next waiting requests that may start now (see :meth:`_admit`)."""
         budget = self.config.prefill_step_size
         taken: list[tuple[Request, list[KVCache] | None, int]] = []
@@ -775,21 +669,21 @@ class Scheduler:
             opts = request.options
             output = RowOutput(self.tokenizer.detokenizer(), opts.stop, self.eos, request.limit)
             matcher = self.constraints.matcher(opts.constraint) if opts.constraint is not None else None
-            rows.append(_Row(request, RowSampler(opts, request.ids, matcher), output, 0))
+            rows.append(Row(request, RowSampler(opts, request.ids, matcher), output, 0))
         if len(taken) == 1:
             request, cached, n_cached = taken[0]
             caches = cached if cached is not None else self.model.make_cache(self.kv_quant)
-            return _Prefill(rows, caches, mx.array([request.ids[n_cached:]]), None)
+            return Prefill(rows, caches, mx.array([request.ids[n_cached:]]), None)
         width = max(len(r.ids) for r, _, _ in taken)
         pads = [width - len(r.ids) for r, _, _ in taken]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         tokens = mx.array([[pad_id] * p + r.ids for p, (r, _, _) in zip(pads, taken)])  # (G, width)
         for row, p in zip(rows, pads):
             row.start = p
-        return _Prefill(rows, self.model.make_cache(self.kv_quant), tokens, mx.array(pads, dtype=mx.int32))
+        return Prefill(rows, self.model.make_cache(self.kv_quant), tokens, mx.array(pads, dtype=mx.int32))
 
     @contextlib.contextmanager
-    def _routed(self, rows: Sequence[_Row]) -> Iterator[bool]:
+    def _routed(self, rows: Sequence[Row]) -> Iterator[bool]:
         """Route ``rows`` to their adapters for the forward passes inside; back to none after
         (an exclusive job, classify say, runs the base model)."""
         if self.adapters is None:
@@ -897,7 +791,7 @@ class Scheduler:
         for job in exclusive:
             job.error = EngineClosedError("the engine was closed before this job ran")
             job.done.set()
-        self._batch, self._joiners, self._prefill = _Batch(), [], None
+        self._batch, self._joiners, self._prefill = Batch(), [], None
         self._release()
 
     def _release(self) -> None:
@@ -914,4 +808,4 @@ def make_request(
     return Request(ids, options, sink, max(1, min(options.max_tokens, context_length - len(ids))), images)
 
 
-__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats", "make_request"]
+__all__ = ["Scheduler", "make_request"]

@@ -123,8 +123,9 @@ def test_the_real_files_matrices_map_exactly(gemma_gguf):
     assert seen == {T.Q8_0, T.Q5_0, T.Q4_K}
 
 
-def test_profile_chooses_quantized_on_a_gpu_and_float_on_the_cpu(monkeypatch):
-    assert choose_profile("gpu").gguf_on_device == "quantized"
+def test_profile_chooses_float_unless_quantized_is_asked(monkeypatch):
+    assert choose_profile("gpu").gguf_on_device == "float"
+    assert choose_profile("gpu", gguf_on_device="quantized").gguf_on_device == "quantized"
     assert choose_profile("cpu").gguf_on_device == "float"
     assert choose_profile("cpu", cpu_kernels=True).gguf_on_device == "blocks"
     assert choose_profile("gpu", gguf_on_device="float").gguf_on_device == "float"

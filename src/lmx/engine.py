@@ -749,7 +749,7 @@ def load(
             when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
         gguf_on_device: where the CPU kernels do not run a GGUF model, ``"quantized"`` (MLX affine
             quantized layers holding the file's values) or ``"float"`` (dequantized). None:
-            ``LMX_GGUF_ON_DEVICE`` (``auto``: quantized on a GPU, float on the CPU).
+            ``LMX_GGUF_ON_DEVICE`` (``auto``: float; quantized is opt-in).
         max_batch: the most requests decoded together (continuous batching).
         prefix_cache_bytes: the prefix cache's bound in bytes.
         draft_model: a small model of the same vocabulary (an HF directory or ``.gguf`` file) that

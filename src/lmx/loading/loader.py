@@ -91,7 +91,7 @@ def load_path(
         gguf_on_device: where the CPU kernels do not run a GGUF model: ``"quantized"`` holds its
             Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices as MLX affine quantized layers (the same
             values; scales in the weights' dtype), ``"float"`` dequantizes them. None:
-            ``LMX_GGUF_ON_DEVICE``, whose ``auto`` is quantized on a GPU, float on the CPU.
+            ``LMX_GGUF_ON_DEVICE``, whose ``auto`` is float (quantized is opt-in).
         group: split the model over these ranks (tensor parallel, :mod:`lmx.models.tensor_parallel`):
             each rank reads only its slices. Float weights only: a GGUF file is dequantized
             (``cpu_kernels`` and ``gguf_on_device="quantized"`` are refused), a quantized HF

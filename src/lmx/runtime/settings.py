@@ -197,7 +197,7 @@ LMX_GGUF_ON_DEVICE: Setting[str] = Setting(
     "`auto`, `quantized` or `float`",
     "auto",
     "GGUF matrices where lmx's CPU kernels do not run them: MLX affine quantized layers, or dequantized to float; "
-    "auto: quantized on a GPU, float on the CPU",
+    "auto: float (quantized is opt-in until measured on a GPU)",
     _choice("auto", "quantized", "float"),
 )
 LMX_CUDA_ATTENTION: Setting[bool] = Setting(

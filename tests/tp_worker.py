@@ -56,8 +56,13 @@ def main() -> None:
 
 
 def _describe(engine: lmx.Engine) -> dict:
+    from mlx.utils import tree_flatten
+
     info = engine.info()
+    params = tree_flatten(engine.model.parameters())
     return {
+        "layer_bytes": sum(v.nbytes for k, v in params if ".layers." in f".{k}"),
+        "param_names": sorted(k for k, _ in params if ".layers." not in f".{k}"),
         "rank": 0 if info.tensor_parallel is None else info.tensor_parallel["rank"],
         "tensor_parallel": info.tensor_parallel,
         "weights_bytes": info.weights_bytes,

@@ -261,7 +261,9 @@ class Scheduler:
             raise EngineClosedError("this rank of a tensor-parallel group follows rank 0; submit requests there")
         for name in ("constraint", "adapter"):
             if getattr(request.options, name) is not None:
-                raise InvalidOptionError(f"{name} is not supported with tensor or pipeline parallel; run without it")
+                raise InvalidOptionError(
+                    f"{name} is not supported with tensor parallel or pipeline parallel; run without it"
+                )
 
     def follow(self) -> None:
         """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends).
@@ -290,7 +292,9 @@ class Scheduler:
         if self._sync is not None:
             from lmx.errors import InvalidOptionError
 
-            raise InvalidOptionError("classify and embeddings are not supported with tensor or pipeline parallel")
+            raise InvalidOptionError(
+                "classify and embeddings are not supported with tensor parallel or pipeline parallel"
+            )
         job = _Exclusive(fn)
         with self._lock:
             if self._closed:

@@ -232,9 +232,17 @@ def test_serve_pipeline_parallel_answers_concurrent_openai_requests_as_one_proce
         split = _two_at_once(url)
         stats = httpx.get(url + "/health").json()
         r = httpx.post(url + "/v1/embeddings", json={"model": "m", "input": "hi"})
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": schema}
+        structured = httpx.post(url + "/v1/chat/completions", json=body)
     assert split == alone and all(alone)
     assert stats["requests"]["completed"] == 4 and stats["requests"]["batches"] > 0
     assert r.status_code == 400 and "pipeline parallel" in r.json()["error"]["message"]
+    # a constraint (structured output) is refused with an OpenAI-shaped 400, not run on rank 0 alone
+    assert structured.status_code == 400, structured.text
+    assert (
+        "constraint is not supported with tensor parallel or pipeline parallel" in structured.json()["error"]["message"]
+    )
 
 
 # ------------------------------------------------------------------------------------------ a rank that dies

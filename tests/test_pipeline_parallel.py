@@ -102,6 +102,9 @@ def test_split_model_refuses_what_it_cannot_split():
 def test_pipeline_parallel_refusals_name_the_bad_values(tiny_dirs):
     with pytest.raises(InvalidOptionError, match="started in a group of 1.*mlx.launch -n 2"):
         lmx.load(tiny_dirs["gemma3"], pipeline_parallel=2)
+    with lmx.load(tiny_dirs["gemma3"], pipeline_parallel=1) as one, lmx.load(tiny_dirs["gemma3"]) as plain:
+        assert one.info().tensor_parallel is None  # a group of one: no split
+        assert one.generate("Hello", max_tokens=6).tokens == plain.generate("Hello", max_tokens=6).tokens
     with pytest.raises(InvalidOptionError, match="pipeline_parallel must be an integer >= 1, got 0"):
         lmx.load(tiny_dirs["gemma3"], pipeline_parallel=0)
     with pytest.raises(InvalidOptionError, match="tensor_parallel=2 and pipeline_parallel=2 cannot be combined"):

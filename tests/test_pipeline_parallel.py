@@ -167,6 +167,23 @@ def test_three_ranks_pass_the_stream_through_a_middle_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_prompt_prefilled_in_several_chunks_reaches_the_last_rank_whole(tmp_path):
+    # a chunk's output is read by no one on the first rank (only the caches are evaluated): it must still be sent
+    from tiny_models import save_tiny
+
+    save_tiny("gemma3", tmp_path / "model")
+    long = "The quick brown fox jumps over the lazy dog. " * 30
+    values = {"model": str(tmp_path / "model"), "prompts": [long], "max_tokens": 8}
+    with lmx.load(tmp_path / "model") as engine:
+        assert len(engine.tokenizer.encode(long)) > 2 * engine.loaded.profile.prefill_step_size  # 3 chunks at least
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = run_single(tmp_path / "one", values)
+    ranks = run_pipeline(tmp_path / "two", values)
+    assert ranks[0]["tokens"] == single["tokens"] and len(single["tokens"][0]) == 8
+
+
+@pytest.mark.slow
 def test_real_270m_over_two_ranks_equals_one_process(tmp_path):
     values = {"prompts": ["The capital of France is"], "max_tokens": 16}
     (tmp_path / "one").mkdir()

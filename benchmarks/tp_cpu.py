@@ -1,4 +1,4 @@
-"""Tensor parallel on this CPU: the bundled Gemma 3 270M at N=1 and N=2 ranks (ring over localhost), interleaved.
+"""Tensor or pipeline parallel on this CPU: the bundled Gemma 3 270M at N=1 and N=2 ranks (ring over localhost), interleaved.
 
 Each measurement is a fresh set of processes: N=1 is one ``python`` running ``lmx.load(...,
 tensor_parallel=1)`` (the same float32 path as N=2: dequantized weights, MLX's ops, no CPU
@@ -7,9 +7,14 @@ turns within each round, the order alternating, so load on the shared machine fa
 Each run warms up once, then prefills a prompt of ``--prompt-tokens`` and decodes
 ``--gen-tokens`` greedily, ``--repeats`` times; rank 0 reports the engine's own metrics.
 
+``--modes`` picks what is compared: ``1`` (one process), ``tp2`` (tensor parallel over 2 ranks),
+``pp2`` (pipeline parallel over 2 ranks: layers 0-8 with the embedding/LM head on rank 0, 9-17 on
+rank 1), taking turns in that order and its reverse.
+
 Usage::
 
     .venv/bin/python benchmarks/tp_cpu.py --rounds 3 --json benchmarks/tp_cpu_2026-12-05.json
+    .venv/bin/python benchmarks/tp_cpu.py --modes 1,pp2 --rounds 3 --json benchmarks/pp_cpu_2026-12-05.json
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def worker(out: str, n: int, prompt_tokens: int, gen_tokens: int, repeats: int) -> None:
+def _split(mode: str) -> tuple[int, dict]:
+    """The ranks and ``lmx.load`` keywords of a mode (``1``, ``tp2``, ``pp2``)."""
+    if mode == "1":
+        return 1, {"tensor_parallel": 1}
+    kind, n = mode[:2], int(mode[2:])
+    return n, {"tensor_parallel" if kind == "tp" else "pipeline_parallel": n}
+
+
+def worker(out: str, mode: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> None:
     """One rank: load, warm up, measure (rank 0 writes ``out``)."""
     import time
 
@@ -46,8 +59,10 @@ def worker(out: str, n: int, prompt_tokens: int, gen_tokens: int, repeats: int) 
         for _ in range(50):
             mx.eval(group.all_sum(x))
         latency = (time.perf_counter() - t) / 50
-    engine = lmx.load(None, tensor_parallel=n, cpu_kernels=False)
+    _, split = _split(mode)
+    engine = lmx.load(None, cpu_kernels=False, **split)
     if not engine.is_leader:
+        Path(f"{out}.rank{group.rank}").write_text(str(engine.info().weights_bytes))
         engine.follow()
         return
     with engine:
@@ -67,16 +82,17 @@ def worker(out: str, n: int, prompt_tokens: int, gen_tokens: int, repeats: int) 
                 }
             )
         info = engine.info()
-    record = {"n": n, "runs": runs, "weights_bytes": info.weights_bytes, "all_sum_latency_s": latency}
+    record = {"mode": mode, "runs": runs, "weights_bytes": info.weights_bytes, "all_sum_latency_s": latency}
     Path(out).write_text(json.dumps(record))
 
 
-def measure(n: int, args: argparse.Namespace) -> dict:
+def measure(mode: str, args: argparse.Namespace) -> dict:
     from lmx.runtime.distributed import launch_command
 
+    n, _ = _split(mode)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rank0.json")
-        words = [str(HERE / "tp_cpu.py"), "--worker", out, "--n", str(n)]
+        words = [str(HERE / "tp_cpu.py"), "--worker", out, "--mode", mode]
         words += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
         words += ["--repeats", str(args.repeats)]
         command = [sys.executable, *words]
@@ -85,8 +101,10 @@ def measure(n: int, args: argparse.Namespace) -> dict:
         env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0 or not Path(out).is_file():
-            return {"n": n, "error": (proc.stderr.strip().splitlines() or ["failed"])[-3:]}
-        return json.loads(Path(out).read_text())
+            return {"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-3:]}
+        record = json.loads(Path(out).read_text())
+        record["weights_bytes_other_ranks"] = [int(Path(f"{out}.rank{r}").read_text()) for r in range(1, n)]
+        return record
 
 
 def main() -> None:
@@ -97,19 +115,21 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", default=None)
+    p.add_argument("--modes", default="1,tp2", help="what to compare, in turn: 1, tp2, pp2 (comma-separated)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.prompt_tokens, args.gen_tokens, args.repeats)
+        worker(args.worker, args.mode, args.prompt_tokens, args.gen_tokens, args.repeats)
         return
-    results: dict[int, list[dict]] = {1: [], 2: []}
+    modes = args.modes.split(",")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
     started = datetime.datetime.now(datetime.timezone.utc)
     for r in range(args.rounds):
-        for n in (1, 2) if r % 2 == 0 else (2, 1):
-            res = measure(n, args)
-            results[n].append(res)
-            print(f"round {r + 1} N={n}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            res = measure(mode, args)
+            results[mode].append(res)
+            print(f"round {r + 1} {mode}: {json.dumps(res)}", file=sys.stderr, flush=True)
     summary = {}
     for n, runs in results.items():
         ok = [x for res in runs if "runs" in res for x in res["runs"]]
@@ -121,18 +141,20 @@ def main() -> None:
             "decode_tok_s": statistics.median(x["decode_tok_s"] for x in ok),
             "ttft_s": statistics.median(x["ttft_s"] for x in ok),
             "weights_bytes_rank0": next(res["weights_bytes"] for res in runs if "runs" in res),
+            "weights_bytes_other_ranks": next(res["weights_bytes_other_ranks"] for res in runs if "runs" in res),
             "samples": len(ok),
             "all_sum_latency_s": [res.get("all_sum_latency_s") for res in runs if "runs" in res],
         }
-    print("| N | prefill tok/s | decode tok/s | TTFT | weights on rank 0 |")
+    print("| mode | prefill tok/s | decode tok/s | TTFT | weights per rank |")
     print("|---|---|---|---|---|")
     for n, s in summary.items():
         if "error" in s:
             print(f"| {n} | error: {s['error']} | | | |")
             continue
+        per_rank = [s["weights_bytes_rank0"], *s["weights_bytes_other_ranks"]]
         print(
             f"| {n} | {s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.2f} | {s['ttft_s']:.2f} s "
-            f"| {s['weights_bytes_rank0'] / 2**20:.0f} MiB |"
+            f"| {' / '.join(f'{b / 2**20:.0f}' for b in per_rank)} MiB |"
         )
     if args.json:
         record = {
@@ -140,7 +162,7 @@ def main() -> None:
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg(),
-            "settings": {k: getattr(args, k) for k in ("rounds", "repeats", "prompt_tokens", "gen_tokens")},
+            "settings": {k: getattr(args, k) for k in ("rounds", "repeats", "prompt_tokens", "gen_tokens", "modes")},
             "summary": summary,
             "results": results,
         }

@@ -355,7 +355,8 @@ def test_a_rank_that_dies_gives_the_survivor_a_clear_error_not_a_hang(gemma_1kv,
     port = free_port_pair()
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    values = {"model": str(gemma_1kv), "prompts": ["Hello"], "max_tokens": 400, "tensor_parallel": 2}
+    # many prompts one after another: the ranks are still generating when one is killed, however fast
+    values = {"model": str(gemma_1kv), "prompts": ["Hello"] * 500, "max_tokens": 400, "tensor_parallel": 2}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(tmp_path), json.dumps(values)],

@@ -1,6 +1,7 @@
-"""Run by each process of a tensor-parallel test under ``mlx.launch``: load, generate greedily, report.
+"""Run by each process of a tensor- or pipeline-parallel test under ``mlx.launch``: load, generate greedily, report.
 
-Usage: ``tp_worker.py OUT_DIR JSON`` with JSON ``{"model", "prompts", "max_tokens", "tensor_parallel"}``;
+Usage: ``tp_worker.py OUT_DIR JSON`` with JSON ``{"model", "prompts", "max_tokens", "tensor_parallel"}``
+(or ``"pipeline_parallel"``);
 writes ``OUT_DIR/rank<r>.json`` (the tokens of every prompt, what ``info()`` says, memory).
 """
 
@@ -27,7 +28,12 @@ def _rss() -> int:
 def main() -> None:
     faulthandler.register(signal.SIGUSR1)  # a stuck rank shows where it is (kill -USR1)
     out, values = sys.argv[1], json.loads(sys.argv[2])
-    engine = lmx.load(values.get("model"), tensor_parallel=values.get("tensor_parallel"), cpu_kernels=False)
+    engine = lmx.load(
+        values.get("model"),
+        tensor_parallel=values.get("tensor_parallel"),
+        pipeline_parallel=values.get("pipeline_parallel"),
+        cpu_kernels=False,
+    )
     record = _describe(engine)
     with open(f"{out}/rank{record['rank']}.pid", "w") as f:
         f.write(str(os.getpid()))  # for a test that kills a rank
@@ -50,8 +56,13 @@ def main() -> None:
 
 
 def _describe(engine: lmx.Engine) -> dict:
+    from mlx.utils import tree_flatten
+
     info = engine.info()
+    params = tree_flatten(engine.model.parameters())
     return {
+        "layer_bytes": sum(v.nbytes for k, v in params if ".layers." in f".{k}"),
+        "param_names": sorted(k for k, _ in params if ".layers." not in f".{k}"),
         "rank": 0 if info.tensor_parallel is None else info.tensor_parallel["rank"],
         "tensor_parallel": info.tensor_parallel,
         "weights_bytes": info.weights_bytes,

@@ -729,6 +729,7 @@ def load(
     distributed_backend: str = "any",
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    pipeline_parallel: int | None = None,
 ) -> Engine:
     """Load a model and return an :class:`Engine`.
 
@@ -763,7 +764,13 @@ def load(
             see the README). Float weights only (a GGUF file is dequantized); dense Gemma 3 and
             Qwen 3. None: this process alone.
         distributed_backend: the ``mlx.distributed`` backend to join with ``tensor_parallel``:
-            ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``.
+            ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``; also for
+            ``pipeline_parallel``.
+        pipeline_parallel: split the model's decoder layers over this many processes, started
+            together as for ``tensor_parallel`` (rank 0 also holds the embedding and LM head, the
+            last rank the final norm; see :mod:`lmx.models.pipeline_parallel`). For fitting a
+            model across hosts, not for speed. Float weights only; dense Gemma 3 and Qwen 3; not
+            with ``tensor_parallel``, ``adapter``, ``draft_model``; no prefix cache.
         kv_bits: keep the KV cache quantized to 8 or 4 bits (about 3.5x or 6x less memory than
             float32 keys and values; attention reads them quantized). None: ``LMX_KV_BITS``
             (unset: off, keys and values in the model's dtype).
@@ -784,14 +791,24 @@ def load(
             "speculative='draft-model' needs draft_model=PATH (a small model of the same vocabulary)"
         )
     group = None
-    if tensor_parallel is not None:
+    if tensor_parallel is not None and pipeline_parallel is not None:
+        raise InvalidOptionError(
+            f"tensor_parallel={tensor_parallel} and pipeline_parallel={pipeline_parallel} cannot be combined; "
+            "choose one of them"
+        )
+    split = "tensor_parallel" if tensor_parallel is not None else "pipeline_parallel"
+    size = tensor_parallel if tensor_parallel is not None else pipeline_parallel
+    if size is not None:
         if adapter is not None:
-            raise InvalidOptionError("adapter= is not supported with tensor_parallel (LoRA on split layers)")
+            raise InvalidOptionError(f"adapter= is not supported with {split} (LoRA on split layers)")
         if draft_model is not None:
-            raise InvalidOptionError("draft_model= is not supported with tensor_parallel (rows decode plainly)")
+            raise InvalidOptionError(f"draft_model= is not supported with {split} (rows decode plainly)")
         if kv_quant(kv_bits, kv_group_size) is not None:
-            raise InvalidOptionError(f"kv_bits={kv_bits} is not supported with tensor_parallel (float KV caches only)")
-        group = _join(tensor_parallel, distributed_backend)
+            raise InvalidOptionError(f"kv_bits={kv_bits} is not supported with {split} (float KV caches only)")
+        group = _join(size, distributed_backend, split)
+        if pipeline_parallel is not None and group.size > 1:
+            group = dataclasses.replace(group, split="pipeline-parallel")
+            prompt_cache = False  # each rank's caches differ in size: no evictions that could tell the ranks apart
     loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device, group=group)
     draft = None
     if draft_model is not None:
@@ -816,7 +833,7 @@ def load(
     return engine
 
 
-def _join(size: int, backend: str) -> Any:
+def _join(size: int, backend: str, name: str = "tensor_parallel") -> Any:
     """The group of ``size`` processes this one was launched in, with one random state on every rank.
 
     Raises:
@@ -825,16 +842,16 @@ def _join(size: int, backend: str) -> Any:
     from lmx.runtime.distributed import join_group
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidOptionError(f"tensor_parallel must be an integer >= 1, got {size!r}")
+        raise InvalidOptionError(f"{name} must be an integer >= 1, got {size!r}")
     group = join_group(backend)
     if group.size != size:
         raise InvalidOptionError(
-            f"tensor_parallel={size}, but this process was started in a group of {group.size}: start {size} "
+            f"{name}={size}, but this process was started in a group of {group.size}: start {size} "
             f"processes together with mlx.launch (e.g. mlx.launch -n {size} --backend ring -- ...; see the README)"
         )
     if size > 1:
         # rows without a seed draw from MLX's global random state: the same on every rank, so every
-        # rank samples the same tokens from the same (all-gathered) logits
+        # rank samples the same tokens from the same (all-gathered or all-summed) logits
         mx.random.seed(group.broadcast_int(int.from_bytes(os.urandom(3), "little")))
     return group
 
@@ -864,6 +881,7 @@ def _parallel_report(loaded: LoadedModel) -> dict[str, Any] | None:
         "size": group.size,
         "rank": group.rank,
         "backend": group.backend,
+        "split": group.split,
         "holds": dict(loaded.shards.holds),
         "ranks": [dict(h) for h in loaded.shards.ranks],
     }

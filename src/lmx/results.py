@@ -143,8 +143,9 @@ class ModelInfo:
     # GGUF matrices held as MLX affine quantized layers, per GGML type: {"Q4_K": {"runs_as": "mlx affine
     # q4 g32", "matrices": 27}}; the other GGUF types were dequantized to ``dtype``
     affine_types: dict[str, dict[str, Any]] | None = None
-    # split over processes (tensor parallel): {"size", "rank", "backend", "holds": {part: what this
-    # rank holds}}; num_parameters and weights_bytes then count this rank's slices
+    # split over processes (tensor or pipeline parallel): {"size", "rank", "backend", "split"
+    # ("tensor-parallel" or "pipeline-parallel"), "holds": {part: what this rank holds}, "ranks"};
+    # num_parameters and weights_bytes then count this rank's part
     tensor_parallel: dict[str, Any] | None = None
     # the KV cache: bits of its keys and values (None: the compute dtype), elements per scale when
     # quantized, and bytes one position of context takes in one row (every layer, keys and values)

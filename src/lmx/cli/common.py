@@ -34,7 +34,7 @@ def add_model_args(p: argparse.ArgumentParser, *, named_adapters: bool = False, 
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """``--tensor-parallel N`` and ``--distributed-backend``, for the commands that load a model."""
+    """``--tensor-parallel N``, ``--pipeline-parallel N`` and ``--distributed-backend``, for the commands that load a model."""
     p.add_argument(
         "--tensor-parallel",
         type=int,
@@ -44,10 +44,19 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
         "(ring backend); started by mlx.launch (several hosts), it joins their group (see the README)",
     )
     p.add_argument(
+        "--pipeline-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the model's layers over N processes (for fitting a model across hosts, not for speed); "
+        "started as --tensor-parallel is",
+    )
+    p.add_argument(
         "--distributed-backend",
         default="any",
         choices=["any", "ring", "mpi", "nccl"],
-        help="the mlx.distributed backend to join with --tensor-parallel (any: the one mlx.launch set up)",
+        help="the mlx.distributed backend to join with --tensor-parallel or --pipeline-parallel (any: the one "
+        "mlx.launch set up)",
     )
     p.add_argument("--tp-status", default=None, help=argparse.SUPPRESS)  # where ranks leave their exit codes
 
@@ -63,8 +72,22 @@ def report_rank_status(args: argparse.Namespace, code: int) -> None:
         f.write(str(code))
 
 
+def parallel_size(args: argparse.Namespace) -> int | None:
+    """The N of ``--tensor-parallel N`` or ``--pipeline-parallel N`` (None: neither given).
+
+    Raises:
+        InvalidOptionError: both given.
+    """
+    tp, pp = getattr(args, "tensor_parallel", None), getattr(args, "pipeline_parallel", None)
+    if tp is not None and pp is not None:
+        from lmx.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"--tensor-parallel {tp} and --pipeline-parallel {pp} cannot be combined; choose one")
+    return tp if tp is not None else pp
+
+
 def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = None) -> int | None:
-    """With ``--tensor-parallel N`` (N > 1) in a process mlx.launch did not start: run this same command
+    """With ``--tensor-parallel N`` or ``--pipeline-parallel N`` (N > 1) in a process mlx.launch did not start: run this same command
     in N ring processes on this host through ``mlx.launch`` and return its exit code. None: go on here
     (no split asked for, or this process is one of the N).
 
@@ -72,7 +95,7 @@ def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = N
         args: the parsed command line (``args.argv``: its words, as :func:`lmx.cli.main.main` keeps them).
         extra: words to add to the command line the N processes get.
     """
-    n = getattr(args, "tensor_parallel", None)
+    n = parallel_size(args)
     if n is None or n <= 1:
         return None
     from lmx.runtime.distributed import join_group, launch_command
@@ -87,10 +110,11 @@ def launch_tensor_parallel(args: argparse.Namespace, extra: list[str] | None = N
         if args.distributed_backend == "any":
             words += ["--distributed-backend", "ring"]
         code = subprocess.call(launch_command(n, [sys.executable, "-m", "lmx.cli.main", *words]))
-        return _group_exit(n, status, code)
+        kind = "tensor-parallel" if getattr(args, "tensor_parallel", None) is not None else "pipeline-parallel"
+        return _group_exit(n, status, code, kind)
 
 
-def _group_exit(n: int, status: str, launch_code: int) -> int:
+def _group_exit(n: int, status: str, launch_code: int, kind: str = "tensor-parallel") -> int:
     """The exit code of a group of ``n`` ranks (mlx.launch returns 0 whatever they returned): 0 when
     every rank finished with 0; else a message on stderr naming the ranks that did not."""
     from pathlib import Path
@@ -108,7 +132,7 @@ def _group_exit(n: int, status: str, launch_code: int) -> int:
             f"rank(s) {', '.join(gone)} ended without finishing (killed or crashed; mlx.launch stops every rank "
             "when one ends)"
         )
-    print(f"lmx: error: the tensor-parallel group of {n} failed: {'; '.join(failed)}", file=sys.stderr)
+    print(f"lmx: error: the {kind} group of {n} failed: {'; '.join(failed)}", file=sys.stderr)
     return next((c for c in codes.values() if c not in (0, None)), 1)
 
 
@@ -178,6 +202,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         adapter=adapter if isinstance(adapter := getattr(args, "adapter", None), str) else None,  # serve's are named
         draft_model=getattr(args, "draft_model", None),
         tensor_parallel=getattr(args, "tensor_parallel", None),
+        pipeline_parallel=getattr(args, "pipeline_parallel", None),
         distributed_backend=getattr(args, "distributed_backend", "any"),
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,

@@ -11,6 +11,7 @@ from lmx.cli.common import (
     add_sampling_args,
     launch_tensor_parallel,
     load_engine,
+    parallel_size,
     print_stats,
     sampling_options,
     stream_to_stdout,
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
             prompt = f.read()
     elif prompt is None or prompt == "-":
         prompt = sys.stdin.read()
-    if args.tensor_parallel and args.tensor_parallel > 1 and args.prompt_file is None:
+    size = parallel_size(args)
+    if size and size > 1 and args.prompt_file is None:
         import tempfile
 
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:

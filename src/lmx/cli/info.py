@@ -9,7 +9,7 @@ import platform
 import sys
 from typing import Any
 
-from lmx.cli.common import add_parallel_args, launch_tensor_parallel
+from lmx.cli.common import add_parallel_args, launch_tensor_parallel, parallel_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,7 @@ def collect(
     distributed_backend: str = "any",
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    pipeline_parallel: int | None = None,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
@@ -62,10 +63,13 @@ def collect(
 
         out["default_model"] = describe_default_model()
     else:
-        split = {"tensor_parallel": tensor_parallel, "distributed_backend": distributed_backend}
-        with lmx.load(
-            model, device=device, kv_bits=kv_bits, kv_group_size=kv_group_size, **(split if tensor_parallel else {})
-        ) as engine:
+        split: dict[str, Any] = {"distributed_backend": distributed_backend}
+        if tensor_parallel:
+            split["tensor_parallel"] = tensor_parallel
+        if pipeline_parallel:
+            split["pipeline_parallel"] = pipeline_parallel
+        kv = {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+        with lmx.load(model, device=device, **kv, **(split if len(split) > 1 else {})) as engine:
             out["model"] = engine.info().as_dict()
             out["cpu_kernels"]["in_use"] = engine.loaded.cpu_kernels
             out["profile"] = engine.loaded.profile.as_dict()
@@ -86,15 +90,21 @@ def _kernels(device: str, status: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tensor_parallel and args.model is None:
+    if parallel_size(args) and args.model is None:
         from lmx.errors import InvalidOptionError
 
-        raise InvalidOptionError("--tensor-parallel needs --model (the model to split)")
+        raise InvalidOptionError("--tensor-parallel and --pipeline-parallel need --model (the model to split)")
     code = launch_tensor_parallel(args)
     if code is not None:
         return code
     info = collect(
-        args.model, args.device, args.tensor_parallel, args.distributed_backend, args.kv_bits, args.kv_group_size
+        args.model,
+        args.device,
+        args.tensor_parallel,
+        args.distributed_backend,
+        args.kv_bits,
+        args.kv_group_size,
+        args.pipeline_parallel,
     )
     group = info.get("model", {}).get("tensor_parallel")
     if group is not None and group["rank"] != 0:
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             print(note)
     if group is not None:
         print(
-            f"parallel: tensor parallel over {group['size']} ranks ({group['backend']} backend); numbers below are rank 0's"
+            f"parallel: {group.get('split', 'tensor-parallel').replace('-', ' ')} over {group['size']} ranks ({group['backend']} backend); numbers below are rank 0's"
         )
         for rank, holds in enumerate(group["ranks"]):
             print(f"  rank {rank}: " + "; ".join(f"{part}: {what}" for part, what in holds.items()))

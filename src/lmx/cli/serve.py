@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from lmx.cli.common import add_model_args, add_parallel_args, launch_tensor_parallel, load_engine
+from lmx.cli.common import add_model_args, add_parallel_args, launch_tensor_parallel, load_engine, parallel_size
 from lmx.runtime import settings as env_settings
 from lmx.server.settings import DEFAULT_MAX_TOKENS
 from lmx.tokenizer.sandbox import DEFAULT_MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT_S
@@ -144,10 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmx.server import ServerSettings, serve
 
-    if args.tensor_parallel and args.adapter:
+    if parallel_size(args) and args.adapter:
         from lmx.errors import InvalidOptionError
 
-        raise InvalidOptionError("--adapter is not supported with --tensor-parallel")
+        raise InvalidOptionError("--adapter is not supported with --tensor-parallel or --pipeline-parallel")
     code = launch_tensor_parallel(args)
     if code is not None:
         return code
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("lmx.server").setLevel(args.log_level.upper())  # the root logger stays at warning
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     engine = None
-    if args.tensor_parallel:
+    if parallel_size(args):
         # every rank loads its slices; rank 0 serves, the others replay its batches until it closes
         engine = load_engine(args)
         if not engine.is_leader:

@@ -525,6 +525,7 @@ def load_weights(
     keep_blocks: Collection[int] = (),
     affine: Mapping[int, int] | Collection[int] = (),
     select: Callable[[str, mx.array], mx.array] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, mx.array]:
     """Dequantize every tensor of ``header``'s file into HF-named arrays of ``dtype``.
 
@@ -550,6 +551,8 @@ def load_weights(
         name = hf_name(info.name, spec)
         if name is None:
             raise WeightsError(f"{header.path}: GGUF tensor {info.name!r} has no {spec.name} counterpart")
+        if keep is not None and not keep(name):
+            continue  # another rank's (pipeline parallel): never read
         names[info.name] = name
     weights: dict[str, mx.array] = {}
     data = np.memmap(header.path, dtype=np.uint8, mode="r")
@@ -612,6 +615,7 @@ def read_gguf(
     keep_blocks: Collection[int] = (),
     affine: Mapping[int, int] | Collection[int] = (),
     select: Callable[[str, mx.array], mx.array] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> GGUFModel:
     """Read a GGUF model: its config, dequantized weights and metadata (the vocabulary is in ``header``).
 
@@ -624,6 +628,7 @@ def read_gguf(
         affine: GGML types whose matrices come in MLX's affine layout (see :func:`load_weights`);
             the model's ``affine_types`` names them.
         select: see :func:`load_weights`.
+        keep: for a tensor's HF name, whether to read it at all (None: every tensor).
 
     Returns:
         A :class:`GGUFModel` in Hugging Face terms.
@@ -636,7 +641,9 @@ def read_gguf(
     header = read_header(path)
     spec = architecture_of(header, architectures)
     config = gguf_config(header, architectures)
-    weights = load_weights(header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine, select=select)
+    weights = load_weights(
+        header, config, spec, dtype=dtype, keep_blocks=keep_blocks, affine=affine, select=select, keep=keep
+    )
     blocks = kept_blocks(header, keep_blocks, spec)
     widths = gguf_quants.affine_widths(affine)
     affine_types = {k: t for k, t in kept_blocks(header, widths, spec).items() if k not in blocks}

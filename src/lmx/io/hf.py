@@ -206,7 +206,9 @@ _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 SliceOf = Callable[[str], "tuple[int, int, int] | None"]
 
 
-def read_safetensors(files: list[Path], slice_of: SliceOf | None = None) -> dict[str, mx.array]:
+def read_safetensors(
+    files: list[Path], slice_of: SliceOf | None = None, keep: Callable[[str], bool] | None = None
+) -> dict[str, mx.array]:
     """Load tensors from safetensors files (never pickle); a name in two files is an error.
 
     Each header is checked by :func:`read_safetensors_header` before MLX reads the file.
@@ -216,6 +218,8 @@ def read_safetensors(files: list[Path], slice_of: SliceOf | None = None) -> dict
         slice_of: for a tensor's name, the part of it to read, ``(axis, start, stop)``, or None
             for all of it. A sliced float tensor is read from the file by its slice alone (the
             rest of it never enters memory): a rank of a tensor-parallel run holds only its part.
+        keep: for a tensor's name, whether to read it at all (None: every tensor); a rank of a
+            pipeline-parallel run reads only its layers' tensors.
 
     Raises:
         WeightsError: a file is corrupt or truncated, or two files hold the same tensor.
@@ -227,10 +231,14 @@ def read_safetensors(files: list[Path], slice_of: SliceOf | None = None) -> dict
             part = mx.load(str(path), format="safetensors")
         except (RuntimeError, ValueError, OSError) as e:
             raise WeightsError(f"cannot read {path}: {e}") from e
+        if keep is not None:
+            part = {name: array for name, array in part.items() if keep(name)}  # the others are never evaluated
         dup = sorted(set(part) & set(weights))
         if dup:
             raise WeightsError(f"{path} repeats tensor(s) already loaded: {', '.join(dup[:5])}")
         for name, entry in entries.items():
+            if name not in part:
+                continue
             where = None if slice_of is None else slice_of(name)
             if where is not None:
                 part[name] = _read_slice(path, entry, where, part[name])

@@ -15,6 +15,7 @@ from lmx.errors import ConfigError, InvalidOptionError, ModelNotFoundError, Unsu
 from lmx.io import hf
 from lmx.io.image import ImageProcessor
 from lmx.models import GGUF_ARCHITECTURES, build_model, get_architecture, text_config
+from lmx.models.pipeline_parallel import PipelinePlan, attach, split_model
 from lmx.models.tensor_parallel import ShardPlan, shard_model
 from lmx.runtime import memory
 from lmx.runtime.device import backend_name, device_name
@@ -45,7 +46,7 @@ class LoadedModel:
     own_chat_template: bool = True  # False: a GGUF without one runs on its architecture's template
     image_processor: ImageProcessor | None = None  # a model that reads images: its preprocessing
     group: Group | None = None  # the ranks sharing the model (tensor parallel), None: this process alone
-    shards: ShardPlan | None = None  # what of the model this rank holds (tensor parallel)
+    shards: ShardPlan | PipelinePlan | None = None  # what of the model this rank holds (tensor/pipeline parallel)
 
     @property
     def chat_template_origin(self) -> str:
@@ -96,6 +97,9 @@ def load_path(
             each rank reads only its slices. Float weights only: a GGUF file is dequantized
             (``cpu_kernels`` and ``gguf_on_device="quantized"`` are refused), a quantized HF
             checkpoint is refused; every step decodes eagerly. None or a group of one: no split.
+            A group whose ``split`` is ``pipeline-parallel`` splits the decoder layers instead
+            (:mod:`lmx.models.pipeline_parallel`): each rank reads only its layers' tensors
+            (float weights, eager steps, images not read, as above).
 
     Raises:
         ModelNotFoundError: nothing loadable at ``path``.
@@ -107,7 +111,7 @@ def load_path(
     if group is not None and group.size > 1:
         if cpu_kernels or gguf_on_device == "quantized":
             raise InvalidOptionError(
-                "tensor parallel runs float weights only: cpu_kernels=True and gguf_on_device='quantized' "
+                f"{group.split.replace('-', ' ')} runs float weights only: cpu_kernels=True and gguf_on_device='quantized' "
                 "are not supported with it (a GGUF file is dequantized)"
             )
         cpu_kernels, gguf_on_device = False, "float"
@@ -166,9 +170,30 @@ def profile_ops(profile: DeviceProfile) -> Ops:
     return make_ops(profile)
 
 
-def _shard(model: nn.Module, group: Group | None) -> ShardPlan | None:
-    """Split ``model`` over ``group`` (None: keep it whole)."""
-    return None if group is None else shard_model(model, group)
+def _shard(model: nn.Module, group: Group | None) -> ShardPlan | PipelinePlan | None:
+    """Split ``model`` over ``group`` (None: keep it whole), by slices or by layers as the group says."""
+    if group is None:
+        return None
+    if group.split == "pipeline-parallel":
+        return split_model(model, group)
+    return shard_model(model, group)
+
+
+def _finish_split(
+    model: nn.Module, plan: ShardPlan | PipelinePlan | None, group: Group | None, dtype: mx.Dtype
+) -> None:
+    """A rank of a pipeline-parallel group runs its stage from now on (its weights are loaded)."""
+    if isinstance(plan, PipelinePlan) and group is not None:
+        attach(model, plan, group, dtype)
+
+
+def _readers(plan: ShardPlan | PipelinePlan | None) -> dict[str, Any]:
+    """How a rank reads the tensors it holds: its slices (tensor parallel) or its layers' (pipeline)."""
+    if isinstance(plan, PipelinePlan):
+        return {"keep": plan.keeps}
+    if isinstance(plan, ShardPlan):
+        return {"select": plan.take}
+    return {}
 
 
 def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile, group: Group | None) -> LoadedModel:
@@ -182,16 +207,20 @@ def _load_hf_dir(model_dir: Path, dtype: mx.Dtype, profile: DeviceProfile, group
     quant = hf.quantization_of(config, str(config_path))
     if quant and group is not None:
         raise UnsupportedModelError(
-            f"{model_dir} is quantized ({quant['bits']}-bit); tensor parallel runs float weights only"
+            f"{model_dir} is quantized ({quant['bits']}-bit); {group.split.replace('-', ' ')} runs float weights only"
         )
     plan = _shard(model, group)
     files = hf.weight_files(model_dir)
     size = 1 if group is None else group.size
     memory.check_allocation(hf.safetensors_nbytes(files, dtype) // size, f"loading the weights of {model_dir}")
-    weights = model.sanitize(hf.read_safetensors(files, None if plan is None else plan.slice_of))
+    if isinstance(plan, PipelinePlan):
+        weights = model.sanitize(hf.read_safetensors(files, keep=plan.keeps))
+    else:
+        weights = model.sanitize(hf.read_safetensors(files, None if plan is None else plan.slice_of))
     if quant:
         hf.quantize_like(model, weights, quant)
     hf.apply_weights(model, weights, str(model_dir), dtype)
+    _finish_split(model, plan, group, dtype)
     model.set_ops(profile_ops(profile))
     tokenizer = load_tokenizer(model_dir, config=text_config(config), generation_config=generation_config)
     mx.eval(model.parameters())
@@ -280,8 +309,8 @@ def _load_gguf(
         from lmx.io.gguf import gguf_config, read_header
 
         model = _build(gguf_config(read_header(path), GGUF_ARCHITECTURES), str(path))
-        plan = shard_model(model, group)
-        gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, select=plan.take)
+        plan = _shard(model, group)
+        gguf = read_gguf(path, GGUF_ARCHITECTURES, dtype=dtype, **_readers(plan))
     arch = get_architecture(gguf.config, str(path))
     # the vocabulary is GGUF metadata (io/ leaves it as such); the architecture fills in what files omit
     spec = tokenizer_from_gguf(
@@ -299,7 +328,7 @@ def _load_gguf(
     config, gguf_weights, preprocessor = gguf.config, gguf.weights, None
     projector = find_mmproj(path)
     if projector is not None and group is not None:
-        logger.warning("%s: images are not read under tensor parallel; %s is not loaded", path, projector.name)
+        logger.warning("%s: images are not read under %s; %s is not loaded", path, group.split, projector.name)
     elif projector is not None:  # llama.cpp's vision tower beside the text model
         config, vision, preprocessor = _read_mmproj(projector, gguf.config, tokenizer, dtype)
         gguf_weights = {**gguf.weights, **vision}
@@ -315,6 +344,7 @@ def _load_gguf(
     if affine_layers:
         logger.info("%s: %d matrices run as MLX affine quantized layers", path, len(affine_layers))
     hf.apply_weights(model, weights, str(path), dtype)
+    _finish_split(model, plan, group, dtype)
     mx.eval(model.parameters())
     image_processor = None
     if preprocessor is not None and hasattr(model, "encode_images"):

@@ -454,6 +454,31 @@ class DecoderStack(nn.Module):
         return self.embed_tokens(inputs)
 
 
+class Stage(Protocol):
+    """This rank's part of a model split by layers over processes (pipeline parallel, see
+    :mod:`lmx.models.pipeline_parallel`): it runs the layers this rank holds and passes the
+    residual stream on; the logits come back to every rank."""
+
+    def hidden(
+        self,
+        model: Any,
+        inputs: mx.array,
+        cache: Sequence[Any],
+        pad: mx.array | None,
+        each_layer: Callable[[mx.array], Any] | None,
+    ) -> mx.array:
+        """As :meth:`CausalLM.hidden`, over this rank's layers (``cache``: theirs)."""
+        ...
+
+    def head(self, model: Any, h: mx.array, local: Callable[[mx.array], mx.array]) -> mx.array:
+        """The logits of the whole model on every rank; ``local`` makes them where the head is held."""
+        ...
+
+    def make_cache(self, model: Any) -> list[KVCache]:
+        """One cache per layer this rank holds."""
+        ...
+
+
 class CausalLM(nn.Module):
     """What every architecture's ``Model`` shares (the :class:`LanguageModel` contract): a
     :class:`DecoderStack` as ``self.model``, an LM head (tied to the embedding or ``lm_head``),
@@ -464,6 +489,8 @@ class CausalLM(nn.Module):
         args: the architecture's ``ModelArgs`` (with ``tie_word_embeddings``, ``layer_types``
             and ``sliding_window``).
     """
+
+    stage: Stage | None = None  # set on a rank of a pipeline-parallel group: it holds some layers
 
     def __init__(self, args: Any) -> None:
         super().__init__()
@@ -496,10 +523,17 @@ class CausalLM(nn.Module):
         each_layer: Callable[[mx.array], Any] | None = None,
     ) -> mx.array:
         """Final-norm hidden states (B, L, hidden_size); ``each_layer`` sees each layer's output."""
+        if self.stage is not None:
+            return self.stage.hidden(self, inputs, cache, pad, each_layer)
         return self.model(inputs, cache, pad, each_layer)
 
     def head(self, h: mx.array) -> mx.array:
         """Logits (B, L, vocab) from hidden states."""
+        if self.stage is not None:
+            return self.stage.head(self, h, self._own_head)
+        return self._own_head(h)
+
+    def _own_head(self, h: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -510,6 +544,8 @@ class CausalLM(nn.Module):
     def make_cache(self, quant: KVQuant | None = None) -> list[KVCache]:
         """One cache per layer: rotating for sliding layers, growing for global ones; with
         ``quant``, their keys and values are stored quantized."""
+        if self.stage is not None:  # pipeline parallel: this rank's layers (float caches only)
+            return self.stage.make_cache(self)
         return [
             RotatingKVCache(self.args.sliding_window, quant=quant) if t == "sliding_attention" else KVCache(quant)
             for t in self.args.layer_types

@@ -1,4 +1,4 @@
-"""The process group of a tensor-parallel run: MLX's own ``mlx.distributed`` (ring, MPI, NCCL), nothing home-made.
+"""The process group of a tensor- or pipeline-parallel run: MLX's own ``mlx.distributed`` (ring, MPI, NCCL), nothing home-made.
 
 A run across N processes is started by ``mlx.launch`` (``lmx generate --tensor-parallel N`` does it
 for one host); each process calls :func:`join_group` once and gets a :class:`Group`: its rank, the
@@ -31,12 +31,14 @@ class Group:
         size: how many processes share the model.
         backend: the ``mlx.distributed`` backend asked for (``ring``, ``mpi``, ``nccl`` or ``any``).
         handle: MLX's group object, passed to the collectives.
+        split: ``tensor-parallel`` or ``pipeline-parallel`` (for messages).
     """
 
     rank: int
     size: int
     backend: str
     handle: Any = None
+    split: str = "tensor-parallel"  # or "pipeline-parallel": how the model is split over the ranks
 
     def all_sum(self, x: mx.array) -> mx.array:
         """The elementwise sum of ``x`` over the ranks (every rank gets the same bits)."""
@@ -45,6 +47,14 @@ class Group:
     def all_gather(self, x: mx.array) -> mx.array:
         """The ranks' ``x`` concatenated along the first axis, rank 0 first."""
         return mx.distributed.all_gather(x, group=self.handle)
+
+    def send(self, x: mx.array, dst: int) -> mx.array:
+        """``x``, sending it to rank ``dst`` when evaluated (pipeline parallel: the next rank's input)."""
+        return mx.distributed.send(x, dst, group=self.handle)
+
+    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array:
+        """The array of ``shape`` and ``dtype`` that rank ``src`` sends (evaluated: waits for it)."""
+        return mx.distributed.recv(shape, dtype, src, group=self.handle)
 
     @property
     def leader(self) -> bool:
@@ -74,8 +84,8 @@ class Group:
     def lost(self, error: BaseException) -> GroupLostError:
         """The error saying this group lost a rank (``error``: what the backend raised)."""
         return GroupLostError(
-            f"rank {self.rank} of {self.size}: another rank of the tensor-parallel group ended or is unreachable "
-            f"({error}); this rank holds only its slices of the model and stops: restart every rank"
+            f"rank {self.rank} of {self.size}: another rank of the {self.split} group ended or is unreachable "
+            f"({error}); this rank holds only its part of the model and stops: restart every rank"
         )
 
     def describe(self) -> str:

@@ -239,7 +239,7 @@ LMX_TP_STEP_TIMEOUT: Setting[float] = Setting(
     "LMX_TP_STEP_TIMEOUT",
     "a number of seconds > 0",
     120.0,
-    "tensor parallel: a step that has not finished after this long means a rank is gone; the others stop "
+    "tensor and pipeline parallel: a step that has not finished after this long means a rank is gone; the others stop "
     "with an error (a step waiting on a dead peer can hang inside MLX)",
     _positive_float,
 )

@@ -163,7 +163,9 @@ class Scheduler:
             raise EngineClosedError("this rank of a tensor-parallel group follows rank 0; submit requests there")
         for name in ("constraint", "adapter"):
             if getattr(request.options, name) is not None:
-                raise InvalidOptionError(f"{name} is not supported with tensor parallel; run without it")
+                raise InvalidOptionError(
+                    f"{name} is not supported with tensor parallel or pipeline parallel; run without it"
+                )
 
     def follow(self) -> None:
         """Replay the leader's turns until it closes (a follower's main loop; returns when the group ends).
@@ -192,7 +194,9 @@ class Scheduler:
         if self._sync is not None:
             from lmx.errors import InvalidOptionError
 
-            raise InvalidOptionError("classify and embeddings are not supported with tensor parallel")
+            raise InvalidOptionError(
+                "classify and embeddings are not supported with tensor parallel or pipeline parallel"
+            )
         job = Exclusive(fn)
         with self._lock:
             if self._closed:
@@ -752,7 +756,12 @@ class Scheduler:
             self.prefix_cache.evict(max(0, self.prefix_cache.nbytes - (need - free)))
             memory.clear_cache()
             free = self._free(held)
-        return need <= free
+        if self._sync is None:
+            return need <= free
+        try:  # the leader's decision: a rank's own sizes may differ (pipeline parallel: other layers)
+            return bool(self._sync.broadcast_int(int(need <= free)))
+        except RuntimeError as e:
+            raise self._sync.lost(e) from e
 
     # ------------------------------------------------------------------ ends
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:

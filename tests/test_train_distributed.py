@@ -6,10 +6,8 @@ import lmx  # noqa: F401  # isort: skip
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 from lmx.train import TrainConfig, Trainer
 from lmx.train.lora import adapter_weights
+from test_tensor_parallel import free_port_pair, launcher
 
 # Run by each process: the Trainer picks up the group mlx.launch set up (no code path of its own).
 WORKER = """
@@ -37,30 +36,6 @@ with open(f"{out}/rank{trainer.rank}.json", "w") as f:
 """
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free on 127.0.0.1 (the ring backend listens on one per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
-
-
-def _launcher() -> list[str]:
-    script = Path(sys.executable).parent / "mlx.launch"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
-
-
-@pytest.mark.slow
 def test_two_process_ring_run_equals_one_process_on_the_combined_batch(tiny_dirs, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -83,7 +58,7 @@ def test_two_process_ring_run_equals_one_process_on_the_combined_batch(tiny_dirs
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # two processes share the machine's cores
     command = [
-        *_launcher(),
+        *launcher(),
         "--backend",
         "ring",
         "--hosts",
@@ -91,7 +66,7 @@ def test_two_process_ring_run_equals_one_process_on_the_combined_batch(tiny_dirs
         "-n",
         "2",
         "--starting-port",
-        str(_free_port_pair()),
+        str(free_port_pair()),
         "--",
         sys.executable,
         str(tmp_path / "worker.py"),

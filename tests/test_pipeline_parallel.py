@@ -8,7 +8,6 @@ import lmx  # isort: skip
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,8 +22,8 @@ from test_tensor_parallel import (
     WORKER,
     _hf_greedy,
     _two_at_once,
-    _wait_for,
     free_port_pair,
+    kill_one_of_two_ranks,
     launch_env,
     launcher,
     lmx_cli,
@@ -271,36 +270,10 @@ def test_serve_pipeline_parallel_answers_concurrent_openai_requests_as_one_proce
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0], ids=["last-rank-dies", "first-rank-dies"])
 def test_a_rank_that_dies_gives_the_survivor_group_lost_error_not_a_hang(gemma_dir, tmp_path, victim):
-    # started by hand (MLX_RANK, MLX_HOSTFILE), not by mlx.launch, which would stop the survivor itself
-    port = free_port_pair()
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     # many prompts one after another: the ranks are still generating when one is killed, however fast
     values = {"model": str(gemma_dir), "prompts": ["Hello"] * 500, "max_tokens": 400, "pipeline_parallel": 2}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp_path), json.dumps(values)],
-            env={**launch_env(), "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts), "LMX_TP_STEP_TIMEOUT": "10"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        for rank in (0, 1):
-            _wait_for(tmp_path / f"rank{rank}.pid", procs)
-        time.sleep(1.0)  # rank 0 is generating: both ranks are inside the pipeline's sends and receives
-        assert all(p.poll() is None for p in procs)
-        procs[victim].kill()
-        survivor = procs[1 - victim]
-        _, err = survivor.communicate(timeout=60)  # bounded: no hang
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    assert survivor.returncode == 3, err[-3000:]
+    code, err = kill_one_of_two_ranks(tmp_path, values, victim)
+    assert code == 3, err[-3000:]
     assert (
         f"rank {1 - victim}: GroupLostError: rank {1 - victim} of 2: another rank of the pipeline-parallel group" in err
     )

@@ -348,16 +348,16 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], seconds: float = 120) -
         time.sleep(0.1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("victim", [1, 0], ids=["follower-dies", "leader-dies"])
-def test_a_rank_that_dies_gives_the_survivor_a_clear_error_not_a_hang(gemma_1kv, tmp_path, victim):
-    # The two ranks are started by hand (the ring backend reads MLX_RANK and MLX_HOSTFILE), not by
-    # mlx.launch, which would stop the survivor itself: here the survivor has to notice on its own.
+def kill_one_of_two_ranks(tmp_path: Path, values: dict, victim: int) -> tuple[int, str]:
+    """Start two ranks of the worker on ``values`` by hand, kill rank ``victim`` mid-generation, and
+    return the survivor's exit code and stderr (bounded: a hang fails the test).
+
+    The ranks are started by hand (the ring backend reads MLX_RANK and MLX_HOSTFILE), not by
+    mlx.launch, which would stop the survivor itself: here the survivor has to notice on its own.
+    """
     port = free_port_pair()
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
-    # many prompts one after another: the ranks are still generating when one is killed, however fast
-    values = {"model": str(gemma_1kv), "prompts": ["Hello"] * 500, "max_tokens": 400, "tensor_parallel": 2}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(tmp_path), json.dumps(values)],
@@ -382,7 +382,16 @@ def test_a_rank_that_dies_gives_the_survivor_a_clear_error_not_a_hang(gemma_1kv,
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    assert survivor.returncode == 3, err[-3000:]
+    return survivor.returncode, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0], ids=["follower-dies", "leader-dies"])
+def test_a_rank_that_dies_gives_the_survivor_a_clear_error_not_a_hang(gemma_1kv, tmp_path, victim):
+    # many prompts one after another: the ranks are still generating when one is killed, however fast
+    values = {"model": str(gemma_1kv), "prompts": ["Hello"] * 500, "max_tokens": 400, "tensor_parallel": 2}
+    code, err = kill_one_of_two_ranks(tmp_path, values, victim)
+    assert code == 3, err[-3000:]
     assert (
         f"rank {1 - victim}: GroupLostError: rank {1 - victim} of 2: another rank of the tensor-parallel group" in err
     )

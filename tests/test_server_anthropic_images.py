@@ -300,3 +300,15 @@ def test_openai_and_ollama_pan_and_scan(server, mm_engine):
         json={"model": "tiny-vision", "stream": False, "messages": ollama_msgs, "options": {"pan_and_scan": "on"}},
     )
     assert r.status_code == 400 and "options.pan_and_scan" in r.json()["error"]
+
+
+def test_remote_backend_sends_pan_and_scan(server, mm_engine):
+    data = long_png(seed=8)
+    parts = [{"type": "image", "image": data}, {"type": "text", "text": QUESTION}]
+    with lmx.RemoteBackend(server.url) as remote:
+        for flag in (True, False):
+            got = remote.chat([{"role": "user", "content": parts}], max_tokens=6, temperature=0, pan_and_scan=flag)
+            want = engine_chat(mm_engine, data, 6, pan_and_scan=flag)
+            assert got.tokens == want.tokens and got.metrics.prompt_tokens == want.metrics.prompt_tokens
+        with pytest.raises(lmx.errors.InvalidOptionError, match="pan_and_scan"):
+            remote.chat([{"role": "user", "content": parts}], max_tokens=2, pan_and_scan="on")

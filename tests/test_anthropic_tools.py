@@ -204,7 +204,7 @@ def test_image_blocks_become_image_parts_in_place() -> None:
         (
             {"type": "base64", "media_type": "image/gif", "data": base64.b64encode(PNG).decode()},
             "source.media_type",
-            "a image/png image",
+            "is image/png data, but media_type says image/gif",
         ),
     ],
 )

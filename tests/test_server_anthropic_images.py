@@ -208,7 +208,7 @@ def test_url_and_file_sources_are_refused(server, client):
     [
         (image_block(encoded(0), "image/bmp"), "'image/bmp'"),
         ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "@@@"}}, "not valid base64"),
-        (image_block(encoded(0, "JPEG"), "image/png"), "is a image/jpeg image, but media_type says image/png"),
+        (image_block(encoded(0, "JPEG"), "image/png"), "is image/jpeg data, but media_type says image/png"),
         (image_block(b"plain text, not a picture"), "not a PNG, JPEG, GIF or WebP image"),
         (image_block(encoded(0)[:60]), "truncated"),
         ({"type": "image", "source": {"type": "base64", "media_type": "image/png"}}, "source.data"),

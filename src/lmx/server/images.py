@@ -108,9 +108,9 @@ def anthropic_image_block(block: dict[str, Any], param: str) -> dict[str, Any]:
         raise ApiRequestError(f"{where} must be an object with type, media_type and data", param=where)
     kind = source.get("type")
     if kind in ("url", "file"):
-        what = "fetches image URLs" if kind == "url" else "has no Files API"
+        why = "this server never fetches image URLs" if kind == "url" else "this server has no Files API"
         raise UnsupportedParameterError(
-            f"{where}.type: this server never {what} (source type {kind!r}); send the image as "
+            f"{where}.type: {why} (source type {kind!r}); send the image as "
             '{"type": "base64", "media_type": ..., "data": ...}',
             param=f"{where}.type",
         )
@@ -128,7 +128,7 @@ def anthropic_image_block(block: dict[str, Any], param: str) -> dict[str, Any]:
     data = _b64(text, f"{where}.data")
     found = _media_type(data)
     if found != media:
-        what = f"a {found} image" if found else "not a PNG, JPEG, GIF or WebP image"
+        what = f"{found} data" if found else "not a PNG, JPEG, GIF or WebP image"
         raise ApiRequestError(
             f"{where}.data is {what}, but media_type says {media}",
             param=f"{where}.media_type" if found else f"{where}.data",

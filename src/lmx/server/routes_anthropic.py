@@ -343,8 +343,8 @@ async def messages(request: Request) -> Response:
     check_options(options, ANTHROPIC_PARAMS, state.info.vocab_size)
     tools = _tools(state, req, conversation)
     reply = _Reply(state, options.get("stop", []))
-    # pan_and_scan goes to the engine only when the request sets it (an engine without images
-    # takes no such keyword); it is no generation option, so check_options never sees it.
+    # pan_and_scan goes to the engine only when the request sets it (so the call is unchanged
+    # otherwise); it is an image option, not a generation option, so check_options never sees it.
     image_kw = {} if req.pan_and_scan is None else {"pan_and_scan": req.pan_and_scan}
     if tools is not None:
         tooling, functions, choice = tools

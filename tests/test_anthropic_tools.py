@@ -4,6 +4,7 @@ and the request's messages as engine messages."""
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,9 @@ def test_tool_use_and_tool_result_blocks_become_openai_messages() -> None:
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: a"},
         {"role": "tool", "tool_call_id": "toolu_3", "content": ""},
     ]
-    with pytest.raises(UnsupportedParameterError, match="'image'"):
+    with pytest.raises(UnsupportedParameterError, match="'document'"):
+        tool_result_messages([{"tool_use_id": "t", "content": [{"type": "document"}]}], "m")
+    with pytest.raises(ApiRequestError, match=r"m.content\[0\].source must be an object"):
         tool_result_messages([{"tool_use_id": "t", "content": [{"type": "image"}]}], "m")
     with pytest.raises(ApiRequestError, match="tool_use_id"):
         tool_result_messages([{"content": "x"}], "m")
@@ -155,12 +158,71 @@ def test_text_blocks_and_same_role_messages_are_joined() -> None:
     ]
 
 
+PNG = b"\x89PNG\r\n\x1a\n" + b"rest of the file"  # only the signature is read here; the engine decodes
+
+
+def image(data: bytes = PNG) -> dict[str, Any]:
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(data).decode()},
+    }
+
+
+def test_image_blocks_become_image_parts_in_place() -> None:
+    req = request(
+        [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}, image()]},
+            {"role": "user", "content": [{"type": "text", "text": "c"}]},
+            {"role": "assistant", "content": "d"},
+            {"role": "user", "content": [{"type": "text", "text": "e"}]},
+            {"role": "user", "content": [image(), {"type": "text", "text": "f"}]},
+        ]
+    )
+    part = {"type": "image", "image": PNG}
+    assert engine_messages(req) == [
+        {"role": "user", "content": [{"type": "text", "text": "a\n\nb"}, part, {"type": "text", "text": "c"}]},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": [{"type": "text", "text": "e"}, part, {"type": "text", "text": "f"}]},
+    ]
+    results = tool_result_messages(
+        [{"tool_use_id": "t", "content": [{"type": "text", "text": "x"}, image()], "is_error": True}], "m"
+    )
+    assert results == [{"role": "tool", "tool_call_id": "t", "content": [{"type": "text", "text": "Error: x"}, part]}]
+    assert tool_result_messages([{"tool_use_id": "t", "content": [image()], "is_error": True}], "m")[0]["content"] == [
+        {"type": "text", "text": "Error: "},
+        part,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "param", "says"),
+    [
+        ({"type": "url", "url": "https://x/y.png"}, "source.type", "never fetches image URLs"),
+        ({"type": "file", "file_id": "f"}, "source.type", "no Files API"),
+        ({"type": "base64", "media_type": "image/tiff", "data": "AAAA"}, "source.media_type", "'image/tiff'"),
+        ({"type": "base64", "media_type": "image/png", "data": "!!"}, "source.data", "not valid base64"),
+        (
+            {"type": "base64", "media_type": "image/gif", "data": base64.b64encode(PNG).decode()},
+            "source.media_type",
+            "is image/png data, but media_type says image/gif",
+        ),
+    ],
+)
+def test_bad_image_sources_name_the_field(source: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(ApiRequestError, match=says) as e:
+        engine_messages(request([{"role": "user", "content": [{"type": "image", "source": source}]}]))
+    assert e.value.param == f"messages[0].content[0].{param}"
+    assert isinstance(e.value, UnsupportedParameterError) == (source["type"] in ("url", "file"))
+
+
 @pytest.mark.parametrize(
     ("message", "param"),
     [
         ({"role": "system", "content": "x"}, "messages[0].role"),
         ({"role": "user", "content": 5}, "messages[0].content"),
-        ({"role": "user", "content": [{"type": "image", "source": {}}]}, "messages[0].content[0].type"),
+        ({"role": "user", "content": [{"type": "image", "source": {}}]}, "messages[0].content[0].source.type"),
+        ({"role": "user", "content": [{"type": "document", "source": {}}]}, "messages[0].content[0].type"),
+        ({"role": "assistant", "content": [{"type": "image", "source": {}}]}, "messages[0].content[0].type"),
         ({"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f"}]}, "messages[0].content[0].type"),
         ({"role": "user", "content": "x", "name": "bob"}, "messages[0].name"),
     ],

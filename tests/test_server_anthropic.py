@@ -178,7 +178,7 @@ def assert_anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
         ({"max_tokens": None}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "source.type"),
         ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "'document'"),
         ({"messages": []}, "messages"),
         ({"system": [{"type": "image"}]}, "system[0]"),

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.classify import Classification
-from lmx.errors import ContextLengthError, DraftModelError, EngineClosedError, ImageError, InvalidOptionError
-from lmx.generate.images import FeatureCache, ImageTokens, block_starts, expand_prompt, has_images, split_images
+from lmx.errors import ContextLengthError, DraftModelError, EngineClosedError, InvalidOptionError
+from lmx.generate.images import FeatureCache, check_pan_and_scan, has_images, lay_out
 from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
@@ -232,9 +232,13 @@ class Engine:
         tools: list[dict] | None = None,
         tool_choice: Any = None,
         chat_template_kwargs: dict | None = None,
+        pan_and_scan: bool | None = None,
         **options: Any,
     ) -> Completion:
         """Reply to a conversation (a list of ``{"role", "content"}`` dicts).
+
+        ``pan_and_scan``: crop long images (Gemma 3), True or False for this request; None
+        (default): as the checkpoint's ``preprocessor_config.json`` says.
 
         ``tools`` (OpenAI function tools) are rendered through the chat template (see
         :mod:`lmx.generate.tools`); the reply's calls are then in ``Completion.tool_calls`` and
@@ -243,7 +247,12 @@ class Engine:
         """
         kwargs = chat_template_kwargs or {}
         stream = self.stream_chat(
-            messages, tools=tools, tool_choice=tool_choice, chat_template_kwargs=kwargs, **options
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            chat_template_kwargs=kwargs,
+            pan_and_scan=pan_and_scan,
+            **options,
         )
         done = _collect(stream)
         if not tools:
@@ -262,16 +271,18 @@ class Engine:
         tool_choice: Any = None,
         chat_template_kwargs: dict | None = None,
         sink: Any = None,
+        pan_and_scan: bool | None = None,
         **options: Any,
     ) -> TokenStream:
         """Like :meth:`chat`, streaming the raw reply (read calls out of it with
         :class:`lmx.generate.tools.ToolCallParser`). A follow-up turn only prefills its new tokens."""
         opts = self.options(options)
+        check_pan_and_scan(pan_and_scan)
         kwargs = chat_template_kwargs or {}
         plan = plan_tools(self.tokenizer, messages, tools, tool_choice, kwargs.get("chat_template"))
         images = None
         if has_images(plan.messages):
-            ids, images = self._image_prompt(plan.messages, plan.template_tools, kwargs)
+            ids, images = self._image_prompt(plan.messages, plan.template_tools, kwargs, pan_and_scan)
         else:
             ids = self.tokenizer.encode_chat(
                 plan.messages, add_generation_prompt=True, tools=plan.template_tools, **kwargs
@@ -604,7 +615,7 @@ class Engine:
         return TokenStream(self, self.submit(ids, opts, sink, images), sink)
 
     def _image_prompt(
-        self, messages: list[Message], tools: Any, kwargs: dict[str, Any]
+        self, messages: list[Message], tools: Any, kwargs: dict[str, Any], pan_and_scan: bool | None = None
     ) -> tuple[list[int], ImagePrompt]:
         """Token ids of a chat with image parts, and its images encoded by the vision tower (on
         the scheduler's worker, between two decode steps): see :mod:`lmx.generate.images`.
@@ -612,22 +623,18 @@ class Engine:
         Raises:
             ImageError: the model reads no images, or an image cannot be used.
         """
-        model, processor = self.model, self.loaded.image_processor
-        if processor is None or not hasattr(model, "encode_images"):
-            raise ImageError(f"{self.loaded.name} reads no images (it has no vision tower); send text only")
-        template_messages, decoded = split_images(messages)
-        pixels, n_crops = processor(decoded)
-        args, tok = model.args, self.tokenizer
-        names = [tok.id_to_token(i) for i in (args.boi_token_index, args.eoi_token_index, args.image_token_index)]
-        if None in names:
-            raise ImageError(f"the tokenizer lacks the model's image tokens (ids {args.boi_token_index}, ...)")
-        tokens = ImageTokens(*names, args.image_token_index, model.image_tokens)  # type: ignore[arg-type]
-        text = tok.apply_chat_template(template_messages, add_generation_prompt=True, tools=tools, **kwargs)
-        ids = tok.encode(expand_prompt(text, n_crops, tokens), add_special_tokens=False)
-        starts = block_starts(ids, tokens)
-        if len(starts) != len(pixels):
-            raise ImageError(f"the prompt holds {len(starts)} image blocks for {len(pixels)} images and crops")
-
+        model, loaded = self.model, self.loaded
+        layout = lay_out(
+            self.tokenizer,
+            model,
+            loaded.image_processor,
+            messages,
+            model_name=loaded.name,
+            tools=tools,
+            template_kwargs=kwargs,
+            pan_and_scan=pan_and_scan,
+        )
+        ids, pixels, starts = layout.ids, layout.pixels, layout.starts
         digests = [image_digest(p) for p in pixels]
 
         def work() -> mx.array:  # on the scheduler's worker: MLX arrays are made where they are evaluated

@@ -31,6 +31,7 @@ from lmx.errors import (
     ModelNotFoundError,
     OutOfMemoryError,
 )
+from lmx.generate.images import check_pan_and_scan
 from lmx.generate.options import GenerationOptions
 from lmx.results import Completion, GenerationMetrics, ModelInfo, Token, TopLogprob
 
@@ -421,9 +422,14 @@ class RemoteBackend:
     def _chat_body(
         self, messages: list[Message], template_kwargs: dict | None, options: dict[str, Any]
     ) -> dict[str, Any]:
+        options = dict(options)
+        # an image option, not a generation option: sent as the lmx server's pan_and_scan field
+        pan_and_scan = check_pan_and_scan(options.pop("pan_and_scan", None))
         body = {**self._body(options, chat=True), "messages": [_wire_message(m) for m in messages]}
         if template_kwargs:
             body["chat_template_kwargs"] = template_kwargs
+        if pan_and_scan is not None:
+            body["pan_and_scan"] = pan_and_scan
         return body
 
 

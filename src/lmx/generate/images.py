@@ -7,11 +7,17 @@ file: the library's caller is trusted; the server allows paths only under a dire
 The chat template renders each image part as the model's begin-of-image token (Gemma 3's templates
 write ``<start_of_image>``); each is then replaced by ``"\\n\\n" + boi + soft * n + eoi + "\\n\\n"``
 (with pan and scan, the original image's block and one per crop) before the text is tokenized.
+
+Pan and scan (crops of a long image, each a block of its own) follows the checkpoint's
+``preprocessor_config.json`` unless a request says otherwise (``pan_and_scan``: see
+:func:`with_pan_and_scan`). :func:`lay_out` is the one place a chat with images becomes token ids
+and pixels, for a reply and for counting its tokens alike.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -21,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from lmx.errors import ImageError
+from lmx.errors import ImageError, InvalidOptionError
 from lmx.io.image import ImageProcessor, decode_image, read_image_file
 
 
@@ -191,3 +197,92 @@ class FeatureCache:
 def preprocess(processor: ImageProcessor, images: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     """Pixel values (blocks, 3, H, W) of every image and its crops, and each image's crop count."""
     return processor(images)
+
+
+def check_pan_and_scan(value: Any) -> bool | None:
+    """A request's ``pan_and_scan``: True, False, or None (the checkpoint's processor config).
+
+    Raises:
+        InvalidOptionError: any other value.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise InvalidOptionError(
+            f"pan_and_scan must be true, false or None (the checkpoint's preprocessor_config.json), got {value!r:.40}"
+        )
+    return value
+
+
+def with_pan_and_scan(processor: ImageProcessor, pan_and_scan: bool | None) -> ImageProcessor:
+    """``processor`` with pan and scan turned on or off for one request (None: as configured).
+
+    Raises:
+        InvalidOptionError: ``pan_and_scan`` is not a bool or None.
+    """
+    if check_pan_and_scan(pan_and_scan) is None or pan_and_scan == processor.do_pan_and_scan:
+        return processor
+    return dataclasses.replace(processor, do_pan_and_scan=pan_and_scan)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """A chat with images, ready for the model.
+
+    Attributes:
+        ids: the prompt's token ids, each image (and crop) a block of soft tokens.
+        pixels: (blocks, 3, H, W) the vision tower's input, block by block.
+        starts: the first position of each block in ``ids``.
+        n_crops: each image's number of pan-and-scan crops.
+    """
+
+    ids: list[int]
+    pixels: np.ndarray
+    starts: list[int]
+    n_crops: list[int]
+
+
+def lay_out(
+    tokenizer: Any,
+    model: Any,
+    processor: ImageProcessor | None,
+    messages: list[dict[str, Any]],
+    *,
+    model_name: str,
+    tools: Any = None,
+    template_kwargs: dict[str, Any] | None = None,
+    pan_and_scan: bool | None = None,
+) -> ImageLayout:
+    """Token ids and pixels of a chat with image parts, rendered for the assistant's turn.
+
+    Args:
+        tokenizer: renders the chat template and encodes (:class:`lmx.tokenizer.Tokenizer`).
+        model: the loaded model (``encode_images``, ``image_tokens`` and ``args`` with the image
+            token ids), or a text model.
+        processor: the checkpoint's image processor (None for a text model).
+        messages: the conversation (after tool rewriting, as the template gets it).
+        model_name: names the model in the error a text model gives.
+        tools: the tools the template renders, if any.
+        template_kwargs: more chat template variables.
+        pan_and_scan: crops of long images for this request (None: as the processor config says).
+
+    Raises:
+        ImageError: the model reads no images, or an image cannot be used.
+        InvalidOptionError: ``pan_and_scan`` is not a bool or None.
+    """
+    if processor is None or not hasattr(model, "encode_images"):
+        raise ImageError(f"{model_name} reads no images (it has no vision tower); send text only")
+    processor = with_pan_and_scan(processor, pan_and_scan)
+    template_messages, decoded = split_images(messages)
+    pixels, n_crops = processor(decoded)
+    args = model.args
+    names = [tokenizer.id_to_token(i) for i in (args.boi_token_index, args.eoi_token_index, args.image_token_index)]
+    if None in names:
+        raise ImageError(f"the tokenizer lacks the model's image tokens (ids {args.boi_token_index}, ...)")
+    tokens = ImageTokens(*names, args.image_token_index, model.image_tokens)  # type: ignore[arg-type]
+    text = tokenizer.apply_chat_template(
+        template_messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {})
+    )
+    ids = tokenizer.encode(expand_prompt(text, n_crops, tokens), add_special_tokens=False)
+    starts = block_starts(ids, tokens)
+    if len(starts) != len(pixels):
+        raise ImageError(f"the prompt holds {len(starts)} image blocks for {len(pixels)} images and crops")
+    return ImageLayout(ids, pixels, starts, n_crops)

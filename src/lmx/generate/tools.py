@@ -279,20 +279,23 @@ def gemma_messages(messages: Any, tools: list[dict[str, Any]] | None) -> Any:
     out: list[dict[str, Any]] = []
     names_by_id: dict[str, str] = {}
     pending: list[str] = []  # tool_output blocks waiting for their user turn
+    pending_images: list[Any] = []  # image parts of those results: they follow the blocks
     for message in messages:
         role = message.get("role")
         if role == "tool":
             name = message.get("name") or message.get("tool_name") or names_by_id.get(message.get("tool_call_id", ""))
             head = f"Result of {name}:\n" if isinstance(name, str) and name else ""
             pending.append(f"{head}```tool_output\n{_text(message.get('content'))}\n```")
+            pending_images += _images(message.get("content"))
             continue
         if pending:
             joined = "\n\n".join(pending)
             pending = []
             if role == "user":
-                message = {**message, "content": joined + "\n\n" + _text(message.get("content"))}
+                message = {**message, "content": _after_results(joined, pending_images, message.get("content"))}
             else:
-                out.append({"role": "user", "content": joined})
+                out.append({"role": "user", "content": _after_results(joined, pending_images, None)})
+            pending_images = []
         if role == "assistant" and message.get("tool_calls"):
             blocks = []
             for call in message["tool_calls"]:
@@ -305,7 +308,7 @@ def gemma_messages(messages: Any, tools: list[dict[str, Any]] | None) -> Any:
             message["content"] = "\n".join(([text] if text else []) + blocks)
         out.append(message)
     if pending:
-        out.append({"role": "user", "content": "\n\n".join(pending)})
+        out.append({"role": "user", "content": _after_results("\n\n".join(pending), pending_images, None)})
     if tools:
         functions = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
         text = GEMMA_TOOL_PROMPT.format(functions=functions)
@@ -315,6 +318,23 @@ def gemma_messages(messages: Any, tools: list[dict[str, Any]] | None) -> Any:
         else:
             out.insert(0, {"role": "system", "content": text})
     return out
+
+
+def _images(content: Any) -> list[Any]:
+    """The image parts of a message's content."""
+    if not isinstance(content, list):
+        return []
+    return [p for p in content if isinstance(p, Mapping) and p.get("type") == "image"]
+
+
+def _after_results(results: str, images: list[Any], content: Any) -> Any:
+    """A user turn's content: the tool results' text, their images, then the user's own content
+    (None: the turn is the results alone). Text when no part is an image; else parts, so no
+    image is lost."""
+    if not images and not _images(content):
+        return results if content is None else results + "\n\n" + _text(content)
+    own = [] if content is None else content if isinstance(content, list) else [{"type": "text", "text": str(content)}]
+    return [{"type": "text", "text": results + "\n\n"}, *images, *own]
 
 
 def _text(content: Any) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from lmx.generate.tools import ToolPlan, parse_tool_calls, plan_tools
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
+from lmx.server.images import anthropic_image_block
 from lmx.server.tool_choice import engine_tool_options, request_tools
 
 logger = logging.getLogger(__name__)
@@ -179,40 +180,63 @@ def tool_use_message(text: str, blocks: list[dict[str, Any]], where: str) -> dic
     return {"role": "assistant", "content": text, "tool_calls": calls}
 
 
-def _result_text(content: Any, where: str) -> str:
+def join_parts(parts: list[dict[str, Any]], sep: str) -> str | list[dict[str, Any]]:
+    """Text and image parts as a message's content: the texts joined with ``sep``, or, when there
+    are images, the parts with each run of texts joined (the images keep their places)."""
+    if not any(p["type"] == "image" for p in parts):
+        return sep.join(p["text"] for p in parts)
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        if part["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {"type": "text", "text": out[-1]["text"] + sep + part["text"]}
+        else:
+            out.append(part)
+    return out
+
+
+def _result_content(content: Any, where: str) -> str | list[dict[str, Any]]:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ApiRequestError(f"{where} must be a string or a list of text blocks", param=where)
-    texts = []
+        raise ApiRequestError(f"{where} must be a string or a list of text and image blocks", param=where)
+    parts = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "image":
+            parts.append(anthropic_image_block(block, f"{where}[{j}]"))
+            continue
         if kind != "text" or not isinstance(block.get("text"), str):
             raise UnsupportedParameterError(
-                f"{where}[{j}]: only text blocks are supported in a tool result, got type {kind!r:.40}",
+                f"{where}[{j}]: only text and image blocks are supported in a tool result, got type {kind!r:.40}",
                 param=f"{where}[{j}].type",
             )
-        texts.append(block["text"])
-    return "\n\n".join(texts)
+        parts.append({"type": "text", "text": block["text"]})
+    return join_parts(parts, "\n\n")
 
 
 def tool_result_messages(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """``tool_result`` blocks -> ``role: "tool"`` messages (an ``is_error`` result's text is
-    prefixed with ``Error: `` so the model sees it failed).
+    prefixed with ``Error: `` so the model sees it failed). A result with images has a list of
+    text and image parts as its content.
 
     Raises:
-        ApiRequestError: a block lacks ``tool_use_id``, or its content is not text.
+        ApiRequestError: a block lacks ``tool_use_id``, or its content is neither text nor images.
     """
     out = []
     for block in blocks:
         if not isinstance(block.get("tool_use_id"), str):
             raise ApiRequestError(f"{where}: a tool_result block needs a string tool_use_id", param=where)
-        text = _result_text(block.get("content"), f"{where}.content")
+        content = _result_content(block.get("content"), f"{where}.content")
         if block.get("is_error"):
-            text = f"Error: {text}"
-        out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            if isinstance(content, str):
+                content = f"Error: {content}"
+            elif content[0]["type"] == "text":
+                content = [{"type": "text", "text": "Error: " + content[0]["text"]}, *content[1:]]
+            else:
+                content = [{"type": "text", "text": "Error: "}, *content]
+        out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": content})
     return out
 
 
@@ -264,6 +288,7 @@ def tool_use_events(index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
 __all__ = [
     "ToolCallLike",
     "ToolCalling",
+    "join_parts",
     "openai_tool_choice",
     "openai_tools",
     "reply_content",

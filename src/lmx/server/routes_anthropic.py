@@ -17,7 +17,10 @@ Anthropic's accounting: ``input_tokens`` are the prompt tokens computed for this
 ``count_tokens`` counts), ``cache_creation_input_tokens`` is always 0.
 
 A last message of role ``assistant`` is a prefill: the reply continues it (and holds only
-the continuation). Errors are Anthropic-shaped:
+the continuation; not in a conversation with images). Images: ``image`` blocks with a
+``base64`` source (see :mod:`lmx.server.schemas_anthropic`), for a model with a vision tower;
+``pan_and_scan`` (an lmx extension, true or false) sets Gemma 3's crops of long images for the
+request. Errors are Anthropic-shaped:
 ``{"type": "error", "error": {"type", "message"}}`` with the status of the same error on the
 OpenAI routes. Tools: see :mod:`lmx.server.anthropic_tools`.
 """
@@ -34,6 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmx.generate.images import has_images, lay_out
+from lmx.generate.tools import plan_tools
 from lmx.server.anthropic_tools import (
     ToolCalling,
     openai_tool_choice,
@@ -149,11 +154,30 @@ def _tools(
     return tooling, tools, choice
 
 
-def _prompt_ids(state: ServerState, messages: list[dict[str, Any]], extra: dict[str, Any]) -> list[int]:
+def _prompt_ids(
+    state: ServerState, messages: list[dict[str, Any]], extra: dict[str, Any], pan_and_scan: bool | None = None
+) -> list[int]:
     """The prompt's token ids: the conversation rendered for the assistant's turn, plus the
-    text of a last assistant message (a prefill) when there is one."""
+    text of a last assistant message (a prefill) when there is one. Images take their soft
+    tokens, laid out as the engine lays them out."""
     tokenizer = state.engine.tokenizer
     kwargs = state.template_kwargs(extra)
+    if has_images(messages):
+        _check_no_prefill(messages)
+        tools = kwargs.pop("tools", None)
+        plan = plan_tools(tokenizer, messages, tools, None, kwargs.get("chat_template"))
+        loaded = getattr(state.engine, "loaded", None)  # None: a remote engine, whose images its server reads
+        layout = lay_out(
+            tokenizer,
+            getattr(loaded, "model", None),
+            getattr(loaded, "image_processor", None),
+            plan.messages,
+            model_name=state.model_id,
+            tools=plan.template_tools,
+            template_kwargs=kwargs,
+            pan_and_scan=pan_and_scan,
+        )
+        return layout.ids
     prefill = messages[-1]["content"] if _has_prefill(messages) else None
     head = messages[:-1] if prefill is not None else messages
     ids = list(tokenizer.encode_chat(head, add_generation_prompt=True, **kwargs))
@@ -165,6 +189,20 @@ def _prompt_ids(state: ServerState, messages: list[dict[str, Any]], extra: dict[
 def _has_prefill(messages: list[dict[str, Any]]) -> bool:
     last = messages[-1]
     return last["role"] == "assistant" and not last.get("tool_calls")
+
+
+def _check_no_prefill(messages: list[dict[str, Any]]) -> None:
+    """A conversation with images is rendered for the assistant's turn by the engine, which
+    takes no prefill.
+
+    Raises:
+        UnsupportedParameterError: the last message is an assistant prefill.
+    """
+    if _has_prefill(messages):
+        raise UnsupportedParameterError(
+            "a last assistant message (a prefill) is not supported in a conversation with images",
+            param=f"messages[{len(messages) - 1}]",
+        )
 
 
 # ---------------------------------------------------------------- engine -> reply
@@ -305,9 +343,12 @@ async def messages(request: Request) -> Response:
     check_options(options, ANTHROPIC_PARAMS, state.info.vocab_size)
     tools = _tools(state, req, conversation)
     reply = _Reply(state, options.get("stop", []))
+    # pan_and_scan goes to the engine only when the request sets it (so the call is unchanged
+    # otherwise); it is an image option, not a generation option, so check_options never sees it.
+    image_kw = {} if req.pan_and_scan is None else {"pan_and_scan": req.pan_and_scan}
     if tools is not None:
         tooling, functions, choice = tools
-        extra = tooling.stream_options(functions, choice)
+        extra = {**tooling.stream_options(functions, choice), **image_kw}
         job = await start_job(
             state,
             lambda sink: state.engine.stream_chat(
@@ -316,6 +357,8 @@ async def messages(request: Request) -> Response:
         )
         track(request, job)
         return await _respond_with_tools(request, job, reply, tooling, req.stream)
+    if has_images(conversation):
+        _check_no_prefill(conversation)
     if _has_prefill(conversation):
         job = await start_job(
             state, lambda sink: state.engine.stream(_prompt_ids(state, conversation, {}), sink=sink, **options)
@@ -324,7 +367,9 @@ async def messages(request: Request) -> Response:
         kwargs = state.template_kwargs({})
         job = await start_job(
             state,
-            lambda sink: state.engine.stream_chat(conversation, chat_template_kwargs=kwargs, sink=sink, **options),
+            lambda sink: state.engine.stream_chat(
+                conversation, chat_template_kwargs=kwargs, sink=sink, **image_kw, **options
+            ),
         )
     track(request, job)
     return await _respond(request, job, reply, req.stream)
@@ -341,7 +386,7 @@ async def count_tokens(request: Request) -> Response:
     conversation = engine_messages(req)
     tools = _tools(state, req, conversation)
     extra = {"tools": tools[1]} if tools is not None else {}
-    ids = await run_in_threadpool(_prompt_ids, state, conversation, extra)
+    ids = await run_in_threadpool(_prompt_ids, state, conversation, extra, req.pan_and_scan)
     return JSONResponse({"input_tokens": len(ids)})
 
 

@@ -38,6 +38,7 @@ from lmx.server.schemas import (
     OllamaGenerateRequest,
     UnsupportedParameterError,
     chat_messages,
+    ollama_image_options,
     ollama_options,
     parse_body,
 )
@@ -125,6 +126,7 @@ async def chat(request: Request) -> Response:
     plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
     tool_kw = engine_tool_options(tools, choice, plan)
     await check_tool_constraint(state.engine, tool_kw, options)
+    tool_kw = {**tool_kw, **ollama_image_options(req)}  # with the image options: stream_chat's keywords
     job = await start_job(
         state,
         lambda sink: state.engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **tool_kw, **options),
@@ -166,9 +168,10 @@ async def generate(request: Request) -> Response:
         user = {"role": "user", "content": req.prompt, "images": req.images}
         messages = chat_messages(([{"role": "system", "content": req.system}] if req.system else []) + [user])
         kwargs = state.template_kwargs({"enable_thinking": req.think} if isinstance(req.think, bool) else {})
+        image_kw = ollama_image_options(req)
 
         def make(sink: Any) -> Any:
-            return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **options)
+            return engine.stream_chat(messages, chat_template_kwargs=kwargs, sink=sink, **image_kw, **options)
 
     job = track(request, await start_job(state, make))
     response = await _respond(request, state, job, req.stream, lambda text: {"response": text}, adapter)

@@ -48,6 +48,7 @@ from lmx.server.schemas import (
     CompletionRequest,
     chat_messages,
     completion_prompts,
+    image_options,
     openai_options,
     parse_body,
     template_kwargs,
@@ -216,6 +217,7 @@ async def chat_completions(request: Request) -> Response:
     plan = plan_tools(state.engine.tokenizer, messages, tools, choice, kwargs.get("chat_template")) if tools else None
     tool_kw = engine_tool_options(tools, choice, plan)
     await check_tool_constraint(state.engine, tool_kw, options)
+    tool_kw = {**tool_kw, **image_options(req.pan_and_scan)}  # with the image options: stream_chat's keywords
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = choices.check_n(req.n, state.settings.max_n)
     if n > 1:

@@ -77,6 +77,7 @@ class ChatCompletionRequest(_OpenAISampling):
     function_call: Any = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    pan_and_scan: bool | None = None  # lmx extension: crops of long images (None: the checkpoint's config)
 
 
 class CompletionRequest(_OpenAISampling):
@@ -437,3 +438,26 @@ def ollama_options(req: OllamaChatRequest | OllamaGenerateRequest, default_max_t
 
 
 OLLAMA_PARAMS = {engine: f"options.{name}" for name, engine in OLLAMA_OPTIONS.items()}
+
+
+def image_options(pan_and_scan: Any, param: str = "pan_and_scan") -> dict[str, Any]:
+    """The keyword arguments of ``engine.stream_chat`` for a request's image options: none when
+    ``pan_and_scan`` is absent (the checkpoint's processor config decides), else that bool.
+
+    Raises:
+        ApiRequestError: ``pan_and_scan`` is not a bool (Ollama's lenient ``options`` let anything in).
+    """
+    if pan_and_scan is None:
+        return {}
+    if not isinstance(pan_and_scan, bool):
+        raise ApiRequestError(f"{param} must be true or false, got {pan_and_scan!r:.40}", param=param)
+    return {"pan_and_scan": pan_and_scan}
+
+
+def ollama_image_options(req: OllamaChatRequest | OllamaGenerateRequest) -> dict[str, Any]:
+    """:func:`image_options` of an Ollama request's ``options.pan_and_scan`` (an lmx extension).
+
+    Raises:
+        ApiRequestError: ``options.pan_and_scan`` is not a bool.
+    """
+    return image_options((req.options or {}).get("pan_and_scan"), "options.pan_and_scan")

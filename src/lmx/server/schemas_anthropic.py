@@ -5,10 +5,14 @@ Anthropic messages are ``{"role": "user" | "assistant", "content": str | [blocks
 system prompt in a top-level ``system`` field. Text blocks are turned into the engine's
 ``{"role", "content"}`` messages (several text blocks of one message are joined with a blank
 line, as are consecutive messages of the same role, which Anthropic's API merges too).
-``tool_use`` and ``tool_result`` blocks become OpenAI-shaped ``tool_calls`` and ``role: "tool"``
-messages (:mod:`lmx.server.anthropic_tools`). Any other block type (``image``, ``document``...)
-is refused with a 400 naming it. Like the OpenAI endpoints, unknown request fields are refused;
-bookkeeping fields (``metadata``, ``service_tier``) are accepted and ignored.
+``image`` blocks (base64 sources: :func:`lmx.server.images.anthropic_image_block`) in user
+messages and tool results keep their place among the text: such a message's content is a list
+of the engine's text and image parts. ``tool_use`` and ``tool_result`` blocks become
+OpenAI-shaped ``tool_calls`` and ``role: "tool"`` messages (:mod:`lmx.server.anthropic_tools`).
+Any other block type (``document``...) is refused with a 400 naming it. Like the OpenAI
+endpoints, unknown request fields are refused; bookkeeping fields (``metadata``,
+``service_tier``) are accepted and ignored. ``pan_and_scan`` (an lmx extension) turns Gemma 3's
+crops of long images on or off for the request (absent: the checkpoint's processor config).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmx.server.anthropic_tools import tool_result_messages, tool_use_message
+from lmx.server.anthropic_tools import join_parts, tool_result_messages, tool_use_message
 from lmx.server.errors import ApiRequestError, UnsupportedParameterError
+from lmx.server.images import anthropic_image_block
 
 ANTHROPIC_ROLES = ("user", "assistant")
 JOIN = "\n\n"  # between text blocks of one message, and between merged messages of one role
@@ -33,6 +38,7 @@ class _AnthropicBase(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    pan_and_scan: bool | None = None  # lmx extension: crops of long images (None: the checkpoint's config)
 
 
 class MessagesRequest(_AnthropicBase):
@@ -104,7 +110,7 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
             f"{where}.content must be a string or a list of content blocks, got {type(content).__name__}",
             param=f"{where}.content",
         )
-    texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts, in order
     tool_uses: list[dict[str, Any]] = []
     tool_results: list[dict[str, Any]] = []
     for j, block in enumerate(content):
@@ -113,7 +119,11 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
         if kind == "text":
             if not isinstance(block.get("text"), str):
                 raise ApiRequestError(f"{at}.text must be a string", param=f"{at}.text")
-            texts.append(block["text"])
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append(anthropic_image_block(block, at))
+        elif kind == "image":
+            raise ApiRequestError(f"{at}: image blocks can only be in user messages", param=f"{at}.type")
         elif kind == "tool_use" and role == "assistant":
             tool_uses.append(block)
         elif kind == "tool_result" and role == "user":
@@ -122,16 +132,15 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
             raise ApiRequestError(f"{at}: a {kind} block cannot be in a {role} message", param=f"{at}.type")
         else:
             raise UnsupportedParameterError(
-                f"{at}: content blocks of type {kind!r:.40} are not supported; supported: text, tool_use "
-                "(assistant), tool_result (user)",
+                f"{at}: content blocks of type {kind!r:.40} are not supported; supported: text, image (user), "
+                "tool_use (assistant), tool_result (user)",
                 param=f"{at}.type",
             )
-    text = JOIN.join(texts)
     if tool_uses:
-        return [tool_use_message(text, tool_uses, f"{where}.content")]
+        return [tool_use_message(JOIN.join(p["text"] for p in parts), tool_uses, f"{where}.content")]
     out = tool_result_messages(tool_results, f"{where}.content") if tool_results else []
-    if texts or not tool_results:
-        out.append({"role": role, "content": text})
+    if parts or not tool_results:
+        out.append({"role": role, "content": join_parts(parts, JOIN)})
     return out
 
 
@@ -152,10 +161,19 @@ def engine_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str,
             prev = out[-1] if out else None
             plain = set(m) == {"role", "content"}
             if prev is not None and plain and set(prev) == {"role", "content"} and prev["role"] == m["role"]:
-                prev["content"] = prev["content"] + JOIN + m["content"] if prev["content"] else m["content"]
+                prev["content"] = _merge(prev["content"], m["content"])
             else:
                 out.append(dict(m))
     return out
+
+
+def _merge(first: str | list[dict[str, Any]], second: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """The content of two consecutive messages of one role, as one message's: texts that meet
+    are joined with a blank line; an image needs none (its block is set off by blank lines)."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + JOIN + second if first else second
+    as_parts = [[{"type": "text", "text": c}] if isinstance(c, str) else c for c in (first, second) if c]
+    return join_parts([p for parts in as_parts for p in parts], JOIN)
 
 
 def uses_tools(messages: list[dict[str, Any]]) -> bool:

@@ -65,6 +65,12 @@ def reference_inputs(d, image: bytes, pan_and_scan: bool) -> dict:
     )
 
 
+def cropped_layout(engine, image: bytes):
+    """What the engine lays out (the same function its chat calls) for ``image`` with pan and scan on."""
+    processor = engine.loaded.image_processor
+    return lay_out(engine.tokenizer, engine.model, processor, messages(image), model_name="tiny", pan_and_scan=True)
+
+
 @pytest.mark.parametrize("size", [(900, 300), (300, 900)])
 def test_pan_and_scan_equals_transformers(mm, size):
     d, ref, engine = mm
@@ -73,14 +79,7 @@ def test_pan_and_scan_equals_transformers(mm, size):
     soft = engine.model.args.image_token_index
     assert inputs["pixel_values"].shape[0] == 4  # the image and 3 crops
     # What the engine lays out (the same function its chat calls) is transformers' input exactly.
-    layout = lay_out(
-        engine.tokenizer,
-        engine.model,
-        engine.loaded.image_processor,
-        messages(image),
-        model_name="tiny",
-        pan_and_scan=True,
-    )
+    layout = cropped_layout(engine, image)
     assert layout.n_crops == [3]
     assert layout.ids == inputs["input_ids"][0].tolist()
     assert np.array_equal(layout.pixels, inputs["pixel_values"].numpy())
@@ -123,14 +122,7 @@ def test_a_square_image_gets_no_crops(mm):
 def test_the_prefix_cache_keeps_crops_and_no_crops_apart(mm):
     _, _, engine = mm
     image = long_png(seed=9)
-    layout = lay_out(
-        engine.tokenizer,
-        engine.model,
-        engine.loaded.image_processor,
-        messages(image),
-        model_name="t",
-        pan_and_scan=True,
-    )
+    layout = cropped_layout(engine, image)
     first_block = layout.starts[0]
     engine.clear_prefix_cache()
     on = engine.chat(messages(image), max_tokens=6, temperature=0, pan_and_scan=True)

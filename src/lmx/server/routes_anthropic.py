@@ -63,7 +63,7 @@ from lmx.server.common import (
 )
 from lmx.server.errors import UnsupportedParameterError, error_body
 from lmx.server.jobs import Job
-from lmx.server.schemas import parse_body
+from lmx.server.schemas import image_options, parse_body
 from lmx.server.schemas_anthropic import (
     ANTHROPIC_PARAMS,
     CountTokensRequest,
@@ -343,9 +343,8 @@ async def messages(request: Request) -> Response:
     check_options(options, ANTHROPIC_PARAMS, state.info.vocab_size)
     tools = _tools(state, req, conversation)
     reply = _Reply(state, options.get("stop", []))
-    # pan_and_scan goes to the engine only when the request sets it (so the call is unchanged
-    # otherwise); it is an image option, not a generation option, so check_options never sees it.
-    image_kw = {} if req.pan_and_scan is None else {"pan_and_scan": req.pan_and_scan}
+    # an image option, not a generation option: check_options never sees it
+    image_kw = image_options(req.pan_and_scan)
     if tools is not None:
         tooling, functions, choice = tools
         extra = {**tooling.stream_options(functions, choice), **image_kw}

@@ -489,7 +489,26 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
     return {"weights_bytes": weights_bytes, "init_s": init_s, "median": med, "runs": runs, "errors": errors} | extra
 
 
+def copy_bandwidth(gib: float = 2.0, repeats: int = 10) -> float:
+    """The device's measured copy bandwidth in bytes/s: ``x + 1`` over a ``gib``-GiB bf16 array reads it
+    once and writes it once; the median of ``repeats`` timed copies after one warm-up."""
+    x = mx.zeros((int(gib * 2**30) // 2,), dtype=mx.bfloat16)
+    mx.eval(x)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        y = x + 1
+        mx.eval(y)
+        if i:
+            times.append(time.perf_counter() - t)
+        del y
+    return 2 * x.nbytes / statistics.median(times)
+
+
 def report(results: dict[str, Any]) -> None:
+    bw = results.get("copy_bandwidth_bytes_per_s")
+    if bw:
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s; roofline = bandwidth / weight bytes per decoded token")
     print(
         f"\n{'config':13} {'variant':14} {'decode':>8} {'prefill':>9} {'TTFT ms':>8} {'peak GiB':>8}  vs mlx-lm: decode prefill"
     )
@@ -505,9 +524,12 @@ def report(results: dict[str, Any]) -> None:
                     f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:17.2f}x"
                     f" {m['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:6.2f}x"
                 )
+            roof = ""
+            if bw:
+                roof = f"  {m['decode_tokens_per_s'] * res['weights_bytes'] / bw:6.1%} of roofline"
             print(
                 f"{name:13} {v:14} {m['decode_tokens_per_s']:8.1f} {m['prefill_tokens_per_s']:9.0f}"
-                f" {m['time_to_first_token_s'] * 1e3:8.1f} {m['peak_memory_bytes'] / 2**30:8.2f}  {ratio}"
+                f" {m['time_to_first_token_s'] * 1e3:8.1f} {m['peak_memory_bytes'] / 2**30:8.2f}  {ratio}{roof}"
             )
 
 
@@ -530,6 +552,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", type=int, default=None, help="quantize both models to this many bits")
     p.add_argument("--device", default=None, choices=["cpu", "gpu"])
+    p.add_argument("--bandwidth", action="store_true", help="measure the copy bandwidth; report decode against its roofline")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     choose_device(args.device)
@@ -548,6 +571,11 @@ def main() -> int:
     print(json.dumps(meta), flush=True)
     variants = [v.strip() for v in args.variants.split(",")]
     results: dict[str, Any] = {"meta": meta, "configs": {}}
+    if args.bandwidth:
+        results["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+        print(f"copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
+        gc.collect()
+        mx.clear_cache()
     for name in [c.strip() for c in args.configs.split(",")]:
         try:
             results["configs"][name] = run_config(name, args, variants)

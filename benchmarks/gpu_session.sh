@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by issues 13 and 17, as one script per device call (each part fits
+# the device tool's 600 s limit). Run on the GPU host from the repo root, after `.mlxcuda-a/stash.sh`
+# in the call before (see RESULTS.md "How to run"), with `.mlxcuda-b` and `.whl` (mlx-lm 0.32.2,
+# gguf 0.19.0 wheels) carried:
+#
+#     source .mlxcuda-b/install.sh && bash benchmarks/gpu_session.sh serving    # call 2
+#     source .mlxcuda-b/install.sh && bash benchmarks/gpu_session.sh decode     # call 3, right after
+#
+# Outputs (JSON and logs) go to $OUT.
+set -u
+part=${1:?serving or decode}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}:/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_$part.txt"
+step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.log
+  local limit=$1 name=$2
+  shift 2
+  date -u
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc $?"
+  tail -6 "$OUT/$name.log"
+}
+case $part in
+serving)  # issue 13: the padded-row CUDA kernel, then 32 mixed clients with it off and on
+  step 100 cuda_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check.json"
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  for padded in 0 1; do
+    LMX_CUDA_PADDED_ATTENTION=$padded step 120 "server_padded$padded" python3 benchmarks/server_load.py \
+      --model /tmp/r270.gguf --device gpu --clients 32 --duration 30 --max-tokens 128 --drain 45 \
+      --max-concurrency 32 --mixed --json "$OUT/server_load_270m_mc32_padded$padded.json"
+  done
+  LMX_CUDA_PADDED_ATTENTION=1 step 75 engine_profile python3 benchmarks/engine_load.py --model /tmp/r270.gguf \
+    --device gpu --clients 32 --duration 15 --mixed --profile 40 --json "$OUT/engine_load_270m.json"
+  ;;
+decode)  # issue 17 parts 2, 3 and 6: decode against mlx-lm and the roofline, 4-bit, 8k context, GGUF on the GPU
+  step 200 bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b --variants lmx,mlx-lm \
+    --rounds 3 --bandwidth --json "$OUT/gpu_bf16.json"
+  step 150 q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b --variants lmx,mlx-lm \
+    --rounds 3 --quantize 4 --bandwidth --json "$OUT/gpu_q4.json"
+  step 100 long8k python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --variants lmx,mlx-lm \
+    --rounds 3 --prompt-tokens 8192 --json "$OUT/gpu_8k.json"
+  step 60 gguf_check python3 benchmarks/gguf_gpu_check.py
+  step 110 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --json "$OUT/gguf_gpu_1b.json"
+  ;;
+*) echo "part: serving or decode" >&2; exit 2 ;;
+esac

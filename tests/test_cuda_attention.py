@@ -135,3 +135,52 @@ def test_inference_skips_the_gradient_wrapper(monkeypatch: pytest.MonkeyPatch) -
         cuda_attention.decode_attention(q, k, v, 0.5)
     cuda_attention.decode_attention(q, k, v, 0.25)
     assert calls == [0.5, ("wrapped", 0.25)]
+
+
+def test_padded_rows_take_the_kernel_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CudaOps(padded=True) sends padded one-query rows to decode_attention_from (inside inference
+    only: it has no gradient); without it, or outside inference, MLX's masked attention runs. The
+    results equal the mask-array path's either way (the fake kernel is MLX's masked attention)."""
+    calls = []
+
+    def fake(q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
+        calls.append(first.tolist())
+        mask = (mx.arange(k.shape[2])[None] >= first[:, None])[:, None, None]
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    monkeypatch.setattr(cuda_attention, "decode_attention_from", fake)
+    monkeypatch.setattr(cuda_attention, "inference_active", lambda: True)
+    q = mx.random.normal((2, 4, 1, 256), key=mx.random.key(1))
+    k = mx.random.normal((2, 1, 9, 256), key=mx.random.key(2))
+    v = mx.random.normal((2, 1, 9, 256), key=mx.random.key(3))
+    first = mx.array([0, 4], dtype=mx.int32)
+    want = CudaOps(cuda_attention).attention_from(q, k, v, 0.0625, first)  # not asked: MLX's mask path
+    assert calls == [] and not CudaOps(cuda_attention).indexes_padding
+    padded = CudaOps(cuda_attention, padded=True)
+    assert padded.indexes_padding
+    got = padded.attention_from(q, k, v, 0.0625, first)
+    assert calls == [[0, 4]]
+    assert mx.allclose(got, want, atol=1e-6).item()
+    monkeypatch.setattr(cuda_attention, "inference_active", lambda: False)
+    padded.attention_from(q, k, v, 0.0625, first)  # a graph that may be differentiated
+    assert calls == [[0, 4]]
+
+
+def test_decode_attention_from_refuses_what_it_cannot_take() -> None:
+    q, k, v = (x.astype(mx.float32) for x in qkv())
+    with pytest.raises(ValueError, match="first must be"), cuda_attention.inference():
+        cuda_attention.decode_attention_from(q, k, v, 0.0625, mx.array([0, 1], dtype=mx.int32))
+    with pytest.raises(ValueError, match="no gradient"):
+        cuda_attention.decode_attention_from(q, k, v, 0.0625, mx.array([0], dtype=mx.int32))
+
+
+def test_the_padded_switch_reaches_the_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmx.runtime.profile import choose_profile, make_ops
+
+    profile = choose_profile("gpu", backend="cuda", cuda_attention=True)
+    assert not make_ops(profile, cuda=cuda_attention).indexes_padding
+    assert make_ops(profile, cuda=cuda_attention, cuda_padded=True).indexes_padding
+    monkeypatch.setenv("LMX_CUDA_PADDED_ATTENTION", "1")
+    assert cuda_attention.padded_by_env()
+    monkeypatch.setenv("LMX_CUDA_PADDED_ATTENTION", "0")
+    assert not cuda_attention.padded_by_env()

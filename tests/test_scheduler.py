@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmx  # isort: skip
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -254,3 +255,73 @@ def test_one_set_of_rules_for_options(engines: dict[str, lmx.Engine]) -> None:
     with pytest.raises(InvalidOptionError, match="prompts must be a list of prompts.*got str"):
         engine.batch_generate("abc", max_tokens=2)
     assert len(engine.generate("abc", max_tokens=2).tokens) == 2  # the engine is unchanged
+
+
+class _FirstKeyOps:
+    """MLX's ops taking padded rows' one-query attention by each row's first key, as the CUDA
+    profile does (there one kernel; here :meth:`MlxOps.attention_from`'s mask), counting calls."""
+
+    def __init__(self) -> None:
+        from lmx.runtime.ops import MlxOps
+
+        class Ops(MlxOps):
+            indexes_padding = True
+            calls = 0
+
+            def attention_from(self, q, k, v, scale, first):
+                Ops.calls += 1
+                return super().attention_from(q, k, v, scale, first)
+
+        self.ops = Ops()
+
+
+@pytest.mark.parametrize("mode", ["eager", "segmented"])
+def test_padded_rows_attending_from_their_first_key_equal_alone(cold, mode: str) -> None:
+    # Rows past Gemma's sliding window (8) at different positions, joined at different times: each
+    # row's first visible key (its own start, or the window's) must be what the mask array says.
+    import dataclasses
+
+    from lmx.generate.step import Decoder, DecodeState
+
+    engine = cold("gemma3")
+    first_key = _FirstKeyOps().ops
+    engine.model.set_ops(first_key)
+    plan = dataclasses.replace(engine.loaded.profile, decode_mode=mode)
+    engine.scheduler.decoder = Decoder(DecodeState(engine.model, plan))
+    prompts = [PROMPTS[3] * 3, PROMPTS[1], PROMPTS[0], PROMPTS[3] + PROMPTS[1] * 2]
+    opts = {"max_tokens": 40, "logit_bias": NO_EOS, "logprobs": 1}
+    alone = [engine.generate(p, **opts) for p in prompts]
+    assert type(first_key).calls == 0  # a lone row is not padded
+    streams = []
+    for p in prompts:  # each joins while the others are at other positions
+        streams.append(engine.stream(p, **opts))
+        next(streams[-1])
+    results = [lmx.engine._collect(s) for s in streams]
+    assert type(first_key).calls > 0
+    for r, a in zip(results, alone):
+        assert r.tokens == a.tokens
+        np.testing.assert_allclose(r.logprobs, a.logprobs[1:], atol=1e-4, rtol=0)  # (the first was read above)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_first_keys_is_the_one_query_mask_as_an_index(window) -> None:
+    from lmx.models.cache import KVCache, RotatingKVCache, build_mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        cache = KVCache() if window is None else RotatingKVCache(window, slack=4)
+        batch, steps = 3, int(rng.integers(1, 30))
+        pad = mx.array(rng.integers(0, steps, batch), dtype=mx.int32)
+        for _ in range(steps):
+            kv = mx.zeros((batch, 1, 1, 8))
+            keys, _ = cache.update_and_fetch(kv, kv)
+        n_keys = keys.shape[2]
+        mask = build_mask(1, n_keys, cache.offset, cache.window, pad)
+        mask = (
+            np.ones((batch, n_keys), bool)
+            if mask is None
+            else np.broadcast_to(np.array(mask)[:, 0, 0], (batch, n_keys))
+        )
+        first = np.array(cache.first_keys(n_keys, pad))
+        expected = np.arange(n_keys)[None] >= first[:, None]
+        assert (mask == expected).all(), (trial, steps, np.array(pad), first)

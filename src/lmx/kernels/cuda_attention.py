@@ -84,7 +84,7 @@ _SOURCE = """
 
     float m = neg_inf;  // running max of this warp's scores
     float l = 0.0f;     // running sum of exp2(score - m)
-    for (int i = warp; i < n_keys; i += WARPS) {
+    for (int i = FIRST_KEY + warp; i < n_keys; i += WARPS) {
         const auto* kr = kh + i * k_t;
         float s = 0.0f;
 #pragma unroll
@@ -146,6 +146,12 @@ def enabled_by_env() -> bool:
     return settings.LMX_CUDA_ATTENTION.get()
 
 
+def padded_by_env() -> bool:
+    """True when ``LMX_CUDA_PADDED_ATTENTION`` is 1/true/on/yes: padded rows of a batch take
+    :func:`decode_attention_from` (not yet measured on a GPU, so not the default)."""
+    return settings.LMX_CUDA_PADDED_ATTENTION.get()
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
     """Whether this MLX was built with its CUDA backend and sees a device."""
@@ -193,13 +199,15 @@ def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) ->
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel() -> Any:
+@functools.lru_cache(maxsize=2)
+def _kernel(from_first: bool = False) -> Any:
+    """The kernel; ``from_first``: with a fourth input ``first`` (B,) int32, row ``b`` attends to the
+    keys from index ``first[b]`` on (a batch's left padding before a row's own positions)."""
     return mx.fast.cuda_kernel(
-        name="lmx_decode_attention",
-        input_names=["q", "k", "v"],
+        name="lmx_decode_attention_from" if from_first else "lmx_decode_attention",
+        input_names=["q", "k", "v", "first"] if from_first else ["q", "k", "v"],
         output_names=["out"],
-        source=_SOURCE,
+        source=_SOURCE.replace("FIRST_KEY", "first[batch]" if from_first else "0"),
         header=_HEADER,
         ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
     )
@@ -238,6 +246,11 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
 _inference = threading.local()
 
 
+def inference_active() -> bool:
+    """Whether this thread is inside :func:`inference`."""
+    return getattr(_inference, "active", False)
+
+
 @contextlib.contextmanager
 def inference() -> Iterator[None]:
     """Graphs built inside need no gradient through the kernel (a decode step): it then runs
@@ -270,11 +283,35 @@ def _differentiable(scale: float) -> Any:
     return attend
 
 
-def _run(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+def decode_attention_from(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, first: mx.array
+) -> mx.array:
+    """:func:`decode_attention` where row ``b`` sees only the keys from index ``first[b]`` on (the
+    rows of a batch that joined at different times: what lies before a row's start is padding).
+    For inference only (no gradient): call it inside :func:`inference`.
+
+    Args:
+        queries, keys, values, scale: as :func:`decode_attention`.
+        first: (B,) int32, each row's first visible key index, below the number of keys.
+
+    Raises:
+        ValueError: inputs :func:`supported` does not take, ``first`` not (B,) int32, or no
+            :func:`inference` context (the padded kernel has no gradient).
+    """
+    if not supported(queries, keys, values) or not scale > 0:
+        raise ValueError(f"decode_attention_from: unsupported inputs q {queries.shape}, k {keys.shape}, scale {scale}")
+    if first.shape != (queries.shape[0],) or first.dtype != mx.int32:
+        raise ValueError(f"first must be ({queries.shape[0]},) int32, got {first.shape} {first.dtype}")
+    if not inference_active():
+        raise ValueError("decode_attention_from has no gradient: call it inside cuda_attention.inference()")
+    return _run(queries, keys, values, scale, first)
+
+
+def _run(queries: mx.array, keys: mx.array, values: mx.array, scale: float, first: mx.array | None = None) -> mx.array:
     batch, n_heads, _, d = queries.shape
     warps = min(32, 8192 // d)
-    return _kernel()(
-        inputs=[queries, keys, values],
+    return _kernel(first is not None)(
+        inputs=[queries, keys, values] if first is None else [queries, keys, values, first],
         # T is unused by the source but names the kernel: MLX caches a compiled kernel by its name
         # and template values, and the signature it generates depends on the inputs' dtype.
         template=[("T", queries.dtype), ("D", d), ("WARPS", warps), ("SCALE_BITS", _float_bits(scale))],

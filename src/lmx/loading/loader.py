@@ -166,7 +166,7 @@ def profile_ops(profile: DeviceProfile) -> Ops:
     if profile.ops_backend == "cuda-attention":
         from lmx.kernels import cuda_attention
 
-        return make_ops(profile, cuda=cuda_attention)
+        return make_ops(profile, cuda=cuda_attention, cuda_padded=cuda_attention.padded_by_env())
     return make_ops(profile)
 
 

@@ -274,6 +274,16 @@ class QKNormAttention(nn.Module):
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
         """Store ``k``/``v`` in ``cache`` (a KV cache); attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
+        ops = self.ops_slot.ops
+        if (
+            pad is not None
+            and q.shape[2] == 1
+            and ops.indexes_padding
+            and self.softcap is None
+            and isinstance(cache, KVCache)  # (other caches' masks say more than a first key)
+            and not isinstance(k, tuple)
+        ):  # padded rows of a batch, one query each: the ops take each row's first key, no mask array
+            return ops.attention_from(q, k, v, self.scale, cache.first_keys(k.shape[2], pad))
         mask = cache.make_mask(q.shape[2], pad)
         if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)
             return quantized_attention(q, k, v, self.scale, mask, cache.quant, self.softcap, self.ops_slot.ops)

@@ -13,7 +13,8 @@ model for this seam).
   values in one op each (RMSNorm bit for bit, the others within float32 rounding), with MLX's own
   gradients. Other dtypes, array offsets and mask arrays still go to MLX.
 - :class:`CudaOps`: MLX's ops plus lmx's one-query CUDA attention
-  (:mod:`lmx.kernels.cuda_attention`) for head dims MLX's CUDA backend does not fuse.
+  (:mod:`lmx.kernels.cuda_attention`) for head dims MLX's CUDA backend does not fuse, and for
+  the left-padded rows of a batch (any head dim), where MLX needs a mask array.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class Ops(Protocol):
     ) -> mx.array: ...
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array: ...
+
+    # Whether :meth:`attention_from` is cheaper than building a mask array (a model asks, then picks).
+    indexes_padding: bool
+
+    def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array: ...
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
@@ -88,6 +94,14 @@ class MlxOps:
         """Scaled dot-product attention over (B, heads, L, D) inputs (grouped-query aware); ``mask`` is
         a boolean array, None or ``"causal"``."""
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    indexes_padding = False
+
+    def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
+        """One query per row (B, H, 1, D) where row ``b`` sees the keys from index ``first[b]`` (B,)
+        on: :meth:`attention` with that mask, built here."""
+        mask = (mx.arange(k.shape[2])[None] >= first[:, None])[:, None, None]  # (B, 1, 1, S)
+        return self.attention(q, k, v, scale, mask)
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
@@ -190,17 +204,27 @@ class CudaOps(MlxOps):
     Args:
         cuda: the module of that kernel (:mod:`lmx.kernels.cuda_attention`), given by whoever
             chose the profile (kernels/ sits beside runtime/, not below it).
+        padded: the left-padded rows of a batch take the kernel too (by each row's first key,
+            :func:`lmx.kernels.cuda_attention.decode_attention_from`), any head dim.
     """
 
     name = "cuda-attention"
 
-    def __init__(self, cuda: ModuleType) -> None:
+    def __init__(self, cuda: ModuleType, padded: bool = False) -> None:
         self.cuda = cuda
+        self.indexes_padding = padded
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         if mask is None and self.cuda.fits(q, k, v, scale):
             return self.cuda.decode_attention(q, k, v, scale)
         return super().attention(q, k, v, scale, mask)
+
+    # With ``padded`` (``LMX_CUDA_PADDED_ATTENTION``), padded rows of a batch: one kernel instead of a
+    # mask array and MLX's masked attention (which no MLX CUDA kernel fuses for one query).
+    def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
+        if self.indexes_padding and scale > 0 and self.cuda.inference_active() and self.cuda.supported(q, k, v):
+            return self.cuda.decode_attention_from(q, k, v, scale, first)
+        return super().attention_from(q, k, v, scale, first)
 
     def inference(self) -> ContextManager[None]:
         return self.cuda.inference()

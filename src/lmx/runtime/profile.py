@@ -176,9 +176,12 @@ def choose_profile(
     )
 
 
-def make_ops(profile: DeviceProfile, kernels: ModuleType | None = None, cuda: ModuleType | None = None) -> Ops:
+def make_ops(
+    profile: DeviceProfile, kernels: ModuleType | None = None, cuda: ModuleType | None = None, cuda_padded: bool = False
+) -> Ops:
     """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``;
-    ``cuda``: :mod:`lmx.kernels.cuda_attention`, for ``cuda-attention``).
+    ``cuda``: :mod:`lmx.kernels.cuda_attention`, for ``cuda-attention``, whose kernel also takes
+    padded rows with ``cuda_padded``).
 
     Raises:
         InvalidOptionError: ``cpu-kernels`` without the kernels module, ``cuda-attention`` without its module.
@@ -190,7 +193,7 @@ def make_ops(profile: DeviceProfile, kernels: ModuleType | None = None, cuda: Mo
     if profile.ops_backend == "cuda-attention":
         if cuda is None:
             raise InvalidOptionError("the cuda-attention ops backend needs lmx.kernels.cuda_attention")
-        return CudaOps(cuda)
+        return CudaOps(cuda, padded=cuda_padded)
     return MLX_OPS
 
 

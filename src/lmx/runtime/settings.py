@@ -207,6 +207,13 @@ LMX_CUDA_ATTENTION: Setting[bool] = Setting(
     "lmx's one-query CUDA attention kernel for head dims MLX does not fuse (Gemma 3's 256)",
     _bool,
 )
+LMX_CUDA_PADDED_ATTENTION: Setting[bool] = Setting(
+    "LMX_CUDA_PADDED_ATTENTION",
+    BOOL,
+    False,
+    "the same kernel for the left-padded rows of a batch, any head dim (off until measured on a GPU)",
+    _bool,
+)
 
 
 def _kv_bits(text: str) -> int | None:
@@ -255,6 +262,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CPU_INT8,
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
+    LMX_CUDA_PADDED_ATTENTION,
     LMX_KV_BITS,
     LMX_API_KEY,
     LMX_TP_STEP_TIMEOUT,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import typing
-from typing import Any
+from typing import Any, Protocol
 
-from lmx.results import Completion, Token
-from lmx.scheduler import QueueSink, Request
+from lmx.results import Completion, GenerationMetrics, Token
+from lmx.scheduler import QueueSink, Request, Scheduler
 
-if typing.TYPE_CHECKING:
-    from lmx.engine.core import Engine
+
+class StreamOwner(Protocol):
+    """What a stream needs of its engine: the scheduler that runs it, and where the last metrics go."""
+
+    scheduler: Scheduler
+    metrics: GenerationMetrics
 
 
 class TokenStream:
@@ -22,7 +25,7 @@ class TokenStream:
     iterated: the caller reports the tokens it reads with :meth:`record` and :meth:`ended`.
     """
 
-    def __init__(self, engine: Engine, request: Request, sink: Any) -> None:
+    def __init__(self, engine: StreamOwner, request: Request, sink: Any) -> None:
         self._engine = engine
         self.request = request
         self._sink = sink

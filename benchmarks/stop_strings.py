@@ -109,7 +109,7 @@ def main() -> None:
         )
     if not args.no_engine:
         import lmx
-        import lmx.engine
+        import lmx.generate.row
 
         engine = lmx.load()
         prompt = "Write one sentence about a fox."
@@ -119,12 +119,12 @@ def main() -> None:
         for r in range(args.rounds):
             order = [("linear", LinearMatcher), ("sorted", StopStringMatcher)]
             for name, cls in order if r % 2 == 0 else order[::-1]:
-                lmx.engine.StopStringMatcher = cls  # the engine builds its matcher by this name
+                lmx.generate.row.StopStringMatcher = cls  # each row's output builds its matcher by this name
                 start = time.perf_counter()
                 out = engine.generate(prompt, max_tokens=16, stop=stops)
                 times[name].append(time.perf_counter() - start)
                 assert len(out.tokens) == 16, out
-        lmx.engine.StopStringMatcher = StopStringMatcher
+        lmx.generate.row.StopStringMatcher = StopStringMatcher
         times["no stops"] = []
         for _ in range(args.rounds):
             start = time.perf_counter()

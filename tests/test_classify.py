@@ -120,10 +120,10 @@ def test_batch_size_and_padding_side_change_nothing(
     try:
         engine.prefill_step_size = 3
         with monkeypatch.context() as m:
-            module = importlib.import_module("lmx.classify")
-            m.setattr(module, "_BRANCH_TOKENS", 1)  # one branch per pass
-            m.setattr(module, "_STAGE2_SCORES", 1)  # one text per pass
-            m.setattr(module, "_HEAD_ROWS", 3)
+            module, score = importlib.import_module("lmx.classify"), importlib.import_module("lmx.classify_score")
+            m.setattr(score, "BRANCH_TOKENS", 1)  # one branch per pass
+            m.setattr(score, "STAGE2_SCORES", 1)  # one text per pass
+            m.setattr(score, "HEAD_ROWS", 3)
             m.setattr(module, "_BATCH_POSITIONS", 100)  # long texts go alone, short ones in pairs
             results = classify(engine, TEXTS, LABELS, instruction=INSTRUCTION, batch_size=2)
     finally:
@@ -184,10 +184,10 @@ def test_many_labels_equal_plain_per_label_computation(
     results = classify(engine, texts, labels, instruction=INSTRUCTION, batch_size=2)
     np.testing.assert_allclose(as_array(results, labels), expected, atol=5e-5, rtol=0)
     assert [r.label for r in results] == [labels[j] for j in expected.argmax(axis=1)]
-    module = importlib.import_module("lmx.classify")
-    monkeypatch.setattr(module, "_BRANCH_TOKENS", 7)  # passes not aligned with the branches' lengths
-    monkeypatch.setattr(module, "_STAGE2_SCORES", 2000)
-    monkeypatch.setattr(module, "_HEAD_ROWS", 37)
+    score = importlib.import_module("lmx.classify_score")
+    monkeypatch.setattr(score, "BRANCH_TOKENS", 7)  # passes not aligned with the branches' lengths
+    monkeypatch.setattr(score, "STAGE2_SCORES", 2000)
+    monkeypatch.setattr(score, "HEAD_ROWS", 37)
     results = classify(engine, texts, labels, instruction=INSTRUCTION, batch_size=2, padding_side="left")
     np.testing.assert_allclose(as_array(results, labels), expected, atol=5e-5, rtol=0)
 

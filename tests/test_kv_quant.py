@@ -249,7 +249,7 @@ def test_rows_joining_and_leaving_a_quantized_batch_get_what_they_get_alone(kv_e
     before = engine.stats()
     running = engine.stream(TEXTS[3], **long_opts)
     got = [next(running) for _ in range(4)]
-    results = [lmx.engine._collect(engine.stream(p, **o)) for p, o in mixed]  # join, then leave
+    results = [lmx.engine.collect(engine.stream(p, **o)) for p, o in mixed]  # join, then leave
     got += list(running)
     after = engine.stats()
     assert after.max_batch_seen >= 2 and after.batched_steps > before.batched_steps

@@ -64,7 +64,7 @@ def test_a_request_joining_a_running_batch_gets_what_it_gets_alone(cold, arch: s
     running = engine.stream(PROMPTS[3], **long_opts)
     got = [next(running) for _ in range(5)]  # the long row is decoding...
     joined = [engine.stream(p, **o) for p, o in mixed]  # ...when these join it, one by one
-    results = [lmx.engine._collect(s) for s in joined]
+    results = [lmx.engine.collect(s) for s in joined]
     got += list(running)
     after = engine.stats()
     assert after.batched_steps > before.batched_steps and after.max_batch_seen >= 2

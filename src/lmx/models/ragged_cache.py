@@ -1,4 +1,4 @@
-"""Caches for rows of different lengths, as :mod:`lmx.classify` scores them.
+"""Caches for rows of different lengths, as :mod:`lmx.classify_score` scores them.
 
 :class:`RaggedCache` keeps every key's position (shared by all layers in a :class:`Positions`)
 and gives RoPE a per-row offset, so rows padded on either side, or sharing a prefix they

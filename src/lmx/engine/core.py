@@ -1,8 +1,7 @@
 """The engine: a thin facade over the scheduler that owns the model.
 
 Every call (generate, stream, chat, batch_generate, classify) becomes requests of the
-:class:`lmx.scheduler.Scheduler`, which runs them all, alone or batched, on one worker thread.
-"""
+:class:`lmx.scheduler.Scheduler`, which runs them all, alone or batched, on one worker thread."""
 
 from __future__ import annotations
 
@@ -16,17 +15,19 @@ from typing import Any, TypeVar
 import mlx.core as mx
 
 from lmx.classify import Classification
-from lmx.errors import ContextLengthError, DraftModelError, EngineClosedError, InvalidOptionError
+from lmx.engine.checks import CLASSIFY_OPTIONS, check_draft_vocabulary, check_keywords, flatten, id_set
+from lmx.engine.report import affine_values, gguf_report, parallel_report
+from lmx.engine.stream import TokenStream, collect
+from lmx.errors import ContextLengthError, EngineClosedError, InvalidOptionError
 from lmx.generate.images import FeatureCache, check_pan_and_scan, has_images, lay_out
-from lmx.generate.options import GenerationOptions, check_token_ids, nearest_name
+from lmx.generate.options import GenerationOptions, check_token_ids
 from lmx.generate.step import Decoder, DecodeState
 from lmx.generate.tools import parse_tool_calls, plan_tools
-from lmx.loading import LoadedModel, load_model
-from lmx.models.cache import kv_quant
+from lmx.loading import LoadedModel
 from lmx.models.image_prompt import ImagePrompt, image_digest
-from lmx.results import Completion, GenerationMetrics, ModelInfo, Token
+from lmx.results import Completion, GenerationMetrics, ModelInfo
 from lmx.runtime import memory, settings
-from lmx.runtime.device import choose_device, device_name
+from lmx.runtime.device import device_name
 from lmx.scheduler import QueueSink, Request, Scheduler, SchedulerConfig, SchedulerStats, make_request
 
 Prompt = str | Sequence[int]
@@ -36,86 +37,6 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 """The prefix cache's default bound (1 GiB); ``lmx.load(prefix_cache_bytes=...)`` changes it."""
-
-
-class TokenStream:
-    """An iterator of :class:`Token`; after it ends, ``metrics``, ``finish_reason``, ``text``
-    and ``tokens`` describe the whole generation. ``close()`` stops it early (its
-    ``finish_reason`` is then ``"cancelled"``).
-
-    The request runs on the engine's scheduler whether or not the stream is read; tokens
-    wait for the reader. A stream made with a sink of the caller's (the server's) is not
-    iterated: the caller reports the tokens it reads with :meth:`record` and :meth:`ended`.
-    """
-
-    def __init__(self, engine: Engine, request: Request, sink: Any) -> None:
-        self._engine = engine
-        self.request = request
-        self._sink = sink
-        self.metrics = request.metrics
-        self.finish_reason: str | None = None
-        self.text = ""
-        self.tokens: list[int] = []
-        self._ended = False
-
-    def __iter__(self) -> TokenStream:
-        return self
-
-    def __next__(self) -> Token:
-        if self._ended:
-            raise StopIteration
-        try:
-            token = self._sink.get()
-        except BaseException:
-            self.ended()
-            raise
-        if token is None:
-            self.ended()
-            raise StopIteration
-        return self.record(token)
-
-    def record(self, token: Token) -> Token:
-        """Add a token read from the request to the stream's text, ids and finish reason."""
-        self.text += token.text
-        self.tokens.append(token.id)
-        if token.finish_reason is not None:
-            self.finish_reason = token.finish_reason
-        return token
-
-    def ended(self) -> None:
-        """The request ended: settle the finish reason and the engine's last metrics."""
-        self._ended = True
-        if self.finish_reason is None:
-            self.finish_reason = self.request.finish_reason or "cancelled"
-        self._engine.metrics = self.metrics
-
-    def cancel(self) -> None:
-        """Ask the scheduler to stop the request, without waiting for it."""
-        if not self._ended:
-            self._engine.scheduler.cancel(self.request)
-
-    def close(self) -> None:
-        """Stop generating; the request ends as ``cancelled`` unless it had already finished."""
-        if self._ended:
-            return
-        self.cancel()
-        if not isinstance(self._sink, QueueSink):
-            return
-        while not self._ended:  # wait for its end: its metrics are then final
-            try:
-                next(self)
-            except StopIteration:
-                break
-            except Exception:  # its error is of no interest to a caller who stopped reading
-                break
-        if self.request.finish_reason in (None, "cancelled"):
-            self.finish_reason = "cancelled"
-
-    def __enter__(self) -> TokenStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Engine:
@@ -157,7 +78,7 @@ class Engine:
     ) -> None:
         if draft is not None:
             check_draft_vocabulary(loaded, draft)
-            mx.eval([v for _, v in _flatten(draft.model.parameters())])
+            mx.eval([v for _, v in flatten(draft.model.parameters())])
         self.draft = draft
         self._loaded: LoadedModel | None = loaded
         self.prompt_cache = prompt_cache
@@ -167,8 +88,8 @@ class Engine:
         gen_cfg = loaded.generation_config
         self.context_length = int(loaded.config.get("max_position_embeddings") or 8192)
         self.default_options = GenerationOptions()
-        self.eos = frozenset(loaded.tokenizer.eos_token_ids) | _ids(gen_cfg.get("eos_token_id"))
-        params = _flatten(loaded.model.parameters())
+        self.eos = frozenset(loaded.tokenizer.eos_token_ids) | id_set(gen_cfg.get("eos_token_id"))
+        params = flatten(loaded.model.parameters())
         mx.eval([v for _, v in params])  # made on this thread; the scheduler's worker uses them
         floats = (v for _, v in params if mx.issubdtype(v.dtype, mx.floating))
         itemsize = next(floats).dtype.size  # activations, and so the KV cache, take this dtype
@@ -215,7 +136,7 @@ class Engine:
     # ----------------------------------------------------------------- public API
     def generate(self, prompt: Prompt, **options: Any) -> Completion:
         """Generate a completion of ``prompt`` (text, or token ids used as they are)."""
-        return _collect(self.stream(prompt, **options))
+        return collect(self.stream(prompt, **options))
 
     def stream(self, prompt: Prompt, *, sink: Any = None, **options: Any) -> TokenStream:
         """Like :meth:`generate`, yielding :class:`Token` objects as they are made.
@@ -254,7 +175,7 @@ class Engine:
             pan_and_scan=pan_and_scan,
             **options,
         )
-        done = _collect(stream)
+        done = collect(stream)
         if not tools:
             return done
         plan = plan_tools(self.tokenizer, messages, tools, tool_choice, kwargs.get("chat_template"))
@@ -305,7 +226,7 @@ class Engine:
         try:
             for ids in encoded:
                 streams.append(self._submit(ids, opts))
-            return [_collect(s) for s in streams]
+            return [collect(s) for s in streams]
         finally:
             for s in streams:
                 s.close()
@@ -318,7 +239,7 @@ class Engine:
         """
         from lmx.classify import classify
 
-        _check_keywords("classify", options, _CLASSIFY_OPTIONS)
+        check_keywords("classify", options, CLASSIFY_OPTIONS)
         return classify(self, texts, labels, **options)
 
     def embed(self, texts: str | Sequence[str | Sequence[int]], *, batch_size: int = 16) -> list[list[float]]:
@@ -358,7 +279,7 @@ class Engine:
     def info(self) -> ModelInfo:
         """Describe the loaded model."""
         loaded = self.loaded
-        params = dict(_flatten(loaded.model.parameters()))
+        params = dict(flatten(loaded.model.parameters()))
         bits = (loaded.quantization or {}).get("bits")
         n_params = sum(
             v.size * (32 // bits) if bits and k.endswith(".weight") and v.dtype == mx.uint32 else v.size
@@ -370,10 +291,10 @@ class Engine:
 
             n_params += gguf_block_values(loaded.model)
         if loaded.gguf_affine:  # GGUF matrices in MLX affine form, of several bit widths
-            n_params += _affine_values(loaded)
+            n_params += affine_values(loaded)
         dtypes = {str(v.dtype).replace("mlx.core.", "") for v in params.values() if mx.issubdtype(v.dtype, mx.floating)}
         cfg = loaded.config
-        gguf = _gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
+        gguf = gguf_report(loaded) if loaded.source.endswith(".gguf") else {}
         quant, kv = self.scheduler.kv_quant, self.scheduler.kv_budget
         return ModelInfo(
             name=loaded.name,
@@ -391,7 +312,7 @@ class Engine:
             profile=loaded.profile.as_dict(),
             chat_template=loaded.chat_template_origin,
             compute_dtype=str(loaded.profile.as_dict().get("dtype", "")),
-            tensor_parallel=_parallel_report(loaded),
+            tensor_parallel=parallel_report(loaded),
             kv_bits=quant.bits if quant else None,
             kv_group_size=quant.group_size if quant else None,
             kv_bytes_per_token=kv.position_bytes(),
@@ -643,278 +564,3 @@ class Engine:
             return features
 
         return ids, ImagePrompt(starts, self.run_exclusive(work), digests)
-
-
-_CLASSIFY_OPTIONS = (
-    "instruction",
-    "examples",
-    "batch_size",
-    "max_text_tokens",
-    "padding_side",
-    "chat_template_kwargs",
-)
-
-
-def _check_keywords(method: str, given: dict[str, Any], allowed: Sequence[str]) -> None:
-    """An unknown keyword is an :class:`InvalidOptionError` naming it and the nearest allowed one."""
-    for name in given:
-        if name not in allowed:
-            close = nearest_name(name, allowed)
-            hint = f"; did you mean {close!r}?" if close else ""
-            raise InvalidOptionError(f"{method}() got an unknown option {name!r}{hint} (allowed: {', '.join(allowed)})")
-
-
-def _collect(stream: TokenStream) -> Completion:
-    logprobs: list[float] = []
-    tops: list[Any] = []
-    want_top = False
-    for token in stream:
-        logprobs.append(token.logprob)
-        tops.append(token.top_logprobs)
-        want_top = want_top or token.top_logprobs is not None
-    return Completion(
-        text=stream.text,
-        tokens=stream.tokens,
-        finish_reason=stream.finish_reason or "length",  # type: ignore[arg-type]
-        metrics=stream.metrics,
-        logprobs=logprobs,
-        top_logprobs=tops if want_top else None,
-    )
-
-
-def check_draft_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
-    """Check that ``draft`` can draft for ``target``: the same token strings under the same ids.
-
-    Raises:
-        DraftModelError: the vocabularies differ (the message names the first difference).
-    """
-    a = target.tokenizer.backend.get_vocab(with_added_tokens=True)
-    b = draft.tokenizer.backend.get_vocab(with_added_tokens=True)
-    if a == b:
-        return
-    where = f"draft model {draft.source} for {target.source}"
-    if len(a) != len(b):
-        raise DraftModelError(
-            f"{where}: the vocabularies differ in size ({len(b)} tokens vs {len(a)}); "
-            "a draft model must share the model's tokenizer (Gemma 3 270M for a larger Gemma 3, Qwen 3 0.6B for Qwen 3)"
-        )
-    token = min((t for t in a if b.get(t) != a[t]), key=lambda t: a[t])
-    raise DraftModelError(
-        f"{where}: the vocabularies differ: token {token!r} is id {a[token]} in the model and "
-        f"{b.get(token)} in the draft model; a draft model must share the model's tokenizer"
-    )
-
-
-def _ids(value: Any) -> frozenset[int]:
-    if value is None:
-        return frozenset()
-    if isinstance(value, int):
-        return frozenset({value})
-    return frozenset(int(v) for v in value)
-
-
-def _flatten(params: Any) -> list[tuple[str, mx.array]]:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(params)
-
-
-def load(
-    model: str | os.PathLike | None = None,
-    *,
-    device: str | None = None,
-    dtype: str = "auto",
-    prompt_cache: bool = True,
-    adapter: str | os.PathLike | None = None,
-    cpu_kernels: bool | None = None,
-    gguf_on_device: str | None = None,
-    max_batch: int = 32,
-    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
-    draft_model: str | os.PathLike | None = None,
-    speculative: str | None = None,
-    tensor_parallel: int | None = None,
-    distributed_backend: str = "any",
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    pipeline_parallel: int | None = None,
-) -> Engine:
-    """Load a model and return an :class:`Engine`.
-
-    Args:
-        model: an HF model directory, a ``.gguf`` file, or None for the bundled default
-            (Gemma 3 270M).
-        device: ``"cpu"`` or ``"gpu"``; default: ``LMX_DEVICE``, else the GPU if MLX has one.
-        dtype: ``"auto"`` (float32 on CPU, bfloat16 on GPU), ``"float32"``, ``"bfloat16"``,
-            ``"float16"``. Quantized layers stay quantized.
-        prompt_cache: keep earlier prompts' keys/values (up to ``prefix_cache_bytes``) and
-            reuse the longest prefix a new request shares with one of them.
-        adapter: a LoRA adapter directory (``adapters.safetensors`` + ``adapter_config.json``)
-            to apply: it is loaded under its directory's name (see :meth:`Engine.load_adapter`)
-            and becomes the default ``adapter`` option, so every request uses it unless it
-            passes ``adapter=None``.
-        cpu_kernels: run a GGUF model's quantized matrices on lmx's CPU kernels (about 4x fewer
-            bytes a token than float32, same logits up to summation order). None: on the CPU
-            when built and ``LMX_CPU_KERNELS`` is not 0; False: MLX's float32 path; True: required.
-        gguf_on_device: where the CPU kernels do not run a GGUF model, ``"quantized"`` (MLX affine
-            quantized layers holding the file's values) or ``"float"`` (dequantized). None:
-            ``LMX_GGUF_ON_DEVICE`` (``auto``: float; quantized is opt-in).
-        max_batch: the most requests decoded together (continuous batching).
-        prefix_cache_bytes: the prefix cache's bound in bytes.
-        draft_model: a small model of the same vocabulary (an HF directory or ``.gguf`` file) that
-            drafts tokens for speculative decoding (Gemma 3 270M for a larger Gemma 3, Qwen 3 0.6B
-            for Qwen 3 8B); it is loaded as ``model`` is, and ``speculative`` defaults to
-            ``"draft-model"``.
-        speculative: the default ``speculative`` option of requests: None, ``"prompt-lookup"``
-            or ``"draft-model"`` (see :class:`lmx.GenerationOptions`); a request may override it.
-        tensor_parallel: split the model over this many processes, started together by
-            ``mlx.launch`` (each calls ``load`` with the same arguments and runs the same requests;
-            see the README). Float weights only (a GGUF file is dequantized); dense Gemma 3 and
-            Qwen 3. None: this process alone.
-        distributed_backend: the ``mlx.distributed`` backend to join with ``tensor_parallel``:
-            ``any`` (the one ``mlx.launch`` set up), ``ring``, ``mpi`` or ``nccl``; also for
-            ``pipeline_parallel``.
-        pipeline_parallel: split the model's decoder layers over this many processes, started
-            together as for ``tensor_parallel`` (rank 0 also holds the embedding and LM head, the
-            last rank the final norm; see :mod:`lmx.models.pipeline_parallel`). For fitting a
-            model across hosts, not for speed. Float weights only; dense Gemma 3 and Qwen 3; not
-            with ``tensor_parallel``, ``adapter``, ``draft_model``; no prefix cache.
-        kv_bits: keep the KV cache quantized to 8 or 4 bits (about 3.5x or 6x less memory than
-            float32 keys and values; attention reads them quantized). None: ``LMX_KV_BITS``
-            (unset: off, keys and values in the model's dtype).
-        kv_group_size: elements of a head per scale and bias of the quantized keys and values
-            (32, 64 or 128; it must divide the model's head_dim).
-
-    Raises:
-        ModelNotFoundError, UnsupportedModelError, ConfigError, WeightsError,
-        TokenizerError, InvalidOptionError, DraftModelError (a draft model of another vocabulary).
-    """
-    if kv_bits is None:
-        kv_bits = settings.LMX_KV_BITS.get()
-    kv_quant(kv_bits, kv_group_size)  # a bad value fails before the model loads
-    choose_device(device)
-    defaults = GenerationOptions(speculative=speculative or ("draft-model" if draft_model is not None else None))
-    if defaults.speculative == "draft-model" and draft_model is None:
-        raise InvalidOptionError(
-            "speculative='draft-model' needs draft_model=PATH (a small model of the same vocabulary)"
-        )
-    group = None
-    if tensor_parallel is not None and pipeline_parallel is not None:
-        raise InvalidOptionError(
-            f"tensor_parallel={tensor_parallel} and pipeline_parallel={pipeline_parallel} cannot be combined; "
-            "choose one of them"
-        )
-    split = "tensor_parallel" if tensor_parallel is not None else "pipeline_parallel"
-    size = tensor_parallel if tensor_parallel is not None else pipeline_parallel
-    if size is not None:
-        if adapter is not None:
-            raise InvalidOptionError(f"adapter= is not supported with {split} (LoRA on split layers)")
-        if draft_model is not None:
-            raise InvalidOptionError(f"draft_model= is not supported with {split} (rows decode plainly)")
-        if kv_quant(kv_bits, kv_group_size) is not None:
-            raise InvalidOptionError(f"kv_bits={kv_bits} is not supported with {split} (float KV caches only)")
-        group = _join(size, distributed_backend, split)
-        if pipeline_parallel is not None and group.size > 1:
-            group = dataclasses.replace(group, split="pipeline-parallel")
-            prompt_cache = False  # each rank's caches differ in size: no evictions that could tell the ranks apart
-    loaded = load_model(model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device, group=group)
-    draft = None
-    if draft_model is not None:
-        draft = load_model(draft_model, dtype=dtype, cpu_kernels=cpu_kernels, gguf_on_device=gguf_on_device)
-    engine = Engine(
-        loaded,
-        prompt_cache=prompt_cache,
-        max_batch=max_batch,
-        prefix_cache_bytes=prefix_cache_bytes,
-        draft=draft,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-    )
-    engine.default_options = defaults
-    if adapter is not None:
-        try:
-            name = engine.load_adapter(adapter)
-        except BaseException:
-            engine.close()
-            raise
-        engine.default_options = dataclasses.replace(engine.default_options, adapter=name)
-    return engine
-
-
-def _join(size: int, backend: str, name: str = "tensor_parallel") -> Any:
-    """The group of ``size`` processes this one was launched in, with one random state on every rank.
-
-    Raises:
-        InvalidOptionError: ``size`` < 1, or this process is not one of ``size`` launched together.
-    """
-    from lmx.runtime.distributed import join_group
-
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidOptionError(f"{name} must be an integer >= 1, got {size!r}")
-    group = join_group(backend)
-    if group.size != size:
-        raise InvalidOptionError(
-            f"{name}={size}, but this process was started in a group of {group.size}: start {size} "
-            f"processes together with mlx.launch (e.g. mlx.launch -n {size} --backend ring -- ...; see the README)"
-        )
-    if size > 1:
-        # rows without a seed draw from MLX's global random state: the same on every rank, so every
-        # rank samples the same tokens from the same (all-gathered or all-summed) logits
-        mx.random.seed(group.broadcast_int(int.from_bytes(os.urandom(3), "little")))
-    return group
-
-
-def _affine_layer(modules: dict[str, Any], path: str) -> Any:
-    """The quantized layer at ``path``, under a LoRA wrapper if one adapts it."""
-    layer = modules[path]
-    return layer if hasattr(layer, "bits") else layer.base
-
-
-def _affine_values(loaded: LoadedModel) -> int:
-    """Values held by the GGUF model's MLX affine layers minus the array sizes counted for them."""
-    modules = dict(loaded.model.named_modules())
-    total = 0
-    for path in loaded.gguf_affine:
-        layer = _affine_layer(modules, path)
-        total += layer.weight.size * 32 // layer.bits - layer.weight.size - layer.scales.size - layer.biases.size
-    return total
-
-
-def _parallel_report(loaded: LoadedModel) -> dict[str, Any] | None:
-    """The group this rank belongs to and what of the model it holds (None: not split)."""
-    if loaded.group is None or loaded.shards is None:
-        return None
-    group = loaded.group
-    return {
-        "size": group.size,
-        "rank": group.rank,
-        "backend": group.backend,
-        "split": group.split,
-        "holds": dict(loaded.shards.holds),
-        "ranks": [dict(h) for h in loaded.shards.ranks],
-    }
-
-
-def _gguf_report(loaded: LoadedModel) -> dict[str, Any]:
-    """What a GGUF file holds and what of it runs as blocks: for ``info()``, not "float32" alone."""
-    from lmx.io import gguf_quants
-    from lmx.io.gguf import file_type_name, read_header, tensor_type_counts
-    from lmx.models.gguf_layers import GGUFEmbedding, GGUFLinear
-
-    header = read_header(loaded.source)
-    kernels: dict[str, int] = {}
-    for _, module in loaded.model.named_modules():
-        if isinstance(module, (GGUFLinear, GGUFEmbedding)):
-            name = gguf_quants.type_name(module.ggml_type)
-            kernels[name] = kernels.get(name, 0) + 1
-    affine: dict[str, dict[str, Any]] = {}
-    modules = dict(loaded.model.named_modules())
-    for path, ggml_type in loaded.gguf_affine.items():
-        runs_as = gguf_quants.affine_name(_affine_layer(modules, path).bits)
-        entry = affine.setdefault(gguf_quants.type_name(ggml_type), {"runs_as": runs_as, "matrices": 0})
-        entry["matrices"] += 1
-    return {
-        "gguf_file_type": file_type_name(header),
-        "gguf_types": tensor_type_counts(header),
-        "kernel_types": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))) or None,
-        "affine_types": dict(sorted(affine.items(), key=lambda kv: (-kv[1]["matrices"], kv[0]))) or None,
-    }

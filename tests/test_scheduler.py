@@ -296,7 +296,7 @@ def test_padded_rows_attending_from_their_first_key_equal_alone(cold, mode: str)
     for p in prompts:  # each joins while the others are at other positions
         streams.append(engine.stream(p, **opts))
         next(streams[-1])
-    results = [lmx.engine._collect(s) for s in streams]
+    results = [lmx.engine.collect(s) for s in streams]
     assert type(first_key).calls > 0
     for r, a in zip(results, alone):
         assert r.tokens == a.tokens

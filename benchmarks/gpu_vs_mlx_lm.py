@@ -357,15 +357,16 @@ def time_lmx_norm_add(model: nn.Module, prompt: list[int], n: int) -> tuple[floa
 def time_lmx_unfused_act(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
     """lmx before the MLP's gated activation became one compiled kernel: ``act(gate)`` and the
     product ``* up`` as two kernels per layer."""
-    from lmx.models import gemma3_text, qwen3
+    from lmx.models import qwen3
+    from lmx.runtime.ops import MlxOps
 
-    saved = gemma3_text.geglu_tanh, qwen3.swiglu
-    gemma3_text.geglu_tanh = lambda gate, up: nn.gelu_approx(gate) * up
+    saved = MlxOps.gelu_tanh_mul, qwen3.swiglu
+    MlxOps.gelu_tanh_mul = lambda self, gate, up: nn.gelu_approx(gate) * up
     qwen3.swiglu = lambda gate, up: nn.silu(gate) * up
     try:
         return time_lmx(model, prompt, n, False)
     finally:
-        gemma3_text.geglu_tanh, qwen3.swiglu = saved
+        MlxOps.gelu_tanh_mul, qwen3.swiglu = saved
 
 
 def time_lmx_where(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:

@@ -219,3 +219,56 @@ def test_models_on_the_kernels_use_the_layer_ops(tiny_gguf: dict[str, Path]):
         assert isinstance(module.ops_slot.ops, CpuKernelOps), type(module).__name__
     for module in (plain_layer.self_attn, plain_layer.self_attn.rope, plain_layer.input_layernorm):
         assert not isinstance(module.ops_slot.ops, CpuKernelOps), type(module).__name__
+
+
+def np_gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_pytorch_tanh(gate) * up in float64, as x * sigmoid(2 inner) (= 0.5 x (1 + tanh(inner))
+    without the cancellation of 1 + tanh for negative x)."""
+    x = gate.astype(np.float64)
+    inner = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-2.0 * inner)) * up.astype(np.float64)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 512, 2048), (3, 7, 1000)])
+def test_gelu_tanh_mul(K, shape):
+    rng = np.random.default_rng(7)
+    gate = (3 * rng.standard_normal(shape)).astype(np.float32)
+    up = rng.standard_normal(shape).astype(np.float32)
+    got = np.array(K.gelu_tanh_mul(mx.array(gate), mx.array(up))).astype(np.float64)
+    want = np_gelu_tanh_mul(gate, up)
+    # float32's rounding of the inner polynomial moves exp by |2 inner| ulps: at most ~2e-5 relative for |x| < 10
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-30)
+    import torch  # an independent implementation (torch's tanh form, float32)
+
+    ref = torch.nn.functional.gelu(torch.from_numpy(gate), approximate="tanh") * torch.from_numpy(up)
+    np.testing.assert_allclose(got, ref.double().numpy(), rtol=0, atol=2e-6 * np.abs(up).max())
+
+
+@needs_kernels
+def test_gelu_tanh_mul_special_values_strides_and_other_dtypes(K):
+    x = mx.array([0.0, -0.0, 1e-20, -1e-20, 5.0, -5.0, 30.0, -30.0, 100.0, -100.0, np.inf, np.nan])
+    got = np.array(K.gelu_tanh_mul(x, mx.ones_like(x)))
+    np.testing.assert_allclose(got[:10], np_gelu_tanh_mul(np.array(x)[:10], np.ones(10)), rtol=2e-5, atol=1e-30)
+    assert got[10] == np.inf and np.isnan(got[11])
+    base = mx.array(np.random.default_rng(8).standard_normal((6, 8)).astype(np.float32))
+    strided = base[:, ::2]  # a view: gathered first
+    close(K.gelu_tanh_mul(strided, strided), np_gelu_tanh_mul(np.array(strided), np.array(strided)), 2e-5)
+    half = base.astype(mx.bfloat16)  # not float32: MLX's own ops
+    want = np_gelu_tanh_mul(np.array(half.astype(mx.float32)), np.array(half.astype(mx.float32)))
+    assert K.gelu_tanh_mul(half, half).dtype == mx.bfloat16
+    close(K.gelu_tanh_mul(half, half).astype(mx.float32), want, 2e-2)
+
+
+@needs_kernels
+def test_gelu_tanh_mul_gradient_is_mlx_ops_gradient(K):
+    import mlx.nn as nn
+
+    rng = np.random.default_rng(9)
+    gate = mx.array((2 * rng.standard_normal((4, 64))).astype(np.float32))
+    up = mx.array(rng.standard_normal((4, 64)).astype(np.float32))
+    got = mx.grad(lambda g, u: (K.gelu_tanh_mul(g, u) ** 2).sum(), argnums=(0, 1))(gate, up)
+    want = mx.grad(lambda g, u: ((nn.gelu_approx(g) * u) ** 2).sum(), argnums=(0, 1))(gate, up)
+    for g, e in zip(got, want):
+        close(g, np.array(e).astype(np.float64), 1e-5)

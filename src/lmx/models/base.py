@@ -155,12 +155,6 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 
-@partial(mx.compile, shapeless=True)
-def geglu_tanh(gate: mx.array, up: mx.array) -> mx.array:
-    """``gelu_pytorch_tanh(gate) * up`` as one fused kernel (Gemma 3's MLP)."""
-    return nn.gelu_approx(gate) * up
-
-
 class Derived:
     """An array derived from a weight (its transpose, Gemma's ``1 + weight``), kept while the
     weight is the same array and made anew when it changes (``model.update``, a weight load).

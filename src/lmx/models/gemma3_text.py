@@ -22,7 +22,6 @@ from lmx.models.base import (
     Linear,
     OpsSlot,
     QKNormAttention,
-    geglu_tanh,
     layer_types_from,
 )
 from lmx.models.rope import RoPE, rope_settings
@@ -133,14 +132,15 @@ class Attention(QKNormAttention):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, ops: OpsSlot | None = None) -> None:
         super().__init__()
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
+        self.ops_slot = ops or OpsSlot()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu_tanh(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops_slot.ops.gelu_tanh_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(AttentionLayer):
@@ -148,7 +148,7 @@ class DecoderLayer(AttentionLayer):
         super().__init__()
         dim, eps = args.hidden_size, args.rms_norm_eps
         self.self_attn = Attention(args, layer_idx, ops)
-        self.mlp = MLP(dim, args.intermediate_size)
+        self.mlp = MLP(dim, args.intermediate_size, ops)
         self.input_layernorm = RMSNorm(dim, eps, ops)
         self.post_attention_layernorm = RMSNorm(dim, eps, ops)
         self.pre_feedforward_layernorm = RMSNorm(dim, eps, ops)

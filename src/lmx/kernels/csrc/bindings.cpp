@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/variant.h>
 
+#include "activation.h"
 #include "layer_ops.h"
 #include "qmatmul.h"
 
@@ -25,6 +26,8 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("rope", &lmx::rope, "x"_a, "dims"_a, "periods"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.rope (non-traditional, freqs=periods) as one CPU op (float32; other inputs go to mx.fast.rope).");
+  m.def("gelu_tanh_mul", &lmx::gelu_tanh_mul, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "gelu_pytorch_tanh(gate) * up as one threaded, vectorised CPU op (float32; else MLX's ops).");
   m.def("logsumexp", &lmx::logsumexp, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.logsumexp(x, axis=-1, keepdims=True) as one vectorised CPU op (float32; else MLX's).");
   m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),

@@ -145,6 +145,14 @@ BlockGeometry block_geometry(int type) {
   }
 }
 
+void run_parallel(int64_t tasks, const std::function<void(int64_t)>& fn) {
+  if (tasks <= 1 || pool().size() == 1) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  pool().run(tasks, fn);
+}
+
 void set_num_threads(int n) {
   pool().resize(std::max(1, n));
 }

@@ -5,6 +5,8 @@
 // product equals the dequantized-float32 matmul up to summation order.
 #pragma once
 
+#include <functional>
+
 #include <cstdint>
 
 #include "mlx/ops.h"
@@ -37,6 +39,8 @@ mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevic
 
 // Threads the kernels use (the calling thread counts as one); n < 1 means 1.
 void set_num_threads(int n);
+// fn(i) for i in [0, tasks) on the kernels' thread pool (the calling thread takes part).
+void run_parallel(int64_t tasks, const std::function<void(int64_t)>& fn);
 int num_threads();
 
 // Whether the AVX2/FMA/F16C code path is in use (else portable scalar code).

@@ -144,11 +144,37 @@ def test_attention_over_cache_slices(K):
 
 
 @needs_kernels
-def test_attention_of_many_queries_goes_to_mlx(K):
-    rng = np.random.default_rng(5)
-    q, k, v = (rng.standard_normal((1, 2, 20, 32)).astype(np.float32) for _ in range(3))
-    got = K.attention(mx.array(q), mx.array(k), mx.array(v), 0.2, True)
-    close(got, np_attention(q, k, v, 0.2, True), 1e-5)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "lq", "lk", "d"),
+    [(1, 2, 2, 20, 20, 32), (1, 4, 1, 512, 512, 256), (2, 8, 2, 130, 300, 64), (1, 4, 1, 9, 700, 256)],
+)
+def test_attention_of_many_queries(K, causal, batch, heads, kv_heads, lq, lk, d):
+    """A prompt (more than 8 queries): blocked BLAS products, blocks of 64 rows (a partial last one),
+    a chunk after cached keys (Lk > Lq), grouped-query heads."""
+    rng = np.random.default_rng(lq + lk)
+    q = rng.standard_normal((batch, heads, lq, d)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    got = K.attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5, causal)
+    close(got, np_attention(q, k, v, d**-0.5, causal), 1e-5)
+
+
+@needs_kernels
+def test_attention_of_many_queries_over_cache_slices_and_strided_queries(K):
+    rng = np.random.default_rng(11)
+    k_buf = rng.standard_normal((1, 2, 400, 64)).astype(np.float32)
+    v_buf = rng.standard_normal((1, 2, 400, 64)).astype(np.float32)
+    q_wide = rng.standard_normal((1, 8, 100, 64)).astype(np.float32)
+    q = mx.array(q_wide)[:, ::2]  # every other head: a strided view
+    got = K.attention(q, mx.array(k_buf)[:, :, :250], mx.array(v_buf)[:, :, :250], 0.125, True)
+    close(got, np_attention(q_wide[:, ::2], k_buf[:, :, :250], v_buf[:, :, :250], 0.125, True), 1e-5)
+    q_t = mx.array(rng.standard_normal((1, 100, 4, 64)).astype(np.float32)).transpose(0, 2, 1, 3)  # rows strided
+    close(
+        K.attention(q_t, mx.array(k_buf)[:, :, :100], mx.array(v_buf)[:, :, :100], 0.125, True),
+        np_attention(np.array(q_t), k_buf[:, :, :100], v_buf[:, :, :100], 0.125, True),
+        1e-5,
+    )
 
 
 @needs_kernels

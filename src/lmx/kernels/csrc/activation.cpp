@@ -4,11 +4,11 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "cpu_eval.h"
 #include "qmatmul.h"
+#include "simd_exp.h"
 
 namespace lmx {
 namespace {
@@ -16,26 +16,6 @@ namespace {
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
 constexpr int64_t kChunk = 16384;  // values a task (a thread's share of a 512 x 2048 prompt is 32 tasks)
-
-// exp(x) for x <= 0: Cephes' expf (x = n ln2 + r, a degree-5 polynomial for e^r, 2^n in the exponent
-// bits; below -87.3 it gives ~1e-38, not 0), as in layer_ops.cpp.
-inline float exp_nonpositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
 
 // x * sigmoid(2 inner): sigmoid from e = exp(-|z|) (never overflows): 1 / (1 + e) for z >= 0, e / (1 + e) else.
 inline float gelu_one(float x) {
@@ -52,12 +32,8 @@ void gelu_mul_scalar(const float* g, const float* u, float* y, int64_t n) {
 
 __attribute__((target("avx2"))) void gelu_mul_avx2(const float* g, const float* u, float* y, int64_t n) {
   const __m256 c2 = _mm256_set1_ps(2.0f * kSqrt2OverPi), cubic = _mm256_set1_ps(kCubic);
-  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 half = _mm256_set1_ps(0.5f), l1 = _mm256_set1_ps(0.693359375f), l2 = _mm256_set1_ps(-2.12194440e-4f);
-  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 lo = _mm256_set1_ps(-87.3f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  const float coef[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(g + i);
@@ -65,15 +41,7 @@ __attribute__((target("avx2"))) void gelu_mul_avx2(const float* g, const float* 
     const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(cubic, x), x), x);
     const __m256 z = _mm256_mul_ps(c2, _mm256_add_ps(x, x3));
     const __m256 a = _mm256_or_ps(z, sign);  // -|z|
-    const __m256 v = _mm256_max_ps(lo, a);  // clamped as exp_nonpositive
-    const __m256 k = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(v, log2e), half));
-    __m256 r = _mm256_sub_ps(v, _mm256_mul_ps(k, l1));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(k, l2));
-    __m256 p = _mm256_set1_ps(coef[0]);
-    for (int c = 1; c < 6; ++c) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(coef[c]));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), one);
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(a, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(a, lo, _CMP_LT_OQ), exp8_nonpositive(a));  // 0 past -87.3
     const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(z, zero, _CMP_GE_OQ));
     const __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
     _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));

@@ -32,7 +32,8 @@ NB_MODULE(_lmx_kernels, m) {
         "mx.logsumexp(x, axis=-1, keepdims=True) as one vectorised CPU op (float32; else MLX's).");
   m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
-        "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for up to 8 float32 queries.");
+        "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for float32 queries (more than 8: "
+        "blocked BLAS products).");
   m.def("quantized_attention", &lmx::quantized_attention, "q"_a, "kw"_a, "ks"_a, "kb"_a, "vw"_a, "vs"_a, "vb"_a,
         "scale"_a, "causal"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "attention over mx.quantize'd keys and values (8 or 4 bits; no mask or causal) as one CPU op for up to 8 "

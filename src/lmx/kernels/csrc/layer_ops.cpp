@@ -9,12 +9,17 @@
 #include <limits>
 #include <stdexcept>
 
+#include "attention_blas.h"
+#include "blas.h"
 #include "cpu_eval.h"
+#include "simd_exp.h"
 #include "mlx/fast.h"
 #include "mlx/transforms.h"
 
 namespace lmx {
 namespace {
+
+constexpr int64_t kFewQueries = 8;  // up to this many queries (decode, a speculative verify): per-row loops
 
 // The element offset of flat (row-major) index i of `a`, whatever its strides.
 int64_t strided_offset(const mx::array& a, int64_t i) {
@@ -122,46 +127,14 @@ LMX_SIMD_CLONES void dequantize_row4(float* out, const uint32_t* packed, const f
   }
 }
 
-// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r,
-// times 2^n built in the exponent bits); below -87.3 it gives ~1e-38 instead of 0 (no denormals).
-inline float exp_nonpositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;  // ln2 in two parts, so r is exact
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
-// sum(exp(x[i] - top)): the same arithmetic as exp_nonpositive, eight values at a time with AVX2
-// where the CPU has it, else one at a time.
+// sum(exp(x[i] - top)): exp_nonpositive (simd_exp.h), eight values at a time with AVX2 where the
+// CPU has it, else one at a time.
 __attribute__((target("avx2"))) float sum_exp_avx2(const float* x, int64_t n, float top) {
-  const __m256 t = _mm256_set1_ps(top), lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 half = _mm256_set1_ps(0.5f), c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const float coef[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                         4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  const __m256 t = _mm256_set1_ps(top);
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(x + i), t));  // a NaN stays (2nd operand)
-    const __m256 k = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(v, log2e), half));
-    __m256 r = _mm256_sub_ps(v, _mm256_mul_ps(k, c1));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(k, c2));
-    __m256 p = _mm256_set1_ps(coef[0]);
-    for (int c = 1; c < 6; ++c) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(coef[c]));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), one);
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+    acc = _mm256_add_ps(acc, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), t)));
   }
   alignas(32) float part[8];
   _mm256_store_ps(part, acc);
@@ -337,11 +310,14 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   auto mlx_attention = [scale, causal, s](const mx::array& q, const mx::array& k, const mx::array& v) {
     return mx::fast::scaled_dot_product_attention(q, k, v, scale, causal ? "causal" : "", {}, {}, false, s);
   };
-  const bool here = q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 &&
-                    q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(2) <= 8 && q.shape(0) == k.shape(0) &&
-                    v.shape(0) == k.shape(0) && k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 &&
-                    v.shape(1) == k.shape(1) && q.shape(3) == k.shape(3) && v.shape(2) == k.shape(2) &&
-                    k.shape(2) >= q.shape(2);
+  bool here = q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 && q.ndim() == 4 &&
+              k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == k.shape(0) && v.shape(0) == k.shape(0) &&
+              k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && v.shape(1) == k.shape(1) &&
+              q.shape(3) == k.shape(3) && v.shape(2) == k.shape(2) && k.shape(2) >= q.shape(2);
+  if (here && q.shape(2) > kFewQueries) {  // a prompt: blocked BLAS products (attention_blas.h)
+    here = global_sgemm() != nullptr && q.strides().back() == 1 && k.strides().back() == 1 &&
+           v.strides().back() == 1 && q.shape(2) > 0;
+  }
   if (!here) {
     return mlx_attention(q, k, v);
   }
@@ -359,6 +335,10 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& v = inputs[2];
   auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([q, k, v, y = out.data<float>(), scale = scale_, causal = causal_]() {
+    if (q.shape(2) > kFewQueries) {
+      prompt_attention(q, k, v, scale, causal, y);
+      return;
+    }
     std::vector<float> tq, tk, tv;
     const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
     const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);

@@ -27,10 +27,11 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
 mx::array rope(const mx::array& x, int dims, const mx::array& periods, float scale, int offset,
                mx::StreamOrDevice s = {});
 
-// Softmax attention of a few queries (decode: Lq <= 8) over keys and values, grouped-query aware:
-// q (B, H, Lq, D), k (B, KV, Lk, D), v (B, KV, Lk, Dv) with H a multiple of KV; no mask, or causal
-// (query i sees keys up to Lk - Lq + i). Float32 runs here; anything else goes to
-// mx.fast.scaled_dot_product_attention.
+// Softmax attention over keys and values, grouped-query aware: q (B, H, Lq, D), k (B, KV, Lk, D),
+// v (B, KV, Lk, Dv) with H a multiple of KV; no mask, or causal (query i sees keys up to Lk - Lq + i).
+// Float32 runs here: up to 8 queries (decode) as per-row loops, more (a prompt) as blocked BLAS
+// products (attention_blas.h) when a global BLAS is loaded and each input's last axis is contiguous;
+// anything else goes to mx.fast.scaled_dot_product_attention.
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 

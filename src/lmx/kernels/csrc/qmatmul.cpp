@@ -14,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "blas.h"
 #include "cpu_eval.h"
 #include "thread_pool.h"
 
@@ -45,13 +46,7 @@ bool cpu_has_avx512vl() {
 }
 std::atomic<bool> avx512_allowed{true};
 
-// cblas_sgemm of the BLAS in the process's global symbol scope (OpenBLAS, which lmx loads with
-// RTLD_GLOBAL before MLX), or null: then many-row products go through MLX's matmul instead.
-using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
-Sgemm global_sgemm() {
-  static const Sgemm f = reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
-  return f;
-}
+// (global_sgemm, blas.h: without a global BLAS, many-row products go through MLX's matmul instead.)
 // W rows decoded per BLAS call in a many-row product: the float32 copy alive at once stays at
 // kRowBlock x k floats (2 MiB for k = 2048) instead of all of W.
 constexpr int64_t kRowBlock = 256;

@@ -10,6 +10,10 @@ Usage::
 
     .venv/bin/python benchmarks/cpu_gemma270m.py --rounds 5 --json benchmarks/cpu_gemma270m.json
     .venv/bin/python benchmarks/cpu_gemma270m.py --engines lmx,mlx-lm-default --rounds 3
+
+``lmx-kernels-baseline`` is ``lmx-kernels`` run from a second source tree (``--baseline-src DIR``,
+e.g. ``git worktree add --detach DIR main`` with its kernels built there), so old and new kernels
+take turns in one run, under the same load.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 ENGINES = {
     "lmx": ["lmx"],  # the float32 HF directory (MLX + OpenBLAS)
     "lmx-kernels": ["lmx", "--kernels", "on"],  # the GGUF on lmx's CPU kernels (lmx.kernels)
+    "lmx-kernels-baseline": ["lmx", "--kernels", "on"],  # from --baseline-src (see measure)
     "lmx-kernels-1thread": ["lmx", "--kernels", "on"],  # LMX_CPU_THREADS=1 (see ENV)
     "lmx-kernels-int8": ["lmx", "--kernels", "on"],  # LMX_CPU_INT8=1 (see ENV)
     "lmx-1thread": ["lmx"],  # OPENBLAS_NUM_THREADS=1 (see ENV)
@@ -51,10 +56,16 @@ DEFAULT = "lmx,lmx-1thread,mlx-lm-default,mlx-lm-openblas,llama.cpp,transformers
 
 
 def measure(engine: str, model_dir: str, gguf: str, args: argparse.Namespace) -> dict:
+    root = HERE.parent
+    if engine == "lmx-kernels-baseline":
+        if not args.baseline_src:
+            return {"engine": engine, "error": ["lmx-kernels-baseline needs --baseline-src DIR"]}
+        root = Path(args.baseline_src).resolve()
+    # The worker from this tree (the same measurement), the lmx package from `root`.
     cmd = [sys.executable, str(HERE / "workers.py"), *ENGINES[engine]]
     cmd += ["--model", model_dir, "--gguf", gguf, "--threads", str(args.threads)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), **ENV.get(engine, {})}
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), **ENV.get(engine, {})}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if out.returncode != 0:
         return {"engine": engine, "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
@@ -69,6 +80,7 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp and torch threads")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    p.add_argument("--baseline-src", default=None, help="source tree (with built kernels) of lmx-kernels-baseline")
     p.add_argument("--json", default=None, help="write every measurement and the medians here")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))

@@ -121,7 +121,18 @@ def test_rope_of_a_strided_view(K):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "lq", "lk", "d"),
-    [(1, 4, 1, 1, 200, 256), (2, 8, 2, 3, 17, 64), (1, 16, 8, 8, 8, 128), (3, 2, 2, 1, 1, 32)],
+    [
+        (1, 4, 1, 1, 200, 256),
+        (2, 8, 2, 3, 17, 64),
+        (1, 16, 8, 8, 8, 128),
+        (3, 2, 2, 1, 1, 32),
+        # a prompt (more than 8 queries): blocked BLAS products in blocks of 64 rows (a partial last
+        # one), a chunk after cached keys (Lk > Lq), grouped-query heads
+        (1, 2, 2, 20, 20, 32),
+        (1, 4, 1, 512, 512, 256),
+        (2, 8, 2, 130, 300, 64),
+        (1, 4, 1, 9, 700, 256),
+    ],
 )
 def test_attention(K, causal, batch, heads, kv_heads, lq, lk, d):
     rng = np.random.default_rng(lq * 100 + lk)
@@ -141,23 +152,6 @@ def test_attention_over_cache_slices(K):
     q = rng.standard_normal((1, 4, 2, 64)).astype(np.float32)
     got = K.attention(mx.array(q), mx.array(k_buf)[:, :, :120], mx.array(v_buf)[:, :, :120], 0.125, True)
     close(got, np_attention(q, k_buf[:, :, :120], v_buf[:, :, :120], 0.125, True), 1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize(
-    ("batch", "heads", "kv_heads", "lq", "lk", "d"),
-    [(1, 2, 2, 20, 20, 32), (1, 4, 1, 512, 512, 256), (2, 8, 2, 130, 300, 64), (1, 4, 1, 9, 700, 256)],
-)
-def test_attention_of_many_queries(K, causal, batch, heads, kv_heads, lq, lk, d):
-    """A prompt (more than 8 queries): blocked BLAS products, blocks of 64 rows (a partial last one),
-    a chunk after cached keys (Lk > Lq), grouped-query heads."""
-    rng = np.random.default_rng(lq + lk)
-    q = rng.standard_normal((batch, heads, lq, d)).astype(np.float32)
-    k = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
-    got = K.attention(mx.array(q), mx.array(k), mx.array(v), d**-0.5, causal)
-    close(got, np_attention(q, k, v, d**-0.5, causal), 1e-5)
 
 
 @needs_kernels

@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 
-import lmx  # noqa: F401  (loads OpenBLAS before mlx.core)
+import lmx  # noqa: F401  # isort: skip  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from lmx.loading import load_model

@@ -154,6 +154,40 @@ def test_attention_over_cache_slices(K):
     close(got, np_attention(q, k_buf[:, :, :120], v_buf[:, :, :120], 0.125, True), 1e-5)
 
 
+def np_attention_masked(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask: np.ndarray) -> np.ndarray:
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    scores = np.where(mask, q @ k.swapaxes(-1, -2) * scale, -np.inf)  # mask (B or 1, 1, Lq, Lk)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@needs_kernels
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_of_many_queries_with_a_mask(K, padded):
+    """A prompt chunk past a sliding window (the (1, 1, Lq, Lk) mask a rotating cache makes), and left-padded
+    prompts prefilled together ((B, 1, Lq, Lk)): the masked BLAS path, against float64 and against MLX."""
+    from lmx.models.cache import build_mask
+
+    rng = np.random.default_rng(12)
+    lq, lk, window = 128, 300, 200
+    batch = 3 if padded else 1
+    pad = mx.array([0, 40, 170], dtype=mx.int32) if padded else None
+    mask = build_mask(lq, lk, 700, window, pad)  # the last 128 of 700 positions over the last 300 keys
+    assert mask.shape == (batch if padded else 1, 1, lq, lk)
+    q = rng.standard_normal((batch, 4, lq, 64)).astype(np.float32)
+    k = rng.standard_normal((batch, 1, lk, 64)).astype(np.float32)
+    v = rng.standard_normal((batch, 1, lk, 64)).astype(np.float32)
+    got = K.attention_masked(mx.array(q), mx.array(k), mx.array(v), 0.125, mask)
+    close(got, np_attention_masked(q, k, v, 0.125, np.array(mask)), 1e-5)
+    mlx_out = mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.125, mask=mask)
+    close(got, np.array(mlx_out).astype(np.float64), 1e-5)
+    ops = CpuKernelOps(K)  # the model's seam sends such a mask here
+    seam = ops.attention(mx.array(q), mx.array(k), mx.array(v), 0.125, mask)
+    np.testing.assert_array_equal(np.array(seam), np.array(got))
+
+
 @needs_kernels
 def test_attention_of_many_queries_over_cache_slices_and_strided_queries(K):
     rng = np.random.default_rng(11)

@@ -191,6 +191,8 @@ class CpuKernelOps(MlxOps):
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         if not isinstance(mask, mx.array):
             return self.kernels.attention(q, k, v, scale, mask == "causal")
+        if q.shape[2] > 8 and mask.dtype == mx.bool_:  # a prompt past a sliding window, or padded prompts
+            return self.kernels.attention_masked(q, k, v, scale, mask)
         return super().attention(q, k, v, scale, mask)
 
     def quantized_attention(
@@ -198,11 +200,13 @@ class CpuKernelOps(MlxOps):
     ) -> mx.array:
         # One op reading the quantized bytes (each row dequantized in registers): MLX's quantized
         # products, or dequantizing then attending, cost 4-5x the float kernel here (RESULTS.md).
-        if not isinstance(mask, mx.array):
+        if not isinstance(mask, mx.array) and q.shape[2] <= 8:
             return self.kernels.quantized_attention(q, *k, *v, scale, mask == "causal", group_size, bits)
+        # A prompt, or a mask array: the dequantized values through this object's own attention (the
+        # BLAS prompt kernel), so a quantized cache's prompt rounds as a float cache of those values does.
         keys = mx.dequantize(*k, group_size=group_size, bits=bits)  # (B, n_kv, S, D)
         values = mx.dequantize(*v, group_size=group_size, bits=bits)
-        return super().attention(q, keys, values, scale, mask)
+        return self.attention(q, keys, values, scale, mask)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary

@@ -36,7 +36,11 @@ class SequenceCache:
         values = mx.dequantize(*mx.quantize(values, group_size=g, bits=b), group_size=g, bits=b)
         return keys, values
 
-    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | None:
+    def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
+        # "causal" where it is exact (as a KV cache says it), so attention takes the same kernels as
+        # a cache's prefill of the same tokens
+        if pad is None and n_queries > 1 and (self.window is None or n_queries <= self.window):
+            return "causal"
         return build_mask(n_queries, n_queries, n_queries, self.window, pad)
 
 

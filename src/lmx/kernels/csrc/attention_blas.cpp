@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "blas.h"
+#include "cpu_eval.h"
+#include "mlx/fast.h"
 #include "qmatmul.h"
 #include "simd_exp.h"
 
@@ -62,8 +64,13 @@ struct Rows {
 
 }  // namespace
 
-void prompt_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, float* y) {
+void prompt_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, float* y,
+                      const mx::array* mask) {
   const Rows qr(q), kr(k), vr(v);
+  if (mask != nullptr) causal = false;  // the mask says which keys each query sees
+  const uint8_t* mp = mask ? reinterpret_cast<const uint8_t*>(mask->data<bool>()) : nullptr;
+  const int64_t ms0 = mask && mask->shape(0) > 1 ? mask->strides()[0] : 0;
+  const int64_t ms2 = mask ? mask->strides()[2] : 0, ms3 = mask ? mask->strides()[3] : 0;
   const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
   const int64_t groups = heads / k.shape(1), lk = k.shape(2), dv = v.shape(3);
   const int64_t blocks = (lq + kBlock - 1) / kBlock;
@@ -79,6 +86,21 @@ void prompt_attention(const mx::array& q, const mx::array& k, const mx::array& v
     std::vector<float> inv(rows);
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s.data() + r * keys;
+      if (mp != nullptr) {  // visible where the mask says: others weigh exactly 0
+        const uint8_t* mr = mp + b * ms0 + (i0 + r) * ms2;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < keys; ++j) top = mr[j * ms3] && sr[j] > top ? sr[j] : top;
+        if (top == -std::numeric_limits<float>::infinity()) {  // no key visible (not a row a model makes)
+          std::fill(sr, sr + keys, 0.0f);
+          inv[r] = 0.0f;
+          continue;
+        }
+        for (int64_t j = 0; j < keys; ++j) sr[j] = mr[j * ms3] ? sr[j] : -std::numeric_limits<float>::infinity();
+        const float total = exp_shift(sr, keys, top);  // a hidden key adds ~1e-38: nothing to a sum >= 1
+        for (int64_t j = 0; j < keys; ++j) sr[j] = mr[j * ms3] ? sr[j] : 0.0f;
+        inv[r] = 1.0f / total;
+        continue;
+      }
       const int64_t seen = causal ? lk - lq + i0 + r + 1 : keys;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < seen; ++j) top = sr[j] > top ? sr[j] : top;
@@ -93,6 +115,35 @@ void prompt_attention(const mx::array& q, const mx::array& k, const mx::array& v
       for (int64_t c = 0; c < dv; ++c) yr[c] *= inv[r];
     }
   });
+}
+
+mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           const mx::array& mask, mx::StreamOrDevice s) {
+  auto mlx_attention = [scale, s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{
+        mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "", in[3], {}, false, s)};
+  };
+  const bool here =
+      q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 && q.ndim() == 4 &&
+      k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == k.shape(0) && v.shape(0) == k.shape(0) && k.shape(1) > 0 &&
+      q.shape(1) % k.shape(1) == 0 && v.shape(1) == k.shape(1) && q.shape(3) == k.shape(3) &&
+      v.shape(2) == k.shape(2) && q.shape(2) > 8 && global_sgemm() != nullptr && q.strides().back() == 1 &&
+      k.strides().back() == 1 && v.strides().back() == 1 && mask.dtype() == mx::bool_ && mask.ndim() == 4 &&
+      (mask.shape(0) == 1 || mask.shape(0) == q.shape(0)) && mask.shape(1) == 1 && mask.shape(2) == q.shape(2) &&
+      mask.shape(3) == k.shape(2);
+  if (!here) {
+    return mlx_attention({q, k, v, mask})[0];
+  }
+  mx::Shape shape = q.shape();
+  shape.back() = v.shape(3);
+  return mx::array(shape, mx::float32, std::make_shared<AttentionMasked>(mx::to_stream(s), mlx_attention, scale),
+                   {q, k, v, mask});
+}
+
+void AttentionMasked::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], mask = inputs[3], y = out.data<float>(),
+                    scale = scale_]() { prompt_attention(q, k, v, scale, false, y, &mask); });
 }
 
 }  // namespace lmx

@@ -3,6 +3,7 @@
 #include <nanobind/stl/variant.h>
 
 #include "activation.h"
+#include "attention_blas.h"
 #include "layer_ops.h"
 #include "qmatmul.h"
 
@@ -34,6 +35,10 @@ NB_MODULE(_lmx_kernels, m) {
         "stream"_a = nb::none(),
         "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for float32 queries (more than 8: "
         "blocked BLAS products).");
+  m.def("attention_masked", &lmx::attention_masked, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "mx.fast.scaled_dot_product_attention with a bool (B or 1, 1, Lq, Lk) mask as one CPU op for more than 8 "
+        "float32 queries (blocked BLAS products); else MLX's.");
   m.def("quantized_attention", &lmx::quantized_attention, "q"_a, "kw"_a, "ks"_a, "kb"_a, "vw"_a, "vs"_a, "vb"_a,
         "scale"_a, "causal"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "attention over mx.quantize'd keys and values (8 or 4 bits; no mask or causal) as one CPU op for up to 8 "

@@ -47,6 +47,7 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("num_threads", &lmx::num_threads);
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");
   m.def("set_avx512", &lmx::set_avx512, "allowed"_a,
-        "Whether products of 2-8 rows may use the AVX-512VL copy (default: where the CPU has it; same values); "
+        "Whether decode products (one row and 2-8 rows) may use the AVX-512VL copy (default: where the CPU has it; same "
+        "values); "
         "returns whether it is in use now.");
 }

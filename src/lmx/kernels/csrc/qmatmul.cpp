@@ -273,8 +273,9 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       });
       return;
     }
-    // 2-8 rows: the copy with 32 vector registers takes them all in one pass over each decoded W row
-    const bool avx512 = g.m > 1 && avx512_allowed && cpu_has_avx512vl();
+    // The copy with 32 vector registers: 2-8 rows all in one pass over each decoded W row, and one row
+    // 5% faster than the AVX2 copy (28 one-row products of Gemma 3 270M, 2.59 -> 2.45 ms; the same bits)
+    const bool avx512 = avx512_allowed && cpu_has_avx512vl();
     parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
       avx512 ? avx512::gemv(type, g, r0, r1) : avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
     });

@@ -45,8 +45,8 @@ int num_threads();
 
 // Whether the AVX2/FMA/F16C code path is in use (else portable scalar code).
 bool has_avx2();
-// Whether products of 2-8 rows of x may use the AVX-512VL copy of the kernels (on by default where the CPU
-// has it; the same values either way). Returns whether it is in use now. For tests and benchmarks.
+// Whether products (one row, and 2-8 rows of x) may use the AVX-512VL copy of the kernels (on by default where
+// the CPU has it; the same values either way). Returns whether it is in use now. For tests and benchmarks.
 bool set_avx512(bool allowed);
 
 class QMatmul : public mx::UnaryPrimitive {

@@ -47,7 +47,10 @@ def np_rope(x: np.ndarray, dims: int, periods: np.ndarray, scale: float, offset:
     return np.concatenate([a * c - b * s, a * s + b * c, x[..., dims:]], axis=-1)
 
 
-def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+def np_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """float64 softmax attention; ``mask`` (B or 1, 1, Lq, Lk) says which keys each query sees."""
     q, k, v = (a.astype(np.float64) for a in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
@@ -55,6 +58,8 @@ def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, caus
     if causal:
         lq, lk = scores.shape[-2:]
         scores = np.where(np.arange(lk)[None] <= (lk - lq + np.arange(lq))[:, None], scores, -np.inf)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
 
@@ -154,15 +159,6 @@ def test_attention_over_cache_slices(K):
     close(got, np_attention(q, k_buf[:, :, :120], v_buf[:, :, :120], 0.125, True), 1e-5)
 
 
-def np_attention_masked(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask: np.ndarray) -> np.ndarray:
-    q, k, v = (a.astype(np.float64) for a in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
-    scores = np.where(mask, q @ k.swapaxes(-1, -2) * scale, -np.inf)  # mask (B or 1, 1, Lq, Lk)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ v
-
-
 @needs_kernels
 @pytest.mark.parametrize("padded", [False, True])
 def test_attention_of_many_queries_with_a_mask(K, padded):
@@ -180,7 +176,7 @@ def test_attention_of_many_queries_with_a_mask(K, padded):
     k = rng.standard_normal((batch, 1, lk, 64)).astype(np.float32)
     v = rng.standard_normal((batch, 1, lk, 64)).astype(np.float32)
     got = K.attention_masked(mx.array(q), mx.array(k), mx.array(v), 0.125, mask)
-    close(got, np_attention_masked(q, k, v, 0.125, np.array(mask)), 1e-5)
+    close(got, np_attention(q, k, v, 0.125, False, np.array(mask)), 1e-5)
     mlx_out = mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.125, mask=mask)
     close(got, np.array(mlx_out).astype(np.float64), 1e-5)
     ops = CpuKernelOps(K)  # the model's seam sends such a mask here

@@ -9,6 +9,7 @@
 #include "cpu_eval.h"
 #include "qmatmul.h"
 #include "simd_exp.h"
+#include "strided.h"
 
 namespace lmx {
 namespace {
@@ -58,23 +59,6 @@ void gelu_mul(const float* g, const float* u, float* y, int64_t n) {
   }
 }
 
-const float* contiguous(const mx::array& a, std::vector<float>& tmp) {
-  if (a.flags().row_contiguous) {
-    return a.data<float>();
-  }
-  tmp.resize(a.size());  // a strided view: gather it (rare: the MLP's products are contiguous)
-  const float* p = a.data<float>();
-  for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) {
-    int64_t at = 0, j = i;
-    for (int d = a.ndim() - 1; d >= 0 && j > 0; --d) {
-      at += (j % a.shape(d)) * a.strides()[d];
-      j /= a.shape(d);
-    }
-    tmp[i] = p[at];
-  }
-  return tmp.data();
-}
-
 }  // namespace
 
 mx::array gelu_tanh_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
@@ -98,8 +82,8 @@ void GeluTanhMul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([g, u, y = out.data<float>()]() {
     std::vector<float> tg, tu;
-    const float* gp = contiguous(g, tg);
-    const float* up = contiguous(u, tu);
+    const float* gp = row_major(g, tg);
+    const float* up = row_major(u, tu);
     const int64_t n = g.size();
     run_parallel((n + kChunk - 1) / kChunk, [&](int64_t c) {
       const int64_t start = c * kChunk;

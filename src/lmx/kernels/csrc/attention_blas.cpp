@@ -12,6 +12,7 @@
 #include "mlx/fast.h"
 #include "qmatmul.h"
 #include "simd_exp.h"
+#include "strided.h"
 
 namespace lmx {
 namespace {
@@ -51,22 +52,23 @@ float exp_shift(float* p, int64_t n, float top) {
   return total;
 }
 
-// The element (b, h, j, 0) of a 4-D float32 array whose last axis is contiguous, and its row stride.
-struct Rows {
-  const float* p;
-  int64_t s0, s1, s2;
-  explicit Rows(const mx::array& a)
-      : p(a.data<float>()), s0(a.strides()[0]), s1(a.strides()[1]), s2(a.strides()[2]) {}
-  const float* at(int64_t b, int64_t h, int64_t j) const {
-    return p + b * s0 + h * s1 + j * s2;
-  }
-};
-
 }  // namespace
+
+bool attention_inputs(const mx::array& q, const mx::array& k, const mx::array& v) {
+  return q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 && q.ndim() == 4 &&
+         k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == k.shape(0) && v.shape(0) == k.shape(0) && k.shape(1) > 0 &&
+         q.shape(1) % k.shape(1) == 0 && v.shape(1) == k.shape(1) && q.shape(3) == k.shape(3) &&
+         v.shape(2) == k.shape(2);
+}
+
+bool prompt_inputs(const mx::array& q, const mx::array& k, const mx::array& v) {
+  return global_sgemm() != nullptr && q.strides().back() == 1 && k.strides().back() == 1 && v.strides().back() == 1;
+}
 
 void prompt_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, float* y,
                       const mx::array* mask) {
-  const Rows qr(q), kr(k), vr(v);
+  std::vector<float> tq, tk, tv;  // (the callers check that each last axis is contiguous: no copy)
+  const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
   if (mask != nullptr) causal = false;  // the mask says which keys each query sees
   const uint8_t* mp = mask ? reinterpret_cast<const uint8_t*>(mask->data<bool>()) : nullptr;
   const int64_t ms0 = mask && mask->shape(0) > 1 ? mask->strides()[0] : 0;
@@ -123,14 +125,10 @@ mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::arr
     return std::vector<mx::array>{
         mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "", in[3], {}, false, s)};
   };
-  const bool here =
-      q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 && q.ndim() == 4 &&
-      k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == k.shape(0) && v.shape(0) == k.shape(0) && k.shape(1) > 0 &&
-      q.shape(1) % k.shape(1) == 0 && v.shape(1) == k.shape(1) && q.shape(3) == k.shape(3) &&
-      v.shape(2) == k.shape(2) && q.shape(2) > 8 && global_sgemm() != nullptr && q.strides().back() == 1 &&
-      k.strides().back() == 1 && v.strides().back() == 1 && mask.dtype() == mx::bool_ && mask.ndim() == 4 &&
-      (mask.shape(0) == 1 || mask.shape(0) == q.shape(0)) && mask.shape(1) == 1 && mask.shape(2) == q.shape(2) &&
-      mask.shape(3) == k.shape(2);
+  const bool here = attention_inputs(q, k, v) && q.shape(2) > kFewQueries && prompt_inputs(q, k, v) &&
+                    mask.dtype() == mx::bool_ && mask.ndim() == 4 &&
+                    (mask.shape(0) == 1 || mask.shape(0) == q.shape(0)) && mask.shape(1) == 1 &&
+                    mask.shape(2) == q.shape(2) && mask.shape(3) == k.shape(2);
   if (!here) {
     return mlx_attention({q, k, v, mask})[0];
   }

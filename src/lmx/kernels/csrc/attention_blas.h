@@ -14,6 +14,16 @@ namespace lmx {
 
 namespace mx = mlx::core;
 
+// Up to this many queries (decode, a speculative verify) attention runs per-row loops (layer_ops.cpp);
+// more (a prompt) go to prompt_attention.
+constexpr int64_t kFewQueries = 8;
+
+// Float32 q (B, H, Lq, D), k (B, KV, Lk, D), v (B, KV, Lk, Dv) with H a multiple of KV: the inputs
+// lmx's CPU attention ops take.
+bool attention_inputs(const mx::array& q, const mx::array& k, const mx::array& v);
+// Such inputs prompt_attention can run: a global BLAS (blas.h) and each input's last axis contiguous.
+bool prompt_inputs(const mx::array& q, const mx::array& k, const mx::array& v);
+
 // y (B, H, Lq, Dv) = softmax(scale * q k^T [causal: query i sees keys up to Lk - Lq + i]) v for float32
 // q (B, H, Lq, D), k (B, KV, Lk, D), v (B, KV, Lk, Dv), H a multiple of KV, each with its last axis
 // contiguous. Needs global_sgemm() (blas.h).

@@ -10,81 +10,14 @@
 #include <stdexcept>
 
 #include "attention_blas.h"
-#include "blas.h"
 #include "cpu_eval.h"
 #include "simd_exp.h"
+#include "strided.h"
 #include "mlx/fast.h"
 #include "mlx/transforms.h"
 
 namespace lmx {
 namespace {
-
-constexpr int64_t kFewQueries = 8;  // up to this many queries (decode, a speculative verify): per-row loops
-
-// The element offset of flat (row-major) index i of `a`, whatever its strides.
-int64_t strided_offset(const mx::array& a, int64_t i) {
-  int64_t at = 0;
-  for (int d = a.ndim() - 1; d >= 0 && i > 0; --d) {
-    at += (i % a.shape(d)) * a.strides()[d];
-    i /= a.shape(d);
-  }
-  return at;
-}
-
-// x as row-major float32 values: its own buffer when already row-contiguous, else a copy in `tmp`.
-const float* row_major(const mx::array& x, std::vector<float>& tmp) {
-  if (x.flags().row_contiguous) {
-    return x.data<float>();
-  }
-  tmp.resize(x.size());
-  const float* p = x.data<float>();
-  for (int64_t i = 0; i < static_cast<int64_t>(x.size()); ++i) {
-    tmp[i] = p[strided_offset(x, i)];
-  }
-  return tmp.data();
-}
-
-// A 4-D float32 array's element (b, h, j, 0) and its last axis contiguous: the array's own memory
-// when its last stride is 1 (cache slices are such views), else a row-major copy held in `tmp`.
-struct Rows4 {
-  const float* p;
-  int64_t s0, s1, s2;
-  Rows4(const mx::array& a, std::vector<float>& tmp) {
-    if (a.strides()[3] == 1) {
-      p = a.data<float>();
-      s0 = a.strides()[0], s1 = a.strides()[1], s2 = a.strides()[2];
-    } else {
-      p = row_major(a, tmp);
-      s2 = a.shape(3), s1 = s2 * a.shape(2), s0 = s1 * a.shape(1);
-    }
-  }
-  const float* at(int64_t b, int64_t h, int64_t j) const {
-    return p + b * s0 + h * s1 + j * s2;
-  }
-};
-
-// A 4-D array's rows (b, h, j, :) of element type T, its last axis contiguous (see Rows4): the
-// array's own memory when its last stride is 1, else a row-major copy held in `tmp`.
-template <typename T>
-struct RowsOf {
-  const T* p;
-  int64_t s0, s1, s2;
-  RowsOf(const mx::array& a, std::vector<T>& tmp) {
-    if (a.strides()[3] == 1) {
-      p = a.data<T>();
-      s0 = a.strides()[0], s1 = a.strides()[1], s2 = a.strides()[2];
-    } else {
-      tmp.resize(a.size());
-      const T* src = a.data<T>();
-      for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) tmp[i] = src[strided_offset(a, i)];
-      p = tmp.data();
-      s2 = a.shape(3), s1 = s2 * a.shape(2), s0 = s1 * a.shape(1);
-    }
-  }
-  const T* at(int64_t b, int64_t h, int64_t j) const {
-    return p + b * s0 + h * s1 + j * s2;
-  }
-};
 
 // The attention's two inner loops, also compiled for AVX2 (picked at load time where the CPU has it).
 #define LMX_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
@@ -310,14 +243,9 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   auto mlx_attention = [scale, causal, s](const mx::array& q, const mx::array& k, const mx::array& v) {
     return mx::fast::scaled_dot_product_attention(q, k, v, scale, causal ? "causal" : "", {}, {}, false, s);
   };
-  bool here = q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32 && q.ndim() == 4 &&
-              k.ndim() == 4 && v.ndim() == 4 && q.shape(0) == k.shape(0) && v.shape(0) == k.shape(0) &&
-              k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0 && v.shape(1) == k.shape(1) &&
-              q.shape(3) == k.shape(3) && v.shape(2) == k.shape(2) && k.shape(2) >= q.shape(2);
-  if (here && q.shape(2) > kFewQueries) {  // a prompt: blocked BLAS products (attention_blas.h)
-    here = global_sgemm() != nullptr && q.strides().back() == 1 && k.strides().back() == 1 &&
-           v.strides().back() == 1 && q.shape(2) > 0;
-  }
+  // more than kFewQueries (a prompt): blocked BLAS products (attention_blas.h)
+  const bool here = attention_inputs(q, k, v) && k.shape(2) >= q.shape(2) &&
+                    (q.shape(2) <= kFewQueries || prompt_inputs(q, k, v));
   if (!here) {
     return mlx_attention(q, k, v);
   }
@@ -388,7 +316,7 @@ mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx:
   };
   const std::vector<mx::array> inputs{q, kw, ks, kb, vw, vs, vb};
   bool here = (bits == 8 || bits == 4) && group_size > 0 && group_size % 2 == 0 && q.dtype() == mx::float32 &&
-              q.ndim() == 4 && q.shape(2) <= 8 && q.shape(3) % group_size == 0;
+              q.ndim() == 4 && q.shape(2) <= kFewQueries && q.shape(3) % group_size == 0;
   for (int i = 1; here && i < 7; ++i) {
     const auto& a = inputs[i];
     const bool words = i == 1 || i == 4;

@@ -232,18 +232,23 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
     Raises:
         ValueError: the inputs are not ones :func:`supported` accepts, or ``scale`` <= 0.
     """
-    if not supported(queries, keys, values) or not scale > 0:
-        raise ValueError(
-            f"decode_attention takes q (B, H, 1, D), k/v (B, H_kv, L>=1, D) with D a multiple of 32 up to "
-            f"{MAX_HEAD_DIM}, one of {[str(t) for t in DTYPES]}, scale > 0; got q {queries.shape} {queries.dtype}, "
-            f"k {keys.shape} {keys.dtype}, v {values.shape} {values.dtype}, scale {scale}"
-        )
-    if getattr(_inference, "active", False):
+    _check("decode_attention", queries, keys, values, scale)
+    if inference_active():
         return _run(queries, keys, values, scale)
     return _differentiable(scale)(queries, keys, values)
 
 
 _inference = threading.local()
+
+
+def _check(name: str, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> None:
+    """A ValueError naming what the kernel takes, unless :func:`supported` takes these inputs and scale > 0."""
+    if not supported(queries, keys, values) or not scale > 0:
+        raise ValueError(
+            f"{name} takes q (B, H, 1, D), k/v (B, H_kv, L>=1, D) with D a multiple of 32 up to "
+            f"{MAX_HEAD_DIM}, one of {[str(t) for t in DTYPES]}, scale > 0; got q {queries.shape} {queries.dtype}, "
+            f"k {keys.shape} {keys.dtype}, v {values.shape} {values.dtype}, scale {scale}"
+        )
 
 
 def inference_active() -> bool:
@@ -298,8 +303,7 @@ def decode_attention_from(
         ValueError: inputs :func:`supported` does not take, ``first`` not (B,) int32, or no
             :func:`inference` context (the padded kernel has no gradient).
     """
-    if not supported(queries, keys, values) or not scale > 0:
-        raise ValueError(f"decode_attention_from: unsupported inputs q {queries.shape}, k {keys.shape}, scale {scale}")
+    _check("decode_attention_from", queries, keys, values, scale)
     if first.shape != (queries.shape[0],) or first.dtype != mx.int32:
         raise ValueError(f"first must be ({queries.shape[0]},) int32, got {first.shape} {first.dtype}")
     if not inference_active():

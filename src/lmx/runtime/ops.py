@@ -191,7 +191,7 @@ class CpuKernelOps(MlxOps):
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         if not isinstance(mask, mx.array):
             return self.kernels.attention(q, k, v, scale, mask == "causal")
-        if q.shape[2] > 8 and mask.dtype == mx.bool_:  # a prompt past a sliding window, or padded prompts
+        if mask.dtype == mx.bool_:  # a prompt past a sliding window, or padded prompts (few queries: MLX's)
             return self.kernels.attention_masked(q, k, v, scale, mask)
         return super().attention(q, k, v, scale, mask)
 

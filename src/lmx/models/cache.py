@@ -202,14 +202,13 @@ class KVCache:
     def first_keys(self, n_keys: int, pad: mx.array) -> mx.array:
         """For one new query per row, after :meth:`update_and_fetch` returned ``n_keys`` keys: the
         (B,) int32 index of the first of them that row ``b``'s query sees (the one-query case of
-        :func:`build_mask` as an index: a row's own start, and the window's). Shared by the caches
-        of one layout, as masks are."""
-        key = ("first", n_keys, self.offset, self.window, id(pad))
+        :func:`build_mask` as an index: the row's own start; a rotating cache hands one query only
+        keys inside its window). Shared by the caches of one layout, as masks are."""
+        key = ("first", n_keys, self.offset, id(pad))
         if self.masks is not None and key in self.masks:
             return self.masks[key]
         k_start = self.offset - n_keys  # the position of key 0
-        lo = pad if self.window is None else mx.maximum(pad, self.offset - self.window)
-        first = mx.maximum(lo - k_start, 0).astype(mx.int32)
+        first = mx.maximum(pad - k_start, 0).astype(mx.int32)
         if self.masks is not None:
             self.masks[key] = first
         return first

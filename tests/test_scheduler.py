@@ -7,6 +7,8 @@ nothing but float rounding: greedy and seeded tokens are equal, logprobs close.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,6 +184,34 @@ def test_close_ends_open_streams_as_cancelled(tiny_dirs: dict[str, Path]) -> Non
     assert stream.finish_reason == "cancelled" and len(rest) < 499
     with pytest.raises(lmx.errors.EngineClosedError):
         engine.generate("x")
+
+
+EXIT_SCRIPT = """
+import sys
+import lmx
+engine = lmx.load(sys.argv[1])
+engine.generate("Hello", max_tokens=3)
+if sys.argv[2] == "open-stream":
+    stream = engine.stream("Hello", max_tokens=500)
+    next(stream)
+if sys.argv[2] == "raise":
+    raise SystemExit(3)
+"""
+
+
+@pytest.mark.parametrize("ending", ["plain", "open-stream", "raise"])
+def test_a_program_that_never_closes_its_engine_exits_cleanly(tiny_dirs: dict[str, Path], ending: str) -> None:
+    # The engine's worker used to be woken by the engine's finaliser during interpreter shutdown
+    # and end the process with SIGABRT ("terminate called without an active exception", rc 134).
+    for _ in range(2):  # it was a race: twice each
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_SCRIPT, str(tiny_dirs["gemma3"]), ending],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == (3 if ending == "raise" else 0), done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
 
 
 def test_a_stream_closed_early_is_cancelled(engines: dict[str, lmx.Engine]) -> None:

@@ -23,12 +23,15 @@ then it waits, and one that could never fit is refused at once with
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import mlx.core as mx
@@ -107,6 +110,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopped = threading.Event()
+        self._end_thread = False  # the worker returns when it stops, instead of parking (at exit)
         self._sync = sync
         self._inbox: list[Request] = []  # submitted, not yet shared with the group (sync only)
         self._by_id: dict[int, Request] = {}  # requests the group knows, by sync_id
@@ -256,9 +260,28 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         elif thread is not threading.current_thread() and timeout is not None:
             self._stopped.wait(timeout)
 
+    def _close_at_exit(self, timeout: float) -> None:
+        """Stop a running worker and let its thread end while the interpreter still runs (see the
+        end of :meth:`_work`); a closed one is parked already."""
+        with self._lock:
+            if self._closed or self._thread is None:
+                return
+            self._end_thread = True
+            thread = self._thread
+        self.close(timeout)
+        thread.join(timeout)
+        # join() returns when the thread's Python state is gone; its C++ thread-locals (MLX's compile
+        # cache, whose destructor takes the GIL) are destroyed after that. Wait, without the GIL, until
+        # the thread itself is gone (Linux lists it in /proc; elsewhere, a moment).
+        task = Path(f"/proc/self/task/{thread.native_id}")
+        deadline = time.monotonic() + (timeout if task.parent.is_dir() else 0.05)
+        while time.monotonic() < deadline and (task.exists() or not task.parent.is_dir()):
+            time.sleep(0.001)
+
     # ------------------------------------------------------------------ the worker
     def _start_worker(self) -> None:
         if self._thread is None:
+            _RUNNING.add(self)
             self._thread = threading.Thread(target=self._work, name="lmx-scheduler", daemon=True)
             self._thread.start()
             if self._sync is not None:
@@ -331,8 +354,11 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
             self._stopped.set()
         # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
         # the GIL when the thread ends; during interpreter shutdown that aborts the process
-        # (mlx 0.32). A parked daemon thread never runs it.
-        threading.Event().wait()
+        # (mlx 0.32). A parked daemon thread never runs it. At exit (_close_at_exit), before that
+        # shutdown, the thread ends instead: a daemon thread still running when the shutdown starts
+        # ends the moment it wants the GIL, which runs that destructor.
+        if not self._end_thread:
+            threading.Event().wait()
 
     def _exchange(self) -> None:
         """The turn's events, as the leader saw them, on every rank: new requests join the waiting
@@ -580,3 +606,15 @@ def make_request(
 
 
 __all__ = ["Scheduler", "make_request"]
+
+
+# Schedulers whose worker was started: at exit, the ones still running are stopped while the
+# interpreter still runs (an engine the program never closed: its worker would otherwise be woken by
+# the engine's finaliser during the shutdown, and end the process with SIGABRT, mlx 0.32).
+_RUNNING: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_at_exit() -> None:
+    for scheduler in list(_RUNNING):
+        scheduler._close_at_exit(timeout=10.0)

@@ -45,6 +45,8 @@ NB_MODULE(_lmx_kernels, m) {
         "float32 queries.");
   m.def("set_num_threads", &lmx::set_num_threads, "n"_a, "Threads the kernels use (the caller included).");
   m.def("num_threads", &lmx::num_threads);
+  m.def("set_pool_spin", &lmx::set_pool_spin, "microseconds"_a,
+        "How long the kernels' threads poll for the next job before they sleep (0: at once). For benchmarks.");
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");
   m.def("set_avx512", &lmx::set_avx512, "allowed"_a,
         "Whether decode products (one row and 2-8 rows) may use the AVX-512VL copy (default: where the CPU has it; same "

@@ -155,6 +155,9 @@ void set_num_threads(int n) {
 int num_threads() {
   return pool().size();
 }
+void set_pool_spin(int microseconds) {
+  pool().set_spin(std::chrono::microseconds(std::max(0, microseconds)));
+}
 bool has_avx2() {
   return cpu_has_avx2();
 }

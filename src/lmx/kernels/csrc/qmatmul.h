@@ -42,6 +42,8 @@ void set_num_threads(int n);
 // fn(i) for i in [0, tasks) on the kernels' thread pool (the calling thread takes part).
 void run_parallel(int64_t tasks, const std::function<void(int64_t)>& fn);
 int num_threads();
+// How long the pool's threads poll for the next job before they sleep (0: sleep at once). For benchmarks.
+void set_pool_spin(int microseconds);
 
 // Whether the AVX2/FMA/F16C code path is in use (else portable scalar code).
 bool has_avx2();

@@ -1,5 +1,8 @@
-// A small fork-join pool whose workers sleep on a condition variable between jobs (no spin-waiting:
-// on a shared machine a spinning BLAS thread steals the core its partner needs; see RESULTS.md).
+// A small fork-join pool. Between jobs a worker polls for the next one for a short while (kSpin),
+// then sleeps on a condition variable: a decode step hands the pool a job every ~0.1 ms, and waking a
+// sleeping thread costs about as long as a small product takes; a pool that polled without end would,
+// on a shared machine, steal the core its partner needs (see RESULTS.md), so polling stops soon after
+// the jobs do.
 //
 // A job is a number of chunks claimed one at a time from an atomic counter, by the calling thread
 // and by whichever workers wake in time. The caller never waits for a worker that has not started:
@@ -9,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -51,40 +55,89 @@ class ThreadPool {
     std::lock_guard<std::mutex> job_lock(job_mutex_);
     next_.store(0);
     total_ = chunks;
+    bool sleeping;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &fn;
       ++generation_;
+      posted_.store(generation_, std::memory_order_release);
+      sleeping = sleepers_ > 0;
     }
-    wake_.notify_all();
+    if (sleeping) {
+      wake_.notify_all();
+    }
     claim_all(fn);
-    std::unique_lock<std::mutex> lock(mutex_);
-    job_ = nullptr;  // latecomers find no job and go back to sleep
-    done_.wait(lock, [this] { return active_ == 0; });
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;  // latecomers find no job and go back to waiting
+    }
+    // The workers that joined are each finishing one chunk: poll for them, then sleep.
+    if (!poll([this] { return active_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [this] { return active_.load() == 0; });
+    }
+  }
+
+  // How long a thread polls before it sleeps (0: it sleeps at once); the pool's default is kSpin.
+  void set_spin(std::chrono::microseconds spin) {
+    spin_us_.store(spin.count());
   }
 
  private:
+  static constexpr std::chrono::microseconds kSpin{200};
+
   void claim_all(const std::function<void(int64_t)>& fn) {
     for (int64_t i; (i = next_.fetch_add(1)) < total_;) {
       fn(i);
     }
   }
 
+  // Poll ready() for up to the spin time; whether it came true.
+  template <class F>
+  bool poll(F&& ready) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+    for (int i = 0;; ++i) {
+      if (ready()) {
+        return true;
+      }
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) {
+        return false;
+      }
+      pause();
+    }
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     uint64_t joined = generation_;  // the last job this worker took part in (or saw closed)
+    auto ready = [&] { return stopping_ || (job_ != nullptr && generation_ != joined); };
     for (;;) {
-      wake_.wait(lock, [&] { return stopping_ || (job_ != nullptr && generation_ != joined); });
+      if (!ready()) {
+        lock.unlock();
+        poll([&] { return posted_.load(std::memory_order_acquire) != joined || stopping_posted_.load(); });
+        lock.lock();
+        ++sleepers_;
+        wake_.wait(lock, ready);
+        --sleepers_;
+      }
       if (stopping_) {
         return;
       }
       joined = generation_;
       const std::function<void(int64_t)>* job = job_;
-      ++active_;
+      active_.fetch_add(1);
       lock.unlock();
       claim_all(*job);
       lock.lock();
-      if (--active_ == 0) {
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         done_.notify_one();
       }
     }
@@ -95,13 +148,16 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
+      stopping_posted_.store(true);
     }
     wake_.notify_all();
     for (auto& t : workers_) {
       t.join();
     }
     workers_.clear();
+    stopping_posted_.store(false);
   }
+
 
   std::mutex job_mutex_;
   std::mutex mutex_;
@@ -112,8 +168,12 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
   int64_t total_ = 0;
   uint64_t generation_ = 0;
-  int active_ = 0;
+  std::atomic<uint64_t> posted_{0};  // generation_, readable without the mutex (for polling)
+  std::atomic<int> active_{0};       // workers inside a job
+  int sleepers_ = 0;                 // workers waiting on wake_
   bool stopping_ = false;
+  std::atomic<bool> stopping_posted_{false};
+  std::atomic<int64_t> spin_us_{kSpin.count()};
 };
 
 }  // namespace lmx

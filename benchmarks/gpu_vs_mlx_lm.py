@@ -553,7 +553,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", type=int, default=None, help="quantize both models to this many bits")
     p.add_argument("--device", default=None, choices=["cpu", "gpu"])
-    p.add_argument("--bandwidth", action="store_true", help="measure the copy bandwidth; report decode against its roofline")
+    p.add_argument(
+        "--bandwidth", action="store_true", help="measure the copy bandwidth; report decode against its roofline"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     choose_device(args.device)

@@ -322,3 +322,97 @@ def test_gelu_tanh_mul_gradient_is_mlx_ops_gradient(K):
     want = mx.grad(lambda g, u: ((nn.gelu_approx(g) * u) ** 2).sum(), argnums=(0, 1))(gate, up)
     for g, e in zip(got, want):
         close(g, np.array(e).astype(np.float64), 1e-5)
+
+
+def np_nucleus_bounds(x: np.ndarray, threshold: float) -> tuple[float, float | None]:
+    """float64 probability mass of the tokens above ``threshold``, and of those at or above it
+    (``None`` when nothing lies below it)."""
+    x = x.astype(np.float64)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    above = probs[x > threshold].sum()
+    return above, (probs[x >= threshold].sum() if np.any(x < threshold) else None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [7, 5000, 262144])
+@pytest.mark.parametrize("spread", [0.1, 1.0, 4.0, 30.0])
+@pytest.mark.parametrize("p", [1e-9, 0.5, 0.9, 0.999])
+def test_top_p_is_the_float64_nucleus(K, vocab, spread, p):
+    """Every row keeps exactly the tokens at or above one of its values t, where the float64 mass
+    above t is below p and the mass from t up reaches it (the rule, with the float32 rounding of the
+    masses as the only slack); rows with ties and -inf entries included."""
+    rng = np.random.default_rng(vocab + int(spread * 10) + int(p * 1000))
+    x = (rng.standard_normal((3, vocab)) * spread).astype(np.float32)
+    x[1] = np.round(x[1])  # ties
+    x[2, rng.integers(0, vocab, vocab // 2)] = -np.inf  # what top_k leaves
+    reach = p - 1e-6
+    got = np.array(K.top_p(mx.array(x), reach))
+    for row, out in zip(x, got):
+        kept = np.isfinite(out)
+        t = row[kept].min()
+        np.testing.assert_array_equal(out, np.where(row >= t, row, -np.inf).astype(np.float32))
+        above, through = np_nucleus_bounds(row, t)
+        assert above < reach + 1e-6 or t == row.max(), (above, reach)
+        assert through is None or through >= reach - 1e-6, (through, reach)
+
+
+@needs_kernels
+def test_top_p_special_rows_and_other_dtypes(K):
+    inf, nan = np.inf, np.nan
+    for row in ([-inf] * 5, [1.0, nan, 2.0], [inf, 1.0, 2.0]):  # left as they are (MLX's rule keeps them too)
+        got = np.array(K.top_p(mx.array(np.array([row], np.float32)), 0.5))
+        np.testing.assert_array_equal(got, np.array([row], np.float32))
+    lp = mx.array(np.log(np.array([[0.5, 0.3, 0.2]])), dtype=mx.float16)  # not float32: MLX's sort
+    assert np.isfinite(np.array(K.top_p(lp, 0.6).astype(mx.float32))).tolist() == [[True, True, False]]
+    assert np.isfinite(np.array(K.top_p(lp, 5.0).astype(mx.float32))).all()  # past the whole mass: all kept
+
+
+@needs_kernels
+def test_rows_sampled_on_a_kernels_model_use_its_nucleus_op(tiny_gguf: dict[str, Path]):
+    engine = lmx.load(tiny_gguf["qwen3"], device="cpu", cpu_kernels=True)
+    ops = engine.loaded.model.ops
+    assert isinstance(ops, CpuKernelOps)
+    calls = []
+    real = ops.top_p
+    ops.top_p = lambda logprobs, reach: calls.append(reach) or real(logprobs, reach)  # type: ignore[method-assign]
+    try:
+        engine.generate("hello", max_tokens=3, temperature=1.0, top_p=0.9, seed=1)
+    finally:
+        del ops.top_p
+    assert len(calls) >= 3 and all(abs(r - 0.9) < 1e-5 for r in calls)  # a draw a token (and a queued step)
+
+
+@needs_kernels
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_categorical_draws_the_float64_distribution_of_a_wide_row(K, temperature):
+    """10,000 draws from one 3,000-token row (12 blocks of the kernel's partial sums), each with its
+    own uniform number: the ten likeliest tokens and the rest, against float64 softmax(x / T)."""
+    rng = np.random.default_rng(int(temperature * 10))
+    row = (rng.standard_normal(3000) * 2).astype(np.float32)
+    row[rng.integers(0, 3000, 500)] = -np.inf
+    n = 10_000
+    u = mx.random.uniform(shape=(n,), key=mx.random.key(7))
+    drawn = np.array(K.categorical(mx.broadcast_to(mx.array(row[None]), (n, 3000)), u, temperature))
+    assert np.all(np.isfinite(row[drawn]))
+    probs = np.exp((row.astype(np.float64) - row.max()) / temperature)
+    probs /= probs.sum()
+    top = np.argsort(-probs)[:10]
+    counts = np.array([np.sum(drawn == t) for t in top] + [n - np.isin(drawn, top).sum()])
+    want = np.append(probs[top], 1 - probs[top].sum()) * n
+    chi2 = float(np.sum((counts - want) ** 2 / want))
+    assert chi2 < 35.56, (counts, want)  # the 99.99% quantile of chi-square with 10 degrees of freedom
+
+
+@needs_kernels
+def test_categorical_rejects_bad_arguments(K):
+    x = mx.zeros((2, 5))
+    for args, what in [
+        ((x.astype(mx.float16), mx.zeros((2,)), 1.0), "logits"),
+        ((x, mx.zeros((3,)), 1.0), "u must"),
+        ((x, mx.zeros((2,)), 0.0), "temperature"),
+        ((x, mx.zeros((2,)), float("nan")), "temperature"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            K.categorical(*args)
+    assert np.array(K.categorical(mx.full((1, 4), -mx.inf), mx.zeros((1,)), 1.0)).tolist() == [0]

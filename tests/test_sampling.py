@@ -25,6 +25,7 @@ from lmx.generate.sampling import (
     make_sampler,
     top_logprobs,
 )
+from lmx.runtime.ops import MLX_OPS, CpuKernelOps, Ops
 
 PROBS = [0.5, 0.2, 0.15, 0.1, 0.05]
 ALL = {0, 1, 2, 3, 4}
@@ -72,6 +73,19 @@ def test_top_k_rows_independent() -> None:
 # ------------------------------------------------------------------------- top_p
 
 
+@pytest.fixture(params=["mlx", "cpu-kernels"])
+def ops(request: pytest.FixtureRequest) -> Ops:
+    """Both sampling ops: MLX's (a full sort for top_p, a Gumbel draw) and the CPU kernels' (a sort of
+    one bucket, the inverted distribution)."""
+    if request.param == "mlx":
+        return MLX_OPS
+    from lmx.kernels import load_module
+
+    module, reason = load_module()
+    assert module is not None, reason
+    return CpuKernelOps(module)
+
+
 @pytest.mark.parametrize(
     "p, expected",
     [
@@ -88,9 +102,9 @@ def test_top_k_rows_independent() -> None:
         (1.0, ALL),
     ],
 )
-def test_top_p_keeps_smallest_set_reaching_p(p: float, expected: set[int]) -> None:
+def test_top_p_keeps_smallest_set_reaching_p(p: float, expected: set[int], ops: Ops) -> None:
     lp = log_of(PROBS)
-    assert kept(apply_top_p(lp, p), lp) == [expected]
+    assert kept(apply_top_p(lp, p, ops), lp) == [expected]
 
 
 @pytest.mark.parametrize(
@@ -103,37 +117,39 @@ def test_top_p_keeps_smallest_set_reaching_p(p: float, expected: set[int]) -> No
         ([0.5, 0.4, 0.1], 0.5, {0}),
     ],
 )
-def test_top_p_exact_boundary_despite_float32_rounding(probs: list[float], p: float, expected: set[int]) -> None:
+def test_top_p_exact_boundary_despite_float32_rounding(
+    probs: list[float], p: float, expected: set[int], ops: Ops
+) -> None:
     lp = log_of(probs)
-    assert kept(apply_top_p(lp, p), lp) == [expected]
+    assert kept(apply_top_p(lp, p, ops), lp) == [expected]
 
 
-def test_top_p_order_of_vocab_does_not_matter() -> None:
+def test_top_p_order_of_vocab_does_not_matter(ops: Ops) -> None:
     lp = log_of([0.1, 0.05, 0.5, 0.15, 0.2])
-    assert kept(apply_top_p(lp, 0.71), lp) == [{2, 3, 4}]
+    assert kept(apply_top_p(lp, 0.71, ops), lp) == [{2, 3, 4}]
 
 
-def test_top_p_renormalises_what_earlier_filters_left() -> None:
+def test_top_p_renormalises_what_earlier_filters_left(ops: Ops) -> None:
     # After top_k=2 only 0.5 and 0.2 remain: renormalised 5/7 ~ 0.714 and 2/7.
     lp = log_of([0.5, 0.2, 0.0, 0.0, 0.0])
-    assert kept(apply_top_p(lp, 0.7), lp) == [{0}]
-    assert kept(apply_top_p(lp, 0.72), lp) == [{0, 1}]
+    assert kept(apply_top_p(lp, 0.7, ops), lp) == [{0}]
+    assert kept(apply_top_p(lp, 0.72, ops), lp) == [{0, 1}]
 
 
-def test_top_p_unnormalised_input_same_as_normalised() -> None:
+def test_top_p_unnormalised_input_same_as_normalised(ops: Ops) -> None:
     lp = log_of(PROBS) + 3.0
-    assert kept(apply_top_p(lp, 0.71), lp) == [{0, 1, 2}]
+    assert kept(apply_top_p(lp, 0.71, ops), lp) == [{0, 1, 2}]
 
 
-def test_top_p_keeps_ties_with_last_kept_token() -> None:
+def test_top_p_keeps_ties_with_last_kept_token(ops: Ops) -> None:
     lp = log_of([0.3, 0.4, 0.3])
-    assert kept(apply_top_p(lp, 0.5), lp) == [{0, 1, 2}]
-    assert kept(apply_top_p(lp, 0.4), lp) == [{1}]
+    assert kept(apply_top_p(lp, 0.5, ops), lp) == [{0, 1, 2}]
+    assert kept(apply_top_p(lp, 0.4, ops), lp) == [{1}]
 
 
-def test_top_p_rows_independent() -> None:
+def test_top_p_rows_independent(ops: Ops) -> None:
     lp = log_of(PROBS, [0.05, 0.1, 0.15, 0.2, 0.5])
-    assert kept(apply_top_p(lp, 0.6), lp) == [{0, 1}, {3, 4}]
+    assert kept(apply_top_p(lp, 0.6, ops), lp) == [{0, 1}, {3, 4}]
 
 
 # ------------------------------------------------------------------------- min_p
@@ -178,10 +194,14 @@ def test_greedy_is_argmax_per_row_and_ignores_key() -> None:
         assert sampler(lp, mx.random.key(seed)).tolist() == [1, 0]
 
 
-def test_categorical_never_draws_excluded_tokens() -> None:
+def test_categorical_never_draws_excluded_tokens(ops: Ops) -> None:
     logits = mx.broadcast_to(mx.array([[0.0, -mx.inf, 0.0, -mx.inf]]), (4000, 4))
-    drawn = np.array(categorical(logits, 0.7, mx.random.key(0)))
+    drawn = np.array(categorical(logits, 0.7, mx.random.key(0), ops))
     assert set(drawn.tolist()) == {0, 2}
+    wide = np.full((64, 5000), -np.inf, dtype=np.float32)  # past one block of the kernel's partial sums
+    wide[:, [3, 2999, 4998]] = [0.0, 1.0, -1.0]
+    drawn = np.array(categorical(mx.array(wide), 1.0, mx.random.key(1), ops))
+    assert set(drawn.tolist()) == {3, 2999, 4998}
 
 
 # 99.99% quantiles of chi-square with df = 1..4 degrees of freedom.
@@ -207,10 +227,10 @@ def _p(values: list[float]) -> list[float]:
     ],
 )
 def test_sampled_frequencies_match_filtered_distribution(
-    temperature: float, top_k: int, top_p: float, min_p: float, expected: list[float]
+    temperature: float, top_k: int, top_p: float, min_p: float, expected: list[float], ops: Ops
 ) -> None:
     n = 20_000
-    sampler = make_sampler(temperature, top_k, top_p, min_p)
+    sampler = make_sampler(temperature, top_k, top_p, min_p, ops)
     lp = mx.broadcast_to(log_of(PROBS), (n, len(PROBS)))  # n independent rows, one draw each
     counts = np.bincount(np.array(sampler(lp, mx.random.key(1234))), minlength=len(PROBS))
     want = np.array(expected) * n
@@ -330,6 +350,21 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only() -> None:
     assert out == [[2.0, -1.0, -0.5, -3.75, 0.0, 1.0]]
     out, _ = process(opts, [TOKENS], [LOGITS], prompt_len=5)  # nothing generated yet
     assert out == [LOGITS]
+
+
+@pytest.mark.parametrize("generated", [7, 1500])  # gathered per token; one dense count past 1,024
+def test_presence_and_frequency_penalties_of_long_histories(generated: int) -> None:
+    rng = np.random.default_rng(generated)
+    tokens = rng.integers(0, 40, size=(2, 3 + generated))  # 40 of 64 ids, many repeats
+    logits = rng.standard_normal((2, 64)).astype(np.float32)
+    opts = GenerationOptions(presence_penalty=0.5, frequency_penalty=0.25)
+    (proc,) = make_logits_processors(opts, prompt_len=3)
+    got = np.array(proc(mx.array(tokens), mx.array(logits)))
+    want = logits.astype(np.float64).copy()
+    for row in range(2):
+        ids, counts = np.unique(tokens[row, 3:], return_counts=True)
+        want[row, ids] -= 0.25 * counts + 0.5
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_negative_presence_and_frequency_penalties_boost() -> None:

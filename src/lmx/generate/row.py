@@ -20,6 +20,7 @@ from lmx.generate.options import GenerationOptions
 from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Token, TopLogprob
+from lmx.runtime.ops import MLX_OPS, Ops
 
 LogSumExp = Callable[[mx.array], mx.array]
 
@@ -32,12 +33,19 @@ class RowSampler:
         prompt: every prompt token (cached prefix included): the processors' history.
         matcher: the row's grammar state when its options carry a ``constraint`` (made by the
             scheduler's :class:`lmx.generate.constraints.ConstraintCompiler`).
+        ops: the model's ops (:mod:`lmx.runtime.ops`), for the nucleus filter.
     """
 
-    def __init__(self, options: GenerationOptions, prompt: Sequence[int], matcher: RowMatcher | None = None) -> None:
+    def __init__(
+        self,
+        options: GenerationOptions,
+        prompt: Sequence[int],
+        matcher: RowMatcher | None = None,
+        ops: Ops = MLX_OPS,
+    ) -> None:
         self.matcher = matcher
         self.greedy = options.temperature == 0
-        self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
+        self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p, ops)
         # Unseeded rows with the same sampler settings draw together (one batched draw); a
         # seeded row draws alone, with its own keys, so its tokens do not depend on its batch.
         self.group = (options.temperature, options.top_k, options.top_p, options.min_p)
@@ -104,9 +112,10 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
     if constrained:
         mx.async_eval(logits)  # the device runs the step while the CPU computes the masks
         words = next_words([rows[i].matcher for i in constrained])  # type: ignore[misc]
-    for i, r in enumerate(rows):
-        if r.processors:
-            logits[i : i + 1] = r.process(logits[i : i + 1])
+    if any(r.processors for r in rows):  # one copy of the batch's logits, not one a processed row
+        logits = mx.concatenate(
+            [r.process(logits[i : i + 1]) if r.processors else logits[i : i + 1] for i, r in enumerate(rows)]
+        )
     if words is not None:
         # Unpacked on the host (a sparse mask unpacks and selects in ~1 ms for 8 rows of 262k
         # tokens on the CPU; unpacking on the device took ~15 ms there), then one select.

@@ -16,6 +16,7 @@ from functools import partial
 import mlx.core as mx
 
 from lmx.generate.options import GenerationOptions
+from lmx.runtime.ops import MLX_OPS, Ops
 
 Filter = Callable[[mx.array], mx.array]
 Sampler = Callable[[mx.array, mx.array], mx.array]
@@ -24,6 +25,10 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 # Cumulative sums and log-ratios in float32 are off by a few ulps: a set of tokens whose
 # probabilities add up to exactly top_p (or a token at exactly min_p) must count as reaching it.
 _TOLERANCE = 1e-6
+
+# Up to this many generated tokens, presence and frequency penalties touch only their logits (G x G
+# comparisons); past it, one dense count over the vocabulary (a 262k vocabulary: 1 MB a row).
+_SPARSE_PENALTY_MAX = 1024
 
 
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
@@ -45,7 +50,7 @@ def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
     return mx.where(logprobs >= kth, logprobs, -mx.inf)
 
 
-def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+def apply_top_p(logprobs: mx.array, p: float, ops: Ops = MLX_OPS) -> mx.array:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``p``.
 
     Probabilities are renormalised over the tokens still finite (as a softmax of the filtered
@@ -55,18 +60,17 @@ def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
     Args:
         logprobs: (B, V) log-probabilities (possibly unnormalised).
         p: the probability mass to keep, in (0, 1]; ``p >= 1`` keeps all.
+        ops: the model's ops (:mod:`lmx.runtime.ops`): MLX's sorts each row, the CPU kernels' op
+            sorts only the tokens near the boundary.
 
     Returns:
         (B, V) ``logprobs`` with the other tokens set to ``-inf``.
     """
     if p >= 1.0:
         return logprobs
-    desc = -mx.sort(-logprobs, axis=-1)  # (B, V) most likely first
-    probs = mx.softmax(desc, axis=-1)
-    before = mx.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-    n_keep = mx.maximum(mx.sum(before < p - _TOLERANCE, axis=-1, keepdims=True), 1)  # (B, 1)
-    threshold = mx.take_along_axis(desc, n_keep - 1, axis=-1)  # (B, 1) least likely kept
-    return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+    # A token is kept while the mass of the more likely ones is below p (the tolerance: a set whose
+    # float32 sum lands a hair below p still reaches it).
+    return ops.top_p(logprobs, p - _TOLERANCE)
 
 
 def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
@@ -85,21 +89,25 @@ def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
     return mx.where(logprobs >= threshold, logprobs, -mx.inf)
 
 
-def categorical(logits: mx.array, temperature: float, key: mx.array) -> mx.array:
+def categorical(logits: mx.array, temperature: float, key: mx.array, ops: Ops = MLX_OPS) -> mx.array:
     """Draw one token per row from ``softmax(logits / temperature)``.
 
     Args:
         logits: (B, V) logits or log-probabilities; ``-inf`` entries are never drawn.
         temperature: > 0.
         key: the MLX random key to draw with.
+        ops: the model's ops (:mod:`lmx.runtime.ops`): MLX's Gumbel draw, or the CPU kernels'
+            inverted distribution (the same distribution; other tokens for a given key).
 
     Returns:
         (B,) token ids.
     """
-    return mx.random.categorical(logits / temperature, key=key)
+    return ops.categorical(logits, temperature, key)
 
 
-def make_sampler(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Sampler:
+def make_sampler(
+    temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, ops: Ops = MLX_OPS
+) -> Sampler:
     """Build a ``(logprobs (B, V), key) -> tokens (B,)`` sampler.
 
     With ``temperature == 0`` it is greedy (argmax; the key is ignored). Otherwise it applies
@@ -111,6 +119,7 @@ def make_sampler(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: 
         top_k: see :func:`apply_top_k` (0 = off).
         top_p: see :func:`apply_top_p` (1 = off).
         min_p: see :func:`apply_min_p` (0 = off).
+        ops: the model's ops, for :func:`apply_top_p` and :func:`categorical`.
 
     Returns:
         The sampler.
@@ -131,14 +140,14 @@ def make_sampler(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: 
     if top_k > 0:
         filters.append(partial(apply_top_k, k=top_k))
     if top_p < 1.0:
-        filters.append(partial(apply_top_p, p=top_p))
+        filters.append(partial(apply_top_p, p=top_p, ops=ops))
     if min_p > 0.0:
         filters.append(partial(apply_min_p, min_p=min_p))
 
     def sample(logprobs: mx.array, key: mx.array) -> mx.array:
         for keep in filters:
             logprobs = keep(logprobs)
-        return categorical(logprobs, temperature, key)
+        return categorical(logprobs, temperature, key, ops)
 
     return sample
 
@@ -173,6 +182,12 @@ def make_presence_frequency_penalty(presence: float, frequency: float, prompt_le
         generated = tokens[:, prompt_len:]  # (B, G)
         if generated.shape[1] == 0:
             return logits
+        if generated.shape[1] <= _SPARSE_PENALTY_MAX:
+            # Only the generated tokens' logits change: gather, penalise, write back (a repeated id
+            # writes the same value). Each one's count comes from comparing the G ids pairwise.
+            counts = (generated[:, :, None] == generated[:, None, :]).sum(axis=-1).astype(logits.dtype)  # (B, G)
+            seen = mx.take_along_axis(logits, generated, axis=-1)
+            return mx.put_along_axis(logits, generated, seen - frequency * counts - presence, axis=-1)
         rows = mx.arange(generated.shape[0])[:, None]  # (B, 1), broadcasts against (B, G)
         counts = mx.zeros(logits.shape, logits.dtype).at[rows, generated].add(1.0)  # (B, V), accumulates repeats
         return logits - frequency * counts - presence * (counts > 0).astype(logits.dtype)

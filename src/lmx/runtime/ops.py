@@ -1,7 +1,7 @@
 """The ops seam: the few layer ops whose best implementation depends on the device.
 
 A model's layers call one ops object for RMSNorm, RoPE, attention and the log-softmax's
-``logsumexp``; which one is chosen once at load, from the device profile
+``logsumexp`` (and a row's sampler for the nucleus filter, ``top_p``, and its draw, ``categorical``); which one is chosen once at load, from the device profile
 (:mod:`lmx.runtime.profile`), and handed to the model with ``model.set_ops``. The models never
 ask which device they run on (vLLM's ``platforms/`` and attention-backend selection are the
 model for this seam).
@@ -64,6 +64,10 @@ class Ops(Protocol):
     ) -> mx.array: ...
 
     def logsumexp(self, x: mx.array) -> mx.array: ...
+
+    def top_p(self, logprobs: mx.array, reach: float) -> mx.array: ...
+
+    def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array: ...
 
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array: ...
 
@@ -144,6 +148,21 @@ class MlxOps:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""
         return mx.logsumexp(x, axis=-1, keepdims=True)
 
+    def top_p(self, logprobs: mx.array, reach: float) -> mx.array:
+        """The nucleus filter of (B, V) log-probabilities (unnormalised, ``-inf`` allowed): most
+        likely first, a token is kept while the probability mass of the tokens before it is below
+        ``reach``; the first is always kept, so are the ties of the last one kept; the rest get -inf."""
+        desc = -mx.sort(-logprobs, axis=-1)  # (B, V) most likely first
+        probs = mx.softmax(desc, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        n_keep = mx.maximum(mx.sum(before < reach, axis=-1, keepdims=True), 1)  # (B, 1)
+        threshold = mx.take_along_axis(desc, n_keep - 1, axis=-1)  # (B, 1) least likely kept
+        return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+    def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array:
+        """One draw per row of (B, V) ``logits`` from ``softmax(logits / temperature)`` (B,)."""
+        return mx.random.categorical(logits / temperature, key=key)
+
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         """``gelu_pytorch_tanh(gate) * up``: a gated MLP's activation (Gemma 3), one compiled kernel."""
         return _geglu_tanh(gate, up)
@@ -212,6 +231,20 @@ class CpuKernelOps(MlxOps):
         # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary
         # (benchmarks/RESULTS.md, change 11).
         return self.kernels.logsumexp(x)
+
+    def top_p(self, logprobs: mx.array, reach: float) -> mx.array:
+        # One op that sorts one bucket of each row, not the row: MLX's sort took 25 ms a row of a
+        # 262k vocabulary, more than the 270M's decode step (benchmarks/RESULTS.md).
+        return self.kernels.top_p(logprobs, reach)
+
+    def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array:
+        # One uniform number a row and the inverted distribution: MLX's Gumbel draw takes two logs a
+        # token, 3.5 ms a row of a 262k vocabulary (benchmarks/RESULTS.md). Other draws: the same
+        # distribution, other random numbers than MLX's for a given key.
+        if logits.dtype != mx.float32 or logits.ndim != 2:
+            return super().categorical(logits, temperature, key)
+        u = mx.random.uniform(shape=(logits.shape[0],), key=key)
+        return self.kernels.categorical(logits, u, temperature)
 
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         # One threaded, vectorised op: MLX's took 27-38 ms a layer for a 512-token Gemma 3 270M prompt.

@@ -121,7 +121,7 @@ class PrefillTurns:
             opts = request.options
             output = RowOutput(self.tokenizer.detokenizer(), opts.stop, self.eos, request.limit)
             matcher = self.constraints.matcher(opts.constraint) if opts.constraint is not None else None
-            rows.append(Row(request, RowSampler(opts, request.ids, matcher), output, 0))
+            rows.append(Row(request, RowSampler(opts, request.ids, matcher, self.model.ops), output, 0))
         if len(taken) == 1:
             request, cached, n_cached = taken[0]
             caches = cached if cached is not None else self.model.make_cache(self.kv_quant)

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -11,6 +12,7 @@
 
 #include "attention_blas.h"
 #include "cpu_eval.h"
+#include "qmatmul.h"
 #include "simd_exp.h"
 #include "strided.h"
 #include "mlx/fast.h"
@@ -229,13 +231,239 @@ void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
     const int64_t n = x.shape(-1), rows = x.size() / n;
-    for (int64_t r = 0; r < rows; ++r) {
+    auto row = [&](int64_t r) {
       const float* xr = xp + r * n;
       const float top = max_of(xr, n);
       // +inf anywhere: inf; all -inf: -inf (as MLX); a NaN makes the sum NaN
       y[r] = std::isinf(top) ? top : top + std::log(sum_exp(xr, n, top));
+    };
+    if (n >= (1 << 14)) {  // rows of a vocabulary (a batch's logits): one a task
+      run_parallel(rows, row);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) row(r);
     }
   });
+}
+
+namespace {
+
+constexpr int kBucketsPerUnit = 64;  // buckets per unit of log-probability below the row's maximum
+constexpr int kBuckets = 32 * kBucketsPerUnit;  // the last holds everything e^-32 below the top or less
+
+// A token's bucket: its distance below the row's maximum in steps of 1/64, the last bucket for
+// everything further (and -inf). A larger value never lands in a later bucket (the subtraction and
+// the truncation are both monotonic); ties share one.
+inline int bucket_of(float top, float v) {
+  return static_cast<int>(std::min((top - v) * kBucketsPerUnit, static_cast<float>(kBuckets - 1)));
+}
+
+// mass[bucket] += exp(x[i] - top) for every token (the same bits as bucket_of and exp_nonpositive).
+__attribute__((target("avx2"))) void add_masses_avx2(const float* x, int64_t n, float top, double* mass) {
+  const __m256 t = _mm256_set1_ps(top), per_unit = _mm256_set1_ps(kBucketsPerUnit);
+  const __m256 last = _mm256_set1_ps(kBuckets - 1);
+  alignas(32) float e[8];
+  alignas(32) int32_t b[8];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_store_ps(e, exp8_nonpositive(_mm256_sub_ps(v, t)));
+    const __m256 d = _mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(t, v), per_unit), last);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), _mm256_cvttps_epi32(d));
+    for (int j = 0; j < 8; ++j) mass[b[j]] += e[j];
+  }
+  for (; i < n; ++i) mass[bucket_of(top, x[i])] += exp_nonpositive(x[i] - top);
+}
+
+void add_masses(const float* x, int64_t n, float top, double* mass) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    add_masses_avx2(x, n, top, mass);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) mass[bucket_of(top, x[i])] += exp_nonpositive(x[i] - top);
+}
+
+// One row of top_p (see layer_ops.h): y = x where the token is kept, else -inf.
+void top_p_row(const float* x, float* y, int64_t n, float reach) {
+  const float top = max_of(x, n);
+  const bool nan = std::any_of(x, x + n, [](float v) { return std::isnan(v); });
+  if (!std::isfinite(top) || nan) {  // all -inf, a +inf or a NaN: the row as it is (MLX's rule keeps it too)
+    std::copy(x, x + n, y);
+    return;
+  }
+  std::array<double, kBuckets> mass{};  // exp(x - top) summed per bucket, in double
+  add_masses(x, n, top, mass.data());
+  double total = 0.0;
+  for (double m : mass) total += m;
+  const double bound = static_cast<double>(reach) * total;  // `reach` in the same unnormalised units
+  // The buckets most likely first, while the mass up to and including them stays below the bound:
+  // all their tokens are kept. Bucket b holds the last token kept.
+  int b = 0;
+  double before = 0.0;  // the mass of the buckets ahead of b
+  while (b < kBuckets - 1 && before + mass[b] < bound) before += mass[b++];
+  std::vector<float> values;
+  for (int64_t i = 0; i < n; ++i) {
+    if (bucket_of(top, x[i]) == b) values.push_back(x[i]);
+  }
+  float threshold = -std::numeric_limits<float>::infinity();  // an empty last bucket: every token reached
+  if (!values.empty()) {
+    // Most likely first; the bucket's first token is kept (the row's first, or the mass before it is
+    // below the bound), then each while the mass before it is.
+    std::sort(values.begin(), values.end(), std::greater<float>());
+    threshold = values[0];
+    before += exp_nonpositive(values[0] - top);
+    for (size_t j = 1; j < values.size() && before < bound; ++j) {
+      threshold = values[j];
+      before += exp_nonpositive(values[j] - top);
+    }
+  }
+  const float drop = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] >= threshold ? x[i] : drop;
+}
+
+}  // namespace
+
+mx::array top_p(const mx::array& x, float reach, mx::StreamOrDevice s) {
+  // The rule with MLX ops: sort the row, most likely first; the mass before each token; the count kept.
+  auto mlx_top_p = [reach, s](const mx::array& x) {
+    const auto desc = mx::negative(mx::sort(mx::negative(x, s), -1, s), s);
+    const auto probs = mx::softmax(desc, -1, true, s);
+    const auto before = mx::subtract(mx::cumsum(probs, -1, false, true, s), probs, s);
+    const auto count = mx::sum(mx::less(before, mx::array(reach), s), -1, true, s);
+    const auto keep = mx::maximum(count, mx::array(1, count.dtype()), s);
+    const auto threshold = mx::take_along_axis(desc, mx::subtract(keep, mx::array(1, keep.dtype()), s), -1, s);
+    return mx::where(mx::greater_equal(x, threshold, s), x, mx::array(-std::numeric_limits<float>::infinity()), s);
+  };
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) == 0) {
+    return mlx_top_p(x);
+  }
+  auto fallback = [mlx_top_p](const std::vector<mx::array>& in) { return std::vector<mx::array>{mlx_top_p(in[0])}; };
+  return mx::array(x.shape(), mx::float32, std::make_shared<TopP>(mx::to_stream(s), fallback, reach), {x});
+}
+
+void TopP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([x, y = out.data<float>(), reach = reach_]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const int64_t n = x.shape(-1), rows = x.size() / n;
+    run_parallel(rows, [&](int64_t r) { top_p_row(xp + r * n, y + r * n, n, reach); });
+  });
+}
+
+bool TopP::is_equivalent(const mx::Primitive& other) const {
+  return reach_ == static_cast<const TopP&>(other).reach_;
+}
+
+namespace {
+
+constexpr int64_t kDrawBlock = 256;  // tokens a partial sum of categorical_row covers
+
+// exp((x[i] - top) * inv_t) into w, and the sum of each kDrawBlock tokens into blocks (double).
+__attribute__((target("avx2"))) void draw_weights_avx2(const float* x, int64_t n, float top, float inv_t, float* w,
+                                                       double* blocks) {
+  const __m256 t = _mm256_set1_ps(top), s = _mm256_set1_ps(inv_t);
+  for (int64_t b0 = 0; b0 < n; b0 += kDrawBlock) {
+    const int64_t b1 = std::min(n, b0 + kDrawBlock);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = b0;
+    for (; i + 8 <= b1; i += 8) {
+      const __m256 e = exp8_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), t), s));
+      _mm256_storeu_ps(w + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    alignas(32) float part[8];
+    _mm256_store_ps(part, acc);
+    double total = 0.0;
+    for (float v : part) total += v;
+    for (; i < b1; ++i) total += (w[i] = exp_nonpositive((x[i] - top) * inv_t));
+    blocks[b0 / kDrawBlock] = total;
+  }
+}
+
+void draw_weights(const float* x, int64_t n, float top, float inv_t, float* w, double* blocks) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    draw_weights_avx2(x, n, top, inv_t, w, blocks);
+    return;
+  }
+  for (int64_t b0 = 0; b0 < n; b0 += kDrawBlock) {
+    double total = 0.0;
+    for (int64_t i = b0; i < std::min(n, b0 + kDrawBlock); ++i) total += (w[i] = exp_nonpositive((x[i] - top) * inv_t));
+    blocks[b0 / kDrawBlock] = total;
+  }
+}
+
+uint32_t categorical_row(const float* x, int64_t n, float u, float inv_t) {
+  const float top = max_of(x, n);
+  if (!std::isfinite(top)) {
+    return 0;  // no finite logit (or +inf: MLX's draw would be NaN-driven too)
+  }
+  std::vector<float> w(n);
+  std::vector<double> blocks((n + kDrawBlock - 1) / kDrawBlock);
+  draw_weights(x, n, top, inv_t, w.data(), blocks.data());
+  double total = 0.0;
+  for (double b : blocks) total += b;
+  const double target = static_cast<double>(u) * total;
+  // The block where the running sum passes the target, then the token inside it. A -inf token
+  // weighs exp_nonpositive's floor (~1e-38) in the block sums but is never drawn.
+  const float drop = -std::numeric_limits<float>::infinity();
+  double before = 0.0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const int64_t b0 = static_cast<int64_t>(b) * kDrawBlock, b1 = std::min(n, b0 + kDrawBlock);
+    if (before + blocks[b] <= target) {
+      before += blocks[b];
+      continue;
+    }
+    for (int64_t i = b0; i < b1; ++i) {
+      if (x[i] == drop) continue;
+      before += w[i];
+      if (before > target) return static_cast<uint32_t>(i);
+    }
+  }
+  for (int64_t i = n - 1; i > 0; --i) {  // rounding left the target unreached: the last finite token
+    if (x[i] != drop) return static_cast<uint32_t>(i);
+  }
+  return 0;
+}
+
+}  // namespace
+
+mx::array categorical(const mx::array& logits, const mx::array& u, float temperature, mx::StreamOrDevice s) {
+  if (logits.dtype() != mx::float32 || logits.ndim() != 2 || logits.shape(1) == 0) {
+    throw std::invalid_argument("categorical: logits must be (B, V) float32 with V > 0");
+  }
+  if (u.dtype() != mx::float32 || u.ndim() != 1 || u.shape(0) != logits.shape(0)) {
+    throw std::invalid_argument("categorical: u must be (B,) float32, one number a row of logits");
+  }
+  if (!(temperature > 0.0f) || !std::isfinite(temperature)) {
+    throw std::invalid_argument("categorical: temperature must be a positive finite number");
+  }
+  return mx::array({logits.shape(0)}, mx::uint32, std::make_shared<Categorical>(mx::to_stream(s), temperature),
+                   {logits, u});
+}
+
+void Categorical::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  const auto& logits = inputs[0];
+  const auto& u = inputs[1];
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([logits, u, y = out.data<uint32_t>(), inv_t = 1.0f / temperature_]() {
+    std::vector<float> tmp, tmp_u;
+    const float* xp = row_major(logits, tmp);
+    const float* up = row_major(u, tmp_u);
+    const int64_t n = logits.shape(1), rows = logits.shape(0);
+    run_parallel(rows, [&](int64_t r) { y[r] = categorical_row(xp + r * n, n, up[r], inv_t); });
+  });
+}
+
+void Categorical::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("lmx categorical has no GPU implementation; lmx uses MLX's own categorical on the GPU");
+}
+
+bool Categorical::is_equivalent(const mx::Primitive& other) const {
+  return temperature_ == static_cast<const Categorical&>(other).temperature_;
 }
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,

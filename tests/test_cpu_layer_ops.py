@@ -416,3 +416,13 @@ def test_categorical_rejects_bad_arguments(K):
         with pytest.raises(ValueError, match=what):
             K.categorical(*args)
     assert np.array(K.categorical(mx.full((1, 4), -mx.inf), mx.zeros((1,)), 1.0)).tolist() == [0]
+
+
+@needs_kernels
+def test_kernel_draw_takes_every_temperature_the_options_allow(K):
+    ops = CpuKernelOps(K)
+    logits = mx.array([[0.0, 5.0, -mx.inf, 1.0]])
+    key = mx.random.key(3)
+    assert ops.categorical(logits, 1e-300, key).tolist() == [1]  # as good as greedy
+    flat = [ops.categorical(logits, 1e300, mx.random.key(i)).item() for i in range(200)]
+    assert set(flat) == {0, 1, 3}  # uniform over the finite tokens

@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 Mask = mx.array | str | None
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754944e-38, 3.4028234e38
 Quantized = tuple[mx.array, ...]  # mx.quantize's (packed, scales, biases) of (B, n_kv, S, D) keys or values
 
 
@@ -244,7 +245,9 @@ class CpuKernelOps(MlxOps):
         if logits.dtype != mx.float32 or logits.ndim != 2:
             return super().categorical(logits, temperature, key)
         u = mx.random.uniform(shape=(logits.shape[0],), key=key)
-        return self.kernels.categorical(logits, u, temperature)
+        # Any positive temperature the options allow, within float32's normal range (1e300: uniform
+        # over the finite tokens; 1e-300: the most likely one, as dividing the logits by it would give).
+        return self.kernels.categorical(logits, u, min(max(temperature, _FLOAT32_TINY), _FLOAT32_MAX))
 
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         # One threaded, vectorised op: MLX's took 27-38 ms a layer for a 512-token Gemma 3 270M prompt.

@@ -29,6 +29,7 @@ import mlx.core as mx  # noqa: E402
 
 from lmx.kernels import cuda_attention  # noqa: E402
 from lmx.models.base import attention  # noqa: E402
+from lmx.runtime.ops import CudaOps  # noqa: E402
 
 # Allowed max |kernel - reference| over max |reference|: float32 as asked; bf16/fp16: the kernel
 # rounds its float32 result once (half an ulp: at most 2^-8 / 2^-11 of the value), plus 5% for float32 error.
@@ -200,7 +201,8 @@ def time_padded(n_keys: int = 640, batch: int = 32, steps: int = 200, rounds: in
 
 
 def check_dispatch() -> tuple[dict[str, Any], bool]:
-    """attention() takes the kernel for D=256, one query, no mask; not for D=128, a mask, or the switch off."""
+    """attention() through the ops a CUDA load profile picks (CudaOps) takes the kernel for D=256, one query,
+    no mask; not for D=128, a mask, or the switch off."""
     q, k, v = inputs(1, 4, 1, 300, 256, mx.bfloat16, "prefix", 5)
     q128, k128, v128 = inputs(1, 4, 1, 300, 128, mx.bfloat16, "prefix", 6)
     mask = mx.ones((1, 1, 1, 300), dtype=mx.bool_)
@@ -211,9 +213,10 @@ def check_dispatch() -> tuple[dict[str, Any], bool]:
     os.environ[cuda_attention.ENV_SWITCH] = "0"
     got["d256_switched_off"] = cuda_attention.wanted(q, k, v, 0.0625)
     del os.environ[cuda_attention.ENV_SWITCH]
-    out = attention(q, k, v, 0.0625, None)
+    ops = CudaOps(cuda_attention)
+    out = attention(q, k, v, 0.0625, None, ops=ops)
     direct = cuda_attention.decode_attention(q, k, v, 0.0625)
-    masked = attention(q, k, v, 0.0625, mask)
+    masked = attention(q, k, v, 0.0625, mask, ops=ops)
     got["attention_equals_kernel"] = mx.array_equal(out, direct).item()
     got["masked_close_to_kernel"] = mx.allclose(masked, direct, atol=2e-2, rtol=2e-2).item()
     want = {

@@ -158,7 +158,6 @@ class ThreadPool {
     stopping_posted_.store(false);
   }
 
-
   std::mutex job_mutex_;
   std::mutex mutex_;
   std::condition_variable wake_;

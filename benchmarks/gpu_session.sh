@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed by issues 13 and 17, as one script per device call (each part fits
 # the device tool's 600 s limit). Run on the GPU host from the repo root, after `.mlxcuda-a/stash.sh`
-# in the call before (see RESULTS.md "How to run"), with `.mlxcuda-b` and `.whl` (mlx-lm 0.32.2,
-# gguf 0.19.0 wheels) carried:
+# in the call before (see RESULTS.md "How to run"), with `.mlxcuda-b` and `.whl` carried: mlx-lm 0.32.2 and
+# gguf 0.19.0 wheels, and the server's (the GPU host lacks starlette and friends):
+#
+#     pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#         starlette uvicorn pydantic httpx prometheus-client llguidance pillow pyyaml
 #
 #     source .mlxcuda-b/install.sh && bash benchmarks/gpu_session.sh serving    # call 2
 #     source .mlxcuda-b/install.sh && bash benchmarks/gpu_session.sh decode     # call 3, right after

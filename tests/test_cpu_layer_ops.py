@@ -363,9 +363,12 @@ def test_top_p_special_rows_and_other_dtypes(K):
     for row in ([-inf] * 5, [1.0, nan, 2.0], [inf, 1.0, 2.0]):  # left as they are (MLX's rule keeps them too)
         got = np.array(K.top_p(mx.array(np.array([row], np.float32)), 0.5))
         np.testing.assert_array_equal(got, np.array([row], np.float32))
-    lp = mx.array(np.log(np.array([[0.5, 0.3, 0.2]])), dtype=mx.float16)  # not float32: MLX's sort
-    assert np.isfinite(np.array(K.top_p(lp, 0.6).astype(mx.float32))).tolist() == [[True, True, False]]
-    assert np.isfinite(np.array(K.top_p(lp, 5.0).astype(mx.float32))).all()  # past the whole mass: all kept
+    lp = mx.array(np.log(np.array([[0.5, 0.3, 0.2]])), dtype=mx.float16)  # not float32: the ops use MLX's sort
+    ops = CpuKernelOps(K)
+    assert np.isfinite(np.array(ops.top_p(lp, 0.6).astype(mx.float32))).tolist() == [[True, True, False]]
+    assert np.isfinite(np.array(ops.top_p(lp, 5.0).astype(mx.float32))).all()  # past the whole mass: all kept
+    with pytest.raises(ValueError, match="float32"):  # the op itself takes float32 only
+        K.top_p(lp, 0.6)
 
 
 @needs_kernels

@@ -33,7 +33,7 @@ class RowSampler:
         prompt: every prompt token (cached prefix included): the processors' history.
         matcher: the row's grammar state when its options carry a ``constraint`` (made by the
             scheduler's :class:`lmx.generate.constraints.ConstraintCompiler`).
-        ops: the model's ops (:mod:`lmx.runtime.ops`), for the nucleus filter.
+        ops: the model's ops (:mod:`lmx.runtime.ops`), for the nucleus filter and the draw.
     """
 
     def __init__(

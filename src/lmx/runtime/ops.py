@@ -1,7 +1,8 @@
 """The ops seam: the few layer ops whose best implementation depends on the device.
 
 A model's layers call one ops object for RMSNorm, RoPE, attention and the log-softmax's
-``logsumexp`` (and a row's sampler for the nucleus filter, ``top_p``, and its draw, ``categorical``); which one is chosen once at load, from the device profile
+``logsumexp``, and a row's sampler calls it for the nucleus filter (``top_p``) and the draw
+(``categorical``); which one is chosen once at load, from the device profile
 (:mod:`lmx.runtime.profile`), and handed to the model with ``model.set_ops``. The models never
 ask which device they run on (vLLM's ``platforms/`` and attention-backend selection are the
 model for this seam).
@@ -30,8 +31,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 Mask = mx.array | str | None
-_FLOAT32_TINY, _FLOAT32_MAX = 1.1754944e-38, 3.4028234e38
 Quantized = tuple[mx.array, ...]  # mx.quantize's (packed, scales, biases) of (B, n_kv, S, D) keys or values
+
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754944e-38, 3.4028234e38  # float32's smallest normal and largest values
 
 
 class Ops(Protocol):
@@ -236,6 +238,8 @@ class CpuKernelOps(MlxOps):
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array:
         # One op that sorts one bucket of each row, not the row: MLX's sort took 25 ms a row of a
         # 262k vocabulary, more than the 270M's decode step (benchmarks/RESULTS.md).
+        if logprobs.dtype != mx.float32 or logprobs.ndim < 1 or logprobs.shape[-1] == 0:
+            return super().top_p(logprobs, reach)
         return self.kernels.top_p(logprobs, reach)
 
     def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array:

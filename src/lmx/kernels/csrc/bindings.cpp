@@ -31,7 +31,7 @@ NB_MODULE(_lmx_kernels, m) {
         "gelu_pytorch_tanh(gate) * up as one threaded, vectorised CPU op (float32; else MLX's ops).");
   m.def("top_p", &lmx::top_p, "x"_a, "reach"_a, nb::kw_only(), "stream"_a = nb::none(),
         "The nucleus filter of each row of log-probabilities (the most likely tokens while the mass before them is "
-        "below reach; the rest -inf) as one CPU op without a full sort (float32; else the same rule in MLX ops).");
+        "below reach; the rest -inf) as one CPU op without a full sort; x (..., V) float32.");
   m.def("categorical", &lmx::categorical, "logits"_a, "u"_a, "temperature"_a, nb::kw_only(), "stream"_a = nb::none(),
         "One draw a row from softmax(logits / temperature) (B, V) float32, by the uniform numbers u (B,) float32 in "
         "[0, 1): the first token whose running weight passes u times the row's total. (B,) uint32.");

@@ -324,21 +324,10 @@ void top_p_row(const float* x, float* y, int64_t n, float reach) {
 }  // namespace
 
 mx::array top_p(const mx::array& x, float reach, mx::StreamOrDevice s) {
-  // The rule with MLX ops: sort the row, most likely first; the mass before each token; the count kept.
-  auto mlx_top_p = [reach, s](const mx::array& x) {
-    const auto desc = mx::negative(mx::sort(mx::negative(x, s), -1, s), s);
-    const auto probs = mx::softmax(desc, -1, true, s);
-    const auto before = mx::subtract(mx::cumsum(probs, -1, false, true, s), probs, s);
-    const auto count = mx::sum(mx::less(before, mx::array(reach), s), -1, true, s);
-    const auto keep = mx::maximum(count, mx::array(1, count.dtype()), s);
-    const auto threshold = mx::take_along_axis(desc, mx::subtract(keep, mx::array(1, keep.dtype()), s), -1, s);
-    return mx::where(mx::greater_equal(x, threshold, s), x, mx::array(-std::numeric_limits<float>::infinity()), s);
-  };
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) == 0) {
-    return mlx_top_p(x);
+    throw std::invalid_argument("top_p: x must be (..., V) float32 with V > 0");
   }
-  auto fallback = [mlx_top_p](const std::vector<mx::array>& in) { return std::vector<mx::array>{mlx_top_p(in[0])}; };
-  return mx::array(x.shape(), mx::float32, std::make_shared<TopP>(mx::to_stream(s), fallback, reach), {x});
+  return mx::array(x.shape(), mx::float32, std::make_shared<TopP>(mx::to_stream(s), reach), {x});
 }
 
 void TopP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -350,6 +339,10 @@ void TopP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int64_t n = x.shape(-1), rows = x.size() / n;
     run_parallel(rows, [&](int64_t r) { top_p_row(xp + r * n, y + r * n, n, reach); });
   });
+}
+
+void TopP::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("lmx top_p has no GPU implementation; lmx uses MLX's own sort on the GPU");
 }
 
 bool TopP::is_equivalent(const mx::Primitive& other) const {

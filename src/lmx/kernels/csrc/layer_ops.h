@@ -56,8 +56,8 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s = {});
 // others become -inf. MLX sorts the whole row for this (25 ms for a 262144-token vocabulary on the
 // development machine); here each token's mass goes into a bucket by its distance from the row's
 // maximum (1/64 apart), the buckets are summed most likely first, and only the tokens of the bucket
-// where the mass reaches `reach` are sorted. Float32 runs here; anything else goes to the same rule
-// written with MLX ops (a full sort).
+// where the mass reaches `reach` are sorted. x: (..., V) float32 with V > 0 (else std::invalid_argument;
+// lmx.runtime.ops sends other inputs to MLX's sort).
 mx::array top_p(const mx::array& x, float reach, mx::StreamOrDevice s = {});
 
 // One draw a row from softmax(logits / temperature) by inverting its distribution with one uniform
@@ -125,10 +125,11 @@ class LogSumExp : public CpuOp {
   }
 };
 
-class TopP : public CpuOp {
+class TopP : public mx::UnaryPrimitive {
  public:
-  TopP(mx::Stream stream, Fn fallback, float reach) : CpuOp(stream, std::move(fallback)), reach_(reach) {}
+  TopP(mx::Stream stream, float reach) : mx::UnaryPrimitive(stream), reach_(reach) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "LmxTopP";
   }

@@ -274,8 +274,11 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         # cache, whose destructor takes the GIL) are destroyed after that. Wait, without the GIL, until
         # the thread itself is gone (Linux lists it in /proc; elsewhere, a moment).
         task = Path(f"/proc/self/task/{thread.native_id}")
-        deadline = time.monotonic() + (timeout if task.parent.is_dir() else 0.05)
-        while time.monotonic() < deadline and (task.exists() or not task.parent.is_dir()):
+        if not task.parent.is_dir():
+            time.sleep(0.05)
+            return
+        deadline = time.monotonic() + timeout
+        while task.exists() and time.monotonic() < deadline:
             time.sleep(0.001)
 
     # ------------------------------------------------------------------ the worker

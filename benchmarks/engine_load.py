@@ -22,6 +22,7 @@ import statistics
 import sys
 import threading
 import time
+from typing import Any
 
 import lmx
 
@@ -34,6 +35,32 @@ MIXED = [
 ]
 
 
+def split_decode() -> dict[str, float]:
+    """Time the three parts of the scheduler's decode phase (its host work; the device runs in the
+    background): building the model's step graph, building the sampling graph, queueing both
+    (``mx.async_eval``: encoding every op for the device; on the CPU it also waits while MLX's
+    queue is full). Wraps the scheduler's names in place."""
+    from lmx.generate.step import Decoder
+    from lmx.scheduler import core
+
+    seconds = {"model_graph": 0.0, "sampling_graph": 0.0, "decode": 0.0}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                seconds[name] += time.perf_counter() - t
+
+        return wrapper
+
+    Decoder.__call__ = timed("model_graph", Decoder.__call__)
+    core.sample_rows = timed("sampling_graph", core.sample_rows)
+    core.Scheduler._queue_decode = timed("decode", core.Scheduler._queue_decode)
+    return seconds  # queueing: decode - model_graph - sampling_graph
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -44,8 +71,10 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--mixed", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="print the scheduler thread's N costliest functions")
+    p.add_argument("--split", action="store_true", help="split the decode phase: model graph, sampling, queueing")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    split = split_decode() if args.split else None
     engine = lmx.load(args.model, device=args.device, max_batch=args.max_batch)
     engine.generate("warm up", max_tokens=4)
     ttfts: list[float] = []
@@ -109,6 +138,9 @@ def main() -> None:
         "seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
         "prefix_hits": stats.prefix.hits,
     }
+    if split is not None:
+        split["queue"] = split.pop("decode") - split["model_graph"] - split["sampling_graph"]
+        result["decode_split_seconds"] = {k: round(v, 3) for k, v in split.items()}
     engine.close()
     print(json.dumps(result, indent=2))
     if args.json:

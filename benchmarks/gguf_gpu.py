@@ -106,8 +106,15 @@ def run_mode(mode: str, args: argparse.Namespace, logits_path: str) -> dict:
     cmd += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
     cmd += ["--rounds", str(args.rounds)] + (["--synthetic"] if args.random else [])
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    # lmx from this tree, ahead of whatever the parent found mlx (and the rest) through
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "error": [f"ran past --timeout {args.timeout} s"]}
     if out.returncode != 0:
         return {"mode": mode, "error": out.stderr.strip().splitlines()[-3:] or ["failed"]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,12 +144,14 @@ def main() -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results, logits = [], {}
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
             sys.path.insert(0, str(HERE))
             from gguf_random import write
 
             args.model = str(write(Path(tmp) / f"random-gemma3-{args.random}.gguf", args.random))
+            print(f"wrote {args.model} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         elif args.model is None:
             sys.path.insert(0, str(HERE.parent / "src"))
             from lmx.loading.default_model import default_gguf_path
@@ -151,6 +160,7 @@ def main() -> int:
         for mode in modes:
             path = str(Path(tmp) / f"{mode}.npy")
             results.append(run_mode(mode, args, path))
+            print(f"{mode} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             if "error" not in results[-1]:
                 logits[mode] = np.load(path)
     by_mode = {r["mode"]: r for r in results if "error" not in r}

@@ -7,12 +7,14 @@ bf16 activations and scales, against a float product of the dequantized weights.
 from __future__ import annotations
 
 import json
+import time
 
 import mlx.core as mx
 
 
 def main() -> None:
     out = {"device": str(mx.default_device())}
+    t0 = time.perf_counter()
     for bits in (4, 5, 8):
         w = mx.random.normal((1024, 2048)) * 0.02
         q, s, b = mx.quantize(w, group_size=32, bits=bits)
@@ -29,6 +31,7 @@ def main() -> None:
         emb = mx.dequantize(q[e], s[e], b[e], group_size=32, bits=bits)
         row["gather"] = bool(mx.allclose(emb.astype(mx.float32), dense[e], atol=1e-6).item())
         out[f"q{bits}"] = row
+        print(f"q{bits} ({time.perf_counter() - t0:.1f} s): {json.dumps(row)}", flush=True)  # a time-out keeps the rest
     print(json.dumps(out))
 
 

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?serving or decode}
+part=${1:?serving, decode, prefill, chunk or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -46,8 +46,42 @@ decode)  # issue 17 parts 2, 3 and 6: decode against mlx-lm and the roofline, 4-
     --rounds 3 --quantize 4 --bandwidth --json "$OUT/gpu_q4.json"
   step 100 long8k python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --variants lmx,mlx-lm \
     --rounds 3 --prompt-tokens 8192 --json "$OUT/gpu_8k.json"
-  step 60 gguf_check python3 benchmarks/gguf_gpu_check.py
-  step 110 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --json "$OUT/gguf_gpu_1b.json"
+  step 150 gguf_check python3 benchmarks/gguf_gpu_check.py
+  step 200 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --json "$OUT/gguf_gpu_1b.json"
   ;;
-*) echo "part: serving or decode" >&2; exit 2 ;;
+prefill)  # issue 17 parts 3 and 6: why the 8k prefill trails mlx-lm (chunk sizes), GGUF quantized on the GPU
+  step 150 prefill_chunks python3 benchmarks/gpu_prefill_chunks.py --configs gemma3-270m,gemma3-1b \
+    --prompt-tokens 8192 --rounds 3 --json "$OUT/gpu_prefill_chunks.json"
+  step 150 gguf_check python3 benchmarks/gguf_gpu_check.py
+  step 200 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --json "$OUT/gguf_gpu_1b.json"
+  step 80 cuda_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check.json"
+  ;;
+chunk)  # the GPU's 2048-token prefill chunk: 8k prompts against mlx-lm, and 32 clients against the
+  # code before it (its src carried as .gpu/prev/src: `git archive HEAD~N src | tar -x -C .gpu/prev`)
+  step 120 long8k python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --variants lmx,mlx-lm \
+    --rounds 3 --prompt-tokens 8192 --json "$OUT/gpu_8k.json"
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  for tree in .gpu/prev $PWD; do
+    name=$(basename "$tree")
+    PYTHONPATH=$tree/src:$PYTHONPATH step 110 "server_$name" python3 benchmarks/server_load.py \
+      --model /tmp/r270.gguf --device gpu --clients 32 --duration 30 --max-tokens 128 --drain 45 \
+      --max-concurrency 32 --mixed --json "$OUT/server_load_270m_mc32_$name.json"
+  done
+  step 60 engine_split python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu --clients 32 \
+    --duration 15 --mixed --split --json "$OUT/engine_load_270m_split.json"
+  ;;
+split)  # where a 32-row decode step's host time goes: all greedy, mixed, mixed with the padded-row kernel
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  step 60 split_greedy python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu --clients 32 \
+    --duration 15 --split --json "$OUT/engine_load_270m_split_greedy.json"
+  LMX_CUDA_PADDED_ATTENTION=1 step 60 split_padded python3 benchmarks/engine_load.py --model /tmp/r270.gguf \
+    --device gpu --clients 32 --duration 15 --mixed --split --json "$OUT/engine_load_270m_split_padded.json"
+  step 60 split_mixed python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu --clients 32 \
+    --duration 15 --mixed --split --json "$OUT/engine_load_270m_split_mixed.json"
+  ;;
+gguf)  # issue 17 part 3: a Q4_K_M file held quantized against dequantized, 1B shape (MLX's CUDA JIT
+  # compiles each quantized kernel on first use: about a minute in a fresh process)
+  step 560 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --timeout 260 --json "$OUT/gguf_gpu_1b.json"
+  ;;
+*) echo "part: serving, decode, prefill, chunk or gguf" >&2; exit 2 ;;
 esac

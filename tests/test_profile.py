@@ -32,7 +32,7 @@ def test_cpu_and_gpu_profiles():
     gpu = choose_profile("gpu", backend="cuda", cuda_attention=True)
     assert (gpu.dtype, gpu.prefill_step_size, gpu.prefill_mode, gpu.decode_mode, gpu.ops_backend) == (
         "bfloat16",
-        512,
+        2048,
         "layerwise",
         "segmented",
         "cuda-attention",

@@ -324,7 +324,7 @@ def run_benchmark(
         dtype: weight dtype as in :func:`lmx.load` (``auto``: float32 on CPU, bfloat16 on GPU).
         num_layers: with ``config``, cut the model to this many layers.
         quantize: with 4 or 8, quantize the linear and embedding layers (group size 64).
-        prefill_step_size: prompt chunk size of the step loop (None: 512 on a GPU, 128 on the CPU).
+        prefill_step_size: prompt chunk size of the step loop (None: 2048 on a GPU, 128 on the CPU).
         compile: decode with the compiled step (see :func:`lmx.generate.step.generate_step`).
         seed: seed of the random prompt.
         on_run: called with each timed run as it finishes (progress reports).

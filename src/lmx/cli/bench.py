@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed runs (after one warm-up); medians are reported")
     p.add_argument(
-        "--prefill-step-size", type=int, default=None, help="prompt chunk (default: 512 on a GPU, 128 on the CPU)"
+        "--prefill-step-size", type=int, default=None, help="prompt chunk (default: 2048 on a GPU, 128 on the CPU)"
     )
     p.add_argument("--compile", action="store_true", help="decode with the compiled step (off by default, as measured)")
     p.add_argument("--quantize", type=int, default=None, choices=[4, 8], help="quantize weights to this many bits")

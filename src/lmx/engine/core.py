@@ -50,7 +50,7 @@ class Engine:
     Args:
         loaded: the loaded model.
         prompt_cache: keep the keys/values of earlier prompts and reuse their common prefix.
-        prefill_step_size: prompt tokens per prefill chunk (None: 512 on a GPU, 128 on the CPU).
+        prefill_step_size: prompt tokens per prefill chunk (None: 2048 on a GPU, 128 on the CPU).
         max_batch: the most requests decoded together.
         max_queue: the most requests waiting to start (more: :class:`lmx.errors.QueueFullError`).
         prefix_cache_bytes: the prefix cache's bound.

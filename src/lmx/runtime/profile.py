@@ -18,8 +18,12 @@ from lmx.runtime.ops import MLX_OPS, CpuKernelOps, CudaOps, Ops
 
 # The prompt chunk of a prefill. On the CPU a chunk's speed is the same at 128 and 512 tokens and
 # its transient memory a quarter (GGUF on the kernels: 13 MiB above weights + KV instead of 38-50
-# for a 512-token prompt; benchmarks/RESULTS.md change 12); a GPU keeps 512.
-PREFILL_STEP = {"cpu": 128, "gpu": 512}
+# for a 512-token prompt; benchmarks/RESULTS.md change 12). On a GPU a chunk costs the host about
+# the same time whatever its length (building and queueing its graph: ~15 ms for Gemma 3 270M on an
+# H200), so long prompts want few chunks: an 8k-token prompt prefilled 3.9x faster in chunks of 2048
+# than of 512, at 0.6-1.7 GiB more peak memory, less than mlx-lm's at its own 2048 (RESULTS.md
+# "8k-token prefill on the GPU").
+PREFILL_STEP = {"cpu": 128, "gpu": 2048}
 # "auto" weight dtype: MLX's fastest CPU path is float32 (measured), a GPU's bfloat16.
 AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 PREFILL_MODES = ("whole", "layerwise")
@@ -38,7 +42,7 @@ class StepPlan:
     chunks of 128, eager decode), which is also the CPU's.
 
     Attributes:
-        prefill_step_size: prompt tokens per prefill chunk (CPU 128, GPU 512).
+        prefill_step_size: prompt tokens per prefill chunk (CPU 128, GPU 2048).
         prefill_mode: ``"whole"`` builds a chunk's graph, then runs it; ``"layerwise"`` queues
             each layer as soon as it is built (GPU: MLX's CUDA backend keeps an op's inputs until
             the batch of work holding it completes, so a whole chunk keeps every layer's

@@ -79,6 +79,19 @@ split)  # where a 32-row decode step's host time goes: all greedy, mixed, mixed 
   step 60 split_mixed python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu --clients 32 \
     --duration 15 --mixed --split --json "$OUT/engine_load_270m_split_mixed.json"
   ;;
+rows)  # batched sampling of mixed rows: the check on the device, then 32 mixed clients against the
+  # code before it (carried as .gpu/prev/src), alternating
+  step 60 rows_check python3 benchmarks/sampling_rows_check.py
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  for round in 1 2; do
+    for tree in .gpu/prev $PWD; do
+      name=$(basename "$tree")_r$round
+      PYTHONPATH=$tree/src:$PYTHONPATH step 60 "split_$name" python3 benchmarks/engine_load.py \
+        --model /tmp/r270.gguf --device gpu --clients 32 --duration 15 --mixed --split \
+        --json "$OUT/engine_load_270m_mixed_$name.json"
+    done
+  done
+  ;;
 gguf)  # issue 17 part 3: a Q4_K_M file held quantized against dequantized, 1B shape (MLX's CUDA JIT
   # compiles each quantized kernel on first use: about a minute in a fresh process)
   step 560 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --timeout 260 --json "$OUT/gguf_gpu_1b.json"

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from lmx.errors import InvalidOptionError
 from lmx.generate.options import GenerationOptions
+from lmx.generate.row import RowSampler, sample_rows
 from lmx.generate.sampling import (
     KeySequence,
     apply_min_p,
@@ -423,3 +424,52 @@ def test_top_logprobs_zero_and_more_than_vocab() -> None:
     assert ids.shape == (2, 0) and values.shape == (2, 0)
     ids, _ = top_logprobs(lp, 10)
     assert ids.tolist() == [[1, 2, 0], [2, 1, 0]]
+
+
+# ------------------------------------------------------------ rows of a batch (sample_rows)
+
+MIXED_ROWS = [
+    {"temperature": 0.8, "top_p": 0.9, "seed": 1},
+    {"temperature": 0},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 2},
+    {"temperature": 0, "frequency_penalty": 0.3, "presence_penalty": 0.2},
+    {"temperature": 1.0, "top_k": 50, "min_p": 0.01, "seed": 3},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 4},
+    {"temperature": 0.7, "repetition_penalty": 1.3, "seed": 5},
+    {"temperature": 0, "frequency_penalty": 0.3, "presence_penalty": 0.2},
+]
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone(ops: Ops) -> None:
+    """Seeded rows with the same settings are filtered and drawn in one set of ops (each with its
+    own keys); processed rows are written back into the batch. Over 12 steps every row must choose
+    what it chooses in a batch of one, with the same log-probabilities."""
+    width, steps = 3000, 12
+    prompt = [5, 9, 9, 40]
+
+    def make() -> list[RowSampler]:
+        return [RowSampler(GenerationOptions(**o), prompt, None, ops) for o in MIXED_ROWS]
+
+    batched, alone = make(), make()
+    for step in range(steps):
+        logits = mx.random.normal((len(MIXED_ROWS), width), key=mx.random.key(step)) * 3
+        tokens, logprobs = sample_rows(logits, batched, ops.logsumexp)
+        for i, row in enumerate(alone):
+            one, one_lp = sample_rows(logits[i : i + 1], [row], ops.logsumexp)
+            assert tokens[i].item() == one.item(), (step, i, MIXED_ROWS[i])
+            np.testing.assert_allclose(np.array(logprobs[i]), np.array(one_lp[0]), atol=1e-6, rtol=0)
+
+
+def test_seeded_rows_with_the_same_settings_differ_and_repeat(ops: Ops) -> None:
+    """Three rows with the same settings and different seeds draw different tokens from one flat
+    distribution; the same seeds again draw the same tokens."""
+    opts = [GenerationOptions(temperature=1.0, top_p=0.95, seed=s) for s in (11, 12, 13)]
+    logits = mx.zeros((3, 5000))
+
+    def draw() -> list[list[int]]:
+        rows = [RowSampler(o, [1], None, ops) for o in opts]
+        return [sample_rows(logits, rows, ops.logsumexp)[0].tolist() for _ in range(4)]
+
+    first = draw()
+    assert first == draw()
+    assert len({tuple(t[i] for t in first) for i in range(3)}) == 3  # each row its own draws

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmx.generate.constraints import RowMatcher, next_words
 from lmx.generate.options import GenerationOptions
-from lmx.generate.sampling import KeySequence, make_logits_processors, make_sampler
+from lmx.generate.sampling import KeySequence, make_filter, make_logits_processors, make_sampler
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Token, TopLogprob
 from lmx.runtime.ops import MLX_OPS, Ops
@@ -46,9 +46,13 @@ class RowSampler:
         self.matcher = matcher
         self.greedy = options.temperature == 0
         self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p, ops)
-        # Unseeded rows with the same sampler settings draw together (one batched draw); a
-        # seeded row draws alone, with its own keys, so its tokens do not depend on its batch.
+        # Rows with the same sampler settings are filtered together. Unseeded ones draw together too
+        # (one batched draw); a seeded row draws with its own keys (Ops.categorical_rows), so its
+        # tokens do not depend on its batch.
         self.group = (options.temperature, options.top_k, options.top_p, options.min_p)
+        self.filter = make_filter(options.top_k, options.top_p, options.min_p, ops)
+        self.temperature = options.temperature
+        self.ops = ops
         self.seeded = options.seed is not None
         self.processors = make_logits_processors(options, prompt_len=len(prompt))
         self.keys = KeySequence(options.seed)
@@ -99,9 +103,10 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
     Each row's processors see only its own slice and history. A constrained row's disallowed
     tokens get -inf after its processors (penalties, bias) and before its sampler (temperature,
     top-k/p), greedy or sampled; a batch without constrained rows pays nothing. The masks are computed
-    on the CPU while the device runs the step that made ``logits``. Greedy rows share one argmax;
-    a seeded row draws alone with its own keys, exactly as it would alone; unseeded rows with
-    the same sampler settings draw together (their draws are random either way).
+    on the CPU while the device runs the step that made ``logits``. Greedy rows share one argmax.
+    Rows with the same sampler settings are filtered together; seeded ones then draw each with its own
+    keys (a seeded row's tokens are those it gets alone), unseeded ones draw together (their draws are
+    random either way).
 
     Returns:
         ``(tokens (B,), logprobs (B, V))``; the log-probabilities are of the processed logits.
@@ -112,10 +117,9 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
     if constrained:
         mx.async_eval(logits)  # the device runs the step while the CPU computes the masks
         words = next_words([rows[i].matcher for i in constrained])  # type: ignore[misc]
-    if any(r.processors for r in rows):  # one copy of the batch's logits, not one a processed row
-        logits = mx.concatenate(
-            [r.process(logits[i : i + 1]) if r.processors else logits[i : i + 1] for i, r in enumerate(rows)]
-        )
+    processed = [i for i, r in enumerate(rows) if r.processors]
+    if processed:  # one copy of the batch's logits with the processed rows written in, not one a row
+        logits = _write_rows(logits, processed, mx.concatenate([rows[i].process(logits[i : i + 1]) for i in processed]))
     if words is not None:
         # Unpacked on the host (a sparse mask unpacks and selects in ~1 ms for 8 rows of 262k
         # tokens on the CPU; unpacking on the device took ~15 ms there), then one select.
@@ -132,21 +136,36 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             if not r.greedy:
-                groups.setdefault(("seeded", i) if r.seeded else r.group, []).append(i)
-        for members in groups.values():
+                groups.setdefault((r.seeded, r.group), []).append(i)
+        for (seeded, _), members in groups.items():
             first = rows[members[0]]
-            if len(members) == 1:
-                drawn = first.sampler(logprobs[members[0] : members[0] + 1], first.keys.next())
+            group = logprobs[members[0] : members[0] + 1] if len(members) == 1 else logprobs[_index(members)]
+            if seeded:  # filtered together, each drawn with its own keys
+                keys = [rows[i].keys.next() for i in members]
+                drawn = first.ops.categorical_rows(first.filter(group), first.temperature, keys)
             else:
-                index = mx.array(members, dtype=mx.int32)
-                drawn = first.sampler(logprobs[index], first.keys.next())  # (G,) one draw per row
-            tokens[mx.array(members, dtype=mx.int32)] = drawn.astype(tokens.dtype)
+                drawn = first.sampler(group, first.keys.next())  # (G,) one draw per row, one key
+            tokens = _write_rows(tokens, members, drawn.astype(tokens.dtype))
     for i, r in enumerate(rows):
         if r.history is not None:
             r.take(tokens[i : i + 1])
         if r.matcher is not None:
             r.matcher.pending = tokens[i : i + 1]  # consumed when the row's next mask is asked for
     return tokens, logprobs
+
+
+def _index(rows: Sequence[int]) -> mx.array:
+    return mx.array(rows, dtype=mx.int32)
+
+
+def _write_rows(batch: mx.array, rows: Sequence[int], values: mx.array) -> mx.array:
+    """``batch`` with its rows ``rows`` (ascending) replaced by ``values``: one scatter, or ``values``
+    when they are all of its rows. ``batch`` itself is left as it was."""
+    if len(rows) == batch.shape[0]:
+        return values
+    out = mx.array(batch)  # a handle of its own: item assignment rebinds it, not the caller's array
+    out[_index(rows)] = values
+    return out
 
 
 class RowOutput:

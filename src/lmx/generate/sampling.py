@@ -136,6 +136,18 @@ def make_sampler(
 
         return greedy
 
+    keep = make_filter(top_k, top_p, min_p, ops)
+
+    def sample(logprobs: mx.array, key: mx.array) -> mx.array:
+        return categorical(keep(logprobs), temperature, key, ops)
+
+    return sample
+
+
+def make_filter(top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, ops: Ops = MLX_OPS) -> Filter:
+    """The filters of :func:`make_sampler` as one: top_k, top_p and min_p, in that order (each off
+    at its default). Every row is filtered on its own, so rows of several requests with the same
+    settings can be filtered together."""
     filters: list[Filter] = []
     if top_k > 0:
         filters.append(partial(apply_top_k, k=top_k))
@@ -144,12 +156,12 @@ def make_sampler(
     if min_p > 0.0:
         filters.append(partial(apply_min_p, min_p=min_p))
 
-    def sample(logprobs: mx.array, key: mx.array) -> mx.array:
-        for keep in filters:
-            logprobs = keep(logprobs)
-        return categorical(logprobs, temperature, key, ops)
+    def keep(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        return logprobs
 
-    return sample
+    return keep
 
 
 def make_repetition_penalty(penalty: float, context_size: int) -> LogitsProcessor:
@@ -284,6 +296,7 @@ __all__ = [
     "apply_top_k",
     "apply_top_p",
     "categorical",
+    "make_filter",
     "make_logit_bias",
     "make_logits_processors",
     "make_presence_frequency_penalty",

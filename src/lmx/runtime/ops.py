@@ -22,6 +22,7 @@ model for this seam).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from contextlib import AbstractContextManager as ContextManager
 from functools import partial
 from types import ModuleType
@@ -71,6 +72,8 @@ class Ops(Protocol):
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array: ...
 
     def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array: ...
+
+    def categorical_rows(self, logits: mx.array, temperature: float, keys: Sequence[mx.array]) -> mx.array: ...
 
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array: ...
 
@@ -166,6 +169,13 @@ class MlxOps:
         """One draw per row of (B, V) ``logits`` from ``softmax(logits / temperature)`` (B,)."""
         return mx.random.categorical(logits / temperature, key=key)
 
+    def categorical_rows(self, logits: mx.array, temperature: float, keys: Sequence[mx.array]) -> mx.array:
+        """One draw per row of (G, V) ``logits``, row ``i`` with its own ``keys[i]`` (G,): what row
+        ``i`` draws depends on its logits and its key only, not on the other rows (a seeded request
+        draws the same alone or batched). One set of ops for all rows (MLX's draw of a 1-D row,
+        mapped over the rows), not one per row."""
+        return _categorical_rows(logits / temperature, mx.stack(list(keys)))
+
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         """``gelu_pytorch_tanh(gate) * up``: a gated MLP's activation (Gemma 3), one compiled kernel."""
         return _geglu_tanh(gate, up)
@@ -173,6 +183,13 @@ class MlxOps:
     def inference(self) -> ContextManager[None]:
         """Graphs built inside are never differentiated (a decode step): ops may skip their gradient set-up."""
         return contextlib.nullcontext()
+
+
+# Row i of the result is mx.random.categorical(logits[i], key=keys[i]): the vmapped draw makes the
+# same random bits for each key as drawing alone (one RandomBits op for every row).
+_categorical_rows = mx.vmap(lambda row, key: mx.random.categorical(row, key=key))
+# The same for one uniform number a row (the CPU kernels' draw): row i is uniform((1,), key=keys[i]).
+_uniform_rows = mx.vmap(lambda key: mx.random.uniform(shape=(1,), key=key))
 
 
 @partial(mx.compile, shapeless=True)
@@ -248,7 +265,15 @@ class CpuKernelOps(MlxOps):
         # distribution, other random numbers than MLX's for a given key.
         if logits.dtype != mx.float32 or logits.ndim != 2:
             return super().categorical(logits, temperature, key)
-        u = mx.random.uniform(shape=(logits.shape[0],), key=key)
+        return self._draw(logits, mx.random.uniform(shape=(logits.shape[0],), key=key), temperature)
+
+    def categorical_rows(self, logits: mx.array, temperature: float, keys: Sequence[mx.array]) -> mx.array:
+        # Row i's uniform number from keys[i] alone: a one-row batch draws as categorical() does.
+        if logits.dtype != mx.float32 or logits.ndim != 2:
+            return super().categorical_rows(logits, temperature, keys)
+        return self._draw(logits, _uniform_rows(mx.stack(list(keys))).reshape(-1), temperature)
+
+    def _draw(self, logits: mx.array, u: mx.array, temperature: float) -> mx.array:
         # Any positive temperature the options allow, within float32's normal range (1e300: uniform
         # over the finite tokens; 1e-300: the most likely one, as dividing the logits by it would give).
         return self.kernels.categorical(logits, u, min(max(temperature, _FLOAT32_TINY), _FLOAT32_MAX))

@@ -86,8 +86,8 @@ rows)  # batched sampling of mixed rows: the check on the device, then 32 mixed 
   for round in 1 2; do
     for tree in .gpu/prev $PWD; do
       name=$(basename "$tree")_r$round
-      PYTHONPATH=$tree/src:$PYTHONPATH step 60 "split_$name" python3 benchmarks/engine_load.py \
-        --model /tmp/r270.gguf --device gpu --clients 32 --duration 15 --mixed --split \
+      PYTHONPATH=$tree/src:$PYTHONPATH step 40 "split_$name" python3 benchmarks/engine_load.py \
+        --model /tmp/r270.gguf --device gpu --clients 32 --duration 10 --mixed --split \
         --json "$OUT/engine_load_270m_mixed_$name.json"
     done
   done

@@ -20,9 +20,9 @@ from lmx.runtime.ops import MLX_OPS, CpuKernelOps, CudaOps, Ops
 # its transient memory a quarter (GGUF on the kernels: 13 MiB above weights + KV instead of 38-50
 # for a 512-token prompt; benchmarks/RESULTS.md change 12). On a GPU a chunk costs the host about
 # the same time whatever its length (building and queueing its graph: ~15 ms for Gemma 3 270M on an
-# H200), so long prompts want few chunks: an 8k-token prompt prefilled 3.9x faster in chunks of 2048
-# than of 512, at 0.6-1.7 GiB more peak memory, less than mlx-lm's at its own 2048 (RESULTS.md
-# "8k-token prefill on the GPU").
+# H200), so long prompts want few chunks: an 8k-token prompt prefilled 3.4-4.0x faster in chunks of
+# 2048 than of 512, at 0.4-1.3 GiB more peak memory, less than mlx-lm's at its own 2048
+# (benchmarks/RESULTS.md, "The GPU's prompt chunk").
 PREFILL_STEP = {"cpu": 128, "gpu": 2048}
 # "auto" weight dtype: MLX's fastest CPU path is float32 (measured), a GPU's bfloat16.
 AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmx.generate.constraints import RowMatcher, next_words
 from lmx.generate.options import GenerationOptions
-from lmx.generate.sampling import KeySequence, make_filter, make_logits_processors, make_sampler
+from lmx.generate.sampling import KeySequence, categorical, make_filter, make_logits_processors
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Token, TopLogprob
 from lmx.runtime.ops import MLX_OPS, Ops
@@ -45,7 +45,6 @@ class RowSampler:
     ) -> None:
         self.matcher = matcher
         self.greedy = options.temperature == 0
-        self.sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p, ops)
         # Rows with the same sampler settings are filtered together. Unseeded ones draw together too
         # (one batched draw); a seeded row draws with its own keys (Ops.categorical_rows), so its
         # tokens do not depend on its batch.
@@ -140,11 +139,11 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
         for (seeded, _), members in groups.items():
             first = rows[members[0]]
             group = logprobs[members[0] : members[0] + 1] if len(members) == 1 else logprobs[_index(members)]
-            if seeded:  # filtered together, each drawn with its own keys
-                keys = [rows[i].keys.next() for i in members]
-                drawn = first.ops.categorical_rows(first.filter(group), first.temperature, keys)
-            else:
-                drawn = first.sampler(group, first.keys.next())  # (G,) one draw per row, one key
+            kept = first.filter(group)  # the group's rows filtered together
+            if seeded:  # each drawn with its own keys
+                drawn = first.ops.categorical_rows(kept, first.temperature, [rows[i].keys.next() for i in members])
+            else:  # one draw per row, with one key
+                drawn = categorical(kept, first.temperature, first.keys.next(), first.ops)
             tokens = _write_rows(tokens, members, drawn.astype(tokens.dtype))
     for i, r in enumerate(rows):
         if r.history is not None:

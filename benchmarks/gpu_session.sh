@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?serving, decode, prefill, chunk or gguf}
+part=${1:?serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -92,9 +92,45 @@ rows)  # batched sampling of mixed rows: the check on the device, then 32 mixed 
     done
   done
   ;;
+fused)  # issue 17 part 2: q/k/v and gate/up as one product each (lmx) against each alone (lmx-unfused), and mlx-lm
+  step 300 fused_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-unfused,mlx-lm --rounds 3 --check-steps 32 --bandwidth --json "$OUT/gpu_fused_bf16.json"
+  step 250 fused_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-unfused,mlx-lm --rounds 3 --quantize 4 --json "$OUT/gpu_fused_q4.json"
+  ;;
+products)  # why the fused projections prefilled the 8B slower: the products alone by row count, then
+  # 2048-token prompts fused against unfused
+  step 120 products python3 benchmarks/fused_products_check.py --json "$OUT/fused_products_check.json"
+  step 200 prefill_2k python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b,gemma3-1b --variants lmx,lmx-unfused \
+    --rounds 5 --prompt-tokens 2048 --gen-tokens 16 --json "$OUT/gpu_fused_prefill_2k.json"
+  ;;
+fused2)  # the fused projections again, 5 rounds: the 8B's 512-token prefill (slower in the first run) and decode
+  step 200 fused2_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --variants lmx,lmx-unfused,mlx-lm \
+    --rounds 5 --bandwidth --json "$OUT/gpu_fused2_8b.json"
+  step 150 fused2_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-unfused,mlx-lm --rounds 5 --json "$OUT/gpu_fused2_small.json"
+  ;;
+graphs)  # MLX's CUDA graph settings (read once per process): the default, no graphs, 250 ops a graph;
+  # then the batched sampling rows (as `rows`, the fused projections off so that only sampling differs)
+  for env in MLX_USE_CUDA_GRAPHS=1 MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=250; do
+    name=$(echo "${env#MLX_}" | tr '=A-Z' '_a-z')
+    (export "$env"; step 80 "graphs_$name" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+      --variants lmx,mlx-lm --rounds 3 --json "$OUT/gpu_graphs_$name.json")
+  done
+  step 50 rows_check python3 benchmarks/sampling_rows_check.py
+  step 50 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  for tree in .gpu/prev $PWD; do
+    name=$(basename "$tree")
+    LMX_FUSED_PROJECTIONS=0 PYTHONPATH=$tree/src:$PYTHONPATH step 40 "rows_$name" python3 benchmarks/engine_load.py \
+      --model /tmp/r270.gguf --device gpu --clients 32 --duration 10 --mixed --split \
+      --json "$OUT/engine_load_270m_mixed_$name.json"
+  done
+  step 40 rows_fused python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu --clients 32 \
+    --duration 10 --mixed --split --json "$OUT/engine_load_270m_mixed_fused.json"
+  ;;
 gguf)  # issue 17 part 3: a Q4_K_M file held quantized against dequantized, 1B shape (MLX's CUDA JIT
   # compiles each quantized kernel on first use: about a minute in a fresh process)
   step 560 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --timeout 260 --json "$OUT/gguf_gpu_1b.json"
   ;;
-*) echo "part: serving, decode, prefill, chunk or gguf" >&2; exit 2 ;;
+*) echo "part: serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs or gguf" >&2; exit 2 ;;
 esac

@@ -66,14 +66,42 @@ from lmx.runtime.ops import MLX_OPS  # noqa: E402
 # Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
+UNFUSED_STATES: dict[int, DecodeState] = {}  # the same for ``lmx-unfused`` (its own traces)
 
 
 def prepare(model: nn.Module, dtype: str) -> DecodeState:
-    """Give ``model`` the profile the loader would choose here (its ops, its step plan)."""
+    """Give ``model`` the profile the loader would choose here (its ops, its step plan, its
+    fused projections)."""
     profile = load_profile(dtype)
     model.set_ops(profile_ops(profile))
+    if profile.fused_projections:
+        print(f"fused projections: {model.fuse_projections()} groups", flush=True)
     STATES[id(model)] = DecodeState(model, profile)
+    UNFUSED_STATES[id(model)] = DecodeState(model, profile)
     return STATES[id(model)]
+
+
+def state_for(variant: str, model: nn.Module) -> DecodeState:
+    return (UNFUSED_STATES if variant == "lmx-unfused" else STATES)[id(model)]
+
+
+@contextlib.contextmanager
+def unfused_products() -> Any:
+    """lmx before its projections were fused: each q/k/v and gate/up layer runs alone (the same
+    weights, as views of the fused arrays)."""
+    from lmx.models import base
+
+    saved = base.products
+    base.products = lambda owner, layers, x: [layer(x) for layer in layers]  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        base.products = saved  # type: ignore[assignment]
+
+
+def time_lmx_unfused(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    with unfused_products():
+        return greedy_stamps(model, mx.array([prompt]), n, state=UNFUSED_STATES[id(model)])
 
 
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -105,7 +133,7 @@ def time_lmx(
 def plain_lmx() -> Any:
     """lmx's eager step before the segmented step landed: ``nn.Linear``'s ``weight.T`` op on
     every call, and heads split/merged by reshape + transpose even for one position."""
-    from lmx.models import base, gemma3_text, qwen3
+    from lmx.models import base
 
     def split_heads(x: mx.array, n_heads: int, norm: nn.Module | None = None) -> mx.array:
         batch, length, _ = x.shape
@@ -117,9 +145,9 @@ def plain_lmx() -> Any:
         batch, _, length, _ = x.shape
         return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)  # (B, L, n_heads * D)
 
-    saved = base.Linear.__call__, [(m, m.split_heads, m.merge_heads) for m in (gemma3_text, qwen3)]
+    saved = base.Linear.__call__, [(m, m.split_heads, m.merge_heads) for m in (base,)]
     base.Linear.__call__ = nn.Linear.__call__  # type: ignore[method-assign]
-    for m in (gemma3_text, qwen3):
+    for m in (base,):
         m.split_heads, m.merge_heads = split_heads, merge_heads  # type: ignore[attr-defined]
     try:
         yield
@@ -174,6 +202,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-seg": (False, True),
     "lmx-seg-noattn": (False, True),
     "lmx": (False, None),
+    "lmx-unfused": (False, True),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -185,6 +214,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(plain_lmx())
     if variant in NO_CUDA_ATTENTION:
         stack.enter_context(no_cuda_attention(model))
+    if variant == "lmx-unfused":
+        stack.enter_context(unfused_products())
     return stack
 
 
@@ -199,7 +230,7 @@ def greedy_run(model: nn.Module, prompt: list[int], n: int, variant: str) -> tup
             make_sampler(0.0),
             KeySequence(0).next,
             segments=segments,
-            state=STATES[id(model)],
+            state=state_for(variant, model),
         )
         tokens, logprobs = [], []
         for token, lp in steps:
@@ -239,12 +270,12 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
     """Median host times of a decode step as generate_step runs it: build the graph (Python),
     queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step."""
     _, segments = LMX_STEPS[variant]
-    state = STATES[id(model)]
+    state = state_for(variant, model)
     with step_context(variant, model):
         cache = model.make_cache()
         plan = state.plan
         layerwise = plan.prefill_mode == "layerwise"
-        token = mx.argmax(prefill(model, mx.array([prompt]), cache, plan.prefill_step_size, layerwise), axis=-1)
+        token = mx.argmax(prefill(model, mx.array([prompt]), cache, None, plan.prefill_step_size, layerwise), axis=-1)
         mx.eval(token)
         step = state.segmented() if segments else None
 
@@ -458,6 +489,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-boolmask": lambda pr, n: time_lmx_boolmask(model, pr, n),
         "lmx-where": lambda pr, n: time_lmx_where(model, pr, n),
         "lmx-unfused-act": lambda pr, n: time_lmx_unfused_act(model, pr, n),
+        "lmx-unfused": lambda pr, n: time_lmx_unfused(model, pr, n),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -540,7 +572,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, "
         "lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -213,6 +213,8 @@ def _load(
             raise InvalidOptionError(f"quantize must be 4 or 8 bits, got {quantize}")
         nn.quantize(built, group_size=64, bits=quantize)
     mx.eval(built.parameters())
+    if profile.fused_projections:  # as the loader does (again after quantizing: the quantized layers)
+        built.fuse_projections()
     return _Loaded(built, name, time.perf_counter() - t0, vocab, profile)
 
 

@@ -120,15 +120,25 @@ def load_path(
     kernel_types = kernel_types_for(cpu_kernels)
     profile = load_profile(dtype, cpu_kernels=bool(kernel_types), gguf_on_device=gguf_on_device)
     if group is not None:
-        profile = profile.replace(decode_mode="eager")  # collectives run op by op, not inside compiled graphs
+        # collectives run op by op, not inside compiled graphs; each rank keeps its slices as they are
+        profile = profile.replace(decode_mode="eager", fused_projections=False)
     target = Path(path).expanduser()
     if target.is_dir():
-        return _load_hf_dir(target, mx_dtype, profile, group)
+        return _fused(_load_hf_dir(target, mx_dtype, profile, group))
     if target.is_file() and target.suffix.lower() == ".gguf":
-        return _load_gguf(target, mx_dtype, profile, kernel_types, group)
+        return _fused(_load_gguf(target, mx_dtype, profile, kernel_types, group))
     if target.is_file():
         raise ModelNotFoundError(f"{target} is a file but not a .gguf; give an HF model directory or a .gguf file")
     raise ModelNotFoundError(f"model {str(path)!r} not found: no such directory or .gguf file")
+
+
+def _fused(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its projections fused where its profile says so (here, where the loader
+    holds no other reference to the unfused weights: their memory is freed as each layer is fused)."""
+    if loaded.profile.fused_projections:
+        groups = loaded.model.fuse_projections()
+        logger.info("%s: %d groups of projections run as one product each", loaded.name, groups)
+    return loaded
 
 
 def load_profile(
@@ -154,6 +164,7 @@ def load_profile(
         cpu_kernels=cpu_kernels,
         cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
         gguf_on_device=gguf_on_device,
+        fused_projections=settings.LMX_FUSED_PROJECTIONS.get(),
     )
 
 

@@ -8,6 +8,7 @@ model holds it in an :class:`OpsSlot` shared by all its layers, and the loader f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import types
@@ -176,6 +177,10 @@ class Derived:
             self._source, self._value = weight, self._derive(weight)
         return self._value  # type: ignore[return-value]
 
+    def clear(self) -> None:
+        """Forget the kept array (and the weight it was derived from, which it kept alive)."""
+        self._source = self._value = None
+
 
 def _transpose(weight: mx.array) -> mx.array:
     return weight.T
@@ -206,6 +211,128 @@ class Linear(nn.Linear):
 
     def _weight_t(self) -> mx.array:
         return self.weight_t.of(self["weight"])
+
+
+class FusedProducts:
+    """Products of one input by several weight matrices (a layer's query, key and value
+    projections; its MLP's gate and up projections) as one product, split after.
+
+    :meth:`of` concatenates the layers' weights into one array and gives each layer back a view
+    of its rows, so the weights are held once, as before. Each layer still runs alone when
+    called, so whatever reads or replaces its weights (LoRA, ``model.update``, saving) sees the
+    same layer as before. The fused product runs only while the layers hold those views
+    (:meth:`holds`, checked by :func:`products` at each call): a layer wrapped by LoRA or given
+    new weights runs alone again.
+
+    Where a step is bound by host work per op (a GPU decode step: benchmarks/RESULTS.md) two or
+    three products become one, and one larger matrix is read instead of two or three.
+    """
+
+    __slots__ = ("_arrays", "_layers", "_parts", "_quantized", "_sizes")
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        whole: dict[str, mx.array],
+        sizes: list[int],
+        quantized: tuple[Any, ...] | None,
+    ) -> None:
+        self._layers = tuple(layers)
+        self._parts = tuple(layer["weight"] for layer in layers)
+        self._sizes = sizes
+        self._quantized = quantized
+        # what the product reads: the quantized arrays, or the float weight's transpose (a view)
+        self._arrays = whole if quantized else {"weight": whole["weight"].T}
+        mx.eval(self._arrays)
+
+    @classmethod
+    def of(cls, layers: Sequence[nn.Module]) -> FusedProducts | None:
+        """Fuse ``layers``: lmx :class:`Linear` layers, or ``nn.QuantizedLinear`` layers of one
+        layout, without biases, of one input size and dtype. None (nothing changed) otherwise."""
+        first = layers[0]
+        if all(type(layer) is Linear and "bias" not in layer for layer in layers):
+            keys, quantized = ("weight",), None
+        elif all(type(layer) is nn.QuantizedLinear and "bias" not in layer for layer in layers):
+            layouts = {(layer.group_size, layer.bits, layer.mode, "biases" in layer) for layer in layers}
+            if len(layouts) != 1:
+                return None
+            keys = ("weight", "scales", "biases") if "biases" in first else ("weight", "scales")
+            quantized = (first.group_size, first.bits, first.mode)
+        else:
+            return None
+        for key in keys:
+            if len({(layer[key].dtype, layer[key].shape[1:]) for layer in layers}) != 1:
+                return None
+        sizes = [layer["weight"].shape[0] for layer in layers]
+        whole = {}
+        for key in keys:
+            whole[key] = mx.concatenate([layer[key] for layer in layers], axis=0)
+            mx.eval(whole[key])
+            start = 0
+            for layer, size in zip(layers, sizes):
+                setattr(layer, key, whole[key][start : start + size])  # a view: no copy
+                start += size
+            mx.eval([layer[key] for layer in layers])
+        for layer in layers:
+            if isinstance(layer, Linear):
+                layer.weight_t.clear()  # it kept the unfused weight alive
+        return cls(layers, whole, sizes, quantized)
+
+    def holds(self, layers: Sequence[nn.Module]) -> bool:
+        """Whether ``layers`` are the fused ones, still holding the fused weights."""
+        return all(
+            layer is mine and layer["weight"] is part for layer, mine, part in zip(layers, self._layers, self._parts)
+        )
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        """Each layer's output for ``x``, from one product."""
+        w = self._arrays
+        if self._quantized is None:
+            y = x @ w["weight"]
+        else:
+            group_size, bits, mode = self._quantized
+            y = mx.quantized_matmul(
+                x,
+                w["weight"],
+                w["scales"],
+                w.get("biases"),
+                transpose=True,
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+            )
+        return mx.split(y, list(itertools.accumulate(self._sizes[:-1])), axis=-1)
+
+
+def products(owner: Any, layers: Sequence[nn.Module], x: mx.array) -> list[mx.array]:
+    """Each of ``layers``' outputs for ``x``: one fused product where ``owner.fused`` (a
+    :class:`FusedProducts` or None) still holds them, else each layer alone. A fusion whose layers
+    are plain layers again (new weights loaded, a LoRA fused in) is dropped, freeing its array."""
+    fused = owner.fused
+    if fused is not None:
+        if fused.holds(layers):
+            return fused(x)
+        if all(isinstance(layer, (nn.Linear, nn.QuantizedLinear)) for layer in layers):  # not wrapped (LoRA)
+            owner.fused = None
+    return [layer(x) for layer in layers]
+
+
+class GatedMLP(nn.Module):
+    """An MLP of ``gate_proj``, ``up_proj`` and ``down_proj`` (a subclass builds them and
+    combines the gate and up outputs in ``__call__``, reading them from :meth:`gate_up`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused: FusedProducts | None = None  # gate/up as one product (see fuse)
+
+    def fuse(self) -> bool:
+        """Run the gate and up projections as one product (:class:`FusedProducts`)."""
+        self.fused = FusedProducts.of([self.gate_proj, self.up_proj])
+        return self.fused is not None
+
+    def gate_up(self, x: mx.array) -> list[mx.array]:
+        """The gate and up projections of ``x``."""
+        return products(self, (self.gate_proj, self.up_proj), x)
 
 
 def rope_offset(offset: int | mx.array, pad: mx.array | None) -> int | mx.array:
@@ -254,15 +381,22 @@ class QKNormAttention(nn.Module):
     def __init__(self, ops: OpsSlot | None = None) -> None:
         super().__init__()
         self.ops_slot = ops or OpsSlot()
+        self.fused: FusedProducts | None = None  # q/k/v as one product (see fuse)
+
+    def fuse(self) -> bool:
+        """Run the query, key and value projections as one product (:class:`FusedProducts`)."""
+        self.fused = FusedProducts.of([self.q_proj, self.k_proj, self.v_proj])
+        return self.fused is not None
 
     def __call__(self, x: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
         return self.output(self.attend(*self.project(x, rope_offset(cache.offset, pad)), cache, pad), x.ndim)
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values (B, heads, L, head_dim) of ``x``, normed and rotated."""
-        q = split_heads(self.q_proj(x), self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
-        k = split_heads(self.k_proj(x), self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        q, k, v = products(self, (self.q_proj, self.k_proj, self.v_proj), x)
+        q = split_heads(q, self.n_heads, self.q_norm)  # (B, n_heads, L, head_dim)
+        k = split_heads(k, self.n_kv_heads, self.k_norm)  # (B, n_kv, L, head_dim)
+        v = split_heads(v, self.n_kv_heads)
         return self.rope(q, offset=offset), self.rope(k, offset=offset), v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: Any, pad: mx.array | None) -> mx.array:
@@ -554,6 +688,18 @@ class CausalLM(nn.Module):
             RotatingKVCache(self.args.sliding_window, quant=quant) if t == "sliding_attention" else KVCache(quant)
             for t in self.args.layer_types
         ]
+
+    def fuse_projections(self) -> int:
+        """Run each layer's query, key and value projections as one product, and its MLP's gate
+        and up projections as another (:class:`FusedProducts`; the weights are held once, as
+        before). The GPU profile does this at load. Returns how many groups were fused."""
+        fused = 0
+        for layer in self.layers:
+            for part in (layer.self_attn, getattr(layer, "mlp", None)):
+                if isinstance(part, (QKNormAttention, GatedMLP)):
+                    fused += part.fuse()
+                    mx.clear_cache()  # the unfused arrays' memory, now free
+        return fused
 
     def constants(self) -> list[mx.array]:
         """Arrays the layers derive from their weights and keep between calls (see :class:`Derived`)."""

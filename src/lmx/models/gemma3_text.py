@@ -19,6 +19,7 @@ from lmx.models.base import (
     CausalLM,
     DecoderStack,
     Derived,
+    GatedMLP,
     Linear,
     OpsSlot,
     QKNormAttention,
@@ -131,7 +132,7 @@ class Attention(QKNormAttention):
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings, ops)
 
 
-class MLP(nn.Module):
+class MLP(GatedMLP):
     def __init__(self, dim: int, hidden: int, ops: OpsSlot | None = None) -> None:
         super().__init__()
         self.gate_proj = Linear(dim, hidden, bias=False)
@@ -140,7 +141,7 @@ class MLP(nn.Module):
         self.ops_slot = ops or OpsSlot()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.ops_slot.ops.gelu_tanh_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops_slot.ops.gelu_tanh_mul(*self.gate_up(x)))
 
 
 class DecoderLayer(AttentionLayer):

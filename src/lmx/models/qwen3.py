@@ -14,6 +14,7 @@ from lmx.models.base import (
     BaseModelArgs,
     CausalLM,
     DecoderStack,
+    GatedMLP,
     Linear,
     OpsSlot,
     QKNormAttention,
@@ -83,7 +84,7 @@ class Attention(QKNormAttention):
         self.rope = RoPE(self.head_dim, settings, args.max_position_embeddings, ops)
 
 
-class MLP(nn.Module):
+class MLP(GatedMLP):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = Linear(dim, hidden, bias=False)
@@ -91,7 +92,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*self.gate_up(x)))
 
 
 class DecoderLayer(AttentionLayer):

@@ -79,6 +79,8 @@ class DeviceProfile(StepPlan):
             logsumexp) or ``"cuda-attention"`` (MLX plus lmx's one-query CUDA attention).
         gguf_on_device: a GGUF model's quantized matrices: ``"blocks"`` (on lmx's CPU kernels),
             ``"quantized"`` (MLX affine layers holding the same values) or ``"float"`` (dequantized).
+        fused_projections: each layer's query/key/value projections run as one product, its MLP's
+            gate/up as another (``CausalLM.fuse_projections``, at load; GPU: fewer ops a step).
     """
 
     device: str = "cpu"
@@ -86,6 +88,7 @@ class DeviceProfile(StepPlan):
     dtype: str = "float32"
     ops_backend: str = "mlx"
     gguf_on_device: str = "float"
+    fused_projections: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +115,7 @@ class DeviceProfile(StepPlan):
             "prefill_mode",
             "decode_mode",
             "gguf_on_device",
+            "fused_projections",
         )
         return {name: getattr(self, name) for name in order}
 
@@ -119,6 +123,7 @@ class DeviceProfile(StepPlan):
         return (
             f"{self.device} ({self.backend}), {self.dtype}, ops {self.ops_backend}, prefill {self.prefill_mode} "
             f"in chunks of {self.prefill_step_size}, decode {self.decode_mode}, GGUF matrices {self.gguf_on_device}"
+            + (", fused projections" if self.fused_projections else "")
         )
 
 
@@ -131,6 +136,7 @@ def choose_profile(
     cuda_attention: bool = False,
     compile: bool = False,
     gguf_on_device: str | None = None,
+    fused_projections: bool = False,
 ) -> DeviceProfile:
     """The profile for a model about to be loaded.
 
@@ -146,6 +152,9 @@ def choose_profile(
         gguf_on_device: ``"quantized"`` or ``"float"`` (see :data:`GGUF_ON_DEVICE`) where the CPU
             kernels do not run; None: float (quantized is opt-in: its accuracy and speed on a GPU are
             not measured yet; on the CPU MLX's float32 product is the fastest path).
+        fused_projections: fuse each layer's q/k/v and gate/up products where the weights allow
+            (``LMX_FUSED_PROJECTIONS`` not 0); on a GPU only (on the CPU a step is bound by the
+            arithmetic, and a GGUF's matrices on lmx's kernels are blocks of different types).
 
     Raises:
         InvalidOptionError: an unknown device or ``gguf_on_device``, or CPU kernels asked for on a GPU.
@@ -177,6 +186,7 @@ def choose_profile(
         decode_mode="compiled" if compile else "segmented" if gpu else "eager",
         ops_backend=ops,
         gguf_on_device=gguf,
+        fused_projections=gpu and fused_projections,
     )
 
 

@@ -207,6 +207,14 @@ LMX_CUDA_ATTENTION: Setting[bool] = Setting(
     "lmx's one-query CUDA attention kernel for head dims MLX does not fuse (Gemma 3's 256)",
     _bool,
 )
+LMX_FUSED_PROJECTIONS: Setting[bool] = Setting(
+    "LMX_FUSED_PROJECTIONS",
+    BOOL,
+    True,
+    "on a GPU, each layer's query/key/value projections run as one product and its MLP's gate/up as another "
+    "(the weights held once, as one array)",
+    _bool,
+)
 LMX_CUDA_PADDED_ATTENTION: Setting[bool] = Setting(
     "LMX_CUDA_PADDED_ATTENTION",
     BOOL,
@@ -262,6 +270,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CPU_INT8,
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
+    LMX_FUSED_PROJECTIONS,
     LMX_CUDA_PADDED_ATTENTION,
     LMX_KV_BITS,
     LMX_API_KEY,

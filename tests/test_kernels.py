@@ -129,6 +129,32 @@ def test_m_rows_equal_m_one_row_products_bit_for_bit(K, qtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 37])  # decode, several rows, prefill (dequantize + BLAS)
+def test_qmatmul_reads_strided_x_and_adds_no_copy_op(K, rows, tmp_path):
+    """x is read through its strides when the product runs (a view costs no Contiguous op), and the
+    weights, evaluated already, get none either: a decode step's products add no ops but themselves."""
+    rng = np.random.default_rng(23 + rows)
+    blocks = mx.array(random_blocks(T.Q8_0, 40, 128, rng))
+    mx.eval(blocks)
+    wide = mx.array(rng.standard_normal((rows, 3 * 128)).astype(np.float32))
+    views = {
+        "every third column": wide[:, ::3],
+        "transposed": mx.array(rng.standard_normal((128, rows)).astype(np.float32)).T,
+        "a column slice": wide[:, 128:256],
+    }
+    for name, x in views.items():
+        got = K.qmatmul(x, blocks, int(T.Q8_0), 128)
+        dot = tmp_path / f"{name}.dot"
+        mx.export_to_dot(str(dot), got)
+        assert "Contiguous" not in dot.read_text(), name
+        want = np.array(x).astype(np.float64) @ reference(np.array(blocks), T.Q8_0, 128).astype(np.float64).T
+        close(np.array(got), want)
+        np.testing.assert_array_equal(
+            np.array(got), np.array(K.qmatmul(mx.array(np.array(x)), blocks, int(T.Q8_0), 128))
+        )
+
+
+@needs_kernels
 def test_qmatmul_batched_shape_and_bfloat16_input(K):
     rng = np.random.default_rng(1)
     blocks = random_blocks(T.Q4_K, 96, 512, rng)

@@ -1,9 +1,10 @@
 // The kernels' portable body, included three times by qmatmul.cpp: as namespace lmx::generic; as
 // lmx::avx2 under `#pragma GCC target("avx2,fma,f16c")` (with hand-written AVX2 decoders, FMA dots); and
-// as lmx::avx512, the same 256-bit code with AVX-512VL's 32 vector registers (more rows of x per pass).
+// as lmx::avx512, the same 256-bit code with AVX-512VL's 32 vector registers (more rows of x per pass)
+// and, for the one-scale blocks' products, 512-bit registers (LMX_IMPL_ZMM; the same sums).
 // Block layouts and the float operation order of every decoder follow ggml's dequantize_row_*
 // (ggml-quants.c), so a decoded weight is bit-identical to gguf-py's numpy dequantize.
-// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, LMX_IMPL_ROWS_PER_PASS, Gemv, kMaxK and
+// No include guard on purpose. Needs LMX_IMPL_NS, LMX_IMPL_AVX2, LMX_IMPL_ZMM, LMX_IMPL_ROWS_PER_PASS, Gemv, kMaxK and
 // the GgmlType ids.
 
 namespace lmx::LMX_IMPL_NS {
@@ -315,6 +316,92 @@ LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
   decode_row_to<T>(row, k, out);
 }
 
+#if LMX_IMPL_ZMM
+// The avx512 copy's one-scale blocks (Q8_0, Q5_0, Q4_0) in 512-bit registers: each holds two of RowDot's
+// 8-lane accumulators (lanes 0|1, then 2|3) and one instruction decodes, scales or multiplies 16 weights.
+// Every lane gets the same products in the same order as RowDot's, so the sums are the same bits (tests
+// compare this copy with the AVX2 one); about half the instructions a block (benchmarks/cpu_decode_widths.cpp).
+LMX_INLINE float hsum_pairs(__m512 a01, __m512 a23) {
+  const __m256 acc[4] = {_mm512_castps512_ps256(a01), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a01), 1)),
+                         _mm512_castps512_ps256(a23), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a23), 1))};
+  return hsum4(acc);
+}
+
+struct RowDot16 {  // RowDot's sums, 16 weights a step
+  const float* x;
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  LMX_INLINE void put16(int64_t at, int pair, __m512 w) {
+    acc[pair] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + at), acc[pair]);
+  }
+  LMX_INLINE float sum() const {
+    return hsum_pairs(acc[0], acc[1]);
+  }
+};
+
+template <int M>
+struct RowsDot16 {  // RowsDot<M>'s sums, 16 weights a step
+  const float* x;
+  int64_t stride;
+  __m512 acc[M][2];
+  LMX_INLINE RowsDot16(const float* x_, int64_t stride_) : x(x_), stride(stride_) {
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  }
+  LMX_INLINE void put16(int64_t at, int pair, __m512 w) {
+    for (int i = 0; i < M; ++i) {
+      acc[i][pair] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * stride + at), acc[i][pair]);
+    }
+  }
+  LMX_INLINE float sum(int i) const {
+    return hsum_pairs(acc[i][0], acc[i][1]);
+  }
+};
+
+LMX_INLINE __m512 i8x16_times(__m128i q, __m512 s) {  // 16 int8 as floats, times s (as i8x8_times)
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
+}
+
+// A one-scale block's 32 values as two halves of 16 int8 (low half: values 0-15).
+template <int T>
+LMX_INLINE void halves_16(const uint8_t* b, __m128i& lo, __m128i& hi) {
+  if constexpr (T == Q8_0) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+  } else {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == Q5_0 ? 6 : 2)));
+    lo = _mm_and_si128(v, m4);  // ggml's order: the low nibbles are values 0-15, the high ones 16-31
+    hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    if constexpr (T == Q5_0) {  // bit j of qh is value j's fifth bit
+      uint32_t qh;
+      std::memcpy(&qh, b + 2, 4);
+      const __m128i bit = _mm_set1_epi8(0x10), bias = _mm_set1_epi8(16);
+      lo = _mm_sub_epi8(_mm_mask_add_epi8(lo, static_cast<__mmask16>(qh & 0xFFFF), lo, bit), bias);
+      hi = _mm_sub_epi8(_mm_mask_add_epi8(hi, static_cast<__mmask16>(qh >> 16), hi, bit), bias);
+    } else {
+      lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+      hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+    }
+  }
+}
+
+template <int T>
+constexpr bool kOneScale = T == Q8_0 || T == Q5_0 || T == Q4_0;
+
+// A row of one-scale blocks, 16 weights at a time to `out` (RowDot16 or RowsDot16).
+template <int T, class Out>
+LMX_INLINE void decode_row_to16(const uint8_t* row, int64_t k, Out& out) {
+  static_assert(kOneScale<T>);
+  constexpr int64_t bytes = T == Q8_0 ? 34 : T == Q5_0 ? 22 : 18;
+  for (int64_t i = 0; i < k; i += 32, row += bytes) {
+    __m128i lo, hi;
+    halves_16<T>(row, lo, hi);
+    const __m512 d = _mm512_set1_ps(half_f16c(row));
+    out.put16(i, 0, i8x16_times(lo, d));
+    out.put16(i + 16, 1, i8x16_times(hi, d));
+  }
+}
+#endif
+
 // ---- int8 activations (opt-in, llama.cpp's arithmetic): x quantized per block of 32 values ----
 
 // x[0..k) -> int8 q (round to nearest) with one float scale per 32 values (|x| max / 127) and the
@@ -492,6 +579,14 @@ LMX_INLINE float dot(const float* a, const float* b, int64_t k) {
 // W row r against rows [i0, i0 + M) of x: the row decoded once into M dot products.
 template <int T, int M>
 LMX_INLINE void gemv_row_m(const Gemv& g, int64_t i0, int64_t r) {
+#if LMX_IMPL_ZMM
+  if constexpr (kOneScale<T>) {
+    RowsDot16<M> out(g.x + i0 * g.k, g.k);
+    decode_row_to16<T>(g.w + r * g.row_bytes, g.k, out);
+    for (int i = 0; i < M; ++i) g.y[(i0 + i) * g.n + r] = out.sum(i);
+    return;
+  }
+#endif
   RowsDot<M> out(g.x + i0 * g.k, g.k);
   decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);
   for (int i = 0; i < M; ++i) g.y[(i0 + i) * g.n + r] = out.sum(i);
@@ -508,6 +603,16 @@ template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_AVX2
   if (g.m == 1) {  // decode: no row buffer
+#if LMX_IMPL_ZMM
+    if constexpr (kOneScale<T>) {
+      for (int64_t r = r0; r < r1; ++r) {
+        RowDot16 out{g.x};
+        decode_row_to16<T>(g.w + r * g.row_bytes, g.k, out);
+        g.y[r] = out.sum();
+      }
+      return;
+    }
+#endif
     for (int64_t r = r0; r < r1; ++r) {
       RowDot out{g.x};
       decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);

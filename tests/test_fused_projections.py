@@ -153,3 +153,17 @@ def test_a_model_loaded_with_fusion_generates_what_one_without_does(tiny_dirs, m
         got = engine.generate("The cat sat on", **options)
     assert got.tokens == want.tokens and len(want.tokens) == len(want.logprobs) == 12
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+
+
+def test_bench_fuses_the_quantized_layers_it_makes(monkeypatch):
+    """``lmx bench --quantize`` quantizes after load; where the profile fuses, the quantized layers are
+    fused again (not left running alone), and compute what the unfused quantized model computes."""
+    chosen = loader.load_profile
+    plain = bench._load(None, "tiny-gemma3", "float32", None, 4)
+    monkeypatch.setattr(loader, "load_profile", lambda *a, **k: chosen(*a, **k).replace(fused_projections=True))
+    fused = bench._load(None, "tiny-gemma3", "float32", None, 4)
+    attn = fused.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, nn.QuantizedLinear) and attn.fused is not None
+    assert attn.fused.holds((attn.q_proj, attn.k_proj, attn.v_proj))
+    assert plain.model.layers[0].self_attn.fused is None
+    np.testing.assert_allclose(forward(fused.model, PROMPT), forward(plain.model, PROMPT), rtol=0, atol=1e-5)

@@ -321,9 +321,12 @@ LMX_INLINE void decode_row(const uint8_t* row, int64_t k, float* y) {
 // 8-lane accumulators (lanes 0|1, then 2|3) and one instruction decodes, scales or multiplies 16 weights.
 // Every lane gets the same products in the same order as RowDot's, so the sums are the same bits (tests
 // compare this copy with the AVX2 one); about half the instructions a block (benchmarks/cpu_decode_widths.cpp).
-LMX_INLINE float hsum_pairs(__m512 a01, __m512 a23) {
-  const __m256 acc[4] = {_mm512_castps512_ps256(a01), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a01), 1)),
-                         _mm512_castps512_ps256(a23), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a23), 1))};
+LMX_INLINE __m256 high_half(__m512 a) {  // lanes 8-15
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+}
+
+LMX_INLINE float hsum_pairs(__m512 a01, __m512 a23) {  // hsum4 of the four 8-lane accumulators
+  const __m256 acc[4] = {_mm512_castps512_ps256(a01), high_half(a01), _mm512_castps512_ps256(a23), high_half(a23)};
   return hsum4(acc);
 }
 

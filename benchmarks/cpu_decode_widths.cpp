@@ -17,6 +17,19 @@
 #define T256 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,prefer-vector-width=256")))
 #define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq")))
 T256 static inline float half_f16c(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+// The kernels' order: (acc0 + acc1) + (acc2 + acc3), then halves.
+T256 static inline float hsum4(const __m256* acc) {
+  __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+T512 static inline float hsum_pairs(__m512 a01, __m512 a23) {  // lanes 0|1 and 2|3 as four 8-lane accumulators
+  const __m256 acc[4] = {_mm512_castps512_ps256(a01), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a01), 1)),
+                         _mm512_castps512_ps256(a23), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a23), 1))};
+  return hsum4(acc);
+}
 T256 static inline __m256i bits_to_bytes(uint32_t x) {
   const __m256i shuffle = _mm256_setr_epi8(0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,2,2,2,2,2,2,2,2,3,3,3,3,3,3,3,3);
   const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
@@ -42,10 +55,7 @@ T256 float q5_ymm(const uint8_t* row, const float* x, int64_t k) {
     acc[2] = _mm256_fmadd_ps(i8x8_times(hi, d), _mm256_loadu_ps(x + i + 16), acc[2]);
     acc[3] = _mm256_fmadd_ps(i8x8_times(_mm_srli_si128(hi, 8), d), _mm256_loadu_ps(x + i + 24), acc[3]);
   }
-  __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h)); h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum4(acc);
 }
 T512 float q5_zmm(const uint8_t* row, const float* x, int64_t k) {
   __m512 a01 = _mm512_setzero_ps(), a23 = _mm512_setzero_ps();
@@ -60,12 +70,7 @@ T512 float q5_zmm(const uint8_t* row, const float* x, int64_t k) {
     a01 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d), _mm512_loadu_ps(x + i), a01);
     a23 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d), _mm512_loadu_ps(x + i + 16), a23);
   }
-  __m256 acc0 = _mm512_castps512_ps256(a01), acc1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a01), 1));
-  __m256 acc2 = _mm512_castps512_ps256(a23), acc3 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a23), 1));
-  __m256 t = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h)); h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum_pairs(a01, a23);
 }
 T256 float q8_ymm(const uint8_t* row, const float* x, int64_t k) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -76,10 +81,7 @@ T256 float q8_ymm(const uint8_t* row, const float* x, int64_t k) {
       acc[g] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i + 8 * g), acc[g]);
     }
   }
-  __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h)); h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum4(acc);
 }
 
 T512 float q8_zmm(const uint8_t* row, const float* x, int64_t k) {
@@ -92,12 +94,7 @@ T512 float q8_zmm(const uint8_t* row, const float* x, int64_t k) {
     a23 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a23);
   }
   // the same order as dot_ymm: (acc0 + acc1) + (acc2 + acc3), then halves
-  __m256 acc0 = _mm512_castps512_ps256(a01), acc1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a01), 1));
-  __m256 acc2 = _mm512_castps512_ps256(a23), acc3 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a23), 1));
-  __m256 t = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h)); h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return hsum_pairs(a01, a23);
 }
 
 

@@ -697,8 +697,8 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             for part in (layer.self_attn, getattr(layer, "mlp", None)):
                 if isinstance(part, (QKNormAttention, GatedMLP)):
-                    fused += part.fuse()
-                    mx.clear_cache()  # the unfused arrays' memory, now free
+                    fused += part.fuse()  # the unfused arrays are freed (their buffers reused by the next)
+        mx.clear_cache()  # what is left of them goes back
         return fused
 
     def constants(self) -> list[mx.array]:

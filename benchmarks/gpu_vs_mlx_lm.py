@@ -45,6 +45,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -85,18 +86,12 @@ def state_for(variant: str, model: nn.Module) -> DecodeState:
     return (UNFUSED_STATES if variant == "lmx-unfused" else STATES)[id(model)]
 
 
-@contextlib.contextmanager
 def unfused_products() -> Any:
     """lmx before its projections were fused: each q/k/v and gate/up layer runs alone (the same
     weights, as views of the fused arrays)."""
     from lmx.models import base
 
-    saved = base.products
-    base.products = lambda owner, layers, x: [layer(x) for layer in layers]  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        base.products = saved  # type: ignore[assignment]
+    return mock.patch.object(base, "products", lambda owner, layers, x: [layer(x) for layer in layers])
 
 
 def time_lmx_unfused(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
@@ -173,17 +168,11 @@ def time_lmx_plain(model: nn.Module, prompt: list[int], n: int) -> tuple[float, 
         return time_lmx(model, prompt, n, False, segments=False)
 
 
-@contextlib.contextmanager
 def raw_cuda_attention() -> Any:
     """lmx's CUDA attention without its gradient wrapper (mx.custom_function) wherever it is called.
     Measured what the wrapper costs (RESULTS.md); since then the segmented step runs the kernel bare
     (``cuda_attention.inference``), so this variant times the same code as ``lmx-seg``."""
-    saved = cuda_attention.decode_attention
-    cuda_attention.decode_attention = cuda_attention._run  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        cuda_attention.decode_attention = saved  # type: ignore[assignment]
+    return mock.patch.object(cuda_attention, "decode_attention", cuda_attention._run)
 
 
 def time_lmx_seg_rawattn(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:

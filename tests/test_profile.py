@@ -35,7 +35,7 @@ def test_cpu_and_gpu_profiles():
         2048,
         "layerwise",
         "segmented",
-        "cuda-attention",
+        "cuda-kernels",
     )
     assert choose_profile("gpu", backend="cuda", cuda_attention=False).ops_backend == "mlx"  # LMX_CUDA_ATTENTION=0
     assert choose_profile("gpu", backend="metal", cuda_attention=True).ops_backend == "mlx"
@@ -59,7 +59,7 @@ def test_profile_refuses_bad_values():
 def test_make_ops():
     assert make_ops(DeviceProfile()) is MLX_OPS
     assert isinstance(make_ops(choose_profile("gpu", cuda_attention=True), cuda=cuda_attention), CudaOps)
-    with pytest.raises(InvalidOptionError, match="cuda-attention ops backend needs"):
+    with pytest.raises(InvalidOptionError, match="cuda-kernels ops backend needs"):
         make_ops(choose_profile("gpu", cuda_attention=True))
     assert isinstance(make_ops(choose_profile("cpu", cpu_kernels=True), kernels=object()), CpuKernelOps)  # type: ignore[arg-type]
 

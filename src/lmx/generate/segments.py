@@ -125,11 +125,11 @@ class SegmentedDecode:
         offset = mx.array(cache[0].offset, dtype=mx.int32)  # the RoPE position, as an array: one trace
         if pad is not None:
             offset = offset - pad.astype(mx.int32)  # (B,) each row's own position
-        h, q, k, v = self._first(token, offset)
         layers, n = model.layers, len(cache)
-        with model.ops.inference():  # a decode step is never differentiated
+        with model.ops.inference():  # a decode step is never differentiated (segments trace inside)
+            h, q, k, v = self._first(token, offset)
             for i, c in enumerate(cache):
                 out = layers[i].self_attn.attend(q, k, v, c, pad)  # (B, n_heads, 1, head_dim)
                 if i + 1 < n:
                     h, q, k, v = self._middle[i](h, out, offset)
-        return self._last(h, out)
+            return self._last(h, out)

@@ -190,7 +190,8 @@ class Decoder:
         try:
             if self._segmented is not None and not eager:
                 return self._segmented(tokens, cache, pad)
-            return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
+            with self.model.ops.inference():  # never differentiated: lmx's kernels run without gradients
+                return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
         finally:
             for c in cache:
                 c.masks = None
@@ -256,7 +257,8 @@ def generate_step(
         return token, logprobs
 
     def forward(token: mx.array) -> mx.array:
-        return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
+        with model.ops.inference():  # never differentiated: lmx's kernels run without gradients
+            return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
 
     step_size = prefill_step_size or plan.prefill_step_size
     first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")

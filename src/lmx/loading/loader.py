@@ -163,6 +163,7 @@ def load_profile(
         dtype=None if (dtype or "auto") == "auto" else dtype,
         cpu_kernels=cpu_kernels,
         cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
+        cuda_kernels=settings.LMX_CUDA_QUANTIZED.get(),
         gguf_on_device=gguf_on_device,
         fused_projections=settings.LMX_FUSED_PROJECTIONS.get(),
     )
@@ -174,10 +175,17 @@ def profile_ops(profile: DeviceProfile) -> Ops:
         from lmx.kernels import load_module
 
         return make_ops(profile, load_module()[0])
-    if profile.ops_backend == "cuda-attention":
-        from lmx.kernels import cuda_attention
+    if profile.ops_backend == "cuda-kernels":
+        from lmx.kernels import cuda_attention, cuda_quantized
+        from lmx.runtime import settings
 
-        return make_ops(profile, cuda=cuda_attention, cuda_padded=cuda_attention.padded_by_env())
+        return make_ops(
+            profile,
+            cuda=cuda_attention,
+            cuda_padded=cuda_attention.padded_by_env(),
+            cuda_quantized=cuda_quantized if settings.LMX_CUDA_QUANTIZED.get() else None,
+            cuda_attention=cuda_attention.enabled_by_env(),
+        )
     return make_ops(profile)
 
 

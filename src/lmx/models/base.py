@@ -284,45 +284,55 @@ class FusedProducts:
             layer is mine and layer["weight"] is part for layer, mine, part in zip(layers, self._layers, self._parts)
         )
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
-        """Each layer's output for ``x``, from one product."""
+    def __call__(self, x: mx.array, ops: Ops = MLX_OPS) -> list[mx.array]:
+        """Each layer's output for ``x``, from one product (a quantized one through ``ops``)."""
         w = self._arrays
         if self._quantized is None:
             y = x @ w["weight"]
         else:
             group_size, bits, mode = self._quantized
-            y = mx.quantized_matmul(
-                x,
-                w["weight"],
-                w["scales"],
-                w.get("biases"),
-                transpose=True,
-                group_size=group_size,
-                bits=bits,
-                mode=mode,
-            )
+            y = ops.quantized_matmul(x, w["weight"], w["scales"], w.get("biases"), group_size, bits, mode)
         return mx.split(y, list(itertools.accumulate(self._sizes[:-1])), axis=-1)
+
+
+def product(ops: Ops, layer: nn.Module, x: mx.array) -> mx.array:
+    """``layer(x)``; an MLX quantized layer's product goes through ``ops.quantized_matmul`` (on a
+    CUDA GPU, lmx's kernel for a decode step's rows: :class:`lmx.runtime.ops.CudaOps`)."""
+    if type(layer) is nn.QuantizedLinear:  # exactly: a wrapper (LoRA) runs itself
+        y = ops.quantized_matmul(
+            x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits, layer.mode
+        )
+        return y + layer["bias"] if "bias" in layer else y
+    return layer(x)
 
 
 def products(owner: Any, layers: Sequence[nn.Module], x: mx.array) -> list[mx.array]:
     """Each of ``layers``' outputs for ``x``: one fused product where ``owner.fused`` (a
-    :class:`FusedProducts` or None) still holds them, else each layer alone. A fusion whose layers
-    are plain layers again (new weights loaded, a LoRA fused in) is dropped, freeing its array."""
+    :class:`FusedProducts` or None) still holds them, else each layer alone (:func:`product`, with
+    ``owner.ops_slot``'s ops). A fusion whose layers are plain layers again (new weights loaded, a
+    LoRA fused in) is dropped, freeing its array."""
+    ops = owner.ops_slot.ops
     fused = owner.fused
     if fused is not None:
         if fused.holds(layers):
-            return fused(x)
+            return fused(x, ops)
         if all(isinstance(layer, (nn.Linear, nn.QuantizedLinear)) for layer in layers):  # not wrapped (LoRA)
             owner.fused = None
-    return [layer(x) for layer in layers]
+    return [product(ops, layer, x) for layer in layers]
 
 
 class GatedMLP(nn.Module):
     """An MLP of ``gate_proj``, ``up_proj`` and ``down_proj`` (a subclass builds them and
-    combines the gate and up outputs in ``__call__``, reading them from :meth:`gate_up`)."""
+    combines the gate and up outputs in ``__call__``, reading them from :meth:`gate_up`, and
+    projects back with :meth:`down`).
 
-    def __init__(self) -> None:
+    Args:
+        ops: the model's :class:`OpsSlot` (its quantized products, a subclass's activation).
+    """
+
+    def __init__(self, ops: OpsSlot | None = None) -> None:
         super().__init__()
+        self.ops_slot = ops or OpsSlot()
         self.fused: FusedProducts | None = None  # gate/up as one product (see fuse)
 
     def fuse(self) -> bool:
@@ -333,6 +343,10 @@ class GatedMLP(nn.Module):
     def gate_up(self, x: mx.array) -> list[mx.array]:
         """The gate and up projections of ``x``."""
         return products(self, (self.gate_proj, self.up_proj), x)
+
+    def down(self, x: mx.array) -> mx.array:
+        """The down projection of ``x``."""
+        return product(self.ops_slot.ops, self.down_proj, x)
 
 
 def rope_offset(offset: int | mx.array, pad: mx.array | None) -> int | mx.array:
@@ -420,7 +434,7 @@ class QKNormAttention(nn.Module):
     def output(self, out: mx.array, ndim: int = 3) -> mx.array:
         """The output projection of the attention ``out`` (B, n_heads, L, head_dim): (B, L, dim),
         or (B, dim) with ``ndim=2`` (one position)."""
-        return self.o_proj(merge_heads(out, ndim))
+        return product(self.ops_slot.ops, self.o_proj, merge_heads(out, ndim))
 
 
 class AttentionLayer(nn.Module):
@@ -672,9 +686,14 @@ class CausalLM(nn.Module):
         return self._own_head(h)
 
     def _own_head(self, h: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        if not self.args.tie_word_embeddings:
+            return product(self.ops, self.lm_head, h)
+        embed = self.model.embed_tokens
+        if type(embed) is nn.QuantizedEmbedding:  # its as_linear, through the ops (see product)
+            return self.ops.quantized_matmul(
+                h, embed["weight"], embed["scales"], embed.get("biases"), embed.group_size, embed.bits, embed.mode
+            )
+        return embed.as_linear(h)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:
         return self.head(self.hidden(inputs, cache or self.make_cache(), pad))

@@ -134,14 +134,13 @@ class Attention(QKNormAttention):
 
 class MLP(GatedMLP):
     def __init__(self, dim: int, hidden: int, ops: OpsSlot | None = None) -> None:
-        super().__init__()
+        super().__init__(ops)
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
-        self.ops_slot = ops or OpsSlot()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.ops_slot.ops.gelu_tanh_mul(*self.gate_up(x)))
+        return self.down(self.ops_slot.ops.gelu_tanh_mul(*self.gate_up(x)))
 
 
 class DecoderLayer(AttentionLayer):

@@ -85,21 +85,21 @@ class Attention(QKNormAttention):
 
 
 class MLP(GatedMLP):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
+    def __init__(self, dim: int, hidden: int, ops: OpsSlot | None = None) -> None:
+        super().__init__(ops)
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(*self.gate_up(x)))
+        return self.down(swiglu(*self.gate_up(x)))
 
 
 class DecoderLayer(AttentionLayer):
     def __init__(self, args: ModelArgs, layer_idx: int, ops: OpsSlot) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer_idx, ops)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, ops)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
 

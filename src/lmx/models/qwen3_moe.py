@@ -160,7 +160,7 @@ class DecoderLayer(AttentionLayer):
         super().__init__()
         self.self_attn = qwen3.Attention(args, layer_idx, ops)
         sparse = args.is_sparse(layer_idx)
-        self.mlp = SparseMoeBlock(args) if sparse else qwen3.MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = SparseMoeBlock(args) if sparse else qwen3.MLP(args.hidden_size, args.intermediate_size, ops)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, ops=ops)
 

@@ -1,8 +1,8 @@
 """The ops seam: the few layer ops whose best implementation depends on the device.
 
-A model's layers call one ops object for RMSNorm, RoPE, attention and the log-softmax's
-``logsumexp``, and a row's sampler calls it for the nucleus filter (``top_p``) and the draw
-(``categorical``); which one is chosen once at load, from the device profile
+A model's layers call one ops object for RMSNorm, RoPE, attention, the products of MLX
+quantized layers and the log-softmax's ``logsumexp``, and a row's sampler calls it for the
+nucleus filter (``top_p``) and the draw (``categorical``); which one is chosen once at load, from the device profile
 (:mod:`lmx.runtime.profile`), and handed to the model with ``model.set_ops``. The models never
 ask which device they run on (vLLM's ``platforms/`` and attention-backend selection are the
 model for this seam).
@@ -16,7 +16,8 @@ model for this seam).
   gradients. Other dtypes, array offsets and mask arrays still go to MLX.
 - :class:`CudaOps`: MLX's ops plus lmx's one-query CUDA attention
   (:mod:`lmx.kernels.cuda_attention`) for head dims MLX's CUDA backend does not fuse, and for
-  the left-padded rows of a batch (any head dim), where MLX needs a mask array.
+  the left-padded rows of a batch (any head dim), where MLX needs a mask array; and lmx's
+  kernel for a decode step's products by quantized weights (:mod:`lmx.kernels.cuda_quantized`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ class Ops(Protocol):
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
+    ) -> mx.array: ...
+
+    def quantized_matmul(
+        self,
+        x: mx.array,
+        w: mx.array,
+        scales: mx.array,
+        biases: mx.array | None,
+        group_size: int,
+        bits: int,
+        mode: str,
     ) -> mx.array: ...
 
     def logsumexp(self, x: mx.array) -> mx.array: ...
@@ -149,6 +161,19 @@ class MlxOps:
             weights, *vq, transpose=False, group_size=group_size, bits=bits
         )  # (B, n_kv, rep, Lq, D)
         return out.reshape(batch, n_heads, n_q, dim).astype(dtype)
+
+    def quantized_matmul(
+        self,
+        x: mx.array,
+        w: mx.array,
+        scales: mx.array,
+        biases: mx.array | None,
+        group_size: int,
+        bits: int,
+        mode: str,
+    ) -> mx.array:
+        """``x @ dequantize(w).T``: an ``nn.QuantizedLinear``'s product (``mx.quantized_matmul``)."""
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""
@@ -284,27 +309,59 @@ class CpuKernelOps(MlxOps):
 
 
 class CudaOps(MlxOps):
-    """MLX's ops on a CUDA GPU, with one query without a mask whose head dim MLX does not fuse
-    (Gemma 3's 256) as one op of lmx's (:func:`lmx.kernels.cuda_attention.decode_attention`)
-    instead of MLX's 12 fallback ops.
+    """MLX's ops on a CUDA GPU, with lmx's CUDA kernels where MLX's are slow:
+
+    - one query without a mask whose head dim MLX does not fuse (Gemma 3's 256) as one op
+      (:func:`lmx.kernels.cuda_attention.decode_attention`) instead of MLX's 12 fallback ops;
+    - in a decode step (inside :meth:`inference`), products of up to 8 rows by large 4- or 8-bit
+      MLX affine matrices (:func:`lmx.kernels.cuda_quantized.decode_product`): MLX's own reads
+      them at a fraction of the card's bandwidth.
 
     Args:
-        cuda: the module of that kernel (:mod:`lmx.kernels.cuda_attention`), given by whoever
-            chose the profile (kernels/ sits beside runtime/, not below it).
-        padded: the left-padded rows of a batch take the kernel too (by each row's first key,
-            :func:`lmx.kernels.cuda_attention.decode_attention_from`), any head dim.
+        cuda: the attention kernel's module (:mod:`lmx.kernels.cuda_attention`; it also keeps the
+            :meth:`inference` state), given by whoever chose the profile (kernels/ sits beside
+            runtime/, not below it).
+        padded: the left-padded rows of a batch take the attention kernel too (by each row's
+            first key, :func:`lmx.kernels.cuda_attention.decode_attention_from`), any head dim.
+        quantized: the product kernel's module (:mod:`lmx.kernels.cuda_quantized`), or None
+            (``LMX_CUDA_QUANTIZED=0``): MLX's products.
+        attention: whether the attention kernel runs (``LMX_CUDA_ATTENTION``).
     """
 
-    name = "cuda-attention"
+    name = "cuda-kernels"
 
-    def __init__(self, cuda: ModuleType, padded: bool = False) -> None:
+    def __init__(
+        self, cuda: ModuleType, padded: bool = False, quantized: ModuleType | None = None, attention: bool = True
+    ) -> None:
         self.cuda = cuda
-        self.indexes_padding = padded
+        self.indexes_padding = padded and attention
+        self.quantized = quantized
+        self.attends = attention
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
-        if mask is None and self.cuda.fits(q, k, v, scale):
+        if self.attends and mask is None and self.cuda.fits(q, k, v, scale):
             return self.cuda.decode_attention(q, k, v, scale)
         return super().attention(q, k, v, scale, mask)
+
+    def quantized_matmul(
+        self,
+        x: mx.array,
+        w: mx.array,
+        scales: mx.array,
+        biases: mx.array | None,
+        group_size: int,
+        bits: int,
+        mode: str,
+    ) -> mx.array:
+        q = self.quantized
+        if (
+            q is not None
+            and biases is not None
+            and self.cuda.inference_active()  # the kernel has no gradient
+            and q.wanted(x, w, scales, biases, group_size, bits, mode)
+        ):
+            return q.decode_product(x, w, scales, biases, group_size, bits)
+        return super().quantized_matmul(x, w, scales, biases, group_size, bits, mode)
 
     # With ``padded`` (``LMX_CUDA_PADDED_ATTENTION``), padded rows of a batch: one kernel instead of a
     # mask array and MLX's masked attention (which no MLX CUDA kernel fuses for one query).

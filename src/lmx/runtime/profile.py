@@ -28,7 +28,7 @@ PREFILL_STEP = {"cpu": 128, "gpu": 2048}
 AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 PREFILL_MODES = ("whole", "layerwise")
 DECODE_MODES = ("eager", "segmented", "compiled")
-OPS_BACKENDS = ("mlx", "cpu-kernels", "cuda-attention")
+OPS_BACKENDS = ("mlx", "cpu-kernels", "cuda-kernels")
 # How a GGUF file's quantized matrices are held where lmx's CPU kernels do not run them: "quantized"
 # re-expresses the blocks in MLX's affine layout (nn.QuantizedLinear; exact for Q4_0/Q4_1/Q5_0/Q5_1/
 # Q8_0/Q4_K/Q5_K), "float" dequantizes them (the old path). "blocks": the CPU kernels run them as they are.
@@ -76,7 +76,8 @@ class DeviceProfile(StepPlan):
         backend: ``"cpu"``, ``"cuda"`` or ``"metal"``.
         dtype: the weights' (and activations') float dtype name.
         ops_backend: ``"mlx"``, ``"cpu-kernels"`` (lmx's CPU kernels for norms, RoPE, attention and
-            logsumexp) or ``"cuda-attention"`` (MLX plus lmx's one-query CUDA attention).
+            logsumexp) or ``"cuda-kernels"`` (MLX plus lmx's CUDA kernels: one-query attention, a
+            decode step's products by 4- and 8-bit weights).
         gguf_on_device: a GGUF model's quantized matrices: ``"blocks"`` (on lmx's CPU kernels),
             ``"quantized"`` (MLX affine layers holding the same values) or ``"float"`` (dequantized).
         fused_projections: each layer's query/key/value projections run as one product, its MLP's
@@ -134,6 +135,7 @@ def choose_profile(
     dtype: str | None = None,
     cpu_kernels: bool = False,
     cuda_attention: bool = False,
+    cuda_kernels: bool = False,
     compile: bool = False,
     gguf_on_device: str | None = None,
     fused_projections: bool = False,
@@ -148,6 +150,8 @@ def choose_profile(
             ``LMX_CPU_KERNELS`` not 0 or ``cpu_kernels=True``).
         cuda_attention: lmx's one-query CUDA attention may run (``LMX_CUDA_ATTENTION`` not 0);
             used on a CUDA GPU only.
+        cuda_kernels: lmx's other CUDA kernels may run (a decode step's quantized products,
+            ``LMX_CUDA_QUANTIZED``); used on a CUDA GPU only.
         compile: decode with one compiled graph per step instead of the device's default.
         gguf_on_device: ``"quantized"`` or ``"float"`` (see :data:`GGUF_ON_DEVICE`) where the CPU
             kernels do not run; None: float (quantized is opt-in: its accuracy and speed on a GPU are
@@ -167,8 +171,8 @@ def choose_profile(
         raise InvalidOptionError("cpu_kernels needs the CPU device; on a GPU lmx runs MLX's own kernels")
     if cpu_kernels:
         ops = "cpu-kernels"
-    elif gpu and backend == "cuda" and cuda_attention:
-        ops = "cuda-attention"
+    elif gpu and backend == "cuda" and (cuda_attention or cuda_kernels):
+        ops = "cuda-kernels"
     else:
         ops = "mlx"
     if gguf_on_device is not None and gguf_on_device not in GGUF_ON_DEVICE:
@@ -191,23 +195,30 @@ def choose_profile(
 
 
 def make_ops(
-    profile: DeviceProfile, kernels: ModuleType | None = None, cuda: ModuleType | None = None, cuda_padded: bool = False
+    profile: DeviceProfile,
+    kernels: ModuleType | None = None,
+    cuda: ModuleType | None = None,
+    cuda_padded: bool = False,
+    cuda_quantized: ModuleType | None = None,
+    cuda_attention: bool = True,
 ) -> Ops:
     """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``;
-    ``cuda``: :mod:`lmx.kernels.cuda_attention`, for ``cuda-attention``, whose kernel also takes
-    padded rows with ``cuda_padded``).
+    for ``cuda-kernels``: ``cuda``, :mod:`lmx.kernels.cuda_attention`, whose attention kernel runs
+    with ``cuda_attention`` and also takes padded rows with ``cuda_padded``; ``cuda_quantized``,
+    :mod:`lmx.kernels.cuda_quantized` or None: MLX's quantized products).
 
     Raises:
-        InvalidOptionError: ``cpu-kernels`` without the kernels module, ``cuda-attention`` without its module.
+        InvalidOptionError: ``cpu-kernels`` without the kernels module, ``cuda-kernels`` without
+            :mod:`lmx.kernels.cuda_attention`.
     """
     if profile.ops_backend == "cpu-kernels":
         if kernels is None:
             raise InvalidOptionError("the cpu-kernels ops backend needs lmx's built CPU kernels module")
         return CpuKernelOps(kernels)
-    if profile.ops_backend == "cuda-attention":
+    if profile.ops_backend == "cuda-kernels":
         if cuda is None:
-            raise InvalidOptionError("the cuda-attention ops backend needs lmx.kernels.cuda_attention")
-        return CudaOps(cuda, padded=cuda_padded)
+            raise InvalidOptionError("the cuda-kernels ops backend needs lmx.kernels.cuda_attention")
+        return CudaOps(cuda, padded=cuda_padded, quantized=cuda_quantized, attention=cuda_attention)
     return MLX_OPS
 
 

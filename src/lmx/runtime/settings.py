@@ -215,6 +215,15 @@ LMX_FUSED_PROJECTIONS: Setting[bool] = Setting(
     "(the weights held once, as one array)",
     _bool,
 )
+LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
+    "LMX_CUDA_QUANTIZED",
+    BOOL,
+    False,
+    "lmx's CUDA kernel for a decode step's products by large MLX 4- and 8-bit (affine) matrices (faster "
+    "alone, not yet end to end: off until it is)",
+    _bool,
+)
+
 LMX_CUDA_PADDED_ATTENTION: Setting[bool] = Setting(
     "LMX_CUDA_PADDED_ATTENTION",
     BOOL,
@@ -272,6 +281,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CUDA_ATTENTION,
     LMX_FUSED_PROJECTIONS,
     LMX_CUDA_PADDED_ATTENTION,
+    LMX_CUDA_QUANTIZED,
     LMX_KV_BITS,
     LMX_API_KEY,
     LMX_TP_STEP_TIMEOUT,

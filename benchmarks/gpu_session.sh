@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs or gguf}
+part=${1:?serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -132,5 +132,15 @@ gguf)  # issue 17 part 3: a Q4_K_M file held quantized against dequantized, 1B s
   # compiles each quantized kernel on first use: about a minute in a fresh process)
   step 560 gguf_1b python3 benchmarks/gguf_gpu.py --device gpu --random 1b --rounds 2 --timeout 260 --json "$OUT/gguf_gpu_1b.json"
   ;;
-*) echo "part: serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs or gguf" >&2; exit 2 ;;
+quantized)  # issue 17 part 2: lmx's CUDA product for 4- and 8-bit weights, its values and speed alone,
+  # and the per-head norm + RoPE kernel's values; then Qwen 3 8B's 4-bit decode step profiled
+  step 280 qcheck python3 benchmarks/cuda_quantized_check.py --rounds 3 --json "$OUT/cuda_quantized_check.json"
+  step 200 q4_profile python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --variants lmx-seg,lmx-mlxq \
+    --rounds 2 --quantize 4 --profile-steps 32 --json "$OUT/gpu_q4_profile.json"
+  ;;
+quantized_e2e)  # the product kernel end to end in 4 bits: lmx, lmx-mlxq (MLX's products), mlx-lm
+  step 330 q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b,gemma3-1b,gemma3-270m \
+    --variants lmx,lmx-mlxq,mlx-lm --rounds 3 --quantize 4 --check-steps 16 --json "$OUT/gpu_q4.json"
+  ;;
+*) echo "part: serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf" >&2; exit 2 ;;
 esac

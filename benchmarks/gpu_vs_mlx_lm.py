@@ -12,7 +12,9 @@ Decode steps: ``lmx-plain`` is the eager step as it was before the segmented ste
 CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 ``lmx-eager`` today's eager step, ``lmx-seg`` the segmented one
 (:mod:`lmx.generate.segments`; lmx's default on a GPU), ``lmx-seg-noattn`` the segmented one
-with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off). ``--check-steps N`` first checks
+with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unfused`` with
+``LMX_FUSED_PROJECTIONS=0``, ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
+the same as ``lmx`` without ``--quantize``). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
 it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
@@ -68,6 +70,9 @@ from lmx.runtime.ops import MLX_OPS  # noqa: E402
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
 UNFUSED_STATES: dict[int, DecodeState] = {}  # the same for ``lmx-unfused`` (its own traces)
+# lmx with one of its CUDA kernels off (its own traces): variant -> the CudaOps attribute set to None
+WITHOUT_KERNEL = {"lmx-mlxq": "quantized"}
+KERNEL_OFF_STATES: dict[str, dict[int, DecodeState]] = {v: {} for v in WITHOUT_KERNEL}
 
 
 def prepare(model: nn.Module, dtype: str) -> DecodeState:
@@ -79,11 +84,14 @@ def prepare(model: nn.Module, dtype: str) -> DecodeState:
         print(f"fused projections: {model.fuse_projections()} groups", flush=True)
     STATES[id(model)] = DecodeState(model, profile)
     UNFUSED_STATES[id(model)] = DecodeState(model, profile)
+    for states in KERNEL_OFF_STATES.values():
+        states[id(model)] = DecodeState(model, profile)
     return STATES[id(model)]
 
 
 def state_for(variant: str, model: nn.Module) -> DecodeState:
-    return (UNFUSED_STATES if variant == "lmx-unfused" else STATES)[id(model)]
+    states = {"lmx-unfused": UNFUSED_STATES, **KERNEL_OFF_STATES}.get(variant, STATES)
+    return states[id(model)]
 
 
 def unfused_products() -> Any:
@@ -91,12 +99,28 @@ def unfused_products() -> Any:
     weights, as views of the fused arrays)."""
     from lmx.models import base
 
-    return mock.patch.object(base, "products", lambda owner, layers, x: [layer(x) for layer in layers])
+    return mock.patch.object(
+        base, "products", lambda owner, layers, x: [base.product(owner.ops_slot.ops, layer, x) for layer in layers]
+    )
 
 
 def time_lmx_unfused(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
     with unfused_products():
         return greedy_stamps(model, mx.array([prompt]), n, state=UNFUSED_STATES[id(model)])
+
+
+def kernel_off(model: nn.Module, variant: str) -> Any:
+    """lmx as loaded with one of its CUDA kernels off (``LMX_CUDA_QUANTIZED=0``: MLX's quantized
+    products)."""
+    attribute = WITHOUT_KERNEL[variant]
+    if getattr(model.ops, attribute, None) is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(model.ops, attribute, None)
+
+
+def time_lmx_kernel_off(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[float, list[float]]:
+    with kernel_off(model, variant):
+        return greedy_stamps(model, mx.array([prompt]), n, state=KERNEL_OFF_STATES[variant][id(model)])
 
 
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -192,6 +216,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-seg-noattn": (False, True),
     "lmx": (False, None),
     "lmx-unfused": (False, True),
+    "lmx-mlxq": (False, True),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -205,6 +230,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(no_cuda_attention(model))
     if variant == "lmx-unfused":
         stack.enter_context(unfused_products())
+    if variant in WITHOUT_KERNEL:
+        stack.enter_context(kernel_off(model, variant))
     return stack
 
 
@@ -479,6 +506,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-where": lambda pr, n: time_lmx_where(model, pr, n),
         "lmx-unfused-act": lambda pr, n: time_lmx_unfused_act(model, pr, n),
         "lmx-unfused": lambda pr, n: time_lmx_unfused(model, pr, n),
+        "lmx-mlxq": lambda pr, n: time_lmx_kernel_off(model, pr, n, "lmx-mlxq"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}

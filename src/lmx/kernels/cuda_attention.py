@@ -42,7 +42,8 @@ FUSED_HEAD_DIMS = frozenset({64, 96, 128})
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay at 32 KiB of shared memory
 
-_HEADER = """
+# float <-> the inputs' dtypes, for lmx's CUDA kernels (cuda_quantized's too)
+FLOAT_HEADER = """
 __device__ inline float lmx_f32(float x) { return x; }
 __device__ inline float lmx_f32(__half x) { return __half2float(x); }
 __device__ inline float lmx_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -208,7 +209,7 @@ def _kernel(from_first: bool = False) -> Any:
         input_names=["q", "k", "v", "first"] if from_first else ["q", "k", "v"],
         output_names=["out"],
         source=_SOURCE.replace("FIRST_KEY", "first[batch]" if from_first else "0"),
-        header=_HEADER,
+        header=FLOAT_HEADER,
         ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
     )
 

@@ -38,11 +38,13 @@ from typing import Any
 
 import mlx.core as mx
 
+from lmx.kernels.cuda_attention import FLOAT_HEADER
+
 MAX_ROWS = 8  # rows of x: a decode step's batch; more go to MLX's matrix-matrix kernels
 # Packed weights from which a decode step takes the kernel (:func:`wanted`). Alone it reads large
-# matrices 1.3-2.1x faster than MLX (Qwen 3 8B's gate/up, 54 MiB: 41 vs 63 us; its head, 334 MiB:
+# matrices 1.2-2.1x faster than MLX (Qwen 3 8B's gate/up, 54 MiB: 41 vs 63 us; its head, 334 MiB:
 # 166 vs 346 us), but a step is bound by the host's work per op, and each of these ops costs the
-# host more than MLX's own: with every product on it, Gemma 3 270M and 1B decoded 8-20% slower
+# host more than MLX's own: with every product on it, Gemma 3 270M and 1B decoded 8-23% slower
 # (benchmarks/RESULTS.md). Large matrices only: Qwen 3 8B's gate/up and head, a model's head.
 MIN_WEIGHT_BYTES = 32 << 20
 BITS = (4, 8)
@@ -50,13 +52,9 @@ GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 WARPS = 4  # warps per thread block
 
-_HEADER = """
-__device__ inline float lmx_f32(float x) { return x; }
-__device__ inline float lmx_f32(__half x) { return __half2float(x); }
-__device__ inline float lmx_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ inline void lmx_store(float* p, float x) { *p = x; }
-__device__ inline void lmx_store(__half* p, float x) { *p = __float2half(x); }
-__device__ inline void lmx_store(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
+_HEADER = (
+    FLOAT_HEADER
+    + """
 // Eight consecutive values (16-byte aligned for 16-bit types, 32-byte for float) as floats.
 __device__ inline void lmx_load8(const __nv_bfloat16* p, float* o) {
     const uint4 v = *reinterpret_cast<const uint4*>(p);
@@ -84,6 +82,7 @@ __device__ inline void lmx_load8(const float* p, float* o) {
     o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
 """
+)
 
 # Template constants: M (rows of x), K (inner size), N (weight rows), BITS (4 or 8), GS (group
 # size), R (weight rows per warp), WARPS (warps per block).

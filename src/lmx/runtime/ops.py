@@ -2,10 +2,10 @@
 
 A model's layers call one ops object for RMSNorm, RoPE, attention, the products of MLX
 quantized layers and the log-softmax's ``logsumexp``, and a row's sampler calls it for the
-nucleus filter (``top_p``) and the draw (``categorical``); which one is chosen once at load, from the device profile
-(:mod:`lmx.runtime.profile`), and handed to the model with ``model.set_ops``. The models never
-ask which device they run on (vLLM's ``platforms/`` and attention-backend selection are the
-model for this seam).
+nucleus filter (``top_p``) and the draw (``categorical``); which one is chosen once at load,
+from the device profile (:mod:`lmx.runtime.profile`), and handed to the model with
+``model.set_ops``. The models never ask which device they run on (vLLM's ``platforms/`` and
+attention-backend selection are the model for this seam).
 
 - :class:`MlxOps`: MLX's own fused ops (``mx.fast``), right everywhere.
 - :class:`CpuKernelOps`: lmx's CPU kernels (:mod:`lmx.kernels`): on the CPU MLX computes

@@ -69,10 +69,10 @@ from lmx.runtime.ops import MLX_OPS  # noqa: E402
 # Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
-UNFUSED_STATES: dict[int, DecodeState] = {}  # the same for ``lmx-unfused`` (its own traces)
-# lmx with one of its CUDA kernels off (its own traces): variant -> the CudaOps attribute set to None
+# lmx with one of its CUDA kernels off: variant -> the CudaOps attribute set to None
 WITHOUT_KERNEL = {"lmx-mlxq": "quantized"}
-KERNEL_OFF_STATES: dict[str, dict[int, DecodeState]] = {v: {} for v in WITHOUT_KERNEL}
+# variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
+OWN_TRACES: dict[str, dict[int, DecodeState]] = {v: {} for v in ("lmx-unfused", *WITHOUT_KERNEL)}
 
 
 def prepare(model: nn.Module, dtype: str) -> DecodeState:
@@ -83,15 +83,13 @@ def prepare(model: nn.Module, dtype: str) -> DecodeState:
     if profile.fused_projections:
         print(f"fused projections: {model.fuse_projections()} groups", flush=True)
     STATES[id(model)] = DecodeState(model, profile)
-    UNFUSED_STATES[id(model)] = DecodeState(model, profile)
-    for states in KERNEL_OFF_STATES.values():
+    for states in OWN_TRACES.values():
         states[id(model)] = DecodeState(model, profile)
     return STATES[id(model)]
 
 
 def state_for(variant: str, model: nn.Module) -> DecodeState:
-    states = {"lmx-unfused": UNFUSED_STATES, **KERNEL_OFF_STATES}.get(variant, STATES)
-    return states[id(model)]
+    return OWN_TRACES.get(variant, STATES)[id(model)]
 
 
 def unfused_products() -> Any:
@@ -104,11 +102,6 @@ def unfused_products() -> Any:
     )
 
 
-def time_lmx_unfused(model: nn.Module, prompt: list[int], n: int) -> tuple[float, list[float]]:
-    with unfused_products():
-        return greedy_stamps(model, mx.array([prompt]), n, state=UNFUSED_STATES[id(model)])
-
-
 def kernel_off(model: nn.Module, variant: str) -> Any:
     """lmx as loaded with one of its CUDA kernels off (``LMX_CUDA_QUANTIZED=0``: MLX's quantized
     products)."""
@@ -118,9 +111,10 @@ def kernel_off(model: nn.Module, variant: str) -> Any:
     return mock.patch.object(model.ops, attribute, None)
 
 
-def time_lmx_kernel_off(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[float, list[float]]:
-    with kernel_off(model, variant):
-        return greedy_stamps(model, mx.array([prompt]), n, state=KERNEL_OFF_STATES[variant][id(model)])
+def time_lmx_patched(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[float, list[float]]:
+    """An lmx variant of :data:`OWN_TRACES`: its patches (``step_context``), its own traces."""
+    with step_context(variant, model):
+        return greedy_stamps(model, mx.array([prompt]), n, state=state_for(variant, model))
 
 
 from lmx.runtime.device import choose_device  # noqa: E402
@@ -164,16 +158,12 @@ def plain_lmx() -> Any:
         batch, _, length, _ = x.shape
         return x.transpose(0, 2, 1, 3).reshape(batch, length, -1)  # (B, L, n_heads * D)
 
-    saved = base.Linear.__call__, [(m, m.split_heads, m.merge_heads) for m in (base,)]
-    base.Linear.__call__ = nn.Linear.__call__  # type: ignore[method-assign]
-    for m in (base,):
-        m.split_heads, m.merge_heads = split_heads, merge_heads  # type: ignore[attr-defined]
-    try:
+    with (
+        mock.patch.object(base.Linear, "__call__", nn.Linear.__call__),
+        mock.patch.object(base, "split_heads", split_heads),
+        mock.patch.object(base, "merge_heads", merge_heads),
+    ):
         yield
-    finally:
-        base.Linear.__call__ = saved[0]  # type: ignore[method-assign]
-        for m, split, merge in saved[1]:
-            m.split_heads, m.merge_heads = split, merge  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
@@ -509,8 +499,8 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-boolmask": lambda pr, n: time_lmx_boolmask(model, pr, n),
         "lmx-where": lambda pr, n: time_lmx_where(model, pr, n),
         "lmx-unfused-act": lambda pr, n: time_lmx_unfused_act(model, pr, n),
-        "lmx-unfused": lambda pr, n: time_lmx_unfused(model, pr, n),
-        "lmx-mlxq": lambda pr, n: time_lmx_kernel_off(model, pr, n, "lmx-mlxq"),
+        "lmx-unfused": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-unfused"),
+        "lmx-mlxq": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-mlxq"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -593,8 +583,8 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, "
-        "lmx-boolmask, lmx-where, "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-mlxq (MLX's quantized products), "
+        "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )
     p.add_argument("--check-steps", type=int, default=0, help="check greedy tokens against lmx-plain first")

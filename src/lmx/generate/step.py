@@ -140,6 +140,14 @@ class DecodeState:
         return self._segments is not None
 
 
+def eager_step(model: LanguageModel, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
+    """Logits (B, V) for ``tokens`` (B,), the step built op by op; every cache advances by one
+    position. Inside the ops' ``inference()``: a decode step is never differentiated, so lmx's
+    kernels without gradients may run."""
+    with model.ops.inference():
+        return model.head(model.hidden(tokens[:, None], cache, pad))[:, -1, :]
+
+
 class Decoder:
     """One-token decode steps for the rows of a batch: ``(tokens (B,), cache, pad) -> logits (B, V)``.
 
@@ -190,8 +198,7 @@ class Decoder:
         try:
             if self._segmented is not None and not eager:
                 return self._segmented(tokens, cache, pad)
-            with self.model.ops.inference():  # never differentiated: lmx's kernels run without gradients
-                return self.model.head(self.model.hidden(tokens[:, None], cache, pad))[:, -1, :]
+            return eager_step(self.model, tokens, cache, pad)
         finally:
             for c in cache:
                 c.masks = None
@@ -257,8 +264,7 @@ def generate_step(
         return token, logprobs
 
     def forward(token: mx.array) -> mx.array:
-        with model.ops.inference():  # never differentiated: lmx's kernels run without gradients
-            return model.head(model.hidden(token[:, None], cache, pad))[:, -1, :]
+        return eager_step(model, token, cache, pad)
 
     step_size = prefill_step_size or plan.prefill_step_size
     first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")

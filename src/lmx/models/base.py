@@ -295,13 +295,19 @@ class FusedProducts:
         return mx.split(y, list(itertools.accumulate(self._sizes[:-1])), axis=-1)
 
 
+def quantized_product(ops: Ops, layer: nn.Module, x: mx.array) -> mx.array:
+    """``x`` by the quantized weight of ``layer`` (an ``nn.QuantizedLinear``, or an
+    ``nn.QuantizedEmbedding`` as the tied head), through ``ops.quantized_matmul``; no bias."""
+    return ops.quantized_matmul(
+        x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits, layer.mode
+    )
+
+
 def product(ops: Ops, layer: nn.Module, x: mx.array) -> mx.array:
     """``layer(x)``; an MLX quantized layer's product goes through ``ops.quantized_matmul`` (on a
     CUDA GPU, lmx's kernel for a decode step's rows: :class:`lmx.runtime.ops.CudaOps`)."""
     if type(layer) is nn.QuantizedLinear:  # exactly: a wrapper (LoRA) runs itself
-        y = ops.quantized_matmul(
-            x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits, layer.mode
-        )
+        y = quantized_product(ops, layer, x)
         return y + layer["bias"] if "bias" in layer else y
     return layer(x)
 
@@ -690,9 +696,7 @@ class CausalLM(nn.Module):
             return product(self.ops, self.lm_head, h)
         embed = self.model.embed_tokens
         if type(embed) is nn.QuantizedEmbedding:  # its as_linear, through the ops (see product)
-            return self.ops.quantized_matmul(
-                h, embed["weight"], embed["scales"], embed.get("biases"), embed.group_size, embed.bits, embed.mode
-            )
+            return quantized_product(self.ops, embed, h)
         return embed.as_linear(h)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:

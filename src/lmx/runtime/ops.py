@@ -356,9 +356,8 @@ class CudaOps(MlxOps):
         q = self.quantized
         if (
             q is not None
-            and biases is not None
             and self.cuda.inference_active()  # the kernel has no gradient
-            and q.wanted(x, w, scales, biases, group_size, bits, mode)
+            and q.wanted(x, w, scales, biases, group_size, bits, mode)  # (affine only: biases present)
         ):
             return q.decode_product(x, w, scales, biases, group_size, bits)
         return super().quantized_matmul(x, w, scales, biases, group_size, bits, mode)

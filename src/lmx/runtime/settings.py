@@ -223,7 +223,6 @@ LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
     "alone, not yet end to end: off until it is)",
     _bool,
 )
-
 LMX_CUDA_PADDED_ATTENTION: Setting[bool] = Setting(
     "LMX_CUDA_PADDED_ATTENTION",
     BOOL,

@@ -84,11 +84,14 @@ void GeluTanhMul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     std::vector<float> tg, tu;
     const float* gp = row_major(g, tg);
     const float* up = row_major(u, tu);
-    const int64_t n = g.size();
-    run_parallel((n + kChunk - 1) / kChunk, [&](int64_t c) {
-      const int64_t start = c * kChunk;
-      gelu_mul(gp + start, up + start, y + start, std::min(kChunk, n - start));
-    });
+    gelu_tanh_mul_values(gp, up, y, g.size());
+  });
+}
+
+void gelu_tanh_mul_values(const float* g, const float* u, float* y, int64_t n) {
+  run_parallel((n + kChunk - 1) / kChunk, [&](int64_t c) {
+    const int64_t start = c * kChunk;
+    gelu_mul(g + start, u + start, y + start, std::min(kChunk, n - start));
   });
 }
 

@@ -15,6 +15,10 @@ namespace lmx {
 // MLX's ops.
 mx::array gelu_tanh_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 
+// y = gelu_pytorch_tanh(g) * u over n float32 values, on the kernels' thread pool: what the op computes
+// (the fused decode layer calls it too).
+void gelu_tanh_mul_values(const float* g, const float* u, float* y, int64_t n);
+
 class GeluTanhMul : public CpuOp {
  public:
   using CpuOp::CpuOp;

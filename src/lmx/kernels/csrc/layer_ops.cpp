@@ -13,6 +13,7 @@
 #include "attention_blas.h"
 #include "cpu_eval.h"
 #include "qmatmul.h"
+#include "rows.h"
 #include "simd_exp.h"
 #include "strided.h"
 #include "mlx/fast.h"
@@ -143,14 +144,7 @@ void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const float* xp = row_major(x, tmp);
     const float* wp = w.data<float>();  // 1-D: contiguous unless a strided view, handled below
     const int64_t n = x.shape(-1), rows = x.size() / n, ws = w.strides()[0];
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * n;
-      float* yr = y + r * n;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
-      for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] * inv) * wp[i * ws];
-    }
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(xp + r * n, wp, ws, eps, n, y + r * n);
   });
 }
 
@@ -184,25 +178,10 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int64_t d = x.shape(-1), len = x.shape(-2), rows = x.size() / d, half = dims / 2;
     const int64_t ps = periods.strides()[0];
     std::vector<float> cosv(len * half), sinv(len * half);  // one table a call: positions x pairs
-    for (int64_t l = 0; l < len; ++l) {
-      const float pos = scale * static_cast<float>(offset + l);
-      for (int64_t i = 0; i < half; ++i) {
-        const float theta = pos * (1.0f / periods.data<float>()[i * ps]);
-        cosv[l * half + i] = std::cos(theta);
-        sinv[l * half + i] = std::sin(theta);
-      }
-    }
+    rope_table(periods.data<float>(), ps, half, scale, offset, len, cosv.data(), sinv.data());
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * d;
-      float* yr = y + r * d;
-      const float* c = cosv.data() + (r % len) * half;
-      const float* sn = sinv.data() + (r % len) * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = xr[i], b = xr[i + half];
-        yr[i] = a * c[i] - b * sn[i];
-        yr[i + half] = a * sn[i] + b * c[i];
-      }
-      for (int64_t i = dims; i < d; ++i) yr[i] = xr[i];
+      const int64_t at = (r % len) * half;
+      rope_row(xp + r * d, cosv.data() + at, sinv.data() + at, half, d, y + r * d);
     }
   });
 }

@@ -8,11 +8,13 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 #include "blas.h"
 #include "cpu_eval.h"
@@ -297,6 +299,27 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     parallel_rows(g.n, g.n * g.k * g.m, [&](int64_t r0, int64_t r1) {
       avx512 ? avx512::gemv(type, g, r0, r1) : avx ? avx2::gemv(type, g, r0, r1) : generic::gemv(type, g, r0, r1);
     });
+  });
+}
+
+void decode_products(const DecodeProduct* products, int count) {
+  const bool avx512 = avx512_allowed && cpu_has_avx512(), avx = cpu_has_avx2();
+  auto rows = [&](const DecodeProduct& p, int64_t r0, int64_t r1) {
+    const Gemv g{p.w, p.row_bytes, p.x, p.m, p.k, p.n, p.y};
+    avx512 ? avx512::gemv(p.type, g, r0, r1) : avx ? avx2::gemv(p.type, g, r0, r1) : generic::gemv(p.type, g, r0, r1);
+  };
+  const int threads = pool().size();
+  // Each product's rows in chunks as parallel_rows cuts them, every chunk of every product one task.
+  std::vector<std::array<int64_t, 3>> tasks;  // (product, first row, end row)
+  for (int i = 0; i < count; ++i) {
+    const DecodeProduct& p = products[i];
+    const int64_t chunk = p.n * p.k * p.m < kParallelMin || threads == 1
+                              ? p.n
+                              : std::max<int64_t>(8, (p.n + 4 * threads - 1) / (4 * threads) + 7) / 8 * 8;
+    for (int64_t r = 0; r < p.n; r += chunk) tasks.push_back({i, r, std::min(p.n, r + chunk)});
+  }
+  run_parallel(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    rows(products[tasks[t][0]], tasks[t][1], tasks[t][2]);
   });
 }
 

@@ -37,6 +37,23 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool 
 // The float32 values of quantized rows: w (..., k / values * bytes) uint8 -> (..., k) float32.
 mx::array dequantize_rows(const mx::array& w, int type, int k, mx::StreamOrDevice s = {});
 
+// One product of a decode step for decode_products: y (m, n) = x (m, k) @ W^T, W's n rows of `type`
+// blocks at w (row_bytes apart), 1 <= m <= 8 row-major float32 rows of x.
+struct DecodeProduct {
+  const uint8_t* w;
+  int64_t row_bytes;
+  int type;
+  int64_t k, n;
+  const float* x;
+  int64_t m;
+  float* y;
+};
+
+// Several decode products in one job of the thread pool (each W's rows split as qmatmul splits them),
+// each computed by qmatmul's own kernels: the same values, bit for bit. Call from an op's eval, where
+// the arrays' data is ready.
+void decode_products(const DecodeProduct* products, int count);
+
 // Threads the kernels use (the calling thread counts as one); n < 1 means 1.
 void set_num_threads(int n);
 // fn(i) for i in [0, tasks) on the kernels' thread pool (the calling thread takes part).

@@ -163,8 +163,13 @@ def spm_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_gguf(path: Path, arch: str, *, rng: np.random.Generator) -> Path:
-    """A tiny 2-layer GGUF of ``arch`` (qwen3: byte-level vocab; llama: SentencePiece vocab) with mixed tensor types."""
+def write_tiny_gguf(
+    path: Path, arch: str, *, rng: np.random.Generator, kinds: list[T] | None = None, v_type: T | None = None
+) -> Path:
+    """A tiny 2-layer GGUF of ``arch`` (qwen3: byte-level vocab; llama: SentencePiece vocab) with mixed tensor types.
+
+    ``kinds``: the block types the layers' q, k, o and gate weights cycle through (default: eight,
+    some of which lmx's kernels do not read); ``v_type``: attn_v's blocks (default float16)."""
     hidden, ffn, heads, kv_heads, head_dim, layers = 256, 512, 2, 1, 128, 2
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(4096)
@@ -209,7 +214,7 @@ def write_tiny_gguf(path: Path, arch: str, *, rng: np.random.Generator) -> Path:
     quantized("token_embd.weight", T.Q8_0, vocab, hidden)
     floats("output_norm.weight", hidden)
     quantized("output.weight", T.Q6_K, vocab, hidden)
-    kinds = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K]
+    kinds = kinds or [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K]
     for i in range(layers):
         p = f"blk.{i}."
         floats(p + "attn_norm.weight", hidden)
@@ -217,11 +222,14 @@ def write_tiny_gguf(path: Path, arch: str, *, rng: np.random.Generator) -> Path:
         if arch == "qwen3":
             floats(p + "attn_q_norm.weight", head_dim)
             floats(p + "attn_k_norm.weight", head_dim)
-        quantized(p + "attn_q.weight", kinds[(i * 4) % 8], heads * head_dim, hidden)
-        quantized(p + "attn_k.weight", kinds[(i * 4 + 1) % 8], kv_heads * head_dim, hidden)
-        floats(p + "attn_v.weight", kv_heads * head_dim, hidden, dtype=np.float16)
-        quantized(p + "attn_output.weight", kinds[(i * 4 + 2) % 8], hidden, heads * head_dim)
-        quantized(p + "ffn_gate.weight", kinds[(i * 4 + 3) % 8], ffn, hidden)
+        quantized(p + "attn_q.weight", kinds[(i * 4) % len(kinds)], heads * head_dim, hidden)
+        quantized(p + "attn_k.weight", kinds[(i * 4 + 1) % len(kinds)], kv_heads * head_dim, hidden)
+        if v_type is None:
+            floats(p + "attn_v.weight", kv_heads * head_dim, hidden, dtype=np.float16)
+        else:
+            quantized(p + "attn_v.weight", v_type, kv_heads * head_dim, hidden)
+        quantized(p + "attn_output.weight", kinds[(i * 4 + 2) % len(kinds)], hidden, heads * head_dim)
+        quantized(p + "ffn_gate.weight", kinds[(i * 4 + 3) % len(kinds)], ffn, hidden)
         quantized(p + "ffn_up.weight", T.Q8_0, ffn, hidden)
         writer.add_tensor(
             p + "ffn_down.weight",

@@ -22,6 +22,7 @@ import mlx.nn as nn
 
 from lmx.errors import ConfigError
 from lmx.models.cache import KVCache, KVQuant, RotatingKVCache, Storage
+from lmx.models.gguf_layers import decode_blocks, decode_rows, norm_scales
 from lmx.runtime.ops import MLX_OPS, Ops
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,10 @@ class RMSNorm(nn.RMSNorm):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.ops_slot.ops.rms_norm(x, self["weight"], self.eps)
+
+    def scale(self) -> mx.array:
+        """What the normed values are multiplied by: the weight."""
+        return self["weight"]
 
 
 @partial(mx.compile, shapeless=True)
@@ -455,7 +460,40 @@ class AttentionLayer(nn.Module):
     def begin(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """The layer up to attention: queries, keys and values of the residual stream ``x``
         (B, L, dim), or (B, dim) for one position."""
+        kernels = self.self_attn.ops_slot.ops.decode_layer_kernels()
+        if kernels is not None and (fused := self._fused_begin(kernels, x, offset)) is not None:
+            return fused
         return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def _fused_begin(self, kernels: Any, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...] | None:
+        """:meth:`begin` of one decode position as one op of lmx's CPU kernels (the same values),
+        where the projections are GGUF blocks; else None."""
+        attn = self.self_attn
+        blocks = decode_blocks((attn.q_proj, attn.k_proj, attn.v_proj))
+        norms = norm_scales((self.input_layernorm, attn.q_norm, attn.k_norm))
+        rope = attn.rope
+        if not isinstance(offset, int) or not decode_rows(x) or blocks is None or norms is None or rope.mscale != 1:
+            return None
+        (scale, q_scale, k_scale), eps = norms
+        (wq, tq), (wk, tk), (wv, tv) = blocks
+        head = (attn.n_heads, attn.n_kv_heads, attn.head_dim)
+        return kernels.decode_layer_begin(
+            x,
+            scale,
+            eps,
+            wq,
+            wk,
+            wv,
+            (tq, tk, tv),
+            *head,
+            q_scale,
+            k_scale,
+            eps,
+            rope.dims,
+            rope.periods,
+            rope.scale,
+            offset,
+        )
 
     def end(self, x: mx.array, out: mx.array) -> mx.array:
         """The layer after attention: the residual stream ``x`` plus attention ``out`` and the rest."""

@@ -25,6 +25,7 @@ from lmx.models.base import (
     QKNormAttention,
     layer_types_from,
 )
+from lmx.models.gguf_layers import decode_blocks, decode_rows, norm_scales
 from lmx.models.rope import RoPE, rope_settings
 
 
@@ -92,13 +93,14 @@ class RMSNorm(nn.Module):
         self.one_plus_weight = Derived(_one_plus)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.ops_slot.ops.rms_norm(x, self._scale(), self.eps)
+        return self.ops_slot.ops.rms_norm(x, self.scale(), self.eps)
 
     def constants(self) -> list[mx.array]:
         """Arrays derived from the weights and kept between calls (compiled steps read them)."""
-        return [self._scale()]
+        return [self.scale()]
 
-    def _scale(self) -> mx.array:
+    def scale(self) -> mx.array:
+        """What the normed values are multiplied by: ``1 + weight``."""
         return self.one_plus_weight.of(self.weight)
 
 
@@ -156,8 +158,25 @@ class DecoderLayer(AttentionLayer):
 
     def end(self, x: mx.array, out: mx.array) -> mx.array:
         """The layer after attention: the residual stream ``x`` plus attention ``out`` and the MLP."""
+        kernels = self.self_attn.ops_slot.ops.decode_layer_kernels()
+        if kernels is not None and (fused := self._fused_end(kernels, x, out)) is not None:
+            return fused
         h = x + self.post_attention_layernorm(self.self_attn.output(out, x.ndim))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def _fused_end(self, kernels: Any, x: mx.array, out: mx.array) -> mx.array | None:
+        """:meth:`end` of one decode position as one op of lmx's CPU kernels (the same values), where
+        the projections are GGUF blocks; else None."""
+        mlp = self.mlp
+        blocks = decode_blocks((self.self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        norms = norm_scales(
+            (self.post_attention_layernorm, self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
+        )
+        if blocks is None or norms is None or not decode_rows(x) or out.dtype != mx.float32:
+            return None
+        (post_attn, pre_ffn, post_ffn), eps = norms
+        (wo, to), (wg, tg), (wu, tu), (wd, td) = blocks
+        return kernels.decode_layer_end(x, out, wo, post_attn, pre_ffn, wg, wu, wd, post_ffn, [to, tg, tu, td], eps)
 
 
 class TextModel(DecoderStack):

@@ -11,6 +11,7 @@ GGUF model. The weights are frozen: LoRA trains adapters on top
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 
 import mlx.core as mx
@@ -79,6 +80,31 @@ class GGUFEmbedding(nn.Module):
         return _kernels().dequantize_rows(self.weight, self.ggml_type, self.dims)
 
 
+def decode_blocks(layers: Sequence[nn.Module]) -> list[tuple[mx.array, int]] | None:
+    """Each layer's (blocks, GGML type) where every one is a plain :class:`GGUFLinear` (no bias, exact
+    float32 products, not wrapped by an adapter): what a fused decode-layer op of :mod:`lmx.kernels`
+    may read in their place; else None."""
+    out = []
+    for layer in layers:
+        if type(layer) is not GGUFLinear or "bias" in layer or layer.int8_activations:
+            return None
+        out.append((layer.weight, layer.ggml_type))
+    return out
+
+
+def decode_rows(x: mx.array) -> bool:
+    """Whether ``x`` is what the fused decode-layer ops take: float32 (B, 1, dim) with 1 <= B <= 8."""
+    return x.dtype == mx.float32 and x.ndim == 3 and x.shape[1] == 1 and 1 <= x.shape[0] <= 8
+
+
+def norm_scales(norms: Sequence[nn.Module]) -> tuple[list[mx.array], float] | None:
+    """The norms' float32 scales and their one eps (a fused op takes one), else None."""
+    scales = [norm.scale() for norm in norms]
+    if any(s.dtype != mx.float32 for s in scales) or len({norm.eps for norm in norms}) != 1:
+        return None
+    return scales, norms[0].eps
+
+
 def use_gguf_blocks(
     model: nn.Module, block_types: dict[str, int], dtype: mx.Dtype, source: str, int8_activations: bool = False
 ) -> None:
@@ -129,4 +155,13 @@ def uses_gguf_blocks(model: nn.Module) -> bool:
     return any(isinstance(m, (GGUFLinear, GGUFEmbedding)) for _, m in model.named_modules())
 
 
-__all__ = ["GGUFEmbedding", "GGUFLinear", "gguf_block_values", "use_gguf_blocks", "uses_gguf_blocks"]
+__all__ = [
+    "GGUFEmbedding",
+    "GGUFLinear",
+    "decode_blocks",
+    "decode_rows",
+    "gguf_block_values",
+    "norm_scales",
+    "use_gguf_blocks",
+    "uses_gguf_blocks",
+]

@@ -83,6 +83,11 @@ class RoPE(nn.Module):
         self._periods = freqs if freqs is not None else base**exponents
         mx.eval(self._periods)
 
+    @property
+    def periods(self) -> mx.array:
+        """Each rotated pair's period (angle = position * scale / period), (dims / 2,) float32."""
+        return self._periods
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         out = self.ops_slot.ops.rope(
             x,

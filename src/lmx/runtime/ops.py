@@ -23,7 +23,8 @@ attention-backend selection are the model for this seam).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from functools import partial
 from types import ModuleType
@@ -90,6 +91,8 @@ class Ops(Protocol):
     def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array: ...
 
     def inference(self) -> ContextManager[None]: ...
+
+    def decode_layer_kernels(self) -> ModuleType | None: ...
 
 
 class MlxOps:
@@ -209,6 +212,11 @@ class MlxOps:
         """Graphs built inside are never differentiated (a decode step): ops may skip their gradient set-up."""
         return contextlib.nullcontext()
 
+    def decode_layer_kernels(self) -> ModuleType | None:
+        """The kernels module whose fused decode-layer ops (``decode_layer_begin``/``_end``, no
+        gradient) the layers may call now, or None: only lmx's CPU kernels, inside :meth:`inference`."""
+        return None
+
 
 # Row i of the result is mx.random.categorical(logits[i], key=keys[i]): the vmapped draw makes the
 # same random bits for each key as drawing alone (one RandomBits op for every row).
@@ -233,6 +241,21 @@ class CpuKernelOps(MlxOps):
 
     def __init__(self, kernels: ModuleType) -> None:
         self.kernels = kernels
+        self._inference = threading.local()  # per thread: a server's workers build steps side by side
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        depth = getattr(self._inference, "depth", 0)
+        self._inference.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._inference.depth = depth
+
+    def decode_layer_kernels(self) -> ModuleType | None:
+        # A decode layer's pieces around attention as one op each (lmx.kernels' decode_layer.h): a
+        # Gemma 3 270M step was 496 ops of a few microseconds each; the same values, no gradient.
+        return self.kernels if getattr(self._inference, "depth", 0) else None
 
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
         return self.kernels.rms_norm(x, weight, eps)

@@ -1,14 +1,18 @@
 // Python bindings of the lmx CPU kernels (module lmx.kernels._lmx_kernels).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "activation.h"
 #include "attention_blas.h"
+#include "decode_layer.h"
 #include "layer_ops.h"
 #include "qmatmul.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+namespace mx = mlx::core;
 
 NB_MODULE(_lmx_kernels, m) {
   m.doc() = "lmx CPU kernels: matmul against GGUF-quantized weights";
@@ -49,6 +53,27 @@ NB_MODULE(_lmx_kernels, m) {
         "scale"_a, "causal"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "attention over mx.quantize'd keys and values (8 or 4 bits; no mask or causal) as one CPU op for up to 8 "
         "float32 queries.");
+  m.def(
+      "decode_layer_begin",
+      [](const mx::array& x, const mx::array& norm, float eps, const mx::array& wq, const mx::array& wk,
+         const mx::array& wv, std::array<int, 3> types, int n_heads, int n_kv_heads, int head_dim,
+         const mx::array& q_norm, const mx::array& k_norm, float head_eps, int rope_dims, const mx::array& periods,
+         float rope_scale, int offset, mx::StreamOrDevice s) {
+        lmx::BeginSpec spec{eps, {types[0], types[1], types[2]}, n_heads, n_kv_heads, head_dim, head_eps,
+                            rope_dims, rope_scale, offset};
+        auto out = lmx::decode_layer_begin(x, norm, wq, wk, wv, q_norm, k_norm, periods, spec, s);
+        return nb::make_tuple(out[0], out[1], out[2]);
+      },
+      "x"_a, "norm"_a, "eps"_a, "wq"_a, "wk"_a, "wv"_a, "types"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a,
+      "q_norm"_a, "k_norm"_a, "head_eps"_a, "rope_dims"_a, "periods"_a, "rope_scale"_a, "offset"_a, nb::kw_only(),
+      "stream"_a = nb::none(),
+      "A decoder layer up to attention for one position of B <= 8 rows, as one op: x (B, 1, dim) float32 -> "
+      "(q, k, v), each (B, heads, 1, head_dim), normed and rotated as the separate ops do (GGUF-block weights; "
+      "no gradient).");
+  m.def("decode_layer_end", &lmx::decode_layer_end, "x"_a, "attn"_a, "wo"_a, "post_attn"_a, "pre_ffn"_a, "wg"_a,
+        "wu"_a, "wd"_a, "post_ffn"_a, "types"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Gemma 3's decoder layer after attention for one position of B <= 8 rows, as one op (GGUF-block weights; "
+        "the separate ops' values; no gradient).");
   m.def("set_num_threads", &lmx::set_num_threads, "n"_a, "Threads the kernels use (the caller included).");
   m.def("num_threads", &lmx::num_threads);
   m.def("set_pool_spin", &lmx::set_pool_spin, "microseconds"_a,

@@ -149,6 +149,26 @@ def test_attention(K, causal, batch, heads, kv_heads, lq, lk, d):
 
 
 @needs_kernels
+def test_decode_attention_on_threads_equals_one_thread(K):
+    """Few queries over many keys: the query rows are shared out over the pool, each computed whole by one
+    thread, so the result is the one-thread result bit for bit (and the float64 attention)."""
+    rng = np.random.default_rng(5)
+    q = mx.array(rng.standard_normal((2, 8, 3, 128)).astype(np.float32))
+    k = mx.array(rng.standard_normal((2, 2, 600, 128)).astype(np.float32))
+    v = mx.array(rng.standard_normal((2, 2, 600, 128)).astype(np.float32))
+    before = K.num_threads()
+    try:
+        K.set_num_threads(1)
+        one = np.array(K.attention(q, k, v, 0.1, True))
+        K.set_num_threads(3)
+        three = np.array(K.attention(q, k, v, 0.1, True))
+    finally:
+        K.set_num_threads(before)
+    np.testing.assert_array_equal(one, three)
+    close(mx.array(three), np_attention(np.array(q), np.array(k), np.array(v), 0.1, True), 1e-5)
+
+
+@needs_kernels
 def test_attention_over_cache_slices(K):
     """Keys and values as a KV cache hands them: a prefix of a larger buffer (a strided view)."""
     rng = np.random.default_rng(4)

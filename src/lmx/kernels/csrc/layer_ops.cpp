@@ -102,6 +102,11 @@ LMX_SIMD_CLONES float max_of(const float* x, int64_t n) {
   return top;
 }
 
+// Multiply-adds of a decode attention (queries x keys x (d + dv)) from which its query rows are shared
+// out over the thread pool: Gemma 3 270M's 4 heads from about 128 keys on (0.2 ms a layer at 540 keys
+// on one thread of the development machine).
+constexpr int64_t kDecodeParallelMin = 1 << 18;
+
 bool float_vector(const mx::array& a, int64_t n) {
   return a.dtype() == mx::float32 && a.ndim() == 1 && a.shape(0) == n;
 }
@@ -471,31 +476,36 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
     const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
     const int64_t groups = heads / k.shape(1), lk = k.shape(2), dv = v.shape(3);
-    std::vector<float> p(lk);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        for (int64_t i = 0; i < lq; ++i) {
-          const int64_t keys = causal ? lk - lq + i + 1 : lk;
-          const float* qi = qr.at(b, h, i);
-          float top = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < keys; ++j) {
-            p[j] = dot(qi, kr.at(b, h / groups, j), d) * scale;
-            top = std::max(top, p[j]);
-          }
-          float total = 0.0f;
-          for (int64_t j = 0; j < keys; ++j) {
-            p[j] = std::exp(p[j] - top);
-            total += p[j];
-          }
-          float* yi = y + ((b * heads + h) * lq + i) * dv;
-          std::fill(yi, yi + dv, 0.0f);
-          for (int64_t j = 0; j < keys; ++j) {
-            add_scaled(yi, vr.at(b, h / groups, j), p[j], dv);
-          }
-          const float inv = 1.0f / total;
-          for (int64_t c = 0; c < dv; ++c) yi[c] *= inv;
-        }
+    // One task a query row (batch, head, position): each computed alone, whichever thread runs it.
+    auto row = [&](int64_t t) {
+      thread_local std::vector<float> p;
+      p.resize(lk);
+      const int64_t b = t / (heads * lq), h = t / lq % heads, i = t % lq;
+      const int64_t keys = causal ? lk - lq + i + 1 : lk;
+      const float* qi = qr.at(b, h, i);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < keys; ++j) {
+        p[j] = dot(qi, kr.at(b, h / groups, j), d) * scale;
+        top = std::max(top, p[j]);
       }
+      float total = 0.0f;
+      for (int64_t j = 0; j < keys; ++j) {
+        p[j] = std::exp(p[j] - top);
+        total += p[j];
+      }
+      float* yi = y + t * dv;
+      std::fill(yi, yi + dv, 0.0f);
+      for (int64_t j = 0; j < keys; ++j) {
+        add_scaled(yi, vr.at(b, h / groups, j), p[j], dv);
+      }
+      const float inv = 1.0f / total;
+      for (int64_t c = 0; c < dv; ++c) yi[c] *= inv;
+    };
+    const int64_t rows = batch * heads * lq;
+    if (rows * lk * (d + dv) >= kDecodeParallelMin) {
+      run_parallel(rows, row);
+    } else {
+      for (int64_t t = 0; t < rows; ++t) row(t);
     }
   });
 }

@@ -129,6 +129,34 @@ def test_m_rows_equal_m_one_row_products_bit_for_bit(K, qtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_prefetching_weight_rows_leaves_products_unchanged(K, qtype):
+    """Decode products ask memory for W rows ahead of the one they decode (set_prefetch_rows): any
+    distance, none, or one past the last row of a task gives the same bits, and the right values."""
+    rng = np.random.default_rng(29 + int(qtype))
+    k = 2 * GGML_QUANT_SIZES[qtype][0] if qtype in (T.Q4_K, T.Q6_K) else 10 * GGML_QUANT_SIZES[qtype][0]
+    blocks = random_blocks(qtype, 61, k, rng)
+    w = mx.array(blocks)
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    x_want = x.astype(np.float64) @ reference(blocks, qtype, k).astype(np.float64).T
+    try:
+        for int8 in (False, True) if K.has_avx2() else (False,):
+            want = None
+            for ahead in (0, 1, 4, 60, 61, 1000):
+                K.set_prefetch_rows(ahead)
+                got = [np.array(K.qmatmul(mx.array(x[:m]), w, int(qtype), k, int8_activations=int8)) for m in (1, 3, 8)]
+                if want is None:
+                    want = got
+                    if not int8:
+                        for m, g in zip((1, 3, 8), got):
+                            close(g, x_want[:m])
+                for m, g, h in zip((1, 3, 8), got, want):
+                    np.testing.assert_array_equal(g, h, err_msg=f"prefetch {ahead} rows, m={m}, int8 {int8}")
+    finally:
+        K.set_prefetch_rows(4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 37])  # decode, several rows, prefill (dequantize + BLAS)
 def test_qmatmul_reads_strided_x_and_adds_no_copy_op(K, rows, tmp_path):
     """x is read through its strides when the product runs (a view costs no Contiguous op), and the

@@ -78,6 +78,8 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("num_threads", &lmx::num_threads);
   m.def("set_pool_spin", &lmx::set_pool_spin, "microseconds"_a,
         "How long the kernels' threads poll for the next job before they sleep (0: at once). For benchmarks.");
+  m.def("set_prefetch_rows", &lmx::set_prefetch_rows, "rows"_a,
+        "W rows a decode product asks memory for ahead of the one it decodes (default 4; 0: none; the same values). For benchmarks.");
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");
   m.def("set_avx512", &lmx::set_avx512, "allowed"_a,
         "Whether decode products (one row and 2-8 rows) may use the AVX-512VL copy (default: where the CPU has it; same "

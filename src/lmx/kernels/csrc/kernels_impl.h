@@ -602,6 +602,18 @@ LMX_INLINE void gemv_row_m(const Gemv& g, int64_t i0, int64_t r) {
 constexpr int kRowsPerPass = LMX_IMPL_ROWS_PER_PASS;
 #endif
 
+// Ask memory for W row r + ahead (within the rows [.., r1) of this task): where the hardware's
+// prefetchers stop at each 4 KiB page, a streamed matrix (the head) otherwise waits on every row.
+LMX_INLINE void prefetch_row(const uint8_t* w, int64_t row_bytes, int64_t r, int64_t r1, int64_t ahead) {
+  if (ahead > 0 && r + ahead < r1) {
+    const uint8_t* p = w + (r + ahead) * row_bytes;
+    for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(p + at, 0, 3);
+  }
+}
+LMX_INLINE void prefetch_row(const Gemv& g, int64_t r, int64_t r1) {
+  prefetch_row(g.w, g.row_bytes, r, r1, g.prefetch);
+}
+
 template <int T>
 LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_AVX2
@@ -609,6 +621,7 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
 #if LMX_IMPL_ZMM
     if constexpr (kOneScale<T>) {
       for (int64_t r = r0; r < r1; ++r) {
+        prefetch_row(g, r, r1);
         RowDot16 out{g.x};
         decode_row_to16<T>(g.w + r * g.row_bytes, g.k, out);
         g.y[r] = out.sum();
@@ -617,6 +630,7 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
     }
 #endif
     for (int64_t r = r0; r < r1; ++r) {
+      prefetch_row(g, r, r1);
       RowDot out{g.x};
       decode_row_to<T>(g.w + r * g.row_bytes, g.k, out);
       g.y[r] = out.sum();
@@ -632,6 +646,7 @@ LMX_INLINE void gemv_rows(const Gemv& g, int64_t r0, int64_t r1) {
     i0 += split[p];
   }
   for (int64_t r = r0; r < r1; ++r) {
+    prefetch_row(g, r, r1);
     for (int64_t p = 0, i0 = 0; p < passes; i0 += split[p], ++p) {
       switch (split[p]) {
         case 1: gemv_row_m<T, 1>(g, i0, r); break;
@@ -666,6 +681,7 @@ LMX_INLINE void gemv_rows_int8(const Gemv& g, const int8_t* xq, const float* xs,
   for (int64_t i = 0; i < g.m; ++i) x[i] = XQ{xq + i * g.k, xs + i * nb, xsum + i * nb};
   float out[kGemvMaxRows];
   for (int64_t r = r0; r < r1; ++r) {
+    prefetch_row(g, r, r1);
     const uint8_t* row = g.w + r * g.row_bytes;
     switch (g.m) {  // one accumulator per row of x: all 8 fit the 16 registers
       case 1: dot_rows_int8<T, 1>(row, x, g.k, out); break;

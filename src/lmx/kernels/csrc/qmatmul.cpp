@@ -50,6 +50,7 @@ bool cpu_has_avx512() {
   return ok;
 }
 std::atomic<bool> avx512_allowed{true};
+std::atomic<int64_t> prefetch_rows{4};
 
 // (global_sgemm, blas.h: without a global BLAS, many-row products go through MLX's matmul instead.)
 // W rows decoded per BLAS call in a many-row product: the float32 copy alive at once stays at
@@ -63,6 +64,7 @@ struct Gemv {
   const float* x;
   int64_t m, k, n;
   float* y;
+  int64_t prefetch = 0;  // decode products: W rows asked of memory ahead of the one decoded (0: none)
 };
 
 }  // namespace
@@ -171,6 +173,9 @@ void set_pool_spin(int microseconds) {
 }
 bool has_avx2() {
   return cpu_has_avx2();
+}
+void set_prefetch_rows(int rows) {
+  prefetch_rows = std::max(0, rows);
 }
 bool set_avx512(bool allowed) {
   avx512_allowed = allowed;
@@ -282,6 +287,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       prefill(g, type, avx);
       return;
     }
+    g.prefetch = prefetch_rows;
     if (int8 && avx) {  // llama.cpp's arithmetic: x to int8 per 32 values, integer dot products
       const int64_t blocks = g.m * (g.k / 32);
       std::vector<int8_t> xq(g.m * g.k);
@@ -305,7 +311,7 @@ void QMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 void decode_products(const DecodeProduct* products, int count) {
   const bool avx512 = avx512_allowed && cpu_has_avx512(), avx = cpu_has_avx2();
   auto rows = [&](const DecodeProduct& p, int64_t r0, int64_t r1) {
-    const Gemv g{p.w, p.row_bytes, p.x, p.m, p.k, p.n, p.y};
+    const Gemv g{p.w, p.row_bytes, p.x, p.m, p.k, p.n, p.y, prefetch_rows};
     avx512 ? avx512::gemv(p.type, g, r0, r1) : avx ? avx2::gemv(p.type, g, r0, r1) : generic::gemv(p.type, g, r0, r1);
   };
   const int threads = pool().size();

@@ -64,6 +64,9 @@ void set_pool_spin(int microseconds);
 
 // Whether the AVX2/FMA/F16C code path is in use (else portable scalar code).
 bool has_avx2();
+// W rows a decode product (1-8 rows of x) asks memory for ahead of the row it decodes (default 4; 0: none).
+// The same values either way. For benchmarks.
+void set_prefetch_rows(int rows);
 // Whether products (one row, and 2-8 rows of x) may use the AVX-512VL copy of the kernels (on by default where
 // the CPU has it; the same values either way). Returns whether it is in use now. For tests and benchmarks.
 bool set_avx512(bool allowed);

@@ -21,11 +21,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import lmx  # isort: skip  (first: loads OpenBLAS before mlx.core)
 import mlx.core as mx
+
+from lmx.generate.step import eager_step
+
+
+def hidden_step(model: Any, token: mx.array, cache: list[Any]) -> mx.array:
+    """The layers of a decode step, built as the engine builds them (inside the ops' inference())."""
+    with model.ops.inference():
+        return model.hidden(token, cache)
 
 
 def median_ms(fn: Callable[[], mx.array], repeat: int) -> float:
@@ -61,9 +70,9 @@ def main() -> int:
             label = "" if spin is None else f"spin {spin:4d} us  "
             if spin is not None:
                 kernels.set_pool_spin(spin)
-            step = median_ms(lambda: model(token, cache), args.repeat)
+            step = median_ms(lambda: eager_step(model, token[0], cache, None), args.repeat)
             head = median_ms(lambda: model.head(hidden), args.repeat)
-            layers = median_ms(lambda: model.hidden(token, cache), args.repeat)
+            layers = median_ms(lambda: hidden_step(model, token, cache), args.repeat)
             steps[spin].append(step)
             print(
                 f"{label}decode step {step:.2f} ms  layers {layers:.2f} ms  head {head:.2f} ms"

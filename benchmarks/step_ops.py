@@ -15,7 +15,7 @@ from pathlib import Path
 import lmx  # isort: skip
 import mlx.core as mx
 
-from lmx.generate.step import prefill
+from lmx.generate.step import eager_step, prefill
 
 engine = lmx.load(device="cpu")
 m = engine.loaded.model
@@ -25,7 +25,7 @@ mx.eval(tok)
 
 
 def build(t):
-    return m.head(m.hidden(t[:, None], cache))[:, -1, :]
+    return eager_step(m, t, cache, None)  # as the engine builds a decode step
 
 
 logits = build(tok)

@@ -119,7 +119,9 @@ def test_end_is_the_float64_layer_and_the_separate_ops_bit_for_bit(K, rows):
     post_attn, pre_ffn, post_ffn = vector(DIM, rng), vector(DIM, rng), vector(DIM, rng)
     x = rng.normal(size=(rows, 1, DIM)).astype(np.float32)
     attn = rng.normal(size=(rows, HEADS, 1, HEAD_DIM)).astype(np.float32)
-    m = {n: mx.array(a) for n, a in dict(x=x, attn=attn, post_attn=post_attn, pre_ffn=pre_ffn, post_ffn=post_ffn).items()}
+    m = {
+        n: mx.array(a) for n, a in dict(x=x, attn=attn, post_attn=post_attn, pre_ffn=pre_ffn, post_ffn=post_ffn).items()
+    }
 
     got = K.decode_layer_end(m["x"], m["attn"], wo, m["post_attn"], m["pre_ffn"], wg, wu, wd, m["post_ffn"], types, EPS)
 
@@ -158,7 +160,9 @@ def test_bad_arguments_are_errors_that_name_them(K):
     with pytest.raises(ValueError, match="wk: GGML type 3 cannot hold rows"):
         begin(mx.zeros((1, 1, DIM)), wk, (q8, 3, q8))
     with pytest.raises(ValueError, match="types must hold"):
-        K.decode_layer_end(mx.zeros((1, 1, DIM)), mx.zeros((1, HEADS, 1, HEAD_DIM)), wq, norm, norm, wq, wq, wq, norm, [q8], EPS)
+        K.decode_layer_end(
+            mx.zeros((1, 1, DIM)), mx.zeros((1, HEADS, 1, HEAD_DIM)), wq, norm, norm, wq, wq, wq, norm, [q8], EPS
+        )
 
 
 def op_counts(logits: mx.array) -> collections.Counter:
@@ -214,9 +218,10 @@ def test_qwen3_step_fuses_the_attention_inputs_exactly(qwen3_blocks: Path):
     assert mx.array_equal(fused, plain).item()
     # generation runs the fused step and gives the unfused float32 model's greedy tokens
     reference = lmx.load(qwen3_blocks, device="cpu", cpu_kernels=False)
-    assert engine.generate("hello", max_tokens=6, temperature=0).tokens == reference.generate(
-        "hello", max_tokens=6, temperature=0
-    ).tokens
+    assert (
+        engine.generate("hello", max_tokens=6, temperature=0).tokens
+        == reference.generate("hello", max_tokens=6, temperature=0).tokens
+    )
 
 
 def test_the_fused_ops_are_offered_only_inside_inference_and_per_thread(K):

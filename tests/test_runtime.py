@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -40,8 +41,17 @@ try:  # what OpenBLAS itself says it runs on (LMX_BLAS_THREADS)
     threads = ctypes.CDLL(None).openblas_get_num_threads()
 except AttributeError:
     pass
+kernels_threads = None
+try:  # what the kernels' OpenBLAS says it runs on
+    kernels_threads = ctypes.CDLL(None).scipy_openblas_get_num_threads()
+except AttributeError:
+    pass
+from lmx.kernels import load_module
+K, _ = load_module()
 print(json.dumps({"blas": BLAS.name, "path": BLAS.path, "mapped": mapped_blas_libraries(), "sgemm_from": source,
-                  "threads": threads, "status_threads": BLAS.threads}))
+                  "threads": threads, "status_threads": BLAS.threads, "kernels_path": BLAS.kernels_path,
+                  "kernels_core": BLAS.kernels_core, "kernels_threads": kernels_threads,
+                  "kernels_sgemm": K.sgemm_name() if K else None}))
 """
 
 
@@ -77,6 +87,33 @@ def test_bundled_blas_when_asked():
     # numpy's own OpenBLAS may be mapped (its symbols are prefixed); cmeel's must not be
     assert not any("cmeel.prefix" in path for path in result["mapped"])
     assert result["sgemm_from"] is None
+
+
+needs_kernels_blas = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="scipy-openblas32 is installed (pyproject: cpu extra) where the CPU kernels are built: Linux x86_64",
+)
+
+
+@needs_kernels_blas
+def test_cpu_kernels_multiply_prompts_with_an_openblas_picked_for_this_cpu():
+    """cmeel's OpenBLAS is built for ZEN (AVX2) only; the kernels' prompt products go through
+    scipy-openblas32, which picks its kernel set when it loads, one thread unless told."""
+    result = _probe(OPENBLAS_NUM_THREADS="2")
+    assert result["kernels_path"] in result["mapped"] and "scipy_openblas32" in result["kernels_path"]
+    assert result["kernels_sgemm"] == "scipy_cblas_sgemm", result
+    assert result["kernels_threads"] == 1 and result["threads"] == 1
+    assert result["kernels_core"] and result["kernels_core"] != "unknown"
+    assert "openblas" in result["sgemm_from"] and "scipy" not in result["sgemm_from"]  # MLX keeps cmeel's
+    assert _probe(LMX_BLAS_THREADS="2")["kernels_threads"] == 2
+
+
+@needs_kernels_blas
+def test_bundled_blas_keeps_the_kernels_openblas_out_too():
+    result = _probe(LMX_BLAS="bundled")
+    assert result["kernels_path"] is None and result["kernels_threads"] is None
+    assert not any("scipy_openblas32" in path for path in result["mapped"])
+    assert result["kernels_sgemm"] != "scipy_cblas_sgemm"  # the BLAS MLX links, as before
 
 
 def test_device_choice(monkeypatch):

@@ -44,6 +44,7 @@ def collect(
     choose_device(device)
     stats = memory.stats()
     blas = {"in_use": BLAS.name, "path": BLAS.path, "core": BLAS.core, "threads": BLAS.threads, "reason": BLAS.reason}
+    blas |= {"kernels_path": BLAS.kernels_path, "kernels_core": BLAS.kernels_core}
     if sys.platform.startswith("linux"):
         blas["mapped"] = mapped_blas_libraries()
     out: dict[str, Any] = {

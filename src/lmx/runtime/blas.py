@@ -9,6 +9,7 @@ first imported makes the dynamic linker resolve MLX's ``cblas_*`` symbols to Ope
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import sys
 import sysconfig
@@ -30,6 +31,11 @@ class BlasStatus:
         reason: why OpenBLAS is not in use, when it is not.
         core: the CPU kernel set OpenBLAS was built for (e.g. ``ZEN``, ``HASWELL``).
         threads: the threads OpenBLAS was set to (``LMX_BLAS_THREADS``), when it is loaded.
+        kernels_path: the OpenBLAS lmx's CPU kernels multiply prompt blocks with
+            (``scipy-openblas32``, whose kernel set is picked for this CPU when it loads, and
+            whose symbols carry a prefix: it does not replace MLX's), when it is loaded; else
+            the kernels use the one MLX uses.
+        kernels_core: the kernel set that one picked (e.g. ``SkylakeX``, ``Haswell``).
     """
 
     name: str
@@ -37,6 +43,8 @@ class BlasStatus:
     reason: str | None = None
     core: str | None = None
     threads: int | None = None
+    kernels_path: str | None = None
+    kernels_core: str | None = None
 
 
 def _candidate_paths() -> list[Path]:
@@ -52,7 +60,8 @@ def _candidate_paths() -> list[Path]:
 def ensure_openblas() -> BlasStatus:
     """Load OpenBLAS with ``RTLD_GLOBAL`` if this is Linux and mlx is not imported yet.
 
-    Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS, ``LMX_OPENBLAS=/path/lib.so`` to
+    Also loads ``scipy-openblas32``, where it is installed, for the CPU kernels' prompt
+    products (:func:`_load_kernels_blas`); ``LMX_BLAS=bundled`` keeps both out. Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS, ``LMX_OPENBLAS=/path/lib.so`` to
     name the library, ``LMX_BLAS_THREADS`` for its threads (default 1; see
     :mod:`lmx.runtime.settings`). A missing OpenBLAS only costs speed, and is reported.
 
@@ -68,6 +77,8 @@ def ensure_openblas() -> BlasStatus:
         return BlasStatus("bundled", reason="LMX_BLAS=bundled")
     if "mlx.core" in sys.modules:
         return BlasStatus("bundled", reason="mlx.core was imported before lmx")
+    threads = settings.LMX_BLAS_THREADS.get()
+    kernels_path, kernels_core = _load_kernels_blas(threads)
     reason = "libopenblas not found (pip install cmeel-openblas)"
     for path in _candidate_paths():
         try:
@@ -82,30 +93,53 @@ def ensure_openblas() -> BlasStatus:
             reason = f"{path} is built for {core} (AVX-512) and this CPU has no AVX-512"
             continue
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-        threads = settings.LMX_BLAS_THREADS.get()
         _set_threads(lib, threads)
         logger.debug("loaded OpenBLAS (%s) globally from %s, %d thread(s)", core, path, threads)
-        return BlasStatus("openblas", path=str(path), core=core, threads=threads)
-    return BlasStatus("bundled", reason=reason)
+        return BlasStatus("openblas", str(path), None, core, threads, kernels_path, kernels_core)
+    return BlasStatus("bundled", None, reason, None, None, kernels_path, kernels_core)
+
+
+def _load_kernels_blas(threads: int) -> tuple[str | None, str | None]:
+    """Load scipy-openblas32 globally for the CPU kernels' sgemm (lmx/kernels/csrc/blas.h).
+
+    cmeel-openblas, which MLX's products bind to, is built for one kernel set (ZEN: AVX2);
+    this one picks AVX-512 kernels where the CPU has them: a Gemma 3 270M prompt's float32
+    products ran 1.3-1.5x faster on an AVX-512 Xeon (benchmarks/RESULTS.md, round 8).
+    Returns its (path, kernel set), or (None, None) where it is not installed.
+    """
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None, None
+    for path in sorted((Path(spec.submodule_search_locations[0]) / "lib").glob("libscipy_openblas*.so")):
+        try:
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            logger.debug("could not load %s: %s", path, e)
+            continue
+        _set_threads(lib, threads, prefix="scipy_")
+        core = _corename(lib, prefix="scipy_")
+        logger.debug("loaded scipy-openblas32 (%s) for the CPU kernels from %s", core, path)
+        return str(path), core
+    return None, None
 
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS", "ZEN4", "ZEN5"}
 
 
-def _set_threads(lib: ctypes.CDLL, threads: int) -> None:
+def _set_threads(lib: ctypes.CDLL, threads: int, prefix: str = "") -> None:
     # OpenBLAS's default (one thread per CPU) spin-waits its threads against each other: on a busy
     # machine a 16-token prompt then waited seconds for its first token (RESULTS.md, "CPU thread policy").
     try:
-        fn = lib.openblas_set_num_threads
+        fn = getattr(lib, f"{prefix}openblas_set_num_threads")
     except AttributeError:
         return
     fn.argtypes = [ctypes.c_int]
     fn(threads)
 
 
-def _corename(lib: ctypes.CDLL) -> str:
+def _corename(lib: ctypes.CDLL, prefix: str = "") -> str:
     try:
-        fn = lib.openblas_get_corename
+        fn = getattr(lib, f"{prefix}openblas_get_corename")
     except AttributeError:
         return "unknown"
     fn.restype = ctypes.c_char_p

@@ -6,6 +6,7 @@
 
 #include "activation.h"
 #include "attention_blas.h"
+#include "blas.h"
 #include "decode_layer.h"
 #include "layer_ops.h"
 #include "qmatmul.h"
@@ -80,6 +81,8 @@ NB_MODULE(_lmx_kernels, m) {
         "How long the kernels' threads poll for the next job before they sleep (0: at once). For benchmarks.");
   m.def("set_prefetch_rows", &lmx::set_prefetch_rows, "rows"_a,
         "W rows a decode product asks memory for ahead of the one it decodes (default 4; 0: none; the same values). For benchmarks.");
+  m.def("sgemm_name", &lmx::sgemm_name,
+        "The BLAS symbol prompt products call (scipy_cblas_sgemm, cblas_sgemm, or '': none, MLX's matmul instead).");
   m.def("has_avx2", &lmx::has_avx2, "Whether the AVX2/FMA code path is in use.");
   m.def("set_avx512", &lmx::set_avx512, "allowed"_a,
         "Whether decode products (one row and 2-8 rows) may use the AVX-512VL copy (default: where the CPU has it; same "

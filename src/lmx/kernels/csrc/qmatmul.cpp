@@ -5,7 +5,6 @@
 
 #include <immintrin.h>
 
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <array>
@@ -221,13 +220,6 @@ mx::array qmatmul(const mx::array& x, const mx::array& w, int type, int k, bool 
 }
 
 namespace {
-
-// OpenBLAS's own thread count (1 when the global BLAS is not OpenBLAS or does not say).
-int blas_threads() {
-  using Get = int (*)();
-  static const Get f = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-  return f ? f() : 1;
-}
 
 // y[:, r0:r1] = x @ W[r0:r1].T with W's rows decoded into `block` (row-major: 101, no transpose: 111,
 // transpose: 112).

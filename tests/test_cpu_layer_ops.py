@@ -131,6 +131,7 @@ def test_rope_of_a_strided_view(K):
         (2, 8, 2, 3, 17, 64),
         (1, 16, 8, 8, 8, 128),
         (3, 2, 2, 1, 1, 32),
+        (2, 4, 1, 2, 11, 12),  # keys in fours and a remainder; a head dim with a tail past 8 lanes
         # a prompt (more than 8 queries): blocked BLAS products in blocks of 64 rows (a partial last
         # one), a chunk after cached keys (Lk > Lq), grouped-query heads
         (1, 2, 2, 20, 20, 32),

@@ -40,6 +40,54 @@ LMX_SIMD_CLONES void add_scaled(float* y, const float* x, float w, int64_t n) { 
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
+// out[r] = dot(a, b[r], n) for four rows b[r]: dot's arithmetic for each (eight lanes of partial sums,
+// the same bits), in four independent chains, so that each add no longer waits on the one before it
+// (a decode attention's scores: one chain a key was bound by the adds' latency).
+__attribute__((target("avx2"))) void dot4_avx2(const float* a, const float* const* b, int64_t n, float* out) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const float *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a + i);
+    acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(x, _mm256_loadu_ps(b0 + i)));
+    acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(x, _mm256_loadu_ps(b1 + i)));
+    acc2 = _mm256_add_ps(acc2, _mm256_mul_ps(x, _mm256_loadu_ps(b2 + i)));
+    acc3 = _mm256_add_ps(acc3, _mm256_mul_ps(x, _mm256_loadu_ps(b3 + i)));
+  }
+  alignas(32) float c[4][8];
+  _mm256_store_ps(c[0], acc0);
+  _mm256_store_ps(c[1], acc1);
+  _mm256_store_ps(c[2], acc2);
+  _mm256_store_ps(c[3], acc3);
+  for (; i < n; ++i) {
+    for (int r = 0; r < 4; ++r) c[r][0] += a[i] * b[r][i];
+  }
+  for (int r = 0; r < 4; ++r) {
+    out[r] = ((c[r][0] + c[r][1]) + (c[r][2] + c[r][3])) + ((c[r][4] + c[r][5]) + (c[r][6] + c[r][7]));
+  }
+}
+
+// y += w[0] * x[0], then w[1] * x[1], w[2] * x[2], w[3] * x[3]: four add_scaled calls' arithmetic (the
+// same bits) with y loaded and stored once.
+__attribute__((target("avx2"))) void add_scaled4_avx2(float* y, const float* const* x, const float* w, int64_t n) {
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  const __m256 w0 = _mm256_set1_ps(w[0]), w1 = _mm256_set1_ps(w[1]), w2 = _mm256_set1_ps(w[2]),
+               w3 = _mm256_set1_ps(w[3]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_loadu_ps(y + i);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(w0, _mm256_loadu_ps(x0 + i)));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(w1, _mm256_loadu_ps(x1 + i)));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(w2, _mm256_loadu_ps(x2 + i)));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(w3, _mm256_loadu_ps(x3 + i)));
+    _mm256_storeu_ps(y + i, acc);
+  }
+  for (; i < n; ++i) y[i] = (((y[i] + w[0] * x0[i]) + w[1] * x1[i]) + w[2] * x2[i]) + w[3] * x3[i];
+}
+
+// Four keys' scores and values at a time where the CPU has AVX2 (else one at a time: the same bits).
+const bool kAvx2 = __builtin_cpu_supports("avx2");
+
 // One row of mx.quantize's affine layout back to float32: value i = scales[i / g] * q_i + biases[i / g],
 // q_i the i-th `bits`-bit field of the packed words, lowest bits first (as mx.dequantize reads it).
 LMX_SIMD_CLONES void dequantize_row8(float* out, const uint32_t* packed, const float* scales, const float* biases,
@@ -484,20 +532,29 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       const int64_t keys = causal ? lk - lq + i + 1 : lk;
       const float* qi = qr.at(b, h, i);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < keys; ++j) {
-        p[j] = dot(qi, kr.at(b, h / groups, j), d) * scale;
+      const int64_t g = h / groups;
+      int64_t j = 0;
+      for (; kAvx2 && j + 4 <= keys; j += 4) {
+        const float* kj[4] = {kr.at(b, g, j), kr.at(b, g, j + 1), kr.at(b, g, j + 2), kr.at(b, g, j + 3)};
+        dot4_avx2(qi, kj, d, p.data() + j);
+      }
+      for (; j < keys; ++j) p[j] = dot(qi, kr.at(b, g, j), d);
+      for (j = 0; j < keys; ++j) {
+        p[j] *= scale;
         top = std::max(top, p[j]);
       }
       float total = 0.0f;
-      for (int64_t j = 0; j < keys; ++j) {
+      for (j = 0; j < keys; ++j) {
         p[j] = std::exp(p[j] - top);
         total += p[j];
       }
       float* yi = y + t * dv;
       std::fill(yi, yi + dv, 0.0f);
-      for (int64_t j = 0; j < keys; ++j) {
-        add_scaled(yi, vr.at(b, h / groups, j), p[j], dv);
+      for (j = 0; kAvx2 && j + 4 <= keys; j += 4) {
+        const float* vj[4] = {vr.at(b, g, j), vr.at(b, g, j + 1), vr.at(b, g, j + 2), vr.at(b, g, j + 3)};
+        add_scaled4_avx2(yi, vj, p.data() + j, dv);
       }
+      for (; j < keys; ++j) add_scaled(yi, vr.at(b, g, j), p[j], dv);
       const float inv = 1.0f / total;
       for (int64_t c = 0; c < dv; ++c) yi[c] *= inv;
     };

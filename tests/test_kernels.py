@@ -7,6 +7,7 @@ a failed build fails these tests. Elsewhere (macOS, other CPUs) they skip, sayin
 
 from __future__ import annotations
 
+import platform
 import threading
 from pathlib import Path
 
@@ -303,6 +304,67 @@ def test_required_but_unavailable_is_a_typed_error(tiny_gguf: dict[str, Path], m
         assert not engine.loaded.cpu_kernels
     finally:
         load_module.cache_clear()
+
+
+def _huge_pages_expected() -> bool:
+    """Whether this kernel offers MADV_COLLAPSE (6.1 on) with transparent huge pages switched on."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    major, minor = (int(v) for v in platform.release().split(".")[:2])
+    return "[never]" not in mode and (major, minor) >= (6, 1)
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address`` (/proc/self/smaps), in bytes."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@needs_kernels
+def test_huge_pages_back_whole_2mib_pages_and_keep_the_values(K):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, size=(7 << 20,), dtype=np.uint8)
+    w = mx.array(data)
+    with pytest.raises(ValueError, match="must be evaluated"):
+        K.huge_pages(w + 1)
+    mx.eval(w)
+    small = mx.array(data[: 1 << 20])
+    mx.eval(small)
+    assert K.huge_pages(small) == 0  # no whole 2 MiB page inside 1 MiB
+    start = np.array(w, copy=False).ctypes.data
+    interior = ((start + w.nbytes) >> 21 << 21) - ((start + (1 << 21) - 1) >> 21 << 21)
+    backed = K.huge_pages(w)
+    assert backed in (0, interior)
+    if _huge_pages_expected():
+        assert backed == interior and _huge_bytes_at(start + (2 << 20)) >= interior
+    np.testing.assert_array_equal(np.array(w), data)  # the values stay
+
+
+@needs_kernels
+@pytest.mark.skipif(not _huge_pages_expected(), reason="needs Linux 6.1+ with transparent huge pages on")
+def test_loading_puts_the_gguf_head_on_huge_pages(gemma_gguf: Path, monkeypatch: pytest.MonkeyPatch):
+    """The tied head (178 MB of Q8_0) is read once a token: the loader backs it with 2 MiB pages."""
+    engine = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True)
+    head = engine.loaded.model.model.embed_tokens.weight
+    start = np.array(head, copy=False).ctypes.data
+    assert _huge_bytes_at(start + head.nbytes // 2) >= head.nbytes - (4 << 20)
+    ids = engine.tokenizer.encode("The capital of France is")
+    want = engine.generate(ids, max_tokens=4, temperature=0).tokens
+    monkeypatch.setenv("LMX_CPU_HUGE_PAGES", "0")
+    plain = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True)
+    if "[madvise]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        head = plain.loaded.model.model.embed_tokens.weight
+        assert _huge_bytes_at(np.array(head, copy=False).ctypes.data + head.nbytes // 2) == 0
+    assert plain.generate(ids, max_tokens=4, temperature=0).tokens == want
 
 
 @needs_kernels

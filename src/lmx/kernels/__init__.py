@@ -62,6 +62,11 @@ def int8_by_env() -> bool:
     return settings.LMX_CPU_INT8.get()
 
 
+def huge_pages_by_env() -> bool:
+    """False when ``LMX_CPU_HUGE_PAGES`` is 0/false/off/no (default on: see :func:`lmx.models.gguf_layers.use_huge_pages`)."""
+    return settings.LMX_CPU_HUGE_PAGES.get()
+
+
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (hyper-threads share a core's memory path)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -155,6 +160,7 @@ __all__ = [
     "GGML_TYPES",
     "KernelStatus",
     "enabled_by_env",
+    "huge_pages_by_env",
     "int8_by_env",
     "kernels",
     "load_module",

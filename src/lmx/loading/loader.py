@@ -316,8 +316,8 @@ def _load_gguf(
     path: Path, dtype: mx.Dtype, profile: DeviceProfile, kernel_types: frozenset[int], group: Group | None
 ) -> LoadedModel:
     from lmx.io.gguf import read_gguf
-    from lmx.kernels import int8_by_env
-    from lmx.models.gguf_layers import use_gguf_blocks
+    from lmx.kernels import huge_pages_by_env, int8_by_env
+    from lmx.models.gguf_layers import use_gguf_blocks, use_huge_pages
     from lmx.tokenizer.gguf import tokenizer_from_gguf
 
     affine = affine_widths_here(dtype) if profile.gguf_on_device == "quantized" else {}
@@ -365,6 +365,8 @@ def _load_gguf(
     hf.apply_weights(model, weights, str(path), dtype)
     _finish_split(model, plan, group, dtype)
     mx.eval(model.parameters())
+    if blocks and huge_pages_by_env():
+        logger.debug("%s: %d bytes of GGUF blocks on huge pages", path, use_huge_pages(model))
     image_processor = None
     if preprocessor is not None and hasattr(model, "encode_images"):
         image_processor = ImageProcessor.from_config(preprocessor, model.image_size)

@@ -192,6 +192,14 @@ LMX_CPU_INT8: Setting[bool] = Setting(
     "opt-in: one-token CPU-kernel products quantize activations to int8 (faster; logits move a few percent)",
     _bool,
 )
+LMX_CPU_HUGE_PAGES: Setting[bool] = Setting(
+    "LMX_CPU_HUGE_PAGES",
+    BOOL,
+    True,
+    "back the CPU kernels' large GGUF matrices with transparent huge pages at load (Linux; the head read "
+    "1.4-1.5x faster on an AVX-512 Xeon VM); off leaves them on 4 KiB pages",
+    _bool,
+)
 LMX_GGUF_ON_DEVICE: Setting[str] = Setting(
     "LMX_GGUF_ON_DEVICE",
     "`auto`, `quantized` or `float`",
@@ -276,6 +284,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_CPU_KERNELS,
     LMX_CPU_THREADS,
     LMX_CPU_INT8,
+    LMX_CPU_HUGE_PAGES,
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
     LMX_FUSED_PROJECTIONS,

@@ -79,6 +79,8 @@ NB_MODULE(_lmx_kernels, m) {
   m.def("num_threads", &lmx::num_threads);
   m.def("set_pool_spin", &lmx::set_pool_spin, "microseconds"_a,
         "How long the kernels' threads poll for the next job before they sleep (0: at once). For benchmarks.");
+  m.def("huge_pages", &lmx::huge_pages, "w"_a,
+        "Back w's buffer (whole 2 MiB pages of it) with transparent huge pages; returns the bytes backed so.");
   m.def("set_prefetch_rows", &lmx::set_prefetch_rows, "rows"_a,
         "W rows a decode product asks memory for ahead of the one it decodes (default 4; 0: none; the same values). For benchmarks.");
   m.def("sgemm_name", &lmx::sgemm_name,

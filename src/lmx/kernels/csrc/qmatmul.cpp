@@ -4,6 +4,7 @@
 #include "qmatmul.h"
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 
 #include <algorithm>
@@ -172,6 +173,24 @@ void set_pool_spin(int microseconds) {
 }
 bool has_avx2() {
   return cpu_has_avx2();
+}
+int64_t huge_pages(const mx::array& w) {
+  if (w.status() == mx::array::Status::unscheduled) {
+    throw std::invalid_argument("huge_pages: w must be evaluated (mx.eval) first");
+  }
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto start = reinterpret_cast<uintptr_t>(w.data<uint8_t>());
+  const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = (start + w.nbytes()) & ~(kHuge - 1);
+  if (hi <= lo) {
+    return 0;
+  }
+  void* p = reinterpret_cast<void*>(lo);
+#ifndef MADV_COLLAPSE
+  constexpr int MADV_COLLAPSE = 25;  // Linux 6.1 (older headers lack it; older kernels answer EINVAL)
+#endif
+  return madvise(p, hi - lo, MADV_HUGEPAGE) == 0 && madvise(p, hi - lo, MADV_COLLAPSE) == 0
+             ? static_cast<int64_t>(hi - lo)
+             : 0;
 }
 void set_prefetch_rows(int rows) {
   prefetch_rows = std::max(0, rows);

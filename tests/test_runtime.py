@@ -42,8 +42,14 @@ try:  # what OpenBLAS itself says it runs on (LMX_BLAS_THREADS)
 except AttributeError:
     pass
 kernels_threads = None
-try:  # what the kernels' OpenBLAS says it runs on
-    kernels_threads = ctypes.CDLL(None).scipy_openblas_get_num_threads()
+if BLAS.kernels_path:  # what the kernels' OpenBLAS says it runs on
+    kernels_threads = ctypes.CDLL(BLAS.kernels_path).scipy_openblas_get_num_threads()
+helper_from = None
+try:  # a LAPACK helper both OpenBLAS builds export under its plain name: cmeel's must stay the global one
+    addr = ctypes.cast(ctypes.CDLL(None).claqz0_, ctypes.c_void_p)
+    info = DlInfo()
+    ctypes.CDLL("libc.so.6").dladdr(addr, ctypes.byref(info))
+    helper_from = info.fname.decode()
 except AttributeError:
     pass
 from lmx.kernels import load_module
@@ -51,7 +57,8 @@ K, _ = load_module()
 print(json.dumps({"blas": BLAS.name, "path": BLAS.path, "mapped": mapped_blas_libraries(), "sgemm_from": source,
                   "threads": threads, "status_threads": BLAS.threads, "kernels_path": BLAS.kernels_path,
                   "kernels_core": BLAS.kernels_core, "kernels_threads": kernels_threads,
-                  "kernels_sgemm": K.sgemm_name() if K else None}))
+                  "kernels_sgemm": K.sgemm_name() if K else None, "helper_from": helper_from,
+                  "global_scipy": hasattr(ctypes.CDLL(None), "scipy_cblas_sgemm")}))
 """
 
 
@@ -105,6 +112,8 @@ def test_cpu_kernels_multiply_prompts_with_an_openblas_picked_for_this_cpu():
     assert result["kernels_threads"] == 1 and result["threads"] == 1
     assert result["kernels_core"] and result["kernels_core"] != "unknown"
     assert "openblas" in result["sgemm_from"] and "scipy" not in result["sgemm_from"]  # MLX keeps cmeel's
+    assert not result["global_scipy"]  # loaded locally: none of its names in the global scope
+    assert result["helper_from"] is None or "scipy" not in result["helper_from"]
     assert _probe(LMX_BLAS_THREADS="2")["kernels_threads"] == 2
 
 

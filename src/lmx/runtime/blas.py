@@ -61,9 +61,10 @@ def ensure_openblas() -> BlasStatus:
     """Load OpenBLAS with ``RTLD_GLOBAL`` if this is Linux and mlx is not imported yet.
 
     Also loads ``scipy-openblas32``, where it is installed, for the CPU kernels' prompt
-    products (:func:`_load_kernels_blas`); ``LMX_BLAS=bundled`` keeps both out. Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS, ``LMX_OPENBLAS=/path/lib.so`` to
-    name the library, ``LMX_BLAS_THREADS`` for its threads (default 1; see
-    :mod:`lmx.runtime.settings`). A missing OpenBLAS only costs speed, and is reported.
+    products (:func:`_load_kernels_blas`). Set ``LMX_BLAS=bundled`` to keep MLX's own BLAS
+    (and neither OpenBLAS), ``LMX_OPENBLAS=/path/lib.so`` to name the library,
+    ``LMX_BLAS_THREADS`` for the threads of both (default 1; see :mod:`lmx.runtime.settings`).
+    A missing OpenBLAS only costs speed, and is reported.
 
     Returns:
         A :class:`BlasStatus` saying which BLAS MLX will use.
@@ -100,7 +101,7 @@ def ensure_openblas() -> BlasStatus:
 
 
 def _load_kernels_blas(threads: int) -> tuple[str | None, str | None]:
-    """Load scipy-openblas32 globally for the CPU kernels' sgemm (lmx/kernels/csrc/blas.h).
+    """Load scipy-openblas32 for the CPU kernels' sgemm (lmx/kernels/csrc/blas.h).
 
     cmeel-openblas, which MLX's products bind to, is built for one kernel set (ZEN: AVX2);
     this one picks AVX-512 kernels where the CPU has them: a Gemma 3 270M prompt's float32
@@ -112,16 +113,21 @@ def _load_kernels_blas(threads: int) -> tuple[str | None, str | None]:
         return None, None
     for path in sorted((Path(spec.submodule_search_locations[0]) / "lib").glob("libscipy_openblas*.so")):
         try:
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            # RTLD_LOCAL: besides its scipy_-prefixed API it exports 66 LAPACK helpers under their plain
+            # names (claqz0_, ...), which must not stand in for cmeel's; the kernels find it by soname.
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
         except OSError as e:
             logger.debug("could not load %s: %s", path, e)
             continue
         _set_threads(lib, threads, prefix="scipy_")
         core = _corename(lib, prefix="scipy_")
         logger.debug("loaded scipy-openblas32 (%s) for the CPU kernels from %s", core, path)
+        _KEPT.append(lib)
         return str(path), core
     return None, None
 
+
+_KEPT: list[ctypes.CDLL] = []  # the kernels' OpenBLAS stays loaded for the life of the process
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS", "ZEN4", "ZEN5"}
 

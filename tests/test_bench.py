@@ -163,3 +163,56 @@ def test_bench_without_a_model_times_the_default_as_lmx_loads_it():
         assert result.model.endswith(".gguf"), result.model
     else:
         assert not result.model.endswith(".gguf"), result.model
+
+
+# ---- lmx bench --against llama.cpp (lmx.bench_anchor) ----
+
+
+def test_against_refuses_what_both_engines_cannot_read(tiny_dirs, tmp_path, monkeypatch):
+    from lmx.bench_anchor import run_anchor
+    from lmx.errors import ModelNotFoundError
+
+    directory = next(iter(tiny_dirs.values()))
+    with pytest.raises(InvalidOptionError, match=r"needs a \.gguf file that both engines read, got '.*'"):
+        run_anchor(str(directory))
+    with pytest.raises(ModelNotFoundError, match="no such GGUF file: '.*missing.gguf'"):
+        run_anchor(str(tmp_path / "missing.gguf"))
+    with pytest.raises(InvalidOptionError, match="gen_tokens must be >= 2"):
+        run_anchor(str(tmp_path / "missing.gguf"), gen_tokens=1)
+    with pytest.raises(InvalidOptionError, match="rounds must be >= 1, got 0"):
+        run_anchor(None, rounds=0)
+    # without llama-cpp-python (the bench extra): a clear error, before any measurement starts
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real_find_spec(name))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(InvalidOptionError, match=r"needs llama-cpp-python: pip install 'lmx\[bench\]'"):
+        run_anchor(str(gguf))
+    code, _ = run_cli("--against", "llama.cpp", "--config", "tiny-gemma3")
+    assert code == 2
+
+
+@pytest.mark.slow
+def test_against_measures_lmx_in_a_process_of_its_own():
+    """The lmx half of `lmx bench --against llama.cpp`: one child process, one JSON line, the
+    bundled GGUF as lmx loads it, the counts asked for."""
+    import subprocess
+    import sys
+
+    from lmx.kernels import status
+    from lmx.loading.default_model import default_gguf_path
+
+    cmd = [sys.executable, "-m", "lmx.bench_anchor", "lmx", "--gguf", str(default_gguf_path())]
+    out = subprocess.run(
+        [*cmd, "--prompt-tokens", "12", "--gen-tokens", "5", "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    assert run["prompt_tokens"] == 12 and run["gen_tokens"] == 5
+    assert run["decode_tokens_per_s"] > 0 and run["prefill_tokens_per_s"] > 0 and run["peak_memory_bytes"] > 0
+    assert run["cpu_kernels"] == status().available

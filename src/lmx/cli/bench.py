@@ -41,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-model", default=None, help="with --speculative draft-model: the draft model's path")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="with --speculative: tokens drafted per pass")
     p.add_argument("--prompt-lookup-ngram", type=int, default=3, help="with --speculative prompt-lookup")
+    p.add_argument(
+        "--against",
+        choices=["llama.cpp"],
+        default=None,
+        help="instead: lmx and llama.cpp (llama-cpp-python) on the same GGUF file on the CPU, each measurement "
+        "in its own process, interleaved rounds (decode and prefill tok/s, the ratios)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="with --against: interleaved rounds (default: 5)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="with --against: llama.cpp's threads (default: lmx's, the cores)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -51,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.speculative is not None:
         return run_speculative(args)
+    if args.against is not None:
+        return run_against(args)
     model = args.model  # neither a model nor a config: the bundled default, as `lmx run` loads it
 
     def progress(stats: object) -> None:
@@ -136,4 +149,52 @@ def run_speculative(args: argparse.Namespace) -> int:
             f" {s['speedup']:>13.2f}x {s['speedup_total_time']:>8.2f}x {s['acceptance_rate']:>11.0%}"
             f" {s['tokens_per_verify_pass']:>12.2f}  {'yes' if s['identical'] else 'NO'}"
         )
+    return 0
+
+
+def run_against(args: argparse.Namespace) -> int:
+    from lmx.bench_anchor import run_anchor
+
+    if args.config is not None:
+        print("lmx bench --against needs a GGUF file (--model or the default), not --config", file=sys.stderr)
+        return 2
+
+    def progress(run: dict) -> None:
+        logger.info(
+            "round %d %s: decode %.1f tok/s, prefill %.1f tok/s",
+            run["round"],
+            run["engine"],
+            run["decode_tokens_per_s"],
+            run["prefill_tokens_per_s"],
+        )
+
+    result = run_anchor(
+        args.model,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        rounds=args.rounds,
+        threads=args.threads,
+        on_run=progress,
+    )
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"model:      {data['model']} (cpu, the same file for both; llama.cpp on {data['threads']} threads)")
+    print(
+        f"shape:      {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated, {data['rounds']} rounds,"
+        " each run in its own process, the order rotating (medians)"
+    )
+    print("engine      decode tok/s  prefill tok/s  first token ms")
+    for engine, m in data["medians"].items():
+        print(
+            f"{engine:<11} {m['decode_tokens_per_s']:>12.1f} {m['prefill_tokens_per_s']:>14.1f}"
+            f" {m['time_to_first_token_s'] * 1e3:>15.0f}"
+        )
+    ratio, won = data["lmx_over_llama_cpp"], data["rounds_lmx_faster"]
+    print(
+        f"lmx / llama.cpp: decode {ratio['decode_tokens_per_s']:.2f}x (faster in {won['decode_tokens_per_s']} of"
+        f" {data['rounds']} rounds), prefill {ratio['prefill_tokens_per_s']:.2f}x (faster in"
+        f" {won['prefill_tokens_per_s']} of {data['rounds']})"
+    )
     return 0

@@ -115,33 +115,10 @@ def run_mlx_lm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_llama_cpp(args: argparse.Namespace) -> dict[str, Any]:
-    from llama_cpp import Llama
+    # the measurement `lmx bench --against llama.cpp` makes (the tree's lmx: llama.cpp has no baseline)
+    from lmx.bench_anchor import measure_llama_cpp
 
-    t0 = time.perf_counter()
-    llm = Llama(
-        model_path=args.gguf,
-        n_ctx=args.prompt_tokens + args.gen_tokens + 64,
-        n_batch=512,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        verbose=False,
-    )
-    load_time = time.perf_counter() - t0
-    ids = prompt_ids(args.prompt_tokens, llm.n_vocab())
-
-    def once(prompt: list[int], n: int) -> tuple[float, list[float]]:
-        llm.reset()
-        start = time.perf_counter()
-        stamps = []
-        for _token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == n:
-                break
-        return start, stamps
-
-    once(ids[:16], 4)
-    start, stamps = once(ids, args.gen_tokens)
-    return summarize(start, stamps, len(ids), {"load_time_s": load_time, "threads": args.threads})
+    return measure_llama_cpp(args.gguf, args.prompt_tokens, args.gen_tokens, args.threads)
 
 
 def run_transformers(args: argparse.Namespace) -> dict[str, Any]:

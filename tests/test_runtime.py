@@ -28,14 +28,16 @@ class DlInfo(ctypes.Structure):
     _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
                 ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
 
-source = None
-try:  # which library the process-global cblas_sgemm (the one MLX binds to) comes from
-    addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p)
+def library_of(symbol):  # the file the process-global definition of a symbol comes from, or None
+    try:
+        addr = ctypes.cast(getattr(ctypes.CDLL(None), symbol), ctypes.c_void_p)
+    except AttributeError:
+        return None
     info = DlInfo()
     ctypes.CDLL("libc.so.6").dladdr(addr, ctypes.byref(info))
-    source = info.fname.decode()
-except AttributeError:
-    pass
+    return info.fname.decode()
+
+source = library_of("cblas_sgemm")  # the one MLX binds to
 threads = None
 try:  # what OpenBLAS itself says it runs on (LMX_BLAS_THREADS)
     threads = ctypes.CDLL(None).openblas_get_num_threads()
@@ -44,14 +46,8 @@ except AttributeError:
 kernels_threads = None
 if BLAS.kernels_path:  # what the kernels' OpenBLAS says it runs on
     kernels_threads = ctypes.CDLL(BLAS.kernels_path).scipy_openblas_get_num_threads()
-helper_from = None
-try:  # a LAPACK helper both OpenBLAS builds export under its plain name: cmeel's must stay the global one
-    addr = ctypes.cast(ctypes.CDLL(None).claqz0_, ctypes.c_void_p)
-    info = DlInfo()
-    ctypes.CDLL("libc.so.6").dladdr(addr, ctypes.byref(info))
-    helper_from = info.fname.decode()
-except AttributeError:
-    pass
+# a LAPACK helper both OpenBLAS builds export under its plain name: cmeel's must stay the global one
+helper_from = library_of("claqz0_")
 from lmx.kernels import load_module
 K, _ = load_module()
 print(json.dumps({"blas": BLAS.name, "path": BLAS.path, "mapped": mapped_blas_libraries(), "sgemm_from": source,

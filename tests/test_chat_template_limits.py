@@ -114,7 +114,10 @@ def test_limits_are_settings() -> None:
 
 
 def test_ctrl_c_still_interrupts_a_render() -> None:
-    # A KeyboardInterrupt is not a template failure: it must reach the caller as it is.
+    # A KeyboardInterrupt is not a template failure: it must reach the caller as it is. A runner
+    # started in the background by a non-interactive shell inherits SIGINT ignored, and then
+    # interrupt_main does nothing: Python's own handler is put back for the test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.2, _thread.interrupt_main)
     timer.start()
     try:
@@ -122,6 +125,7 @@ def test_ctrl_c_still_interrupts_a_render() -> None:
             render(LOOP, TemplateLimits(timeout_s=30))
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_deeply_nested_message_is_typed() -> None:

@@ -122,12 +122,9 @@ def _load_kernels_blas(threads: int) -> tuple[str | None, str | None]:
         _set_threads(lib, threads, prefix="scipy_")
         core = _corename(lib, prefix="scipy_")
         logger.debug("loaded scipy-openblas32 (%s) for the CPU kernels from %s", core, path)
-        _KEPT.append(lib)
         return str(path), core
     return None, None
 
-
-_KEPT: list[ctypes.CDLL] = []  # the kernels' OpenBLAS stays loaded for the life of the process
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS", "ZEN4", "ZEN5"}
 

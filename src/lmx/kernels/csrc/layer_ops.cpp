@@ -24,6 +24,9 @@ namespace {
 
 // The attention's two inner loops, also compiled for AVX2 (picked at load time where the CPU has it).
 #define LMX_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+// Whether the CPU has AVX2, for the loops written with its intrinsics (else their one-value forms: the
+// same bits).
+const bool kAvx2 = __builtin_cpu_supports("avx2");
 
 // Eight partial sums, so the compiler vectorises the loop without reassociating it.
 LMX_SIMD_CLONES float dot(const float* a, const float* b, int64_t n) {
@@ -85,9 +88,6 @@ __attribute__((target("avx2"))) void add_scaled4_avx2(float* y, const float* con
   for (; i < n; ++i) y[i] = (((y[i] + w[0] * x0[i]) + w[1] * x1[i]) + w[2] * x2[i]) + w[3] * x3[i];
 }
 
-// Four keys' scores and values at a time where the CPU has AVX2 (else one at a time: the same bits).
-const bool kAvx2 = __builtin_cpu_supports("avx2");
-
 // One row of mx.quantize's affine layout back to float32: value i = scales[i / g] * q_i + biases[i / g],
 // q_i the i-th `bits`-bit field of the packed words, lowest bits first (as mx.dequantize reads it).
 LMX_SIMD_CLONES void dequantize_row8(float* out, const uint32_t* packed, const float* scales, const float* biases,
@@ -128,8 +128,7 @@ __attribute__((target("avx2"))) float sum_exp_avx2(const float* x, int64_t n, fl
 }
 
 float sum_exp(const float* x, int64_t n, float top) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (kAvx2) {
     return sum_exp_avx2(x, n, top);
   }
   float total = 0.0f;
@@ -307,8 +306,7 @@ __attribute__((target("avx2"))) void add_masses_avx2(const float* x, int64_t n, 
 }
 
 void add_masses(const float* x, int64_t n, float top, double* mass) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (kAvx2) {
     add_masses_avx2(x, n, top, mass);
     return;
   }
@@ -408,8 +406,7 @@ __attribute__((target("avx2"))) void draw_weights_avx2(const float* x, int64_t n
 }
 
 void draw_weights(const float* x, int64_t n, float top, float inv_t, float* w, double* blocks) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (kAvx2) {
     draw_weights_avx2(x, n, top, inv_t, w, blocks);
     return;
   }

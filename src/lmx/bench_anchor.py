@@ -170,7 +170,7 @@ def run_anchor(
     from lmx.kernels import physical_cores
     from lmx.loading.default_model import default_gguf_path
 
-    for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("rounds", rounds)):
+    for name, value in (("prompt_tokens", prompt_tokens), ("rounds", rounds)):
         if value < 1:
             raise InvalidOptionError(f"{name} must be >= 1, got {value}")
     if gen_tokens < 2:
@@ -182,7 +182,7 @@ def run_anchor(
         raise ModelNotFoundError(f"no such GGUF file: {str(path)!r}")
     if importlib.util.find_spec("llama_cpp") is None:
         raise InvalidOptionError("--against llama.cpp needs llama-cpp-python: pip install 'lmx[bench]'")
-    threads = threads or physical_cores()
+    threads = physical_cores() if threads is None else threads
     if threads < 1:
         raise InvalidOptionError(f"threads must be >= 1, got {threads}")
     result = AnchorResult(str(path), prompt_tokens, gen_tokens, threads)

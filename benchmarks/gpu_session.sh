@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?thread, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -28,6 +28,17 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
   tail -6 "$OUT/$name.log"
 }
 case $part in
+thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-thread) against lmx and mlx-lm, bf16
+  step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-thread,mlx-lm --rounds 3 --check-steps 64 --bandwidth --json "$OUT/gpu_thread_bf16.json"
+  step 120 thread_exit python3 -c "import sys; sys.path.insert(0, 'src'); import mlx.core as mx; from lmx.generate.encoder import StepEncoder; e = StepEncoder(); q = e.submit(mx.ones(4) + 1); q.wait(); print('exit ok')"
+  ;;
+thread_q4)  # the same in 4 bits, and at an 8k-token prompt
+  step 300 thread_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-thread,mlx-lm --rounds 3 --quantize 4 --json "$OUT/gpu_thread_q4.json"
+  step 200 thread_8k python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-thread,mlx-lm --rounds 3 --prompt-tokens 8192 --json "$OUT/gpu_thread_8k.json"
+  ;;
 serving)  # issue 13: the padded-row CUDA kernel, then 32 mixed clients with it off and on
   step 100 cuda_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check.json"
   step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m

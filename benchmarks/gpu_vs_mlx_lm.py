@@ -13,7 +13,8 @@ CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 ``lmx-eager`` today's eager step, ``lmx-seg`` the segmented one
 (:mod:`lmx.generate.segments`; lmx's default on a GPU), ``lmx-seg-noattn`` the segmented one
 with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unfused`` with
-``LMX_FUSED_PROJECTIONS=0``, ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
+``LMX_FUSED_PROJECTIONS=0``, ``lmx-thread`` with ``LMX_ENCODE_THREAD=1`` (each step queued by a
+thread of its own while the next is built), ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
 the same as ``lmx`` without ``--quantize``). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
@@ -72,7 +73,7 @@ STATES: dict[int, DecodeState] = {}
 # lmx with one of its CUDA kernels off: variant -> the CudaOps attribute set to None
 WITHOUT_KERNEL = {"lmx-mlxq": "quantized"}
 # variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
-OWN_TRACES: dict[str, dict[int, DecodeState]] = {v: {} for v in ("lmx-unfused", *WITHOUT_KERNEL)}
+OWN_TRACES: dict[str, dict[int, DecodeState]] = {v: {} for v in ("lmx-unfused", "lmx-thread", *WITHOUT_KERNEL)}
 
 
 def prepare(model: nn.Module, dtype: str) -> DecodeState:
@@ -83,8 +84,9 @@ def prepare(model: nn.Module, dtype: str) -> DecodeState:
     if profile.fused_projections:
         print(f"fused projections: {model.fuse_projections()} groups", flush=True)
     STATES[id(model)] = DecodeState(model, profile)
-    for states in OWN_TRACES.values():
-        states[id(model)] = DecodeState(model, profile)
+    for variant, states in OWN_TRACES.items():
+        own = profile.replace(encode_thread=True) if variant == "lmx-thread" else profile
+        states[id(model)] = DecodeState(model, own)
     return STATES[id(model)]
 
 
@@ -207,6 +209,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx": (False, None),
     "lmx-unfused": (False, True),
     "lmx-mlxq": (False, True),
+    "lmx-thread": (False, None),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -479,7 +482,9 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         print(f"{name} token check vs lmx-plain: {json.dumps(extra['check'])}", flush=True)
     if args.profile_steps:
         extra["profile"] = {
-            v: profile_steps(model, prompt, args.profile_steps, v) for v in LMX_STEPS if v in variants and v != "lmx"
+            v: profile_steps(model, prompt, args.profile_steps, v)
+            for v in LMX_STEPS
+            if v in variants and v not in ("lmx", "lmx-thread")
         }
         for v, p in extra["profile"].items():
             us = "  ".join(f"{k} {x:.0f}" for k, x in p["median_us"].items())
@@ -501,6 +506,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-unfused-act": lambda pr, n: time_lmx_unfused_act(model, pr, n),
         "lmx-unfused": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-unfused"),
         "lmx-mlxq": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-mlxq"),
+        "lmx-thread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-thread"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -583,7 +589,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-mlxq (MLX's quantized products), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-mlxq (MLX's quantized products), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from lmx.generate.encoder import StepEncoder
 from lmx.generate.segments import SegmentedDecode
 from lmx.models.base import LanguageModel
 from lmx.models.cache import DecodeSlot, KVCache
@@ -118,6 +119,8 @@ class DecodeState:
         self.plan = plan or StepPlan()
         self._compiled: dict[tuple[tuple[int | None, ...], bool], CompiledDecode] = {}
         self._segments: SegmentedDecode | None = None
+        self._encoder: StepEncoder | None = None
+        self._encoder_segments: SegmentedDecode | None = None
 
     def compiled(self, cache: list[KVCache], padded: bool) -> CompiledDecode:
         """The model's :class:`CompiledDecode` for this cache layout, made on first use."""
@@ -133,6 +136,19 @@ class DecodeState:
         if self._segments is None:
             self._segments = SegmentedDecode(self.model)
         return self._segments if self._segments.prepare() else None
+
+    def encoder(self) -> StepEncoder:
+        """The model's :class:`StepEncoder` (the plan's ``encode_thread``), made on first use."""
+        if self._encoder is None:
+            self._encoder = StepEncoder(mx.gpu if mx.default_device() == mx.gpu else mx.cpu)
+        return self._encoder
+
+    def encoder_segmented(self) -> SegmentedDecode | None:
+        """As :meth:`segmented`, for steps built on the encoder's stream: traces of their own
+        (a trace replays its ops on the stream it was made on)."""
+        if self._encoder_segments is None:
+            self._encoder_segments = SegmentedDecode(self.model)
+        return self._encoder_segments if self._encoder_segments.prepare() else None
 
     @property
     def segments_made(self) -> bool:
@@ -267,6 +283,10 @@ def generate_step(
         return eager_step(model, token, cache, pad)
 
     step_size = prefill_step_size or plan.prefill_step_size
+    encoder = state.encoder() if plan.encode_thread and not compile else None
+    if encoder is not None:
+        yield from _threaded_steps(state, encoder, prompt, cache, sample, pad, step_size, segments)
+        return
     first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")
     token, logprobs = sample(first)
     mx.async_eval(token, logprobs)  # the prefill runs while the decode step is set up
@@ -288,3 +308,53 @@ def generate_step(
         mx.async_eval(next_token, next_logprobs)
         yield token, logprobs
         token, logprobs = next_token, next_logprobs
+
+
+def _threaded_steps(
+    state: DecodeState,
+    encoder: StepEncoder,
+    prompt: mx.array,
+    cache: list[KVCache],
+    sample: Callable[[mx.array], tuple[mx.array, mx.array]],
+    pad: mx.array | None,
+    step_size: int,
+    segments: bool,
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """:func:`generate_step`'s loop with each step queued by ``encoder``'s thread while this
+    thread builds the next (see :mod:`lmx.generate.encoder`). Every op of the generation is
+    built on the encoder's stream, so all of it runs in one order on the device.
+
+    The caller's thread reads only arrays no later step's graph holds (a token is handed out
+    as a copy: the next step's graph holds the original), and waits for its last step to be
+    queued and run before the generator ends, so nothing of it is queued from two threads."""
+    model = state.model
+    plan = state.plan
+    with mx.stream(encoder.stream):
+        first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")
+        token, logprobs = sample(first)
+        mx.eval(token, logprobs)
+        if segments and pad is None and (segmented := state.encoder_segmented()) is not None:
+
+            def decode(token: mx.array) -> mx.array:
+                return segmented(token, cache)
+        else:
+
+            def decode(token: mx.array) -> mx.array:
+                return eager_step(model, token, cache, pad)
+
+    out = token, logprobs  # evaluated: safe to read while a step holding ``token`` is queued
+    queued = None
+    try:
+        while True:
+            with mx.stream(encoder.stream):  # not across the yield: the caller's own ops stay on its stream
+                next_token, next_logprobs = sample(decode(token))
+                handed = mx.stop_gradient(next_token)  # for the caller; the next step's graph holds next_token
+            if queued is not None:
+                queued.wait()  # the step of ``out`` is queued: reading it waits for the device only
+            queued = encoder.submit(next_token, next_logprobs, handed)  # before the yield: waited for at the end
+            yield out
+            token, out = next_token, (handed, next_logprobs)
+    finally:
+        if queued is not None:
+            queued.wait()
+        mx.synchronize(encoder.stream)

@@ -49,11 +49,14 @@ class StepPlan:
             intermediates alive at once: Gemma 3 270M, 80 MiB above the weights for 512 tokens).
         decode_mode: ``"eager"`` (op by op), ``"segmented"`` (compiled segments between eager
             attention calls: a GPU step is bound by host work per op) or ``"compiled"`` (one graph).
+        encode_thread: a thread of its own queues each decode step (``mx.async_eval``) while the
+            step loop builds the next (:mod:`lmx.generate.encoder`; GPU: both are host work).
     """
 
     prefill_step_size: int = PREFILL_STEP["cpu"]
     prefill_mode: str = "whole"
     decode_mode: str = "eager"
+    encode_thread: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -115,6 +118,7 @@ class DeviceProfile(StepPlan):
             "prefill_step_size",
             "prefill_mode",
             "decode_mode",
+            "encode_thread",
             "gguf_on_device",
             "fused_projections",
         )
@@ -125,6 +129,7 @@ class DeviceProfile(StepPlan):
             f"{self.device} ({self.backend}), {self.dtype}, ops {self.ops_backend}, prefill {self.prefill_mode} "
             f"in chunks of {self.prefill_step_size}, decode {self.decode_mode}, GGUF matrices {self.gguf_on_device}"
             + (", fused projections" if self.fused_projections else "")
+            + (", steps queued on a thread of their own" if self.encode_thread else "")
         )
 
 
@@ -139,6 +144,7 @@ def choose_profile(
     compile: bool = False,
     gguf_on_device: str | None = None,
     fused_projections: bool = False,
+    encode_thread: bool = False,
 ) -> DeviceProfile:
     """The profile for a model about to be loaded.
 
@@ -159,6 +165,8 @@ def choose_profile(
         fused_projections: fuse each layer's q/k/v and gate/up products where the weights allow
             (``LMX_FUSED_PROJECTIONS`` not 0); on a GPU only (on the CPU a step is bound by the
             arithmetic, and a GGUF's matrices on lmx's kernels are blocks of different types).
+        encode_thread: queue decode steps on a thread of their own (``LMX_ENCODE_THREAD``); on a
+            GPU only (on the CPU MLX already runs the work on a thread of its own).
 
     Raises:
         InvalidOptionError: an unknown device or ``gguf_on_device``, or CPU kernels asked for on a GPU.
@@ -191,6 +199,7 @@ def choose_profile(
         ops_backend=ops,
         gguf_on_device=gguf,
         fused_projections=gpu and fused_projections,
+        encode_thread=gpu and encode_thread,
     )
 
 

@@ -223,6 +223,14 @@ LMX_FUSED_PROJECTIONS: Setting[bool] = Setting(
     "(the weights held once, as one array)",
     _bool,
 )
+LMX_ENCODE_THREAD: Setting[bool] = Setting(
+    "LMX_ENCODE_THREAD",
+    BOOL,
+    False,
+    "on a GPU, a thread of its own queues each decode step while the next one is built (both are host work "
+    "there); off until measured",
+    _bool,
+)
 LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
     "LMX_CUDA_QUANTIZED",
     BOOL,
@@ -288,6 +296,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_GGUF_ON_DEVICE,
     LMX_CUDA_ATTENTION,
     LMX_FUSED_PROJECTIONS,
+    LMX_ENCODE_THREAD,
     LMX_CUDA_PADDED_ATTENTION,
     LMX_CUDA_QUANTIZED,
     LMX_KV_BITS,

@@ -1,0 +1,154 @@
+"""Decode steps queued by a thread of their own (:mod:`lmx.generate.encoder`, the plan's
+``encode_thread``) compute what the one-thread loop computes.
+
+The loader turns it on for a GPU only (``LMX_ENCODE_THREAD``); here the plan forces it on the
+CPU, where the two threads share the same ordering rules.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from lmx import bench
+from lmx.generate.encoder import StepEncoder
+from lmx.generate.sampling import KeySequence, make_sampler
+from lmx.generate.step import DecodeState, generate_step
+from lmx.models import build_model
+from lmx.runtime.profile import StepPlan, choose_profile
+
+
+def run(model, prompt, n, plan, *, temperature=0.0, processors=(), cache=None):
+    state = DecodeState(model, plan)
+    cache = model.make_cache() if cache is None else cache
+    steps = generate_step(
+        model,
+        prompt,
+        cache,
+        make_sampler(temperature),
+        KeySequence(7).next,
+        processors=processors,
+        state=state,
+    )
+    tokens, logprobs = [], []
+    for token, lp in steps:
+        tokens.append(token.tolist())
+        logprobs.append(np.array(lp))
+        if len(tokens) == n:
+            break
+    steps.close()
+    return tokens, np.stack(logprobs), state
+
+
+@pytest.fixture(scope="module", params=["tiny-gemma3", "tiny-qwen3"])
+def model(request):
+    m = build_model(bench.config_for(request.param))
+    bench.random_weights(m, mx.float32, seed=4)
+    mx.eval(m.parameters())
+    return m
+
+
+@pytest.mark.parametrize("mode", ["eager", "segmented"])
+def test_threaded_steps_equal_one_thread_bit_for_bit(model, mode):
+    # 300 steps: past the first KV-cache growth (256) and Gemma's sliding-window wraps.
+    prompt = mx.random.randint(0, 512, (2, 20), key=mx.random.key(5))
+    one = run(model, prompt, 300, StepPlan(decode_mode=mode))
+    two = run(model, prompt, 300, StepPlan(decode_mode=mode, encode_thread=True))
+    assert two[2]._encoder is not None  # the encoder did run
+    assert two[0] == one[0]
+    np.testing.assert_array_equal(two[1], one[1])
+
+
+def test_threaded_sampling_and_processors_follow_the_same_keys(model):
+    # a temperature draws with the per-step keys; a processor reads the history the loop keeps
+    def no_repeat_last(history, logits):
+        last = history[:, -1:]
+        return mx.put_along_axis(logits, last, mx.array(-mx.inf, dtype=logits.dtype), axis=-1)
+
+    prompt = mx.random.randint(0, 512, (1, 12), key=mx.random.key(6))
+    kw = {"temperature": 0.8, "processors": [no_repeat_last]}
+    one = run(model, prompt, 40, StepPlan(decode_mode="segmented"), **kw)
+    two = run(model, prompt, 40, StepPlan(decode_mode="segmented", encode_thread=True), **kw)
+    assert two[0] == one[0]
+    assert all(a != b for (a,), (b,) in zip(two[0], two[0][1:]))  # the processor did act
+    np.testing.assert_array_equal(two[1], one[1])
+
+
+def test_a_closed_threaded_generation_leaves_the_cache_as_the_one_thread_loop_does(model):
+    # the generator's last queued step runs before it ends: the cache then goes on as usual
+    prompt = mx.random.randint(0, 512, (1, 16), key=mx.random.key(8))
+    caches = []
+    for thread in (False, True):
+        cache = model.make_cache()
+        run(model, prompt, 9, StepPlan(decode_mode="segmented", encode_thread=thread), cache=cache)
+        caches.append(cache)
+    one, two = caches
+    assert [c.offset for c in two] == [c.offset for c in one]
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(np.array(b.state[0]), np.array(a.state[0]))
+    # and a second generation continues from it alike
+    nxt = mx.array([[5, 6, 7]])
+    assert run(model, nxt, 6, StepPlan(), cache=two)[0] == run(model, nxt, 6, StepPlan(), cache=one)[0]
+
+
+def test_an_error_in_the_encoder_reaches_the_caller():
+    # an array that escaped a compiled function's trace has no way to be computed: MLX refuses to
+    # queue it, in the encoder's thread; the caller's wait raises that error
+    escaped = []
+
+    def f(x):
+        escaped.append(x * 2)
+        return x + 1
+
+    mx.eval(mx.compile(f)(mx.ones(2)))
+    encoder = StepEncoder(mx.cpu)
+    queued = encoder.submit(escaped[0])
+    with pytest.raises(RuntimeError, match="without a primitive"):
+        queued.wait()
+    with mx.stream(encoder.stream):
+        fine = mx.ones(3) * 2
+    encoder.submit(fine).wait()  # the thread goes on
+    assert fine.tolist() == [2.0, 2.0, 2.0]
+    encoder.close()
+    encoder.close()  # twice is fine
+
+
+def test_a_process_with_a_live_encoder_exits_cleanly():
+    # MLX's per-thread state must be torn down by the encoder's own thread before the interpreter
+    # ends (left to the process's end it aborted: "terminate called without an active exception")
+    code = textwrap.dedent(
+        """
+        import mlx.core as mx
+        from lmx import bench
+        from lmx.generate.sampling import KeySequence, make_sampler
+        from lmx.generate.step import DecodeState, generate_step
+        from lmx.models import build_model
+        from lmx.runtime.profile import StepPlan
+        m = build_model(bench.config_for("tiny-qwen3"))
+        bench.random_weights(m, mx.float32, seed=1)
+        state = DecodeState(m, StepPlan(decode_mode="segmented", encode_thread=True))
+        g = generate_step(m, mx.array([[2, 3, 4]]), m.make_cache(), make_sampler(0.0), KeySequence(0).next, state=state)
+        for i, (t, _) in enumerate(g):
+            t.tolist()
+            if i == 4:
+                break
+        g.close()
+        print("done")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "done"
+    assert "terminate" not in out.stderr
+
+
+def test_the_profile_asks_for_the_thread_on_a_gpu_only():
+    assert choose_profile("gpu", encode_thread=True).encode_thread
+    assert not choose_profile("cpu", encode_thread=True).encode_thread
+    assert not choose_profile("gpu").encode_thread
+    assert choose_profile("gpu", encode_thread=True).as_dict()["encode_thread"] is True

@@ -1,8 +1,8 @@
 """Decode steps queued by a thread of their own (:mod:`lmx.generate.encoder`, the plan's
 ``encode_thread``) compute what the one-thread loop computes.
 
-The loader turns it on for a GPU only (``LMX_ENCODE_THREAD``); here the plan forces it on the
-CPU, where the two threads share the same ordering rules.
+``LMX_ENCODE_THREAD=on`` turns it on; here the plan forces it on the CPU, where the two threads
+keep the same ordering rules as on a GPU.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import subprocess
 import sys
 import textwrap
 
+import lmx  # isort: skip
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from lmx import bench
+from lmx.errors import InvalidOptionError
 from lmx.generate.encoder import StepEncoder
 from lmx.generate.sampling import KeySequence, make_sampler
 from lmx.generate.step import DecodeState, generate_step
 from lmx.models import build_model
-from lmx.runtime.profile import StepPlan, choose_profile
+from lmx.runtime.profile import StepPlan
 
 
 def run(model, prompt, n, plan, *, temperature=0.0, processors=(), cache=None):
@@ -147,8 +149,47 @@ def test_a_process_with_a_live_encoder_exits_cleanly():
     assert "terminate" not in out.stderr
 
 
-def test_the_profile_asks_for_the_thread_on_a_gpu_only():
-    assert choose_profile("gpu", encode_thread=True).encode_thread
-    assert not choose_profile("cpu", encode_thread=True).encode_thread
-    assert not choose_profile("gpu").encode_thread
-    assert choose_profile("gpu", encode_thread=True).as_dict()["encode_thread"] is True
+def serve_mixed(engine):
+    """A long row, three rows joining it with other options (seeded sampling, top log-probs, a stop
+    string), then a prompt again (a prefix-cache hit): what each got."""
+    no_eos = {1: -100.0, 2: -100.0, 6: -100.0, 106: -100.0}
+    running = engine.stream("Numbers 12345 and 67890, dates like 2026-11-27.", max_tokens=120, logit_bias=no_eos)
+    got = [next(running) for _ in range(4)]
+    joined = [
+        engine.stream("Hello", max_tokens=20, logprobs=3),
+        engine.stream("The quick brown fox", max_tokens=15, temperature=0.9, top_p=0.8, seed=7),
+        engine.stream("def add(a, b):", max_tokens=30, temperature=1.2, seed=11, stop=["e"]),
+    ]
+    results = [lmx.engine.collect(s) for s in joined]
+    got += list(running)
+    again = engine.generate("Hello", max_tokens=20, logprobs=3)
+    out = [([t.id for t in got], [t.logprob for t in got])]
+    for r in [*results, again]:
+        out.append((r.tokens, r.logprobs, r.text, r.finish_reason, r.top_logprobs))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_the_engine_with_the_thread_serves_what_it_serves_without(tiny_dirs, monkeypatch, arch):
+    # the scheduler's path: joins, leaves, seeded rows, top log-probs, a stop, a cache hit
+    with lmx.load(tiny_dirs[arch]) as engine:
+        plain = serve_mixed(engine)
+    monkeypatch.setenv("LMX_ENCODE_THREAD", "on")
+    with lmx.load(tiny_dirs[arch]) as engine:
+        encoder = engine.scheduler._encoder
+        assert encoder is not None
+        threaded = serve_mixed(engine)
+        assert encoder.submitted > 100  # the steps did go through it
+    assert threaded == plain
+
+
+def test_the_setting_turns_the_thread_on(monkeypatch):
+    from lmx.loading.loader import load_profile
+
+    assert not load_profile("auto").encode_thread  # auto: off until measured
+    monkeypatch.setenv("LMX_ENCODE_THREAD", "on")
+    assert load_profile("auto").encode_thread
+    assert load_profile("auto").as_dict()["encode_thread"] is True
+    monkeypatch.setenv("LMX_ENCODE_THREAD", "sometimes")
+    with pytest.raises(InvalidOptionError, match="LMX_ENCODE_THREAD"):
+        load_profile("auto")

@@ -74,6 +74,7 @@ class StepEncoder:
 
     def __init__(self, device: mx.Device | mx.DeviceType = mx.gpu) -> None:
         self.stream = mx.new_thread_unsafe_stream(device)
+        self.submitted = 0  # steps handed over
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="lmx-step-encoder", daemon=True)
         self._thread.start()
@@ -83,6 +84,7 @@ class StepEncoder:
     def submit(self, *arrays: Any) -> Queued:
         """Hand ``arrays`` (built on :attr:`stream`) over to be queued; returns at once."""
         job = Queued(arrays)
+        self.submitted += 1
         self._jobs.put(job)
         return job
 

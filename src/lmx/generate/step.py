@@ -152,8 +152,8 @@ class DecodeState:
 
     @property
     def segments_made(self) -> bool:
-        """Whether a segmented step was made for this model."""
-        return self._segments is not None
+        """Whether a segmented step was made for this model (on the encoder's stream or not)."""
+        return self._segments is not None or self._encoder_segments is not None
 
 
 def eager_step(model: LanguageModel, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
@@ -188,8 +188,14 @@ class Decoder:
 
     def refresh(self) -> None:
         """Check the segmented step against the model's current weights (after an adapter
-        was loaded or removed, say); called when a batch starts."""
-        self._segmented = self.state.segmented() if self.segments else None
+        was loaded or removed, say); called when a batch starts. With the plan's
+        ``encode_thread`` the steps are built on the encoder's stream: its own traces."""
+        if not self.segments:
+            self._segmented = None
+        elif self.state.plan.encode_thread:
+            self._segmented = self.state.encoder_segmented()
+        else:
+            self._segmented = self.state.segmented()
 
     def prefill(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None, step_size: int) -> mx.array:
         """:func:`prefill` as the plan says (chunks of ``step_size``, layer by layer or whole)."""

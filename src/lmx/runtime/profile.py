@@ -50,7 +50,7 @@ class StepPlan:
         decode_mode: ``"eager"`` (op by op), ``"segmented"`` (compiled segments between eager
             attention calls: a GPU step is bound by host work per op) or ``"compiled"`` (one graph).
         encode_thread: a thread of its own queues each decode step (``mx.async_eval``) while the
-            step loop builds the next (:mod:`lmx.generate.encoder`; GPU: both are host work).
+            step loop builds the next (:mod:`lmx.generate.encoder`; where both are host work).
     """
 
     prefill_step_size: int = PREFILL_STEP["cpu"]
@@ -165,8 +165,8 @@ def choose_profile(
         fused_projections: fuse each layer's q/k/v and gate/up products where the weights allow
             (``LMX_FUSED_PROJECTIONS`` not 0); on a GPU only (on the CPU a step is bound by the
             arithmetic, and a GGUF's matrices on lmx's kernels are blocks of different types).
-        encode_thread: queue decode steps on a thread of their own (``LMX_ENCODE_THREAD``); on a
-            GPU only (on the CPU MLX already runs the work on a thread of its own).
+        encode_thread: queue decode steps on a thread of their own (``LMX_ENCODE_THREAD``: a
+            step bound by host work, where building a step and queueing it cost more than running it).
 
     Raises:
         InvalidOptionError: an unknown device or ``gguf_on_device``, or CPU kernels asked for on a GPU.
@@ -199,7 +199,7 @@ def choose_profile(
         ops_backend=ops,
         gguf_on_device=gguf,
         fused_projections=gpu and fused_projections,
-        encode_thread=gpu and encode_thread,
+        encode_thread=encode_thread,
     )
 
 

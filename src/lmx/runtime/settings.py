@@ -223,13 +223,13 @@ LMX_FUSED_PROJECTIONS: Setting[bool] = Setting(
     "(the weights held once, as one array)",
     _bool,
 )
-LMX_ENCODE_THREAD: Setting[bool] = Setting(
+LMX_ENCODE_THREAD: Setting[str] = Setting(
     "LMX_ENCODE_THREAD",
-    BOOL,
-    False,
-    "on a GPU, a thread of its own queues each decode step while the next one is built (both are host work "
-    "there); off until measured",
-    _bool,
+    "`auto`, `on` or `off`",
+    "auto",
+    "a thread of its own queues each decode step (MLX's encoding of its ops) while the next one is built; "
+    "auto: off (until measured on a GPU); on: on any device",
+    _choice("auto", "on", "off"),
 )
 LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
     "LMX_CUDA_QUANTIZED",

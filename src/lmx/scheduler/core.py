@@ -38,6 +38,7 @@ import mlx.core as mx
 
 from lmx.errors import EngineClosedError, GroupLostError, QueueFullError
 from lmx.generate.constraints import ConstraintCompiler
+from lmx.generate.encoder import Queued
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import sample_rows
 from lmx.generate.sampling import top_logprobs
@@ -118,6 +119,12 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         self._ending = False  # closing, as the group agreed (sync only)
         self._broken: GroupLostError | None = None  # the group lost a rank: nothing runs any more
         self._turn_started: float | None = None  # when the running turn began (sync: the watchdog reads it)
+        # The plan's encode_thread: this thread builds on the encoder's stream; alone (no group),
+        # each decode step is queued by the encoder's thread while the next turn goes on. This
+        # thread evaluates nothing while a step is being queued (_quiesce first).
+        plan = decoder.state.plan
+        self._encoder = decoder.state.encoder() if plan.encode_thread else None
+        self._job: Queued | None = None
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, request: Request) -> Request:
@@ -320,6 +327,18 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         )
 
     def _work(self) -> None:
+        stream = mx.stream(self._encoder.stream) if self._encoder is not None else contextlib.nullcontext()
+        with stream:
+            self._work_turns()
+        # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
+        # the GIL when the thread ends; during interpreter shutdown that aborts the process
+        # (mlx 0.32). A parked daemon thread never runs it. At exit (_close_at_exit), before that
+        # shutdown, the thread ends instead: a daemon thread still running when the shutdown starts
+        # ends the moment it wants the GIL, which runs that destructor.
+        if not self._end_thread:
+            threading.Event().wait()
+
+    def _work_turns(self) -> None:
         try:
             while True:
                 with self._lock:
@@ -338,6 +357,8 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
                         break
                     if self._ending:
                         break
+                if exclusive:
+                    self._quiet()
                 for job in exclusive:
                     self._run_exclusive_job(job)
                 self._turn_started = time.monotonic()
@@ -353,15 +374,9 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         finally:
             if self._broken is not None:
                 logger.error("%s", self._broken)
+            self._quiet()
             self._shutdown(self._broken)
             self._stopped.set()
-        # Park instead of returning: MLX keeps a compile cache per thread whose destructor takes
-        # the GIL when the thread ends; during interpreter shutdown that aborts the process
-        # (mlx 0.32). A parked daemon thread never runs it. At exit (_close_at_exit), before that
-        # shutdown, the thread ends instead: a daemon thread still running when the shutdown starts
-        # ends the moment it wants the GIL, which runs that destructor.
-        if not self._end_thread:
-            threading.Event().wait()
 
     def _exchange(self) -> None:
         """The turn's events, as the leader saw them, on every rank: new requests join the waiting
@@ -395,6 +410,21 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
                 self._by_id[i].confirm_cancel()
         self._ending = bool(turn["close"])
 
+    def _quiesce(self) -> None:
+        """Wait until the encoder has queued the step handed to it (this thread may then evaluate);
+        raise what queueing it raised."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.wait()
+
+    def _quiet(self) -> None:
+        """:meth:`_quiesce` where an error is already on its way (the step's requests get it
+        from the emit or the failed batch)."""
+        try:
+            self._quiesce()
+        except Exception as e:
+            logger.debug("a queued step failed: %r", e)
+
     def _eval(self, *arrays: Any) -> None:
         """Start computing ``arrays``: in the background alone; in a tensor-parallel group, now
         (a collective that loses its peer raises only in a waited-for evaluation; in the background
@@ -427,9 +457,10 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         """One turn of the loop: queue a decode step, prefill a chunk, emit, let rows join."""
         batch = self._batch
         if len(batch.rows) == 1 and self._speculates(batch.rows[0]):
+            self._quiesce_or_fail()
             self._speculative_turn(batch)
             return
-        queued: tuple[mx.array, mx.array] | None = None
+        queued: tuple[mx.array, mx.array, tuple[mx.array, mx.array, mx.array] | None] | None = None
         clock = Clock(self._stats.seconds)
         if batch.rows:
             try:
@@ -447,30 +478,56 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
                 queued = None
             else:
                 clock.lap("emit")
-                batch.tokens, batch.logprobs = queued
+                batch.tokens, batch.logprobs, batch.handed = queued
                 self._leave(batch)
                 clock.lap("leave")
         self._join()
         clock.lap("join")
 
     # ------------------------------------------------------------------ decode
-    def _queue_decode(self, batch: Batch) -> tuple[mx.array, mx.array]:
+    def _quiesce_or_fail(self) -> None:
+        """:meth:`_quiesce`; a failed step fails the batch."""
+        try:
+            self._quiesce()
+        except Exception as e:
+            self._fail_batch(e)
+
+    def _queue_decode(self, batch: Batch) -> tuple[mx.array, mx.array, tuple[mx.array, mx.array, mx.array] | None]:
+        """Build the next decode step and start it: with an encoder, it queues the step while
+        this thread goes on (after the step before is queued); the copies the emit reads go
+        with it (see :attr:`Batch.handed`)."""
         assert batch.tokens is not None
+        if any(r.sampler.matcher is not None for r in batch.rows):
+            self._quiesce()  # a constrained row's mask reads its last token on this thread
         with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
         tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
-        self._eval(tokens, logprobs)
+        handed = None
+        if self._encoder is None or self._sync is not None:
+            self._quiesce()
+            self._eval(tokens, logprobs)
+        else:
+            ids = mx.stop_gradient(tokens)  # read by the emit; the next step's graph holds ``tokens``
+            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            self._quiesce()
+            self._job = self._encoder.submit(tokens, logprobs, ids, chosen)
+            handed = (ids, chosen, tokens)
         s = self._stats
         s.steps += 1
         s.batched_steps += len(batch.rows) > 1
         s.max_batch_seen = max(s.max_batch_seen, len(batch.rows))
-        return tokens, logprobs
+        return tokens, logprobs, handed
 
     def _emit(self, batch: Batch) -> None:
         """Hand every row its token of the last step; mark the rows that end."""
         assert batch.tokens is not None and batch.logprobs is not None
-        ids = batch.tokens.tolist()
-        chosen = mx.take_along_axis(batch.logprobs, batch.tokens[:, None], axis=-1)[:, 0].tolist()
+        values = batch.handed_values()  # queued copies: read while the next step is queued
+        if values is None:
+            self._quiesce()
+            ids = batch.tokens.tolist()
+            chosen = mx.take_along_axis(batch.logprobs, batch.tokens[:, None], axis=-1)[:, 0].tolist()
+        else:
+            ids, chosen = values
         now = time.perf_counter()
         for i, row in enumerate(batch.rows):
             self._hand(row, ids[i], chosen[i], batch.logprobs[i : i + 1], now)
@@ -483,6 +540,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
             return
         top = None
         if request.options.logprobs:
+            self._quiesce()  # computed here, on this thread
             top_ids, top_vals = top_logprobs(logprobs, request.options.logprobs)
             top = tuple(zip(top_ids[0].tolist(), top_vals[0].tolist()))
         token = row.output.add(tid, chosen, top)
@@ -499,6 +557,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         ended = [i for i, r in enumerate(batch.rows) if r.done is not None]
         if not ended:
             return
+        self._quiesce()  # the caches are read and cut here
         offset = batch.caches[0].offset
         for i in ended:
             row = batch.rows[i]
@@ -536,6 +595,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
 
     def _fail_batch(self, error: BaseException) -> None:
         logger.debug("decode step failed: %r", error)
+        self._quiet()
         self._group_error(error)
         for row in self._batch.rows:
             self._finish(row.request, None, error)

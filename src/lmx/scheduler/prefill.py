@@ -27,6 +27,7 @@ class PrefillTurns:
             self._prefill = self._start_prefill()
             if self._prefill is None:
                 return
+        self._quiesce_or_fail()  # a queued decode step first: this thread evaluates here
         job = self._prefill
         try:
             if any(r.request.cancelled for r in job.rows) and len(job.rows) == 1:
@@ -144,6 +145,7 @@ class PrefillTurns:
         """Prefilled requests join the decode batch (their first token is emitted next turn)."""
         if not self._joiners:
             return
+        self._quiesce_or_fail()
         batch = self._batch
         for job in self._joiners:
             assert job.first is not None

@@ -96,6 +96,16 @@ class Batch:
         self.caches: list[KVCache] = []
         self.tokens: mx.array | None = None  # (B,)
         self.logprobs: mx.array | None = None  # (B, V)
+        # With a step encoder (lmx.generate.encoder): copies of the last step's ids and chosen
+        # log-probabilities, queued with it, for the emit to read while the next step, which holds
+        # ``tokens``, is being queued; and the ``tokens`` they were made from (valid while the same).
+        self.handed: tuple[mx.array, mx.array, mx.array] | None = None
+
+    def handed_values(self) -> tuple[list[int], list[float]] | None:
+        """The last step's ids and chosen log-probabilities from :attr:`handed`, if it is that step's."""
+        if self.handed is None or self.handed[2] is not self.tokens:
+            return None
+        return self.handed[0].tolist(), self.handed[1].tolist()
 
     def pad(self) -> mx.array | None:
         starts = [r.start for r in self.rows]

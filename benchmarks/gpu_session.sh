@@ -45,6 +45,8 @@ thread_serve)  # the engine's path (the scheduler) with LMX_ENCODE_THREAD off an
     LMX_ENCODE_THREAD=$v step 60 "engine32_$v" python3 benchmarks/engine_load.py --model /tmp/r270.gguf --device gpu \
       --clients 32 --duration 15 --json "$OUT/engine_load_270m_thread_$v.json"
   done
+  LMX_ENCODE_THREAD=on step 120 against_270m python3 -c "import sys; from lmx.cli.main import main; sys.exit(main())" \
+    bench --against mlx-lm --config gemma3-270m --device gpu --roofline --json
   ;;
 thread_q4)  # the same in 4 bits, and at an 8k-token prompt
   step 300 thread_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \

@@ -59,6 +59,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
+from lmx.bench_mlx_lm import copy_bandwidth, mlx_lm_twin  # noqa: E402
 from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
 from lmx.generate.step import DecodeState, generate_step, prefill  # noqa: E402
 from lmx.kernels import cuda_attention  # noqa: E402
@@ -120,22 +121,6 @@ def time_lmx_patched(model: nn.Module, prompt: list[int], n: int, variant: str) 
 
 
 from lmx.runtime.device import choose_device  # noqa: E402
-
-
-def mlx_lm_twin(config: dict[str, Any], model: nn.Module) -> nn.Module:
-    """An mlx-lm model of ``config`` holding the same weight arrays as the lmx ``model``."""
-    import importlib
-
-    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    twin = arch.Model(arch.ModelArgs.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
-    if config.get("quantization"):
-        q = config["quantization"]
-        nn.quantize(twin, group_size=q["group_size"], bits=q["bits"])
-    weights = twin.sanitize(weights)
-    twin.load_weights(list(weights.items()), strict=True)
-    mx.eval(twin.parameters())
-    return twin
 
 
 def time_lmx(
@@ -539,22 +524,6 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
     return {"weights_bytes": weights_bytes, "init_s": init_s, "median": med, "runs": runs, "errors": errors} | extra
 
 
-def copy_bandwidth(gib: float = 2.0, repeats: int = 10) -> float:
-    """The device's measured copy bandwidth in bytes/s: ``x + 1`` over a ``gib``-GiB bf16 array reads it
-    once and writes it once; the median of ``repeats`` timed copies after one warm-up."""
-    x = mx.zeros((int(gib * 2**30) // 2,), dtype=mx.bfloat16)
-    mx.eval(x)
-    times = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        y = x + 1
-        mx.eval(y)
-        if i:
-            times.append(time.perf_counter() - t)
-        del y
-    return 2 * x.nbytes / statistics.median(times)
-
-
 def report(results: dict[str, Any]) -> None:
     bw = results.get("copy_bandwidth_bytes_per_s")
     if bw:
@@ -624,7 +593,7 @@ def main() -> int:
     variants = [v.strip() for v in args.variants.split(",")]
     results: dict[str, Any] = {"meta": meta, "configs": {}}
     if args.bandwidth:
-        results["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+        results["copy_bandwidth_bytes_per_s"] = copy_bandwidth(2.0)
         print(f"copy bandwidth {results['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
         gc.collect()
         mx.clear_cache()

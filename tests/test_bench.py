@@ -216,3 +216,71 @@ def test_against_measures_lmx_in_a_process_of_its_own():
     assert run["prompt_tokens"] == 12 and run["gen_tokens"] == 5
     assert run["decode_tokens_per_s"] > 0 and run["prefill_tokens_per_s"] > 0 and run["peak_memory_bytes"] > 0
     assert run["cpu_kernels"] == status().available
+
+
+# ---- lmx bench --against mlx-lm (lmx.bench_mlx_lm) ----
+
+
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+def test_against_mlx_lm_runs_both_on_the_same_weights(config, capsys):
+    # the real mlx-lm (the test extra) on the same arrays: in float32 on the CPU both choose the same
+    # greedy tokens, which they would not on other weights or another architecture's wiring
+    code, _ = run_cli(
+        "--against", "mlx-lm", "--config", config, "--device", "cpu", "--rounds", "2",
+        "--prompt-tokens", "24", "--gen-tokens", "12", "--roofline", "--json",
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["same_greedy_tokens"] == 12
+    assert data["rounds"] == 2 and len(data["runs"]) == 4
+    assert [r["engine"] for r in data["runs"]] == ["lmx", "mlx-lm", "mlx-lm", "lmx"]  # the order rotates
+    for engine in ("lmx", "mlx-lm"):
+        decode = [r["decode_tokens_per_s"] for r in data["runs"] if r["engine"] == engine]
+        assert data["medians"][engine]["decode_tokens_per_s"] == pytest.approx(float(np.median(decode)))
+        assert data["roofline"][engine] == pytest.approx(
+            data["medians"][engine]["decode_tokens_per_s"] * data["weights_bytes"] / data["copy_bandwidth_bytes_per_s"]
+        )
+    ratio = data["medians"]["lmx"]["decode_tokens_per_s"] / data["medians"]["mlx-lm"]["decode_tokens_per_s"]
+    assert data["lmx_over_mlx_lm"]["decode_tokens_per_s"] == pytest.approx(ratio)
+
+
+def test_against_mlx_lm_quantized_and_from_a_directory(tiny_dirs, capsys):
+    # 4-bit: both hold the same quantized arrays; an HF directory: lmx loads it, mlx-lm gets its arrays
+    code, _ = run_cli(
+        "--against", "mlx-lm", "--config", "tiny-qwen3", "--device", "cpu", "--rounds", "1",
+        "--prompt-tokens", "16", "--gen-tokens", "6", "--quantize", "4", "--json",
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantization"] == 4 and data["same_greedy_tokens"] == 6 and "roofline" not in data
+    code, _ = run_cli(
+        "--against", "mlx-lm", "--model", str(tiny_dirs["qwen3"]), "--device", "cpu", "--rounds", "1",
+        "--prompt-tokens", "16", "--gen-tokens", "6",
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lmx / mlx-lm: decode" in out and "greedy tokens alike: the first 6" in out
+
+
+def test_against_mlx_lm_refuses_what_it_cannot_run(tmp_path, monkeypatch):
+    from lmx.bench_mlx_lm import run_against_mlx_lm
+    from lmx.errors import ModelNotFoundError
+
+    with pytest.raises(InvalidOptionError, match="needs --config NAME or --model"):
+        run_against_mlx_lm(None)
+    with pytest.raises(InvalidOptionError, match=r"mlx-lm reads no GGUF\), got '.*model.gguf'"):
+        run_against_mlx_lm(str(tmp_path / "model.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no such model directory: '.*nothing'"):
+        run_against_mlx_lm(str(tmp_path / "nothing"))
+    with pytest.raises(InvalidOptionError, match="gen_tokens must be >= 2, got 1"):
+        run_against_mlx_lm(config="tiny-qwen3", gen_tokens=1)
+    with pytest.raises(InvalidOptionError, match="rounds must be >= 1, got 0"):
+        run_against_mlx_lm(config="tiny-qwen3", rounds=0)
+    with pytest.raises(InvalidOptionError, match="config must be one of"):
+        run_against_mlx_lm(config="no-such-shape", device="cpu")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "mlx_lm" else real_find_spec(name))
+    with pytest.raises(InvalidOptionError, match=r"needs mlx-lm: pip install 'lmx\[bench\]'"):
+        run_against_mlx_lm(config="tiny-qwen3")

@@ -186,6 +186,7 @@ class _Loaded:
     load_time: float
     vocab_size: int
     profile: DeviceProfile
+    config: dict[str, Any]  # the model's config (with its quantization, where quantized)
 
 
 def _load(
@@ -202,20 +203,22 @@ def _load(
         cfg = config_for(config, num_layers)
         built = build_model(cfg, f"config {config}")
         random_weights(built, resolve_dtype(dtype))
-        name, vocab = config, int(cfg["vocab_size"])
+        name, vocab, model_config = config, int(cfg["vocab_size"]), cfg
         profile = load_profile(dtype)  # as the loader chooses it (random weights are no GGUF file: no kernels)
         built.set_ops(profile_ops(profile))
     else:
         loaded = load_model(model, dtype=dtype)  # None: the bundled default, as lmx.load(None) loads it
         built, name, vocab, profile = loaded.model, loaded.source, int(loaded.config["vocab_size"]), loaded.profile
+        model_config = dict(loaded.config)
     if quantize is not None:
         if quantize not in (4, 8):
             raise InvalidOptionError(f"quantize must be 4 or 8 bits, got {quantize}")
         nn.quantize(built, group_size=64, bits=quantize)
+        model_config = {**model_config, "quantization": {"group_size": 64, "bits": quantize}}
     mx.eval(built.parameters())
     if profile.fused_projections:  # as the loader does (again after quantizing: the quantized layers)
         built.fuse_projections()
-    return _Loaded(built, name, time.perf_counter() - t0, vocab, profile)
+    return _Loaded(built, name, time.perf_counter() - t0, vocab, profile, model_config)
 
 
 def greedy_stamps(

@@ -43,14 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-lookup-ngram", type=int, default=3, help="with --speculative prompt-lookup")
     p.add_argument(
         "--against",
-        choices=["llama.cpp"],
+        choices=["llama.cpp", "mlx-lm"],
         default=None,
-        help="instead: lmx and llama.cpp (llama-cpp-python) on the same GGUF file on the CPU, each measurement "
-        "in its own process, interleaved rounds (decode and prefill tok/s, the ratios)",
+        help="instead: lmx against llama.cpp (llama-cpp-python) on the same GGUF file on the CPU, each "
+        "measurement in its own process; or against mlx-lm on the same weights (--config or an HF directory) "
+        "and device, in one process; interleaved rounds (decode and prefill tok/s, the ratios)",
     )
-    p.add_argument("--rounds", type=int, default=5, help="with --against: interleaved rounds (default: 5)")
     p.add_argument(
-        "--threads", type=int, default=None, help="with --against: llama.cpp's threads (default: lmx's, the cores)"
+        "--rounds", type=int, default=None, help="with --against: interleaved rounds (default: 5 llama.cpp, 3 mlx-lm)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="with --against llama.cpp: its threads (default: lmx's, the cores)"
+    )
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="with --against mlx-lm: measure the device's copy bandwidth and report decode against it",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -155,6 +163,8 @@ def run_speculative(args: argparse.Namespace) -> int:
 def run_against(args: argparse.Namespace) -> int:
     from lmx.bench_anchor import run_anchor
 
+    if args.against == "mlx-lm":
+        return run_against_mlx_lm(args)
     if args.config is not None:
         print("lmx bench --against needs a GGUF file (--model or the default), not --config", file=sys.stderr)
         return 2
@@ -172,7 +182,7 @@ def run_against(args: argparse.Namespace) -> int:
         args.model,
         prompt_tokens=args.prompt_tokens,
         gen_tokens=args.gen_tokens,
-        rounds=args.rounds,
+        rounds=args.rounds or 5,
         threads=args.threads,
         on_run=progress,
     )
@@ -197,4 +207,58 @@ def run_against(args: argparse.Namespace) -> int:
         f" {data['rounds']} rounds), prefill {ratio['prefill_tokens_per_s']:.2f}x (faster in"
         f" {won['prefill_tokens_per_s']} of {data['rounds']})"
     )
+    return 0
+
+
+def run_against_mlx_lm(args: argparse.Namespace) -> int:
+    from lmx.bench_mlx_lm import run_against_mlx_lm as run
+
+    def progress(r: dict) -> None:
+        logger.info(
+            "round %d %s: decode %.1f tok/s, prefill %.1f tok/s",
+            r["round"],
+            r["engine"],
+            r["decode_tokens_per_s"],
+            r["prefill_tokens_per_s"],
+        )
+
+    result = run(
+        args.model,
+        config=args.config,
+        quantize=args.quantize,
+        device=args.device,
+        dtype=args.dtype,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        rounds=args.rounds or 3,
+        roofline=args.roofline,
+        on_run=progress,
+    )
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    quant = f", q{data['quantization']}" if data["quantization"] else ""
+    print(f"model:      {data['model']} ({data['device']}{quant}, the same weight arrays for both, one process)")
+    print(
+        f"shape:      {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated, {data['rounds']} rounds,"
+        f" the order rotating (medians); greedy tokens alike: the first {data['same_greedy_tokens']}"
+    )
+    print("engine      decode tok/s  prefill tok/s  first token ms" + ("  roofline" if "roofline" in data else ""))
+    for engine, m in data["medians"].items():
+        roof = f"  {data['roofline'][engine]:8.1%}" if "roofline" in data else ""
+        print(
+            f"{engine:<11} {m['decode_tokens_per_s']:>12.1f} {m['prefill_tokens_per_s']:>14.1f}"
+            f" {m['time_to_first_token_s'] * 1e3:>15.1f}{roof}"
+        )
+    ratio, won = data["lmx_over_mlx_lm"], data["rounds_lmx_faster"]
+    print(
+        f"lmx / mlx-lm: decode {ratio['decode_tokens_per_s']:.2f}x (faster in {won['decode_tokens_per_s']} of"
+        f" {data['rounds']} rounds), prefill {ratio['prefill_tokens_per_s']:.2f}x (faster in"
+        f" {won['prefill_tokens_per_s']} of {data['rounds']})"
+    )
+    if "copy_bandwidth_bytes_per_s" in data:
+        print(
+            f"copy bandwidth {data['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, weights {data['weights_bytes'] / 2**30:.2f} GiB"
+        )
     return 0

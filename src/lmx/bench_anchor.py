@@ -110,8 +110,29 @@ def measure_llama_cpp(gguf: str, prompt_tokens: int, gen_tokens: int, threads: i
     return {**_timings(*once(ids, gen_tokens), len(ids)), "load_time_s": load_time, "threads": threads}
 
 
+class Interleaved:
+    """Medians, ratios and rounds won over ``runs`` (dicts with ``engine`` and ``round``) of lmx
+    against one ``anchor`` engine."""
+
+    anchor: str
+    runs: list[dict[str, Any]]
+
+    def median(self, engine: str, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs if r["engine"] == engine)
+
+    def ratio(self, key: str) -> float:
+        return self.median("lmx", key) / self.median(self.anchor, key)
+
+    def rounds_won(self, key: str) -> int:
+        """Rounds in which lmx's figure beat the anchor's."""
+        by_round: dict[int, dict[str, float]] = {}
+        for r in self.runs:
+            by_round.setdefault(r["round"], {})[r["engine"]] = r[key]
+        return sum(1 for v in by_round.values() if len(v) == 2 and v["lmx"] > v[self.anchor])
+
+
 @dataclass
-class AnchorResult:
+class AnchorResult(Interleaved):
     """Every round's measurements, and the medians and lmx / llama.cpp ratios over the rounds."""
 
     model: str
@@ -119,19 +140,7 @@ class AnchorResult:
     gen_tokens: int
     threads: int
     runs: list[dict[str, Any]] = field(default_factory=list)
-
-    def median(self, engine: str, key: str) -> float:
-        return statistics.median(r[key] for r in self.runs if r["engine"] == engine)
-
-    def ratio(self, key: str) -> float:
-        return self.median("lmx", key) / self.median("llama.cpp", key)
-
-    def rounds_won(self, key: str) -> int:
-        """Rounds in which lmx's figure beat llama.cpp's."""
-        by_round: dict[int, dict[str, float]] = {}
-        for r in self.runs:
-            by_round.setdefault(r["round"], {})[r["engine"]] = r[key]
-        return sum(1 for v in by_round.values() if len(v) == 2 and v["lmx"] > v["llama.cpp"])
+    anchor = "llama.cpp"
 
     def as_dict(self) -> dict[str, Any]:
         keys = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s")

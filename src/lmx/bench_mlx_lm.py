@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmx.bench_anchor import Interleaved
 from lmx.errors import InvalidOptionError, ModelNotFoundError
 
 ENGINES = ("lmx", "mlx-lm")
@@ -67,7 +68,7 @@ def copy_bandwidth(gib: float, repeats: int = 10) -> float:
 
 
 @dataclass
-class AgainstResult:
+class AgainstResult(Interleaved):
     """Every round's measurements, the medians and the lmx / mlx-lm ratios."""
 
     model: str
@@ -79,19 +80,7 @@ class AgainstResult:
     same_tokens: int  # leading greedy tokens both engines chose alike (of gen_tokens)
     copy_bandwidth: float | None = None  # bytes/s, measured in the same run (roofline)
     runs: list[dict[str, Any]] = field(default_factory=list)
-
-    def median(self, engine: str, key: str) -> float:
-        return statistics.median(r[key] for r in self.runs if r["engine"] == engine)
-
-    def ratio(self, key: str) -> float:
-        return self.median("lmx", key) / self.median("mlx-lm", key)
-
-    def rounds_won(self, key: str) -> int:
-        """Rounds in which lmx's figure beat mlx-lm's."""
-        by_round: dict[int, dict[str, float]] = {}
-        for r in self.runs:
-            by_round.setdefault(r["round"], {})[r["engine"]] = r[key]
-        return sum(1 for v in by_round.values() if len(v) == 2 and v["lmx"] > v["mlx-lm"])
+    anchor = "mlx-lm"
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

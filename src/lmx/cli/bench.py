@@ -160,6 +160,17 @@ def run_speculative(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_round(run: dict) -> None:
+    """One measurement of ``--against`` as it comes (shown with ``lmx -v``)."""
+    logger.info(
+        "round %d %s: decode %.1f tok/s, prefill %.1f tok/s",
+        run["round"],
+        run["engine"],
+        run["decode_tokens_per_s"],
+        run["prefill_tokens_per_s"],
+    )
+
+
 def run_against(args: argparse.Namespace) -> int:
     from lmx.bench_anchor import run_anchor
 
@@ -169,22 +180,13 @@ def run_against(args: argparse.Namespace) -> int:
         print("lmx bench --against needs a GGUF file (--model or the default), not --config", file=sys.stderr)
         return 2
 
-    def progress(run: dict) -> None:
-        logger.info(
-            "round %d %s: decode %.1f tok/s, prefill %.1f tok/s",
-            run["round"],
-            run["engine"],
-            run["decode_tokens_per_s"],
-            run["prefill_tokens_per_s"],
-        )
-
     result = run_anchor(
         args.model,
         prompt_tokens=args.prompt_tokens,
         gen_tokens=args.gen_tokens,
         rounds=args.rounds or 5,
         threads=args.threads,
-        on_run=progress,
+        on_run=_log_round,
     )
     data = result.as_dict()
     if args.json:
@@ -213,15 +215,6 @@ def run_against(args: argparse.Namespace) -> int:
 def run_against_mlx_lm(args: argparse.Namespace) -> int:
     from lmx.bench_mlx_lm import run_against_mlx_lm as run
 
-    def progress(r: dict) -> None:
-        logger.info(
-            "round %d %s: decode %.1f tok/s, prefill %.1f tok/s",
-            r["round"],
-            r["engine"],
-            r["decode_tokens_per_s"],
-            r["prefill_tokens_per_s"],
-        )
-
     result = run(
         args.model,
         config=args.config,
@@ -232,7 +225,7 @@ def run_against_mlx_lm(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         rounds=args.rounds or 3,
         roofline=args.roofline,
-        on_run=progress,
+        on_run=_log_round,
     )
     data = result.as_dict()
     if args.json:

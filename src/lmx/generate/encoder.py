@@ -68,8 +68,9 @@ class StepEncoder:
     """A thread that runs ``mx.async_eval`` for the step loop, and the stream its steps are built on.
 
     Args:
-        device: the device whose steps it queues (a GPU: on the CPU MLX's own stream thread
-            already runs the work off the caller's thread).
+        device: the device whose steps it queues (on the CPU MLX's own stream thread already
+            computes off the caller's thread; what moves here is the graph's traversal, which pays
+            only where the host bounds a step: tiny models, benchmarks/RESULTS.md).
     """
 
     def __init__(self, device: mx.Device | mx.DeviceType = mx.gpu) -> None:

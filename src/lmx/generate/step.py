@@ -140,7 +140,7 @@ class DecodeState:
     def encoder(self) -> StepEncoder:
         """The model's :class:`StepEncoder` (the plan's ``encode_thread``), made on first use."""
         if self._encoder is None:
-            self._encoder = StepEncoder(mx.gpu if mx.default_device() == mx.gpu else mx.cpu)
+            self._encoder = StepEncoder(mx.default_device())
         return self._encoder
 
     def encoder_segmented(self) -> SegmentedDecode | None:

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?thread, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -32,6 +32,10 @@ thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-
   step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-thread,mlx-lm --rounds 3 --check-steps 64 --bandwidth --json "$OUT/gpu_thread_bf16.json"
   step 120 thread_exit python3 -c "import sys; sys.path.insert(0, 'src'); import mlx.core as mx; from lmx.generate.encoder import StepEncoder; e = StepEncoder(); q = e.submit(mx.ones(4) + 1); q.wait(); print('exit ok')"
+  ;;
+thread_270m)  # the smallest: the 270M shape in bf16 only
+  step 150 thread_270m python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
+    --variants lmx,lmx-thread,mlx-lm --rounds 3 --check-steps 32 --json "$OUT/gpu_thread_270m.json"
   ;;
 thread_min)  # the least that says whether the thread pays: 270M and 1B bf16, the 8B in 4 bits
   step 220 thread_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \

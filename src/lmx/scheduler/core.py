@@ -119,11 +119,10 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         self._ending = False  # closing, as the group agreed (sync only)
         self._broken: GroupLostError | None = None  # the group lost a rank: nothing runs any more
         self._turn_started: float | None = None  # when the running turn began (sync: the watchdog reads it)
-        # The plan's encode_thread: this thread builds on the encoder's stream; alone (no group),
-        # each decode step is queued by the encoder's thread while the next turn goes on. This
-        # thread evaluates nothing while a step is being queued (_quiesce first).
-        plan = decoder.state.plan
-        self._encoder = decoder.state.encoder() if plan.encode_thread else None
+        # The plan's encode_thread, alone (a group evaluates each step at once): this thread builds
+        # on the encoder's stream and each decode step is queued by the encoder's thread while the
+        # next turn goes on. This thread evaluates nothing while a step is being queued (_quiesce first).
+        self._encoder = decoder.state.encoder() if decoder.state.plan.encode_thread and sync is None else None
         self._job: Queued | None = None
 
     # ------------------------------------------------------------------ callers' side
@@ -503,8 +502,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
         tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
         handed = None
-        if self._encoder is None or self._sync is not None:
-            self._quiesce()
+        if self._encoder is None:
             self._eval(tokens, logprobs)
         else:
             ids = mx.stop_gradient(tokens)  # read by the emit; the next step's graph holds ``tokens``

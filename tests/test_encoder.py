@@ -150,37 +150,51 @@ def test_a_process_with_a_live_encoder_exits_cleanly():
 
 
 def serve_mixed(engine):
-    """A long row, three rows joining it with other options (seeded sampling, top log-probs, a stop
-    string), then a prompt again (a prefix-cache hit): what each got."""
+    """A lone request; a long row with three rows joining it (seeded sampling, top log-probs, a stop
+    string); the first prompt again (a prefix-cache hit). Returns (alone, batched): what each got,
+    as (ids, log-probs, text, finish reason, top log-probs)."""
+
+    def got(r):
+        return r.tokens, r.logprobs, r.text, r.finish_reason, r.top_logprobs
+
     no_eos = {1: -100.0, 2: -100.0, 6: -100.0, 106: -100.0}
+    first = engine.generate("Hello", max_tokens=20, logprobs=3)
     running = engine.stream("Numbers 12345 and 67890, dates like 2026-11-27.", max_tokens=120, logit_bias=no_eos)
-    got = [next(running) for _ in range(4)]
+    long = [next(running) for _ in range(4)]
     joined = [
         engine.stream("Hello", max_tokens=20, logprobs=3),
         engine.stream("The quick brown fox", max_tokens=15, temperature=0.9, top_p=0.8, seed=7),
         engine.stream("def add(a, b):", max_tokens=30, temperature=1.2, seed=11, stop=["e"]),
     ]
-    results = [lmx.engine.collect(s) for s in joined]
-    got += list(running)
+    batched = [got(lmx.engine.collect(s)) for s in joined]
+    long += list(running)
+    batched.insert(0, ([t.id for t in long], [t.logprob for t in long], None, None, None))
     again = engine.generate("Hello", max_tokens=20, logprobs=3)
-    out = [([t.id for t in got], [t.logprob for t in got])]
-    for r in [*results, again]:
-        out.append((r.tokens, r.logprobs, r.text, r.finish_reason, r.top_logprobs))
-    return out
+    return [got(first), got(again)], batched
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
 def test_the_engine_with_the_thread_serves_what_it_serves_without(tiny_dirs, monkeypatch, arch):
     # the scheduler's path: joins, leaves, seeded rows, top log-probs, a stop, a cache hit
     with lmx.load(tiny_dirs[arch]) as engine:
-        plain = serve_mixed(engine)
+        plain_alone, plain_batched = serve_mixed(engine)
     monkeypatch.setenv("LMX_ENCODE_THREAD", "on")
     with lmx.load(tiny_dirs[arch]) as engine:
         encoder = engine.scheduler._encoder
         assert encoder is not None
-        threaded = serve_mixed(engine)
+        alone, batched = serve_mixed(engine)
         assert encoder.submitted > 100  # the steps did go through it
-    assert threaded == plain
+    assert alone == plain_alone  # a request alone: bit for bit
+    # Rows that join a running batch join at whatever step the timing gives (with or without the
+    # thread), and a row's values depend on its place in the batch by float rounding only
+    # (tests/test_scheduler.py): the same tokens, text and ends, log-probs within that rounding.
+    for (ids, lps, text, end, top), (p_ids, p_lps, p_text, p_end, p_top) in zip(batched, plain_batched):
+        assert (ids, text, end) == (p_ids, p_text, p_end)
+        np.testing.assert_allclose(lps, p_lps, atol=1e-4, rtol=0)
+        assert (top is None) == (p_top is None)
+        for step, p_step in zip(top or [], p_top or []):
+            assert [i for i, _ in step] == [i for i, _ in p_step]
+            np.testing.assert_allclose([v for _, v in step], [v for _, v in p_step], atol=1e-4, rtol=0)
 
 
 def test_the_setting_turns_the_thread_on(monkeypatch):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmx.bench_anchor import Interleaved
+from lmx.bench_anchor import Interleaved, prompt_ids, timings
 from lmx.errors import InvalidOptionError, ModelNotFoundError
 
 ENGINES = ("lmx", "mlx-lm")
@@ -151,9 +151,7 @@ def run_against_mlx_lm(
     loaded = _load(model, config, dtype, None, quantize)
     twin = mlx_lm_twin(loaded.config, loaded.model)
     state = DecodeState(loaded.model, loaded.profile)
-    vocab = loaded.vocab_size
-    ids = mx.random.randint(min(1000, vocab // 2), vocab, (prompt_tokens,), key=mx.random.key(0)).tolist()
-    prompt = [2, *ids[1:]]
+    prompt = prompt_ids(prompt_tokens, loaded.vocab_size)
 
     def lmx_once(p: list[int], n: int) -> tuple[float, list[float]]:
         return greedy_stamps(loaded.model, mx.array([p]), n, state=state)
@@ -208,15 +206,7 @@ def run_against_mlx_lm(
         for engine in ENGINES[r % 2 :] + ENGINES[: r % 2]:  # the order rotates
             gc.collect()
             mx.clear_cache()
-            start, stamps = once[engine](prompt, gen_tokens)
-            ttft = stamps[0] - start
-            run = {
-                "engine": engine,
-                "round": r + 1,
-                "time_to_first_token_s": ttft,
-                "prefill_tokens_per_s": prompt_tokens / ttft,
-                "decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            }
+            run = {"engine": engine, "round": r + 1, **timings(*once[engine](prompt, gen_tokens), prompt_tokens)}
             result.runs.append(run)
             if on_run is not None:
                 on_run(run)

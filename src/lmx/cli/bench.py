@@ -197,19 +197,26 @@ def run_against(args: argparse.Namespace) -> int:
         f"shape:      {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated, {data['rounds']} rounds,"
         " each run in its own process, the order rotating (medians)"
     )
-    print("engine      decode tok/s  prefill tok/s  first token ms")
+    _print_medians(data, "llama.cpp", data["lmx_over_llama_cpp"], ms_digits=0)
+    return 0
+
+
+def _print_medians(data: dict, anchor: str, ratio: dict, ms_digits: int) -> None:
+    """An ``--against`` result's table of medians (and roofline, where measured) and its ratios."""
+    roofline = data.get("roofline")
+    print("engine      decode tok/s  prefill tok/s  first token ms" + ("  roofline" if roofline else ""))
     for engine, m in data["medians"].items():
+        roof = f"  {roofline[engine]:8.1%}" if roofline else ""
         print(
             f"{engine:<11} {m['decode_tokens_per_s']:>12.1f} {m['prefill_tokens_per_s']:>14.1f}"
-            f" {m['time_to_first_token_s'] * 1e3:>15.0f}"
+            f" {m['time_to_first_token_s'] * 1e3:>15.{ms_digits}f}{roof}"
         )
-    ratio, won = data["lmx_over_llama_cpp"], data["rounds_lmx_faster"]
+    won = data["rounds_lmx_faster"]
     print(
-        f"lmx / llama.cpp: decode {ratio['decode_tokens_per_s']:.2f}x (faster in {won['decode_tokens_per_s']} of"
+        f"lmx / {anchor}: decode {ratio['decode_tokens_per_s']:.2f}x (faster in {won['decode_tokens_per_s']} of"
         f" {data['rounds']} rounds), prefill {ratio['prefill_tokens_per_s']:.2f}x (faster in"
         f" {won['prefill_tokens_per_s']} of {data['rounds']})"
     )
-    return 0
 
 
 def run_against_mlx_lm(args: argparse.Namespace) -> int:
@@ -237,19 +244,7 @@ def run_against_mlx_lm(args: argparse.Namespace) -> int:
         f"shape:      {data['prompt_tokens']} prompt tokens, {data['gen_tokens']} generated, {data['rounds']} rounds,"
         f" the order rotating (medians); greedy tokens alike: the first {data['same_greedy_tokens']}"
     )
-    print("engine      decode tok/s  prefill tok/s  first token ms" + ("  roofline" if "roofline" in data else ""))
-    for engine, m in data["medians"].items():
-        roof = f"  {data['roofline'][engine]:8.1%}" if "roofline" in data else ""
-        print(
-            f"{engine:<11} {m['decode_tokens_per_s']:>12.1f} {m['prefill_tokens_per_s']:>14.1f}"
-            f" {m['time_to_first_token_s'] * 1e3:>15.1f}{roof}"
-        )
-    ratio, won = data["lmx_over_mlx_lm"], data["rounds_lmx_faster"]
-    print(
-        f"lmx / mlx-lm: decode {ratio['decode_tokens_per_s']:.2f}x (faster in {won['decode_tokens_per_s']} of"
-        f" {data['rounds']} rounds), prefill {ratio['prefill_tokens_per_s']:.2f}x (faster in"
-        f" {won['prefill_tokens_per_s']} of {data['rounds']})"
-    )
+    _print_medians(data, "mlx-lm", data["lmx_over_mlx_lm"], ms_digits=1)
     if "copy_bandwidth_bytes_per_s" in data:
         print(
             f"copy bandwidth {data['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, weights {data['weights_bytes'] / 2**30:.2f} GiB"

@@ -13,7 +13,7 @@ CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 ``lmx-eager`` today's eager step, ``lmx-seg`` the segmented one
 (:mod:`lmx.generate.segments`; lmx's default on a GPU), ``lmx-seg-noattn`` the segmented one
 with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unfused`` with
-``LMX_FUSED_PROJECTIONS=0``, ``lmx-thread`` with ``LMX_ENCODE_THREAD=1`` (each step queued by a
+``LMX_FUSED_PROJECTIONS=0``, ``lmx-thread`` with ``LMX_ENCODE_THREAD=on`` (each step queued by a
 thread of its own while the next is built), ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
 the same as ``lmx`` without ``--quantize``). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;

@@ -71,3 +71,20 @@ def test_errors_are_one_clear_line(tmp_path: Path):
     assert "Traceback" not in out.stderr
     bad = run("generate", "hi", "--model", str(tmp_path), "--top-p", "3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_command_other_than_serve_does_not_import_the_server_app(tiny_dirs):
+    """Every command builds ``lmx serve``'s options; only ``serve`` should pay for the app
+    (starlette, uvicorn and the routes), and ``lmx bench`` must run where they are missing."""
+    code = (
+        "import sys\n"
+        "for name in ('starlette', 'uvicorn'):\n"
+        "    sys.modules[name] = None  # importing either now fails\n"
+        "from lmx.cli.main import main\n"
+        f"print('generated', main(['generate', 'Hello', '--model', {str(tiny_dirs['gemma3'])!r}, '-n', '3']))\n"
+        "print('app imported', 'lmx.server.app' in sys.modules)\n"
+        "from lmx.server import create_app  # asked for, it is imported (and fails without starlette)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "generated 0" in out.stdout and "app imported False" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 1 and "No module named 'starlette.applications'" in out.stderr, out.stderr

@@ -31,7 +31,7 @@ case $part in
 thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-thread) against lmx and mlx-lm, bf16
   step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-thread,mlx-lm --rounds 3 --check-steps 64 --bandwidth --json "$OUT/gpu_thread_bf16.json"
-  step 120 thread_exit python3 -c "import sys; sys.path.insert(0, 'src'); import mlx.core as mx; from lmx.generate.encoder import StepEncoder; e = StepEncoder(); q = e.submit(mx.ones(4) + 1); q.wait(); print('exit ok')"
+  step 120 thread_exit python3 -c "import sys; sys.path.insert(0, 'src'); import mlx.core as mx; from lmx.generate.encoder import StepEncoder; e = StepEncoder(); a = mx.add(mx.ones(4, stream=e.stream), 1, stream=e.stream); e.submit(a).wait(); print(a.sum().item(), 'exit ok')"
   ;;
 thread_270m)  # the smallest: the 270M shape in bf16 only
   step 150 thread_270m python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \

@@ -14,7 +14,8 @@ CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 (:mod:`lmx.generate.segments`; lmx's default on a GPU), ``lmx-seg-noattn`` the segmented one
 with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unfused`` with
 ``LMX_FUSED_PROJECTIONS=0``, ``lmx-thread`` with ``LMX_ENCODE_THREAD=on`` (each step queued by a
-thread of its own while the next is built), ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
+thread of its own while the next is built; the default on a CUDA GPU), ``lmx-onethread`` with
+``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
 the same as ``lmx`` without ``--quantize``). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
@@ -74,7 +75,10 @@ STATES: dict[int, DecodeState] = {}
 # lmx with one of its CUDA kernels off: variant -> the CudaOps attribute set to None
 WITHOUT_KERNEL = {"lmx-mlxq": "quantized"}
 # variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
-OWN_TRACES: dict[str, dict[int, DecodeState]] = {v: {} for v in ("lmx-unfused", "lmx-thread", *WITHOUT_KERNEL)}
+OWN_TRACES: dict[str, dict[int, DecodeState]] = {
+    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *WITHOUT_KERNEL)
+}
+THREAD = {"lmx-thread": True, "lmx-onethread": False}  # variants that set LMX_ENCODE_THREAD
 
 
 def prepare(model: nn.Module, dtype: str) -> DecodeState:
@@ -86,7 +90,7 @@ def prepare(model: nn.Module, dtype: str) -> DecodeState:
         print(f"fused projections: {model.fuse_projections()} groups", flush=True)
     STATES[id(model)] = DecodeState(model, profile)
     for variant, states in OWN_TRACES.items():
-        own = profile.replace(encode_thread=True) if variant == "lmx-thread" else profile
+        own = profile.replace(encode_thread=THREAD[variant]) if variant in THREAD else profile
         states[id(model)] = DecodeState(model, own)
     return STATES[id(model)]
 
@@ -195,6 +199,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-unfused": (False, True),
     "lmx-mlxq": (False, True),
     "lmx-thread": (False, None),
+    "lmx-onethread": (False, None),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -469,7 +474,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         extra["profile"] = {
             v: profile_steps(model, prompt, args.profile_steps, v)
             for v in LMX_STEPS
-            if v in variants and v not in ("lmx", "lmx-thread")
+            if v in variants and v != "lmx" and v not in THREAD
         }
         for v, p in extra["profile"].items():
             us = "  ".join(f"{k} {x:.0f}" for k, x in p["median_us"].items())
@@ -492,6 +497,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-unfused": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-unfused"),
         "lmx-mlxq": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-mlxq"),
         "lmx-thread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-thread"),
+        "lmx-onethread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-onethread"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -558,7 +564,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-mlxq (MLX's quantized products), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -200,10 +200,21 @@ def test_the_engine_with_the_thread_serves_what_it_serves_without(tiny_dirs, mon
 def test_the_setting_turns_the_thread_on(monkeypatch):
     from lmx.loading.loader import load_profile
 
-    assert not load_profile("auto").encode_thread  # auto: off until measured
+    assert not load_profile("auto").encode_thread  # auto on the CPU: off (a step is bound by arithmetic)
     monkeypatch.setenv("LMX_ENCODE_THREAD", "on")
     assert load_profile("auto").encode_thread
     assert load_profile("auto").as_dict()["encode_thread"] is True
     monkeypatch.setenv("LMX_ENCODE_THREAD", "sometimes")
     with pytest.raises(InvalidOptionError, match="LMX_ENCODE_THREAD"):
         load_profile("auto")
+
+
+def test_auto_is_on_where_it_was_measured_to_pay():
+    from lmx.runtime.profile import choose_profile
+
+    assert choose_profile("gpu", backend="cuda").encode_thread
+    assert "steps queued on a thread of their own" in str(choose_profile("gpu", backend="cuda"))
+    assert not choose_profile("gpu", backend="metal").encode_thread  # not measured there
+    assert not choose_profile("cpu").encode_thread
+    assert not choose_profile("gpu", backend="cuda", encode_thread=False).encode_thread  # LMX_ENCODE_THREAD=off
+    assert choose_profile("cpu", encode_thread=True).encode_thread  # LMX_ENCODE_THREAD=on

@@ -166,7 +166,7 @@ def load_profile(
         cuda_kernels=settings.LMX_CUDA_QUANTIZED.get(),
         gguf_on_device=gguf_on_device,
         fused_projections=settings.LMX_FUSED_PROJECTIONS.get(),
-        encode_thread=settings.LMX_ENCODE_THREAD.get() == "on",
+        encode_thread={"auto": None, "on": True, "off": False}[settings.LMX_ENCODE_THREAD.get()],
     )
 
 

@@ -144,7 +144,7 @@ def choose_profile(
     compile: bool = False,
     gguf_on_device: str | None = None,
     fused_projections: bool = False,
-    encode_thread: bool = False,
+    encode_thread: bool | None = None,
 ) -> DeviceProfile:
     """The profile for a model about to be loaded.
 
@@ -167,6 +167,8 @@ def choose_profile(
             arithmetic, and a GGUF's matrices on lmx's kernels are blocks of different types).
         encode_thread: queue decode steps on a thread of their own (``LMX_ENCODE_THREAD``: a
             step bound by host work, where building a step and queueing it cost more than running it).
+            None: on a CUDA GPU, where it was measured to pay (RESULTS.md "Decode steps queued by a
+            thread of their own"); off on the CPU (bound by arithmetic) and on Metal (not measured).
 
     Raises:
         InvalidOptionError: an unknown device or ``gguf_on_device``, or CPU kernels asked for on a GPU.
@@ -199,7 +201,7 @@ def choose_profile(
         ops_backend=ops,
         gguf_on_device=gguf,
         fused_projections=gpu and fused_projections,
-        encode_thread=encode_thread,
+        encode_thread=(gpu and backend == "cuda") if encode_thread is None else encode_thread,
     )
 
 

@@ -228,7 +228,7 @@ LMX_ENCODE_THREAD: Setting[str] = Setting(
     "`auto`, `on` or `off`",
     "auto",
     "a thread of its own queues each decode step (MLX's encoding of its ops) while the next one is built; "
-    "auto: off (until measured on a GPU); on: on any device",
+    "auto: on on a CUDA GPU (measured there), off on the CPU and Metal; on: on any device",
     _choice("auto", "on", "off"),
 )
 LMX_CUDA_QUANTIZED: Setting[bool] = Setting(

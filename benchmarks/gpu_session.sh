@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -28,6 +28,19 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
   tail -6 "$OUT/$name.log"
 }
 case $part in
+thread_default)  # after auto became on for CUDA: the engine's outputs with the thread off and on, then the
+  # headline through the one command (lmx bench --against mlx-lm), then 5 rounds against the old default
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  step 120 thread_check python3 benchmarks/gpu_thread_check.py --model /tmp/r270.gguf --device gpu \
+    --json "$OUT/gpu_thread_check.json"
+  for c in gemma3-270m gemma3-1b; do
+    step 90 "against_$c" python3 -m lmx.cli.main bench --against mlx-lm --config $c --device gpu --roofline --json
+  done
+  step 120 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu --json
+  step 240 default_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-onethread,mlx-lm --rounds 5 --bandwidth --json "$OUT/gpu_default_bf16.json"
+  (cd "$OUT" && tail -n +1 against_*.log > against.log && rm against_*.log)  # the device returns ~8 files a call
+  ;;
 thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-thread) against lmx and mlx-lm, bf16
   step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-thread,mlx-lm --rounds 3 --check-steps 64 --bandwidth --json "$OUT/gpu_thread_bf16.json"

@@ -218,3 +218,15 @@ def test_auto_is_on_where_it_was_measured_to_pay():
     assert not choose_profile("cpu").encode_thread
     assert not choose_profile("gpu", backend="cuda", encode_thread=False).encode_thread  # LMX_ENCODE_THREAD=off
     assert choose_profile("cpu", encode_thread=True).encode_thread  # LMX_ENCODE_THREAD=on
+
+
+def test_the_loader_maps_the_setting_on_a_cuda_gpu(monkeypatch):
+    """What the loader decides where the thread's default is on (a CUDA GPU, named here: this
+    machine has none; the profile is only chosen, nothing runs on it)."""
+    from lmx.loading import loader
+
+    monkeypatch.setattr(loader, "device_name", lambda: "gpu")
+    monkeypatch.setattr(loader, "backend_name", lambda: "cuda")
+    for value, expected in (("auto", True), ("off", False), ("on", True)):
+        monkeypatch.setenv("LMX_ENCODE_THREAD", value)
+        assert loader.load_profile("auto").encode_thread is expected, value

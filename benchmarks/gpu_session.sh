@@ -19,27 +19,39 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_$part.txt"
-step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.log
-  local limit=$1 name=$2
+step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.log (ONE_LOG=1: all in $OUT/steps.log)
+  local limit=$1 name=$2 rc
   shift 2
   date -u
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc $?"
-  tail -6 "$OUT/$name.log"
+  timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
+  rc=$?
+  echo "$name rc $rc"
+  tail -6 "/tmp/$name.log"
+  if [ -n "${ONE_LOG:-}" ]; then
+    { echo "==> $name (rc $rc) <=="; cat "/tmp/$name.log"; } >> "$OUT/steps.log"
+  else
+    cp "/tmp/$name.log" "$OUT/$name.log"
+  fi
 }
 case $part in
-thread_default)  # after auto became on for CUDA: the engine's outputs with the thread off and on, then the
-  # headline through the one command (lmx bench --against mlx-lm), then 5 rounds against the old default
+thread_default)  # after auto became on for CUDA: the engine's outputs with the thread off and on, what bounds
+  # a step now, the headline through the one command (lmx bench --against mlx-lm), 5 rounds against the old default
+  export ONE_LOG=1  # the device returns ~8 files a call
   step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
   step 120 thread_check python3 benchmarks/gpu_thread_check.py --model /tmp/r270.gguf --device gpu \
     --json "$OUT/gpu_thread_check.json"
+  # what bounds a step now: each op kind's host cost, and the threaded step's split
+  step 60 op_costs python3 benchmarks/gpu_op_costs.py --json "$OUT/gpu_op_costs.json"
+  step 90 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48
+  step 90 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48
   for c in gemma3-270m gemma3-1b; do
     step 90 "against_$c" python3 -m lmx.cli.main bench --against mlx-lm --config $c --device gpu --roofline --json
   done
   step 120 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu --json
   step 240 default_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-onethread,mlx-lm --rounds 5 --bandwidth --json "$OUT/gpu_default_bf16.json"
-  (cd "$OUT" && tail -n +1 against_*.log > against.log && rm against_*.log)  # the device returns ~8 files a call
   ;;
 thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-thread) against lmx and mlx-lm, bf16
   step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \

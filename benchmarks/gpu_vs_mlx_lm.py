@@ -267,51 +267,86 @@ def count_ops(arrays: list[mx.array]) -> dict[str, int]:
 
 def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> dict[str, Any]:
     """Median host times of a decode step as generate_step runs it: build the graph (Python),
-    queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step."""
+    queue it (``mx.async_eval``), wait for the previous token (``item``); ops in one step.
+
+    With the step thread (``lmx-thread``, or ``lmx`` where it is the default) the loop is
+    generate_step's threaded one and ``queue`` is the time this thread waits for the encoder to
+    finish queueing the step before (the encoder is the bound where it is not ~0), ``wait`` the
+    time it waits for the device to give the previous token."""
     _, segments = LMX_STEPS[variant]
     state = state_for(variant, model)
+    encoder = state.encoder() if state.plan.encode_thread else None
+    on_stream = (lambda: mx.stream(encoder.stream)) if encoder is not None else contextlib.nullcontext
     with step_context(variant, model):
         cache = model.make_cache()
         plan = state.plan
         layerwise = plan.prefill_mode == "layerwise"
-        token = mx.argmax(prefill(model, mx.array([prompt]), cache, None, plan.prefill_step_size, layerwise), axis=-1)
-        mx.eval(token)
-        step = state.segmented() if segments else None
+        with on_stream():
+            logits = prefill(model, mx.array([prompt]), cache, None, plan.prefill_step_size, layerwise)
+            token = mx.argmax(logits, axis=-1)
+            mx.eval(token)
+        if not segments:
+            step = None
+        elif encoder is not None:
+            step = state.encoder_segmented()
+        else:
+            step = state.segmented()
 
         def decode(tok: mx.array) -> tuple[mx.array, mx.array]:
-            if step is not None:
-                logits = step(tok, cache)
-            else:
-                logits = model.head(model.hidden(tok[:, None], cache))[:, -1, :]
-            logits = logits.astype(mx.float32)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return mx.argmax(logprobs, axis=-1), logprobs
+            with on_stream():
+                if step is not None:
+                    logits = step(tok, cache)
+                else:
+                    logits = model.head(model.hidden(tok[:, None], cache))[:, -1, :]
+                logits = logits.astype(mx.float32)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                return mx.argmax(logprobs, axis=-1), logprobs
 
         nxt, lp = decode(token)  # this step may grow the caches' storage (more ops than a steady one)
         mx.eval(nxt, lp)
-        token = nxt
+        token = out = nxt
+        queued = None
         times: dict[str, list[float]] = {"build": [], "queue": [], "wait": [], "step": []}
         ops: dict[str, int] = {}
         for i in range(n):
             t0 = time.perf_counter()
             nxt, lp = decode(token)
+            if encoder is not None:
+                with on_stream():
+                    handed = mx.stop_gradient(nxt)  # read by this thread; the next graph holds nxt
             t1 = time.perf_counter()
-            if i == n // 2:  # a steady step's ops; the time spent counting them is left out of the spans
+            counting = i == n // 2  # a steady step's ops; this step's times are left out
+            if counting:
+                if queued is not None:
+                    queued.wait()  # the graph walked holds the step the encoder may be queueing
                 ops = count_ops([nxt, lp])
-                counted = time.perf_counter() - t1
-                t0, t1 = t0 + counted, t1 + counted
-            mx.async_eval(nxt, lp)
-            t2 = time.perf_counter()
-            token.item()
+            if encoder is None:
+                mx.async_eval(nxt, lp)
+                t2 = time.perf_counter()
+                token.item()
+                out = nxt
+            else:
+                if queued is not None:
+                    queued.wait()
+                t2 = time.perf_counter()
+                queued = encoder.submit(nxt, lp, handed)
+                out.item()
+                out = handed
             t3 = time.perf_counter()
             token = nxt
             for k, dt in (("build", t1 - t0), ("queue", t2 - t1), ("wait", t3 - t2), ("step", t3 - t0)):
-                times[k].append(dt * 1e6)
+                if not counting:
+                    times[k].append(dt * 1e6)
+        if queued is not None:
+            queued.wait()
         mx.eval(token)
+        if encoder is not None:
+            mx.synchronize(encoder.stream)
     return {
         "median_us": {k: statistics.median(x) for k, x in times.items()},
         "ops_per_step": sum(ops.values()),
         "ops": ops,
+        "thread": encoder is not None,
     }
 
 
@@ -471,11 +506,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         extra["check"] = check_tokens(model, prompt, args.check_steps, variants)
         print(f"{name} token check vs lmx-plain: {json.dumps(extra['check'])}", flush=True)
     if args.profile_steps:
-        extra["profile"] = {
-            v: profile_steps(model, prompt, args.profile_steps, v)
-            for v in LMX_STEPS
-            if v in variants and v != "lmx" and v not in THREAD
-        }
+        extra["profile"] = {v: profile_steps(model, prompt, args.profile_steps, v) for v in LMX_STEPS if v in variants}
         for v, p in extra["profile"].items():
             us = "  ".join(f"{k} {x:.0f}" for k, x in p["median_us"].items())
             print(f"{name} profile {v}: {us} us/step, {p['ops_per_step']} ops/step", flush=True)

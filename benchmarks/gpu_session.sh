@@ -43,9 +43,9 @@ thread_default)  # after auto became on for CUDA: the engine's outputs with the 
   # what bounds a step now: each op kind's host cost, and the threaded step's split
   step 60 op_costs python3 benchmarks/gpu_op_costs.py --json "$OUT/gpu_op_costs.json"
   step 90 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
-    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48
+    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_bf16.json"
   step 90 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
-    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48
+    --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_8b_q4.json"
   for c in gemma3-270m gemma3-1b; do
     step 90 "against_$c" python3 -m lmx.cli.main bench --against mlx-lm --config $c --device gpu --roofline --json
   done

@@ -16,35 +16,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from decode_runs import first_steps
 from lmx import bench
 from lmx.errors import InvalidOptionError
 from lmx.generate.encoder import StepEncoder
-from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.step import DecodeState, generate_step
+from lmx.generate.step import DecodeState
 from lmx.models import build_model
 from lmx.runtime.profile import StepPlan
 
 
 def run(model, prompt, n, plan, *, temperature=0.0, processors=(), cache=None):
     state = DecodeState(model, plan)
-    cache = model.make_cache() if cache is None else cache
-    steps = generate_step(
-        model,
-        prompt,
-        cache,
-        make_sampler(temperature),
-        KeySequence(7).next,
-        processors=processors,
-        state=state,
+    tokens, logprobs = first_steps(
+        model, prompt, n, cache=cache, temperature=temperature, seed=7, processors=processors, state=state
     )
-    tokens, logprobs = [], []
-    for token, lp in steps:
-        tokens.append(token.tolist())
-        logprobs.append(np.array(lp))
-        if len(tokens) == n:
-            break
-    steps.close()
-    return tokens, np.stack(logprobs), state
+    return tokens, logprobs, state
 
 
 @pytest.fixture(scope="module", params=["tiny-gemma3", "tiny-qwen3"])

@@ -13,32 +13,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from decode_runs import first_steps
 from lmx import bench
-from lmx.generate.sampling import KeySequence, make_sampler
-from lmx.generate.step import DecodeState, generate_step
+from lmx.generate.step import DecodeState
 from lmx.models import build_model
 from lmx.models.base import Linear, merge_heads, split_heads
 
 
 def decode(model, prompt, n: int, segments: bool, pad=None, state=None) -> tuple[list[list[int]], np.ndarray]:
-    steps = generate_step(
-        model,
-        prompt,
-        model.make_cache(),
-        make_sampler(0.0),
-        KeySequence(0).next,
-        pad=pad,
-        segments=segments,
-        state=state,
-    )
-    tokens, logprobs = [], []
-    for token, lp in steps:
-        tokens.append(token.tolist())
-        logprobs.append(np.array(lp))
-        if len(tokens) == n:
-            break
-    steps.close()
-    return tokens, np.stack(logprobs)
+    return first_steps(model, prompt, n, pad=pad, segments=segments, state=state)
 
 
 @pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3", "tiny-qwen3-moe"])

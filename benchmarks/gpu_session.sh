@@ -46,10 +46,10 @@ thread_default)  # after auto became on for CUDA: the engine's outputs with the 
     --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_bf16.json"
   step 90 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
     --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_8b_q4.json"
-  step 90 against_270m python3 -m lmx.cli.main bench --against mlx-lm --config gemma3-270m --device gpu --roofline --json
-  step 120 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu --json
   step 240 default_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-onethread,mlx-lm --rounds 5 --bandwidth --json "$OUT/gpu_default_bf16.json"
+  step 90 against_270m python3 -m lmx.cli.main bench --against mlx-lm --config gemma3-270m --device gpu --roofline --json
+  step 120 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu --json
   ;;
 thread)  # issue 17 part 2: each decode step queued by a thread of its own (lmx-thread) against lmx and mlx-lm, bf16
   step 420 thread_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \

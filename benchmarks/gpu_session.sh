@@ -44,7 +44,7 @@ thread_default)  # after auto became on for CUDA: the engine's outputs with the 
   step 60 op_costs python3 benchmarks/gpu_op_costs.py --json "$OUT/gpu_op_costs.json"
   step 90 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
     --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_bf16.json"
-  step 90 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+  step 150 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
     --variants lmx-thread,lmx-onethread --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_8b_q4.json"
   step 240 default_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-onethread,mlx-lm --rounds 5 --bandwidth --json "$OUT/gpu_default_bf16.json"

@@ -38,6 +38,7 @@ thread_default)  # after auto became on for CUDA: the engine's outputs with the 
   # a step now, the headline through the one command (lmx bench --against mlx-lm), 5 rounds against the old default
   export ONE_LOG=1  # the device returns ~8 files a call
   step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  step 30 gil python3 benchmarks/async_eval_gil.py --device gpu --ops 5000
   step 120 thread_check python3 benchmarks/gpu_thread_check.py --model /tmp/r270.gguf --device gpu \
     --json "$OUT/gpu_thread_check.json"
   # what bounds a step now: each op kind's host cost, and the threaded step's split

@@ -244,6 +244,11 @@ def make_logits_processors(options: GenerationOptions, prompt_len: int) -> list[
     return processors
 
 
+def chosen_logprobs(logprobs: mx.array, ids: mx.array) -> mx.array:
+    """Each row's log-probability of its chosen token: (B,) from ``logprobs`` (B, V) and ``ids`` (B,)."""
+    return mx.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
+
+
 def top_logprobs(logprobs: mx.array, n: int) -> tuple[mx.array, mx.array]:
     """The ``n`` most likely tokens of each row and their log-probabilities, most likely first.
 

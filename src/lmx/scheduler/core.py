@@ -41,7 +41,7 @@ from lmx.generate.constraints import ConstraintCompiler
 from lmx.generate.encoder import Queued
 from lmx.generate.options import GenerationOptions
 from lmx.generate.row import sample_rows
-from lmx.generate.sampling import top_logprobs
+from lmx.generate.sampling import chosen_logprobs, top_logprobs
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
 from lmx.models.cache import kv_quant
@@ -506,7 +506,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
             self._eval(tokens, logprobs)
         else:
             ids = mx.stop_gradient(tokens)  # read by the emit; the next step's graph holds ``tokens``
-            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            chosen = chosen_logprobs(logprobs, tokens)
             self._quiesce()
             self._job = self._encoder.submit(tokens, logprobs, ids, chosen)
             handed = (ids, chosen, tokens)
@@ -523,7 +523,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         if values is None:
             self._quiesce()
             ids = batch.tokens.tolist()
-            chosen = mx.take_along_axis(batch.logprobs, batch.tokens[:, None], axis=-1)[:, 0].tolist()
+            chosen = chosen_logprobs(batch.logprobs, batch.tokens).tolist()
         else:
             ids, chosen = values
         now = time.perf_counter()

@@ -8,6 +8,7 @@ import time
 
 import mlx.core as mx
 
+from lmx.generate.sampling import chosen_logprobs
 from lmx.generate.speculative import ModelDrafter, PromptLookup, verify
 from lmx.models.cache import trim_caches
 from lmx.scheduler.state import Batch, Clock, Row
@@ -67,7 +68,7 @@ class SpeculativeTurns:
         request.metrics.draft_tokens += done.drafted
         request.metrics.accepted_tokens += done.accepted
         lp = done.logprobs
-        chosen = mx.take_along_axis(lp, mx.array(done.tokens)[:, None], axis=-1)[:, 0].tolist()
+        chosen = chosen_logprobs(lp, mx.array(done.tokens)).tolist()
         now = time.perf_counter()
         for j in range(done.accepted):
             self._hand(row, done.tokens[j], chosen[j], lp[j : j + 1], now)

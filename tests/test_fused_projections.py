@@ -159,9 +159,9 @@ def test_bench_fuses_the_quantized_layers_it_makes(monkeypatch):
     """``lmx bench --quantize`` quantizes after load; where the profile fuses, the quantized layers are
     fused again (not left running alone), and compute what the unfused quantized model computes."""
     chosen = loader.load_profile
-    plain = bench._load(None, "tiny-gemma3", "float32", None, 4)
+    plain = bench.load_bench_model(None, "tiny-gemma3", "float32", None, 4)
     monkeypatch.setattr(loader, "load_profile", lambda *a, **k: chosen(*a, **k).replace(fused_projections=True))
-    fused = bench._load(None, "tiny-gemma3", "float32", None, 4)
+    fused = bench.load_bench_model(None, "tiny-gemma3", "float32", None, 4)
     attn = fused.model.layers[0].self_attn
     assert isinstance(attn.q_proj, nn.QuantizedLinear) and attn.fused is not None
     assert attn.fused.holds((attn.q_proj, attn.k_proj, attn.v_proj))

@@ -180,7 +180,10 @@ def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int = 0) -> None:
 
 
 @dataclass
-class _Loaded:
+class BenchModel:
+    """A model as the benchmarks run it: loaded (or built from a config with random weights), set
+    up as the loader would (its profile's ops, fused projections), with what the reports name."""
+
     model: nn.Module
     name: str
     load_time: float
@@ -189,9 +192,11 @@ class _Loaded:
     config: dict[str, Any]  # the model's config (with its quantization, where quantized)
 
 
-def _load(
+def load_bench_model(
     model: str | os.PathLike | None, config: str | None, dtype: str, num_layers: int | None, quantize: int | None
-) -> _Loaded:
+) -> BenchModel:
+    """``model`` (a path, or None: the bundled default) or a ``config`` name's random weights,
+    optionally cut to ``num_layers`` and quantized to ``quantize`` bits, on the current device."""
     from lmx.loading import load_model, resolve_dtype
     from lmx.loading.loader import load_profile, profile_ops
     from lmx.models import build_model
@@ -218,7 +223,7 @@ def _load(
     mx.eval(built.parameters())
     if profile.fused_projections:  # as the loader does (again after quantizing: the quantized layers)
         built.fuse_projections()
-    return _Loaded(built, name, time.perf_counter() - t0, vocab, profile, model_config)
+    return BenchModel(built, name, time.perf_counter() - t0, vocab, profile, model_config)
 
 
 def greedy_stamps(
@@ -353,7 +358,7 @@ def run_benchmark(
             raise InvalidOptionError(f"{opt} must be >= 1, got {value}")
     kv_quant(kv_bits, kv_group_size)  # a bad value fails before the model loads
     choose_device(device)
-    loaded = _load(model, config, dtype, num_layers, quantize)
+    loaded = load_bench_model(model, config, dtype, num_layers, quantize)
     quant = kv_quant(kv_bits, kv_group_size, loaded.model.args.head_dim)
     prefill_step_size = prefill_step_size or loaded.profile.prefill_step_size
     state = DecodeState(loaded.model, loaded.profile)

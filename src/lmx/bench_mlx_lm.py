@@ -143,12 +143,12 @@ def run_against_mlx_lm(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from lmx.bench import _load, greedy_stamps
+    from lmx.bench import greedy_stamps, load_bench_model
     from lmx.generate.step import DecodeState
     from lmx.runtime.device import choose_device, device_name
 
     choose_device(device)
-    loaded = _load(model, config, dtype, None, quantize)
+    loaded = load_bench_model(model, config, dtype, None, quantize)
     twin = mlx_lm_twin(loaded.config, loaded.model)
     state = DecodeState(loaded.model, loaded.profile)
     prompt = prompt_ids(prompt_tokens, loaded.vocab_size)

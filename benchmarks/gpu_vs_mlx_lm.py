@@ -285,12 +285,7 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
             logits = prefill(model, mx.array([prompt]), cache, None, plan.prefill_step_size, layerwise)
             token = mx.argmax(logits, axis=-1)
             mx.eval(token)
-        if not segments:
-            step = None
-        elif encoder is not None:
-            step = state.encoder_segmented()
-        else:
-            step = state.segmented()
+        step = state.segmented() if segments else None
 
         def decode(tok: mx.array) -> tuple[mx.array, mx.array]:
             with on_stream():

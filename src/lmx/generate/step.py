@@ -120,7 +120,6 @@ class DecodeState:
         self._compiled: dict[tuple[tuple[int | None, ...], bool], CompiledDecode] = {}
         self._segments: SegmentedDecode | None = None
         self._encoder: StepEncoder | None = None
-        self._encoder_segments: SegmentedDecode | None = None
 
     def compiled(self, cache: list[KVCache], padded: bool) -> CompiledDecode:
         """The model's :class:`CompiledDecode` for this cache layout, made on first use."""
@@ -132,7 +131,11 @@ class DecodeState:
     def segmented(self) -> SegmentedDecode | None:
         """The model's :class:`SegmentedDecode`, ready for its current weights, or None where a
         module draws random numbers in its current mode (dropout while training). The check per
-        generation is one walk over the model's arrays."""
+        generation is one walk over the model's arrays.
+
+        A trace replays its ops on the stream it was made on. With the plan's ``encode_thread``
+        every step of this state is built on the encoder's stream (:func:`generate_step`, the
+        scheduler), so its traces are made there; the plan is fixed, so one state never mixes the two."""
         if self._segments is None:
             self._segments = SegmentedDecode(self.model)
         return self._segments if self._segments.prepare() else None
@@ -143,17 +146,10 @@ class DecodeState:
             self._encoder = StepEncoder(mx.default_device())
         return self._encoder
 
-    def encoder_segmented(self) -> SegmentedDecode | None:
-        """As :meth:`segmented`, for steps built on the encoder's stream: traces of their own
-        (a trace replays its ops on the stream it was made on)."""
-        if self._encoder_segments is None:
-            self._encoder_segments = SegmentedDecode(self.model)
-        return self._encoder_segments if self._encoder_segments.prepare() else None
-
     @property
     def segments_made(self) -> bool:
-        """Whether a segmented step was made for this model (on the encoder's stream or not)."""
-        return self._segments is not None or self._encoder_segments is not None
+        """Whether a segmented step was made for this model."""
+        return self._segments is not None
 
 
 def eager_step(model: LanguageModel, tokens: mx.array, cache: list[KVCache], pad: mx.array | None) -> mx.array:
@@ -188,14 +184,8 @@ class Decoder:
 
     def refresh(self) -> None:
         """Check the segmented step against the model's current weights (after an adapter
-        was loaded or removed, say); called when a batch starts. With the plan's
-        ``encode_thread`` the steps are built on the encoder's stream: its own traces."""
-        if not self.segments:
-            self._segmented = None
-        elif self.state.plan.encode_thread:
-            self._segmented = self.state.encoder_segmented()
-        else:
-            self._segmented = self.state.segmented()
+        was loaded or removed, say); called when a batch starts."""
+        self._segmented = self.state.segmented() if self.segments else None
 
     def prefill(self, tokens: mx.array, cache: list[KVCache], pad: mx.array | None, step_size: int) -> mx.array:
         """:func:`prefill` as the plan says (chunks of ``step_size``, layer by layer or whole)."""
@@ -339,7 +329,7 @@ def _threaded_steps(
         first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")
         token, logprobs = sample(first)
         mx.eval(token, logprobs)
-        if segments and pad is None and (segmented := state.encoder_segmented()) is not None:
+        if segments and pad is None and (segmented := state.segmented()) is not None:
 
             def decode(token: mx.array) -> mx.array:
                 return segmented(token, cache)

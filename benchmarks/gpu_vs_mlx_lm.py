@@ -275,6 +275,8 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
     time it waits for the device to give the previous token."""
     _, segments = LMX_STEPS[variant]
     state = state_for(variant, model)
+    if segments is None:  # the plan's step, as generate_step takes it (a GPU's: segmented)
+        segments = state.plan.decode_mode == "segmented"
     encoder = state.encoder() if state.plan.encode_thread else None
     on_stream = (lambda: mx.stream(encoder.stream)) if encoder is not None else contextlib.nullcontext
     with step_context(variant, model):

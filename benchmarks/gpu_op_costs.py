@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lmx.runtime  # noqa: F401  # isort: skip  (first: BLAS set-up before mlx.core)
 import mlx.core as mx
 
+from lmx.kernels import cuda_dense
+
 D = 1152
 HEADS, HEAD_DIM = 4, 256
 
@@ -36,6 +38,7 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
     norm_w = mx.ones((D,), dtype=dtype)
     big = mx.zeros((1, 2 * D), dtype=dtype)
     cache = mx.zeros((1, HEADS, 512, HEAD_DIM), dtype=dtype)
+    wt = w.T  # what a Linear multiplies by: its (out, in) weight's transposed view
     mx.eval(w, wq, scales, biases, norm_w, big, cache)
     row = lambda: mx.random.normal((1, D), key=key).astype(dtype)  # noqa: E731
     heads = lambda: mx.random.normal((1, HEADS, 1, HEAD_DIM), key=key).astype(dtype)  # noqa: E731
@@ -55,6 +58,7 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
         "2 reshapes (no copy)": (row, lambda x: x.reshape(1, 2, D // 2).reshape(1, D)),
         "concatenate + slice": (row, lambda x: mx.concatenate([x, x], axis=-1)[:, :D]),
         "matmul, one row": (row, lambda x: x @ w),
+        "matmul, one row, by a transposed view (a Linear's)": (row, lambda x: x @ wt),
         "quantized_matmul 4-bit, one row": (row, lambda x: mx.quantized_matmul(x, wq, scales, biases, True, 64, 4)),
         "slice_update (cache write)": (heads, slice_update),
         "sdpa, one query, 512 keys": (heads, attention),
@@ -78,6 +82,7 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
             )[0]
 
         table["mx.fast.cuda_kernel (a copy)"] = (row, custom)
+        table["lmx cuda_dense product, one row"] = (row, lambda x: cuda_dense.decode_product(x, w))
     return table
 
 

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?dense, dense_e2e, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -34,6 +34,21 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
   fi
 }
 case $part in
+dense)  # lmx's CUDA kernel for a decode step's float products (LMX_CUDA_DENSE): its values and speed alone,
+  # what a product costs to queue, the step's profile and the headline against lmx's default and mlx-lm
+  export ONE_LOG=1
+  step 150 dense_check python3 benchmarks/cuda_dense_check.py --chain 50 --rounds 5 --json "$OUT/gpu_dense_check.json"
+  step 45 op_costs python3 benchmarks/gpu_op_costs.py --json "$OUT/gpu_op_costs.json"
+  step 90 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-dense --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_dense.json"
+  step 270 dense_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-dense,mlx-lm --rounds 5 --check-steps 64 --bandwidth --json "$OUT/gpu_dense_bf16.json"
+  ;;
+dense_e2e)  # the same, end to end only, more rounds
+  export ONE_LOG=1
+  step 420 dense_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-dense,mlx-lm --rounds 7 --bandwidth --json "$OUT/gpu_dense_bf16_7.json"
+  ;;
 thread_default)  # after auto became on for CUDA: the engine's outputs with the thread off and on, what bounds
   # a step now, the headline through the one command (lmx bench --against mlx-lm), 5 rounds against the old default
   export ONE_LOG=1  # the device returns ~8 files a call

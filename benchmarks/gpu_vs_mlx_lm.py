@@ -15,8 +15,9 @@ CUDA decode attention (MLX's attention, unfused for Gemma's head_dim 256),
 with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unfused`` with
 ``LMX_FUSED_PROJECTIONS=0``, ``lmx-thread`` with ``LMX_ENCODE_THREAD=on`` (each step queued by a
 thread of its own while the next is built; the default on a CUDA GPU), ``lmx-onethread`` with
-``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products;
-the same as ``lmx`` without ``--quantize``). ``--check-steps N`` first checks
+``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with
+``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products; the same as ``lmx`` without ``--quantize``),
+``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products). ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
 it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
@@ -63,7 +64,7 @@ from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
 from lmx.bench_mlx_lm import copy_bandwidth, mlx_lm_twin  # noqa: E402
 from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
 from lmx.generate.step import DecodeState, generate_step, prefill  # noqa: E402
-from lmx.kernels import cuda_attention  # noqa: E402
+from lmx.kernels import cuda_attention, cuda_dense  # noqa: E402
 from lmx.loading import resolve_dtype  # noqa: E402
 from lmx.loading.loader import load_profile, profile_ops  # noqa: E402
 from lmx.models import build_model  # noqa: E402
@@ -72,11 +73,11 @@ from lmx.runtime.ops import MLX_OPS  # noqa: E402
 # Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
-# lmx with one of its CUDA kernels off: variant -> the CudaOps attribute set to None
-WITHOUT_KERNEL = {"lmx-mlxq": "quantized"}
+# lmx with one of its CUDA kernels switched: variant -> (the CudaOps attribute, its value; None: off)
+KERNEL_SWITCH = {"lmx-mlxq": ("quantized", None), "lmx-dense": ("dense", cuda_dense)}
 # variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
 OWN_TRACES: dict[str, dict[int, DecodeState]] = {
-    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *WITHOUT_KERNEL)
+    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *KERNEL_SWITCH)
 }
 THREAD = {"lmx-thread": True, "lmx-onethread": False}  # variants that set LMX_ENCODE_THREAD
 
@@ -109,13 +110,13 @@ def unfused_products() -> Any:
     )
 
 
-def kernel_off(model: nn.Module, variant: str) -> Any:
-    """lmx as loaded with one of its CUDA kernels off (``LMX_CUDA_QUANTIZED=0``: MLX's quantized
-    products)."""
-    attribute = WITHOUT_KERNEL[variant]
-    if getattr(model.ops, attribute, None) is None:
+def kernel_switch(model: nn.Module, variant: str) -> Any:
+    """lmx as loaded with one of its CUDA kernels off (``lmx-mlxq``: ``LMX_CUDA_QUANTIZED=0``, MLX's
+    quantized products) or on (``lmx-dense``: ``LMX_CUDA_DENSE=1``, lmx's float products)."""
+    attribute, value = KERNEL_SWITCH[variant]
+    if getattr(model.ops, attribute, None) is value or not hasattr(model.ops, attribute):
         return contextlib.nullcontext()
-    return mock.patch.object(model.ops, attribute, None)
+    return mock.patch.object(model.ops, attribute, value)
 
 
 def time_lmx_patched(model: nn.Module, prompt: list[int], n: int, variant: str) -> tuple[float, list[float]]:
@@ -200,6 +201,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-mlxq": (False, True),
     "lmx-thread": (False, None),
     "lmx-onethread": (False, None),
+    "lmx-dense": (False, None),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -213,8 +215,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(no_cuda_attention(model))
     if variant == "lmx-unfused":
         stack.enter_context(unfused_products())
-    if variant in WITHOUT_KERNEL:
-        stack.enter_context(kernel_off(model, variant))
+    if variant in KERNEL_SWITCH:
+        stack.enter_context(kernel_switch(model, variant))
     return stack
 
 
@@ -526,6 +528,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-mlxq": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-mlxq"),
         "lmx-thread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-thread"),
         "lmx-onethread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-onethread"),
+        "lmx-dense": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -592,7 +595,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -52,6 +52,36 @@ __device__ inline void lmx_store(__half* p, float x) { *p = __float2half(x); }
 __device__ inline void lmx_store(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 """
 
+# Eight consecutive values as floats, in one or two vector loads (the product kernels' inner loop)
+LOAD8_HEADER = """
+// Eight consecutive values (16-byte aligned for 16-bit types, 32-byte for float) as floats.
+__device__ inline void lmx_load8(const __nv_bfloat16* p, float* o) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        o[2 * i] = __uint_as_float(w[i] << 16);
+        o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ inline void lmx_load8(const __half* p, float* o) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        o[2 * i] = f.x;
+        o[2 * i + 1] = f.y;
+    }
+}
+__device__ inline void lmx_load8(const float* p, float* o) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+"""
+
 # Template constants: D (head dim, a multiple of 32), WARPS (warps per block), SCALE_BITS (the
 # softmax scale's float32 bits: a compile-time constant, one kernel per distinct scale).
 _SOURCE = """

@@ -38,7 +38,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from lmx.kernels.cuda_attention import FLOAT_HEADER
+from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER
 
 MAX_ROWS = 8  # rows of x: a decode step's batch; more go to MLX's matrix-matrix kernels
 # Packed weights from which a decode step takes the kernel (:func:`wanted`). Alone it reads large
@@ -52,37 +52,7 @@ GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 WARPS = 4  # warps per thread block
 
-_HEADER = (
-    FLOAT_HEADER
-    + """
-// Eight consecutive values (16-byte aligned for 16-bit types, 32-byte for float) as floats.
-__device__ inline void lmx_load8(const __nv_bfloat16* p, float* o) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        o[2 * i] = __uint_as_float(w[i] << 16);
-        o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-__device__ inline void lmx_load8(const __half* p, float* o) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(h[i]);
-        o[2 * i] = f.x;
-        o[2 * i + 1] = f.y;
-    }
-}
-__device__ inline void lmx_load8(const float* p, float* o) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    const float4 b = *reinterpret_cast<const float4*>(p + 4);
-    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-    o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-}
-"""
-)
+_HEADER = FLOAT_HEADER + LOAD8_HEADER
 
 # Template constants: M (rows of x), K (inner size), N (weight rows), BITS (4 or 8), GS (group
 # size), R (weight rows per warp), WARPS (warps per block).

@@ -163,7 +163,7 @@ def load_profile(
         dtype=None if (dtype or "auto") == "auto" else dtype,
         cpu_kernels=cpu_kernels,
         cuda_attention=cuda_attention.enabled_by_env(),  # LMX_CUDA_ATTENTION, read where it was
-        cuda_kernels=settings.LMX_CUDA_QUANTIZED.get(),
+        cuda_kernels=settings.LMX_CUDA_QUANTIZED.get() or settings.LMX_CUDA_DENSE.get(),
         gguf_on_device=gguf_on_device,
         fused_projections=settings.LMX_FUSED_PROJECTIONS.get(),
         encode_thread={"auto": None, "on": True, "off": False}[settings.LMX_ENCODE_THREAD.get()],
@@ -177,7 +177,7 @@ def profile_ops(profile: DeviceProfile) -> Ops:
 
         return make_ops(profile, load_module()[0])
     if profile.ops_backend == "cuda-kernels":
-        from lmx.kernels import cuda_attention, cuda_quantized
+        from lmx.kernels import cuda_attention, cuda_dense, cuda_quantized
         from lmx.runtime import settings
 
         return make_ops(
@@ -186,6 +186,7 @@ def profile_ops(profile: DeviceProfile) -> Ops:
             cuda_padded=cuda_attention.padded_by_env(),
             cuda_quantized=cuda_quantized if settings.LMX_CUDA_QUANTIZED.get() else None,
             cuda_attention=cuda_attention.enabled_by_env(),
+            cuda_dense=cuda_dense if settings.LMX_CUDA_DENSE.get() else None,
         )
     return make_ops(profile)
 

@@ -246,8 +246,8 @@ class FusedProducts:
         self._parts = tuple(layer["weight"] for layer in layers)
         self._sizes = sizes
         self._quantized = quantized
-        # what the product reads: the quantized arrays, or the float weight's transpose (a view)
-        self._arrays = whole if quantized else {"weight": whole["weight"].T}
+        # what the product reads: the quantized arrays, or the float weight and its transpose (a view)
+        self._arrays = whole if quantized else {"weight": whole["weight"], "weight_t": whole["weight"].T}
         mx.eval(self._arrays)
 
     @classmethod
@@ -290,10 +290,10 @@ class FusedProducts:
         )
 
     def __call__(self, x: mx.array, ops: Ops = MLX_OPS) -> list[mx.array]:
-        """Each layer's output for ``x``, from one product (a quantized one through ``ops``)."""
+        """Each layer's output for ``x``, from one product through ``ops``."""
         w = self._arrays
         if self._quantized is None:
-            y = x @ w["weight"]
+            y = ops.dense_product(x, w["weight"], w["weight_t"])
         else:
             group_size, bits, mode = self._quantized
             y = ops.quantized_matmul(x, w["weight"], w["scales"], w.get("biases"), group_size, bits, mode)
@@ -309,11 +309,14 @@ def quantized_product(ops: Ops, layer: nn.Module, x: mx.array) -> mx.array:
 
 
 def product(ops: Ops, layer: nn.Module, x: mx.array) -> mx.array:
-    """``layer(x)``; an MLX quantized layer's product goes through ``ops.quantized_matmul`` (on a
-    CUDA GPU, lmx's kernel for a decode step's rows: :class:`lmx.runtime.ops.CudaOps`)."""
+    """``layer(x)``; an MLX quantized layer's product goes through ``ops.quantized_matmul``, a plain
+    :class:`Linear`'s without a bias through ``ops.dense_product`` (on a CUDA GPU, lmx's kernels for a
+    decode step's rows: :class:`lmx.runtime.ops.CudaOps`)."""
     if type(layer) is nn.QuantizedLinear:  # exactly: a wrapper (LoRA) runs itself
         y = quantized_product(ops, layer, x)
         return y + layer["bias"] if "bias" in layer else y
+    if type(layer) is Linear and "bias" not in layer:
+        return ops.dense_product(x, layer["weight"], layer.weight_t.of(layer["weight"]))
     return layer(x)
 
 
@@ -735,6 +738,8 @@ class CausalLM(nn.Module):
         embed = self.model.embed_tokens
         if type(embed) is nn.QuantizedEmbedding:  # its as_linear, through the ops (see product)
             return quantized_product(self.ops, embed, h)
+        if type(embed) is nn.Embedding:
+            return self.ops.dense_product(h, embed["weight"])
         return embed.as_linear(h)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, pad: mx.array | None = None) -> mx.array:

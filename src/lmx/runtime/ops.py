@@ -80,6 +80,8 @@ class Ops(Protocol):
         mode: str,
     ) -> mx.array: ...
 
+    def dense_product(self, x: mx.array, w: mx.array, w_t: mx.array | None = None) -> mx.array: ...
+
     def logsumexp(self, x: mx.array) -> mx.array: ...
 
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array: ...
@@ -177,6 +179,11 @@ class MlxOps:
     ) -> mx.array:
         """``x @ dequantize(w).T``: an ``nn.QuantizedLinear``'s product (``mx.quantized_matmul``)."""
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+    def dense_product(self, x: mx.array, w: mx.array, w_t: mx.array | None = None) -> mx.array:
+        """``x @ w.T`` for a float weight ``w`` (N, K), as a ``Linear`` holds it; ``w_t``: its transpose
+        where the caller keeps one (a view made once, not a new op each call)."""
+        return x @ (w.T if w_t is None else w_t)
 
     def logsumexp(self, x: mx.array) -> mx.array:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""
@@ -338,7 +345,9 @@ class CudaOps(MlxOps):
       (:func:`lmx.kernels.cuda_attention.decode_attention`) instead of MLX's 12 fallback ops;
     - in a decode step (inside :meth:`inference`), products of up to 8 rows by large 4- or 8-bit
       MLX affine matrices (:func:`lmx.kernels.cuda_quantized.decode_product`): MLX's own reads
-      them at a fraction of the card's bandwidth.
+      them at a fraction of the card's bandwidth;
+    - in a decode step, products of up to 8 rows by float matrices
+      (:func:`lmx.kernels.cuda_dense.decode_product`): MLX's own costs the host 2.3x as much to queue.
 
     Args:
         cuda: the attention kernel's module (:mod:`lmx.kernels.cuda_attention`; it also keeps the
@@ -349,17 +358,25 @@ class CudaOps(MlxOps):
         quantized: the product kernel's module (:mod:`lmx.kernels.cuda_quantized`), or None
             (``LMX_CUDA_QUANTIZED=0``): MLX's products.
         attention: whether the attention kernel runs (``LMX_CUDA_ATTENTION``).
+        dense: the float product kernel's module (:mod:`lmx.kernels.cuda_dense`), or None
+            (``LMX_CUDA_DENSE=0``): MLX's products.
     """
 
     name = "cuda-kernels"
 
     def __init__(
-        self, cuda: ModuleType, padded: bool = False, quantized: ModuleType | None = None, attention: bool = True
+        self,
+        cuda: ModuleType,
+        padded: bool = False,
+        quantized: ModuleType | None = None,
+        attention: bool = True,
+        dense: ModuleType | None = None,
     ) -> None:
         self.cuda = cuda
         self.indexes_padding = padded and attention
         self.quantized = quantized
         self.attends = attention
+        self.dense = dense
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         if self.attends and mask is None and self.cuda.fits(q, k, v, scale):
@@ -384,6 +401,12 @@ class CudaOps(MlxOps):
         ):
             return q.decode_product(x, w, scales, biases, group_size, bits)
         return super().quantized_matmul(x, w, scales, biases, group_size, bits, mode)
+
+    def dense_product(self, x: mx.array, w: mx.array, w_t: mx.array | None = None) -> mx.array:
+        d = self.dense
+        if d is not None and self.cuda.inference_active() and d.supported(x, w):  # the kernel has no gradient
+            return d.decode_product(x, w)
+        return super().dense_product(x, w, w_t)
 
     # With ``padded`` (``LMX_CUDA_PADDED_ATTENTION``), padded rows of a batch: one kernel instead of a
     # mask array and MLX's masked attention (which no MLX CUDA kernel fuses for one query).

@@ -157,7 +157,7 @@ def choose_profile(
         cuda_attention: lmx's one-query CUDA attention may run (``LMX_CUDA_ATTENTION`` not 0);
             used on a CUDA GPU only.
         cuda_kernels: lmx's other CUDA kernels may run (a decode step's quantized products,
-            ``LMX_CUDA_QUANTIZED``); used on a CUDA GPU only.
+            ``LMX_CUDA_QUANTIZED``, its float products, ``LMX_CUDA_DENSE``); used on a CUDA GPU only.
         compile: decode with one compiled graph per step instead of the device's default.
         gguf_on_device: ``"quantized"`` or ``"float"`` (see :data:`GGUF_ON_DEVICE`) where the CPU
             kernels do not run; None: float (quantized is opt-in: its accuracy and speed on a GPU are
@@ -212,11 +212,13 @@ def make_ops(
     cuda_padded: bool = False,
     cuda_quantized: ModuleType | None = None,
     cuda_attention: bool = True,
+    cuda_dense: ModuleType | None = None,
 ) -> Ops:
     """The ops object of ``profile`` (``kernels``: lmx's built CPU kernels module, for ``cpu-kernels``;
     for ``cuda-kernels``: ``cuda``, :mod:`lmx.kernels.cuda_attention`, whose attention kernel runs
     with ``cuda_attention`` and also takes padded rows with ``cuda_padded``; ``cuda_quantized``,
-    :mod:`lmx.kernels.cuda_quantized` or None: MLX's quantized products).
+    :mod:`lmx.kernels.cuda_quantized` or None: MLX's quantized products; ``cuda_dense``,
+    :mod:`lmx.kernels.cuda_dense` or None: MLX's float products).
 
     Raises:
         InvalidOptionError: ``cpu-kernels`` without the kernels module, ``cuda-kernels`` without
@@ -229,7 +231,7 @@ def make_ops(
     if profile.ops_backend == "cuda-kernels":
         if cuda is None:
             raise InvalidOptionError("the cuda-kernels ops backend needs lmx.kernels.cuda_attention")
-        return CudaOps(cuda, padded=cuda_padded, quantized=cuda_quantized, attention=cuda_attention)
+        return CudaOps(cuda, padded=cuda_padded, quantized=cuda_quantized, attention=cuda_attention, dense=cuda_dense)
     return MLX_OPS
 
 

@@ -239,6 +239,14 @@ LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
     "alone, not yet end to end: off until it is)",
     _bool,
 )
+LMX_CUDA_DENSE: Setting[bool] = Setting(
+    "LMX_CUDA_DENSE",
+    BOOL,
+    False,
+    "lmx's CUDA kernel for a decode step's products by float (bf16, f16, f32) matrices: cheaper for the host "
+    "to queue than MLX's (off until measured end to end)",
+    _bool,
+)
 LMX_CUDA_PADDED_ATTENTION: Setting[bool] = Setting(
     "LMX_CUDA_PADDED_ATTENTION",
     BOOL,
@@ -299,6 +307,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     LMX_ENCODE_THREAD,
     LMX_CUDA_PADDED_ATTENTION,
     LMX_CUDA_QUANTIZED,
+    LMX_CUDA_DENSE,
     LMX_KV_BITS,
     LMX_API_KEY,
     LMX_TP_STEP_TIMEOUT,

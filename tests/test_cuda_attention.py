@@ -79,7 +79,7 @@ def test_attention_routes_one_unmasked_query(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(scale)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    monkeypatch.setattr(cuda_attention, "decode_attention", fake)
+    monkeypatch.setattr(cuda_attention, "decode_attention_fitted", fake)
     ops = CudaOps(cuda_attention)  # what the load profile gives a model on a CUDA GPU
     q, k, v = (x.astype(mx.float32) + 0.5 for x in qkv())
     base.attention(q, k, v, 0.0625, None, ops=ops)

@@ -129,7 +129,7 @@ def test_cuda_ops_in_a_model(monkeypatch: pytest.MonkeyPatch):
         calls.append(q.shape)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    monkeypatch.setattr(cuda_attention, "decode_attention", fake)
+    monkeypatch.setattr(cuda_attention, "decode_attention_fitted", fake)
     cfg = dict(bench.config_for("tiny-gemma3"), head_dim=32, query_pre_attn_scalar=32)  # a head dim MLX does not fuse
     model = build_model(cfg)
     bench.random_weights(model, mx.float32, seed=2)

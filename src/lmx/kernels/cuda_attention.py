@@ -264,6 +264,12 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, scale:
         ValueError: the inputs are not ones :func:`supported` accepts, or ``scale`` <= 0.
     """
     _check("decode_attention", queries, keys, values, scale)
+    return decode_attention_fitted(queries, keys, values, scale)
+
+
+def decode_attention_fitted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """:func:`decode_attention` for inputs :func:`fits` has taken, without checking them again (the
+    ops call it in every layer of a decode step, after asking :func:`fits`)."""
     if inference_active():
         return _run(queries, keys, values, scale)
     return _differentiable(scale)(queries, keys, values)

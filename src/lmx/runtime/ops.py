@@ -380,7 +380,7 @@ class CudaOps(MlxOps):
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
         if self.attends and mask is None and self.cuda.fits(q, k, v, scale):
-            return self.cuda.decode_attention(q, k, v, scale)
+            return self.cuda.decode_attention_fitted(q, k, v, scale)  # fits() has checked them
         return super().attention(q, k, v, scale, mask)
 
     def quantized_matmul(

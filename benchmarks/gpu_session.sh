@@ -34,15 +34,16 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
   fi
 }
 case $part in
-dense)  # lmx's CUDA kernel for a decode step's float products (LMX_CUDA_DENSE): its values and speed alone,
-  # what a product costs to queue, the step's profile and the headline against lmx's default and mlx-lm
+dense)  # lmx's CUDA kernel for a decode step's float products (LMX_CUDA_DENSE): its values, speed and host cost
+  # alone, the segmented step's profile (bf16 with and without it; the 8B in 4 bits), the headline against lmx and mlx-lm
   export ONE_LOG=1
-  step 150 dense_check python3 benchmarks/cuda_dense_check.py --chain 50 --rounds 5 --json "$OUT/gpu_dense_check.json"
-  step 45 op_costs python3 benchmarks/gpu_op_costs.py --json "$OUT/gpu_op_costs.json"
+  step 130 dense_check python3 benchmarks/cuda_dense_check.py --chain 50 --rounds 5 --json "$OUT/gpu_dense_check.json"
   step 90 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
     --variants lmx,lmx-dense --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_dense.json"
-  step 270 dense_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
-    --variants lmx,lmx-dense,mlx-lm --rounds 5 --check-steps 64 --bandwidth --json "$OUT/gpu_dense_bf16.json"
+  step 100 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx --rounds 1 --profile-steps 32 --json "$OUT/gpu_profile_8b_q4.json"
+  step 240 dense_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
+    --variants lmx,lmx-dense,mlx-lm --rounds 4 --check-steps 64 --bandwidth --json "$OUT/gpu_dense_bf16.json"
   ;;
 dense_e2e)  # the same, end to end only, more rounds
   export ONE_LOG=1

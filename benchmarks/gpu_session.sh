@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?dense, dense_short, dense_e2e, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?dense, dense_short, dense_first, dense_e2e, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -52,6 +52,16 @@ dense_short)  # part dense in about 400 s (what a call can take when device time
     --variants lmx,lmx-dense --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_dense.json"
   step 200 dense_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,lmx-dense,mlx-lm --rounds 3 --check-steps 32 --bandwidth --json "$OUT/gpu_dense_bf16.json"
+  ;;
+dense_first)  # part dense_short, most wanted first (a call cut short by the device's time left still returns steps.log)
+  export ONE_LOG=1
+  step 130 dense_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-dense,mlx-lm --rounds 3 --check-steps 32 --json "$OUT/gpu_dense_small.json"
+  step 110 dense_check python3 benchmarks/cuda_dense_check.py --chain 50 --rounds 3 --json "$OUT/gpu_dense_check.json"
+  step 80 profile_bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-dense --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_dense.json"
+  step 120 dense_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b \
+    --variants lmx,lmx-dense,mlx-lm --rounds 3 --bandwidth --json "$OUT/gpu_dense_8b.json"
   ;;
 dense_e2e)  # the same, end to end only, more rounds
   export ONE_LOG=1

@@ -22,8 +22,9 @@ differ in the output's last place where the float32 sums round to different side
 The kernel has no gradient: :class:`lmx.runtime.ops.CudaOps` runs it inside
 :func:`lmx.kernels.cuda_attention.inference` only (a decode step), MLX's product elsewhere. It is
 built on first use per shape (it needs a CUDA build of MLX; importing this module does not), and
-the switch is ``LMX_CUDA_DENSE``. The GPU check is ``benchmarks/cuda_dense_check.py`` (this
-machine's tests cannot run CUDA).
+the switch is ``LMX_CUDA_DENSE`` (off). The GPU check is ``benchmarks/cuda_dense_check.py`` (this
+machine's tests cannot run CUDA). Not yet run on a GPU: the source compiles with nvcc 13 for sm_90
+(checked on the development machine), but its values and speed are unmeasured (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -35,32 +35,31 @@ from typing import Any
 import mlx.core as mx
 
 from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER
-from lmx.kernels.cuda_quantized import MAX_ROWS, WARPS, rows_per_warp
+from lmx.kernels.cuda_quantized import (
+    MAX_ROWS,
+    WARP_ROWS_END,
+    WARP_ROWS_START,
+    WARP_ROWS_SUMS,
+    WARPS,
+    rows_per_warp,
+)
 
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 PER_CHUNK = 8  # values a lane loads at a time: K must be a multiple
 
 # Template constants: M (rows of x), K (inner size), N (weight rows), R (weight rows per warp),
 # WARPS (warps per block).
-_SOURCE = """
+_SOURCE = (
+    """
     constexpr int CHUNKS = K / 8;              // 8-value chunks in a row
     constexpr int STEPS = (CHUNKS + 31) / 32;  // chunks a lane takes in a row
 
-    const int lane = threadIdx.x % 32;
-    const int first = (blockIdx.x * WARPS + threadIdx.x / 32) * R;
-    if (first >= N) {
-        return;
-    }
-
-    float acc[R][M];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            acc[r][m] = 0.0f;
-        }
-    }
-
+"""
+    + WARP_ROWS_START
+    + """
+"""
+    + WARP_ROWS_SUMS
+    + """
 #pragma unroll
     for (int step = 0; step < STEPS; ++step) {
         const int c = step * 32 + lane;
@@ -86,21 +85,9 @@ _SOURCE = """
         }
     }
 
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float v = acc[r][m];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                v += __shfl_xor_sync(0xffffffffu, v, off);
-            }
-            if (lane == 0 && first + r < N) {
-                lmx_store(out + static_cast<int64_t>(m) * N + first + r, v);
-            }
-        }
-    }
 """
+    + WARP_ROWS_END
+)
 
 
 def supported(x: mx.array, w: mx.array) -> bool:

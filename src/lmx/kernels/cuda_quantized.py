@@ -54,23 +54,17 @@ WARPS = 4  # warps per thread block
 
 _HEADER = FLOAT_HEADER + LOAD8_HEADER
 
-# Template constants: M (rows of x), K (inner size), N (weight rows), BITS (4 or 8), GS (group
-# size), R (weight rows per warp), WARPS (warps per block).
-_SOURCE = """
-    constexpr int PER_WORD = 32 / BITS;        // weights in one uint32
-    constexpr int PER_CHUNK = 4 * PER_WORD;    // weights in one lane's 16-byte chunk
-    constexpr int CHUNKS = K / PER_CHUNK;      // chunks in a weight row
-    constexpr int STEPS = (CHUNKS + 31) / 32;  // chunks a lane takes in a row
-    constexpr int GROUPS = K / GS;
-    constexpr uint32_t MASK = (1u << BITS) - 1u;
-
+# The rows-per-warp product kernels' common parts (cuda_dense's too): each warp's first weight row
+# (``first``, ``R`` rows from it) and its lane, float32 sums of R weight rows by M rows of x, and the
+# sums' warp reduction and store. Template constants M, N, R, WARPS.
+WARP_ROWS_START = """\
     const int lane = threadIdx.x % 32;
     const int first = (blockIdx.x * WARPS + threadIdx.x / 32) * R;
     if (first >= N) {
         return;
     }
-    const uint4* wq = reinterpret_cast<const uint4*>(w);
-
+"""
+WARP_ROWS_SUMS = """\
     float acc[R][M];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -79,7 +73,42 @@ _SOURCE = """
             acc[r][m] = 0.0f;
         }
     }
+"""
+WARP_ROWS_END = """\
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                v += __shfl_xor_sync(0xffffffffu, v, off);
+            }
+            if (lane == 0 && first + r < N) {
+                lmx_store(out + static_cast<int64_t>(m) * N + first + r, v);
+            }
+        }
+    }
+"""
 
+# Template constants: M (rows of x), K (inner size), N (weight rows), BITS (4 or 8), GS (group
+# size), R (weight rows per warp), WARPS (warps per block).
+_SOURCE = (
+    """
+    constexpr int PER_WORD = 32 / BITS;        // weights in one uint32
+    constexpr int PER_CHUNK = 4 * PER_WORD;    // weights in one lane's 16-byte chunk
+    constexpr int CHUNKS = K / PER_CHUNK;      // chunks in a weight row
+    constexpr int STEPS = (CHUNKS + 31) / 32;  // chunks a lane takes in a row
+    constexpr int GROUPS = K / GS;
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+
+"""
+    + WARP_ROWS_START
+    + """    const uint4* wq = reinterpret_cast<const uint4*>(w);
+
+"""
+    + WARP_ROWS_SUMS
+    + """
 #pragma unroll
     for (int step = 0; step < STEPS; ++step) {
         const int c = step * 32 + lane;
@@ -132,21 +161,9 @@ _SOURCE = """
         }
     }
 
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float v = acc[r][m];
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                v += __shfl_xor_sync(0xffffffffu, v, off);
-            }
-            if (lane == 0 && first + r < N) {
-                lmx_store(out + static_cast<int64_t>(m) * N + first + r, v);
-            }
-        }
-    }
 """
+    + WARP_ROWS_END
+)
 
 
 def supported(

@@ -80,7 +80,7 @@ class DeviceProfile(StepPlan):
         dtype: the weights' (and activations') float dtype name.
         ops_backend: ``"mlx"``, ``"cpu-kernels"`` (lmx's CPU kernels for norms, RoPE, attention and
             logsumexp) or ``"cuda-kernels"`` (MLX plus lmx's CUDA kernels: one-query attention, a
-            decode step's products by 4- and 8-bit weights).
+            decode step's products by 4- and 8-bit weights and by float weights).
         gguf_on_device: a GGUF model's quantized matrices: ``"blocks"`` (on lmx's CPU kernels),
             ``"quantized"`` (MLX affine layers holding the same values) or ``"float"`` (dequantized).
         fused_projections: each layer's query/key/value projections run as one product, its MLP's

@@ -27,6 +27,8 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cuda_quantized_check import EPS, timed  # this folder: the same tolerances and device timing
+
 from lmx.kernels import cuda_dense, cuda_quantized
 
 SPEED_SHAPES = {  # name -> (N, K): fused q/k/v, o, fused gate/up, down, head
@@ -44,7 +46,6 @@ SPEED_SHAPES = {  # name -> (N, K): fused q/k/v, o, fused gate/up, down, head
     "qwen3-8b down": (4096, 12288),
     "qwen3-8b head": (151936, 4096),
 }
-EPS = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11, mx.float32: 1e-5}
 
 
 def check_values() -> dict[str, Any]:
@@ -95,15 +96,6 @@ def check_values() -> dict[str, Any]:
     for f in failures[:10]:
         print("  FAIL", f, flush=True)
     return {"cases": cases, "failures": failures}
-
-
-def timed(fn: Any, chain: int) -> float:
-    """The device's time a product: ``chain`` of them in one evaluation."""
-    mx.synchronize()
-    t0 = time.perf_counter()
-    mx.eval([fn() for _ in range(chain)])
-    mx.synchronize()
-    return (time.perf_counter() - t0) / chain * 1e6
 
 
 def host_cost(fn: Any, chain: int) -> tuple[float, float]:

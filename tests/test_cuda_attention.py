@@ -8,12 +8,14 @@ meant for, and unsupported inputs are refused with a clear error.
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 import lmx  # noqa: F401  # isort: skip  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 
-from lmx.kernels import cuda_attention
+from lmx.kernels import cuda_attention, cuda_dense, cuda_quantized
 from lmx.models import base
 from lmx.runtime.ops import CudaOps
 
@@ -184,3 +186,35 @@ def test_the_padded_switch_reaches_the_ops(monkeypatch: pytest.MonkeyPatch) -> N
     assert cuda_attention.padded_by_env()
     monkeypatch.setenv("LMX_CUDA_PADDED_ATTENTION", "0")
     assert not cuda_attention.padded_by_env()
+
+
+def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX keys a compiled custom kernel (in the process and in its PTX cache on disk) by name and
+    template arguments only: a changed source under an old name would run the old binary."""
+    made: list[dict] = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw) or object())
+    factories = [
+        lambda: cuda_attention._kernel(False),
+        lambda: cuda_attention._kernel(True),
+        cuda_quantized._kernel,
+        cuda_dense._kernel,
+    ]
+    caches = [cuda_attention._kernel, cuda_quantized._kernel, cuda_dense._kernel]
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        for factory in factories:
+            factory()
+    finally:
+        for cache in caches:  # the recorded stand-ins must not outlive the test
+            cache.cache_clear()
+    assert len(made) == 4
+    for kw in made:
+        digest = hashlib.sha256(f"{kw['header']}\0{kw['source']}".encode()).hexdigest()[:16]
+        assert kw["name"].endswith("_" + digest) and kw["name"].isidentifier(), kw["name"]
+    assert len({kw["name"] for kw in made}) == 4
+    assert len({kw["source"] for kw in made}) == 4  # the two attention kernels differ in their source
+    name = cuda_attention.kernel_name("k", "out[0] = 1;", "")
+    assert name != cuda_attention.kernel_name("k", "out[0] = 2;", "")
+    assert name != cuda_attention.kernel_name("k", "out[0] = 1;", "// header")
+    assert name == cuda_attention.kernel_name("k", "out[0] = 1;", "")

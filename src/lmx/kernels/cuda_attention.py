@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import struct
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,20 @@ ENV_SWITCH = settings.LMX_CUDA_ATTENTION.name
 FUSED_HEAD_DIMS = frozenset({64, 96, 128})
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay at 32 KiB of shared memory
+
+
+def kernel_name(base: str, source: str, header: str) -> str:
+    """``base`` and a digest of the kernel's text, the name to give ``mx.fast.cuda_kernel``.
+
+    MLX's CUDA backend keys a compiled custom kernel by its name and template arguments only: in
+    the process, and on disk in its PTX cache (``MLX_PTX_CACHE_DIR``, by default under the temp
+    directory, per MLX version). A kernel whose source changed under the same name (a new lmx on
+    the same MLX) would run the binary compiled from the old source; with the digest in the name
+    it compiles its own.
+    """
+    digest = hashlib.sha256(f"{header}\0{source}".encode()).hexdigest()[:16]
+    return f"{base}_{digest}"
+
 
 # float <-> the inputs' dtypes, for lmx's CUDA kernels (cuda_quantized's too)
 FLOAT_HEADER = """
@@ -234,11 +249,12 @@ def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) ->
 def _kernel(from_first: bool = False) -> Any:
     """The kernel; ``from_first``: with a fourth input ``first`` (B,) int32, row ``b`` attends to the
     keys from index ``first[b]`` on (a batch's left padding before a row's own positions)."""
+    source = _SOURCE.replace("FIRST_KEY", "first[batch]" if from_first else "0")
     return mx.fast.cuda_kernel(
-        name="lmx_decode_attention_from" if from_first else "lmx_decode_attention",
+        name=kernel_name("lmx_decode_attention_from" if from_first else "lmx_decode_attention", source, FLOAT_HEADER),
         input_names=["q", "k", "v", "first"] if from_first else ["q", "k", "v"],
         output_names=["out"],
-        source=_SOURCE.replace("FIRST_KEY", "first[batch]" if from_first else "0"),
+        source=source,
         header=FLOAT_HEADER,
         ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
     )

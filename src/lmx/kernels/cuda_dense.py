@@ -34,7 +34,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER
+from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER, kernel_name
 from lmx.kernels.cuda_quantized import (
     MAX_ROWS,
     WARP_ROWS_END,
@@ -46,6 +46,7 @@ from lmx.kernels.cuda_quantized import (
 
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 PER_CHUNK = 8  # values a lane loads at a time: K must be a multiple
+_HEADER = FLOAT_HEADER + LOAD8_HEADER
 
 # Template constants: M (rows of x), K (inner size), N (weight rows), R (weight rows per warp),
 # WARPS (warps per block).
@@ -104,11 +105,11 @@ def supported(x: mx.array, w: mx.array) -> bool:
 @functools.lru_cache(maxsize=1)
 def _kernel() -> Any:
     return mx.fast.cuda_kernel(
-        name="lmx_dense_product",
+        name=kernel_name("lmx_dense_product", _SOURCE, _HEADER),
         input_names=["x", "w"],
         output_names=["out"],
         source=_SOURCE,
-        header=FLOAT_HEADER + LOAD8_HEADER,
+        header=_HEADER,
         ensure_row_contiguous=True,  # one copy where an input is not (decode rows and weights are)
     )
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER
+from lmx.kernels.cuda_attention import FLOAT_HEADER, LOAD8_HEADER, kernel_name
 
 MAX_ROWS = 8  # rows of x: a decode step's batch; more go to MLX's matrix-matrix kernels
 # Packed weights from which a decode step takes the kernel (:func:`wanted`). Alone it reads large
@@ -194,7 +194,7 @@ def supported(
 @functools.lru_cache(maxsize=1)
 def _kernel() -> Any:
     return mx.fast.cuda_kernel(
-        name="lmx_quantized_product",
+        name=kernel_name("lmx_quantized_product", _SOURCE, _HEADER),
         input_names=["x", "w", "scales", "biases"],
         output_names=["out"],
         source=_SOURCE,

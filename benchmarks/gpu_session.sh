@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?dense, dense_short, dense_first, dense_e2e, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?dense, dense_short, dense_first, dense_e2e, first_use, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -62,6 +62,14 @@ dense_first)  # part dense_short, most wanted first (a call cut short by the dev
     --variants lmx,lmx-dense --rounds 1 --profile-steps 48 --json "$OUT/gpu_profile_dense.json"
   step 120 dense_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b \
     --variants lmx,lmx-dense,mlx-lm --rounds 3 --bandwidth --json "$OUT/gpu_dense_8b.json"
+  ;;
+first_use)  # what a fresh process's first use of each JIT-compiled kernel costs, then again with MLX's PTX cache warm
+  export ONE_LOG=1
+  rm -rf /tmp/ptx_first_use
+  step 240 first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
+    --json "$OUT/gpu_first_use_cold.json"
+  step 120 first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
+    --json "$OUT/gpu_first_use_warm.json"
   ;;
 dense_e2e)  # the same, end to end only, more rounds
   export ONE_LOG=1

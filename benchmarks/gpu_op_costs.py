@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import lmx.runtime  # noqa: F401  # isort: skip  (first: BLAS set-up before mlx.core)
 import mlx.core as mx
 
-from lmx.kernels import cuda_dense
+from lmx.kernels import cuda_attention, cuda_dense
 
 D = 1152
 HEADS, HEAD_DIM = 4, 256
@@ -38,10 +38,15 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
     norm_w = mx.ones((D,), dtype=dtype)
     big = mx.zeros((1, 2 * D), dtype=dtype)
     cache = mx.zeros((1, HEADS, 512, HEAD_DIM), dtype=dtype)
+    # Qwen 3 8B's attention: 32 query heads on 8 key/value heads of 128, 520 keys of a 768-slot cache
+    # (lmx's cache grows by 256): MLX fuses head_dim 128 (cuDNN over 256+ keys of such a cache)
+    qwen_cache = mx.random.normal((1, 8, 768, 128), key=key).astype(dtype)
+    qwen_keys = qwen_cache[:, :, :520, :]
     wt = w.T  # what a Linear multiplies by: its (out, in) weight's transposed view
-    mx.eval(w, wq, scales, biases, norm_w, big, cache)
+    mx.eval(w, wq, scales, biases, norm_w, big, cache, qwen_cache)
     row = lambda: mx.random.normal((1, D), key=key).astype(dtype)  # noqa: E731
     heads = lambda: mx.random.normal((1, HEADS, 1, HEAD_DIM), key=key).astype(dtype)  # noqa: E731
+    qwen_heads = lambda: mx.random.normal((1, 32, 1, 128), key=key).astype(dtype)  # noqa: E731
     fused = mx.compile(lambda x: (x * 0.5 + 1.0) * x)
 
     def slice_update(x: mx.array) -> mx.array:
@@ -62,6 +67,10 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
         "quantized_matmul 4-bit, one row": (row, lambda x: mx.quantized_matmul(x, wq, scales, biases, True, 64, 4)),
         "slice_update (cache write)": (heads, slice_update),
         "sdpa, one query, 512 keys": (heads, attention),
+        "sdpa, one query, head_dim 128, 520 keys (MLX fused)": (
+            qwen_heads,
+            lambda x: mx.fast.scaled_dot_product_attention(x, qwen_keys, qwen_keys, scale=128**-0.5),
+        ),
     }
     if mx.cuda.is_available():  # a custom kernel, as lmx's attention is one: what its launch costs
         kernel = mx.fast.cuda_kernel(
@@ -83,6 +92,14 @@ def kinds(dtype: mx.Dtype) -> dict[str, tuple[Callable[[], mx.array], Callable[[
 
         table["mx.fast.cuda_kernel (a copy)"] = (row, custom)
         table["lmx cuda_dense product, one row"] = (row, lambda x: cuda_dense.decode_product(x, w))
+        table["lmx cuda_attention, head_dim 256, 512 keys"] = (
+            heads,
+            lambda x: cuda_attention.decode_attention(x, cache, cache, HEAD_DIM**-0.5),
+        )
+        table["lmx cuda_attention, head_dim 128, 520 keys"] = (
+            qwen_heads,
+            lambda x: cuda_attention.decode_attention(x, qwen_keys, qwen_keys, 128**-0.5),
+        )
     return table
 
 
@@ -125,7 +142,7 @@ def main() -> int:
             "queue_us": statistics.median(q for _, q in runs),
         }
         print(
-            f"{name:36s} build {result[name]['build_us']:6.2f} us  queue {result[name]['queue_us']:6.2f} us", flush=True
+            f"{name:52s} build {result[name]['build_us']:6.2f} us  queue {result[name]['queue_us']:6.2f} us", flush=True
         )
     out = {
         "device": str(mx.default_device()),

@@ -17,7 +17,9 @@ with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unf
 thread of its own while the next is built; the default on a CUDA GPU), ``lmx-onethread`` with
 ``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with
 ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products; the same as ``lmx`` without ``--quantize``),
-``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products). ``--check-steps N`` first checks
+``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products), ``lmx-attn-all``
+with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs
+by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both. ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
 it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
@@ -74,10 +76,16 @@ from lmx.runtime.ops import MLX_OPS  # noqa: E402
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
 # lmx with one of its CUDA kernels switched: variant -> (the CudaOps attribute, its value; None: off)
-KERNEL_SWITCH = {"lmx-mlxq": ("quantized", None), "lmx-dense": ("dense", cuda_dense)}
+KERNEL_SWITCH = {
+    "lmx-mlxq": ("quantized", None),
+    "lmx-dense": ("dense", cuda_dense),
+    "lmx-dense-attn": ("dense", cuda_dense),
+}
+# lmx with its attention kernel for every head dim it takes, MLX's fused ones included
+ATTENTION_ALL = {"lmx-attn-all", "lmx-dense-attn"}
 # variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
 OWN_TRACES: dict[str, dict[int, DecodeState]] = {
-    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *KERNEL_SWITCH)
+    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *KERNEL_SWITCH, *ATTENTION_ALL)
 }
 THREAD = {"lmx-thread": True, "lmx-onethread": False}  # variants that set LMX_ENCODE_THREAD
 
@@ -202,6 +210,8 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-thread": (False, None),
     "lmx-onethread": (False, None),
     "lmx-dense": (False, None),
+    "lmx-attn-all": (False, None),
+    "lmx-dense-attn": (False, None),
 }
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
@@ -217,6 +227,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(unfused_products())
     if variant in KERNEL_SWITCH:
         stack.enter_context(kernel_switch(model, variant))
+    if variant in ATTENTION_ALL:  # fits() reads the module's set at trace time
+        stack.enter_context(mock.patch.object(cuda_attention, "FUSED_HEAD_DIMS", frozenset()))
     return stack
 
 
@@ -529,6 +541,8 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-thread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-thread"),
         "lmx-onethread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-onethread"),
         "lmx-dense": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense"),
+        "lmx-attn-all": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all"),
+        "lmx-dense-attn": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense-attn"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
     errors: dict[str, str] = {}
@@ -595,7 +609,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

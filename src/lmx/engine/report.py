@@ -53,7 +53,7 @@ def gguf_report(loaded: LoadedModel) -> dict[str, Any]:
     affine: dict[str, dict[str, Any]] = {}
     modules = dict(loaded.model.named_modules())
     for path, ggml_type in loaded.gguf_affine.items():
-        runs_as = gguf_quants.affine_name(affine_layer(modules, path).bits)
+        runs_as = gguf_quants.affine_name(affine_layer(modules, path).bits, ggml_type)
         entry = affine.setdefault(gguf_quants.type_name(ggml_type), {"runs_as": runs_as, "matrices": 0})
         entry["matrices"] += 1
     return {

@@ -275,7 +275,7 @@ def load_weights(
         keep_blocks: GGML types to keep quantized: such matrices (see :func:`kept_blocks`) come back
             as their raw bytes, uint8 of shape (rows, bytes per row), for :mod:`lmx.kernels`.
         affine: GGML types (of :data:`lmx.io.gguf_quants.AFFINE_BITS`) whose matrices come back in
-            MLX's affine layout, exactly: ``<name>.weight`` packed uint32, ``<name>.scales`` and
+            MLX's affine layout (exactly; Q6_K re-quantized): ``<name>.weight`` packed uint32, ``<name>.scales`` and
             ``<name>.biases`` in ``dtype`` (groups of 32; see :func:`lmx.io.gguf_quants.to_affine`);
             a mapping gives each type's packed width (see :func:`lmx.io.gguf_quants.affine_widths`).
 

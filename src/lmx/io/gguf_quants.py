@@ -135,15 +135,21 @@ def _dq_q5_k(blocks: np.ndarray) -> np.ndarray:
     return (d * q - m).reshape(nb, 256)
 
 
-def _dq_q6_k(blocks: np.ndarray) -> np.ndarray:
+def _q6_k_values(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K's signed 6-bit values ``q - 32`` in element order, ``(n_blocks, 16, 16)`` int8 (one row per
+    sub-block of 16, each with its int8 scale in bytes 192..207)."""
     nb = blocks.shape[0]
-    ql, qh, scales = blocks[:, 0:128], blocks[:, 128:192], blocks[:, 192:208]
-    d = (_half(blocks, 208) * scales.view(np.int8)).reshape(nb, 16, 1)
+    ql, qh = blocks[:, 0:128], blocks[:, 128:192]
     # per 128-element half: rows are ql[0:32] & 15, ql[32:64] & 15, ql[0:32] >> 4, ql[32:64] >> 4
     low = ((ql.reshape(nb, 2, 1, 64) >> _SHIFT_0_4.reshape(1, 1, 2, 1)) & 0xF).reshape(nb, 2, 4, 32)
     high = (qh.reshape(nb, 2, 1, 32) >> _SHIFT_2BIT.reshape(1, 1, 4, 1)) & 3  # (nb, 2, 4, 32)
-    q = (low | (high << 4)).view(np.int8) - np.int8(32)
-    return (d * q.reshape(nb, 16, 16)).reshape(nb, 256)
+    return ((low | (high << 4)).view(np.int8) - np.int8(32)).reshape(nb, 16, 16)
+
+
+def _dq_q6_k(blocks: np.ndarray) -> np.ndarray:
+    nb = blocks.shape[0]
+    d = (_half(blocks, 208) * blocks[:, 192:208].view(np.int8)).reshape(nb, 16, 1)
+    return (d * _q6_k_values(blocks)).reshape(nb, 256)
 
 
 def _dq_q8_k(blocks: np.ndarray) -> np.ndarray:
@@ -292,12 +298,29 @@ def dequantize(
 # Q8_0 ``d * q`` -> ``u = q + 128``, bias ``-128 d``; Q4_0/Q5_0 ``d * (q - 8|16)`` -> ``u = q``, bias
 # ``-8|16 d``; Q4_1/Q5_1 ``d * q + m``; Q4_K/Q5_K sub-blocks of 32: scale ``d * sc``, bias
 # ``-dmin * m``. In float32 the scales and biases are exact (an fp16 times an integer of at most 8 bits)
-# and ``scale * u + bias`` rounds as the reference dequantization does. Q6_K is not here: its
-# sub-blocks of 16 each carry an int8 scale, MLX's smallest group is 32, and one common scale for two
-# sub-blocks would need 13-bit integers (``sc * (q - 32)`` spans -4064..4096).
+# and ``scale * u + bias`` rounds as the reference dequantization does.
+#
+# Q6_K is the one inexact type (:data:`AFFINE_INEXACT`): its sub-blocks of 16 each carry an int8 scale,
+# MLX's smallest group is 32, and one common scale for two sub-blocks would need 13-bit integers
+# (``sc * (q - 32)`` spans -4064..4096). It is re-quantized to 8 bits: per group of 32 the step is a
+# quarter of the coarser sub-block's (``d * max|sc| / 4``), so that sub-block's values are exact
+# (``4 (q - 32)``, 253 levels) and the other's are rounded to the nearest quarter step: each value is
+# within ``d * max|sc| / 8`` of the file's, an eighth of the coarser sub-block's own Q6_K step. (A group
+# whose values span all 257 quarter steps, two sub-blocks of opposite scales both reaching ``q = 0``,
+# has 256 levels: its top value is one quarter step off.)
 
 AFFINE_GROUP_SIZE = 32
-AFFINE_BITS: dict[int, int] = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q4_K: 4, T.Q5_K: 5}
+AFFINE_BITS: dict[int, int] = {
+    T.Q8_0: 8,
+    T.Q4_0: 4,
+    T.Q4_1: 4,
+    T.Q5_0: 5,
+    T.Q5_1: 5,
+    T.Q4_K: 4,
+    T.Q5_K: 5,
+    T.Q6_K: 8,
+}
+AFFINE_INEXACT = frozenset({T.Q6_K})  # re-quantized, not re-expressed (see above)
 
 
 def _af_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -336,6 +359,21 @@ def _af_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(nb, 256), _half(blocks, 0) * sc, -(_half(blocks, 2) * mn)
 
 
+def _af_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = blocks.shape[0]
+    q = _q6_k_values(blocks).reshape(nb, 8, 2, 16).astype(np.int32)  # groups of 32: two sub-blocks each
+    sc = blocks[:, 192:208].view(np.int8).astype(np.int32).reshape(nb, 8, 2, 1)
+    big = np.abs(sc).max(axis=2)  # (nb, 8, 1): the coarser sub-block's |scale|
+    # each value in quarter steps of the coarser sub-block: 4 sc q / big, an integer in -128..128
+    t = np.rint((4 * sc * q) / np.maximum(big, 1)[:, :, None]).astype(np.int32).reshape(nb, 8, 32)
+    lo, hi = t.min(axis=2, keepdims=True), t.max(axis=2, keepdims=True)
+    # the offset that makes them 0..255; a group spanning all 257 (both extremes) loses its top one
+    offset = np.where(hi - lo <= 255, -lo, 128)
+    u = np.clip(t + offset, 0, 255).astype(np.uint8).reshape(nb, 256)
+    scale = _half(blocks, 208) * (big.reshape(nb, 8).astype(np.float32) / np.float32(4))
+    return u, scale, -offset.reshape(nb, 8).astype(np.float32) * scale
+
+
 _AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
     T.Q8_0: _af_q8_0,
     T.Q4_0: _af_q4_0,
@@ -344,20 +382,23 @@ _AFFINE: dict[int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarr
     T.Q5_1: _af_q5_1,
     T.Q4_K: _af_q4_k,
     T.Q5_K: _af_q5_k,
+    T.Q6_K: _af_q6_k,
 }
 
 
 def affine_widths(affine: Mapping[int, int] | Collection[int]) -> dict[int, int]:
     """GGML type -> packed width: a mapping as given, else each type's own width (:data:`AFFINE_BITS`);
-    types without an exact affine form are left out."""
+    types without an affine form are left out."""
     if isinstance(affine, Mapping):
         return {t: bits for t, bits in affine.items() if t in AFFINE_BITS}
     return {t: AFFINE_BITS[t] for t in affine if t in AFFINE_BITS}
 
 
-def affine_name(bits: int) -> str:
-    """How MLX's affine form of ``bits`` is named in reports: ``"mlx affine q4 g32"``."""
-    return f"mlx affine q{bits} g{AFFINE_GROUP_SIZE}"
+def affine_name(bits: int, ggml_type: int | None = None) -> str:
+    """How MLX's affine form of ``bits`` is named in reports: ``"mlx affine q4 g32"``; a type of
+    :data:`AFFINE_INEXACT` adds ``", requantized"``."""
+    name = f"mlx affine q{bits} g{AFFINE_GROUP_SIZE}"
+    return name + ", requantized" if ggml_type in AFFINE_INEXACT else name
 
 
 def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
@@ -383,7 +424,8 @@ def to_affine(
     *,
     executor: Executor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One matrix's blocks in MLX's affine layout, exactly (see :data:`AFFINE_BITS` for the types).
+    """One matrix's blocks in MLX's affine layout: exactly for the types of :data:`AFFINE_BITS` but Q6_K
+    (:data:`AFFINE_INEXACT`), whose values come within an eighth of their coarser sub-block's step (see above).
 
     Args:
         raw: the tensor's bytes, 1-D uint8.
@@ -398,13 +440,13 @@ def to_affine(
         ``(rows, cols / 32)`` twice, for ``mx.dequantize(..., group_size=32, bits=bits)``.
 
     Raises:
-        WeightsError: the type has no exact affine form, ``bits`` is narrower than the type's or
+        WeightsError: the type has no affine form, ``bits`` is narrower than the type's or
             over 8, or the byte count does not match.
     """
     native = AFFINE_BITS.get(ggml_type)
     if native is None:
         allowed = ", ".join(type_name(t) for t in AFFINE_BITS)
-        raise WeightsError(f"GGML type {type_name(ggml_type)} has no exact MLX affine form; types that do: {allowed}")
+        raise WeightsError(f"GGML type {type_name(ggml_type)} has no MLX affine form; types that do: {allowed}")
     bits = native if bits is None else bits
     if not native <= bits <= 8:
         raise WeightsError(f"{type_name(ggml_type)} needs {native} to 8 bits in MLX's affine form, got {bits}")

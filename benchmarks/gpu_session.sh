@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?next, dense, dense_short, dense_first, dense_e2e, first_use, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?next, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -82,6 +82,17 @@ first_use)  # what a fresh process's first use of each JIT-compiled kernel costs
     --json "$OUT/gpu_first_use_cold.json"
   step 120 first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
     --json "$OUT/gpu_first_use_warm.json"
+  ;;
+first_gguf)  # part first_use, then the 1B Q4_K_M held quantized (its Q6_K re-quantized to q8) against float, each
+  # mode in a fresh process sharing that PTX cache: does the quantized load still cost minutes once the cache is warm?
+  export ONE_LOG=1
+  rm -rf /tmp/ptx_first_use
+  step 200 first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
+    --json "$OUT/gpu_first_use_cold.json"
+  step 90 first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
+    --json "$OUT/gpu_first_use_warm.json"
+  step 250 gguf_1b env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gguf_gpu.py --device gpu --random 1b \
+    --rounds 2 --timeout 120 --json "$OUT/gguf_gpu_1b.json"
   ;;
 dense_e2e)  # the same, end to end only, more rounds
   export ONE_LOG=1

@@ -56,7 +56,8 @@ def _bits_arg(bits: str) -> list[str]:
     return [] if bits == "none" else ["--kv-bits", bits]
 
 
-def perplexity(bits: list[str]) -> dict:
+def perplexity(bits: list[str], model: list[str] = ()) -> dict:
+    """``lmx eval`` of the fixed text's pieces per KV width; ``model``: e.g. ``["--model", PATH]``."""
     text = TEXT.read_text()
     pieces = [text[i : i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS)]
     pieces = [p for p in pieces if len(p) > PIECE_CHARS // 2]
@@ -64,7 +65,7 @@ def perplexity(bits: list[str]) -> dict:
         data = Path(tmp) / "test.jsonl"
         data.write_text("".join(json.dumps({"text": p}) + "\n" for p in pieces))
         runs = {
-            b: _lmx(["eval", "--data", str(data), "--batch-size", "1", "--max-seq-len", "4096", *_bits_arg(b)])
+            b: _lmx(["eval", *model, "--data", str(data), "--batch-size", "1", "--max-seq-len", "4096", *_bits_arg(b)])
             for b in bits
         }
     base = runs.get("none")

@@ -33,6 +33,13 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
     cp "/tmp/$name.log" "$OUT/$name.log"
   fi
 }
+first_use() {  # first_use COLD_SECONDS WARM_SECONDS: gpu_first_use.py in a fresh PTX cache, then again with it warm
+  rm -rf /tmp/ptx_first_use
+  step "$1" first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
+    --json "$OUT/gpu_first_use_cold.json"
+  step "$2" first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
+    --json "$OUT/gpu_first_use_warm.json"
+}
 case $part in
 next)  # lmx's float product kernel end to end (270M, 1B), what each op costs the host (attention of head_dim 128
   # included), lmx's attention kernel for Qwen 3's head_dim 128 on the 8B in 4 bits and bf16, the float kernel's values
@@ -85,20 +92,12 @@ dense_first)  # part dense_short, most wanted first (a call cut short by the dev
   ;;
 first_use)  # what a fresh process's first use of each JIT-compiled kernel costs, then again with MLX's PTX cache warm
   export ONE_LOG=1
-  rm -rf /tmp/ptx_first_use
-  step 240 first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
-    --json "$OUT/gpu_first_use_cold.json"
-  step 120 first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
-    --json "$OUT/gpu_first_use_warm.json"
+  first_use 240 120
   ;;
 first_gguf)  # part first_use, then the 1B Q4_K_M held quantized (its Q6_K re-quantized to q8) against float, each
   # mode in a fresh process sharing that PTX cache: does the quantized load still cost minutes once the cache is warm?
   export ONE_LOG=1
-  rm -rf /tmp/ptx_first_use
-  step 200 first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
-    --json "$OUT/gpu_first_use_cold.json"
-  step 90 first_warm env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label warm \
-    --json "$OUT/gpu_first_use_warm.json"
+  first_use 200 90
   step 250 gguf_1b env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gguf_gpu.py --device gpu --random 1b \
     --rounds 2 --timeout 120 --json "$OUT/gguf_gpu_1b.json"
   ;;

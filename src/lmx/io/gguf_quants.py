@@ -135,9 +135,14 @@ def _dq_q5_k(blocks: np.ndarray) -> np.ndarray:
     return (d * q - m).reshape(nb, 256)
 
 
+def _q6_k_scales(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K's 16 int8 sub-block scales (bytes 192..207 of a block), ``(n_blocks, 16)``."""
+    return blocks[:, 192:208].view(np.int8)
+
+
 def _q6_k_values(blocks: np.ndarray) -> np.ndarray:
     """Q6_K's signed 6-bit values ``q - 32`` in element order, ``(n_blocks, 16, 16)`` int8 (one row per
-    sub-block of 16, each with its int8 scale in bytes 192..207)."""
+    sub-block of 16, each with its scale in :func:`_q6_k_scales`)."""
     nb = blocks.shape[0]
     ql, qh = blocks[:, 0:128], blocks[:, 128:192]
     # per 128-element half: rows are ql[0:32] & 15, ql[32:64] & 15, ql[0:32] >> 4, ql[32:64] >> 4
@@ -148,7 +153,7 @@ def _q6_k_values(blocks: np.ndarray) -> np.ndarray:
 
 def _dq_q6_k(blocks: np.ndarray) -> np.ndarray:
     nb = blocks.shape[0]
-    d = (_half(blocks, 208) * blocks[:, 192:208].view(np.int8)).reshape(nb, 16, 1)
+    d = (_half(blocks, 208) * _q6_k_scales(blocks)).reshape(nb, 16, 1)
     return (d * _q6_k_values(blocks)).reshape(nb, 256)
 
 
@@ -362,7 +367,7 @@ def _af_q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _af_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nb = blocks.shape[0]
     q = _q6_k_values(blocks).reshape(nb, 8, 2, 16).astype(np.int32)  # groups of 32: two sub-blocks each
-    sc = blocks[:, 192:208].view(np.int8).astype(np.int32).reshape(nb, 8, 2, 1)
+    sc = _q6_k_scales(blocks).astype(np.int32).reshape(nb, 8, 2, 1)
     big = np.abs(sc).max(axis=2)  # (nb, 8, 1): the coarser sub-block's |scale|
     # each value in quarter steps of the coarser sub-block: 4 sc q / big, an integer in -128..128
     t = np.rint((4 * sc * q) / np.maximum(big, 1)[:, :, None]).astype(np.int32).reshape(nb, 8, 32)

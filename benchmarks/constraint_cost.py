@@ -96,12 +96,12 @@ def run_steps(engine: lmx.Engine, batch: int, steps: int, document: list[int] | 
     rows = [RowSampler(options, ids, m) for m in matchers]
     cache = engine.model.make_cache()
     logits = decoder.prefill(mx.array([ids] * batch), cache, None, engine.prefill_step_size)
-    tokens, logprobs = sample_rows(logits, rows, decoder.logsumexp)
+    tokens, logprobs = sample_rows(logits, rows, decoder.ops)
     mx.eval(tokens, logprobs)
     decoder.refresh()
     start = time.perf_counter()
     for _ in range(steps):
-        next_tokens, next_logprobs = sample_rows(decoder(tokens, cache, None), rows, decoder.logsumexp)
+        next_tokens, next_logprobs = sample_rows(decoder(tokens, cache, None), rows, decoder.ops)
         mx.async_eval(next_tokens, next_logprobs)
         tokens.tolist()  # the scheduler reads the last step's tokens while the next one runs
         tokens = next_tokens

@@ -123,6 +123,51 @@ def test_rope_of_a_strided_view(K):
 
 
 @needs_kernels
+def test_rope_rows_puts_each_batch_row_at_its_own_position(K):
+    """Rows of a left-padded batch: row b's positions start at offsets[b] (float64 reference), and each
+    row's values are the one-offset op's for that row alone, bit for bit."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 2, 128)).astype(np.float32)  # (B, H, L, D)
+    periods = (10000.0 ** (np.arange(0, 96, 2, dtype=np.float32) / 96)).astype(np.float32)
+    offsets = [0, 5, 1, 300]
+    got = np.array(K.rope_rows(mx.array(x), 96, mx.array(periods), 1.0, mx.array(offsets, dtype=mx.int32)))
+    for b, offset in enumerate(offsets):
+        close(mx.array(got[b]), np_rope(x[b], 96, periods, 1.0, offset), 2e-6 * max(1, offset))
+        alone = K.rope(mx.array(x[b : b + 1]), 96, mx.array(periods), 1.0, offset)
+        np.testing.assert_array_equal(got[b : b + 1], np.array(alone))
+    with pytest.raises(ValueError):  # mx.fast.rope's own check: offsets for another batch size
+        mx.eval(K.rope_rows(mx.array(x), 96, mx.array(periods), 1.0, mx.array([1, 2], dtype=mx.int32)))
+
+
+@needs_kernels
+@pytest.mark.parametrize(("kv_heads", "lk", "d"), [(1, 37, 256), (2, 300, 64), (4, 6, 12)])
+def test_attention_from_each_row_s_first_key(K, kv_heads, lk, d):
+    """One query a row over the keys from first[b] on (a left-padded batch): the float64 attention with
+    that mask, and bit for bit what the row gets from the unpadded op over its own keys alone."""
+    rng = np.random.default_rng(lk)
+    batch, heads = 5, 2 * kv_heads
+    q = rng.standard_normal((batch, heads, 1, d)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, lk, d)).astype(np.float32)
+    first = np.array([0, 1, 3, lk - 5, lk - 1], dtype=np.int32)
+    got = np.array(K.attention_from(mx.array(q), mx.array(k), mx.array(v), 0.125, mx.array(first)))
+    mask = (np.arange(lk)[None] >= first[:, None])[:, None, None]  # (B, 1, 1, Lk)
+    close(mx.array(got), np_attention(q, k, v, 0.125, False, mask), 1e-5)
+    for b in range(batch):
+        own = slice(int(first[b]), lk)
+        alone = K.attention(
+            mx.array(q[b : b + 1]), mx.array(k[b : b + 1, :, own]), mx.array(v[b : b + 1, :, own]), 0.125, False
+        )
+        np.testing.assert_array_equal(got[b : b + 1], np.array(alone))
+    # not float32: MLX's attention with the equivalent mask
+    bf = [mx.array(a).astype(mx.bfloat16) for a in (q, k, v)]
+    other = K.attention_from(*bf, 0.125, mx.array(first))
+    assert other.dtype == mx.bfloat16
+    want = mx.fast.scaled_dot_product_attention(*bf, scale=0.125, mask=mx.array(mask))
+    np.testing.assert_array_equal(np.array(other.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
+@needs_kernels
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "lq", "lk", "d"),
@@ -390,6 +435,55 @@ def test_top_p_special_rows_and_other_dtypes(K):
     assert np.isfinite(np.array(ops.top_p(lp, 5.0).astype(mx.float32))).all()  # past the whole mass: all kept
     with pytest.raises(ValueError, match="float32"):  # the op itself takes float32 only
         K.top_p(lp, 0.6)
+
+
+def np_argmax(row: np.ndarray) -> int:
+    """MLX's rule, written out: the first NaN where the row has one, else the first of the largest values."""
+    nans = np.flatnonzero(np.isnan(row))
+    return int(nans[0]) if nans.size else int(np.flatnonzero(row == row.max())[0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 7, 13, 262144])
+def test_argmax_is_the_first_largest_value_of_each_row(K, vocab):
+    """Rows of logits with ties, -inf, +inf and NaN (in the vector lanes and in the tail): numpy's rule above and
+    MLX's argmax alike, in any number of rows (the threaded path from 16,384 values a row)."""
+    rng = np.random.default_rng(vocab)
+    x = (rng.standard_normal((9, vocab)) * 5).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2, -1] = x[2].max() + 1  # the largest in the tail
+    x[3] = -np.inf
+    x[4, vocab // 2 :] = np.inf
+    x[5, vocab // 3] = np.nan
+    x[6, [vocab - 1, vocab // 2]] = [np.nan, np.nan]
+    x[7, vocab // 2 :] = x[7].max() + 1  # a run of equal largest values
+    got = np.array(K.argmax(mx.array(x)))
+    assert got.dtype == np.uint32 and got.shape == (9,)
+    assert got.tolist() == [np_argmax(r) for r in x]
+    assert got.tolist() == np.array(mx.argmax(mx.array(x), axis=-1)).tolist()
+    assert K.argmax(mx.array(x[0])).item() == np_argmax(x[0])  # one row, (V,) -> ()
+    three = mx.array(x[:8].reshape(2, 4, vocab))
+    assert np.array(K.argmax(three)).tolist() == [[np_argmax(r) for r in x[:4]], [np_argmax(r) for r in x[4:8]]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [5, 262144])
+def test_log_softmax_is_the_subtract_of_logsumexp_bit_for_bit(K, vocab):
+    rng = np.random.default_rng(vocab + 1)
+    x = (rng.standard_normal((3, vocab)) * 8).astype(np.float32)
+    x[1, : vocab // 2] = -np.inf
+    got = K.log_softmax(mx.array(x))
+    x64, top = x.astype(np.float64), x.max(-1, keepdims=True).astype(np.float64)
+    want = x64 - (top + np.log(np.exp(x64 - top).sum(-1, keepdims=True)))  # float64 log-softmax
+    finite = np.isfinite(x)
+    assert np.abs(np.array(got)[finite] - want[finite]).max() < 1e-5 * max(1.0, np.abs(want[finite]).max())
+    assert np.all(np.array(got)[~finite] == -np.inf)
+    x_m = mx.array(x)
+    np.testing.assert_array_equal(np.array(got), np.array(x_m - K.logsumexp(x_m)))
+    other = K.log_softmax(x_m.astype(mx.bfloat16))  # not float32: MLX's ops
+    assert other.dtype == mx.bfloat16
+    want_b = x_m.astype(mx.bfloat16) - mx.logsumexp(x_m.astype(mx.bfloat16), axis=-1, keepdims=True)
+    np.testing.assert_array_equal(np.array(other.astype(mx.float32)), np.array(want_b.astype(mx.float32)))
 
 
 @needs_kernels

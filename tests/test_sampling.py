@@ -453,9 +453,9 @@ def test_rows_sampled_together_draw_what_each_draws_alone(ops: Ops) -> None:
     batched, alone = make(), make()
     for step in range(steps):
         logits = mx.random.normal((len(MIXED_ROWS), width), key=mx.random.key(step)) * 3
-        tokens, logprobs = sample_rows(logits, batched, ops.logsumexp)
+        tokens, logprobs = sample_rows(logits, batched, ops)
         for i, row in enumerate(alone):
-            one, one_lp = sample_rows(logits[i : i + 1], [row], ops.logsumexp)
+            one, one_lp = sample_rows(logits[i : i + 1], [row], ops)
             assert tokens[i].item() == one.item(), (step, i, MIXED_ROWS[i])
             np.testing.assert_allclose(np.array(logprobs[i]), np.array(one_lp[0]), atol=1e-6, rtol=0)
 
@@ -468,7 +468,7 @@ def test_seeded_rows_with_the_same_settings_differ_and_repeat(ops: Ops) -> None:
 
     def draw() -> list[list[int]]:
         rows = [RowSampler(o, [1], None, ops) for o in opts]
-        return [sample_rows(logits, rows, ops.logsumexp)[0].tolist() for _ in range(4)]
+        return [sample_rows(logits, rows, ops)[0].tolist() for _ in range(4)]
 
     first = draw()
     assert first == draw()

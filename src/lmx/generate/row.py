@@ -10,7 +10,7 @@ handling and detokenizing exist once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -21,8 +21,6 @@ from lmx.generate.sampling import KeySequence, categorical, make_filter, make_lo
 from lmx.generate.stopping import StopStringMatcher
 from lmx.results import Token, TopLogprob
 from lmx.runtime.ops import MLX_OPS, Ops
-
-LogSumExp = Callable[[mx.array], mx.array]
 
 
 class RowSampler:
@@ -96,7 +94,7 @@ class RowSampler:
             self.history = mx.concatenate([self.history, extra], axis=1)
 
 
-def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumExp) -> tuple[mx.array, mx.array]:
+def sample_rows(logits: mx.array, rows: Sequence[RowSampler], ops: Ops) -> tuple[mx.array, mx.array]:
     """Choose every row's next token from one step's ``logits`` (B, V).
 
     Each row's processors see only its own slice and history. A constrained row's disallowed
@@ -105,7 +103,7 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
     on the CPU while the device runs the step that made ``logits``. Greedy rows share one argmax.
     Rows with the same sampler settings are filtered together; seeded ones then draw each with its own
     keys (a seeded row's tokens are those it gets alone), unseeded ones draw together (their draws are
-    random either way).
+    random either way). ``ops``: the model's ops (its log-softmax and argmax).
 
     Returns:
         ``(tokens (B,), logprobs (B, V))``; the log-probabilities are of the processed logits.
@@ -129,8 +127,8 @@ def sample_rows(logits: mx.array, rows: Sequence[RowSampler], logsumexp: LogSumE
             allowed[constrained] = bits
             bits = allowed
         logits = mx.where(mx.array(bits), logits, mx.array(-mx.inf, dtype=logits.dtype))
-    logprobs = logits - logsumexp(logits)
-    tokens = mx.argmax(logprobs, axis=-1)
+    logprobs = ops.log_softmax(logits)
+    tokens = ops.argmax(logprobs)
     if not all(r.greedy for r in rows):
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):

@@ -22,7 +22,7 @@ sampling rule); the scheduler decides when (see docs/architecture.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,8 +31,7 @@ import numpy as np
 
 from lmx.generate.row import RowSampler
 from lmx.models.cache import KVCache, trim_caches
-
-LogSumExp = Callable[[mx.array], mx.array]
+from lmx.runtime.ops import Ops
 
 
 class Drafter(Protocol):
@@ -153,7 +152,7 @@ class Verified:
 
 
 def verify(
-    model: Any, cache: list[KVCache], pending: int, drafts: Sequence[int], sampler: RowSampler, logsumexp: LogSumExp
+    model: Any, cache: list[KVCache], pending: int, drafts: Sequence[int], sampler: RowSampler, ops: Ops
 ) -> Verified:
     """Run ``pending`` and ``drafts`` through ``model`` in one pass and accept the drafts
     greedy decoding would have made; the caches keep ``pending`` and the accepted drafts.
@@ -165,7 +164,7 @@ def verify(
         drafts: the drafted tokens to follow it.
         sampler: the row's sampler (greedy): its processors see each position's own history,
             and it takes the accepted tokens into that history.
-        logsumexp: the log-softmax's normaliser.
+        ops: the model's ops (its log-softmax and argmax).
 
     Returns:
         The accepted tokens and their log-probabilities (:class:`Verified`).
@@ -174,8 +173,8 @@ def verify(
     inputs = mx.array([[pending, *drafts]])  # (1, k + 1)
     logits = model.head(model.hidden(inputs, cache))[0].astype(mx.float32)  # (k + 1, V)
     logits = sampler.process_drafts(logits, drafts)
-    logprobs = logits - logsumexp(logits)
-    choices = mx.argmax(logprobs, axis=-1).tolist()
+    logprobs = ops.log_softmax(logits)
+    choices = ops.argmax(logprobs).tolist()
     n = 0
     while n < len(drafts) and drafts[n] == choices[n]:
         n += 1

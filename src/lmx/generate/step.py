@@ -165,8 +165,8 @@ class Decoder:
 
     The step runs as compiled segments where the plan says so (a GPU: see
     :mod:`lmx.generate.segments`), padded rows included, else eagerly; padded rows' attention
-    masks are built once per cache layout and step, not once per layer. ``logsumexp`` is the
-    log-softmax's normaliser for these logits (the model's ops: one op on lmx's CPU kernels).
+    masks are built once per cache layout and step, not once per layer. ``ops`` are the model's
+    ops, whose log-softmax and argmax choose tokens from these logits (one op each on lmx's CPU kernels).
 
     Args:
         state: the model's :class:`DecodeState` (its plan and traces).
@@ -178,7 +178,7 @@ class Decoder:
         self.segments = state.plan.decode_mode == "segmented"
         self.layerwise = state.plan.prefill_mode == "layerwise"
         self.prefill_step_size = state.plan.prefill_step_size
-        self.logsumexp = state.model.ops.logsumexp
+        self.ops = state.model.ops
         self._segmented: SegmentedDecode | None = None
         self.refresh()
 
@@ -262,14 +262,13 @@ def generate_step(
     if segments is None:
         segments = plan.decode_mode == "segmented"
     history = prompt if history is None else history
-    logsumexp = model.ops.logsumexp
 
     def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
         logits = logits.astype(mx.float32)
         for proc in processors:
             logits = proc(history, logits)
-        logprobs = logits - logsumexp(logits)
+        logprobs = model.ops.log_softmax(logits)
         token = sampler(logprobs, keys())
         if processors:
             history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)

@@ -475,8 +475,12 @@ class AttentionLayer(nn.Module):
         blocks = decode_blocks((attn.q_proj, attn.k_proj, attn.v_proj))
         norms = norm_scales((self.input_layernorm, attn.q_norm, attn.k_norm))
         rope = attn.rope
-        if not isinstance(offset, int) or not decode_rows(x) or blocks is None or norms is None or rope.mscale != 1:
+        if not decode_rows(x) or blocks is None or norms is None or rope.mscale != 1:
             return None
+        if not isinstance(offset, int):  # left-padded rows: each row's own position, (B,)
+            if offset.ndim != 1:
+                return None
+            offset = offset.astype(mx.int32)
         (scale, q_scale, k_scale), eps = norms
         (wq, tq), (wk, tk), (wv, tv) = blocks
         head = (attn.n_heads, attn.n_kv_heads, attn.head_dim)

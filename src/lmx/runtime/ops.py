@@ -84,6 +84,10 @@ class Ops(Protocol):
 
     def logsumexp(self, x: mx.array) -> mx.array: ...
 
+    def log_softmax(self, x: mx.array) -> mx.array: ...
+
+    def argmax(self, x: mx.array) -> mx.array: ...
+
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array: ...
 
     def categorical(self, logits: mx.array, temperature: float, key: mx.array) -> mx.array: ...
@@ -189,6 +193,14 @@ class MlxOps:
         """``logsumexp`` over the last axis, keeping it (B, 1)."""
         return mx.logsumexp(x, axis=-1, keepdims=True)
 
+    def log_softmax(self, x: mx.array) -> mx.array:
+        """``x - logsumexp(x)`` over the last axis: log-probabilities of logits."""
+        return x - self.logsumexp(x)
+
+    def argmax(self, x: mx.array) -> mx.array:
+        """Each row's index of its largest value over the last axis (uint32; the first of ties)."""
+        return mx.argmax(x, axis=-1)
+
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array:
         """The nucleus filter of (B, V) log-probabilities (unnormalised, ``-inf`` allowed): most
         likely first, a token is kept while the probability mass of the tokens before it is below
@@ -280,6 +292,8 @@ class CpuKernelOps(MlxOps):
     ) -> mx.array:
         if isinstance(offset, int):
             return self.kernels.rope(x, dims, periods, scale, offset)
+        if offset.ndim == 1:  # each row of a left-padded batch from its own position: one op, not MLX's ~15
+            return self.kernels.rope_rows(x, dims, periods, scale, offset.astype(mx.int32))
         return super().rope(x, dims, offset, base=base, scale=scale, freqs=freqs, periods=periods)
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
@@ -288,6 +302,14 @@ class CpuKernelOps(MlxOps):
         if mask.dtype == mx.bool_:  # a prompt past a sliding window, or padded prompts (few queries: MLX's)
             return self.kernels.attention_masked(q, k, v, scale, mask)
         return super().attention(q, k, v, scale, mask)
+
+    # Padded rows of a batch, one query each, attend from each row's first key in one op: the same
+    # loops as the row alone (its very values), where MLX's masked attention took a product, a select
+    # and a softmax a layer, single-threaded (8 rows of Gemma 3 270M: 70-75 ms a step against 48).
+    indexes_padding = True
+
+    def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
+        return self.kernels.attention_from(q, k, v, scale, first.astype(mx.int32))
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
@@ -306,6 +328,15 @@ class CpuKernelOps(MlxOps):
         # One vectorised op: MLX's CPU exp took 7 ms of a decode step for a 262k vocabulary
         # (benchmarks/RESULTS.md, change 11).
         return self.kernels.logsumexp(x)
+
+    def log_softmax(self, x: mx.array) -> mx.array:
+        # One threaded op, bit for bit MLX's subtract of logsumexp(), which ran single-threaded.
+        return self.kernels.log_softmax(x)
+
+    def argmax(self, x: mx.array) -> mx.array:
+        # Threaded and vectorised, MLX's rule (first of ties, first NaN): its one-thread argmax took 6.5 ms
+        # of an 8-row Gemma 3 decode step (262,144 logits a row) under a loaded pool (RESULTS.md).
+        return self.kernels.argmax(x)
 
     def top_p(self, logprobs: mx.array, reach: float) -> mx.array:
         # One op that sorts one bucket of each row, not the row: MLX's sort took 25 ms a row of a

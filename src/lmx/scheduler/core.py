@@ -500,7 +500,7 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
             self._quiesce()  # a constrained row's mask reads its last token on this thread
         with self._routed(batch.rows) as adapted:  # adapted rows: the eager step (traces hold no routing)
             logits = self.decoder(batch.tokens, batch.caches, batch.pad(), eager=adapted)
-        tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.logsumexp)
+        tokens, logprobs = sample_rows(logits, [r.sampler for r in batch.rows], self.decoder.ops)
         handed = None
         if self._encoder is None:
             self._eval(tokens, logprobs)

@@ -49,7 +49,7 @@ class PrefillTurns:
                 job.tokens = rest
                 self._eval([c.state for c in job.caches])
                 return
-            tokens, logprobs = sample_rows(logits, [r.sampler for r in job.rows], self.decoder.logsumexp)
+            tokens, logprobs = sample_rows(logits, [r.sampler for r in job.rows], self.decoder.ops)
             self._eval(tokens, logprobs)
             job.first = (tokens, logprobs)
             self._store_prompts(job)

@@ -59,7 +59,7 @@ class SpeculativeTurns:
         room = request.limit - len(request.generated) - 1  # drafts past max_tokens would be cut anyway
         drafts = row.drafter.propose(seq, min(opts.num_draft_tokens, room), row.sampler) if room > 0 else []
         with self._routed(batch.rows):
-            done = verify(self.model, batch.caches, seq[-1], drafts, row.sampler, self.decoder.logsumexp)
+            done = verify(self.model, batch.caches, seq[-1], drafts, row.sampler, self.decoder.ops)
         s = self._stats
         s.steps += 1
         s.speculative_steps += 1

@@ -29,6 +29,9 @@ NB_MODULE(_lmx_kernels, m) {
   }, "type"_a, "(values per block, bytes per block) of a GGML type; (0, 0) if unsupported.");
   m.def("rms_norm", &lmx::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.fast.rms_norm as one CPU op (float32; other inputs go to mx.fast.rms_norm).");
+  m.def("rope_rows", &lmx::rope_rows, "x"_a, "dims"_a, "periods"_a, "scale"_a, "offsets"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "rope() with batch row b of x (B, ..., L, D) from position offsets[b] ((B,) int32) as one CPU op.");
   m.def("rope", &lmx::rope, "x"_a, "dims"_a, "periods"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.rope (non-traditional, freqs=periods) as one CPU op (float32; other inputs go to mx.fast.rope).");
@@ -42,6 +45,15 @@ NB_MODULE(_lmx_kernels, m) {
         "[0, 1): the first token whose running weight passes u times the row's total. (B,) uint32.");
   m.def("logsumexp", &lmx::logsumexp, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.logsumexp(x, axis=-1, keepdims=True) as one vectorised CPU op (float32; else MLX's).");
+  m.def("log_softmax", &lmx::log_softmax, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x - logsumexp(x) over the last axis as one threaded CPU op (float32; else MLX's ops): the values of "
+        "x - logsumexp(x), bit for bit.");
+  m.def("argmax", &lmx::argmax, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "mx.argmax(x, axis=-1) as one threaded CPU op (float32; else MLX's): the first of ties, the first NaN.");
+  m.def("attention_from", &lmx::attention_from, "q"_a, "k"_a, "v"_a, "scale"_a, "first"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "attention of one float32 query a row (B, H, 1, D) where row b sees the keys from index first[b] (B,) "
+        "int32 on, as one CPU op: each row's value is what it gets over its own keys alone.");
   m.def("attention", &lmx::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "mx.fast.scaled_dot_product_attention (no mask or causal) as one CPU op for float32 queries (more than 8: "
@@ -59,10 +71,15 @@ NB_MODULE(_lmx_kernels, m) {
       [](const mx::array& x, const mx::array& norm, float eps, const mx::array& wq, const mx::array& wk,
          const mx::array& wv, std::array<int, 3> types, int n_heads, int n_kv_heads, int head_dim,
          const mx::array& q_norm, const mx::array& k_norm, float head_eps, int rope_dims, const mx::array& periods,
-         float rope_scale, int offset, mx::StreamOrDevice s) {
-        lmx::BeginSpec spec{eps, {types[0], types[1], types[2]}, n_heads, n_kv_heads, head_dim, head_eps,
-                            rope_dims, rope_scale, offset};
-        auto out = lmx::decode_layer_begin(x, norm, wq, wk, wv, q_norm, k_norm, periods, spec, s);
+         float rope_scale, std::variant<int, mx::array> offset, mx::StreamOrDevice s) {
+        const auto* positions = std::get_if<mx::array>(&offset);
+        lmx::BeginSpec spec{eps,       {types[0], types[1], types[2]},
+                            n_heads,   n_kv_heads,
+                            head_dim,  head_eps,
+                            rope_dims, rope_scale,
+                            positions ? 0 : std::get<int>(offset), positions ? 1 : 0};
+        auto out = lmx::decode_layer_begin(x, norm, wq, wk, wv, q_norm, k_norm, periods, spec,
+                                           positions ? std::optional<mx::array>(*positions) : std::nullopt, s);
         return nb::make_tuple(out[0], out[1], out[2]);
       },
       "x"_a, "norm"_a, "eps"_a, "wq"_a, "wk"_a, "wv"_a, "types"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a,
@@ -70,7 +87,7 @@ NB_MODULE(_lmx_kernels, m) {
       "stream"_a = nb::none(),
       "A decoder layer up to attention for one position of B <= 8 rows, as one op: x (B, 1, dim) float32 -> "
       "(q, k, v), each (B, heads, 1, head_dim), normed and rotated as the separate ops do (GGUF-block weights; "
-      "no gradient).");
+      "no gradient). offset: the position, or (B,) int32, each row's own.");
   m.def("decode_layer_end", &lmx::decode_layer_end, "x"_a, "attn"_a, "wo"_a, "post_attn"_a, "pre_ffn"_a, "wg"_a,
         "wu"_a, "wd"_a, "post_ffn"_a, "types"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Gemma 3's decoder layer after attention for one position of B <= 8 rows, as one op (GGUF-block weights; "

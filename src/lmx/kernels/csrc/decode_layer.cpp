@@ -89,7 +89,7 @@ void norm_rows(float* x, int64_t rows, int64_t n, const mx::array& w, float eps)
 std::vector<mx::array> decode_layer_begin(const mx::array& x, const mx::array& norm, const mx::array& wq,
                                           const mx::array& wk, const mx::array& wv, const mx::array& q_norm,
                                           const mx::array& k_norm, const mx::array& periods, const BeginSpec& spec,
-                                          mx::StreamOrDevice s) {
+                                          const std::optional<mx::array>& positions, mx::StreamOrDevice s) {
   const char* what = "decode_layer_begin";
   if (spec.n_heads < 1 || spec.n_kv_heads < 1 || spec.head_dim < 1 || spec.rope_dims % 2 || spec.rope_dims < 0 ||
       spec.rope_dims > spec.head_dim) {
@@ -105,12 +105,19 @@ std::vector<mx::array> decode_layer_begin(const mx::array& x, const mx::array& n
   vector_of(what, "q_norm", q_norm, hd);
   vector_of(what, "k_norm", k_norm, hd);
   vector_of(what, "periods", periods, spec.rope_dims / 2);
+  if (spec.rows_at != (positions ? 1 : 0)) {
+    fail(what, "positions must be given exactly when spec.rows_at is 1");
+  }
+  if (positions && (positions->dtype() != mx::int32 || positions->ndim() != 1 || positions->shape(0) != rows)) {
+    fail(what, "positions must be int32 (" + std::to_string(rows) + ",), one a row of x, got " + shape_of(*positions));
+  }
+  std::vector<mx::array> inputs{x, norm, q_w, k_w, v_w, q_norm, k_norm, periods};
+  if (positions) inputs.push_back(*positions);
   std::vector<mx::Shape> shapes{{static_cast<int>(rows), spec.n_heads, 1, spec.head_dim},
                                 {static_cast<int>(rows), spec.n_kv_heads, 1, spec.head_dim},
                                 {static_cast<int>(rows), spec.n_kv_heads, 1, spec.head_dim}};
   return mx::array::make_arrays(std::move(shapes), {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<DecodeLayerBegin>(mx::to_stream(s), spec),
-                                {x, norm, q_w, k_w, v_w, q_norm, k_norm, periods});
+                                std::make_shared<DecodeLayerBegin>(mx::to_stream(s), spec), std::move(inputs));
 }
 
 void DecodeLayerBegin::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -127,13 +134,19 @@ void DecodeLayerBegin::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
                                  product(wk, spec.types[1], dim, xn.data(), rows, k),
                                  product(wv, spec.types[2], dim, xn.data(), rows, v)};
     decode_products(ps, 3);
-    const int64_t half = spec.rope_dims / 2;
-    std::vector<float> cosv(half), sinv(half);
-    rope_table(in[7].data<float>(), in[7].strides()[0], half, spec.rope_scale, spec.offset, 1, cosv.data(),
-               sinv.data());
+    const int64_t half = spec.rope_dims / 2, tables = spec.rows_at ? rows : 1;
+    std::vector<float> cosv(tables * half), sinv(tables * half);  // one table, or one a row
+    for (int64_t t = 0; t < tables; ++t) {
+      const int position = spec.rows_at ? in[8].data<int32_t>()[t * in[8].strides()[0]] : spec.offset;
+      rope_table(in[7].data<float>(), in[7].strides()[0], half, spec.rope_scale, position, 1, cosv.data() + t * half,
+                 sinv.data() + t * half);
+    }
     auto heads = [&](float* y, int64_t n_heads, const mx::array& w) {
       norm_rows(y, rows * n_heads, hd, w, spec.head_eps);
-      for (int64_t r = 0; r < rows * n_heads; ++r) rope_row(y + r * hd, cosv.data(), sinv.data(), half, hd, y + r * hd);
+      for (int64_t r = 0; r < rows * n_heads; ++r) {
+        const int64_t at = spec.rows_at ? r / n_heads * half : 0;  // y is (B, heads, 1, head_dim)
+        rope_row(y + r * hd, cosv.data() + at, sinv.data() + at, half, hd, y + r * hd);
+      }
     };
     heads(q, spec.n_heads, in[5]);
     heads(k, spec.n_kv_heads, in[6]);

@@ -8,6 +8,7 @@
 // They have no gradient: lmx runs them only inside a decode step (Ops.inference).
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "mlx/ops.h"
@@ -26,17 +27,20 @@ struct BeginSpec {
   float head_eps;   // the query and key norms'
   int rope_dims;    // rotated features of a head (even, <= head_dim)
   float rope_scale;
-  int offset;       // the position
+  int offset;       // the position (rows_at 0)
+  int rows_at;      // 1: each row's position is in a (B,) int32 input instead (left-padded rows of a batch)
 };
 
 // The layer up to attention for B <= 8 rows of one position: x (B, 1, dim) float32; norm (dim,);
 // wq, wk, wv (rows, row bytes) uint8 GGUF blocks; q_norm, k_norm (head_dim,); periods
 // (rope_dims / 2,) float32 -> q (B, n_heads, 1, head_dim), k and v (B, n_kv_heads, 1, head_dim):
-// rope(q_norm(split(norm(x) @ wq^T))), the same for k, and split(norm(x) @ wv^T).
+// rope(q_norm(split(norm(x) @ wq^T))), the same for k, and split(norm(x) @ wv^T). RoPE's position is
+// spec.offset, or with spec.rows_at, positions[b] for row b (positions (B,) int32).
 // Throws std::invalid_argument on other shapes or dtypes.
 std::vector<mx::array> decode_layer_begin(const mx::array& x, const mx::array& norm, const mx::array& wq,
                                           const mx::array& wk, const mx::array& wv, const mx::array& q_norm,
                                           const mx::array& k_norm, const mx::array& periods, const BeginSpec& spec,
+                                          const std::optional<mx::array>& positions = std::nullopt,
                                           mx::StreamOrDevice s = {});
 
 // Gemma 3's layer after attention for B <= 8 rows of one position: x (B, 1, dim) the residual

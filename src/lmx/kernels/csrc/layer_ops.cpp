@@ -220,27 +220,51 @@ mx::array rope(const mx::array& x, int dims, const mx::array& periods, float sca
       x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(s), fallback, dims, scale, offset), {x, periods});
 }
 
+mx::array rope_rows(const mx::array& x, int dims, const mx::array& periods, float scale, const mx::array& offsets,
+                    mx::StreamOrDevice s) {
+  auto mlx_rope = [dims, scale, s](const mx::array& a, const mx::array& p, const mx::array& at) {
+    return mx::fast::rope(a, dims, false, std::nullopt, scale, at, p, s);
+  };
+  if (x.dtype() != mx::float32 || x.ndim() < 2 || dims % 2 || dims > x.shape(-1) ||
+      !float_vector(periods, dims / 2) || offsets.dtype() != mx::int32 || offsets.ndim() != 1 ||
+      offsets.shape(0) != x.shape(0)) {
+    return mlx_rope(x, periods, offsets);
+  }
+  auto fallback = [mlx_rope](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mlx_rope(in[0], in[1], in[2])};
+  };
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<Rope>(mx::to_stream(s), fallback, dims, scale, 0, true), {x, periods, offsets});
+}
+
 void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& x = inputs[0];
-  const auto& periods = inputs[1];
   auto& encoder = begin_eval(stream(), inputs, out);
-  encoder.dispatch([x, periods, y = out.data<float>(), dims = dims_, scale = scale_, offset = offset_]() {
-    std::vector<float> tmp;
+  encoder.dispatch([in = inputs, y = out.data<float>(), dims = dims_, scale = scale_, offset = offset_,
+                    rows_at = rows_]() {
+    const auto &x = in[0], &periods = in[1];
+    std::vector<float> tmp, tmp_at;
     const float* xp = row_major(x, tmp);
     const int64_t d = x.shape(-1), len = x.shape(-2), rows = x.size() / d, half = dims / 2;
     const int64_t ps = periods.strides()[0];
-    std::vector<float> cosv(len * half), sinv(len * half);  // one table a call: positions x pairs
-    rope_table(periods.data<float>(), ps, half, scale, offset, len, cosv.data(), sinv.data());
+    // One table a call (positions x pairs), or one a batch row when each row has its own offset.
+    const int64_t tables = rows_at ? x.shape(0) : 1, per_table = rows / tables;
+    const int32_t* at = rows_at ? in[2].data<int32_t>() : nullptr;
+    const int64_t as = rows_at ? in[2].strides()[0] : 0;
+    std::vector<float> cosv(tables * len * half), sinv(tables * len * half);
+    for (int64_t t = 0; t < tables; ++t) {
+      rope_table(periods.data<float>(), ps, half, scale, at ? at[t * as] : offset, len, cosv.data() + t * len * half,
+                 sinv.data() + t * len * half);
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t at = (r % len) * half;
-      rope_row(xp + r * d, cosv.data() + at, sinv.data() + at, half, d, y + r * d);
+      const int64_t where = ((r / per_table) * len + r % len) * half;
+      rope_row(xp + r * d, cosv.data() + where, sinv.data() + where, half, d, y + r * d);
     }
   });
 }
 
 bool Rope::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const Rope&>(other);
-  return dims_ == o.dims_ && scale_ == o.scale_ && offset_ == o.offset_;
+  return dims_ == o.dims_ && scale_ == o.scale_ && offset_ == o.offset_ && rows_ == o.rows_;
 }
 
 mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s) {
@@ -255,6 +279,95 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(shape, mx::float32, std::make_shared<LogSumExp>(mx::to_stream(s), fallback), {x});
 }
 
+namespace {
+
+// One row's logsumexp (LogSumExp's value; LogSoftmax subtracts this very value).
+float row_logsumexp(const float* x, int64_t n) {
+  const float top = max_of(x, n);
+  // +inf anywhere: inf; all -inf: -inf (as MLX); a NaN makes the sum NaN
+  return std::isinf(top) ? top : top + std::log(sum_exp(x, n, top));
+}
+
+// fn(r) for each of `rows` rows of n values: rows of a vocabulary (a batch's logits) one a task.
+template <typename Fn>
+void each_row(int64_t rows, int64_t n, Fn&& fn) {
+  if (n >= (1 << 14)) {
+    run_parallel(rows, fn);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) fn(r);
+  }
+}
+
+__attribute__((target("avx2"))) void subtract_avx2(const float* x, int64_t n, float c, float* y) {
+  const __m256 cv = _mm256_set1_ps(c);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_sub_ps(_mm256_loadu_ps(x + i), cv));
+  for (; i < n; ++i) y[i] = x[i] - c;
+}
+
+void subtract(const float* x, int64_t n, float c, float* y) {
+  if (kAvx2) {
+    subtract_avx2(x, n, c, y);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] - c;
+}
+
+// The row's largest value, and whether it holds a NaN (the max then means nothing).
+__attribute__((target("avx2"))) float max_and_nan_avx2(const float* x, int64_t n, bool* nan) {
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 odd = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    top = _mm256_max_ps(top, v);
+    odd = _mm256_or_ps(odd, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float part[8];
+  _mm256_store_ps(part, top);
+  float best = part[0];
+  for (int j = 1; j < 8; ++j) best = std::max(best, part[j]);
+  bool any = _mm256_movemask_ps(odd) != 0;
+  for (; i < n; ++i) {
+    any = any || std::isnan(x[i]);
+    best = std::max(best, x[i]);
+  }
+  *nan = any;
+  return best;
+}
+
+// The first index holding `value` (a value of the row; NaN: the first NaN).
+__attribute__((target("avx2"))) int64_t first_of_avx2(const float* x, int64_t n, float value) {
+  const bool nan = std::isnan(value);
+  const __m256 v = _mm256_set1_ps(value);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    const int hits = _mm256_movemask_ps(nan ? _mm256_cmp_ps(a, a, _CMP_UNORD_Q) : _mm256_cmp_ps(a, v, _CMP_EQ_OQ));
+    if (hits) return i + __builtin_ctz(hits);
+  }
+  for (; i < n; ++i) {
+    if (nan ? std::isnan(x[i]) : x[i] == value) return i;
+  }
+  return 0;
+}
+
+uint32_t argmax_row(const float* x, int64_t n) {
+  if (kAvx2) {
+    bool nan = false;
+    const float top = max_and_nan_avx2(x, n, &nan);
+    return static_cast<uint32_t>(first_of_avx2(x, n, nan ? std::numeric_limits<float>::quiet_NaN() : top));
+  }
+  int64_t best = 0;  // MLX's rule: a larger value, or the first NaN, takes the lead
+  for (int64_t i = 1; i < n; ++i) {
+    if (std::isnan(x[best])) break;
+    if (x[i] > x[best] || std::isnan(x[i])) best = i;
+  }
+  return static_cast<uint32_t>(best);
+}
+
+}  // namespace
+
 void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   auto& encoder = begin_eval(stream(), inputs, out);
@@ -262,17 +375,50 @@ void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
     const int64_t n = x.shape(-1), rows = x.size() / n;
-    auto row = [&](int64_t r) {
-      const float* xr = xp + r * n;
-      const float top = max_of(xr, n);
-      // +inf anywhere: inf; all -inf: -inf (as MLX); a NaN makes the sum NaN
-      y[r] = std::isinf(top) ? top : top + std::log(sum_exp(xr, n, top));
-    };
-    if (n >= (1 << 14)) {  // rows of a vocabulary (a batch's logits): one a task
-      run_parallel(rows, row);
-    } else {
-      for (int64_t r = 0; r < rows; ++r) row(r);
-    }
+    each_row(rows, n, [&](int64_t r) { y[r] = row_logsumexp(xp + r * n, n); });
+  });
+}
+
+mx::array log_softmax(const mx::array& x, mx::StreamOrDevice s) {
+  auto mlx_log_softmax = [s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::subtract(in[0], mx::logsumexp(in[0], -1, true, s), s)};
+  };
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) == 0) {
+    return mlx_log_softmax({x})[0];
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<LogSoftmax>(mx::to_stream(s), mlx_log_softmax), {x});
+}
+
+void LogSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([x, y = out.data<float>()]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const int64_t n = x.shape(-1), rows = x.size() / n;
+    each_row(rows, n, [&](int64_t r) { subtract(xp + r * n, n, row_logsumexp(xp + r * n, n), y + r * n); });
+  });
+}
+
+mx::array argmax(const mx::array& x, mx::StreamOrDevice s) {
+  auto mlx_argmax = [s](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::argmax(in[0], -1, false, s)};
+  };
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) == 0) {
+    return mlx_argmax({x})[0];
+  }
+  mx::Shape shape(x.shape().begin(), x.shape().end() - 1);
+  return mx::array(shape, mx::uint32, std::make_shared<ArgMax>(mx::to_stream(s), mlx_argmax), {x});
+}
+
+void ArgMax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  auto& encoder = begin_eval(stream(), inputs, out);
+  encoder.dispatch([x, y = out.data<uint32_t>()]() {
+    std::vector<float> tmp;
+    const float* xp = row_major(x, tmp);
+    const int64_t n = x.shape(-1), rows = x.size() / n;
+    each_row(rows, n, [&](int64_t r) { y[r] = argmax_row(xp + r * n, n); });
   });
 }
 
@@ -507,12 +653,30 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   return mx::array(shape, mx::float32, std::make_shared<Attention>(mx::to_stream(s), fallback, scale, causal), {q, k, v});
 }
 
+mx::array attention_from(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                         const mx::array& first, mx::StreamOrDevice s) {
+  auto mlx_attention = [scale, s](const std::vector<mx::array>& in) {
+    const auto keys = mx::arange(in[1].shape(2), mx::int32, s);
+    const auto seen = mx::greater_equal(mx::expand_dims(keys, 0, s), mx::expand_dims(in[3], 1, s), s);  // (B, S)
+    const auto mask = mx::reshape(seen, {seen.shape(0), 1, 1, seen.shape(1)}, s);
+    return std::vector<mx::array>{
+        mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "", mask, {}, false, s)};
+  };
+  const bool here = attention_inputs(q, k, v) && q.shape(2) == 1 && first.dtype() == mx::int32 &&
+                    first.ndim() == 1 && first.shape(0) == q.shape(0);
+  if (!here) {
+    return mlx_attention({q, k, v, first})[0];
+  }
+  mx::Shape shape = q.shape();
+  shape.back() = v.shape(3);
+  return mx::array(shape, mx::float32, std::make_shared<Attention>(mx::to_stream(s), mlx_attention, scale, false, true),
+                   {q, k, v, first});
+}
+
 void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& q = inputs[0];
-  const auto& k = inputs[1];
-  const auto& v = inputs[2];
   auto& encoder = begin_eval(stream(), inputs, out);
-  encoder.dispatch([q, k, v, y = out.data<float>(), scale = scale_, causal = causal_]() {
+  encoder.dispatch([in = inputs, y = out.data<float>(), scale = scale_, causal = causal_, from = from_]() {
+    const auto &q = in[0], &k = in[1], &v = in[2];
     if (q.shape(2) > kFewQueries) {
       prompt_attention(q, k, v, scale, causal, y);
       return;
@@ -521,21 +685,26 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
     const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
     const int64_t groups = heads / k.shape(1), lk = k.shape(2), dv = v.shape(3);
+    const int32_t* firsts = from ? in[3].data<int32_t>() : nullptr;
+    const int64_t fs = from ? in[3].strides()[0] : 0;
     // One task a query row (batch, head, position): each computed alone, whichever thread runs it.
     auto row = [&](int64_t t) {
       thread_local std::vector<float> p;
       p.resize(lk);
       const int64_t b = t / (heads * lq), h = t / lq % heads, i = t % lq;
-      const int64_t keys = causal ? lk - lq + i + 1 : lk;
+      // The row's keys are [k0, lk): from its first key (attention_from; clamped to one key at least)
+      const int64_t k0 = firsts ? std::clamp<int64_t>(firsts[b * fs], 0, lk - 1) : 0;
+      const int64_t keys = (causal ? lk - lq + i + 1 : lk) - k0;
       const float* qi = qr.at(b, h, i);
       float top = -std::numeric_limits<float>::infinity();
       const int64_t g = h / groups;
       int64_t j = 0;
       for (; kAvx2 && j + 4 <= keys; j += 4) {
-        const float* kj[4] = {kr.at(b, g, j), kr.at(b, g, j + 1), kr.at(b, g, j + 2), kr.at(b, g, j + 3)};
+        const float* kj[4] = {kr.at(b, g, k0 + j), kr.at(b, g, k0 + j + 1), kr.at(b, g, k0 + j + 2),
+                              kr.at(b, g, k0 + j + 3)};
         dot4_avx2(qi, kj, d, p.data() + j);
       }
-      for (; j < keys; ++j) p[j] = dot(qi, kr.at(b, g, j), d);
+      for (; j < keys; ++j) p[j] = dot(qi, kr.at(b, g, k0 + j), d);
       for (j = 0; j < keys; ++j) {
         p[j] *= scale;
         top = std::max(top, p[j]);
@@ -548,10 +717,11 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       float* yi = y + t * dv;
       std::fill(yi, yi + dv, 0.0f);
       for (j = 0; kAvx2 && j + 4 <= keys; j += 4) {
-        const float* vj[4] = {vr.at(b, g, j), vr.at(b, g, j + 1), vr.at(b, g, j + 2), vr.at(b, g, j + 3)};
+        const float* vj[4] = {vr.at(b, g, k0 + j), vr.at(b, g, k0 + j + 1), vr.at(b, g, k0 + j + 2),
+                              vr.at(b, g, k0 + j + 3)};
         add_scaled4_avx2(yi, vj, p.data() + j, dv);
       }
-      for (; j < keys; ++j) add_scaled(yi, vr.at(b, g, j), p[j], dv);
+      for (; j < keys; ++j) add_scaled(yi, vr.at(b, g, k0 + j), p[j], dv);
       const float inv = 1.0f / total;
       for (int64_t c = 0; c < dv; ++c) yi[c] *= inv;
     };
@@ -566,7 +736,7 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 bool Attention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const Attention&>(other);
-  return scale_ == o.scale_ && causal_ == o.causal_;
+  return scale_ == o.scale_ && causal_ == o.causal_ && from_ == o.from_;
 }
 
 mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx::array& ks, const mx::array& kb,

@@ -89,6 +89,27 @@ def test_trim_then_refeed_is_exact(arch, tiny_dirs):
     assert rel_err(tail, full[:, 32:]) < 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 10, 256, 257, 555, 556, 557, 700, 1500])
+def test_rotating_cache_grows_in_blocks_up_to_its_bound(n):
+    """A sliding-window cache allocates as a growing one does (blocks of 256) until window + slack, then
+    keeps that size and drops the oldest positions; it holds every position it has room for, in order, and
+    its bytes are the figure admission computes (memory.kv_cache_bytes)."""
+    from lmx.models.cache import room
+    from lmx.runtime import memory
+
+    cache = RotatingKVCache(window=300, slack=256)
+    for start in range(0, n, 7):  # 7-position chunks
+        chunk = mx.arange(start, min(n, start + 7), dtype=mx.float32).reshape(1, 1, -1, 1)
+        cache.update_and_fetch(chunk, -chunk)
+    assert cache.keys.shape[2] == min(room(n, 256), 556)
+    assert cache.nbytes == memory.kv_cache_bytes([300], 1, 1, n, 4)
+    keys, values = cache.state
+    held = keys.shape[2]
+    assert held >= min(n, 300)  # at least the window
+    assert keys.reshape(-1).tolist() == list(range(n - held, n))
+    assert values.reshape(-1).tolist() == [-float(p) for p in range(n - held, n)]
+
+
 def test_rotating_cache_refuses_inexact_trim():
     cache = RotatingKVCache(window=4, slack=2)
     k = mx.zeros((1, 1, 1, 2))

@@ -741,9 +741,9 @@ def test_kv_cache_beyond_the_memory_limit_is_typed(
         first = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 8, 4)
         second = memory.kv_cache_bytes(windows, args.num_key_value_heads, args.head_dim, n + 500, 4)
         # k and v, 2 heads of 16 float32: 2 global layers of 256 positions (512 past the first
-        # block) and 2 sliding ones of window 8 + one 256 block, allocated at the first token
+        # block) and 2 sliding ones that grow in the same blocks up to window 8 + one 256 block
         blocks = -(-(n + 500) // 256) * 256
-        assert (first, second) == (2 * 2 * 16 * 4 * (2 * 256 + 2 * 264), 2 * 2 * 16 * 4 * (2 * blocks + 2 * 264))
+        assert (first, second) == (2 * 2 * 16 * 4 * (2 * 256 + 2 * 256), 2 * 2 * 16 * 4 * (2 * blocks + 2 * 264))
 
         limit(first // 2)  # not even a short request's cache fits: refused before the first token
         with pytest.raises(OutOfMemoryError, match=rf"KV cache for {n + 8} positions .*lower max_tokens"):

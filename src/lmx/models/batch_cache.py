@@ -25,6 +25,7 @@ operation (:func:`lmx.models.cache.smap`), so a row's quantized values are never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import mlx.core as mx
 
@@ -51,20 +52,6 @@ def _set(cache: KVCache, keys: Storage | None, values: Storage | None, offset: i
         cache.used = n_held
 
 
-def _tail(storage: Storage, n_held: int, k: int) -> Storage:
-    """The last ``k`` slots of the storage's first ``n_held``, left-padded with zeros to ``k``."""
-    return smap(lambda x: _tail_array(x, n_held, k), storage)
-
-
-def _tail_array(x: mx.array, n_held: int, k: int) -> mx.array:
-    part = x[..., max(0, n_held - k) : n_held, :]
-    short = k - part.shape[2]
-    if short > 0:
-        zeros = mx.zeros((x.shape[0], x.shape[1], short, x.shape[3]), x.dtype)  # (B, n_kv, short, D)
-        part = mx.concatenate([zeros, part], axis=2)
-    return part
-
-
 def merge(
     a: Sequence[KVCache], a_starts: Sequence[int], b: Sequence[KVCache], b_starts: Sequence[int]
 ) -> tuple[list[int], list[int]]:
@@ -83,14 +70,22 @@ def merge(
         cap = _keep(ca)
         if cap is not None:
             k = min(k, max(cap, 1))
-        keys = smap(_stack, _tail(ca.keys, ha, k), _tail(cb.keys, hb, k))  # (Ba + Bb, n_kv, k, D)
-        values = smap(_stack, _tail(ca.values, ha, k), _tail(cb.values, hb, k))
+        size = ca.capacity(k + 1)  # room for the next decode step: it writes without a copy
+        join = partial(_joined, held_x=ha, held_y=hb, k=k, size=size)
+        keys = smap(join, ca.keys, cb.keys)  # (Ba + Bb, n_kv, size, D)
+        values = smap(join, ca.values, cb.values)
         _set(ca, keys, values, offset, k)
     return [s + offset - offset_a for s in a_starts], [s + offset - offset_b for s in b_starts]
 
 
-def _stack(a: mx.array, b: mx.array) -> mx.array:
-    return mx.concatenate([a, b], axis=0)
+def _joined(x: mx.array, y: mx.array, *, held_x: int, held_y: int, k: int, size: int) -> mx.array:
+    """``x``'s rows then ``y``'s in storage of ``size`` slots: the last ``k`` of each one's first ``held_x`` /
+    ``held_y`` slots end at slot ``k`` (zeros before them: left padding; after: room)."""
+    out = mx.zeros((x.shape[0] + y.shape[0], x.shape[1], size, x.shape[3]), x.dtype)
+    for rows, src, h in ((slice(0, x.shape[0]), x, held_x), (slice(x.shape[0], None), y, held_y)):
+        part = src[..., max(0, h - k) : h, :]
+        out[rows, :, k - part.shape[2] : k, :] = part
+    return out
 
 
 def select(caches: Sequence[KVCache], rows: Sequence[int]) -> None:

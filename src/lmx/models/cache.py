@@ -94,6 +94,11 @@ def _write(storage: Storage, new: Storage, start: int) -> None:
         storage[:, :, start : start + new.shape[2]] = new
 
 
+def room(n: int, step: int) -> int:
+    """``n`` positions rounded up to whole blocks of ``step``: what a cache allocates to hold them."""
+    return -(-n // step) * step
+
+
 def _zeros(like: Storage, size: int) -> Storage:
     """Zeroed storage of ``size`` slots, shaped like ``like`` on every other axis."""
     return smap(lambda a: mx.zeros((a.shape[0], a.shape[1], size, a.shape[3]), a.dtype), like)  # (B, n_kv, size, ·)
@@ -196,6 +201,10 @@ class KVCache:
         self.keys = smap(lambda a, b: mx.concatenate([a, b], axis=2), kept_k, new_k)
         self.values = smap(lambda a, b: mx.concatenate([a, b], axis=2), kept_v, new_v)
 
+    def capacity(self, n: int) -> int:
+        """The storage slots this cache allocates to hold ``n`` positions at once."""
+        return room(n, self.step)
+
     def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array | str | None:
         """Mask for the queries just added (call after :meth:`update_and_fetch`); ``"causal"``
         where a plain causal mask is exact (MLX's attention kernels then build none)."""
@@ -251,7 +260,8 @@ class KVCache:
 class RotatingKVCache(KVCache):
     """Cache of a sliding-window layer: memory stays bounded by ``window + slack``.
 
-    New positions are appended in temporal order; when the storage is full, the newest
+    New positions are appended in temporal order. The storage grows in blocks of ``step``
+    positions, as a growing cache's does, up to ``window + slack``; when that is full, the newest
     ``window - 1 + slack // 2`` positions are moved to the front (one copy every ~slack/2
     tokens). Keeping ``slack // 2`` positions beyond the window is what makes a small
     :meth:`trim` exact (the chat case: drop a few tokens, then prefill the new turn), and
@@ -283,15 +293,29 @@ class RotatingKVCache(KVCache):
 
     def _make_room(self, keys: Storage, values: Storage, n_new: int) -> None:
         capacity = 0 if self.keys is None else slots(self.keys)
-        if self.used + n_new > capacity:
+        if self.used + n_new <= capacity:
+            return
+        full = self.window + self.slack
+        if self.used + n_new <= full:  # short of the bound: grow in blocks, keeping every position
+            size = self.capacity(self.used + n_new)
+            new_k, new_v = _zeros(keys, size), _zeros(values, size)
+            if self.used:
+                assert self.keys is not None and self.values is not None
+                _write(new_k, _cut(self.keys, 0, self.used), 0)
+                _write(new_v, _cut(self.values, 0, self.used), 0)
+            self.keys, self.values = new_k, new_v
+        else:
             keep = min(self.used, self.window - 1 + self.slack // 2)
-            size = max(self.window + self.slack, keep + n_new)
+            size = max(full, keep + n_new)
             new_k, new_v = _zeros(keys, size), _zeros(values, size)
             if keep:
                 assert self.keys is not None and self.values is not None
                 _write(new_k, _cut(self.keys, self.used - keep, self.used), 0)
                 _write(new_v, _cut(self.values, self.used - keep, self.used), 0)
             self.keys, self.values, self.used = new_k, new_v, keep
+
+    def capacity(self, n: int) -> int:
+        return min(self.window + self.slack, room(n, self.step)) if n <= self.window + self.slack else n
 
     def reserve(self, n_new: int) -> int:
         """Make room for ``n_new`` more positions; return the storage index of the first."""

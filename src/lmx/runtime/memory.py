@@ -111,9 +111,9 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes the keys and values of ``n_tokens`` positions take in a KV cache.
 
-    Mirrors the caches of :mod:`lmx.models.cache`: a global layer's storage grows in
-    blocks of ``step`` positions; a sliding-window layer allocates ``window + step``
-    positions at its first token and keeps that size.
+    Mirrors the caches of :mod:`lmx.models.cache`: a layer's storage grows in blocks of
+    ``step`` positions; a sliding-window layer's stops at ``window + step`` (its slack is a
+    block) and keeps that size.
 
     Args:
         windows: one entry per layer: its sliding window, or None for a global layer.
@@ -133,7 +133,7 @@ def kv_cache_bytes(
     blocks = -(-n_tokens // step) * step
     if n_tokens <= 0:
         return 0
-    positions = sum(blocks if w is None else w + step for w in windows)
+    positions = sum(blocks if w is None else min(blocks, w + step) for w in windows)
     return 2 * batch * n_kv_heads * kv_row_bytes(head_dim, itemsize, bits, group_size) * positions
 
 

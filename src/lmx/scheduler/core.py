@@ -44,7 +44,7 @@ from lmx.generate.row import sample_rows
 from lmx.generate.sampling import chosen_logprobs, top_logprobs
 from lmx.generate.step import Decoder
 from lmx.models import batch_cache
-from lmx.models.cache import kv_quant
+from lmx.models.cache import KVCache, kv_quant
 from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime import memory
 from lmx.scheduler.admission import KVBudget
@@ -578,9 +578,13 @@ class Scheduler(PrefillTurns, SpeculativeTurns):
         self._compact(batch)
 
     def _compact(self, batch: Batch) -> None:
-        """Drop leading positions every row has as padding (a lone row then runs unpadded)."""
+        """Drop leading positions every row has as padding (a lone row then runs unpadded). Where the
+        model's ops start each padded row's attention at its first key (lmx's CPU kernels), padded keys
+        cost a decode step nothing and a cut copies every layer's storage: there the cut waits until a
+        lone row is left or the padding fills a block of storage."""
         lead = min(r.start for r in batch.rows)
-        if lead > 0:
+        lazy = self.decoder.ops.indexes_padding and len(batch.rows) > 1 and lead < KVCache.step
+        if lead > 0 and not lazy:
             batch_cache.trim_front(batch.caches, lead)
             for r in batch.rows:
                 r.start -= lead

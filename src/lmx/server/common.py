@@ -283,14 +283,25 @@ def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+# Characters Python's str.splitlines() ends a line at that JSON leaves raw (it escapes those below 0x20): a
+# client that reads a stream with it (httpx's iter_lines, so the ollama and many hand-written clients) would
+# cut an event in two where a model wrote one of them.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line_json(data: Any) -> str:
+    """``data`` as compact JSON (non-ASCII text kept) on one line for any line splitter."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = data if isinstance(data, str) else one_line_json(data)
     return f"data: {text}\n\n".encode()
 
 
 def ndjson(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    return (one_line_json(data) + "\n").encode()
 
 
 class JobStreamingResponse(StreamingResponse):

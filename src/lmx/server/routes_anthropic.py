@@ -27,7 +27,6 @@ OpenAI routes. Tools: see :mod:`lmx.server.anthropic_tools`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -55,6 +54,7 @@ from lmx.server.common import (
     collect,
     events_after,
     first_event,
+    one_line_json,
     read_body,
     request_id,
     server_state,
@@ -123,8 +123,7 @@ def _endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Re
 
 def event(data: dict[str, Any]) -> bytes:
     """One server-sent event named after its ``type``, as Anthropic sends them."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {data['type']}\ndata: {text}\n\n".encode()
+    return f"event: {data['type']}\ndata: {one_line_json(data)}\n\n".encode()
 
 
 # ---------------------------------------------------------------- requests -> engine

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -60,6 +60,19 @@ next_short)  # part next in about 390 s (when device time runs short): the two e
   step 150 attn_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
     --variants lmx,lmx-attn-all,mlx-lm --rounds 3 --check-steps 16 --json "$OUT/gpu_attn_8b_q4.json"
   step 100 dense_check python3 benchmarks/cuda_dense_check.py --chain 50 --rounds 2 --json "$OUT/gpu_dense_check.json"
+  ;;
+serving_ab)  # issue 13's row: 32 clients with mixed options on the engine (random 270M GGUF), this tree against the
+  # tree at $BASE_SRC (a copy of another commit's src/), alternating, two rounds each
+  export ONE_LOG=1
+  step 60 r270 python3 benchmarks/gguf_random.py /tmp/r270.gguf --size 270m
+  for r in 1 2; do
+    for tree in base this; do
+      src=$PWD/src
+      [ "$tree" = base ] && src=${BASE_SRC:?BASE_SRC: a copy of the other commit src directory}
+      PYTHONPATH=$src:${PYTHONPATH#"$PWD/src:"} step 60 "engine32_${tree}_$r" python3 benchmarks/engine_load.py \
+        --model /tmp/r270.gguf --device gpu --clients 32 --duration 15 --mixed --json "$OUT/engine32_${tree}_$r.json"
+    done
+  done
   ;;
 attn)  # part next without the float product kernel (measured 12-07: it loses): lmx's attention kernel for Qwen 3's
   # head_dim 128 on the 8B in 4 bits and bf16, then what each op costs the host (head_dim 128 included)

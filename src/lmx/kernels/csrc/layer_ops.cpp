@@ -366,17 +366,25 @@ uint32_t argmax_row(const float* x, int64_t n) {
   return static_cast<uint32_t>(best);
 }
 
-}  // namespace
-
-void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+// The eval_cpu of an op over the rows of its one float32 input x (..., n): fn(row, n, r, y) writes row r's
+// result into out's data y (of type T).
+template <typename T, typename Fn>
+void eval_each_row(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out, Fn fn) {
   const auto& x = inputs[0];
-  auto& encoder = begin_eval(stream(), inputs, out);
-  encoder.dispatch([x, y = out.data<float>()]() {
+  auto& encoder = begin_eval(stream, inputs, out);
+  encoder.dispatch([x, y = out.data<T>(), fn]() {
     std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
     const int64_t n = x.shape(-1), rows = x.size() / n;
-    each_row(rows, n, [&](int64_t r) { y[r] = row_logsumexp(xp + r * n, n); });
+    each_row(rows, n, [&](int64_t r) { fn(xp + r * n, n, r, y); });
   });
+}
+
+}  // namespace
+
+void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  eval_each_row<float>(stream(), inputs, out,
+                       [](const float* x, int64_t n, int64_t r, float* y) { y[r] = row_logsumexp(x, n); });
 }
 
 mx::array log_softmax(const mx::array& x, mx::StreamOrDevice s) {
@@ -390,13 +398,8 @@ mx::array log_softmax(const mx::array& x, mx::StreamOrDevice s) {
 }
 
 void LogSoftmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& x = inputs[0];
-  auto& encoder = begin_eval(stream(), inputs, out);
-  encoder.dispatch([x, y = out.data<float>()]() {
-    std::vector<float> tmp;
-    const float* xp = row_major(x, tmp);
-    const int64_t n = x.shape(-1), rows = x.size() / n;
-    each_row(rows, n, [&](int64_t r) { subtract(xp + r * n, n, row_logsumexp(xp + r * n, n), y + r * n); });
+  eval_each_row<float>(stream(), inputs, out, [](const float* x, int64_t n, int64_t r, float* y) {
+    subtract(x, n, row_logsumexp(x, n), y + r * n);
   });
 }
 
@@ -412,14 +415,8 @@ mx::array argmax(const mx::array& x, mx::StreamOrDevice s) {
 }
 
 void ArgMax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& x = inputs[0];
-  auto& encoder = begin_eval(stream(), inputs, out);
-  encoder.dispatch([x, y = out.data<uint32_t>()]() {
-    std::vector<float> tmp;
-    const float* xp = row_major(x, tmp);
-    const int64_t n = x.shape(-1), rows = x.size() / n;
-    each_row(rows, n, [&](int64_t r) { y[r] = argmax_row(xp + r * n, n); });
-  });
+  eval_each_row<uint32_t>(stream(), inputs, out,
+                          [](const float* x, int64_t n, int64_t r, uint32_t* y) { y[r] = argmax_row(x, n); });
 }
 
 namespace {

@@ -79,5 +79,7 @@ def test_the_official_clients_get_the_text_whole(server: BackgroundServer) -> No
     with openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as client:
         stream = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == TEXT
-    parts = ollama.Client(host=server.url).generate(model="tiny", prompt="Say it.", stream=True, options={"num_predict": 8})
+    parts = ollama.Client(host=server.url).generate(
+        model="tiny", prompt="Say it.", stream=True, options={"num_predict": 8}
+    )
     assert "".join(p["response"] for p in parts) == TEXT

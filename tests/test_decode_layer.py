@@ -225,18 +225,22 @@ def test_real_gemma_step_equals_the_unfused_step_exactly(gemma_gguf: Path, rows:
 
 
 @pytest.mark.slow
-def test_real_gemma_padded_rows_step_as_each_row_alone_exactly(gemma_gguf: Path):
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+def test_real_gemma_padded_rows_step_as_each_row_alone_exactly(gemma_gguf: Path, kv_bits: int | None):
     """The bundled Gemma 3 270M: rows of different lengths left-padded into one batch (as the scheduler joins
     requests) decode with each layer's two fused ops and one attention op from each row's first key, and each
-    row's logits are exactly those it gets decoding alone, step after step. MLX's masked attention (a product,
-    a select and a softmax a layer) gave them within 5e-5, not exactly."""
+    row's logits are exactly those it gets decoding alone, step after step; with a quantized KV cache too. MLX's
+    masked attention (a product, a select and a softmax a layer; for a quantized cache after dequantizing it
+    whole) gave them within 5e-5, not exactly."""
     from lmx.models import batch_cache
+    from lmx.models.cache import kv_quant
 
     model = lmx.load(gemma_gguf, device="cpu", cpu_kernels=True).loaded.model
+    quant = kv_quant(kv_bits, 64, model.args.head_dim) if kv_bits else None
     prompts = [[2, *range(100, 140)], [2, *range(300, 310)], [2, *range(500, 530)]]
     batch, starts, alone = None, [0], []
     for prompt in prompts:
-        own, joined = model.make_cache(), model.make_cache()
+        own, joined = model.make_cache(quant), model.make_cache(quant)
         mx.eval(model(mx.array([prompt]), own), model(mx.array([prompt]), joined))
         alone.append(own)
         if batch is None:
@@ -252,8 +256,9 @@ def test_real_gemma_padded_rows_step_as_each_row_alone_exactly(gemma_gguf: Path)
         if step == 0:
             ops = op_counts(logits)
             layers = model.args.num_hidden_layers
-            assert ops["LmxDecodeLayerBegin"] == ops["LmxAttention"] == ops["LmxDecodeLayerEnd"] == layers, ops
-            assert not ops["Matmul"] and not ops["Softmax"] and not ops["Cos"], ops
+            attention = "LmxQuantizedAttention" if kv_bits else "LmxAttention"
+            assert ops["LmxDecodeLayerBegin"] == ops[attention] == ops["LmxDecodeLayerEnd"] == layers, ops
+            assert not ops["Matmul"] and not ops["Softmax"] and not ops["Cos"] and not ops["Dequantize"], ops
         for row in range(len(prompts)):
             own = eager_step(model, tokens[row : row + 1], alone[row], None)
             assert mx.array_equal(logits[row : row + 1], own).item(), f"step {step}, row {row}"

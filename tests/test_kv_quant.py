@@ -172,6 +172,36 @@ def test_kernel_equals_mlx_over_dequantized_values() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_from_each_row_s_first_key(bits: int) -> None:
+    """Left-padded rows of a batch over a quantized cache (one query a row, from first[b]): bit for bit the
+    row's value over its own keys alone, and MLX's masked attention over the dequantized values; on the model's
+    seam too. Not float32: MLX's path with the equivalent mask."""
+    k = kernels()
+    if k is None:
+        pytest.skip("lmx's CPU kernels are not built")
+    q = mx.random.normal((3, 4, 1, 128), key=mx.random.key(bits))
+    storage = mx.random.normal((3, 2, 60, 128), key=mx.random.key(9))
+    kq = mx.quantize(storage, group_size=64, bits=bits)
+    vq = mx.quantize(storage * 0.5 + 1, group_size=64, bits=bits)
+    first = mx.array([0, 17, 59], dtype=mx.int32)
+    got = k.quantized_attention_from(q, *kq, *vq, 0.1, first, 64, bits)
+    for b, f in enumerate(first.tolist()):
+        own = [a[b : b + 1, :, f:] for a in (*kq, *vq)]
+        alone = k.quantized_attention(q[b : b + 1], *own, 0.1, False, 64, bits)
+        assert mx.array_equal(got[b : b + 1], alone).item(), f"row {b}"
+    mask = (mx.arange(60)[None] >= first[:, None])[:, None, None]
+    keys, values = (mx.dequantize(*t, group_size=64, bits=bits) for t in (kq, vq))
+    want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.1, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=0)
+    seam = CpuKernelOps(k).quantized_attention_from(q, tuple(kq), tuple(vq), 0.1, first, 64, bits)
+    assert mx.array_equal(seam, got).item()
+    via_mlx = MLX_OPS.quantized_attention_from(q, tuple(kq), tuple(vq), 0.1, first, 64, bits)
+    np.testing.assert_allclose(np.array(via_mlx), np.array(want), atol=2e-5, rtol=0)
+    other = k.quantized_attention_from(q.astype(mx.float16), *kq, *vq, 0.1, first, 64, bits)  # MLX's, masked
+    np.testing.assert_allclose(np.array(other.astype(mx.float32)), np.array(want), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_mlx_path_in_bfloat16_stays_accurate(bits: int) -> None:
     """A GPU's dtype: the quantized products run in float32 (in bfloat16 MLX's CPU products were 20% off).
     atol 1e-2 on outputs of size ~1: bfloat16's rounding of the output (2^-8 relative) and of the queries."""

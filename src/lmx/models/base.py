@@ -437,8 +437,12 @@ class QKNormAttention(nn.Module):
             and ops.indexes_padding
             and self.softcap is None
             and isinstance(cache, KVCache)  # (other caches' masks say more than a first key)
-            and not isinstance(k, tuple)
         ):  # padded rows of a batch, one query each: the ops take each row's first key, no mask array
+            if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)
+                first = cache.first_keys(k[0].shape[2], pad)
+                return ops.quantized_attention_from(
+                    q, k, v, self.scale, first, cache.quant.group_size, cache.quant.bits
+                )
             return ops.attention_from(q, k, v, self.scale, cache.first_keys(k.shape[2], pad))
         mask = cache.make_mask(q.shape[2], pad)
         if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)

@@ -65,6 +65,10 @@ class Ops(Protocol):
 
     def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array: ...
 
+    def quantized_attention_from(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
+    ) -> mx.array: ...
+
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
     ) -> mx.array: ...
@@ -136,8 +140,13 @@ class MlxOps:
     def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
         """One query per row (B, H, 1, D) where row ``b`` sees the keys from index ``first[b]`` (B,)
         on: :meth:`attention` with that mask, built here."""
-        mask = (mx.arange(k.shape[2])[None] >= first[:, None])[:, None, None]  # (B, 1, 1, S)
-        return self.attention(q, k, v, scale, mask)
+        return self.attention(q, k, v, scale, _first_mask(k.shape[2], first))
+
+    def quantized_attention_from(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
+    ) -> mx.array:
+        """:meth:`attention_from` over keys and values held quantized: :meth:`quantized_attention` with that mask."""
+        return self.quantized_attention(q, k, v, scale, _first_mask(k[0].shape[2], first), group_size, bits)
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int
@@ -237,6 +246,11 @@ class MlxOps:
         return None
 
 
+def _first_mask(n_keys: int, first: mx.array) -> mx.array:
+    """(B, 1, 1, S): row ``b`` sees the keys from index ``first[b]`` on."""
+    return (mx.arange(n_keys)[None] >= first[:, None])[:, None, None]
+
+
 # Row i of the result is mx.random.categorical(logits[i], key=keys[i]): the vmapped draw makes the
 # same random bits for each key as drawing alone (one RandomBits op for every row).
 _categorical_rows = mx.vmap(lambda row, key: mx.random.categorical(row, key=key))
@@ -310,6 +324,13 @@ class CpuKernelOps(MlxOps):
 
     def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array:
         return self.kernels.attention_from(q, k, v, scale, first.astype(mx.int32))
+
+    def quantized_attention_from(
+        self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
+    ) -> mx.array:
+        # The quantized cache's padded rows: one op reading the quantized bytes from each row's first key, where
+        # the mask path dequantized every layer's whole cache and ran MLX's masked attention.
+        return self.kernels.quantized_attention_from(q, *k, *v, scale, first.astype(mx.int32), group_size, bits)
 
     def quantized_attention(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, mask: Mask, group_size: int, bits: int

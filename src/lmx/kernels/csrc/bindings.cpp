@@ -62,6 +62,10 @@ NB_MODULE(_lmx_kernels, m) {
         "stream"_a = nb::none(),
         "mx.fast.scaled_dot_product_attention with a bool (B or 1, 1, Lq, Lk) mask as one CPU op for more than 8 "
         "float32 queries (blocked BLAS products); else MLX's.");
+  m.def("quantized_attention_from", &lmx::quantized_attention_from, "q"_a, "kw"_a, "ks"_a, "kb"_a, "vw"_a, "vs"_a,
+        "vb"_a, "scale"_a, "first"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "quantized_attention of one float32 query a row (B, H, 1, D) where row b sees the keys from index first[b] "
+        "(B,) int32 on: each row's value is what it gets over its own keys alone.");
   m.def("quantized_attention", &lmx::quantized_attention, "q"_a, "kw"_a, "ks"_a, "kb"_a, "vw"_a, "vs"_a, "vb"_a,
         "scale"_a, "causal"_a, "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "attention over mx.quantize'd keys and values (8 or 4 bits; no mask or causal) as one CPU op for up to 8 "

@@ -736,18 +736,31 @@ bool Attention::is_equivalent(const mx::Primitive& other) const {
   return scale_ == o.scale_ && causal_ == o.causal_ && from_ == o.from_;
 }
 
-mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx::array& ks, const mx::array& kb,
-                              const mx::array& vw, const mx::array& vs, const mx::array& vb, float scale,
-                              bool causal, int group_size, int bits, mx::StreamOrDevice s) {
+namespace {
+
+// quantized_attention(), or with `first` (inputs[7]) quantized_attention_from().
+mx::array make_quantized_attention(std::vector<mx::array> inputs, float scale, bool causal, int group_size, int bits,
+                                   mx::StreamOrDevice s) {
+  const bool from = inputs.size() == 8;
   auto mlx_attention = [scale, causal, group_size, bits, s](const std::vector<mx::array>& in) {
     auto k = mx::dequantize(in[1], in[2], in[3], group_size, bits, "affine", std::nullopt, std::nullopt, s);
     auto v = mx::dequantize(in[4], in[5], in[6], group_size, bits, "affine", std::nullopt, std::nullopt, s);
+    std::optional<mx::array> mask;
+    if (in.size() == 8) {  // row b sees the keys from first[b] on: (B, 1, 1, S)
+      const auto seen = mx::greater_equal(mx::expand_dims(mx::arange(k.shape(2), mx::int32, s), 0, s),
+                                          mx::expand_dims(in[7], 1, s), s);
+      mask = mx::reshape(seen, {seen.shape(0), 1, 1, seen.shape(1)}, s);
+    }
     return std::vector<mx::array>{
-        mx::fast::scaled_dot_product_attention(in[0], k, v, scale, causal ? "causal" : "", {}, {}, false, s)};
+        mx::fast::scaled_dot_product_attention(in[0], k, v, scale, causal ? "causal" : "", mask, {}, false, s)};
   };
-  const std::vector<mx::array> inputs{q, kw, ks, kb, vw, vs, vb};
+  const auto &q = inputs[0], &kw = inputs[1];
   bool here = (bits == 8 || bits == 4) && group_size > 0 && group_size % 2 == 0 && q.dtype() == mx::float32 &&
               q.ndim() == 4 && q.shape(2) <= kFewQueries && q.shape(3) % group_size == 0;
+  if (from) {
+    const auto& first = inputs[7];
+    here = here && q.shape(2) == 1 && first.dtype() == mx::int32 && first.ndim() == 1 && first.shape(0) == q.shape(0);
+  }
   for (int i = 1; here && i < 7; ++i) {
     const auto& a = inputs[i];
     const bool words = i == 1 || i == 4;
@@ -759,16 +772,32 @@ mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx:
   if (!here) {
     return mlx_attention(inputs)[0];
   }
-  return mx::array(q.shape(), mx::float32,
+  const auto shape = q.shape();
+  return mx::array(shape, mx::float32,
                    std::make_shared<QuantizedAttention>(mx::to_stream(s), mlx_attention, scale, causal, group_size,
-                                                        bits),
-                   inputs);
+                                                        bits, from),
+                   std::move(inputs));
+}
+
+}  // namespace
+
+mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx::array& ks, const mx::array& kb,
+                              const mx::array& vw, const mx::array& vs, const mx::array& vb, float scale,
+                              bool causal, int group_size, int bits, mx::StreamOrDevice s) {
+  return make_quantized_attention({q, kw, ks, kb, vw, vs, vb}, scale, causal, group_size, bits, s);
+}
+
+mx::array quantized_attention_from(const mx::array& q, const mx::array& kw, const mx::array& ks,
+                                   const mx::array& kb, const mx::array& vw, const mx::array& vs,
+                                   const mx::array& vb, float scale, const mx::array& first, int group_size,
+                                   int bits, mx::StreamOrDevice s) {
+  return make_quantized_attention({q, kw, ks, kb, vw, vs, vb, first}, scale, false, group_size, bits, s);
 }
 
 void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = begin_eval(stream(), inputs, out);
   encoder.dispatch([inputs, y = out.data<float>(), scale = scale_, causal = causal_, g = group_size_,
-                    bits = bits_]() {
+                    bits = bits_, from = from_]() {
     const auto& q = inputs[0];
     std::vector<float> tq, tks, tkb, tvs, tvb;
     std::vector<uint32_t> tkw, tvw;
@@ -781,9 +810,11 @@ void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
     auto dequantize = bits == 8 ? dequantize_row8 : dequantize_row4;
     std::vector<float> row(d), p(rows * lk), total(rows);
     for (int64_t b = 0; b < batch; ++b) {
+      // The row's keys are [k0, lk): from its first key (quantized_attention_from; one key at least)
+      const int64_t k0 = from ? std::clamp<int64_t>(inputs[7].data<int32_t>()[b * inputs[7].strides()[0]], 0, lk - 1) : 0;
       for (int64_t hk = 0; hk < n_kv; ++hk) {
         // Scores: each key row dequantized once, for every query it serves.
-        for (int64_t j = 0; j < lk; ++j) {
+        for (int64_t j = k0; j < lk; ++j) {
           dequantize(row.data(), kwr.at(b, hk, j), ksr.at(b, hk, j), kbr.at(b, hk, j), d, g);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t h = hk * groups + r / lq, i = r % lq;
@@ -794,9 +825,9 @@ void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* pr = p.data() + r * lk;
-          const float top = max_of(pr, lk);
+          const float top = max_of(pr + k0, lk - k0);
           float sum = 0.0f;
-          for (int64_t j = 0; j < lk; ++j) {
+          for (int64_t j = k0; j < lk; ++j) {
             pr[j] = std::exp(pr[j] - top);
             sum += pr[j];
           }
@@ -806,7 +837,7 @@ void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
           std::fill(yr, yr + d, 0.0f);
         }
         // Outputs: each value row dequantized once, added to every query's output with its weight.
-        for (int64_t j = 0; j < lk; ++j) {
+        for (int64_t j = k0; j < lk; ++j) {
           dequantize(row.data(), vwr.at(b, hk, j), vsr.at(b, hk, j), vbr.at(b, hk, j), d, g);
           for (int64_t r = 0; r < rows; ++r) {
             const float w = p[r * lk + j];
@@ -828,7 +859,8 @@ void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
 
 bool QuantizedAttention::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QuantizedAttention&>(other);
-  return scale_ == o.scale_ && causal_ == o.causal_ && group_size_ == o.group_size_ && bits_ == o.bits_;
+  return scale_ == o.scale_ && causal_ == o.causal_ && group_size_ == o.group_size_ && bits_ == o.bits_ &&
+         from_ == o.from_;
 }
 
 }  // namespace lmx

@@ -58,6 +58,14 @@ mx::array quantized_attention(const mx::array& q, const mx::array& kw, const mx:
                               const mx::array& vw, const mx::array& vs, const mx::array& vb, float scale,
                               bool causal, int group_size, int bits, mx::StreamOrDevice s = {});
 
+// quantized_attention() of one query a row where row b sees only the keys from index first[b] on (the rows
+// of a batch left-padded to one cache), as attention_from() is to attention(): row b's value is the one it
+// gets over its own keys alone, bit for bit. first (B,) int32.
+mx::array quantized_attention_from(const mx::array& q, const mx::array& kw, const mx::array& ks,
+                                   const mx::array& kb, const mx::array& vw, const mx::array& vs,
+                                   const mx::array& vb, float scale, const mx::array& first, int group_size,
+                                   int bits, mx::StreamOrDevice s = {});
+
 // log(sum(exp(x))) over the last axis, keeping it (size 1). MLX's CPU exp costs ~29 ns a value here
 // (7.4 ms for Gemma 3's 262144 logits, every decode step); this one is vectorised (a Cephes-style
 // exp, within 2 ulp) and takes ~0.3 ms. Float32 runs here; anything else goes to mx.logsumexp.
@@ -223,8 +231,15 @@ class Attention : public CpuOp {
 
 class QuantizedAttention : public CpuOp {
  public:
-  QuantizedAttention(mx::Stream stream, Fn fallback, float scale, bool causal, int group_size, int bits)
-      : CpuOp(stream, std::move(fallback)), scale_(scale), causal_(causal), group_size_(group_size), bits_(bits) {}
+  // from: an eighth input, (B,) int32, holds each row's first key (quantized_attention_from)
+  QuantizedAttention(mx::Stream stream, Fn fallback, float scale, bool causal, int group_size, int bits,
+                     bool from = false)
+      : CpuOp(stream, std::move(fallback)),
+        scale_(scale),
+        causal_(causal),
+        group_size_(group_size),
+        bits_(bits),
+        from_(from) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "LmxQuantizedAttention";
@@ -236,6 +251,7 @@ class QuantizedAttention : public CpuOp {
   bool causal_;
   int group_size_;
   int bits_;
+  bool from_;
 };
 
 }  // namespace lmx

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.errors import ConfigError
-from lmx.models.cache import KVCache, KVQuant, RotatingKVCache, Storage
+from lmx.models.cache import KVCache, KVQuant, RotatingKVCache, Storage, slots
 from lmx.models.gguf_layers import decode_blocks, decode_rows, norm_scales
 from lmx.runtime.ops import MLX_OPS, Ops
 
@@ -438,12 +438,12 @@ class QKNormAttention(nn.Module):
             and self.softcap is None
             and isinstance(cache, KVCache)  # (other caches' masks say more than a first key)
         ):  # padded rows of a batch, one query each: the ops take each row's first key, no mask array
+            first = cache.first_keys(slots(k), pad)
             if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)
-                first = cache.first_keys(k[0].shape[2], pad)
                 return ops.quantized_attention_from(
                     q, k, v, self.scale, first, cache.quant.group_size, cache.quant.bits
                 )
-            return ops.attention_from(q, k, v, self.scale, cache.first_keys(k.shape[2], pad))
+            return ops.attention_from(q, k, v, self.scale, first)
         mask = cache.make_mask(q.shape[2], pad)
         if isinstance(k, tuple):  # a quantized cache's (packed, scales, biases)
             return quantized_attention(q, k, v, self.scale, mask, cache.quant, self.softcap, self.ops_slot.ops)

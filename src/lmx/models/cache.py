@@ -297,22 +297,16 @@ class RotatingKVCache(KVCache):
             return
         full = self.window + self.slack
         if self.used + n_new <= full:  # short of the bound: grow in blocks, keeping every position
-            size = self.capacity(self.used + n_new)
-            new_k, new_v = _zeros(keys, size), _zeros(values, size)
-            if self.used:
-                assert self.keys is not None and self.values is not None
-                _write(new_k, _cut(self.keys, 0, self.used), 0)
-                _write(new_v, _cut(self.values, 0, self.used), 0)
-            self.keys, self.values = new_k, new_v
-        else:
+            keep, size = self.used, self.capacity(self.used + n_new)
+        else:  # at the bound: keep the newest positions
             keep = min(self.used, self.window - 1 + self.slack // 2)
             size = max(full, keep + n_new)
-            new_k, new_v = _zeros(keys, size), _zeros(values, size)
-            if keep:
-                assert self.keys is not None and self.values is not None
-                _write(new_k, _cut(self.keys, self.used - keep, self.used), 0)
-                _write(new_v, _cut(self.values, self.used - keep, self.used), 0)
-            self.keys, self.values, self.used = new_k, new_v, keep
+        new_k, new_v = _zeros(keys, size), _zeros(values, size)
+        if keep:
+            assert self.keys is not None and self.values is not None
+            _write(new_k, _cut(self.keys, self.used - keep, self.used), 0)
+            _write(new_v, _cut(self.values, self.used - keep, self.used), 0)
+        self.keys, self.values, self.used = new_k, new_v, keep
 
     def capacity(self, n: int) -> int:
         return min(self.window + self.slack, room(n, self.step)) if n <= self.window + self.slack else n

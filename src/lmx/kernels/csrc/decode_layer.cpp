@@ -136,11 +136,9 @@ void DecodeLayerBegin::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
     decode_products(ps, 3);
     const int64_t half = spec.rope_dims / 2, tables = spec.rows_at ? rows : 1;
     std::vector<float> cosv(tables * half), sinv(tables * half);  // one table, or one a row
-    for (int64_t t = 0; t < tables; ++t) {
-      const int position = spec.rows_at ? in[8].data<int32_t>()[t * in[8].strides()[0]] : spec.offset;
-      rope_table(in[7].data<float>(), in[7].strides()[0], half, spec.rope_scale, position, 1, cosv.data() + t * half,
-                 sinv.data() + t * half);
-    }
+    rope_tables(in[7].data<float>(), in[7].strides()[0], half, spec.rope_scale, spec.offset,
+                spec.rows_at ? in[8].data<int32_t>() : nullptr, spec.rows_at ? in[8].strides()[0] : 0, tables, 1,
+                cosv.data(), sinv.data());
     auto heads = [&](float* y, int64_t n_heads, const mx::array& w) {
       norm_rows(y, rows * n_heads, hd, w, spec.head_eps);
       for (int64_t r = 0; r < rows * n_heads; ++r) {

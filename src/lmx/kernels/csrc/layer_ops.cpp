@@ -242,7 +242,7 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.dispatch([in = inputs, y = out.data<float>(), dims = dims_, scale = scale_, offset = offset_,
                     rows_at = rows_]() {
     const auto &x = in[0], &periods = in[1];
-    std::vector<float> tmp, tmp_at;
+    std::vector<float> tmp;
     const float* xp = row_major(x, tmp);
     const int64_t d = x.shape(-1), len = x.shape(-2), rows = x.size() / d, half = dims / 2;
     const int64_t ps = periods.strides()[0];
@@ -251,10 +251,7 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int32_t* at = rows_at ? in[2].data<int32_t>() : nullptr;
     const int64_t as = rows_at ? in[2].strides()[0] : 0;
     std::vector<float> cosv(tables * len * half), sinv(tables * len * half);
-    for (int64_t t = 0; t < tables; ++t) {
-      rope_table(periods.data<float>(), ps, half, scale, at ? at[t * as] : offset, len, cosv.data() + t * len * half,
-                 sinv.data() + t * len * half);
-    }
+    rope_tables(periods.data<float>(), ps, half, scale, offset, at, as, tables, len, cosv.data(), sinv.data());
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t where = ((r / per_table) * len + r % len) * half;
       rope_row(xp + r * d, cosv.data() + where, sinv.data() + where, half, d, y + r * d);
@@ -650,12 +647,26 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   return mx::array(shape, mx::float32, std::make_shared<Attention>(mx::to_stream(s), fallback, scale, causal), {q, k, v});
 }
 
+namespace {
+
+// The (B, 1, 1, n_keys) mask of attention_from(): row b sees the keys from index first[b] (B,) on.
+mx::array first_key_mask(const mx::array& first, int n_keys, mx::StreamOrDevice s) {
+  const auto keys = mx::arange(n_keys, mx::int32, s);
+  const auto seen = mx::greater_equal(mx::expand_dims(keys, 0, s), mx::expand_dims(first, 1, s), s);  // (B, S)
+  return mx::reshape(seen, {seen.shape(0), 1, 1, seen.shape(1)}, s);
+}
+
+// Row b's first key of `first` (B,) int32, kept inside [0, n_keys): a row sees one key at least.
+int64_t first_key(const mx::array& first, int64_t b, int64_t n_keys) {
+  return std::clamp<int64_t>(first.data<int32_t>()[b * first.strides()[0]], 0, n_keys - 1);
+}
+
+}  // namespace
+
 mx::array attention_from(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                          const mx::array& first, mx::StreamOrDevice s) {
   auto mlx_attention = [scale, s](const std::vector<mx::array>& in) {
-    const auto keys = mx::arange(in[1].shape(2), mx::int32, s);
-    const auto seen = mx::greater_equal(mx::expand_dims(keys, 0, s), mx::expand_dims(in[3], 1, s), s);  // (B, S)
-    const auto mask = mx::reshape(seen, {seen.shape(0), 1, 1, seen.shape(1)}, s);
+    const auto mask = first_key_mask(in[3], in[1].shape(2), s);
     return std::vector<mx::array>{
         mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale, "", mask, {}, false, s)};
   };
@@ -682,15 +693,12 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const Rows4 qr(q, tq), kr(k, tk), vr(v, tv);
     const int64_t batch = q.shape(0), heads = q.shape(1), lq = q.shape(2), d = q.shape(3);
     const int64_t groups = heads / k.shape(1), lk = k.shape(2), dv = v.shape(3);
-    const int32_t* firsts = from ? in[3].data<int32_t>() : nullptr;
-    const int64_t fs = from ? in[3].strides()[0] : 0;
     // One task a query row (batch, head, position): each computed alone, whichever thread runs it.
     auto row = [&](int64_t t) {
       thread_local std::vector<float> p;
       p.resize(lk);
       const int64_t b = t / (heads * lq), h = t / lq % heads, i = t % lq;
-      // The row's keys are [k0, lk): from its first key (attention_from; clamped to one key at least)
-      const int64_t k0 = firsts ? std::clamp<int64_t>(firsts[b * fs], 0, lk - 1) : 0;
+      const int64_t k0 = from ? first_key(in[3], b, lk) : 0;  // the row's keys are [k0, lk)
       const int64_t keys = (causal ? lk - lq + i + 1 : lk) - k0;
       const float* qi = qr.at(b, h, i);
       float top = -std::numeric_limits<float>::infinity();
@@ -746,11 +754,7 @@ mx::array make_quantized_attention(std::vector<mx::array> inputs, float scale, b
     auto k = mx::dequantize(in[1], in[2], in[3], group_size, bits, "affine", std::nullopt, std::nullopt, s);
     auto v = mx::dequantize(in[4], in[5], in[6], group_size, bits, "affine", std::nullopt, std::nullopt, s);
     std::optional<mx::array> mask;
-    if (in.size() == 8) {  // row b sees the keys from first[b] on: (B, 1, 1, S)
-      const auto seen = mx::greater_equal(mx::expand_dims(mx::arange(k.shape(2), mx::int32, s), 0, s),
-                                          mx::expand_dims(in[7], 1, s), s);
-      mask = mx::reshape(seen, {seen.shape(0), 1, 1, seen.shape(1)}, s);
-    }
+    if (in.size() == 8) mask = first_key_mask(in[7], k.shape(2), s);
     return std::vector<mx::array>{
         mx::fast::scaled_dot_product_attention(in[0], k, v, scale, causal ? "causal" : "", mask, {}, false, s)};
   };
@@ -772,7 +776,7 @@ mx::array make_quantized_attention(std::vector<mx::array> inputs, float scale, b
   if (!here) {
     return mlx_attention(inputs)[0];
   }
-  const auto shape = q.shape();
+  const auto shape = q.shape();  // q is inputs[0], which the call below moves from
   return mx::array(shape, mx::float32,
                    std::make_shared<QuantizedAttention>(mx::to_stream(s), mlx_attention, scale, causal, group_size,
                                                         bits, from),
@@ -810,8 +814,7 @@ void QuantizedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
     auto dequantize = bits == 8 ? dequantize_row8 : dequantize_row4;
     std::vector<float> row(d), p(rows * lk), total(rows);
     for (int64_t b = 0; b < batch; ++b) {
-      // The row's keys are [k0, lk): from its first key (quantized_attention_from; one key at least)
-      const int64_t k0 = from ? std::clamp<int64_t>(inputs[7].data<int32_t>()[b * inputs[7].strides()[0]], 0, lk - 1) : 0;
+      const int64_t k0 = from ? first_key(inputs[7], b, lk) : 0;  // the row's keys are [k0, lk)
       for (int64_t hk = 0; hk < n_kv; ++hk) {
         // Scores: each key row dequantized once, for every query it serves.
         for (int64_t j = k0; j < lk; ++j) {

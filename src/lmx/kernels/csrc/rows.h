@@ -30,6 +30,15 @@ inline void rope_table(const float* periods, int64_t ps, int64_t half, float sca
   }
 }
 
+// rope_table() once for each of `tables` tables of len x half values, one after another: table t from
+// position at[t * as], or from `offset` where `at` is null (then one table).
+inline void rope_tables(const float* periods, int64_t ps, int64_t half, float scale, int offset, const int32_t* at,
+                        int64_t as, int64_t tables, int64_t len, float* cosv, float* sinv) {
+  for (int64_t t = 0; t < tables; ++t) {
+    rope_table(periods, ps, half, scale, at ? at[t * as] : offset, len, cosv + t * len * half, sinv + t * len * half);
+  }
+}
+
 // One row of d features rotated by one position's table (c, s: half values each; the two halves of
 // the first 2 * half features rotate together, the rest are copied). y may be x.
 inline void rope_row(const float* x, const float* c, const float* s, int64_t half, int64_t d, float* y) {

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?compiled, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -41,6 +41,32 @@ first_use() {  # first_use COLD_SECONDS WARM_SECONDS: gpu_first_use.py in a fres
     --json "$OUT/gpu_first_use_warm.json"
 }
 case $part in
+compiled)  # the whole step as one compiled graph with lmx's attention over its span, against the segmented step:
+  # the span kernel's values, then 270M and 1B bf16 (tokens, profile, decode), then the 8B in bf16 (roofline)
+  export ONE_LOG=1
+  step 100 span_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check.json"
+  step 260 compiled_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-compiled,mlx-lm --rounds 3 --profile-steps 48 --check-steps 32 \
+    --json "$OUT/gpu_compiled_small.json"
+  step 200 compiled_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b \
+    --variants lmx,lmx-compiled,mlx-lm --rounds 3 --bandwidth --check-steps 16 --json "$OUT/gpu_compiled_8b.json"
+  ;;
+compiled_q4)  # part compiled's 4-bit rows: the 8B (and the 270M) in 4 bits
+  export ONE_LOG=1
+  step 220 compiled_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx,lmx-compiled,mlx-lm --rounds 3 --profile-steps 48 --check-steps 16 --json "$OUT/gpu_compiled_8b_q4.json"
+  step 150 compiled_small_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --quantize 4 \
+    --variants lmx,lmx-compiled,mlx-lm --rounds 3 --json "$OUT/gpu_compiled_small_q4.json"
+  ;;
+profile)  # where a decode step's host time goes: the plan's segmented step (thread, one thread) and the whole
+  # step compiled (CompiledDecode), 270M and 1B bf16, then the 8B in 4 bits
+  export ONE_LOG=1
+  step 170 profile_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-onethread,lmx-compiled,mlx-lm --rounds 2 --profile-steps 48 --check-steps 16 \
+    --json "$OUT/gpu_profile_small.json"
+  step 200 profile_8b_q4 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx,lmx-onethread,mlx-lm --rounds 2 --profile-steps 48 --json "$OUT/gpu_profile_8b_q4.json"
+  ;;
 next)  # lmx's float product kernel end to end (270M, 1B), what each op costs the host (attention of head_dim 128
   # included), lmx's attention kernel for Qwen 3's head_dim 128 on the 8B in 4 bits and bf16, the float kernel's values
   export ONE_LOG=1

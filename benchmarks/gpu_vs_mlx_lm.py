@@ -212,7 +212,9 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-dense": (False, None),
     "lmx-attn-all": (False, None),
     "lmx-dense-attn": (False, None),
+    "lmx-compiled": (False, False),
 }
+COMPILED = {"lmx-compiled"}  # variants that decode with the whole step compiled (CompiledDecode)
 NO_CUDA_ATTENTION = {"lmx-plain", "lmx-seg-noattn"}  # variants run with LMX_CUDA_ATTENTION=0
 
 
@@ -242,6 +244,7 @@ def greedy_run(model: nn.Module, prompt: list[int], n: int, variant: str) -> tup
             model.make_cache(),
             make_sampler(0.0),
             KeySequence(0).next,
+            compile=variant in COMPILED,
             segments=segments,
             state=state_for(variant, model),
         )
@@ -291,6 +294,7 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
     state = state_for(variant, model)
     if segments is None:  # the plan's step, as generate_step takes it (a GPU's: segmented)
         segments = state.plan.decode_mode == "segmented"
+    compiled = variant in COMPILED
     encoder = state.encoder() if state.plan.encode_thread else None
     on_stream = (lambda: mx.stream(encoder.stream)) if encoder is not None else contextlib.nullcontext
     with step_context(variant, model):
@@ -301,7 +305,7 @@ def profile_steps(model: nn.Module, prompt: list[int], n: int, variant: str) -> 
             logits = prefill(model, mx.array([prompt]), cache, None, plan.prefill_step_size, layerwise)
             token = mx.argmax(logits, axis=-1)
             mx.eval(token)
-        step = state.segmented() if segments else None
+        step = state.compiled(cache, False) if compiled else state.segmented() if segments else None
 
         def decode(tok: mx.array) -> tuple[mx.array, mx.array]:
             with on_stream():

@@ -194,8 +194,9 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
     made: list[dict] = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw) or object())
     factories = [
-        lambda: cuda_attention._kernel(False),
-        lambda: cuda_attention._kernel(True),
+        lambda: cuda_attention._kernel("all"),
+        lambda: cuda_attention._kernel("first"),
+        lambda: cuda_attention._kernel("span"),
         cuda_quantized._kernel,
         cuda_dense._kernel,
     ]
@@ -208,13 +209,56 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
     finally:
         for cache in caches:  # the recorded stand-ins must not outlive the test
             cache.cache_clear()
-    assert len(made) == 4
+    assert len(made) == 5
     for kw in made:
         digest = hashlib.sha256(f"{kw['header']}\0{kw['source']}".encode()).hexdigest()[:16]
         assert kw["name"].endswith("_" + digest) and kw["name"].isidentifier(), kw["name"]
-    assert len({kw["name"] for kw in made}) == 4
-    assert len({kw["source"] for kw in made}) == 4  # the two attention kernels differ in their source
+    assert len({kw["name"] for kw in made}) == 5
+    assert len({kw["source"] for kw in made}) == 5  # the three attention kernels differ in their source
     name = cuda_attention.kernel_name("k", "out[0] = 1;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 2;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 1;", "// header")
     assert name == cuda_attention.kernel_name("k", "out[0] = 1;", "")
+
+
+def test_a_compiled_step_s_span_takes_the_kernel_inside_inference_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CudaOps.attention_span (a compiled decode step's fixed storage, slots [first, end) in use) sends
+    one-query attention of any head dim the kernel takes to decode_attention_span inside inference;
+    outside it (a graph that may be differentiated) MLX's masked attention runs. The result is
+    attention over the span's keys alone either way (the fake kernel computes exactly that)."""
+    calls = []
+
+    def fake(q: mx.array, k: mx.array, v: mx.array, scale: float, span: mx.array) -> mx.array:
+        first, end = span.tolist()
+        calls.append((q.shape[-1], first, end))
+        return mx.fast.scaled_dot_product_attention(q, k[:, :, first:end], v[:, :, first:end], scale=scale)
+
+    monkeypatch.setattr(cuda_attention, "decode_attention_span", fake)
+    monkeypatch.setattr(cuda_attention, "inference_active", lambda: True)
+    ops = CudaOps(cuda_attention)
+    for d in (256, 128):  # Qwen 3's head dim too: MLX's fused one-query kernel takes no mask
+        q = mx.random.normal((2, 4, 1, d), key=mx.random.key(1))
+        k = mx.random.normal((2, 1, 12, d), key=mx.random.key(2))
+        v = mx.random.normal((2, 1, 12, d), key=mx.random.key(3))
+        want = mx.fast.scaled_dot_product_attention(q, k[:, :, 3:9], v[:, :, 3:9], scale=0.0625)
+        got = ops.attention_span(q, k, v, 0.0625, mx.array([3, 9], dtype=mx.int32))
+        assert calls[-1] == (d, 3, 9)
+        assert mx.allclose(got, want, atol=1e-5).item()
+    monkeypatch.setattr(cuda_attention, "inference_active", lambda: False)
+    masked = ops.attention_span(q, k, v, 0.0625, mx.array([3, 9], dtype=mx.int32))
+    assert len(calls) == 2  # not the kernel: MLX's masked path, the same values
+    assert mx.allclose(masked, want, atol=1e-5).item()
+    off = CudaOps(cuda_attention, attention=False)  # LMX_CUDA_ATTENTION=0
+    monkeypatch.setattr(cuda_attention, "inference_active", lambda: True)
+    off.attention_span(q, k, v, 0.0625, mx.array([3, 9], dtype=mx.int32))
+    assert len(calls) == 2
+
+
+def test_decode_attention_span_refuses_what_it_cannot_take() -> None:
+    q, k, v = (x.astype(mx.float32) for x in qkv())
+    with pytest.raises(ValueError, match="span must be"), cuda_attention.inference():
+        cuda_attention.decode_attention_span(q, k, v, 0.0625, mx.array([0, 1, 2], dtype=mx.int32))
+    with pytest.raises(ValueError, match="span must be"), cuda_attention.inference():
+        cuda_attention.decode_attention_span(q, k, v, 0.0625, mx.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="no gradient"):
+        cuda_attention.decode_attention_span(q, k, v, 0.0625, mx.array([0, 1], dtype=mx.int32))

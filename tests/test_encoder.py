@@ -41,7 +41,7 @@ def model(request):
     return m
 
 
-@pytest.mark.parametrize("mode", ["eager", "segmented"])
+@pytest.mark.parametrize("mode", ["eager", "segmented", "compiled"])
 def test_threaded_steps_equal_one_thread_bit_for_bit(model, mode):
     # 300 steps: past the first KV-cache growth (256) and Gemma's sliding-window wraps.
     prompt = mx.random.randint(0, 512, (2, 20), key=mx.random.key(5))

@@ -167,3 +167,32 @@ def test_bench_fuses_the_quantized_layers_it_makes(monkeypatch):
     assert attn.fused.holds((attn.q_proj, attn.k_proj, attn.v_proj))
     assert plain.model.layers[0].self_attn.fused is None
     np.testing.assert_allclose(forward(fused.model, PROMPT), forward(plain.model, PROMPT), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["tiny-gemma3", "tiny-qwen3"])
+def test_the_compiled_step_keeps_the_fusion_and_attends_over_its_span(config, monkeypatch):
+    """The whole step compiled (``compile=True``) runs the fused products and sends each layer's
+    attention to ``Ops.attention_span`` (on a CUDA GPU, one kernel over the slots in use), and
+    decodes what the eager step does, past a cache growth (256) and sliding-window moves. It used
+    to trace with the weights as graph inputs, which dropped the fusion for good."""
+    from lmx.runtime.ops import MlxOps
+    from test_segments import first_steps
+
+    model = model_of(config)
+    eager = decode(model, PROMPT, 260, False)
+    model.fuse_projections()
+    spans = []
+    original = MlxOps.attention_span
+
+    def counted(self, q, k, v, scale, span):
+        spans.append(k.shape[2])
+        return original(self, q, k, v, scale, span)
+
+    monkeypatch.setattr(MlxOps, "attention_span", counted)
+    state = DecodeState(model)
+    tokens, logprobs = first_steps(model, PROMPT, 260, compile=True, state=state)
+    assert tokens == eager[0]
+    np.testing.assert_allclose(logprobs, eager[1], rtol=0, atol=1e-5)
+    assert len(spans) >= len(model.layers) and len(spans) % len(model.layers) == 0  # one a layer, per trace
+    attn = model.layers[0].self_attn
+    assert attn.fused is not None and attn.fused.holds([attn.q_proj, attn.k_proj, attn.v_proj])

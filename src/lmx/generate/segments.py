@@ -16,6 +16,11 @@ each op), not by the arithmetic, fewer ops and less Python per step is the lever
 fused kernel. The segments are built from the model contract
 (:class:`lmx.models.base.LanguageModel`): ``embed``, ``layers`` (``begin``, ``end``,
 ``self_attn.attend``), ``norm`` and ``head``.
+
+:class:`CompiledDecode` traces the same pieces as one graph, the cache writes and attention
+included: the caches' storage goes in and out whole, written at a traced index, and attention
+reads the slots in use (``Ops.attention_span``; a mask where the ops have no kernel for it). Its
+build is one call a step instead of one a layer.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.models.base import LanguageModel
-from lmx.models.cache import KVCache
+from lmx.models.cache import DecodeSlot, KVCache, SlotIndex
 
 Segment = Callable[..., Any]
 
@@ -53,14 +58,13 @@ def _scan(tree: Any, arrays: list[mx.array]) -> bool:
     return stochastic
 
 
-class SegmentedDecode:
-    """One decode step (batch of one-token rows) of a model, in compiled segments.
-
-    The model's weights are constants of the traces (as graph inputs, Gemma's norms would
-    recompute ``1 + weight`` in every step: see ``gemma3_text.RMSNorm``), so :meth:`prepare`
-    checks before each generation that the model still holds the same arrays, and traces
-    anew when it does not (``model.update``, LoRA layers swapped in or fused). Until then the
-    traces keep the previous arrays alive.
+class _Traced:
+    """Traces of a model's decode step whose weights are constants of the traces (as graph
+    inputs, Gemma's norms would recompute ``1 + weight`` in every step: see
+    ``gemma3_text.RMSNorm``, and a fused product's weights would be the layers' tracers), so
+    :meth:`prepare` checks before each generation that the model still holds the same arrays,
+    and traces anew when it does not (``model.update``, LoRA layers swapped in or fused). Until
+    then the traces keep the previous arrays alive.
 
     Args:
         model: the model (held weakly: the traces must not keep it alive).
@@ -69,30 +73,46 @@ class SegmentedDecode:
     def __init__(self, model: LanguageModel) -> None:
         self._model = weakref.ref(model)
         self._weights: list[mx.array] = []
-        self._first: Segment | None = None
-        self._middle: list[Segment] = []
-        self._last: Segment | None = None
+        self._built = False
 
     def prepare(self) -> bool:
-        """Trace anew if the model's arrays changed since the segments were built; False (and
-        nothing traced) where a module draws random numbers in its current mode."""
+        """Trace anew if the model's arrays changed since the last trace; False (and nothing
+        traced) where a module draws random numbers in its current mode."""
         model = self._model()
         assert model is not None
         weights: list[mx.array] = []
         if _scan(model, weights):
             return False
         same = len(weights) == len(self._weights) and all(a is b for a, b in zip(weights, self._weights))
-        if not same or self._first is None:
+        if not same or not self._built:
+            # Arrays the modules derive from their weights and keep (Gemma's 1 + weight, a
+            # Linear's weight.T) must be evaluated before tracing: a lazy one would be part of
+            # the trace, recomputed in every step.
+            mx.eval(model.constants())
             self._build(model)
-            self._weights = weights
+            self._weights, self._built = weights, True
         return True
 
     def _build(self, model: LanguageModel) -> None:
+        raise NotImplementedError
+
+
+class SegmentedDecode(_Traced):
+    """One decode step (batch of one-token rows) of a model, in compiled segments (see
+    :class:`_Traced` for when they are traced).
+
+    Args:
+        model: the model (held weakly: the traces must not keep it alive).
+    """
+
+    def __init__(self, model: LanguageModel) -> None:
+        super().__init__(model)
+        self._first: Segment | None = None
+        self._middle: list[Segment] = []
+        self._last: Segment | None = None
+
+    def _build(self, model: LanguageModel) -> None:
         layers = model.layers
-        # Arrays the modules derive from their weights and keep (Gemma's 1 + weight, a
-        # Linear's weight.T) must be evaluated before tracing: a lazy one would be part of
-        # the trace, recomputed in every step.
-        mx.eval(model.constants())
         ref = self._model
 
         def first(tokens: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
@@ -133,3 +153,81 @@ class SegmentedDecode:
                 if i + 1 < n:
                     h, q, k, v = self._middle[i](h, out, offset)
             return self._last(h, out)
+
+
+class CompiledDecode(_Traced):
+    """One decode step (all layers and the LM head) of a model as one compiled graph (see
+    :class:`_Traced` for when it is traced).
+
+    Shapes must not change between steps, so the caches take part through
+    :class:`DecodeSlot`: their storage goes in and comes out whole, and the write slot and the
+    position are int32 arrays. A cache's storage grows (or a sliding one moves its window to the
+    front) in :meth:`KVCache.reserve`, outside the graph; a new storage size traces anew (MLX
+    keeps a trace per input shape). The caches of one window move in step, so each window's
+    write slot is one input (:class:`SlotIndex`), and what attention derives from it is built
+    once a step, not once a layer.
+
+    Args:
+        model: the model (held weakly).
+        windows: each layer's sliding window (None for global layers).
+        padded: whether calls pass a ``pad`` array.
+    """
+
+    def __init__(self, model: LanguageModel, windows: tuple[int | None, ...], padded: bool) -> None:
+        super().__init__(model)
+        self.padded = padded
+        self._windows = list(dict.fromkeys(windows))  # the distinct windows, in layer order
+        self._group = [self._windows.index(w) for w in windows]  # each layer's window
+        self._step: Segment | None = None
+
+    def _build(self, model: LanguageModel) -> None:
+        layers = model.layers
+        ref, windows, group = self._model, self._windows, self._group
+
+        def step(
+            token: mx.array, keys: list[mx.array], values: list[mx.array], index: mx.array, position: mx.array, *pad
+        ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+            m = ref()
+            assert m is not None
+            wheres = [SlotIndex(index[i], w) for i, w in enumerate(windows)]
+            slots = [DecodeSlot(k, v, wheres[g], position) for k, v, g in zip(keys, values, group)]
+            rows_pad = pad[0] if pad else None
+            offset = position if rows_pad is None else position - rows_pad.astype(mx.int32)  # each row's RoPE position
+            h = m.embed(token)  # (B, dim)
+            for layer, slot in zip(layers, slots):
+                q, k, v = layer.begin(h, offset)
+                h = layer.end(h, layer.self_attn.attend(q, k, v, slot, rows_pad))
+            return m.head(m.norm(h)), [s.keys for s in slots], [s.values for s in slots]
+
+        self._step = mx.compile(step)
+
+    def __call__(self, token: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
+        """Logits (B, V) for ``token`` (B,); every cache advances by one position.
+
+        Raises:
+            RuntimeError: caches of one window that are not at the same slot (they move in step).
+        """
+        model = self._model()
+        assert model is not None and self._step is not None
+        assert (pad is not None) == self.padded
+        index: list[int | None] = [None] * len(self._windows)
+        for c, g in zip(cache, self._group):
+            at = c.reserve(1)
+            if index[g] is None:
+                index[g] = at
+            elif index[g] != at:
+                raise RuntimeError(f"caches of window {self._windows[g]} are at slots {index[g]} and {at}")
+        position = mx.array(cache[0].offset, dtype=mx.int32)
+        extra = (pad,) if pad is not None else ()
+        with model.ops.inference():  # a decode step is never differentiated (the trace is made inside)
+            logits, keys, values = self._step(
+                token,
+                [c.keys for c in cache],
+                [c.values for c in cache],
+                mx.array(index, dtype=mx.int32),
+                position,
+                *extra,
+            )
+        for c, k, v in zip(cache, keys, values):
+            c.advance(k, v, 1)
+        return logits

@@ -8,15 +8,14 @@ load), kept with the traces made for it in a :class:`DecodeState`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
 from lmx.generate.encoder import StepEncoder
-from lmx.generate.segments import SegmentedDecode
+from lmx.generate.segments import CompiledDecode, SegmentedDecode
 from lmx.models.base import LanguageModel
-from lmx.models.cache import DecodeSlot, KVCache
+from lmx.models.cache import KVCache
 from lmx.models.image_prompt import ImagePrompt
 from lmx.runtime.profile import StepPlan
 
@@ -50,57 +49,6 @@ def prefill(
     return model.head(h[:, -1:, :])[:, 0, :]
 
 
-class CompiledDecode:
-    """One decode step (all layers and the LM head) as a compiled MLX graph.
-
-    Building a step's graph op by op from Python costs more than running it for small
-    models where a step is bound by host work; compiled, the graph is traced once and replayed, and MLX fuses its
-    element-wise ops. Shapes must not change between steps, so the caches take part
-    through :class:`DecodeSlot`: their storage goes in and comes out whole, and the write
-    slot and the position are int32 arrays. A cache's storage grows (or a sliding one
-    wraps) in :meth:`KVCache.reserve`, outside the graph; a new storage size traces anew.
-
-    The model's arrays are inputs of the graph (not constants), so weights updated in place
-    (``model.update``, LoRA layers swapped in) are used; one instance serves every request
-    on a model (kept by its :class:`DecodeState`).
-
-    Args:
-        model: the model (held weakly).
-        windows: each layer's sliding window (None for global layers).
-        padded: whether calls pass a ``pad`` array.
-    """
-
-    def __init__(self, model: LanguageModel, windows: tuple[int | None, ...], padded: bool) -> None:
-        ref = weakref.ref(model)  # held by the model's DecodeState: it must not keep the model alive
-        self.padded = padded
-
-        def step(
-            token: mx.array, keys: list[mx.array], values: list[mx.array], index: mx.array, position: mx.array, *pad
-        ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-            m = ref()
-            assert m is not None
-            slots = [DecodeSlot(k, v, index[i], position, w) for i, (k, v, w) in enumerate(zip(keys, values, windows))]
-            h = m.hidden(token[:, None], slots, pad[0] if pad else None)
-            return m.head(h)[:, -1, :], [s.keys for s in slots], [s.values for s in slots]
-
-        # The children, not the model: a graph input that held the model would keep it
-        # alive as long as this trace.
-        self._step = mx.compile(step, inputs=model.children())  # type: ignore[attr-defined]
-
-    def __call__(self, token: mx.array, cache: list[KVCache], pad: mx.array | None = None) -> mx.array:
-        """Logits (B, V) for ``token`` (B,); every cache advances by one position."""
-        assert (pad is not None) == self.padded
-        index = mx.array([c.reserve(1) for c in cache], dtype=mx.int32)
-        position = mx.array(cache[0].offset, dtype=mx.int32)
-        extra = (pad,) if pad is not None else ()
-        logits, keys, values = self._step(
-            token, [c.keys for c in cache], [c.values for c in cache], index, position, *extra
-        )
-        for c, k, v in zip(cache, keys, values):
-            c.advance(k, v, 1)
-        return logits
-
-
 class DecodeState:
     """What the step loop keeps for one model between generations: its plan (from the profile
     chosen at load) and the traces made for it (compiled decode steps by cache layout, the segmented step).
@@ -121,12 +69,16 @@ class DecodeState:
         self._segments: SegmentedDecode | None = None
         self._encoder: StepEncoder | None = None
 
-    def compiled(self, cache: list[KVCache], padded: bool) -> CompiledDecode:
-        """The model's :class:`CompiledDecode` for this cache layout, made on first use."""
+    def compiled(self, cache: list[KVCache], padded: bool) -> CompiledDecode | None:
+        """The model's :class:`CompiledDecode` for this cache layout (made on first use), ready for
+        its current weights; None where a module draws random numbers in its current mode (as
+        :meth:`segmented`). Traces are made on the stream of the step that first calls it, as
+        :meth:`segmented` says."""
         key = (tuple(c.window for c in cache), padded)
         if key not in self._compiled:
             self._compiled[key] = CompiledDecode(self.model, *key)
-        return self._compiled[key]
+        step = self._compiled[key]
+        return step if step.prepare() else None
 
     def segmented(self) -> SegmentedDecode | None:
         """The model's :class:`SegmentedDecode`, ready for its current weights, or None where a
@@ -243,10 +195,10 @@ def generate_step(
         processors: ``(history, logits) -> logits`` callables.
         pad: (B,) left-padding counts for a padded batch.
         prefill_step_size: prompt chunk size (None: the plan's).
-        compile: run each decode step as one compiled graph (:class:`CompiledDecode`); None: as
-            the plan says (``decode_mode="compiled"``: off by default, as measured in
-            benchmarks/RESULTS.md). Quantized caches decode eagerly (the compiled step writes
-            float storage).
+        compile: run each decode step as one compiled graph
+            (:class:`lmx.generate.segments.CompiledDecode`); None: as the plan says
+            (``decode_mode="compiled"``: off by default, as measured in benchmarks/RESULTS.md).
+            Quantized caches decode eagerly (the compiled step writes float storage).
         segments: run each decode step as compiled segments around eager attention
             (:class:`lmx.generate.segments.SegmentedDecode`); None: as the plan says
             (``decode_mode="segmented"``). Used only for rows without padding, and not with
@@ -274,28 +226,15 @@ def generate_step(
             history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
         return token, logprobs
 
-    def forward(token: mx.array) -> mx.array:
-        return eager_step(model, token, cache, pad)
-
     step_size = prefill_step_size or plan.prefill_step_size
-    encoder = state.encoder() if plan.encode_thread and not compile else None
+    encoder = state.encoder() if plan.encode_thread else None
     if encoder is not None:
-        yield from _threaded_steps(state, encoder, prompt, cache, sample, pad, step_size, segments)
+        yield from _threaded_steps(state, encoder, prompt, cache, sample, pad, step_size, segments, compile)
         return
     first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")
     token, logprobs = sample(first)
     mx.async_eval(token, logprobs)  # the prefill runs while the decode step is set up
-    if compile:
-        step = state.compiled(cache, pad is not None)
-
-        def decode(token: mx.array) -> mx.array:
-            return step(token, cache, pad)
-    elif segments and pad is None and (segmented := state.segmented()) is not None:
-
-        def decode(token: mx.array) -> mx.array:
-            return segmented(token, cache)
-    else:
-        decode = forward
+    decode = _decode_for(state, cache, pad, segments, compile)
     while True:
         # Queue the next step before handing this one over: MLX works on it
         # while the caller detokenizes and checks stop conditions.
@@ -303,6 +242,18 @@ def generate_step(
         mx.async_eval(next_token, next_logprobs)
         yield token, logprobs
         token, logprobs = next_token, next_logprobs
+
+
+def _decode_for(
+    state: DecodeState, cache: list[KVCache], pad: mx.array | None, segments: bool, compile: bool
+) -> Callable[[mx.array], mx.array]:
+    """A generation's decode step, ``token (B,) -> logits (B, V)``: the compiled step, the
+    segmented one (rows without padding) or the eager one, as asked and where it can run."""
+    if compile and (step := state.compiled(cache, pad is not None)) is not None:
+        return lambda token: step(token, cache, pad)
+    if segments and pad is None and (segmented := state.segmented()) is not None:
+        return lambda token: segmented(token, cache)
+    return lambda token: eager_step(state.model, token, cache, pad)
 
 
 def _threaded_steps(
@@ -314,6 +265,7 @@ def _threaded_steps(
     pad: mx.array | None,
     step_size: int,
     segments: bool,
+    compile: bool,
 ) -> Iterator[tuple[mx.array, mx.array]]:
     """:func:`generate_step`'s loop with each step queued by ``encoder``'s thread while this
     thread builds the next (see :mod:`lmx.generate.encoder`). Every op of the generation is
@@ -328,14 +280,7 @@ def _threaded_steps(
         first = prefill(model, prompt, cache, pad, step_size, layerwise=plan.prefill_mode == "layerwise")
         token, logprobs = sample(first)
         mx.eval(token, logprobs)
-        if segments and pad is None and (segmented := state.segmented()) is not None:
-
-            def decode(token: mx.array) -> mx.array:
-                return segmented(token, cache)
-        else:
-
-            def decode(token: mx.array) -> mx.array:
-                return eager_step(model, token, cache, pad)
+        decode = _decode_for(state, cache, pad, segments, compile)  # its traces are made on this stream
 
     out = token, logprobs  # evaluated: safe to read while a step holding ``token`` is queued
     queued = None

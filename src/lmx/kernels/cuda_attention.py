@@ -109,7 +109,6 @@ _SOURCE = """
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int n_heads = q_shape[1];
-    const int n_keys = k_shape[2];
     const int kv_head = head / (n_heads / k_shape[1]);
 
     const auto* qh = q + batch * q_strides[0] + head * q_strides[1];
@@ -130,7 +129,7 @@ _SOURCE = """
 
     float m = neg_inf;  // running max of this warp's scores
     float l = 0.0f;     // running sum of exp2(score - m)
-    for (int i = FIRST_KEY + warp; i < n_keys; i += WARPS) {
+    for (int i = FIRST_KEY + warp; i < END_KEY; i += WARPS) {
         const auto* kr = kh + i * k_t;
         float s = 0.0f;
 #pragma unroll
@@ -245,14 +244,24 @@ def wanted(queries: mx.array, keys: mx.array, values: mx.array, scale: float) ->
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(from_first: bool = False) -> Any:
-    """The kernel; ``from_first``: with a fourth input ``first`` (B,) int32, row ``b`` attends to the
-    keys from index ``first[b]`` on (a batch's left padding before a row's own positions)."""
-    source = _SOURCE.replace("FIRST_KEY", "first[batch]" if from_first else "0")
+# What each kernel's rows attend to: its name, its extra input, the first key and the end
+_RANGES = {
+    "all": ("lmx_decode_attention", None, "0", "k_shape[2]"),
+    "first": ("lmx_decode_attention_from", "first", "first[batch]", "k_shape[2]"),  # (B,): each row's first key
+    "span": ("lmx_decode_attention_span", "span", "span[0]", "span[1]"),  # (2,): [first, end) for every row
+}
+
+
+@functools.lru_cache(maxsize=3)
+def _kernel(keys: str = "all") -> Any:
+    """The kernel over the keys ``keys`` names (:data:`_RANGES`): every key; from index ``first[b]``
+    on for row ``b`` (a batch's left padding before a row's own positions); or ``span[0] <= i <
+    span[1]`` for every row (a compiled decode step's slots in use in its fixed storage)."""
+    base, extra, first, end = _RANGES[keys]
+    source = _SOURCE.replace("FIRST_KEY", first).replace("END_KEY", end)
     return mx.fast.cuda_kernel(
-        name=kernel_name("lmx_decode_attention_from" if from_first else "lmx_decode_attention", source, FLOAT_HEADER),
-        input_names=["q", "k", "v", "first"] if from_first else ["q", "k", "v"],
+        name=kernel_name(base, source, FLOAT_HEADER),
+        input_names=["q", "k", "v"] + ([extra] if extra else []),
         output_names=["out"],
         source=source,
         header=FLOAT_HEADER,
@@ -361,14 +370,44 @@ def decode_attention_from(
         raise ValueError(f"first must be ({queries.shape[0]},) int32, got {first.shape} {first.dtype}")
     if not inference_active():
         raise ValueError("decode_attention_from has no gradient: call it inside cuda_attention.inference()")
-    return _run(queries, keys, values, scale, first)
+    return _run(queries, keys, values, scale, first, "first")
 
 
-def _run(queries: mx.array, keys: mx.array, values: mx.array, scale: float, first: mx.array | None = None) -> mx.array:
+def decode_attention_span(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, span: mx.array
+) -> mx.array:
+    """:func:`decode_attention` where every row sees only the keys ``span[0] <= i < span[1]`` (a
+    compiled decode step attends over its caches' whole storage, of which these slots are in use).
+    For inference only (no gradient): call it inside :func:`inference`.
+
+    Args:
+        queries, keys, values, scale: as :func:`decode_attention`.
+        span: (2,) int32, ``0 <= span[0] < span[1] <= L``.
+
+    Raises:
+        ValueError: inputs :func:`supported` does not take, ``span`` not (2,) int32, or no
+            :func:`inference` context.
+    """
+    _check("decode_attention_span", queries, keys, values, scale)
+    if span.shape != (2,) or span.dtype != mx.int32:
+        raise ValueError(f"span must be (2,) int32, got {span.shape} {span.dtype}")
+    if not inference_active():
+        raise ValueError("decode_attention_span has no gradient: call it inside cuda_attention.inference()")
+    return _run(queries, keys, values, scale, span, "span")
+
+
+def _run(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    extra: mx.array | None = None,
+    which: str = "all",
+) -> mx.array:
     batch, n_heads, _, d = queries.shape
     warps = min(32, 8192 // d)
-    return _kernel(first is not None)(
-        inputs=[queries, keys, values] if first is None else [queries, keys, values, first],
+    return _kernel(which)(
+        inputs=[queries, keys, values] if extra is None else [queries, keys, values, extra],
         # T is unused by the source but names the kernel: MLX caches a compiled kernel by its name
         # and template values, and the signature it generates depends on the inputs' dtype.
         template=[("T", queries.dtype), ("D", d), ("WARPS", warps), ("SCALE_BITS", _float_bits(scale))],

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lmx.errors import ConfigError
-from lmx.models.cache import KVCache, KVQuant, RotatingKVCache, Storage, slots
+from lmx.models.cache import DecodeSlot, KVCache, KVQuant, RotatingKVCache, Storage, slots
 from lmx.models.gguf_layers import decode_blocks, decode_rows, norm_scales
 from lmx.runtime.ops import MLX_OPS, Ops
 
@@ -431,6 +431,9 @@ class QKNormAttention(nn.Module):
         """Store ``k``/``v`` in ``cache`` (a KV cache); attention of ``q`` over it (B, n_heads, L, head_dim)."""
         k, v = cache.update_and_fetch(k, v)
         ops = self.ops_slot.ops
+        if isinstance(cache, DecodeSlot) and pad is None and self.softcap is None:
+            # a compiled step's whole storage: the query sees the slots of the span (no mask array)
+            return ops.attention_span(q, k, v, self.scale, cache.span())
         if (
             pad is not None
             and q.shape[2] == 1

@@ -353,49 +353,77 @@ class RotatingKVCache(KVCache):
         return _cut(self.keys, 0, self.used), _cut(self.values, 0, self.used)
 
 
+class SlotIndex:
+    """Where a compiled one-token decode step writes and reads in the caches of one window
+    (every global layer's cache, or every sliding layer's: they move in step). Shared by their
+    :class:`DecodeSlot` objects, so what the step derives from it is built once, not once a layer.
+
+    Args:
+        index: () int32, the storage slot of the new position (from ``reserve``).
+        window: the sliding window, or None.
+    """
+
+    def __init__(self, index: mx.array, window: int | None) -> None:
+        self.index = index
+        self.window = window
+        self.start = index.reshape(1)  # the write's start on the storage's position axis
+        self._span: mx.array | None = None
+
+    def span(self) -> mx.array:
+        """(2,) int32 ``[first, end)``: the storage slots the new position's query sees (its own
+        slot last; a sliding window's first ``window`` back)."""
+        if self._span is None:
+            end = self.index + 1
+            first = mx.maximum(end - self.window, 0) if self.window is not None else mx.zeros_like(end)
+            self._span = mx.stack([first, end]).astype(mx.int32)
+        return self._span
+
+
 class DecodeSlot:
     """A cache's stand-in inside a compiled one-token decode step.
 
     Every shape is fixed from step to step: the new keys/values are written at a traced
-    storage ``index`` and attention runs over the cache's whole storage, with a mask that
-    hides the slots not (or no longer) in use. The step's graph can then be compiled once
-    and replayed, instead of being rebuilt op by op for every token. Masked slots add
-    exactly nothing to the attention (their softmax weight is 0).
+    storage index and attention runs over the cache's whole storage, either over the slots of
+    :meth:`span` (one query a row, no padding: a kernel that takes the span reads only those) or
+    with a mask that hides the slots not (or no longer) in use. The step's graph can then be
+    compiled once and replayed, instead of being rebuilt op by op for every token. Masked slots
+    add exactly nothing to the attention (their softmax weight is 0).
 
     Float caches only (the compiled step is not used with quantized ones).
 
     Args:
         keys, values: the cache's whole storage (B, n_kv, S, D).
-        index: () int32, the storage slot of the new position (from ``reserve``).
+        where: the write slot of this cache's window (:class:`SlotIndex`).
         position: () int32, the new position's absolute index (the RoPE offset).
-        window: the sliding window, or None.
     """
 
-    def __init__(
-        self, keys: mx.array, values: mx.array, index: mx.array, position: mx.array, window: int | None
-    ) -> None:
+    def __init__(self, keys: mx.array, values: mx.array, where: SlotIndex, position: mx.array) -> None:
         self.keys, self.values = keys, values
-        self.index = index
+        self.where = where
         self.offset = position
-        self.window = window
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write (B, n_kv, 1, D) keys/values at ``index``; return the whole storage."""
-        start = self.index.reshape(1)
+        """Write (B, n_kv, 1, D) keys/values at the slot index; return the whole storage."""
+        start = self.where.start
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
         return self.keys, self.values
 
+    def span(self) -> mx.array:
+        """(2,) int32 ``[first, end)`` of the slots the new query sees (:meth:`SlotIndex.span`)."""
+        return self.where.span()
+
     def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
-        """(1 or B, 1, 1, S) mask: slots up to ``index``, within the window, past the padding."""
+        """(1 or B, 1, 1, S) mask: slots up to the index, within the window, past the padding."""
         assert n_queries == 1, "DecodeSlot serves one-token steps"
+        index, window = self.where.index, self.where.window
         slots = mx.arange(self.keys.shape[2])
-        mask = slots <= self.index
-        if self.window is not None:
-            mask = mask & (self.index - slots < self.window)
+        mask = slots <= index
+        if window is not None:
+            mask = mask & (index - slots < window)
         mask = mask[None, None, None]  # (1, 1, 1, S)
         if pad is not None:
-            position = slots + (self.offset - self.index)  # absolute position held in each slot
+            position = slots + (self.offset - index)  # absolute position held in each slot
             mask = mask & (position[None, None, None] >= pad[:, None, None, None])  # (B, 1, 1, S)
         return mask
 

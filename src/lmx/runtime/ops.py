@@ -65,6 +65,8 @@ class Ops(Protocol):
 
     def attention_from(self, q: mx.array, k: mx.array, v: mx.array, scale: float, first: mx.array) -> mx.array: ...
 
+    def attention_span(self, q: mx.array, k: mx.array, v: mx.array, scale: float, span: mx.array) -> mx.array: ...
+
     def quantized_attention_from(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
     ) -> mx.array: ...
@@ -141,6 +143,13 @@ class MlxOps:
         """One query per row (B, H, 1, D) where row ``b`` sees the keys from index ``first[b]`` (B,)
         on: :meth:`attention` with that mask, built here."""
         return self.attention(q, k, v, scale, _first_mask(k.shape[2], first))
+
+    def attention_span(self, q: mx.array, k: mx.array, v: mx.array, scale: float, span: mx.array) -> mx.array:
+        """One query per row (B, H, 1, D) where every row sees the keys ``span[0] <= i < span[1]``
+        (``span`` (2,) int32: a compiled decode step's slots in use, :class:`lmx.models.cache.DecodeSlot`):
+        :meth:`attention` with that mask, built here."""
+        slot = mx.arange(k.shape[2])
+        return self.attention(q, k, v, scale, ((slot >= span[0]) & (slot < span[1]))[None, None, None])
 
     def quantized_attention_from(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
@@ -466,6 +475,14 @@ class CudaOps(MlxOps):
         if self.indexes_padding and scale > 0 and self.cuda.inference_active() and self.cuda.supported(q, k, v):
             return self.cuda.decode_attention_from(q, k, v, scale, first)
         return super().attention_from(q, k, v, scale, first)
+
+    # A compiled decode step's attention over its fixed storage: one kernel that reads only the
+    # slots in use, where the mask would take MLX's unfused path (no MLX CUDA kernel takes a mask
+    # for one query), whatever the head dim.
+    def attention_span(self, q: mx.array, k: mx.array, v: mx.array, scale: float, span: mx.array) -> mx.array:
+        if self.attends and scale > 0 and self.cuda.inference_active() and self.cuda.supported(q, k, v):
+            return self.cuda.decode_attention_span(q, k, v, scale, span)
+        return super().attention_span(q, k, v, scale, span)
 
     def inference(self) -> ContextManager[None]:
         return self.cuda.inference()

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -51,14 +51,26 @@ compiled)  # the whole step as one compiled graph with lmx's attention over its 
   step 200 compiled_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b \
     --variants lmx,lmx-compiled,mlx-lm --rounds 3 --bandwidth --check-steps 16 --json "$OUT/gpu_compiled_8b.json"
   ;;
-compiled_graphs)  # where the compiled step's device time goes: the 1B, segmented and compiled, with MLX's CUDA graphs
+compiled_graphs)  # where the compiled step's device time goes: whether its cache writes copy the whole storage (Qwen 3
+  # 0.6B, every layer global, at 512 and 8,192 prompt tokens), then the 1B, segmented and compiled, with MLX's CUDA graphs
   # as by default, off, and one graph a step (each setting its own process)
   export ONE_LOG=1
+  for n in 512 8192; do
+    step 100 "compiled_06b_$n" python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-0.6b --prompt-tokens $n \
+      --variants lmx,lmx-compiled --rounds 2 --json "$OUT/gpu_compiled_06b_$n.json"
+  done
   for env in MLX_USE_CUDA_GRAPHS=1 MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=1000; do
     name=$(echo "${env#MLX_}" | tr '=A-Z' '_a-z')
     step 110 "compiled_$name" env "$env" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-1b \
       --variants lmx,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_compiled_graphs_$name.json"
   done
+  ;;
+donation)  # whether a pipelined cache write copies the whole storage (eager, dynamic, compiled), lmx's kernel reading
+  # the span; then the 0.6B at 8,192 tokens again with the lmx kernel for every head dim on the segmented step
+  export ONE_LOG=1
+  step 90 donation python3 benchmarks/cache_write_donation.py --lmx-kernel --json "$OUT/cache_write_donation.json"
+  step 120 attn_all_06b_8192 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-0.6b --prompt-tokens 8192 \
+    --variants lmx,lmx-attn-all,lmx-compiled --rounds 2 --json "$OUT/gpu_attn_all_06b_8192.json"
   ;;
 compiled_q4)  # part compiled's 4-bit rows: the 8B (and the 270M) in 4 bits
   export ONE_LOG=1

@@ -11,16 +11,17 @@ attention over the cache, with no mask (a one-token query sees every cached key)
 
 Where a decode step is bound by host-side work per op (building the graph, then encoding
 each op), not by the arithmetic, fewer ops and less Python per step is the lever
-(benchmarks/RESULTS.md; the profile chosen at load picks this step there). Unlike
-:class:`lmx.generate.step.CompiledDecode`, no array mask is needed, so attention keeps its
-fused kernel. The segments are built from the model contract
+(benchmarks/RESULTS.md; the profile chosen at load picks this step there). Attention reads
+the cache as it is (no mask, no fixed storage), so it keeps its fused kernel. The segments are built from the model contract
 (:class:`lmx.models.base.LanguageModel`): ``embed``, ``layers`` (``begin``, ``end``,
 ``self_attn.attend``), ``norm`` and ``head``.
 
 :class:`CompiledDecode` traces the same pieces as one graph, the cache writes and attention
 included: the caches' storage goes in and out whole, written at a traced index, and attention
 reads the slots in use (``Ops.attention_span``; a mask where the ops have no kernel for it). Its
-build is one call a step instead of one a layer.
+build is one call a step instead of one a layer; it is opt-in (``decode_mode="compiled"``): on a
+GPU its cache writes copy the whole storage (benchmarks/RESULTS.md, "Where a GPU decode step's
+host time goes").
 """
 
 from __future__ import annotations

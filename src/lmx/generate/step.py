@@ -72,8 +72,11 @@ class DecodeState:
     def compiled(self, cache: list[KVCache], padded: bool) -> CompiledDecode | None:
         """The model's :class:`CompiledDecode` for this cache layout (made on first use), ready for
         its current weights; None where a module draws random numbers in its current mode (as
-        :meth:`segmented`). Traces are made on the stream of the step that first calls it, as
-        :meth:`segmented` says."""
+        :meth:`segmented`) or the model holds only some layers (a pipeline-parallel rank: its step
+        sends and receives between them). Traces are made on the stream of the step that first
+        calls it, as :meth:`segmented` says."""
+        if getattr(self.model, "stage", None) is not None:
+            return None
         key = (tuple(c.window for c in cache), padded)
         if key not in self._compiled:
             self._compiled[key] = CompiledDecode(self.model, *key)

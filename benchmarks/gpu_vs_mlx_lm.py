@@ -459,7 +459,7 @@ def time_lmx_where(model: nn.Module, prompt: list[int], n: int) -> tuple[float, 
     from lmx.models.cache import DecodeSlot
 
     def update_and_fetch(self: DecodeSlot, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        here = (mx.arange(self.keys.shape[2]) == self.index)[:, None]  # (S, 1)
+        here = (mx.arange(self.keys.shape[2]) == self.where.index)[:, None]  # (S, 1)
         self.keys = mx.where(here, keys, self.keys)
         self.values = mx.where(here, values, self.values)
         return self.keys, self.values

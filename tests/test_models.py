@@ -94,8 +94,8 @@ def test_rotating_cache_grows_in_blocks_up_to_its_bound(n):
     """A sliding-window cache allocates as a growing one does (blocks of 256) until window + slack, then
     keeps that size and drops the oldest positions; it holds every position it has room for, in order, and
     its bytes are the figure admission computes (memory.kv_cache_bytes)."""
-    from lmx.models.cache import room
     from lmx.runtime import memory
+    from lmx.runtime.memory import room
 
     cache = RotatingKVCache(window=300, slack=256)
     for start in range(0, n, 7):  # 7-position chunks

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from lmx.errors import InvalidOptionError
+from lmx.runtime.memory import room
 
 KV_BITS = (8, 4)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -92,11 +93,6 @@ def _write(storage: Storage, new: Storage, start: int) -> None:
             dst[:, :, start : start + src.shape[2]] = src
     else:
         storage[:, :, start : start + new.shape[2]] = new
-
-
-def room(n: int, step: int) -> int:
-    """``n`` positions rounded up to whole blocks of ``step``: what a cache allocates to hold them."""
-    return -(-n // step) * step
 
 
 def _zeros(like: Storage, size: int) -> Storage:
@@ -192,7 +188,7 @@ class KVCache:
         self.offset += n_new
 
     def _grow(self, keys: Storage, values: Storage, n_new: int) -> None:
-        size = ((n_new + self.step - 1) // self.step) * self.step
+        size = room(n_new, self.step)
         new_k, new_v = _zeros(keys, size), _zeros(values, size)
         if self.keys is None or self.values is None:
             self.keys, self.values = new_k, new_v

@@ -130,11 +130,17 @@ def kv_cache_bytes(
     Returns:
         The bytes, keys and values of every layer together.
     """
-    blocks = -(-n_tokens // step) * step
+    blocks = room(n_tokens, step)
     if n_tokens <= 0:
         return 0
     positions = sum(blocks if w is None else min(blocks, w + step) for w in windows)
     return 2 * batch * n_kv_heads * kv_row_bytes(head_dim, itemsize, bits, group_size) * positions
+
+
+def room(n: int, step: int) -> int:
+    """``n`` positions rounded up to whole blocks of ``step``: what a KV cache allocates to hold them
+    (:mod:`lmx.models.cache` allocates by it; :func:`kv_cache_bytes` counts by it)."""
+    return -(-n // step) * step
 
 
 def kv_row_bytes(head_dim: int, itemsize: int, bits: int | None = None, group_size: int = 64) -> int:

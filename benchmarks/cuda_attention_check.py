@@ -49,6 +49,12 @@ def reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     return out
 
 
+def rel_err(out: mx.array, ref: mx.array, peak: float | None = None) -> float:
+    """The largest difference of ``out`` from ``ref`` (in float32) over ``peak`` (default: ``ref``'s largest magnitude)."""
+    peak = mx.max(mx.abs(ref)).item() if peak is None else peak
+    return mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() / peak
+
+
 def inputs(
     batch: int, n_heads: int, n_kv: int, n_keys: int, d: int, dtype: mx.Dtype, layout: str, seed: int
 ) -> tuple[mx.array, mx.array, mx.array]:
@@ -87,9 +93,8 @@ def check_values() -> tuple[list[dict[str, Any]], bool]:
                         mx.eval(out, fallback)
                         ref = reference(q, k, v, scale)
                         peak = mx.max(mx.abs(ref)).item()
-                        err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / peak
-                        fb_err = mx.max(mx.abs(fallback.astype(mx.float32) - ref)).item() / peak
-                        vs_fb = mx.max(mx.abs(out.astype(mx.float32) - fallback.astype(mx.float32))).item() / peak
+                        err, fb_err = rel_err(out, ref, peak), rel_err(fallback, ref, peak)
+                        vs_fb = rel_err(out, fallback, peak)
                         name = str(dtype).split(".")[-1]
                         good = (
                             out.shape == q.shape and out.dtype == dtype and err <= TOLERANCE[name] and err == err
@@ -120,7 +125,7 @@ def check_values() -> tuple[list[dict[str, Any]], bool]:
     q, k, v = inputs(2, 8, 2, 1000, 256, mx.float16, "window", 999)
     out = cuda_attention.decode_attention(q, k, v, 0.0625)
     ref = reference(q, k, v, 0.0625)
-    err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / mx.max(mx.abs(ref)).item()
+    err = rel_err(out, ref)
     good = err <= TOLERANCE["float16"]
     ok &= good
     rows.append({"d": 256, "dtype": "float16", "keys": 1000, "layout": "window", "rel_err_vs_f32_ref": err, "ok": good})
@@ -150,8 +155,7 @@ def check_from() -> tuple[list[dict[str, Any]], bool]:
                     ref = mx.concatenate(refs, axis=0)
                     mx.eval(out, masked, ref)
                     peak = mx.max(mx.abs(ref)).item()
-                    err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / peak
-                    vs_masked = mx.max(mx.abs(out.astype(mx.float32) - masked.astype(mx.float32))).item() / peak
+                    err, vs_masked = rel_err(out, ref, peak), rel_err(out, masked, peak)
                     name = str(dtype).split(".")[-1]
                     good = out.shape == q.shape and err <= TOLERANCE[name] and err == err
                     ok &= good
@@ -189,7 +193,7 @@ def check_span() -> tuple[list[dict[str, Any]], bool]:
                         out = cuda_attention.decode_attention_span(q, k, v, scale, mx.array([lo, hi], dtype=mx.int32))
                     ref = reference(q, k[:, :, lo:hi], v[:, :, lo:hi], scale)
                     mx.eval(out, ref)
-                    err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item() / mx.max(mx.abs(ref)).item()
+                    err = rel_err(out, ref)
                     name = str(dtype).split(".")[-1]
                     good = out.shape == q.shape and err <= TOLERANCE[name] and err == err
                     ok &= good

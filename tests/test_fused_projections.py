@@ -175,8 +175,8 @@ def test_the_compiled_step_keeps_the_fusion_and_attends_over_its_span(config, mo
     attention to ``Ops.attention_span`` (on a CUDA GPU, one kernel over the slots in use), and
     decodes what the eager step does, past a cache growth (256) and sliding-window moves. It used
     to trace with the weights as graph inputs, which dropped the fusion for good."""
+    from decode_runs import first_steps
     from lmx.runtime.ops import MlxOps
-    from test_segments import first_steps
 
     model = model_of(config)
     eager = decode(model, PROMPT, 260, False)

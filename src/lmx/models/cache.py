@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from lmx.errors import InvalidOptionError
 from lmx.runtime.memory import room
+from lmx.runtime.ops import span_mask
 
 KV_BITS = (8, 4)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -410,16 +411,11 @@ class DecodeSlot:
         return self.where.span()
 
     def make_mask(self, n_queries: int, pad: mx.array | None = None) -> mx.array:
-        """(1 or B, 1, 1, S) mask: slots up to the index, within the window, past the padding."""
+        """(1 or B, 1, 1, S) mask: the slots of :meth:`span`, past the padding."""
         assert n_queries == 1, "DecodeSlot serves one-token steps"
-        index, window = self.where.index, self.where.window
-        slots = mx.arange(self.keys.shape[2])
-        mask = slots <= index
-        if window is not None:
-            mask = mask & (index - slots < window)
-        mask = mask[None, None, None]  # (1, 1, 1, S)
+        mask = span_mask(self.keys.shape[2], self.span())  # (1, 1, 1, S)
         if pad is not None:
-            position = slots + (self.offset - index)  # absolute position held in each slot
+            position = mx.arange(self.keys.shape[2]) + (self.offset - self.where.index)  # each slot's position
             mask = mask & (position[None, None, None] >= pad[:, None, None, None])  # (B, 1, 1, S)
         return mask
 

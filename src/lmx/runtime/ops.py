@@ -148,8 +148,7 @@ class MlxOps:
         """One query per row (B, H, 1, D) where every row sees the keys ``span[0] <= i < span[1]``
         (``span`` (2,) int32: a compiled decode step's slots in use, :class:`lmx.models.cache.DecodeSlot`):
         :meth:`attention` with that mask, built here."""
-        slot = mx.arange(k.shape[2])
-        return self.attention(q, k, v, scale, ((slot >= span[0]) & (slot < span[1]))[None, None, None])
+        return self.attention(q, k, v, scale, span_mask(k.shape[2], span))
 
     def quantized_attention_from(
         self, q: mx.array, k: Quantized, v: Quantized, scale: float, first: mx.array, group_size: int, bits: int
@@ -253,6 +252,12 @@ class MlxOps:
         """The kernels module whose fused decode-layer ops (``decode_layer_begin``/``_end``, no
         gradient) the layers may call now, or None: only lmx's CPU kernels, inside :meth:`inference`."""
         return None
+
+
+def span_mask(n_keys: int, span: mx.array) -> mx.array:
+    """(1, 1, 1, S): every row sees the keys ``span[0] <= i < span[1]`` ((2,) int32)."""
+    slot = mx.arange(n_keys)
+    return ((slot >= span[0]) & (slot < span[1]))[None, None, None]
 
 
 def _first_mask(n_keys: int, first: mx.array) -> mx.array:

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -64,6 +64,15 @@ compiled_graphs)  # where the compiled step's device time goes: whether its cach
     step 110 "compiled_$name" env "$env" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-1b \
       --variants lmx,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_compiled_graphs_$name.json"
   done
+  ;;
+diagnose)  # part donation, then whether lmx's quantized product pays now that a thread queues the steps: the 8B in 4
+  # bits with MLX's products (lmx), lmx's for matrices of 32 MiB+ (lmx-q) and for all (lmx-qall), against mlx-lm
+  export ONE_LOG=1
+  step 90 donation python3 benchmarks/cache_write_donation.py --lmx-kernel --json "$OUT/cache_write_donation.json"
+  step 230 q4_kernel_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx,lmx-q,lmx-qall,mlx-lm --rounds 2 --profile-steps 48 --check-steps 16 --json "$OUT/gpu_q4_kernel_8b.json"
+  step 150 attn_all_06b_8192 python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-0.6b --prompt-tokens 8192 \
+    --variants lmx,lmx-attn-all,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_attn_all_06b_8192.json"
   ;;
 donation)  # whether a pipelined cache write copies the whole storage (eager, dynamic, compiled), lmx's kernel reading
   # the span; then the 0.6B at 8,192 tokens again with the lmx kernel for every head dim on the segmented step

@@ -17,6 +17,8 @@ with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unf
 thread of its own while the next is built; the default on a CUDA GPU), ``lmx-onethread`` with
 ``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with
 ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products; the same as ``lmx`` without ``--quantize``),
+``lmx-q`` with ``LMX_CUDA_QUANTIZED=1`` (lmx's CUDA kernel for quantized matrices of 32 MiB or more),
+``lmx-qall`` with that kernel for every quantized product it takes,
 ``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products), ``lmx-attn-all``
 with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs
 by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both. ``--check-steps N`` first checks
@@ -51,6 +53,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -66,18 +69,23 @@ from lmx.bench import config_for, greedy_stamps, random_weights  # noqa: E402
 from lmx.bench_mlx_lm import copy_bandwidth, mlx_lm_twin  # noqa: E402
 from lmx.generate.sampling import KeySequence, make_sampler  # noqa: E402
 from lmx.generate.step import DecodeState, generate_step, prefill  # noqa: E402
-from lmx.kernels import cuda_attention, cuda_dense  # noqa: E402
+from lmx.kernels import cuda_attention, cuda_dense, cuda_quantized  # noqa: E402
 from lmx.loading import resolve_dtype  # noqa: E402
 from lmx.loading.loader import load_profile, profile_ops  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.ops import MLX_OPS  # noqa: E402
 
+# lmx's CUDA product for quantized weights on every matrix it takes, not only those of
+# ``cuda_quantized.MIN_WEIGHT_BYTES`` or more (``lmx-qall``; ``lmx-q``: as LMX_CUDA_QUANTIZED=1 sets it)
+QUANTIZED_ALL = SimpleNamespace(wanted=cuda_quantized.supported, decode_product=cuda_quantized.decode_product)
 # Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
 # lmx with one of its CUDA kernels switched: variant -> (the CudaOps attribute, its value; None: off)
 KERNEL_SWITCH = {
     "lmx-mlxq": ("quantized", None),
+    "lmx-q": ("quantized", cuda_quantized),
+    "lmx-qall": ("quantized", QUANTIZED_ALL),
     "lmx-dense": ("dense", cuda_dense),
     "lmx-dense-attn": ("dense", cuda_dense),
 }
@@ -210,6 +218,8 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-thread": (False, None),
     "lmx-onethread": (False, None),
     "lmx-dense": (False, None),
+    "lmx-q": (False, None),
+    "lmx-qall": (False, None),
     "lmx-attn-all": (False, None),
     "lmx-dense-attn": (False, None),
     "lmx-compiled": (False, False),
@@ -545,6 +555,8 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-thread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-thread"),
         "lmx-onethread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-onethread"),
         "lmx-dense": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense"),
+        "lmx-q": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-q"),
+        "lmx-qall": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-qall"),
         "lmx-attn-all": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all"),
         "lmx-dense-attn": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense-attn"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
@@ -613,7 +625,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-qall (lmx's for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -64,6 +64,18 @@ compiled_graphs)  # where the compiled step's device time goes: whether its cach
     step 110 "compiled_$name" env "$env" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-1b \
       --variants lmx,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_compiled_graphs_$name.json"
   done
+  ;;
+q4_kernel)  # lmx's quantized product with the step thread, again: the 8B in 4 bits with it on matrices of 32 MiB+
+  # (lmx-q, LMX_CUDA_QUANTIZED=1) and 16 MiB+ (lmx-q16), the 270M and 1B in 4 bits (their heads take it); then where
+  # the step thread's encoding time goes, sampled with native frames (py-spy, from .whl) on the 270M in bf16
+  export ONE_LOG=1
+  step 200 q4_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --quantize 4 \
+    --variants lmx,lmx-q,lmx-q16,mlx-lm --rounds 3 --profile-steps 32 --json "$OUT/gpu_q4_8b.json"
+  step 150 q4_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --quantize 4 \
+    --variants lmx,lmx-q,mlx-lm --rounds 3 --json "$OUT/gpu_q4_small.json"
+  step 120 pyspy_270m /tmp/site/bin/py-spy record --native --threads --rate 400 --format raw \
+    -o "$OUT/pyspy_270m_bf16.txt" -- python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
+    --variants lmx --rounds 2 --gen-tokens 512
   ;;
 diagnose)  # part donation, then whether lmx's quantized product pays now that a thread queues the steps: the 8B in 4
   # bits with MLX's products (lmx), lmx's for matrices of 32 MiB+ (lmx-q) and for all (lmx-qall), against mlx-lm

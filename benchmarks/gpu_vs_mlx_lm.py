@@ -18,7 +18,7 @@ thread of its own while the next is built; the default on a CUDA GPU), ``lmx-one
 ``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with
 ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products; the same as ``lmx`` without ``--quantize``),
 ``lmx-q`` with ``LMX_CUDA_QUANTIZED=1`` (lmx's CUDA kernel for quantized matrices of 32 MiB or more),
-``lmx-qall`` with that kernel for every quantized product it takes,
+``lmx-q16`` for those of 16 MiB or more, ``lmx-qall`` for every quantized product it takes,
 ``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products), ``lmx-attn-all``
 with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs
 by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both. ``--check-steps N`` first checks
@@ -75,9 +75,17 @@ from lmx.loading.loader import load_profile, profile_ops  # noqa: E402
 from lmx.models import build_model  # noqa: E402
 from lmx.runtime.ops import MLX_OPS  # noqa: E402
 
-# lmx's CUDA product for quantized weights on every matrix it takes, not only those of
-# ``cuda_quantized.MIN_WEIGHT_BYTES`` or more (``lmx-qall``; ``lmx-q``: as LMX_CUDA_QUANTIZED=1 sets it)
-QUANTIZED_ALL = SimpleNamespace(wanted=cuda_quantized.supported, decode_product=cuda_quantized.decode_product)
+
+def quantized_from(min_bytes: int) -> SimpleNamespace:
+    """lmx's CUDA product for quantized matrices of ``min_bytes`` or more (``lmx-q``, as
+    LMX_CUDA_QUANTIZED=1 sets it, takes ``cuda_quantized.MIN_WEIGHT_BYTES``)."""
+
+    def wanted(x: mx.array, w: mx.array, *rest: Any) -> bool:
+        return w.nbytes >= min_bytes and cuda_quantized.supported(x, w, *rest)
+
+    return SimpleNamespace(wanted=wanted, decode_product=cuda_quantized.decode_product)
+
+
 # Each model's DecodeState (its load profile's plan and the traces made for it), as the engine
 # keeps one per loaded model; keyed by id (MLX modules are dicts: not hashable).
 STATES: dict[int, DecodeState] = {}
@@ -85,7 +93,8 @@ STATES: dict[int, DecodeState] = {}
 KERNEL_SWITCH = {
     "lmx-mlxq": ("quantized", None),
     "lmx-q": ("quantized", cuda_quantized),
-    "lmx-qall": ("quantized", QUANTIZED_ALL),
+    "lmx-q16": ("quantized", quantized_from(16 << 20)),  # Qwen 3 8B's down (27 MiB) too
+    "lmx-qall": ("quantized", quantized_from(0)),
     "lmx-dense": ("dense", cuda_dense),
     "lmx-dense-attn": ("dense", cuda_dense),
 }
@@ -219,6 +228,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-onethread": (False, None),
     "lmx-dense": (False, None),
     "lmx-q": (False, None),
+    "lmx-q16": (False, None),
     "lmx-qall": (False, None),
     "lmx-attn-all": (False, None),
     "lmx-dense-attn": (False, None),
@@ -556,6 +566,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-onethread": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-onethread"),
         "lmx-dense": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense"),
         "lmx-q": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-q"),
+        "lmx-q16": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-q16"),
         "lmx-qall": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-qall"),
         "lmx-attn-all": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all"),
         "lmx-dense-attn": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense-attn"),
@@ -625,7 +636,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-qall (lmx's for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-q16 (for those of 16 MiB+), lmx-qall (for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -17,7 +17,7 @@ with ``LMX_CUDA_ATTENTION=0`` (:mod:`lmx.kernels.cuda_attention` off), ``lmx-unf
 thread of its own while the next is built; the default on a CUDA GPU), ``lmx-onethread`` with
 ``LMX_ENCODE_THREAD=off`` (build and queue on one thread, the default before), ``lmx-mlxq`` with
 ``LMX_CUDA_QUANTIZED=0`` (MLX's quantized products; the same as ``lmx`` without ``--quantize``),
-``lmx-q`` with ``LMX_CUDA_QUANTIZED=1`` (lmx's CUDA kernel for quantized matrices of 32 MiB or more),
+``lmx-q`` with ``LMX_CUDA_QUANTIZED=1`` (lmx's CUDA kernel for quantized matrices of 32 MiB or more; the default since 2026-12-07),
 ``lmx-q16`` for those of 16 MiB or more, ``lmx-qall`` for every quantized product it takes,
 ``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products), ``lmx-attn-all``
 with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs

@@ -1,5 +1,5 @@
 """The quantized products' seam (``Ops.quantized_matmul``, :func:`lmx.models.base.product`) and the
-CUDA product kernel's dispatch (:mod:`lmx.kernels.cuda_quantized`, opt-in ``LMX_CUDA_QUANTIZED``).
+CUDA product kernel's dispatch (:mod:`lmx.kernels.cuda_quantized`, ``LMX_CUDA_QUANTIZED``, on by default).
 
 This machine cannot run CUDA: the kernel's values are checked on a GPU by
 ``benchmarks/cuda_quantized_check.py``. Here a stand-in for the kernel module computes MLX's product
@@ -138,11 +138,30 @@ def test_rows_per_warp():
     assert cuda_quantized.rows_per_warp(640) == 1
 
 
-def test_the_kernel_is_opt_in():
-    """Off by default (not faster end to end yet): the GPU profile's ops then run MLX's products."""
+def test_the_profile_takes_the_kernel_only_where_asked():
+    """``choose_profile``/``make_ops``: the kernel module is the ops' only where given."""
     assert choose_profile("gpu", backend="cuda", cuda_attention=False).ops_backend == "mlx"
     profile = choose_profile("gpu", backend="cuda", cuda_attention=False, cuda_kernels=True)
     assert profile.ops_backend == "cuda-kernels"
     ops = make_ops(profile, cuda=cuda_attention, cuda_quantized=cuda_quantized, cuda_attention=False)
     assert isinstance(ops, CudaOps) and ops.quantized is cuda_quantized and not ops.attends
     assert make_ops(choose_profile("gpu", cuda_attention=True), cuda=cuda_attention).quantized is None
+
+
+def test_the_loader_gives_a_cuda_gpu_the_kernel_by_default(monkeypatch):
+    """On a CUDA GPU the loaded profile's ops take the kernel unless ``LMX_CUDA_QUANTIZED=0``, with the
+    attention kernel on or off (a CUDA GPU named here: this machine has none; nothing runs on it)."""
+    from lmx.loading import loader
+
+    monkeypatch.setattr(loader, "device_name", lambda: "gpu")
+    monkeypatch.setattr(loader, "backend_name", lambda: "cuda")
+    monkeypatch.delenv("LMX_CUDA_QUANTIZED", raising=False)
+    for attention in ("0", "1"):
+        monkeypatch.setenv("LMX_CUDA_ATTENTION", attention)
+        monkeypatch.delenv("LMX_CUDA_QUANTIZED", raising=False)
+        assert getattr(loader.profile_ops(loader.load_profile("auto")), "quantized", None) is cuda_quantized
+        monkeypatch.setenv("LMX_CUDA_QUANTIZED", "0")
+        assert getattr(loader.profile_ops(loader.load_profile("auto")), "quantized", None) is None, attention
+    monkeypatch.setattr(loader, "backend_name", lambda: "metal")  # another GPU: MLX's ops, no CUDA kernel
+    monkeypatch.delenv("LMX_CUDA_QUANTIZED", raising=False)
+    assert getattr(loader.profile_ops(loader.load_profile("auto")), "quantized", None) is None

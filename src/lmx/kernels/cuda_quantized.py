@@ -25,10 +25,12 @@ The kernel has no gradient: :class:`lmx.runtime.ops.CudaOps` runs it inside
 :func:`lmx.kernels.cuda_attention.inference` only (a decode step), and MLX's product elsewhere.
 
 The kernel is built on first use per shape (it needs a CUDA build of MLX; importing this module
-does not). It is opt-in (``LMX_CUDA_QUANTIZED=1``): end to end on an H100, four runs of Qwen 3 8B
-in 4 bits gave +14%, +3%, -6% and -3% decode against MLX's products, within the host's noise
-(benchmarks/RESULTS.md). Only matrices of :data:`MIN_WEIGHT_BYTES` or more take it (:func:`wanted`). The GPU check is
-``benchmarks/cuda_quantized_check.py`` (this machine's tests cannot run CUDA).
+does not). It is on by default on a CUDA GPU (``LMX_CUDA_QUANTIZED=0`` turns it off) since the step
+thread: on an H100, Qwen 3 8B in 4 bits decoded 1.10x and 1.21x faster with it than with MLX's
+products, faster in 4 of 5 interleaved rounds (before the thread: +14%, +3%, -6% and -3%, within the
+host's noise; benchmarks/RESULTS.md). Only matrices of :data:`MIN_WEIGHT_BYTES` or more take it
+(:func:`wanted`). The GPU check is ``benchmarks/cuda_quantized_check.py`` (this machine's tests
+cannot run CUDA).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ MAX_ROWS = 8  # rows of x: a decode step's batch; more go to MLX's matrix-matrix
 # Packed weights from which a decode step takes the kernel (:func:`wanted`). Alone it reads large
 # matrices 1.2-2.1x faster than MLX (Qwen 3 8B's gate/up, 54 MiB: 41 vs 63 us; its head, 334 MiB:
 # 166 vs 346 us), but a step is bound by the host's work per op, and each of these ops costs the
-# host more than MLX's own: with every product on it, Gemma 3 270M and 1B decoded 8-23% slower
+# host more than MLX's own: with every product on it, Gemma 3 270M and 1B decoded 8-23% slower, and
+# with the step thread Qwen 3 8B decoded slower from 16 MiB (its down too) than from 32 MiB
 # (benchmarks/RESULTS.md). Large matrices only: Qwen 3 8B's gate/up and head, a model's head.
 MIN_WEIGHT_BYTES = 32 << 20
 BITS = (4, 8)

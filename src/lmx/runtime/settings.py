@@ -234,9 +234,9 @@ LMX_ENCODE_THREAD: Setting[str] = Setting(
 LMX_CUDA_QUANTIZED: Setting[bool] = Setting(
     "LMX_CUDA_QUANTIZED",
     BOOL,
-    False,
-    "lmx's CUDA kernel for a decode step's products by large MLX 4- and 8-bit (affine) matrices (faster "
-    "alone, not yet end to end: off until it is)",
+    True,
+    "on a CUDA GPU, lmx's kernel for a decode step's products by large MLX 4- and 8-bit (affine) matrices "
+    "(32 MiB or more: a big model's gate/up and head); 0: MLX's products",
     _bool,
 )
 LMX_CUDA_DENSE: Setting[bool] = Setting(

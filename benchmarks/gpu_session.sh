@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?headline, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?headline, headline_short, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -79,6 +79,17 @@ headline)  # with lmx's quantized product on by default: the 8B in 4 bits throug
   gzip -c /tmp/pyspy_270m_bf16.txt > "$OUT/pyspy_270m_bf16.txt.gz"
   step 200 bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,mlx-lm --rounds 3 --bandwidth --json "$OUT/gpu_bf16.json"
+  ;;
+headline_short)  # part headline without its bf16 rows (about 300 s)
+  export ONE_LOG=1
+  step 170 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu \
+    --rounds 5 --json
+  step 100 pyspy_270m /tmp/site/bin/py-spy record --native --threads --rate 200 --format raw \
+    -o /tmp/pyspy_270m_bf16.txt -- python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
+    --variants lmx --rounds 1 --gen-tokens 512
+  step 30 pyspy_summary python3 benchmarks/pyspy_summary.py /tmp/pyspy_270m_bf16.txt --top 60 \
+    --json "$OUT/pyspy_270m_bf16_summary.json"
+  gzip -c /tmp/pyspy_270m_bf16.txt > "$OUT/pyspy_270m_bf16.txt.gz"
   ;;
 q4_kernel)  # lmx's quantized product with the step thread, again: the 8B in 4 bits with it on matrices of 32 MiB+
   # (lmx-q, LMX_CUDA_QUANTIZED=1) and 16 MiB+ (lmx-q16), the 270M and 1B in 4 bits (their heads take it); then where

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?headline, headline_short, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?tiled, headline, headline_short, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -64,6 +64,17 @@ compiled_graphs)  # where the compiled step's device time goes: whether its cach
     step 110 "compiled_$name" env "$env" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-1b \
       --variants lmx,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_compiled_graphs_$name.json"
   done
+  ;;
+tiled)  # the attention kernel's tiled loop (KT keys a warp at once): its values (then the strided loop's), its time
+  # per call against the strided loop and MLX's, end to end on the 270M and 1B bf16 against the strided loop and
+  # mlx-lm; then the 8B in 4 bits through the one command (lmx's quantized product now on by default)
+  export ONE_LOG=1
+  step 150 attn_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check_tiled.json"
+  step 60 attn_time python3 benchmarks/attention_kernel_time.py --json "$OUT/attention_kernel_time.json"
+  step 160 tiled_small python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b \
+    --variants lmx,lmx-strided,mlx-lm --rounds 3 --check-steps 16 --profile-steps 32 --json "$OUT/gpu_tiled_small.json"
+  step 150 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu \
+    --rounds 3 --json
   ;;
 headline)  # with lmx's quantized product on by default: the 8B in 4 bits through the one command, 5 rounds; where the
   # step thread's encoding goes (py-spy's native frames at 200 Hz, summarized here: the raw profile is too big to

@@ -21,7 +21,9 @@ thread of its own while the next is built; the default on a CUDA GPU), ``lmx-one
 ``lmx-q16`` for those of 16 MiB or more, ``lmx-qall`` for every quantized product it takes,
 ``lmx-dense`` with ``LMX_CUDA_DENSE=1`` (lmx's CUDA kernel for the float products), ``lmx-attn-all``
 with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs
-by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both. ``--check-steps N`` first checks
+by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both, ``lmx-strided`` with the attention
+kernel's strided loop only (one key a warp at a time: the kernel before its tiled loop),
+``lmx-attn-all-strided`` both of the last. ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
 it (``mx.async_eval``) and waiting for the previous token; ``--memory-probe`` measures peak
@@ -99,10 +101,12 @@ KERNEL_SWITCH = {
     "lmx-dense-attn": ("dense", cuda_dense),
 }
 # lmx with its attention kernel for every head dim it takes, MLX's fused ones included
-ATTENTION_ALL = {"lmx-attn-all", "lmx-dense-attn"}
+ATTENTION_ALL = {"lmx-attn-all", "lmx-dense-attn", "lmx-attn-all-strided"}
+# lmx with its attention kernel's strided loop only (one key a warp at a time, as before the tiled loop)
+STRIDED_ATTENTION = {"lmx-strided", "lmx-attn-all-strided"}
 # variants whose patches change what a segmented step traces: each keeps its own DecodeState (traces)
 OWN_TRACES: dict[str, dict[int, DecodeState]] = {
-    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *KERNEL_SWITCH, *ATTENTION_ALL)
+    v: {} for v in ("lmx-unfused", "lmx-thread", "lmx-onethread", *KERNEL_SWITCH, *ATTENTION_ALL, *STRIDED_ATTENTION)
 }
 THREAD = {"lmx-thread": True, "lmx-onethread": False}  # variants that set LMX_ENCODE_THREAD
 
@@ -231,6 +235,8 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-q16": (False, None),
     "lmx-qall": (False, None),
     "lmx-attn-all": (False, None),
+    "lmx-strided": (False, None),
+    "lmx-attn-all-strided": (False, None),
     "lmx-dense-attn": (False, None),
     "lmx-compiled": (False, False),
 }
@@ -251,6 +257,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(kernel_switch(model, variant))
     if variant in ATTENTION_ALL:  # fits() reads the module's set at trace time
         stack.enter_context(mock.patch.object(cuda_attention, "FUSED_HEAD_DIMS", frozenset()))
+    if variant in STRIDED_ATTENTION:  # read at each call (the segmented step calls attention eagerly)
+        stack.enter_context(mock.patch.object(cuda_attention, "TILED_KEYS", False))
     return stack
 
 
@@ -569,6 +577,8 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-q16": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-q16"),
         "lmx-qall": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-qall"),
         "lmx-attn-all": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all"),
+        "lmx-strided": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-strided"),
+        "lmx-attn-all-strided": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all-strided"),
         "lmx-dense-attn": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense-attn"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
     }
@@ -636,7 +646,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-q16 (for those of 16 MiB+), lmx-qall (for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-dense-attn (both), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-q16 (for those of 16 MiB+), lmx-qall (for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-strided (its strided loop only), lmx-attn-all-strided, lmx-dense-attn (both), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -262,3 +262,45 @@ def test_decode_attention_span_refuses_what_it_cannot_take() -> None:
         cuda_attention.decode_attention_span(q, k, v, 0.0625, mx.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="no gradient"):
         cuda_attention.decode_attention_span(q, k, v, 0.0625, mx.array([0, 1], dtype=mx.int32))
+
+
+def test_the_tiled_loop_s_layout_keeps_rows_in_registers_and_partials_in_shared_memory() -> None:
+    """``layout``: the tiled loop where a lane's share of a row is whole 32-bit words, with at most 32
+    registers of loaded rows a warp (2 x keys x words; one key where a row alone is more) and 16 warps (512 threads: 128 registers each,
+    what benchmarks/cuda_compile_check.py checks nvcc's counts against); the strided loop otherwise.
+    Every block's partial outputs (warps x head dim floats) stay within 32 KiB of shared memory."""
+    for itemsize in (2, 4):
+        for d in (32, 64, 128, 256, 512, 1024):
+            words = d // 32 * itemsize // 4
+            tiled, warps, kt = cuda_attention.layout(d, itemsize)
+            assert tiled == (words >= 1), (d, itemsize)
+            assert warps * d * 4 <= 32 * 1024
+            if tiled:
+                assert warps <= 16 and 1 <= kt <= 8 and (kt * words <= 16 or kt == 1), (d, itemsize, kt)
+            else:
+                assert kt == 1
+            assert cuda_attention.layout(d, itemsize, tiled=False)[0] is False
+    assert cuda_attention.layout(256, 2) == (True, 16, 4)  # Gemma 3's head dim in bf16
+    assert cuda_attention.layout(128, 2) == (True, 16, 8)  # Qwen 3's
+
+
+def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_run`` passes the layout's loop (``TILED``) and keys a warp (``KT``) as template constants and
+    launches ``warps x 32`` threads a block; ``TILED_KEYS = False`` (the benchmarks' A/B) gives the
+    strided loop with 32 warps."""
+    launched: list[dict] = []
+
+    def kernel(**kw):
+        launched.append(kw)
+        return [mx.zeros(kw["output_shapes"][0], kw["output_dtypes"][0])]
+
+    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all": kernel)
+    q = mx.zeros((1, 4, 1, 256), mx.bfloat16)
+    k = mx.zeros((1, 1, 640, 256), mx.bfloat16)
+    cuda_attention._run(q, k, k, 0.0625)
+    monkeypatch.setattr(cuda_attention, "TILED_KEYS", False)
+    cuda_attention._run(q, k, k, 0.0625)
+    tiled, strided = (dict(kw["template"]) for kw in launched)
+    assert (tiled["TILED"], tiled["KT"], tiled["WARPS"]) == (True, 4, 16)
+    assert (strided["TILED"], strided["KT"], strided["WARPS"]) == (False, 1, 32)
+    assert [kw["threadgroup"][0] for kw in launched] == [16 * 32, 32 * 32]

@@ -42,6 +42,9 @@ ENV_SWITCH = settings.LMX_CUDA_ATTENTION.name
 FUSED_HEAD_DIMS = frozenset({64, 96, 128})
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay at 32 KiB of shared memory
+# Whether the kernel takes its tiled loop where a cache's rows allow it (see _SOURCE; False: the strided
+# loop for every input, as before 2026-12-07, for benchmarks/gpu_vs_mlx_lm.py's A/B)
+TILED_KEYS = True
 
 
 def kernel_name(base: str, source: str, header: str) -> str:
@@ -97,10 +100,59 @@ __device__ inline void lmx_load8(const float* p, float* o) {
 }
 """
 
-# Template constants: D (head dim, a multiple of 32), WARPS (warps per block), SCALE_BITS (the
-# softmax scale's float32 bits: a compile-time constant, one kernel per distinct scale).
+# Raw 32-bit words of a row as floats (the tiled loop's loads: 16-bit types hold two values a word)
+WORDS_HEADER = """
+__device__ inline void lmx_unpack(uint32_t w, const __nv_bfloat16*, float* o) {
+    o[0] = __uint_as_float(w << 16);
+    o[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ inline void lmx_unpack(uint32_t w, const __half*, float* o) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    o[0] = f.x;
+    o[1] = f.y;
+}
+__device__ inline void lmx_unpack(uint32_t w, const float*, float* o) { o[0] = __uint_as_float(w); }
+// W consecutive 32-bit words from p (aligned to min(16, 4 W) bytes), in the widest loads that fit.
+template <int W>
+__device__ inline void lmx_load_words(const void* p, uint32_t* w) {
+    if constexpr (W % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < W / 4; ++i) {
+            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+            w[4 * i] = v.x;
+            w[4 * i + 1] = v.y;
+            w[4 * i + 2] = v.z;
+            w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (W == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+    } else {
+        static_assert(W == 1, "a row's share per lane is 1, 2 or a multiple of 4 words");
+        w[0] = *reinterpret_cast<const uint32_t*>(p);
+    }
+}
+"""
+
+_HEADER = FLOAT_HEADER + WORDS_HEADER
+
+# Template constants: T (the inputs' dtype), D (head dim, a multiple of 32), WARPS (warps per block),
+# SCALE_BITS (the softmax scale's float32 bits: a compile-time constant, one kernel per distinct
+# scale), TILED (the tiled loop below where the rows allow it) and KT (keys a warp takes at once).
+#
+# Two loops over the keys. The tiled one (keys and values with a unit element stride and rows aligned
+# for vector loads, as a cache's storage and its slices are): lane l holds elements [l * PER_LANE,
+# (l + 1) * PER_LANE) of a row, read in 16-, 8- or 4-byte loads, and each warp loads KT keys' and
+# values' rows before it uses any, so a warp has 2 KT row reads in flight instead of waiting for
+# each key in turn. The strided one (any strides): lane l holds elements l, l + 32, ..., one key
+# per warp at a time. Both keep an online softmax in float32 (base 2); a tile updates it once.
 _SOURCE = """
     constexpr int PER_LANE = D / 32;
+    constexpr int ROW_BYTES = PER_LANE * int(sizeof(T));  // a lane's share of a row
+    constexpr bool TILE = TILED && ROW_BYTES % 4 == 0;
+    constexpr int ROW_WORDS = TILE ? ROW_BYTES / 4 : 1;
+    constexpr int ALIGN = ROW_BYTES < 16 ? ROW_BYTES : 16;
     const float neg_inf = __uint_as_float(0xff800000u);
     const float qscale = __int_as_float(SCALE_BITS) * 1.4426950408889634f;  // scores in base 2
 
@@ -117,39 +169,128 @@ _SOURCE = """
     const int64_t q_d = q_strides[3];
     const int64_t k_t = k_strides[2], k_d = k_strides[3];
     const int64_t v_t = v_strides[2], v_d = v_strides[3];
+    const int first_key = FIRST_KEY;
+    const int end_key = END_KEY;
+    const bool tiled = TILE && k_d == 1 && v_d == 1 && (k_t * int64_t(sizeof(T))) % ALIGN == 0
+        && (v_t * int64_t(sizeof(T))) % ALIGN == 0 && reinterpret_cast<uintptr_t>(kh) % ALIGN == 0
+        && reinterpret_cast<uintptr_t>(vh) % ALIGN == 0;  // the same for the whole block
 
-    // Lane l holds elements l, l + 32, ...: a warp reads 32 consecutive elements per load.
     float qr[PER_LANE];
     float acc[PER_LANE];
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-        qr[j] = qscale * lmx_f32(qh[(lane + 32 * j) * q_d]);
+        const int e = tiled ? lane * PER_LANE + j : lane + 32 * j;  // the element this register holds
+        qr[j] = qscale * lmx_f32(qh[e * q_d]);
         acc[j] = 0.0f;
     }
 
     float m = neg_inf;  // running max of this warp's scores
     float l = 0.0f;     // running sum of exp2(score - m)
-    for (int i = FIRST_KEY + warp; i < END_KEY; i += WARPS) {
-        const auto* kr = kh + i * k_t;
-        float s = 0.0f;
+    auto strided = [&]() {  // any strides: lane l holds elements l, l + 32, ...; one key a warp at a time
+        for (int i = first_key + warp; i < end_key; i += WARPS) {
+            const auto* kr = kh + i * k_t;
+            float s = 0.0f;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            s += qr[j] * lmx_f32(kr[(lane + 32 * j) * k_d]);
-        }
+            for (int j = 0; j < PER_LANE; ++j) {
+                s += qr[j] * lmx_f32(kr[(lane + 32 * j) * k_d]);
+            }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            s += __shfl_xor_sync(0xffffffffu, s, off);
-        }
-        const float m_new = fmaxf(m, s);
-        const float corr = exp2f(m - m_new);  // 0 for the first key (m = -inf)
-        const float p = exp2f(s - m_new);
-        l = l * corr + p;
-        const auto* vr = vh + i * v_t;
+            for (int off = 16; off > 0; off >>= 1) {
+                s += __shfl_xor_sync(0xffffffffu, s, off);
+            }
+            const float m_new = fmaxf(m, s);
+            const float corr = exp2f(m - m_new);  // 0 for the first key (m = -inf)
+            const float p = exp2f(s - m_new);
+            l = l * corr + p;
+            const auto* vr = vh + i * v_t;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            acc[j] = acc[j] * corr + p * lmx_f32(vr[(lane + 32 * j) * v_d]);
+            for (int j = 0; j < PER_LANE; ++j) {
+                acc[j] = acc[j] * corr + p * lmx_f32(vr[(lane + 32 * j) * v_d]);
+            }
+            m = m_new;
         }
-        m = m_new;
+    };
+    auto tiles = [&]() {  // lane l holds elements [l * PER_LANE, (l + 1) * PER_LANE); KT keys a warp at a time
+        constexpr int PER_WORD = 4 / int(sizeof(T));  // values a 32-bit word holds: 2 or 1
+        constexpr int X_SIZE = ROW_WORDS * PER_WORD;   // PER_LANE where TILE (this lambda runs only then)
+        const auto* kl = kh + lane * PER_LANE;
+        const auto* vl = vh + lane * PER_LANE;
+        for (int base = first_key + warp * KT; base < end_key; base += WARPS * KT) {
+            uint32_t kw[KT][ROW_WORDS];
+            uint32_t vw[KT][ROW_WORDS];
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {  // every row's loads first: 2 KT reads in flight
+                if (base + t < end_key) {
+                    lmx_load_words<ROW_WORDS>(kl + (base + t) * k_t, kw[t]);
+                    lmx_load_words<ROW_WORDS>(vl + (base + t) * v_t, vw[t]);
+                } else {  // past the end: zeros (a probability of 0 times garbage could be NaN)
+#pragma unroll
+                    for (int w = 0; w < ROW_WORDS; ++w) {
+                        kw[t][w] = 0u;
+                        vw[t][w] = 0u;
+                    }
+                }
+            }
+            float s[KT];
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {
+                float x[X_SIZE];
+#pragma unroll
+                for (int w = 0; w < ROW_WORDS; ++w) {
+                    lmx_unpack(kw[t][w], k, x + w * PER_WORD);
+                }
+                float dot = 0.0f;
+#pragma unroll
+                for (int j = 0; j < PER_LANE; ++j) {
+                    dot += qr[j] * x[j];
+                }
+                s[t] = dot;
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+                for (int t = 0; t < KT; ++t) {
+                    s[t] += __shfl_xor_sync(0xffffffffu, s[t], off);
+                }
+            }
+            float tile_max = neg_inf;
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {
+                s[t] = base + t < end_key ? s[t] : neg_inf;
+                tile_max = fmaxf(tile_max, s[t]);
+            }
+            const float m_new = fmaxf(m, tile_max);  // finite: the tile's first key is in range
+            const float corr = exp2f(m - m_new);      // 0 for the first tile (m = -inf)
+            l *= corr;
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                acc[j] *= corr;
+            }
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {
+                const float p = exp2f(s[t] - m_new);  // 0 past the end
+                l += p;
+                float x[X_SIZE];
+#pragma unroll
+                for (int w = 0; w < ROW_WORDS; ++w) {
+                    lmx_unpack(vw[t][w], v, x + w * PER_WORD);
+                }
+#pragma unroll
+                for (int j = 0; j < PER_LANE; ++j) {
+                    acc[j] = fmaf(p, x[j], acc[j]);
+                }
+            }
+            m = m_new;
+        }
+    };
+    if constexpr (TILE) {
+        if (tiled) {
+            tiles();
+        } else {
+            strided();
+        }
+    } else {
+        strided();
     }
 
     __shared__ float warp_max[WARPS];
@@ -167,7 +308,7 @@ _SOURCE = """
     const float mine = m == neg_inf ? 0.0f : exp2f(m - top);  // a warp without keys adds nothing
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-        part[warp][lane + 32 * j] = acc[j] * mine;
+        part[warp][tiled ? lane * PER_LANE + j : lane + 32 * j] = acc[j] * mine;
     }
     __syncthreads();
     float total = 0.0f;
@@ -260,11 +401,11 @@ def _kernel(keys: str = "all") -> Any:
     base, extra, first, end = _RANGES[keys]
     source = _SOURCE.replace("FIRST_KEY", first).replace("END_KEY", end)
     return mx.fast.cuda_kernel(
-        name=kernel_name(base, source, FLOAT_HEADER),
+        name=kernel_name(base, source, _HEADER),
         input_names=["q", "k", "v"] + ([extra] if extra else []),
         output_names=["out"],
         source=source,
-        header=FLOAT_HEADER,
+        header=_HEADER,
         ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
     )
 
@@ -396,6 +537,20 @@ def decode_attention_span(
     return _run(queries, keys, values, scale, span, "span")
 
 
+def layout(d: int, itemsize: int, tiled: bool | None = None) -> tuple[bool, int, int]:
+    """The kernel's (tiled, warps a block, keys a warp takes at once) for head dim ``d`` and inputs of
+    ``itemsize`` bytes. Tiled (:data:`TILED_KEYS`), where a lane's share of a row is whole 32-bit words:
+    16 warps, and as many keys a warp (up to 8) as keep its rows' loads within 32 registers (bf16: 8 keys
+    for head dim 128, 4 for 256), which keeps a thread within the 128 registers a 512-thread block may
+    use (``benchmarks/cuda_compile_check.py``); else 32 warps, one key each. Warps are fewer where their
+    partial outputs would pass 32 KiB of shared memory (head dims over 256)."""
+    tiled = TILED_KEYS if tiled is None else tiled
+    words = d // 32 * itemsize // 4  # 32-bit words of a row a lane loads
+    if tiled and words >= 1:
+        return True, min(16, 8192 // d), max(1, min(8, 16 // words))
+    return False, min(32, 8192 // d), 1
+
+
 def _run(
     queries: mx.array,
     keys: mx.array,
@@ -405,12 +560,17 @@ def _run(
     which: str = "all",
 ) -> mx.array:
     batch, n_heads, _, d = queries.shape
-    warps = min(32, 8192 // d)
+    tiled, warps, kt = layout(d, queries.dtype.size)
     return _kernel(which)(
         inputs=[queries, keys, values] if extra is None else [queries, keys, values, extra],
-        # T is unused by the source but names the kernel: MLX caches a compiled kernel by its name
-        # and template values, and the signature it generates depends on the inputs' dtype.
-        template=[("T", queries.dtype), ("D", d), ("WARPS", warps), ("SCALE_BITS", _float_bits(scale))],
+        template=[
+            ("T", queries.dtype),
+            ("D", d),
+            ("WARPS", warps),
+            ("SCALE_BITS", _float_bits(scale)),
+            ("TILED", tiled),
+            ("KT", kt),
+        ],
         grid=(warps * 32 * n_heads, batch, 1),
         threadgroup=(warps * 32, 1, 1),
         output_shapes=[(batch, n_heads, 1, d)],

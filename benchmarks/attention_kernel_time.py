@@ -39,7 +39,7 @@ def chain(way: str, q: mx.array, k: mx.array, v: mx.array, calls: int) -> mx.arr
         if way == "mlx":
             q = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         else:
-            cuda_attention.TILED_KEYS = way == "tiled"
+            cuda_attention.TILED_KEYS = way == "tiled"  # from the first key (TILED_MIN_KEYS = 0 in main)
             q = cuda_attention._run(q, k, v, scale)
     return q
 
@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
+    min_keys, cuda_attention.TILED_MIN_KEYS = cuda_attention.TILED_MIN_KEYS, 0
     try:
         with cuda_attention.inference():
             for name, heads in SHAPES.items():
@@ -77,7 +78,7 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
-        cuda_attention.TILED_KEYS = True
+        cuda_attention.TILED_KEYS, cuda_attention.TILED_MIN_KEYS = True, min_keys
     if args.json:
         Path(args.json).write_text(json.dumps({"mlx": mx.__version__, "calls": args.calls, "rows": rows}, indent=1))
     return 0

@@ -4,8 +4,8 @@ The kernel cannot run on a machine without CUDA, so this script is its test: on 
 compares ``decode_attention`` with a float32 reference computed on the CPU stream, and with
 MLX's own GPU path (the fallback it replaces), over key counts 1..4097, grouped-query ratios 1
 and 4, head dims 256 and 128, batch 1 and 2, strided cache views (a prefix of a larger storage,
-a window inside it) and a strided query, with the kernel's tiled loop (which such views take) and
-again with its strided loop (``TILED_KEYS = False``). Then it checks when ``attention()`` picks the kernel,
+a window inside it) and a strided query, with the kernel's tiled loop (which such views take, here from
+the first key: ``TILED_MIN_KEYS = 0``) and again with its strided loop (``TILED_KEYS = False``). Then it checks when ``attention()`` picks the kernel,
 and times a chain of calls (one op vs the fallback's ops). Exit status 1 on any failure.
 
 Usage (GPU host, repo root)::
@@ -322,12 +322,14 @@ def main() -> int:
     meta = {"mlx": mx.__version__, "device_info": info}
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
-    rows, values_ok = check_values()  # the tiled loop (a cache's rows: unit stride, aligned)
-    cuda_attention.TILED_KEYS = False  # then the strided loop for the same cases
+    min_keys = cuda_attention.TILED_MIN_KEYS
+    cuda_attention.TILED_MIN_KEYS = 0  # the tiled loop for every length (a cache's rows: unit stride, aligned)
     try:
+        rows, values_ok = check_values()
+        cuda_attention.TILED_KEYS = False  # then the strided loop for the same cases
         strided_rows, strided_ok = check_values()
     finally:
-        cuda_attention.TILED_KEYS = True
+        cuda_attention.TILED_KEYS, cuda_attention.TILED_MIN_KEYS = True, min_keys
     values_ok &= strided_ok
     rows += [{**r, "loop": "strided"} for r in strided_rows]
     dispatch, dispatch_ok = check_dispatch()

@@ -285,9 +285,10 @@ def test_the_tiled_loop_s_layout_keeps_rows_in_registers_and_partials_in_shared_
 
 
 def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``_run`` passes the layout's loop (``TILED``) and keys a warp (``KT``) as template constants and
-    launches ``warps x 32`` threads a block; ``TILED_KEYS = False`` (the benchmarks' A/B) gives the
-    strided loop with 32 warps."""
+    """``_run`` passes the loop (``TILED``) and keys a warp (``KT``) as template constants and launches
+    ``warps x 32`` threads a block: the tiled loop over ``TILED_MIN_KEYS`` keys or more (a view's
+    length: a compiled step's storage), the strided one below, and with ``TILED_KEYS = False`` (the
+    benchmarks' A/B) the strided one for any length."""
     launched: list[dict] = []
 
     def kernel(**kw):
@@ -296,11 +297,12 @@ def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all": kernel)
     q = mx.zeros((1, 4, 1, 256), mx.bfloat16)
-    k = mx.zeros((1, 1, 640, 256), mx.bfloat16)
-    cuda_attention._run(q, k, k, 0.0625)
+    long = mx.zeros((1, 1, cuda_attention.TILED_MIN_KEYS, 256), mx.bfloat16)
+    short = long[:, :, : cuda_attention.TILED_MIN_KEYS - 1]
+    cuda_attention._run(q, long, long, 0.0625)
+    cuda_attention._run(q, short, short, 0.0625)
     monkeypatch.setattr(cuda_attention, "TILED_KEYS", False)
-    cuda_attention._run(q, k, k, 0.0625)
-    tiled, strided = (dict(kw["template"]) for kw in launched)
-    assert (tiled["TILED"], tiled["KT"], tiled["WARPS"]) == (True, 4, 16)
-    assert (strided["TILED"], strided["KT"], strided["WARPS"]) == (False, 1, 32)
-    assert [kw["threadgroup"][0] for kw in launched] == [16 * 32, 32 * 32]
+    cuda_attention._run(q, long, long, 0.0625)
+    templates = [dict(kw["template"]) for kw in launched]
+    assert [(t["TILED"], t["KT"], t["WARPS"]) for t in templates] == [(True, 4, 16), (False, 1, 32), (False, 1, 32)]
+    assert [kw["threadgroup"][0] for kw in launched] == [16 * 32, 32 * 32, 32 * 32]

@@ -10,9 +10,11 @@ in every layer and step, and a GPU decode step is bound by host work per op
 (benchmarks/RESULTS.md): 198 of the 714 ops of a Gemma 3 270M step, 286 of 1024 for the 1B.
 
 :func:`decode_attention` computes the same thing as one op: a flash-decoding kernel with one
-thread block per (batch row, query head), its warps taking every ``WARPS``-th key and its lanes
-``head_dim / 32`` elements each, an online softmax in float32 (base 2), and the warps' partial
-results combined in shared memory. Keys and values are read through their strides, so the
+thread block per (batch row, query head), its lanes ``head_dim / 32`` elements each, an online
+softmax in float32 (base 2), and the warps' partial results combined in shared memory. Its warps
+take one key at a time (every ``WARPS``-th), or, over :data:`TILED_MIN_KEYS` keys or more whose
+rows allow vector loads, 4-8 keys at once with every row's loads in flight before any is used (on
+an H100 1.7-2.2x faster a call at 8,192 keys). Keys and values are read through their strides, so the
 cache views ``update_and_fetch`` returns (prefixes of the storage, the rotating window) are not
 copied. Scores, softmax and sums stay in float32 (the fallback rounds the scores and the
 probabilities to the inputs' dtype), so in bf16 the results differ from the fallback by bf16
@@ -43,8 +45,13 @@ FUSED_HEAD_DIMS = frozenset({64, 96, 128})
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay at 32 KiB of shared memory
 # Whether the kernel takes its tiled loop where a cache's rows allow it (see _SOURCE; False: the strided
-# loop for every input, as before 2026-12-07, for benchmarks/gpu_vs_mlx_lm.py's A/B)
+# loop for every input, as before 2026-12-07, for benchmarks/gpu_vs_mlx_lm.py's A/B), from how many keys.
+# On an H100 (benchmarks/RESULTS.md) a call over 8,192 keys took 125 us tiled against 210 strided (Gemma's
+# 4/1 heads of 256) and 85 against 183 (Qwen 3 0.6B's 16/8 of 128); over 640 keys the tiled call was
+# faster alone too (at most 22 against 34 us), but Gemma 3 270M and 1B decoded no faster with it end to end
+# (0.92-0.98x). So short caches keep the strided loop; 2,048 lies between the two measured lengths.
 TILED_KEYS = True
+TILED_MIN_KEYS = 2048
 
 
 def kernel_name(base: str, source: str, header: str) -> str:
@@ -539,7 +546,7 @@ def decode_attention_span(
 
 def layout(d: int, itemsize: int, tiled: bool | None = None) -> tuple[bool, int, int]:
     """The kernel's (tiled, warps a block, keys a warp takes at once) for head dim ``d`` and inputs of
-    ``itemsize`` bytes. Tiled (:data:`TILED_KEYS`), where a lane's share of a row is whole 32-bit words:
+    ``itemsize`` bytes. Tiled (where ``tiled``; None: :data:`TILED_KEYS`), where a lane's share of a row is whole 32-bit words:
     16 warps, and as many keys a warp (up to 8) as keep its rows' loads within 32 registers (bf16: 8 keys
     for head dim 128, 4 for 256), which keeps a thread within the 128 registers a 512-thread block may
     use (``benchmarks/cuda_compile_check.py``); else 32 warps, one key each. Warps are fewer where their
@@ -560,7 +567,7 @@ def _run(
     which: str = "all",
 ) -> mx.array:
     batch, n_heads, _, d = queries.shape
-    tiled, warps, kt = layout(d, queries.dtype.size)
+    tiled, warps, kt = layout(d, queries.dtype.size, TILED_KEYS and keys.shape[2] >= TILED_MIN_KEYS)
     return _kernel(which)(
         inputs=[queries, keys, values] if extra is None else [queries, keys, values, extra],
         template=[

@@ -1,4 +1,5 @@
-"""Time lmx's one-query CUDA attention kernel per call: its tiled loop, its strided loop, MLX's own.
+"""Time lmx's one-query CUDA attention kernel per call: its tiled loop, the same with the keys split
+over blocks (two kernels), its strided loop, and MLX's own.
 
 Each measurement queues a chain of ``--calls`` attention calls (each call's output is the next
 call's query, so they run one after another, as a decode step's layers do) and evaluates it once;
@@ -38,8 +39,9 @@ def chain(way: str, q: mx.array, k: mx.array, v: mx.array, calls: int) -> mx.arr
     for _ in range(calls):
         if way == "mlx":
             q = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:
-            cuda_attention.TILED_KEYS = way == "tiled"  # from the first key (TILED_MIN_KEYS = 0 in main)
+        else:  # the tiled loop from the first key (TILED_MIN_KEYS = 0 in main), the split kernels too for "split"
+            cuda_attention.TILED_KEYS = way in ("tiled", "split")
+            cuda_attention.SPLIT_KEYS = way == "split"
             q = cuda_attention._run(q, k, v, scale)
     return q
 
@@ -67,18 +69,20 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     rows = []
-    min_keys, cuda_attention.TILED_MIN_KEYS = cuda_attention.TILED_MIN_KEYS, 0
+    saved = (cuda_attention.TILED_MIN_KEYS, cuda_attention.SPLIT_MIN_KEYS)
+    cuda_attention.TILED_MIN_KEYS = cuda_attention.SPLIT_MIN_KEYS = 0
     try:
         with cuda_attention.inference():
             for name, heads in SHAPES.items():
                 for keys in (int(n) for n in args.keys.split(",")):
                     row = {"shape": name, "heads": heads, "keys": keys}
-                    for way in ("tiled", "strided", "mlx"):
+                    for way in ("tiled", "split", "strided", "mlx"):
                         row[f"{way}_us"] = round(time_way(way, heads, keys, args.calls, args.rounds), 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
-        cuda_attention.TILED_KEYS, cuda_attention.TILED_MIN_KEYS = True, min_keys
+        cuda_attention.TILED_KEYS, cuda_attention.SPLIT_KEYS = True, False
+        cuda_attention.TILED_MIN_KEYS, cuda_attention.SPLIT_MIN_KEYS = saved
     if args.json:
         Path(args.json).write_text(json.dumps({"mlx": mx.__version__, "calls": args.calls, "rows": rows}, indent=1))
     return 0

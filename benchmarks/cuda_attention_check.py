@@ -5,7 +5,8 @@ compares ``decode_attention`` with a float32 reference computed on the CPU strea
 MLX's own GPU path (the fallback it replaces), over key counts 1..4097, grouped-query ratios 1
 and 4, head dims 256 and 128, batch 1 and 2, strided cache views (a prefix of a larger storage,
 a window inside it) and a strided query, with the kernel's tiled loop (which such views take, here from
-the first key: ``TILED_MIN_KEYS = 0``) and again with its strided loop (``TILED_KEYS = False``). Then it checks when ``attention()`` picks the kernel,
+the first key: ``TILED_MIN_KEYS = 0``), again with its strided loop (``TILED_KEYS = False``), and with
+the keys split over blocks (``SPLIT_KEYS``, from 256 keys), the padded-row and span checks too. Then it checks when ``attention()`` picks the kernel,
 and times a chain of calls (one op vs the fallback's ops). Exit status 1 on any failure.
 
 Usage (GPU host, repo root)::
@@ -186,7 +187,7 @@ def check_span() -> tuple[list[dict[str, Any]], bool]:
     rows, ok = [], True
     for d in (256, 128):
         for n_heads, n_kv in ((4, 1), (8, 2)):
-            for n_keys, lo, hi in ((7, 0, 1), (300, 0, 177), (768, 255, 767), (1024, 1, 1024)):
+            for n_keys, lo, hi in ((7, 0, 1), (300, 0, 177), (768, 255, 767), (1024, 1, 1024), (1024, 5, 9)):
                 for dtype in (mx.float32, mx.bfloat16):
                     q, k, v = inputs(2, n_heads, n_kv, n_keys, d, dtype, "prefix", 11 * n_keys + d + lo)
                     scale = d**-0.5
@@ -322,16 +323,24 @@ def main() -> int:
     meta = {"mlx": mx.__version__, "device_info": info}
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
-    min_keys = cuda_attention.TILED_MIN_KEYS
+    saved = (cuda_attention.TILED_MIN_KEYS, cuda_attention.SPLIT_KEYS, cuda_attention.SPLIT_MIN_KEYS)
     cuda_attention.TILED_MIN_KEYS = 0  # the tiled loop for every length (a cache's rows: unit stride, aligned)
     try:
         rows, values_ok = check_values()
         cuda_attention.TILED_KEYS = False  # then the strided loop for the same cases
         strided_rows, strided_ok = check_values()
+        cuda_attention.TILED_KEYS = True  # then the keys split over blocks (from 256 keys: 2+ blocks of 128)
+        cuda_attention.SPLIT_KEYS, cuda_attention.SPLIT_MIN_KEYS = True, 0
+        split_rows, split_ok = check_values()
+        split_from_rows, split_from_ok = check_from()
+        split_span_rows, split_span_ok = check_span()
     finally:
-        cuda_attention.TILED_KEYS, cuda_attention.TILED_MIN_KEYS = True, min_keys
-    values_ok &= strided_ok
-    rows += [{**r, "loop": "strided"} for r in strided_rows]
+        cuda_attention.TILED_KEYS = True
+        cuda_attention.TILED_MIN_KEYS, cuda_attention.SPLIT_KEYS, cuda_attention.SPLIT_MIN_KEYS = saved
+    values_ok &= strided_ok and split_ok and split_from_ok and split_span_ok
+    rows += [{**r, "loop": "strided"} for r in strided_rows] + [{**r, "loop": "split"} for r in split_rows]
+    rows += [{**r, "loop": "split", "check": "from"} for r in split_from_rows]
+    rows += [{**r, "loop": "split", "check": "span"} for r in split_span_rows]
     dispatch, dispatch_ok = check_dispatch()
     gradient, gradient_ok = check_gradient()
     from_rows, from_ok = check_from()

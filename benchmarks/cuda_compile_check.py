@@ -82,9 +82,10 @@ def wrap(
 
 def attention_cases() -> list[dict]:
     cases = []
-    for which in ("all", "span"):
+    for which, split in (("all", False), ("span", False), ("all", True)):
         base, extra, first, end = cuda_attention._RANGES[which]
-        source = cuda_attention._SOURCE.replace("FIRST_KEY", first).replace("END_KEY", end)
+        tail = cuda_attention._WRITE_PART if split else cuda_attention._WRITE_OUT
+        source = (cuda_attention._SOURCE + tail).replace("FIRST_KEY", first).replace("END_KEY", end)
         for dtype in (mx.bfloat16, mx.float16, mx.float32):
             for d in (64, 128, 256, 512, 1024):
                 for tiled_pick in (True, False):
@@ -101,18 +102,42 @@ def attention_cases() -> list[dict]:
                         ("TILED", tiled),
                         ("KT", kt),
                     ]
+                    outputs = [("part_acc", "float"), ("part_stats", "float")] if split else [("out", ctype)]
                     cases.append(
                         {
-                            "kernel": f"{base}_{which}",
+                            "kernel": f"{base}_{which}" + ("_split" if split else ""),
                             "dtype": str(dtype),
                             "d": d,
                             "tiled": tiled,
                             "warps": warps,
                             "kt": kt,
                             "threads": warps * 32,
-                            "text": wrap(base, cuda_attention._HEADER, source, inputs, [("out", ctype)], template),
+                            "text": wrap(base, cuda_attention._HEADER, source, inputs, outputs, template),
                         }
                     )
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):  # the split kernel's combining one
+        for d in (64, 128, 256, 512, 1024):
+            inputs = [("part_acc", "float", True), ("part_stats", "float", True)]
+            text = wrap(
+                "lmx_decode_attention_combine",
+                cuda_attention.FLOAT_HEADER,
+                cuda_attention._COMBINE,
+                inputs,
+                [("out", CUDA_TYPE[dtype])],
+                [("T", dtype), ("D", d)],
+            )
+            cases.append(
+                {
+                    "kernel": "lmx_decode_attention_combine",
+                    "dtype": str(dtype),
+                    "d": d,
+                    "tiled": False,
+                    "warps": min(d, 256) // 32,
+                    "kt": 0,
+                    "threads": min(d, 256),
+                    "text": text,
+                }
+            )
     return cases
 
 

@@ -13,7 +13,7 @@
 #
 # Outputs (JSON and logs) go to $OUT.
 set -u
-part=${1:?tiled, headline, headline_short, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
+part=${1:?long, tiled, headline, headline_short, q4_kernel, diagnose, donation, compiled, compiled_graphs, compiled_q4, profile, serving_ab, attn, next, next_short, dense, dense_short, dense_first, dense_e2e, first_use, first_gguf, thread_default, thread, thread_270m, thread_min, thread_serve, thread_q4, serving, decode, prefill, chunk, split, rows, fused, fused2, products, graphs, quantized, quantized_e2e or gguf}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
@@ -64,6 +64,17 @@ compiled_graphs)  # where the compiled step's device time goes: whether its cach
     step 110 "compiled_$name" env "$env" python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-1b \
       --variants lmx,lmx-compiled --rounds 2 --profile-steps 32 --json "$OUT/gpu_compiled_graphs_$name.json"
   done
+  ;;
+long)  # long context: the attention kernel's values with its keys split over blocks (and tiled, strided), each
+  # way's time a call, Gemma 3 270M/1B decode after 8,192 tokens (default: tiled from 2,048 keys; strided; split)
+  # against mlx-lm; then the 8B bf16 against the roofline (not measured since 19:05)
+  export ONE_LOG=1
+  step 170 attn_check python3 benchmarks/cuda_attention_check.py --json "$OUT/cuda_attention_check_split.json"
+  step 90 attn_time python3 benchmarks/attention_kernel_time.py --json "$OUT/attention_kernel_time_split.json"
+  step 200 long_gemma python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b --prompt-tokens 8192 \
+    --variants lmx,lmx-strided,lmx-split,mlx-lm --rounds 2 --check-steps 16 --json "$OUT/gpu_long_gemma.json"
+  step 130 roofline_8b python3 benchmarks/gpu_vs_mlx_lm.py --configs qwen3-8b --variants lmx,mlx-lm --rounds 3 \
+    --bandwidth --json "$OUT/gpu_roofline_8b.json"
   ;;
 tiled)  # the attention kernel's tiled loop (KT keys a warp at once): its values (then the strided loop's), its time
   # per call against the strided loop and MLX's, end to end on the 270M and 1B bf16 against the strided loop and

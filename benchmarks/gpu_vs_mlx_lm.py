@@ -23,7 +23,8 @@ thread of its own while the next is built; the default on a CUDA GPU), ``lmx-one
 with lmx's attention kernel for every head dim (also those MLX fuses: Qwen 3's 128, which MLX runs
 by cuDNN over a cache of 256+ keys), ``lmx-dense-attn`` both, ``lmx-strided`` with the attention
 kernel's strided loop only (one key a warp at a time: the kernel before its tiled loop), ``lmx-tiled``
-with its tiled loop for any number of keys (by default from ``TILED_MIN_KEYS``),
+with its tiled loop for any number of keys (by default from ``TILED_MIN_KEYS``), ``lmx-split`` with
+long key ranges split over blocks (``SPLIT_KEYS``, off by default),
 ``lmx-attn-all-strided`` both of the last. ``--check-steps N`` first checks
 that every lmx variant's greedy tokens equal ``lmx-plain``'s over N steps;
 ``--profile-steps N`` splits a step's wall time into building its graph (Python), queueing
@@ -238,6 +239,7 @@ LMX_STEPS = {  # variant -> (plain, segments) for the token check and the profil
     "lmx-attn-all": (False, None),
     "lmx-strided": (False, None),
     "lmx-tiled": (False, None),
+    "lmx-split": (False, None),
     "lmx-attn-all-strided": (False, None),
     "lmx-dense-attn": (False, None),
     "lmx-compiled": (False, False),
@@ -263,6 +265,8 @@ def step_context(variant: str, model: nn.Module) -> contextlib.ExitStack:
         stack.enter_context(mock.patch.object(cuda_attention, "TILED_KEYS", False))
     if variant == "lmx-tiled":
         stack.enter_context(mock.patch.object(cuda_attention, "TILED_MIN_KEYS", 0))
+    if variant == "lmx-split":  # off by default until measured
+        stack.enter_context(mock.patch.object(cuda_attention, "SPLIT_KEYS", True))
     return stack
 
 
@@ -583,6 +587,7 @@ def run_config(name: str, args: argparse.Namespace, variants: list[str]) -> dict
         "lmx-attn-all": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all"),
         "lmx-strided": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-strided"),
         "lmx-tiled": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-tiled"),
+        "lmx-split": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-split"),
         "lmx-attn-all-strided": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-attn-all-strided"),
         "lmx-dense-attn": lambda pr, n: time_lmx_patched(model, pr, n, "lmx-dense-attn"),
         "mlx-lm": lambda pr, n: time_mlx_lm(twin, pr, n),
@@ -651,7 +656,7 @@ def main() -> int:
     p.add_argument(
         "--variants",
         default="lmx,lmx-eager,mlx-lm",
-        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-q16 (for those of 16 MiB+), lmx-qall (for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-strided (its strided loop only), lmx-tiled (its tiled loop from the first key), lmx-attn-all-strided, lmx-dense-attn (both), "
+        help="lmx (its default), lmx-unfused (projections not fused), lmx-thread (steps queued on a thread), lmx-onethread (no such thread), lmx-mlxq (MLX's quantized products), lmx-q (lmx's quantized products, LMX_CUDA_QUANTIZED=1), lmx-q16 (for those of 16 MiB+), lmx-qall (for every quantized matrix), lmx-dense (lmx's float products, LMX_CUDA_DENSE=1), lmx-attn-all (lmx's attention kernel for every head dim), lmx-strided (its strided loop only), lmx-tiled (its tiled loop from the first key), lmx-split (keys split over blocks from SPLIT_MIN_KEYS), lmx-attn-all-strided, lmx-dense-attn (both), "
         "lmx-compiled, lmx-eager, lmx-seg, lmx-seg-noattn, lmx-plain, lmx-norm-add, lmx-boolmask, lmx-where, "
         "lmx-unfused-act, mlx-lm",
     )

@@ -197,10 +197,14 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
         lambda: cuda_attention._kernel("all"),
         lambda: cuda_attention._kernel("first"),
         lambda: cuda_attention._kernel("span"),
+        lambda: cuda_attention._kernel("all", True),
+        lambda: cuda_attention._kernel("first", True),
+        lambda: cuda_attention._kernel("span", True),
+        cuda_attention._combine_kernel,
         cuda_quantized._kernel,
         cuda_dense._kernel,
     ]
-    caches = [cuda_attention._kernel, cuda_quantized._kernel, cuda_dense._kernel]
+    caches = [cuda_attention._kernel, cuda_attention._combine_kernel, cuda_quantized._kernel, cuda_dense._kernel]
     for cache in caches:
         cache.cache_clear()
     try:
@@ -209,12 +213,12 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
     finally:
         for cache in caches:  # the recorded stand-ins must not outlive the test
             cache.cache_clear()
-    assert len(made) == 5
+    assert len(made) == 9
     for kw in made:
         digest = hashlib.sha256(f"{kw['header']}\0{kw['source']}".encode()).hexdigest()[:16]
         assert kw["name"].endswith("_" + digest) and kw["name"].isidentifier(), kw["name"]
-    assert len({kw["name"] for kw in made}) == 5
-    assert len({kw["source"] for kw in made}) == 5  # the three attention kernels differ in their source
+    assert len({kw["name"] for kw in made}) == 9
+    assert len({kw["source"] for kw in made}) == 9  # the six attention kernels differ in their source
     name = cuda_attention.kernel_name("k", "out[0] = 1;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 2;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 1;", "// header")
@@ -295,7 +299,7 @@ def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyP
         launched.append(kw)
         return [mx.zeros(kw["output_shapes"][0], kw["output_dtypes"][0])]
 
-    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all": kernel)
+    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all", split=False: kernel)
     q = mx.zeros((1, 4, 1, 256), mx.bfloat16)
     long = mx.zeros((1, 1, cuda_attention.TILED_MIN_KEYS, 256), mx.bfloat16)
     short = long[:, :, : cuda_attention.TILED_MIN_KEYS - 1]
@@ -306,3 +310,47 @@ def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyP
     templates = [dict(kw["template"]) for kw in launched]
     assert [(t["TILED"], t["KT"], t["WARPS"]) for t in templates] == [(True, 4, 16), (False, 1, 32), (False, 1, 32)]
     assert [kw["threadgroup"][0] for kw in launched] == [16 * 32, 32 * 32, 32 * 32]
+
+
+def test_split_keys_run_two_kernels_whose_second_combines_the_first_s_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``SPLIT_KEYS`` on (off by default until measured), over ``SPLIT_MIN_KEYS`` keys or more the
+    split kernel runs ``splits()`` blocks per (head, row) (the grid's z) into float32 partial results,
+    and the combining kernel turns exactly those into the (B, H, 1, D) output in the queries' dtype;
+    below the threshold one kernel runs, as with the switch off."""
+    calls: list[tuple[str, dict]] = []
+
+    def stand_in(kind: str):
+        def kernel(**kw):
+            calls.append((kind, kw))
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+        return kernel
+
+    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all", split=False: stand_in(f"{which}:{split}"))
+    monkeypatch.setattr(cuda_attention, "_combine_kernel", lambda: stand_in("combine"))
+    monkeypatch.setattr(cuda_attention, "SPLIT_KEYS", True)
+    q = mx.zeros((2, 4, 1, 256), mx.bfloat16)
+    long = mx.zeros((2, 1, cuda_attention.SPLIT_MIN_KEYS, 256), mx.bfloat16)
+    out = cuda_attention._run(q, long, long, 0.0625, mx.array([0, 9], dtype=mx.int32), "span")
+    assert out.shape == (2, 4, 1, 256) and out.dtype == mx.bfloat16
+    (first, parts_kw), (second, combine_kw) = calls
+    parts = cuda_attention.splits(2, 4, cuda_attention.SPLIT_MIN_KEYS)
+    assert first == "span:True" and second == "combine" and parts > 1
+    assert parts_kw["grid"][2] == parts and parts_kw["output_shapes"] == [(2, 4, parts, 256), (2, 4, parts, 2)]
+    assert parts_kw["output_dtypes"] == [mx.float32, mx.float32]
+    assert [a.shape for a in combine_kw["inputs"]] == [(2, 4, parts, 256), (2, 4, parts, 2)]
+    assert combine_kw["grid"][1] == 2 and combine_kw["output_dtypes"] == [mx.bfloat16]
+    calls.clear()
+    short = long[:, :, : cuda_attention.SPLIT_MIN_KEYS - 1]
+    cuda_attention._run(q, short, short, 0.0625)
+    assert [kind for kind, _ in calls] == ["all:False"]
+
+
+def test_splits_give_about_256_blocks_of_128_keys_or_more() -> None:
+    assert cuda_attention.splits(1, 4, 8192) == 64  # Gemma 3 270M/1B over 8k keys: 256 blocks of 128 keys
+    assert cuda_attention.splits(1, 16, 8192) == 16  # Qwen 3 0.6B: 256 blocks of 512
+    assert cuda_attention.splits(1, 4, 1000) == 7  # no block under 128 keys
+    assert cuda_attention.splits(8, 32, 100000) == 1  # enough blocks already
+    for batch, heads, keys in ((1, 1, 10**6), (1, 4, 300), (3, 8, 5000)):
+        n = cuda_attention.splits(batch, heads, keys)
+        assert 1 <= n <= 64 and (n == 1 or keys // n >= 128)

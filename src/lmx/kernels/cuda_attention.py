@@ -14,7 +14,9 @@ thread block per (batch row, query head), its lanes ``head_dim / 32`` elements e
 softmax in float32 (base 2), and the warps' partial results combined in shared memory. Its warps
 take one key at a time (every ``WARPS``-th), or, over :data:`TILED_MIN_KEYS` keys or more whose
 rows allow vector loads, 4-8 keys at once with every row's loads in flight before any is used (on
-an H100 1.7-2.2x faster a call at 8,192 keys). Keys and values are read through their strides, so the
+an H100 1.7-2.4x faster a call at 8,192 keys). With :data:`SPLIT_KEYS` (off until measured on a GPU)
+a long key range is split over several blocks per (row, head), whose partial results a second
+kernel combines (:func:`splits`). Keys and values are read through their strides, so the
 cache views ``update_and_fetch`` returns (prefixes of the storage, the rotating window) are not
 copied. Scores, softmax and sums stay in float32 (the fallback rounds the scores and the
 probabilities to the inputs' dtype), so in bf16 the results differ from the fallback by bf16
@@ -52,6 +54,11 @@ MAX_HEAD_DIM = 1024  # the warps' partial outputs (WARPS x head_dim floats) stay
 # (0.92-0.98x). So short caches keep the strided loop; 2,048 lies between the two measured lengths.
 TILED_KEYS = True
 TILED_MIN_KEYS = 2048
+# Whether long key ranges are split over several blocks per (row, head) (a second kernel combines their
+# partial results; see :func:`splits`), from how many keys. Off until measured on a GPU: over 8,192 keys
+# MLX's kernels, which split them, were still 1.7-2.8x faster a call than the tiled loop on an H100.
+SPLIT_KEYS = False
+SPLIT_MIN_KEYS = 2048
 
 
 def kernel_name(base: str, source: str, header: str) -> str:
@@ -176,8 +183,13 @@ _SOURCE = """
     const int64_t q_d = q_strides[3];
     const int64_t k_t = k_strides[2], k_d = k_strides[3];
     const int64_t v_t = v_strides[2], v_d = v_strides[3];
-    const int first_key = FIRST_KEY;
-    const int end_key = END_KEY;
+    // The keys this block takes: all of [FIRST_KEY, END_KEY), or its share of them where the grid
+    // splits them over gridDim.z blocks (the split kernel, which writes partial results).
+    const int range_first = FIRST_KEY;
+    const int range_end = END_KEY;
+    const int chunk = (range_end - range_first + int(gridDim.z) - 1) / int(gridDim.z);
+    const int first_key = range_first + int(blockIdx.z) * chunk;
+    const int end_key = min(range_end, first_key + chunk);
     const bool tiled = TILE && k_d == 1 && v_d == 1 && (k_t * int64_t(sizeof(T))) % ALIGN == 0
         && (v_t * int64_t(sizeof(T))) % ALIGN == 0 && reinterpret_cast<uintptr_t>(kh) % ALIGN == 0
         && reinterpret_cast<uintptr_t>(vh) % ALIGN == 0;  // the same for the whole block
@@ -322,12 +334,63 @@ _SOURCE = """
     for (int w = 0; w < WARPS; ++w) {
         total += warp_max[w] == neg_inf ? 0.0f : warp_sum[w] * exp2f(warp_max[w] - top);
     }
+"""
+
+# The block's output: softmax-weighted values, normalized.
+_WRITE_OUT = """
     const float inv = 1.0f / total;
     auto* o = out + (static_cast<int64_t>(batch) * n_heads + head) * D;
     for (int d = threadIdx.x; d < D; d += WARPS * 32) {
         float sum = 0.0f;
         for (int w = 0; w < WARPS; ++w) {
             sum += part[w][d];
+        }
+        lmx_store(o + d, sum * inv);
+    }
+"""
+
+# A split block's partial result (float32): its unnormalized sums relative to its max score, and that
+# max and its sum of exp2(score - max) (-inf and 0 for a block without keys), for _COMBINE.
+_WRITE_PART = """
+    const int64_t r = (static_cast<int64_t>(batch) * n_heads + head) * gridDim.z + blockIdx.z;
+    for (int d = threadIdx.x; d < D; d += WARPS * 32) {
+        float sum = 0.0f;
+        for (int w = 0; w < WARPS; ++w) {
+            sum += part[w][d];
+        }
+        part_acc[r * D + d] = sum;
+    }
+    if (threadIdx.x == 0) {
+        part_stats[2 * r] = top;
+        part_stats[2 * r + 1] = total;
+    }
+"""
+
+# Template constants: T (the output dtype), D. One block per (head, batch row): the split blocks'
+# partial results combined into the row's output, as the blocks of one kernel combine their warps'.
+_COMBINE = """
+    const float neg_inf = __uint_as_float(0xff800000u);
+    const int head = blockIdx.x;
+    const int batch = blockIdx.y;
+    const int n_heads = part_acc_shape[1];
+    const int splits = part_acc_shape[2];
+    const int64_t r0 = (static_cast<int64_t>(batch) * n_heads + head) * splits;
+    float top = neg_inf;
+    for (int i = 0; i < splits; ++i) {
+        top = fmaxf(top, part_stats[2 * (r0 + i)]);
+    }
+    float total = 0.0f;
+    for (int i = 0; i < splits; ++i) {
+        const float m = part_stats[2 * (r0 + i)];
+        total += m == neg_inf ? 0.0f : part_stats[2 * (r0 + i) + 1] * exp2f(m - top);
+    }
+    const float inv = 1.0f / total;
+    auto* o = out + (static_cast<int64_t>(batch) * n_heads + head) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int i = 0; i < splits; ++i) {
+            const float m = part_stats[2 * (r0 + i)];
+            sum += m == neg_inf ? 0.0f : part_acc[(r0 + i) * D + d] * exp2f(m - top);
         }
         lmx_store(o + d, sum * inv);
     }
@@ -400,21 +463,41 @@ _RANGES = {
 }
 
 
-@functools.lru_cache(maxsize=3)
-def _kernel(keys: str = "all") -> Any:
+@functools.lru_cache(maxsize=6)
+def _kernel(keys: str = "all", split: bool = False) -> Any:
     """The kernel over the keys ``keys`` names (:data:`_RANGES`): every key; from index ``first[b]``
     on for row ``b`` (a batch's left padding before a row's own positions); or ``span[0] <= i <
-    span[1]`` for every row (a compiled decode step's slots in use in its fixed storage)."""
+    span[1]`` for every row (a compiled decode step's slots in use in its fixed storage). ``split``:
+    the kernel whose blocks each take a share of those keys and write partial results."""
     base, extra, first, end = _RANGES[keys]
-    source = _SOURCE.replace("FIRST_KEY", first).replace("END_KEY", end)
+    source = (_SOURCE + (_WRITE_PART if split else _WRITE_OUT)).replace("FIRST_KEY", first).replace("END_KEY", end)
+    base = f"{base}_split" if split else base
     return mx.fast.cuda_kernel(
         name=kernel_name(base, source, _HEADER),
         input_names=["q", "k", "v"] + ([extra] if extra else []),
-        output_names=["out"],
+        output_names=["part_acc", "part_stats"] if split else ["out"],
         source=source,
         header=_HEADER,
         ensure_row_contiguous=False,  # the kernel reads strides: cache views are not copied
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _combine_kernel() -> Any:
+    """The kernel that combines a split kernel's partial results (:data:`_COMBINE`)."""
+    return mx.fast.cuda_kernel(
+        name=kernel_name("lmx_decode_attention_combine", _COMBINE, FLOAT_HEADER),
+        input_names=["part_acc", "part_stats"],
+        output_names=["out"],
+        source=_COMBINE,
+        header=FLOAT_HEADER,
+    )
+
+
+def splits(batch: int, n_heads: int, n_keys: int) -> int:
+    """Blocks a (row, head)'s keys are split over (:data:`SPLIT_KEYS`): enough for about 256 blocks in
+    all, each with 128 keys or more, at most 64."""
+    return max(1, min(64, -(-256 // (batch * n_heads)), n_keys // 128))
 
 
 @functools.lru_cache(maxsize=64)
@@ -567,19 +650,41 @@ def _run(
     which: str = "all",
 ) -> mx.array:
     batch, n_heads, _, d = queries.shape
-    tiled, warps, kt = layout(d, queries.dtype.size, TILED_KEYS and keys.shape[2] >= TILED_MIN_KEYS)
-    return _kernel(which)(
-        inputs=[queries, keys, values] if extra is None else [queries, keys, values, extra],
-        template=[
-            ("T", queries.dtype),
-            ("D", d),
-            ("WARPS", warps),
-            ("SCALE_BITS", _float_bits(scale)),
-            ("TILED", tiled),
-            ("KT", kt),
-        ],
-        grid=(warps * 32 * n_heads, batch, 1),
+    n_keys = keys.shape[2]
+    tiled, warps, kt = layout(d, queries.dtype.size, TILED_KEYS and n_keys >= TILED_MIN_KEYS)
+    parts = splits(batch, n_heads, n_keys) if SPLIT_KEYS and n_keys >= SPLIT_MIN_KEYS else 1
+    template = [
+        ("T", queries.dtype),
+        ("D", d),
+        ("WARPS", warps),
+        ("SCALE_BITS", _float_bits(scale)),
+        ("TILED", tiled),
+        ("KT", kt),
+    ]
+    inputs = [queries, keys, values] if extra is None else [queries, keys, values, extra]
+    if parts == 1:
+        return _kernel(which)(
+            inputs=inputs,
+            template=template,
+            grid=(warps * 32 * n_heads, batch, 1),
+            threadgroup=(warps * 32, 1, 1),
+            output_shapes=[(batch, n_heads, 1, d)],
+            output_dtypes=[queries.dtype],
+        )[0]
+    part_acc, part_stats = _kernel(which, True)(
+        inputs=inputs,
+        template=template,
+        grid=(warps * 32 * n_heads, batch, parts),
         threadgroup=(warps * 32, 1, 1),
+        output_shapes=[(batch, n_heads, parts, d), (batch, n_heads, parts, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    threads = min(d, 256)
+    return _combine_kernel()(
+        inputs=[part_acc, part_stats],
+        template=[("T", queries.dtype), ("D", d)],
+        grid=(threads * n_heads, batch, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(batch, n_heads, 1, d)],
         output_dtypes=[queries.dtype],
     )[0]

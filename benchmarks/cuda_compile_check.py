@@ -83,13 +83,12 @@ def wrap(
 def attention_cases() -> list[dict]:
     cases = []
     for which, split in (("all", False), ("span", False), ("all", True)):
-        base, extra, first, end = cuda_attention._RANGES[which]
-        tail = cuda_attention._WRITE_PART if split else cuda_attention._WRITE_OUT
-        source = (cuda_attention._SOURCE + tail).replace("FIRST_KEY", first).replace("END_KEY", end)
+        base, extra, _, _ = cuda_attention._RANGES[which]
         for dtype in (mx.bfloat16, mx.float16, mx.float32):
             for d in (64, 128, 256, 512, 1024):
                 for tiled_pick in (True, False):
                     tiled, warps, kt = cuda_attention.layout(d, dtype.size, tiled_pick)
+                    source = cuda_attention.kernel_source(which, split, tiled)
                     ctype = CUDA_TYPE[dtype]
                     inputs = [("q", ctype, True), ("k", ctype, True), ("v", ctype, True)]
                     if extra:

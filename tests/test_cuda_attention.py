@@ -200,6 +200,8 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
         lambda: cuda_attention._kernel("all", True),
         lambda: cuda_attention._kernel("first", True),
         lambda: cuda_attention._kernel("span", True),
+        lambda: cuda_attention._kernel("all", False, True),
+        lambda: cuda_attention._kernel("span", True, True),
         cuda_attention._combine_kernel,
         cuda_quantized._kernel,
         cuda_dense._kernel,
@@ -213,12 +215,12 @@ def test_each_kernel_s_name_carries_a_digest_of_its_source(monkeypatch: pytest.M
     finally:
         for cache in caches:  # the recorded stand-ins must not outlive the test
             cache.cache_clear()
-    assert len(made) == 9
+    assert len(made) == 11
     for kw in made:
         digest = hashlib.sha256(f"{kw['header']}\0{kw['source']}".encode()).hexdigest()[:16]
         assert kw["name"].endswith("_" + digest) and kw["name"].isidentifier(), kw["name"]
-    assert len({kw["name"] for kw in made}) == 9
-    assert len({kw["source"] for kw in made}) == 9  # the six attention kernels differ in their source
+    assert len({kw["name"] for kw in made}) == 11
+    assert len({kw["source"] for kw in made}) == 11  # the eight attention kernels differ in their source
     name = cuda_attention.kernel_name("k", "out[0] = 1;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 2;", "")
     assert name != cuda_attention.kernel_name("k", "out[0] = 1;", "// header")
@@ -299,7 +301,7 @@ def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyP
         launched.append(kw)
         return [mx.zeros(kw["output_shapes"][0], kw["output_dtypes"][0])]
 
-    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all", split=False: kernel)
+    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all", split=False, tiled=False: kernel)
     q = mx.zeros((1, 4, 1, 256), mx.bfloat16)
     long = mx.zeros((1, 1, cuda_attention.TILED_MIN_KEYS, 256), mx.bfloat16)
     short = long[:, :, : cuda_attention.TILED_MIN_KEYS - 1]
@@ -326,7 +328,9 @@ def test_split_keys_run_two_kernels_whose_second_combines_the_first_s_parts(monk
 
         return kernel
 
-    monkeypatch.setattr(cuda_attention, "_kernel", lambda which="all", split=False: stand_in(f"{which}:{split}"))
+    monkeypatch.setattr(
+        cuda_attention, "_kernel", lambda which="all", split=False, tiled=False: stand_in(f"{which}:{split}:{tiled}")
+    )
     monkeypatch.setattr(cuda_attention, "_combine_kernel", lambda: stand_in("combine"))
     monkeypatch.setattr(cuda_attention, "SPLIT_KEYS", True)
     q = mx.zeros((2, 4, 1, 256), mx.bfloat16)
@@ -335,7 +339,7 @@ def test_split_keys_run_two_kernels_whose_second_combines_the_first_s_parts(monk
     assert out.shape == (2, 4, 1, 256) and out.dtype == mx.bfloat16
     (first, parts_kw), (second, combine_kw) = calls
     parts = cuda_attention.splits(2, 4, cuda_attention.SPLIT_MIN_KEYS)
-    assert first == "span:True" and second == "combine" and parts > 1
+    assert first == "span:True:True" and second == "combine" and parts > 1
     assert parts_kw["grid"][2] == parts and parts_kw["output_shapes"] == [(2, 4, parts, 256), (2, 4, parts, 2)]
     assert parts_kw["output_dtypes"] == [mx.float32, mx.float32]
     assert [a.shape for a in combine_kw["inputs"]] == [(2, 4, parts, 256), (2, 4, parts, 2)]
@@ -343,7 +347,7 @@ def test_split_keys_run_two_kernels_whose_second_combines_the_first_s_parts(monk
     calls.clear()
     short = long[:, :, : cuda_attention.SPLIT_MIN_KEYS - 1]
     cuda_attention._run(q, short, short, 0.0625)
-    assert [kind for kind, _ in calls] == ["all:False"]
+    assert [kind for kind, _ in calls] == ["all:False:False"]
 
 
 def test_splits_give_about_256_blocks_of_128_keys_or_more() -> None:

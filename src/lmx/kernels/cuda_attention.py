@@ -229,6 +229,34 @@ _SOURCE = """
             m = m_new;
         }
     };
+TILE_LOOP
+    __shared__ float warp_max[WARPS];
+    __shared__ float warp_sum[WARPS];
+    __shared__ float part[WARPS][D];
+    if (lane == 0) {
+        warp_max[warp] = m;
+        warp_sum[warp] = l;
+    }
+    __syncthreads();
+    float top = neg_inf;
+    for (int w = 0; w < WARPS; ++w) {
+        top = fmaxf(top, warp_max[w]);
+    }
+    const float mine = m == neg_inf ? 0.0f : exp2f(m - top);  // a warp without keys adds nothing
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        part[warp][tiled ? lane * PER_LANE + j : lane + 32 * j] = acc[j] * mine;
+    }
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < WARPS; ++w) {
+        total += warp_max[w] == neg_inf ? 0.0f : warp_sum[w] * exp2f(warp_max[w] - top);
+    }
+"""
+
+# The tiled loop and the choice between the loops (the kernels built with TILED; the others take the strided
+# loop only, and their shorter source costs the host less to hash at each call: MLX keys a kernel by it)
+_TILE_LOOP = """
     auto tiles = [&]() {  // lane l holds elements [l * PER_LANE, (l + 1) * PER_LANE); KT keys a warp at a time
         constexpr int PER_WORD = 4 / int(sizeof(T));  // values a 32-bit word holds: 2 or 1
         constexpr int X_SIZE = ROW_WORDS * PER_WORD;   // PER_LANE where TILE (this lambda runs only then)
@@ -312,28 +340,6 @@ _SOURCE = """
         strided();
     }
 
-    __shared__ float warp_max[WARPS];
-    __shared__ float warp_sum[WARPS];
-    __shared__ float part[WARPS][D];
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_sum[warp] = l;
-    }
-    __syncthreads();
-    float top = neg_inf;
-    for (int w = 0; w < WARPS; ++w) {
-        top = fmaxf(top, warp_max[w]);
-    }
-    const float mine = m == neg_inf ? 0.0f : exp2f(m - top);  // a warp without keys adds nothing
-#pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-        part[warp][tiled ? lane * PER_LANE + j : lane + 32 * j] = acc[j] * mine;
-    }
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < WARPS; ++w) {
-        total += warp_max[w] == neg_inf ? 0.0f : warp_sum[w] * exp2f(warp_max[w] - top);
-    }
 """
 
 # The block's output: softmax-weighted values, normalized.
@@ -463,15 +469,24 @@ _RANGES = {
 }
 
 
-@functools.lru_cache(maxsize=6)
-def _kernel(keys: str = "all", split: bool = False) -> Any:
+def kernel_source(keys: str = "all", split: bool = False, tiled: bool = False) -> str:
+    """The source of :func:`_kernel`'s kernel (``tiled``: with the tiled loop; its template's ``TILED``
+    must then be true)."""
+    _, _, first, end = _RANGES[keys]
+    source = _SOURCE.replace("TILE_LOOP\n", _TILE_LOOP if tiled else "    strided();\n\n")
+    return (source + (_WRITE_PART if split else _WRITE_OUT)).replace("FIRST_KEY", first).replace("END_KEY", end)
+
+
+@functools.lru_cache(maxsize=12)
+def _kernel(keys: str = "all", split: bool = False, tiled: bool = False) -> Any:
     """The kernel over the keys ``keys`` names (:data:`_RANGES`): every key; from index ``first[b]``
     on for row ``b`` (a batch's left padding before a row's own positions); or ``span[0] <= i <
     span[1]`` for every row (a compiled decode step's slots in use in its fixed storage). ``split``:
-    the kernel whose blocks each take a share of those keys and write partial results."""
-    base, extra, first, end = _RANGES[keys]
-    source = (_SOURCE + (_WRITE_PART if split else _WRITE_OUT)).replace("FIRST_KEY", first).replace("END_KEY", end)
-    base = f"{base}_split" if split else base
+    the kernel whose blocks each take a share of those keys and write partial results; ``tiled``: the
+    one with the tiled loop (else the strided loop only)."""
+    base, extra, _, _ = _RANGES[keys]
+    source = kernel_source(keys, split, tiled)
+    base = base + ("_split" if split else "") + ("_tiled" if tiled else "")
     return mx.fast.cuda_kernel(
         name=kernel_name(base, source, _HEADER),
         input_names=["q", "k", "v"] + ([extra] if extra else []),
@@ -663,7 +678,7 @@ def _run(
     ]
     inputs = [queries, keys, values] if extra is None else [queries, keys, values, extra]
     if parts == 1:
-        return _kernel(which)(
+        return _kernel(which, False, tiled)(
             inputs=inputs,
             template=template,
             grid=(warps * 32 * n_heads, batch, 1),
@@ -671,7 +686,7 @@ def _run(
             output_shapes=[(batch, n_heads, 1, d)],
             output_dtypes=[queries.dtype],
         )[0]
-    part_acc, part_stats = _kernel(which, True)(
+    part_acc, part_stats = _kernel(which, True, tiled)(
         inputs=inputs,
         template=template,
         grid=(warps * 32 * n_heads, batch, parts),

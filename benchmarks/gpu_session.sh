@@ -33,6 +33,16 @@ step() {  # step SECONDS NAME COMMAND...: one measurement, its log in $OUT/NAME.
     cp "/tmp/$name.log" "$OUT/$name.log"
   fi
 }
+headline() {  # headline BENCH_SECONDS PYSPY_SECONDS: the 8B in 4 bits through lmx bench, then py-spy on the 270M
+  step "$1" against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu \
+    --rounds 5 --json
+  step "$2" pyspy_270m /tmp/site/bin/py-spy record --native --threads --rate 200 --format raw \
+    -o /tmp/pyspy_270m_bf16.txt -- python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
+    --variants lmx --rounds 1 --gen-tokens 512
+  step 30 pyspy_summary python3 benchmarks/pyspy_summary.py /tmp/pyspy_270m_bf16.txt --top 60 \
+    --json "$OUT/pyspy_270m_bf16_summary.json"
+  gzip -c /tmp/pyspy_270m_bf16.txt > "$OUT/pyspy_270m_bf16.txt.gz"
+}
 first_use() {  # first_use COLD_SECONDS WARM_SECONDS: gpu_first_use.py in a fresh PTX cache, then again with it warm
   rm -rf /tmp/ptx_first_use
   step "$1" first_cold env MLX_PTX_CACHE_DIR=/tmp/ptx_first_use python3 benchmarks/gpu_first_use.py --label cold \
@@ -91,27 +101,13 @@ headline)  # with lmx's quantized product on by default: the 8B in 4 bits throug
   # step thread's encoding goes (py-spy's native frames at 200 Hz, summarized here: the raw profile is too big to
   # return); the bf16 rows against mlx-lm and the roofline
   export ONE_LOG=1
-  step 200 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu \
-    --rounds 5 --json
-  step 120 pyspy_270m /tmp/site/bin/py-spy record --native --threads --rate 200 --format raw \
-    -o /tmp/pyspy_270m_bf16.txt -- python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
-    --variants lmx --rounds 1 --gen-tokens 512
-  step 30 pyspy_summary python3 benchmarks/pyspy_summary.py /tmp/pyspy_270m_bf16.txt --top 60 \
-    --json "$OUT/pyspy_270m_bf16_summary.json"
-  gzip -c /tmp/pyspy_270m_bf16.txt > "$OUT/pyspy_270m_bf16.txt.gz"
+  headline 200 120
   step 200 bf16 python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m,gemma3-1b,qwen3-8b \
     --variants lmx,mlx-lm --rounds 3 --bandwidth --json "$OUT/gpu_bf16.json"
   ;;
 headline_short)  # part headline without its bf16 rows (about 300 s)
   export ONE_LOG=1
-  step 170 against_8b_q4 python3 -m lmx.cli.main bench --against mlx-lm --config qwen3-8b --quantize 4 --device gpu \
-    --rounds 5 --json
-  step 100 pyspy_270m /tmp/site/bin/py-spy record --native --threads --rate 200 --format raw \
-    -o /tmp/pyspy_270m_bf16.txt -- python3 benchmarks/gpu_vs_mlx_lm.py --configs gemma3-270m \
-    --variants lmx --rounds 1 --gen-tokens 512
-  step 30 pyspy_summary python3 benchmarks/pyspy_summary.py /tmp/pyspy_270m_bf16.txt --top 60 \
-    --json "$OUT/pyspy_270m_bf16_summary.json"
-  gzip -c /tmp/pyspy_270m_bf16.txt > "$OUT/pyspy_270m_bf16.txt.gz"
+  headline 170 100
   ;;
 q4_kernel)  # lmx's quantized product with the step thread, again: the 8B in 4 bits with it on matrices of 32 MiB+
   # (lmx-q, LMX_CUDA_QUANTIZED=1) and 16 MiB+ (lmx-q16), the 270M and 1B in 4 bits (their heads take it); then where

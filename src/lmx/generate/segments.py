@@ -20,8 +20,10 @@ the cache as it is (no mask, no fixed storage), so it keeps its fused kernel. Th
 included: the caches' storage goes in and out whole, written at a traced index, and attention
 reads the slots in use (``Ops.attention_span``; a mask where the ops have no kernel for it). Its
 build is one call a step instead of one a layer; it is opt-in (``decode_mode="compiled"``): on a
-GPU its cache writes copy the whole storage (benchmarks/RESULTS.md, "Where a GPU decode step's
-host time goes").
+GPU its cache writes copy the whole storage once the device runs behind the host, as a step this
+light on the host makes it do (MLX keeps each queued op's inputs until the device has run it, so a
+write cannot take over a storage that a queued attention still reads; benchmarks/RESULTS.md,
+"Where a GPU decode step's host time goes" and "... why a cache write copies ...").
 """
 
 from __future__ import annotations

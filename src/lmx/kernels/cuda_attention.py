@@ -56,7 +56,7 @@ TILED_KEYS = True
 TILED_MIN_KEYS = 2048
 # Whether long key ranges are split over several blocks per (row, head) (a second kernel combines their
 # partial results; see :func:`splits`), from how many keys. Off until measured on a GPU: over 8,192 keys
-# MLX's kernels, which split them, were still 1.7-2.8x faster a call than the tiled loop on an H100.
+# MLX's kernels, which split them, were still 1.7-2.9x faster a call than the tiled loop on an H100.
 SPLIT_KEYS = False
 SPLIT_MIN_KEYS = 2048
 

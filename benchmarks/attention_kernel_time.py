@@ -36,12 +36,13 @@ SHAPES = {  # name: (query heads, key-value heads, head dim)
 
 def chain(way: str, q: mx.array, k: mx.array, v: mx.array, calls: int) -> mx.array:
     scale = q.shape[-1] ** -0.5
+    # the tiled loop from the first key (TILED_MIN_KEYS = 0 in main), the split kernels too for "split"
+    cuda_attention.TILED_KEYS = way in ("tiled", "split")
+    cuda_attention.SPLIT_KEYS = way == "split"
     for _ in range(calls):
         if way == "mlx":
             q = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:  # the tiled loop from the first key (TILED_MIN_KEYS = 0 in main), the split kernels too for "split"
-            cuda_attention.TILED_KEYS = way in ("tiled", "split")
-            cuda_attention.SPLIT_KEYS = way == "split"
+        else:
             q = cuda_attention._run(q, k, v, scale)
     return q
 

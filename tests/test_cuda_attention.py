@@ -278,7 +278,7 @@ def test_the_tiled_loop_s_layout_keeps_rows_in_registers_and_partials_in_shared_
     for itemsize in (2, 4):
         for d in (32, 64, 128, 256, 512, 1024):
             words = d // 32 * itemsize // 4
-            tiled, warps, kt = cuda_attention.layout(d, itemsize)
+            tiled, warps, kt = cuda_attention.layout(d, itemsize, tiled=True)
             assert tiled == (words >= 1), (d, itemsize)
             assert warps * d * 4 <= 32 * 1024
             if tiled:
@@ -286,8 +286,8 @@ def test_the_tiled_loop_s_layout_keeps_rows_in_registers_and_partials_in_shared_
             else:
                 assert kt == 1
             assert cuda_attention.layout(d, itemsize, tiled=False)[0] is False
-    assert cuda_attention.layout(256, 2) == (True, 16, 4)  # Gemma 3's head dim in bf16
-    assert cuda_attention.layout(128, 2) == (True, 16, 8)  # Qwen 3's
+    assert cuda_attention.layout(256, 2, tiled=True) == (True, 16, 4)  # Gemma 3's head dim in bf16
+    assert cuda_attention.layout(128, 2, tiled=True) == (True, 16, 8)  # Qwen 3's
 
 
 def test_the_kernel_is_called_with_its_loop_and_tile(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -642,14 +642,13 @@ def decode_attention_span(
     return _run(queries, keys, values, scale, span, "span")
 
 
-def layout(d: int, itemsize: int, tiled: bool | None = None) -> tuple[bool, int, int]:
+def layout(d: int, itemsize: int, tiled: bool) -> tuple[bool, int, int]:
     """The kernel's (tiled, warps a block, keys a warp takes at once) for head dim ``d`` and inputs of
-    ``itemsize`` bytes. Tiled (where ``tiled``; None: :data:`TILED_KEYS`), where a lane's share of a row is whole 32-bit words:
+    ``itemsize`` bytes. Tiled where asked (``tiled``) and a lane's share of a row is whole 32-bit words:
     16 warps, and as many keys a warp (up to 8) as keep its rows' loads within 32 registers (bf16: 8 keys
     for head dim 128, 4 for 256), which keeps a thread within the 128 registers a 512-thread block may
     use (``benchmarks/cuda_compile_check.py``); else 32 warps, one key each. Warps are fewer where their
     partial outputs would pass 32 KiB of shared memory (head dims over 256)."""
-    tiled = TILED_KEYS if tiled is None else tiled
     words = d // 32 * itemsize // 4  # 32-bit words of a row a lane loads
     if tiled and words >= 1:
         return True, min(16, 8192 // d), max(1, min(8, 16 // words))
